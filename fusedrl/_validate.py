@@ -1,0 +1,124 @@
+"""Input checks shared by every public entry point.
+
+Checks that need a host sync (target range on an accelerator) are behind ``check_inputs``: on by
+default for CPU tensors (no sync cost there), off on accelerators unless FUSEDRL_CHECK_INPUTS=1.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    v = os.environ.get(name)
+    if v is None or v == "":
+        return default
+    return v.strip().lower() not in ("0", "false", "no", "off")
+
+
+def want_checks(check_inputs: Optional[bool], device: torch.device) -> bool:
+    """Whether host-syncing value checks should run."""
+    if check_inputs is not None:
+        return bool(check_inputs)
+    return device.type == "cpu" or env_flag("FUSEDRL_CHECK_INPUTS")
+
+
+def require_tensor(name: str, t, *, float_ok: bool = True, int_ok: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype in FLOAT_DTYPES and not float_ok:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+    if t.dtype in INT_DTYPES and not int_ok:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES + INT_DTYPES:
+        raise TypeError(f"{name} has unsupported dtype {t.dtype}")
+    return t
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    dev = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != dev:
+            raise ValueError(f"{k} is on {v.device} but {items[0][0]} is on {dev}; all inputs must share a device")
+    return dev
+
+
+def check_scalar(name: str, value, *, allow_none: bool = False) -> Optional[float]:
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a positive float, got None")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return value
+
+
+def check_targets_range(targets: torch.Tensor, vocab: int, enabled: bool, what: str = "vocabulary size") -> None:
+    if not enabled or targets.numel() == 0:
+        return
+    lo, hi = int(targets.min()), int(targets.max())
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"targets must lie in [0, {vocab}) ({what}); found {bad}")
+
+
+def check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs, vocab_total=None):
+    """Validate the inputs of linear_logprob_entropy. Returns (temperature, softcap, device)."""
+    require_tensor("hidden", hidden)
+    require_tensor("weight", weight)
+    require_tensor("targets", targets, float_ok=False, int_ok=True)
+    if bias is not None:
+        require_tensor("bias", bias)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least one dimension [..., H]")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden has H={hidden.shape[-1]} but weight is [V, H]={tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError("weight has V=0 rows; the vocabulary must not be empty")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal hidden's leading shape {tuple(hidden.shape[:-1])}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
+    dev = same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    temperature = check_scalar("temperature", temperature)
+    softcap = check_scalar("softcap", softcap, allow_none=True)
+    check_targets_range(targets, vocab_total or weight.shape[0], want_checks(check_inputs, dev))
+    return temperature, softcap, dev
+
+
+def check_logits(logits, targets, temperature, softcap, check_inputs):
+    require_tensor("logits", logits)
+    require_tensor("targets", targets, float_ok=False, int_ok=True)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"targets shape {tuple(targets.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}"
+        )
+    dev = same_device(logits=logits, targets=targets)
+    temperature = check_scalar("temperature", temperature)
+    softcap = check_scalar("softcap", softcap, allow_none=True)
+    check_targets_range(targets, logits.shape[-1], want_checks(check_inputs, dev))
+    return temperature, softcap, dev

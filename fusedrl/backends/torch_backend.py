@@ -1,0 +1,225 @@
+"""`torch` backend: token x vocab tiled eager PyTorch with recompute in backward.
+
+Runs on any device torch runs on (the CPU default). Forward walks the vocabulary in tiles and keeps
+per-token running statistics (max M, S = sum e^(z-M), B = sum (z-M) e^(z-M)) so only LSE and entropy
+(8 bytes/token) survive; backward recomputes each tile's logits and applies DESIGN.md section 3.
+The tile size comes from a memory budget (FUSEDRL_TORCH_WORKSPACE_MB, default 64), not a count.
+Logits are computed in fp32 (fp64 for fp64 inputs) from upcast tiles: a bf16 GEMM output would
+round the logits themselves to bf16, which is the precision loss fusedrl exists to avoid.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+# fp32 temporaries alive per tile element at the peak of the backward (z, t/p, dz).
+_TEMPS_PER_ELEM = 3
+
+
+def is_available(device: torch.device) -> Tuple[bool, str]:
+    return True, ""
+
+
+def _budget_bytes() -> int:
+    return int(float(os.environ.get("FUSEDRL_TORCH_WORKSPACE_MB", "64")) * 2**20)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def tile_plan(n: int, v: int, elem_bytes: int = 4) -> Tuple[int, int]:
+    """(token tile, vocab tile) whose fp32 temporaries fit the workspace budget."""
+    elems = max(1, _budget_bytes() // (elem_bytes * _TEMPS_PER_ELEM))
+    vt = min(v, 8192, elems)
+    nt = max(1, min(n, elems // vt))
+    if nt == n:  # few tokens: widen the vocab tile instead
+        vt = max(1, min(v, elems // max(n, 1)))
+    return max(nt, 1), max(vt, 1)
+
+
+def _logits_tile(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature: float, softcap: Optional[float]):
+    """z = softcap(x w^T + b) / T for one tile; also returns tanh(u/c) (needed by backward) or None."""
+    u = xc @ wc.t()
+    if bc is not None:
+        u += bc
+    if softcap is None:
+        if temperature != 1.0:
+            u /= temperature
+        return u, None
+    t = torch.tanh(u.div_(softcap))
+    return t * (softcap / temperature), t
+
+
+def _target_in_tile(targets: Tensor, lo: int, width: int) -> Tuple[Tensor, Tensor]:
+    local = targets - lo
+    hit = (local >= 0) & (local < width)
+    return local.clamp(0, max(width - 1, 0)), hit
+
+
+def _tile_stats(z: Tensor, need_b: bool):
+    """Per-row max, S = sum e^(z-m), B = sum (z-m) e^(z-m) of one tile."""
+    m = z.amax(dim=1)
+    # all -inf rows (cannot happen with finite inputs) would give nan; keep them -inf / 0.
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    d = z - m_safe[:, None]
+    e = torch.exp(d)
+    s = e.sum(1)
+    b = torch.nan_to_num(d.mul_(e), nan=0.0).sum(1) if need_b else None
+    return m, s, b
+
+
+def _merge(M, S, B, m, s, b):
+    """Merge running stats (M, S, B relative to M) with a tile's (m, s, b relative to m)."""
+    new = torch.maximum(M, m)
+    a_old = torch.exp(M - new)
+    a_new = torch.exp(m - new)
+    S2 = S * a_old + s * a_new
+    B2 = None
+    if B is not None:
+        # sum (z - new) e^(z - new) = a (B + (M - new) S) for each part
+        B2 = a_old * (B + (M - new) * S) + a_new * (b + (m - new) * s)
+    return new, S2, B2
+
+
+def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, **opts):
+    n, v = x.shape[0], w.shape[0]
+    cdt = _compute_dtype(x)
+    lse = torch.empty(n, dtype=cdt, device=x.device)
+    zt = torch.zeros(n, dtype=cdt, device=x.device)
+    ent = torch.empty(n, dtype=cdt, device=x.device) if return_entropy else None
+    nt, vt = tile_plan(n, v)
+    for n0 in range(0, n, nt):
+        n1 = min(n, n0 + nt)
+        xc = x[n0:n1].to(cdt)
+        tgt = targets[n0:n1] - vocab_start
+        M = S = B = None
+        for v0 in range(0, v, vt):
+            v1 = min(v, v0 + vt)
+            bc = bias[v0:v1].to(cdt) if bias is not None else None
+            z, _ = _logits_tile(xc, w[v0:v1].to(cdt), bc, temperature, softcap)
+            loc, hit = _target_in_tile(tgt, v0, v1 - v0)
+            zt[n0:n1] += torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), torch.zeros((), dtype=cdt, device=x.device))
+            m, s, b = _tile_stats(z, return_entropy)
+            if M is None:
+                M, S, B = m, s, b
+            else:
+                M, S, B = _merge(M, S, B, m, s, b)
+            del z
+        lse[n0:n1] = M + torch.log(S)
+        if return_entropy:
+            ent[n0:n1] = torch.log(S) - B / S
+    return lse, zt, ent
+
+
+def _dz_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
+    """du for one tile (in place over z): DESIGN.md section 3."""
+    zl = z.sub_(lse[:, None])  # z - LSE = log p
+    p = torch.exp(zl)
+    if g_H is not None:
+        # -g_H p (z - LSE + H)
+        dz = zl.add_(ent[:, None]).mul_(p).mul_(-g_H[:, None])
+        dz.sub_(p.mul_(g_lp[:, None]))
+    else:
+        dz = p.mul_(-g_lp[:, None])
+    # one-hot term without a host sync: rows whose target is outside this tile add 0
+    dz.scatter_add_(1, loc[:, None], torch.where(hit, g_lp, torch.zeros_like(g_lp))[:, None])
+    if softcap is None:
+        if temperature != 1.0:
+            dz /= temperature
+    else:
+        dz.mul_(1.0 - t * t).div_(temperature)
+    return dz
+
+
+def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
+             need_dx=True, need_dw=True, need_db=True, **opts):
+    n, h = x.shape
+    v = w.shape[0]
+    cdt = _compute_dtype(x)
+    need_db = need_db and bias is not None
+    lse, g_lp = lse.to(cdt), g_lp.to(cdt)
+    if g_H is not None:
+        g_H, ent = g_H.to(cdt), ent.to(cdt)
+    dev = x.device
+    nt, vt = tile_plan(n, v)
+    # Keep the big fp32 accumulator on the smaller side: vocab-outer needs a full dx, token-outer a full dW.
+    vocab_outer = n <= v
+    dx = torch.zeros(n, h, dtype=cdt, device=dev) if need_dx else None
+    dw = torch.zeros(v, h, dtype=cdt, device=dev) if need_dw else None
+    db = torch.zeros(v, dtype=cdt, device=dev) if need_db else None
+    tgt_all = targets - vocab_start
+    outer = range(0, v, vt) if vocab_outer else range(0, n, nt)
+    for o0 in outer:
+        inner = range(0, n, nt) if vocab_outer else range(0, v, vt)
+        for i0 in inner:
+            (v0, n0) = (o0, i0) if vocab_outer else (i0, o0)
+            v1, n1 = min(v, v0 + vt), min(n, n0 + nt)
+            xc, wc = x[n0:n1].to(cdt), w[v0:v1].to(cdt)
+            bc = bias[v0:v1].to(cdt) if bias is not None else None
+            z, t = _logits_tile(xc, wc, bc, temperature, softcap)
+            loc, hit = _target_in_tile(tgt_all[n0:n1], v0, v1 - v0)
+            du = _dz_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
+                          g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
+            if need_dx:
+                dx[n0:n1].addmm_(du, wc)
+            if need_dw:
+                dw[v0:v1].addmm_(du.t(), xc)
+            if need_db:
+                db[v0:v1] += du.sum(0)
+            del z, t, du
+    return (
+        dx.to(x.dtype) if need_dx else None,
+        dw.to(w.dtype) if need_dw else None,
+        db.to(bias.dtype) if need_db else None,
+    )
+
+
+def _transform(u: Tensor, temperature: float, softcap: Optional[float]):
+    if softcap is None:
+        return (u / temperature if temperature != 1.0 else u), None
+    t = torch.tanh(u / softcap)
+    return t * (softcap / temperature), t
+
+
+def logits_forward(logits, targets, temperature, softcap, return_entropy):
+    n, v = logits.shape
+    cdt = _compute_dtype(logits)
+    lse = torch.empty(n, dtype=cdt, device=logits.device)
+    zt = torch.empty(n, dtype=cdt, device=logits.device)
+    ent = torch.empty(n, dtype=cdt, device=logits.device) if return_entropy else None
+    nt = max(1, min(n, _budget_bytes() // (4 * _TEMPS_PER_ELEM * v)))
+    for n0 in range(0, n, nt):
+        n1 = min(n, n0 + nt)
+        z, _ = _transform(logits[n0:n1].to(cdt), temperature, softcap)
+        zt[n0:n1] = z.gather(1, targets[n0:n1, None]).squeeze(1)
+        m, s, b = _tile_stats(z, return_entropy)
+        lse[n0:n1] = m + torch.log(s)
+        if return_entropy:
+            ent[n0:n1] = torch.log(s) - b / s
+    return lse, zt, ent
+
+
+def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False):
+    n, v = logits.shape
+    cdt = _compute_dtype(logits)
+    out = logits if inplace else torch.empty_like(logits)
+    nt = max(1, min(n, _budget_bytes() // (4 * _TEMPS_PER_ELEM * v)))
+    lse, g_lp = lse.to(cdt), g_lp.to(cdt)
+    if g_H is not None:
+        g_H, ent = g_H.to(cdt), ent.to(cdt)
+    for n0 in range(0, n, nt):
+        n1 = min(n, n0 + nt)
+        z, t = _transform(logits[n0:n1].to(cdt), temperature, softcap)
+        if z.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
+            z = z.clone()  # dz is formed in place over z: never over the caller's logits
+        loc = targets[n0:n1]
+        hit = torch.ones_like(loc, dtype=torch.bool)
+        du = _dz_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
+                      g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
+        out[n0:n1] = du.to(out.dtype)
+    return out

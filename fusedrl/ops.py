@@ -1,0 +1,297 @@
+"""Public core ops: ``linear_logprob_entropy`` and ``logprob_entropy``.
+
+Layering: each backend module (fusedrl/backends/*) holds kernels and launchers; this file wraps the
+backend functions as ``torch.library.custom_op`` s (``fusedrl::*``, with fake implementations and
+registered autograd) so ``torch.compile(fullgraph=True)`` can trace them, and exposes the typed
+public entry points. The backend name travels as a string argument of the op; it is resolved
+before the op is called, so the op itself never looks at environment variables.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+from ._validate import check_core, check_logits, env_flag
+from .backends import get_backend, resolve
+
+Tensor = torch.Tensor
+
+__all__ = ["linear_logprob_entropy", "logprob_entropy"]
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _out_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# custom op: hidden states + lm_head weight
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fusedrl::linear_logprob_entropy_fwd", mutates_args=())
+def _lle_fwd(
+    x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+    softcap: Optional[float], return_entropy: bool, backend: str, grad_filter_eps: float,
+    deterministic: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    mod = get_backend(backend, x.device)
+    lse, zt, ent = mod.forward(x, w, targets, bias, temperature, softcap, return_entropy,
+                               grad_filter_eps=grad_filter_eps, deterministic=deterministic)
+    logp = zt - lse
+    return logp, (ent if ent is not None else _empty(logp)), lse
+
+
+@_lle_fwd.register_fake
+def _(x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_filter_eps, deterministic):
+    n = x.shape[0]
+    dt = _out_dtype(x)
+    return x.new_empty(n, dtype=dt), x.new_empty(n if return_entropy else 0, dtype=dt), x.new_empty(n, dtype=dt)
+
+
+@torch.library.custom_op("fusedrl::linear_logprob_entropy_bwd", mutates_args=())
+def _lle_bwd(
+    x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+    softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor],
+    need_dx: bool, need_dw: bool, need_db: bool, backend: str, grad_filter_eps: float, deterministic: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    mod = get_backend(backend, x.device)
+    dx, dw, db = mod.backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H,
+                              need_dx=need_dx, need_dw=need_dw, need_db=need_db,
+                              grad_filter_eps=grad_filter_eps, deterministic=deterministic)
+    return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(w),
+            db if db is not None else _empty(x if bias is None else bias))
+
+
+@_lle_bwd.register_fake
+def _(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, need_dx, need_dw, need_db,
+      backend, grad_filter_eps, deterministic):
+    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(w) if need_dw else _empty(w),
+            torch.empty_like(bias) if (need_db and bias is not None) else _empty(x if bias is None else bias))
+
+
+def _lle_setup(ctx, inputs, output):
+    x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, det = inputs
+    logp, ent, lse = output
+    ctx.save_for_backward(x, w, targets, bias, lse, ent if return_entropy else None)
+    ctx.args = (temperature, softcap, backend, eps, det)
+    ctx.mark_non_differentiable(lse)
+
+
+def _lle_backward(ctx, g_logp, g_ent, g_lse):
+    x, w, targets, bias, lse, ent = ctx.saved_tensors
+    temperature, softcap, backend, eps, det = ctx.args
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_db = bias is not None and ctx.needs_input_grad[3]
+    if not (need_dx or need_dw or need_db):
+        return None, None, None, None, None, None, None, None, None, None
+    g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
+    g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
+    dx, dw, db = _lle_bwd(x, w, targets, bias, temperature, softcap, lse, ent if g_H is not None else None,
+                          g_lp.contiguous(), None if g_H is None else g_H.contiguous(),
+                          need_dx, need_dw, need_db, backend, eps, det)
+    return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None,
+            None, None, None, None, None, None)
+
+
+_lle_fwd.register_autograd(_lle_backward, setup_context=_lle_setup)
+
+
+# --------------------------------------------------------------------------------------------------
+# custom op: given logits
+# --------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fusedrl::logprob_entropy_fwd", mutates_args=())
+def _le_fwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float],
+            return_entropy: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    mod = get_backend(backend, logits.device)
+    lse, zt, ent = mod.logits_forward(logits, targets, temperature, softcap, return_entropy)
+    logp = zt - lse
+    return logp, (ent if ent is not None else _empty(logp)), lse
+
+
+@_le_fwd.register_fake
+def _(logits, targets, temperature, softcap, return_entropy, backend):
+    n = logits.shape[0]
+    dt = _out_dtype(logits)
+    return (logits.new_empty(n, dtype=dt), logits.new_empty(n if return_entropy else 0, dtype=dt),
+            logits.new_empty(n, dtype=dt))
+
+
+@torch.library.custom_op("fusedrl::logprob_entropy_bwd", mutates_args=())
+def _le_bwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], lse: Tensor,
+            ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor], backend: str) -> Tensor:
+    mod = get_backend(backend, logits.device)
+    return mod.logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False)
+
+
+@_le_bwd.register_fake
+def _(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, backend):
+    return torch.empty_like(logits)
+
+
+def _le_setup(ctx, inputs, output):
+    logits, targets, temperature, softcap, return_entropy, backend = inputs
+    logp, ent, lse = output
+    ctx.save_for_backward(logits, targets, lse, ent if return_entropy else None)
+    ctx.args = (temperature, softcap, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _le_backward(ctx, g_logp, g_ent, g_lse):
+    logits, targets, lse, ent = ctx.saved_tensors
+    temperature, softcap, backend = ctx.args
+    g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
+    g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
+    d = _le_bwd(logits, targets, temperature, softcap, lse, ent if g_H is not None else None,
+                g_lp.contiguous(), None if g_H is None else g_H.contiguous(), backend)
+    return d, None, None, None, None, None
+
+
+_le_fwd.register_autograd(_le_backward, setup_context=_le_setup)
+
+
+class _InplaceLogprobEntropy(torch.autograd.Function):
+    """Memory-lean variant: backward overwrites the caller's logits buffer with dlogits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, softcap, return_entropy, backend):
+        mod = get_backend(backend, logits.device)
+        lse, zt, ent = mod.logits_forward(logits, targets, temperature, softcap, return_entropy)
+        ctx.save_for_backward(logits, targets, lse, ent)
+        ctx.args = (temperature, softcap, backend)
+        return zt - lse, ent if ent is not None else _empty(lse)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, targets, lse, ent = ctx.saved_tensors
+        temperature, softcap, backend = ctx.args
+        mod = get_backend(backend, logits.device)
+        g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
+        g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
+        d = mod.logits_backward(logits.detach(), targets, temperature, softcap, lse, ent if g_H is not None else None,
+                                g_lp.contiguous(), None if g_H is None else g_H.contiguous(), inplace=True)
+        return d, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+def _grad_filter_eps(value: Optional[float]) -> float:
+    if value is None:
+        import os
+        value = float(os.environ.get("FUSEDRL_GRAD_FILTER_EPS", "0") or 0)
+    value = float(value)
+    if value < 0 or value != value:
+        raise ValueError(f"grad_filter_eps must be >= 0, got {value}")
+    return value
+
+
+def linear_logprob_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    return_entropy: bool = True,
+    backend: str = "auto",
+    process_group=None,
+    *,
+    grad_filter_eps: Optional[float] = None,
+    deterministic: Optional[bool] = None,
+    check_inputs: Optional[bool] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Per-token log-prob of ``targets`` and entropy of ``softmax(z)``, ``z = softcap(hidden @ weight.T + bias) / T``,
+    without materialising the ``[tokens, vocab]`` logits.
+
+    Args:
+        hidden: ``[..., H]`` bf16 / fp16 / fp32 (fp64 for gradcheck) last hidden states.
+        weight: ``[V, H]`` lm_head weight, same dtype as ``hidden``. Under ``process_group`` this
+            rank's vocabulary shard ``[V_local, H]``.
+        targets: ``[...]`` integer token ids (same leading shape as ``hidden``), global ids in ``[0, V)``.
+        bias: optional ``[V]`` lm_head bias.
+        temperature: float > 0 (the rollout temperature).
+        softcap: optional float c > 0: ``u -> c * tanh(u / c)`` before the temperature (Gemma-2 style).
+        return_entropy: False skips all entropy work and returns ``None`` for it.
+        backend: ``"auto" | "triton" | "cuda" | "torch" | "reference"``; ``FUSEDRL_BACKEND`` overrides auto.
+        process_group: vocab-parallel group (weight is this rank's shard); see README "Scale-out".
+        grad_filter_eps: skip backward vocab tiles whose ``|dz| < eps`` for every token (0 = exact;
+            default from ``FUSEDRL_GRAD_FILTER_EPS``, else 0). Honoured by the triton backend.
+        deterministic: bitwise-reproducible backward (default True; False may use atomics).
+        check_inputs: run host-syncing value checks (target range). Default: on for CPU tensors,
+            ``FUSEDRL_CHECK_INPUTS=1`` elsewhere.
+
+    Returns:
+        ``(logp, entropy)``: fp32 (fp64 for fp64 inputs) tensors of shape ``[...]``; entropy is
+        ``None`` when ``return_entropy=False``. Differentiable w.r.t. hidden, weight and bias.
+    """
+    vocab_total = None
+    if process_group is not None:
+        from .distributed import global_vocab_size
+        vocab_total = global_vocab_size(weight, process_group)
+    temperature, softcap, dev = check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs,
+                                           vocab_total=vocab_total)
+    if targets.requires_grad:
+        raise ValueError("targets must not require grad")
+    eps = _grad_filter_eps(grad_filter_eps)
+    det = env_flag("FUSEDRL_DETERMINISTIC", True) if deterministic is None else bool(deterministic)
+    name = resolve(backend, dev)
+    lead = hidden.shape[:-1]
+    if process_group is not None:
+        from .distributed import tp_linear_logprob_entropy
+        logp, ent = tp_linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy,
+                                              name, process_group, grad_filter_eps=eps, deterministic=det)
+        return logp, ent
+    if name == "reference":
+        return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy)
+    x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    logp, ent, _ = _lle_fwd(x, weight.contiguous(), targets.reshape(-1).long().contiguous(),
+                            None if bias is None else bias.contiguous(), temperature, softcap,
+                            bool(return_entropy), name, eps, det)
+    return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
+
+
+def logprob_entropy(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    return_entropy: bool = True,
+    backend: str = "auto",
+    *,
+    inplace_backward: bool = False,
+    check_inputs: Optional[bool] = None,
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """Same outputs as :func:`linear_logprob_entropy` when the model already produced logits.
+
+    Args:
+        logits: ``[..., V]`` any float dtype. targets: ``[...]`` integer ids in ``[0, V)``.
+        temperature, softcap, return_entropy, backend, check_inputs: as in :func:`linear_logprob_entropy`.
+        inplace_backward: memory-lean backward that overwrites ``logits`` with ``dlogits`` (only when
+            the caller never reads ``logits`` again). Not traceable by torch.compile.
+
+    Returns:
+        ``(logp, entropy)`` fp32 ``[...]`` (entropy ``None`` when not asked); the forward keeps only
+        LSE and entropy per token besides the caller's logits.
+    """
+    temperature, softcap, dev = check_logits(logits, targets, temperature, softcap, check_inputs)
+    if targets.requires_grad:
+        raise ValueError("targets must not require grad")
+    name = resolve(backend, dev)
+    if name == "reference":
+        return reference.logprob_entropy(logits, targets, temperature, softcap, return_entropy)
+    lead = logits.shape[:-1]
+    z = logits.reshape(-1, logits.shape[-1])
+    if not z.is_contiguous():
+        z = z.contiguous()
+    t = targets.reshape(-1).long().contiguous()
+    if inplace_backward:
+        if z.data_ptr() != logits.data_ptr():
+            raise ValueError("inplace_backward needs contiguous logits (the buffer that will be overwritten)")
+        logp, ent = _InplaceLogprobEntropy.apply(z, t, temperature, softcap, bool(return_entropy), name)
+    else:
+        logp, ent, _ = _le_fwd(z, t, temperature, softcap, bool(return_entropy), name)
+    return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

@@ -1,0 +1,84 @@
+"""Eager PyTorch oracle for the fused core (DESIGN.md section 3).
+
+It materialises the full ``[N, V]`` logits in fp32 (or fp64 when the inputs are fp64) and lets
+torch autograd do the backward. It is what every backend is tested against; it is never the default
+backend because it is exactly the memory problem fusedrl exists to solve.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["linear_logits", "logprob_entropy", "linear_logprob_entropy"]
+
+
+def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _transform(u: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:
+    if softcap is not None:
+        u = softcap * torch.tanh(u / softcap)
+    return u / temperature
+
+
+def linear_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+) -> torch.Tensor:
+    """``z = softcap(hidden @ weight.T + bias) / temperature`` in fp32 (fp64 for fp64 inputs).
+
+    hidden: [..., H]; weight: [V, H]; bias: [V] -> [..., V]
+    """
+    dt = _compute_dtype(hidden, weight, bias)
+    u = hidden.to(dt) @ weight.to(dt).t()
+    if bias is not None:
+        u = u + bias.to(dt)
+    return _transform(u, temperature, softcap)
+
+
+def _from_z(z: torch.Tensor, targets: torch.Tensor, return_entropy: bool):
+    logprobs = torch.log_softmax(z, dim=-1)
+    logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp, None
+    p = logprobs.exp()
+    # H = -sum p log p; 0 * (-inf) for masked-out probabilities is defined as 0.
+    ent = -(p * torch.where(p > 0, logprobs, torch.zeros_like(logprobs))).sum(-1)
+    return logp, ent
+
+
+def logprob_entropy(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    return_entropy: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-token log-prob of ``targets`` and entropy of ``softmax(softcap(logits) / T)``.
+
+    logits: [..., V]; targets: [...] int -> (logp [...], entropy [...] or None), fp32 (fp64 for fp64).
+    """
+    z = _transform(logits.to(_compute_dtype(logits)), temperature, softcap)
+    return _from_z(z, targets, return_entropy)
+
+
+def linear_logprob_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    return_entropy: bool = True,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Reference of :func:`fusedrl.linear_logprob_entropy` (materialises the logits).
+
+    hidden: [..., H]; weight: [V, H]; targets: [...]; bias: [V] -> (logp [...], entropy [...] or None)
+    """
+    z = linear_logits(hidden, weight, bias, temperature, softcap)
+    return _from_z(z, targets, return_entropy)
