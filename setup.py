@@ -2,12 +2,165 @@
 
 Pure Python by default; the optional CUDA extension ``fusedrl._C`` is built by CMake (see
 CMakeLists.txt) when nvcc is present and ``FUSEDRL_SKIP_CUDA_BUILD`` is not set.
+
+Environment switches (read at install time):
+  FUSEDRL_SKIP_CUDA_BUILD=1     never build the extension (pure-Python install)
+  FUSEDRL_REQUIRE_CUDA_BUILD=1  fail the install if the extension cannot be built (CI)
+  FUSEDRL_CUDA_ARCHS="80;90a"   CMAKE_CUDA_ARCHITECTURES for the kernels
+  FUSEDRL_BUILD_JOBS=N          parallel compile jobs (default: CPU count)
+  FUSEDRL_CMAKE_BUILD_DIR=DIR   CMake build tree (default: build/cmake-<python tag>; reused = incremental)
+  CUDACXX / CUDA_HOME           which nvcc to use (default: nvcc on PATH, then /usr/local/cuda/bin/nvcc)
+The outcome (built / skipped / failed, and why) is written to fusedrl/_build_info.json, which the
+cuda backend reports when the extension is missing.
 """
-from setuptools import find_packages, setup
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _flag(name):
+    v = os.environ.get(name, "").strip().lower()
+    return v not in ("", "0", "false", "no", "off")
+
+
+def _find_nvcc():
+    cands = [os.environ.get("CUDACXX", "")]
+    for home in (os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")):
+        if home:
+            cands.append(os.path.join(home, "bin", "nvcc"))
+    cands += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    """Builds fusedrl._C with CMake (+ ninja when available); never fails the install unless
+    FUSEDRL_REQUIRE_CUDA_BUILD=1."""
+
+    def run(self):
+        for ext in self.extensions:
+            self._build_one(ext)
+
+    def _info_path(self, ext):
+        return os.path.join(os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name))), "_build_info.json")
+
+    def _write_info(self, ext, info):
+        paths = {self._info_path(ext)}
+        if self.inplace or getattr(self, "editable_mode", False):
+            paths.add(os.path.join(ROOT, "fusedrl", "_build_info.json"))
+        for p in paths:
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "w") as f:
+                json.dump(info, f, indent=1)
+
+    def _remove_stale(self, ext):
+        outdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        if os.path.isdir(outdir):
+            for fn in os.listdir(outdir):
+                if fn.startswith("_C.") and fn.endswith((".so", ".pyd")):
+                    os.remove(os.path.join(outdir, fn))
+
+    def _build_one(self, ext):
+        info = {"built": False, "version": VERSION, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if _flag("FUSEDRL_SKIP_CUDA_BUILD"):
+            info["reason"] = "skipped at install time (FUSEDRL_SKIP_CUDA_BUILD=1)"
+            info["skipped"] = True
+            self._remove_stale(ext)
+            self._write_info(ext, info)
+            print("fusedrl: " + info["reason"])
+            return
+        nvcc = _find_nvcc()
+        cmake = shutil.which("cmake")
+        missing = None
+        if nvcc is None:
+            missing = "nvcc not found at install time (set CUDACXX or CUDA_HOME, or put nvcc on PATH)"
+            info["no_nvcc"] = True
+        elif cmake is None:
+            missing = "cmake not found at install time (pip install cmake)"
+        if missing:
+            info["reason"] = missing
+            self._remove_stale(ext)
+            self._write_info(ext, info)
+            if _flag("FUSEDRL_REQUIRE_CUDA_BUILD"):
+                raise RuntimeError("fusedrl: " + missing)
+            print("fusedrl: building pure-Python: " + missing)
+            return
+        t0 = time.time()
+        try:
+            self._cmake_build(ext, nvcc, cmake, info)
+        except Exception as e:  # noqa: BLE001 - the CUDA extension is optional
+            info["reason"] = f"CUDA extension build failed: {e}"
+            self._remove_stale(ext)
+            self._write_info(ext, info)
+            if _flag("FUSEDRL_REQUIRE_CUDA_BUILD"):
+                raise
+            print("fusedrl: WARNING: " + info["reason"] + " -- installing without the cuda backend")
+            return
+        info.update(built=True, reason="", build_seconds=round(time.time() - t0, 1))
+        self._write_info(ext, info)
+        print(f"fusedrl: built {ext.name} in {info['build_seconds']} s")
+
+    def _cmake_build(self, ext, nvcc, cmake, info):
+        outdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
+        os.makedirs(outdir, exist_ok=True)
+        tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
+        build_dir = os.environ.get("FUSEDRL_CMAKE_BUILD_DIR") or os.path.join(ROOT, "build", f"cmake-{tag}")
+        os.makedirs(build_dir, exist_ok=True)
+        archs = os.environ.get("FUSEDRL_CUDA_ARCHS", "").strip() or "80;90a"
+        args = [
+            cmake, "-S", ROOT, "-B", build_dir,
+            f"-DCMAKE_BUILD_TYPE=Release",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DFUSEDRL_CUDA_ARCHS={archs}",
+            f"-DFUSEDRL_OUTPUT_DIR={outdir}",
+            f"-DFUSEDRL_VERSION={VERSION}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+        ]
+        try:
+            import pybind11  # noqa: F401
+
+            args.append(f"-Dpybind11_DIR={pybind11.get_cmake_dir()}")
+        except ImportError as e:
+            raise RuntimeError("pybind11 is not installed (pip install pybind11)") from e
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if not os.path.exists(cache):  # the generator cannot change on an existing build tree
+            if shutil.which("ninja"):
+                args += ["-G", "Ninja"]
+        jobs = os.environ.get("FUSEDRL_BUILD_JOBS") or os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
+        info.update(archs=archs, nvcc=nvcc, build_dir=build_dir)
+        print("fusedrl: " + " ".join(args))
+        self._run(args)
+        self._run([cmake, "--build", build_dir, "--parallel", jobs])
+
+    @staticmethod
+    def _run(cmd):
+        p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stdout.write(p.stdout[-20000:])
+        if p.returncode != 0:
+            tail = "\n".join(p.stdout.strip().splitlines()[-25:])
+            raise RuntimeError(f"`{' '.join(cmd[:3])} ...` exited {p.returncode}:\n{tail}")
+
 
 setup(
     name="fusedrl",
-    version="0.1.0",
+    version=VERSION,
     description="Fused RL policy losses (PPO/GRPO/DAPO/GSPO/Clip-Cov/KL-Cov) from hidden states, "
     "without materialising [tokens, vocab] logits",
     packages=find_packages(include=["fusedrl", "fusedrl.*"]),
@@ -19,5 +172,9 @@ setup(
         "bench": ["matplotlib", "tqdm"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
         "integrations": ["transformers"],
+        "build": ["pybind11>=2.10", "cmake>=3.24", "ninja"],
     },
+    ext_modules=[CMakeExtension("fusedrl._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    zip_safe=False,
 )

@@ -57,7 +57,7 @@ def assert_cce(name, out, ref64, lowprec, dtype, atol=None):
     """|out - ref64| <= |lowprec - ref64| + atol (max norms)."""
     atol = ATOL[dtype] if atol is None else atol
     e_out, e_low = err(out, ref64), err(lowprec, ref64) if lowprec is not None else 0.0
-    bound = (e_low if dtype != torch.float32 else 0.0) + atol
+    bound = e_low + atol
     assert e_out <= bound, f"{name}: error {e_out:.3e} > bound {bound:.3e} (torch low-precision error {e_low:.3e})"
 
 

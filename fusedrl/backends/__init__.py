@@ -63,6 +63,7 @@ def available_backends(device: torch.device | str = "cpu") -> List[str]:
     return [n for n in BACKENDS if availability(n, device)[0]]
 
 
+@torch.compiler.assume_constant_result  # torch.compile: evaluated at trace time, not traced (imports, driver queries)
 def resolve(name: str, device: torch.device) -> str:
     """Turn a requested backend name (or ``auto``) into a concrete available one."""
     if not isinstance(name, str) or name not in ALL_NAMES:

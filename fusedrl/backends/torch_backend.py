@@ -43,15 +43,18 @@ def tile_plan(n: int, v: int, elem_bytes: int = 4) -> Tuple[int, int]:
 
 
 def _logits_tile(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature: float, softcap: Optional[float]):
-    """z = softcap(x w^T + b) / T for one tile; also returns tanh(u/c) (needed by backward) or None."""
-    u = xc @ wc.t()
+    """z = softcap(x w^T + b) / T for one tile, with the scale folded into the small x tile and the
+    bias into the GEMM (no extra passes over the [tokens, vocab] tile). Also returns tanh(u/c), which
+    the softcap backward needs, or None."""
+    k = temperature if softcap is None else softcap
+    xs = xc / k if k != 1.0 else xc
     if bc is not None:
-        u += bc
+        u = torch.addmm(bc / k if k != 1.0 else bc, xs, wc.t())
+    else:
+        u = xs @ wc.t()
     if softcap is None:
-        if temperature != 1.0:
-            u /= temperature
         return u, None
-    t = torch.tanh(u.div_(softcap))
+    t = u.tanh_()
     return t * (softcap / temperature), t
 
 
@@ -62,13 +65,14 @@ def _target_in_tile(targets: Tensor, lo: int, width: int) -> Tuple[Tensor, Tenso
 
 
 def _tile_stats(z: Tensor, need_b: bool):
-    """Per-row max, S = sum e^(z-m), B = sum (z-m) e^(z-m) of one tile."""
+    """Per-row max m, S = sum e^(z-m), B = sum (z-m) e^(z-m) of one tile. Overwrites z with z - m."""
     m = z.amax(dim=1)
-    # all -inf rows (cannot happen with finite inputs) would give nan; keep them -inf / 0.
+    # rows of -inf only (cannot happen with finite inputs) keep m = -inf and S = 0
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    d = z - m_safe[:, None]
+    d = z.sub_(m_safe[:, None])
     e = torch.exp(d)
     s = e.sum(1)
+    # torch's cascaded sum keeps fp32 accurate at V ~ 1e5 (a BLAS dot product here did not)
     b = torch.nan_to_num(d.mul_(e), nan=0.0).sum(1) if need_b else None
     return m, s, b
 
@@ -93,6 +97,7 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
     zt = torch.zeros(n, dtype=cdt, device=x.device)
     ent = torch.empty(n, dtype=cdt, device=x.device) if return_entropy else None
     nt, vt = tile_plan(n, v)
+    zero = torch.zeros((), dtype=cdt, device=x.device)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
         xc = x[n0:n1].to(cdt)
@@ -103,7 +108,7 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
             bc = bias[v0:v1].to(cdt) if bias is not None else None
             z, _ = _logits_tile(xc, w[v0:v1].to(cdt), bc, temperature, softcap)
             loc, hit = _target_in_tile(tgt, v0, v1 - v0)
-            zt[n0:n1] += torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), torch.zeros((), dtype=cdt, device=x.device))
+            zt[n0:n1] += torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), zero)
             m, s, b = _tile_stats(z, return_entropy)
             if M is None:
                 M, S, B = m, s, b
@@ -116,24 +121,23 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
     return lse, zt, ent
 
 
-def _dz_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
-    """du for one tile (in place over z): DESIGN.md section 3."""
-    zl = z.sub_(lse[:, None])  # z - LSE = log p
+def _du_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
+    """du = dz/du for one tile, formed in place over z (DESIGN.md section 3):
+    du = p * (a + c (z - LSE)) + (g_lp / T) 1[j = target], a = -(g_lp + g_H H) / T, c = -g_H / T,
+    times (1 - tanh^2) under softcap."""
+    inv_t = 1.0 / temperature
+    zl = z.sub_(lse[:, None])  # log p
     p = torch.exp(zl)
     if g_H is not None:
-        # -g_H p (z - LSE + H)
-        dz = zl.add_(ent[:, None]).mul_(p).mul_(-g_H[:, None])
-        dz.sub_(p.mul_(g_lp[:, None]))
+        a = (g_lp + g_H * ent).mul_(-inv_t)
+        du = zl.mul_((-inv_t) * g_H[:, None]).add_(a[:, None]).mul_(p)
     else:
-        dz = p.mul_(-g_lp[:, None])
+        du = p.mul_((-inv_t) * g_lp[:, None])
     # one-hot term without a host sync: rows whose target is outside this tile add 0
-    dz.scatter_add_(1, loc[:, None], torch.where(hit, g_lp, torch.zeros_like(g_lp))[:, None])
-    if softcap is None:
-        if temperature != 1.0:
-            dz /= temperature
-    else:
-        dz.mul_(1.0 - t * t).div_(temperature)
-    return dz
+    du.scatter_add_(1, loc[:, None], torch.where(hit, g_lp * inv_t, torch.zeros_like(g_lp))[:, None])
+    if softcap is not None:
+        du.mul_(1.0 - t * t)
+    return du
 
 
 def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
@@ -163,7 +167,7 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
             bc = bias[v0:v1].to(cdt) if bias is not None else None
             z, t = _logits_tile(xc, wc, bc, temperature, softcap)
             loc, hit = _target_in_tile(tgt_all[n0:n1], v0, v1 - v0)
-            du = _dz_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
+            du = _du_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
                           g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
             if need_dx:
                 dx[n0:n1].addmm_(du, wc)
@@ -179,11 +183,18 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
     )
 
 
-def _transform(u: Tensor, temperature: float, softcap: Optional[float]):
+def _logits_rows(logits: Tensor, n0: int, n1: int, temperature: float, softcap: Optional[float]):
+    """z (a private fp32 copy, safe to overwrite) and tanh(u/c) or None for rows n0:n1 of given logits."""
+    u = logits[n0:n1]
     if softcap is None:
-        return (u / temperature if temperature != 1.0 else u), None
-    t = torch.tanh(u / softcap)
+        z = u.to(_compute_dtype(logits), copy=True)
+        return (z.div_(temperature) if temperature != 1.0 else z), None
+    t = torch.tanh(u.to(_compute_dtype(logits)) / softcap)
     return t * (softcap / temperature), t
+
+
+def _rows_per_chunk(n: int, v: int) -> int:
+    return max(1, min(n, _budget_bytes() // (4 * _TEMPS_PER_ELEM * v)))
 
 
 def logits_forward(logits, targets, temperature, softcap, return_entropy):
@@ -192,10 +203,10 @@ def logits_forward(logits, targets, temperature, softcap, return_entropy):
     lse = torch.empty(n, dtype=cdt, device=logits.device)
     zt = torch.empty(n, dtype=cdt, device=logits.device)
     ent = torch.empty(n, dtype=cdt, device=logits.device) if return_entropy else None
-    nt = max(1, min(n, _budget_bytes() // (4 * _TEMPS_PER_ELEM * v)))
+    nt = _rows_per_chunk(n, v)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
-        z, _ = _transform(logits[n0:n1].to(cdt), temperature, softcap)
+        z, _ = _logits_rows(logits, n0, n1, temperature, softcap)
         zt[n0:n1] = z.gather(1, targets[n0:n1, None]).squeeze(1)
         m, s, b = _tile_stats(z, return_entropy)
         lse[n0:n1] = m + torch.log(s)
@@ -208,18 +219,15 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
     n, v = logits.shape
     cdt = _compute_dtype(logits)
     out = logits if inplace else torch.empty_like(logits)
-    nt = max(1, min(n, _budget_bytes() // (4 * _TEMPS_PER_ELEM * v)))
+    nt = _rows_per_chunk(n, v)
     lse, g_lp = lse.to(cdt), g_lp.to(cdt)
     if g_H is not None:
         g_H, ent = g_H.to(cdt), ent.to(cdt)
+    hit = torch.ones(min(nt, n), dtype=torch.bool, device=logits.device)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
-        z, t = _transform(logits[n0:n1].to(cdt), temperature, softcap)
-        if z.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr():
-            z = z.clone()  # dz is formed in place over z: never over the caller's logits
-        loc = targets[n0:n1]
-        hit = torch.ones_like(loc, dtype=torch.bool)
-        du = _dz_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
+        z, t = _logits_rows(logits, n0, n1, temperature, softcap)
+        du = _du_tile(z, t, targets[n0:n1], hit[: n1 - n0], lse[n0:n1], None if g_H is None else ent[n0:n1],
                       g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
-        out[n0:n1] = du.to(out.dtype)
+        out[n0:n1] = du
     return out

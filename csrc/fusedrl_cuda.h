@@ -1,0 +1,90 @@
+// fusedrl CUDA backend: shared declarations (host side).
+//
+// Everything crossing the Python boundary is a raw device pointer (uintptr_t), a size, a dtype
+// code and a cudaStream_t passed as an integer: no torch headers, so the extension does not depend
+// on the ABI of the installed torch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include <cuda_runtime_api.h>
+
+namespace fusedrl {
+
+// dtype codes shared with fusedrl/backends/cuda_backend.py
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+inline size_t dtype_size(int dt) {
+  switch (dt) {
+    case kF32: return 4;
+    case kF16: return 2;
+    case kBF16: return 2;
+  }
+  throw std::invalid_argument("fusedrl._C: unknown dtype code " + std::to_string(dt));
+}
+
+inline const char* dtype_name(int dt) {
+  switch (dt) {
+    case kF32: return "float32";
+    case kF16: return "float16";
+    case kBF16: return "bfloat16";
+  }
+  return "?";
+}
+
+// z = softcap(u) / T with softcap(u) = cap * tanh(u / cap) when has_cap.
+struct Transform {
+  float temperature;
+  float cap;
+  int has_cap;
+};
+
+#define FUSEDRL_CUDA_CHECK(expr)                                                                     \
+  do {                                                                                              \
+    cudaError_t _e = (expr);                                                                        \
+    if (_e != cudaSuccess) {                                                                        \
+      throw std::runtime_error(std::string("fusedrl._C: CUDA error ") + cudaGetErrorName(_e) + " (" + \
+                               cudaGetErrorString(_e) + ") at " __FILE__ ":" + std::to_string(__LINE__) + \
+                               ": " #expr);                                                         \
+    }                                                                                               \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------------
+// Kernel launchers (kernels.cu). All are asynchronous on `stream`; they throw on launch errors.
+// ---------------------------------------------------------------------------------------------
+
+// Per-row online (max, sum exp, sum (z-max) exp) over one [rows, cols] chunk of raw logits `u`
+// (dtype `dt`, row stride `ld` elements), z = transform(u + bias[j]). Merges into the running
+// per-row statistics run_{m,s,b} (each `rows` floats, stride apart by `run_stride` floats) unless
+// `first`; on `last` writes lse / ent (ent may be null) for the rows. The row whose target lies in
+// this chunk (local column t - col_base) gets zt = z_target; when `first`, rows whose target is
+// outside [vocab_start, vocab_start + vocab_size) get zt = 0.
+void launch_row_stats(int dt, const void* u, int64_t ld, int64_t rows, int64_t cols, const float* bias,
+                      const int64_t* targets, int64_t col_base, int64_t vocab_start, int64_t vocab_size,
+                      Transform tr, float* run, int64_t run_stride, bool first, bool last, float* lse,
+                      float* zt, float* ent, cudaStream_t stream);
+
+// du_j = dz_j * dz/du over one [rows, cols] chunk of raw logits `u` (dtype in_dt, row stride ld_in):
+//   p = exp(z - lse); dz = g_lp (1[j == t - col_base] - p) - g_H p (z - lse + ent)
+// written to `out` (dtype out_dt, row stride ld_out; may alias `u` when the dtypes agree) and, when
+// out32 != nullptr, also as fp32 to out32 (row stride ld_out32; may alias `u` when u is fp32).
+// g_lp / g_H may be null (treated as 0); ent may be null iff g_H is null.
+void launch_dz(int in_dt, const void* u, int64_t ld_in, int out_dt, void* out, int64_t ld_out, float* out32,
+               int64_t ld_out32, int64_t rows, int64_t cols, const float* bias, const int64_t* targets,
+               int64_t col_base, Transform tr, const float* lse, const float* ent, const float* g_lp,
+               const float* g_H, cudaStream_t stream);
+
+// acc[j] (+)= sum_r a[r * lda + j] for j < cols (fixed-order, deterministic).
+void launch_colsum(const float* a, int64_t lda, int64_t rows, int64_t cols, float* acc, bool accumulate,
+                   cudaStream_t stream);
+
+// dst[i] = (dt) src[i] for i < n (contiguous).
+void launch_cast_from_f32(const float* src, int dt, void* dst, int64_t n, cudaStream_t stream);
+
+// "" when this build has a kernel image for the current device, else the CUDA error text.
+std::string kernel_image_check();
+
+}  // namespace fusedrl

@@ -1,0 +1,375 @@
+"""`cuda` backend: the compiled extension ``fusedrl._C`` (csrc/), cuBLAS GEMMs on bounded
+token x vocab chunks plus fused CUDA epilogues.
+
+Forward: for each token chunk (``chunk_tokens``) and vocab chunk (``chunk_vocab``) cuBLAS writes the
+fp32 logits chunk ``x_c w_v^T`` (fp32 accumulation, bf16/fp16/fp32 inputs) into a workspace buffer,
+and one kernel applies bias / softcap / temperature and merges the chunk into running per-token
+statistics (max M, S = sum e^(z-M), B' = sum (z-M) e^(z-M)), picking up the target logit on the way.
+Only lse and entropy (8 bytes/token) are kept. Backward recomputes each logits chunk, turns it into
+``du = dz * dz/du`` in place (a 16-bit copy feeds the GEMMs for 16-bit inputs), and accumulates
+``dx += du w_v`` and ``dw_v += du^T x_c`` in fp32 (straight into the outputs for fp32 inputs).
+
+The extension is torch-ABI independent: it receives ``data_ptr()`` integers, sizes, dtype codes and
+``torch.cuda.current_stream().cuda_stream``; all memory (outputs and one workspace buffer per call)
+is allocated here with torch, so the caching allocator and stream semantics apply. cuBLAS is loaded
+at first use (dlopen, the library torch already has loaded), so the module imports without a GPU.
+
+Options (``**opts`` of forward/backward, or environment variables):
+  chunk_tokens / FUSEDRL_CUDA_CHUNK_TOKENS   token chunk (default: min(N, 4096), shrunk to the budget)
+  chunk_vocab  / FUSEDRL_CUDA_CHUNK_VOCAB    vocab chunk (default: min(V, 4096), shrunk to the budget)
+  FUSEDRL_CUDA_WORKSPACE_MB (default 96)     budget of the chunk buffers (logits, du, chunk accumulator)
+  FUSEDRL_CUBLAS_WORKSPACE_MB                cuBLAS workspace (default 32 on sm_90+, 4 otherwise)
+  order / FUSEDRL_CUDA_ORDER                 backward loop order "vocab" | "token" | "auto" (default)
+  lean_accumulation / FUSEDRL_CUDA_LEAN_ACCUM  16-bit inputs: accumulate the gradient that spans the outer
+                                             loop directly in its 16-bit output (saves min(N,V)*H*4 bytes,
+                                             one extra rounding per outer chunk). Default off.
+  overlap / FUSEDRL_CUDA_OVERLAP (default 1)  run the memory-bound epilogue of chunk k on a side stream
+                                             while the caller's stream runs the next GEMM (double-buffered
+                                             chunk buffers, same budget); 0 = everything on the caller's stream.
+  grad_filter_eps                            accepted and ignored: this backend is always exact.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import threading
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_info() -> dict:
+    """What setup.py recorded about the extension build (empty dict when nothing was recorded)."""
+    try:
+        with open(os.path.join(_PKG_DIR, "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+try:
+    from fusedrl import _C  # type: ignore[attr-defined]
+
+    _NOT_BUILT = ""
+except Exception as _e:  # ImportError, or an OSError from the dynamic loader
+    _C = None
+    _reason = build_info().get("reason") or f"fusedrl._C is not importable ({type(_e).__name__}: {_e})"
+    _NOT_BUILT = f"cuda backend not built: {_reason}"
+
+
+def extension():
+    """The compiled module ``fusedrl._C`` or None."""
+    return _C
+
+
+# ----------------------------------------------------------------------------------------------
+# availability
+# ----------------------------------------------------------------------------------------------
+_lock = threading.Lock()
+_device_ok: Dict[int, Tuple[bool, str]] = {}
+_cublas_err: Optional[str] = None
+
+
+def _cublas_candidates() -> List[str]:
+    """Paths where a cuBLAS shared library may live (tried after the plain sonames)."""
+    roots = list(dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)))
+    roots.append(os.path.dirname(os.path.dirname(torch.__file__)))
+    subs = ("nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cu12/lib", "torch/lib")
+    out: List[str] = []
+    for r in roots:
+        for s in subs:
+            out += sorted(glob.glob(os.path.join(r, s, "libcublas.so*")), reverse=True)
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            for s in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+                out += sorted(glob.glob(os.path.join(home, s, "libcublas.so*")), reverse=True)
+    return list(dict.fromkeys(out))
+
+
+def _ensure_cublas() -> str:
+    """'' once cuBLAS is loaded, else the reason it cannot be."""
+    global _cublas_err
+    if _C is None:
+        return _NOT_BUILT
+    if _C.cublas_loaded():
+        return ""
+    if _cublas_err is None:
+        try:  # makes torch load its own cuBLAS, which the extension then finds by soname
+            torch.cuda.current_blas_handle()
+        except Exception:
+            pass
+        why = _C.load_cublas(_cublas_candidates())
+        _cublas_err = why
+    return _cublas_err
+
+
+def is_available(device: torch.device) -> Tuple[bool, str]:
+    device = torch.device(device)
+    if _C is None:
+        return False, _NOT_BUILT
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA devices only (got {device.type})"
+    if getattr(torch.version, "hip", None):
+        return False, "the cuda backend does not support ROCm/HIP builds of torch"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if idx not in _device_ok:
+            ok, why = _C.device_check(idx)
+            if ok:
+                why = _ensure_cublas()
+                ok = not why
+            _device_ok[idx] = (bool(ok), why)
+        return _device_ok[idx]
+
+
+def _require(device: torch.device) -> int:
+    ok, why = is_available(device)
+    if not ok:
+        raise RuntimeError(why if why.startswith("cuda backend") else f"cuda backend unavailable: {why}")
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+# ----------------------------------------------------------------------------------------------
+# planning
+# ----------------------------------------------------------------------------------------------
+def _env_int(name: str, default: Optional[int]) -> Optional[int]:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else default
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _round_up(a: int, b: int) -> int:
+    return (a + b - 1) // b * b
+
+
+def _budget() -> int:
+    return int(float(os.environ.get("FUSEDRL_CUDA_WORKSPACE_MB", "96")) * 2**20)
+
+
+def _cublas_ws_bytes(idx: int) -> int:
+    mb = os.environ.get("FUSEDRL_CUBLAS_WORKSPACE_MB", "").strip()
+    if mb:
+        return int(float(mb) * 2**20)
+    major = torch.cuda.get_device_capability(idx)[0]
+    return (32 if major >= 9 else 4) * 2**20
+
+
+def _chunk_bytes(nc: int, vc: int, h: int, es: int, backward: bool, order: int, need_dx: bool, need_dw: bool,
+                 lean: bool, overlap: bool = False) -> int:
+    """Bytes of the chunk-sized buffers (what the budget bounds; full-size accumulators excluded)."""
+    nbuf = 2 if overlap else 1
+    b = nbuf * nc * vc * 4
+    if backward and es != 4:
+        b += nbuf * nc * vc * es
+        if order == 0 and need_dw:  # vocab-outer: [Vc, H] fp32 dw accumulator
+            b += vc * h * 4
+        if order == 1 and need_dx:  # token-outer: [Nc, H] fp32 dx accumulator
+            b += nc * h * 4
+    return b
+
+
+def plan(n: int, h: int, v: int, es: int, backward: bool = False, order: int = 0, need_dx: bool = True,
+         need_dw: bool = True, lean: bool = False, opts: Optional[dict] = None,
+         overlap: bool = False) -> Tuple[int, int]:
+    """(chunk_tokens, chunk_vocab). The vocab chunk is a multiple of 8 (aligned rows for cuBLAS)."""
+    opts = opts or {}
+    nc_user = opts.get("chunk_tokens") or _env_int("FUSEDRL_CUDA_CHUNK_TOKENS", None)
+    vc_user = opts.get("chunk_vocab") or _env_int("FUSEDRL_CUDA_CHUNK_VOCAB", None)
+    nc = max(1, min(n, int(nc_user) if nc_user else 4096))
+    vc = _round_up(max(1, min(v, int(vc_user) if vc_user else 4096)), 8)
+    if nc_user and vc_user:
+        return nc, vc
+    budget = _budget()
+    while _chunk_bytes(nc, vc, h, es, backward, order, need_dx, need_dw, lean, overlap) > budget:
+        can_v = not vc_user and vc > 256
+        can_n = not nc_user and nc > 64
+        if can_v and (vc >= nc or not can_n):
+            vc = _round_up(vc // 2, 8)
+        elif can_n:
+            nc = (nc + 1) // 2
+        else:
+            break
+    return nc, vc
+
+
+def _order(n: int, v: int, opts: dict) -> int:
+    o = str(opts.get("order") or os.environ.get("FUSEDRL_CUDA_ORDER", "auto")).lower()
+    if o in ("vocab", "vocab_outer", "0"):
+        return 0
+    if o in ("token", "token_outer", "1"):
+        return 1
+    if o != "auto":
+        raise ValueError(f"cuda backend: order must be 'vocab', 'token' or 'auto', got {o!r}")
+    # the cross-loop fp32 accumulator is [N, H] (vocab-outer) or [V, H] (token-outer): keep the smaller
+    return 0 if n <= v else 1
+
+
+def _overlap(opts: dict) -> bool:
+    v = opts.get("overlap")
+    if v is None:
+        return os.environ.get("FUSEDRL_CUDA_OVERLAP", "1").strip().lower() not in ("0", "false", "no", "off")
+    return bool(v)
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _fallback():
+    from fusedrl.backends import torch_backend
+
+    return torch_backend
+
+
+def _stream(idx: int) -> int:
+    return torch.cuda.current_stream(idx).cuda_stream
+
+
+def _tf32() -> bool:
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+# ----------------------------------------------------------------------------------------------
+# backend contract
+# ----------------------------------------------------------------------------------------------
+def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+            softcap: Optional[float], return_entropy: bool, vocab_start: int = 0, **opts):
+    idx = _require(x.device)
+    if x.dtype not in _DTYPE_CODE:  # fp64: no cuBLAS fp32-accumulating path worth having; be exact
+        return _fallback().forward(x, w, targets, bias, temperature, softcap, return_entropy,
+                                   vocab_start=vocab_start, **opts)
+    n, h = x.shape
+    v = w.shape[0]
+    dev = x.device
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    zt = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    if n == 0:
+        return lse, zt, ent
+    x = x.detach().contiguous()
+    w = w.detach().to(x.dtype).contiguous()
+    tg = targets.detach().to(torch.int64).contiguous()
+    b = _f32(bias)
+    es = x.element_size()
+    overlap = _overlap(opts)
+    nc, vc = plan(n, h, v, es, backward=False, opts=opts, overlap=overlap)
+    cws = _cublas_ws_bytes(idx)
+    ws = torch.empty(_C.fwd_workspace_bytes(nc, vc, cws, overlap), dtype=torch.uint8, device=dev)
+    _C.linear_forward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
+                      _DTYPE_CODE[x.dtype], int(vocab_start), float(temperature),
+                      float(softcap) if softcap is not None else 0.0, lse.data_ptr(), zt.data_ptr(), _ptr(ent),
+                      ws.data_ptr(), ws.numel(), nc, vc, cws, _tf32(), overlap)
+    return lse, zt, ent
+
+
+def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+             softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor],
+             g_H: Optional[Tensor], vocab_start: int = 0, need_dx: bool = True, need_dw: bool = True,
+             need_db: bool = True, **opts):
+    idx = _require(x.device)
+    if x.dtype not in _DTYPE_CODE:
+        return _fallback().backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H,
+                                    vocab_start=vocab_start, need_dx=need_dx, need_dw=need_dw,
+                                    need_db=need_db, **opts)
+    if g_H is not None and ent is None:
+        raise ValueError("cuda backend: g_H needs the entropy `ent`")
+    n, h = x.shape
+    v = w.shape[0]
+    dev = x.device
+    need_db = bool(need_db) and bias is not None
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
+    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    db32 = torch.empty(v, dtype=torch.float32, device=dev) if need_db else None
+    if n == 0 or (g_lp is None and g_H is None):
+        for t in (dx, dw, db32):
+            if t is not None:
+                t.zero_()
+        return dx, dw, (db32.to(bias.dtype) if need_db else None)
+    if not (need_dx or need_dw or need_db):
+        return None, None, None
+    x = x.detach().contiguous()
+    w = w.detach().to(x.dtype).contiguous()
+    tg = targets.detach().to(torch.int64).contiguous()
+    b = _f32(bias)
+    lse32, ent32, glp32, gh32 = _f32(lse), _f32(ent), _f32(g_lp), _f32(g_H)
+    es = x.element_size()
+    order = _order(n, v, opts)
+    lean = bool(opts.get("lean_accumulation", _env_flag("FUSEDRL_CUDA_LEAN_ACCUM")))
+    overlap = _overlap(opts)
+    nc, vc = plan(n, h, v, es, backward=True, order=order, need_dx=need_dx, need_dw=need_dw, lean=lean, opts=opts,
+                  overlap=overlap)
+    cws = _cublas_ws_bytes(idx)
+    nbytes = _C.bwd_workspace_bytes(n, h, v, nc, vc, _DTYPE_CODE[x.dtype], order, lean, need_dx, need_dw, cws,
+                                    overlap)
+    ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    _C.linear_backward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
+                       _DTYPE_CODE[x.dtype], int(vocab_start), float(temperature),
+                       float(softcap) if softcap is not None else 0.0, lse32.data_ptr(), _ptr(ent32), _ptr(glp32),
+                       _ptr(gh32), _ptr(dx), _ptr(dw), _ptr(db32), ws.data_ptr(), ws.numel(), nc, vc, order, lean,
+                       cws, _tf32(), overlap)
+    db = None
+    if need_db:
+        db = db32 if bias.dtype == torch.float32 else db32.to(bias.dtype)
+    return dx, dw, db
+
+
+def logits_forward(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float],
+                   return_entropy: bool):
+    idx = _require(logits.device)
+    if logits.dtype not in _DTYPE_CODE:
+        return _fallback().logits_forward(logits, targets, temperature, softcap, return_entropy)
+    n, v = logits.shape
+    dev = logits.device
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    zt = torch.empty(n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    if n == 0:
+        return lse, zt, ent
+    lg = logits.detach().contiguous()
+    tg = targets.detach().to(torch.int64).contiguous()
+    _C.logits_forward(idx, _stream(idx), lg.data_ptr(), n, v, _DTYPE_CODE[lg.dtype], float(temperature),
+                      float(softcap) if softcap is not None else 0.0, tg.data_ptr(), lse.data_ptr(), zt.data_ptr(),
+                      _ptr(ent))
+    return lse, zt, ent
+
+
+def logits_backward(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], lse: Tensor,
+                    ent: Optional[Tensor], g_lp: Optional[Tensor], g_H: Optional[Tensor], inplace: bool = False):
+    idx = _require(logits.device)
+    if logits.dtype not in _DTYPE_CODE:
+        return _fallback().logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H,
+                                           inplace=inplace)
+    if g_H is not None and ent is None:
+        raise ValueError("cuda backend: g_H needs the entropy `ent`")
+    n, v = logits.shape
+    src = logits.detach()
+    contiguous = src.is_contiguous()
+    if not contiguous:
+        src = src.contiguous()
+    out = src if (inplace and contiguous) or not contiguous else torch.empty_like(src)
+    if n > 0:
+        tg = targets.detach().to(torch.int64).contiguous()
+        lse32, ent32, glp32, gh32 = _f32(lse), _f32(ent), _f32(g_lp), _f32(g_H)
+        _C.logits_backward(idx, _stream(idx), src.data_ptr(), out.data_ptr(), n, v, _DTYPE_CODE[src.dtype],
+                           float(temperature), float(softcap) if softcap is not None else 0.0, tg.data_ptr(),
+                           lse32.data_ptr(), _ptr(ent32), _ptr(glp32), _ptr(gh32))
+    if inplace and not contiguous:
+        logits.copy_(out)
+        return logits
+    return out

@@ -1,0 +1,154 @@
+"""One-call fused RL policy loss: hidden states and lm_head weight in, scalar loss out.
+
+``fused_policy_loss`` = :func:`fusedrl.linear_logprob_entropy` (vocabulary-scale work, logits never
+materialised) followed by :func:`fusedrl.policy_loss` (O(N) loss head). Autograd joins them: the
+head's backward produces the per-token upstream gradients ``g_lp`` and ``g_H`` and the core op's
+single vocabulary-scale backward consumes both, so entropy regularisation costs no extra pass.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .loss import Normaliser, PolicyLossConfig, policy_loss
+
+__all__ = ["fused_policy_loss", "FusedPolicyLoss"]
+
+
+
+def _core_op():
+    """The core op, imported lazily (fusedrl.ops imports the backends)."""
+    from .ops import linear_logprob_entropy
+
+    return linear_logprob_entropy
+
+
+def fused_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logp: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    config: Optional[PolicyLossConfig] = None,
+    backend: str = "auto",
+    process_group=None,
+    *,
+    return_entropy: Optional[bool] = None,
+    global_num_tokens: Normaliser = None,
+    global_num_seqs: Normaliser = None,
+    norm_len: Normaliser = None,
+    **core_kwargs,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """RL policy loss straight from the last hidden states, without materialising logits.
+
+    Shapes (padded ``[B, T]`` or packed ``[N]`` with ``cu_seqlens``):
+
+    * ``hidden``: ``[B, T, H]`` or ``[N, H]`` (bf16 / fp16 / fp32);
+    * ``weight``: ``[V, H]`` lm_head weight (this rank's vocab shard under ``process_group``);
+    * ``targets``: ``[B, T]`` / ``[N]`` int64 sampled token ids (values at masked positions are
+      ignored and may be out of range, e.g. -100);
+    * ``old_logp``, ``mask``, ``ref_logp``: ``[B, T]`` / ``[N]``;
+    * ``advantages``: per token (``[B, T]`` / ``[N]``) or per sequence (``[B]``);
+    * ``bias``: optional ``[V]``; ``cu_seqlens``: optional int32/int64 ``[B+1]``.
+
+    ``temperature`` / ``softcap`` must be the rollout's sampling temperature and the model's logit
+    softcap, so that ``logp`` is comparable with ``old_logp``. ``backend`` and ``process_group`` go to
+    the core op, as do extra keyword arguments (e.g. ``grad_filter_eps``, ``deterministic``).
+
+    Entropy is computed when ``config.entropy_coeff > 0`` (it is then part of the loss, and its
+    gradient flows through the same backward pass) and skipped otherwise, unless
+    ``return_entropy=True`` asks for the ``entropy`` metric anyway.
+
+    Returns ``(loss, metrics)`` exactly as :func:`fusedrl.policy_loss` on the core op's outputs.
+    ``global_num_tokens`` / ``global_num_seqs`` / ``norm_len`` override the config's normalisers.
+    """
+    cfg = config if config is not None else PolicyLossConfig()
+    if not isinstance(cfg, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
+    want_entropy = cfg.entropy_coeff != 0 or bool(return_entropy)
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.shape != mask.shape:
+        raise ValueError(f"targets {tuple(targets.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    # padding ids (-100, pad token beyond V, ...) at masked positions must not reach the core op
+    targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
+    logp, entropy = _core_op()(
+        hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+        return_entropy=want_entropy, backend=backend, process_group=process_group, **core_kwargs)
+    return policy_loss(
+        logp, old_logp, advantages, mask, entropy=entropy, ref_logp=ref_logp, cu_seqlens=cu_seqlens,
+        config=cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, norm_len=norm_len)
+
+
+class FusedPolicyLoss(nn.Module):
+    """``nn.Module`` over :func:`fused_policy_loss` holding the loss configuration.
+
+    Example::
+
+        loss_fn = FusedPolicyLoss(PolicyLossConfig(loss_mode="vanilla", clip_ratio_high=0.28),
+                                  temperature=1.0)
+        loss, metrics = loss_fn(hidden, model.lm_head.weight, targets, old_logp, adv, mask)
+        loss.backward()
+    """
+
+    def __init__(
+        self,
+        config: Optional[PolicyLossConfig] = None,
+        *,
+        temperature: float = 1.0,
+        softcap: Optional[float] = None,
+        backend: str = "auto",
+        process_group=None,
+        return_entropy: Optional[bool] = None,
+        **core_kwargs,
+    ) -> None:
+        super().__init__()
+        self.config = config if config is not None else PolicyLossConfig()
+        if not isinstance(self.config, PolicyLossConfig):
+            raise TypeError(f"config must be a PolicyLossConfig, got {type(self.config).__name__}")
+        self.temperature = temperature
+        self.softcap = softcap
+        self.backend = backend
+        self.process_group = process_group
+        self.return_entropy = return_entropy
+        self.core_kwargs = core_kwargs
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        ref_logp: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+        cu_seqlens: Optional[torch.Tensor] = None,
+        **overrides,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Same tensor arguments and shapes as :func:`fused_policy_loss`; ``overrides`` may carry the
+        per-step normalisers (``global_num_tokens``, ``global_num_seqs``, ``norm_len``) or core-op
+        keyword arguments."""
+        kwargs = dict(self.core_kwargs)
+        kwargs.update(overrides)
+        kwargs.setdefault("temperature", self.temperature)
+        kwargs.setdefault("softcap", self.softcap)
+        kwargs.setdefault("backend", self.backend)
+        kwargs.setdefault("process_group", self.process_group)
+        kwargs.setdefault("return_entropy", self.return_entropy)
+        kwargs.setdefault("config", self.config)
+        return fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
+                                 bias=bias, cu_seqlens=cu_seqlens, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, backend={self.backend!r}"

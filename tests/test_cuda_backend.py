@@ -1,0 +1,445 @@
+"""The `cuda` backend (fusedrl._C, csrc/).
+
+Without a GPU: the extension must have been built by `pip install -e .` (nvcc present) and import,
+list its ops and archs, and answer its CPU-side planning functions; the backend must report itself
+unavailable with a reason. With a GPU (@pytest.mark.gpu): forward / backward / logits_* against the
+fp64 reference in the CCE idiom of tests/_helpers.py.
+"""
+import os
+
+import pytest
+import torch
+
+import fusedrl
+from fusedrl import reference
+from fusedrl.backends import BackendUnavailable, availability, resolve
+from fusedrl.backends import cuda_backend as cb
+
+from _helpers import ATOL, DTYPES, GRAD_ATOL, assert_cce, eager_lowprec, make_case, ref64
+
+F32, F16, BF16 = 0, 1, 2
+
+
+def _ext_or_skip():
+    """The compiled module; skip only when the build was deliberately skipped or had no nvcc."""
+    if cb.extension() is not None:
+        return cb.extension()
+    info = cb.build_info()
+    if info.get("skipped") or os.environ.get("FUSEDRL_SKIP_CUDA_BUILD", "").strip() not in ("", "0"):
+        pytest.skip("CUDA extension build skipped (FUSEDRL_SKIP_CUDA_BUILD=1)")
+    if info.get("no_nvcc"):
+        pytest.skip(f"CUDA extension not built: {info.get('reason')}")
+    pytest.fail(f"fusedrl._C is missing although its build was not skipped: {cb._NOT_BUILT} (build info: {info})")
+
+
+# --------------------------------------------------------------------------------------------
+# CPU-side: the extension itself
+# --------------------------------------------------------------------------------------------
+def test_extension_lists_ops_and_archs():
+    C = _ext_or_skip()
+    assert set(C.ops()) == {"linear_forward", "linear_backward", "logits_forward", "logits_backward"}
+    for name in C.ops():
+        assert callable(getattr(C, name))
+    archs = C.compiled_archs()
+    assert archs and all(isinstance(a, str) for a in archs)
+    want = cb.build_info().get("archs") or os.environ.get("FUSEDRL_CUDA_ARCHS") or "80;90a"
+    assert archs == [a for a in want.replace(",", ";").split(";") if a]
+    assert C.cuda_runtime_version() >= 12000
+    assert isinstance(C.kernels(), list) and C.kernels()
+
+
+def test_extension_imports_as_package_module():
+    _ext_or_skip()
+    import fusedrl._C as C  # noqa: N814
+
+    assert C.DTYPE_F32 == F32 and C.DTYPE_F16 == F16 and C.DTYPE_BF16 == BF16
+
+
+def test_device_check_and_cublas_report_reasons_without_gpu():
+    C = _ext_or_skip()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    ok, why = C.device_check(0)
+    assert ok is False and why
+    assert isinstance(C.load_cublas([]), str)  # '' where some libcublas exists, else the reason
+
+
+def test_workspace_layouts():
+    C = _ext_or_skip()
+    mb = 2**20
+    # forward: cuBLAS workspace + fp32 logits chunk + 3 running stats per token, 256-byte aligned
+    assert C.fwd_workspace_bytes(4096, 4096, 32 * mb, False) == 32 * mb + 4096 * 4096 * 4 + 4096 * 12
+    assert C.fwd_workspace_bytes(4096, 4096, 32 * mb, True) == 32 * mb + 2 * 4096 * 4096 * 4 + 4096 * 12
+    n, h, v, nc, vc = 8192, 4096, 151936, 4096, 2048
+    chunk = nc * vc * 4
+    # fp32: accumulate straight into dx / dw -> only the logits chunk
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, F32, 0, False, True, True, 0, False) == chunk
+    # bf16 vocab-outer: + 16-bit du + [Vc, H] dw chunk acc + full [N, H] dx acc
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, True, 0, False) == \
+        chunk + nc * vc * 2 + vc * h * 4 + n * h * 4
+    # lean: the [N, H] dx accumulator disappears (dx accumulates in bf16)
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, True, True, True, 0, False) == chunk + nc * vc * 2 + vc * h * 4
+    # token-outer: [Nc, H] dx chunk acc + full [V, H] dw acc
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, F16, 1, False, True, True, 0, False) == \
+        chunk + nc * vc * 2 + nc * h * 4 + v * h * 4
+    # nothing but dx
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, False, 0, False) == chunk + nc * vc * 2 + n * h * 4
+    # overlap double-buffers the logits and du chunks
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, True, 0, True) == \
+        2 * (chunk + nc * vc * 2) + vc * h * 4 + n * h * 4
+    assert C.bwd_workspace_bytes(n, h, v, nc, vc, F32, 0, False, True, True, 0, True) == 2 * chunk
+    with pytest.raises(ValueError):
+        C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 2, False, True, True, 0, False)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("n,h,v,es", [(8192, 4096, 151936, 2), (37, 123, 1003, 4), (65537, 24, 507, 2),
+                                       (1, 8192, 262144, 2), (100000, 16384, 32000, 4)])
+def test_plan_respects_budget(n, h, v, es, backward, overlap):
+    nc, vc = cb.plan(n, h, v, es, backward=backward, order=0, overlap=overlap)
+    assert 1 <= nc <= n and vc % 8 == 0 and vc >= min(v, 8)
+    assert vc < v + 8
+    used = cb._chunk_bytes(nc, vc, h, es, backward, 0, True, True, False, overlap)
+    assert used <= cb._budget() or (vc <= 256 or nc <= 64)
+    nc2, vc2 = cb.plan(n, h, v, es, backward=backward, opts=dict(chunk_tokens=100, chunk_vocab=300))
+    assert (nc2, vc2) == (min(100, n), 304)
+
+
+def test_order_choice():
+    assert cb._order(8192, 151936, {}) == 0
+    assert cb._order(65537, 507, {}) == 1
+    assert cb._order(10, 10, dict(order="token")) == 1
+    with pytest.raises(ValueError):
+        cb._order(1, 1, dict(order="diagonal"))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU-side: availability
+# --------------------------------------------------------------------------------------------
+def test_unavailable_on_cpu_with_reason():
+    ok, why = cb.is_available(torch.device("cpu"))
+    assert ok is False and why
+    ok2, why2 = availability("cuda", torch.device("cpu"))
+    assert ok2 is False and why2 == why
+    with pytest.raises(BackendUnavailable, match="cuda"):
+        resolve("cuda", torch.device("cpu"))
+    x, w, _, t = make_case(3, 8, 11, torch.float32)
+    with pytest.raises((RuntimeError, BackendUnavailable)):
+        fusedrl.linear_logprob_entropy(x, w, t, backend="cuda")
+    with pytest.raises(RuntimeError, match="cuda backend"):
+        cb.forward(x, w, t, None, 1.0, None, True)
+
+
+def test_not_built_reason_mentions_cuda_backend():
+    if cb.extension() is not None:
+        pytest.skip("extension is built")
+    ok, why = cb.is_available(torch.device("cuda"))
+    assert not ok and why.startswith("cuda backend not built:")
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: numerics against the reference
+# --------------------------------------------------------------------------------------------
+gpu = pytest.mark.gpu
+DEV = "cuda"
+
+SHAPES = [(37, 123, 1003), (37, 123, 507), (5, 64, 151936), (300, 24, 1003)]
+OPTIONS = [
+    dict(bias=False, temperature=1.0, softcap=None),
+    dict(bias=True, temperature=0.7, softcap=None),
+    dict(bias=True, temperature=1.3, softcap=30.0),
+]
+OPT_IDS = ["plain", "bias-T0.7", "bias-T1.3-softcap30"]
+CHUNKS = [dict(), dict(chunk_tokens=16, chunk_vocab=136), dict(chunk_tokens=7, chunk_vocab=64, order="token"),
+          dict(chunk_tokens=16, chunk_vocab=136, overlap=False)]
+CHUNK_IDS = ["default", "small", "small-token-outer", "small-no-overlap"]
+
+
+def _skip_unless_cuda_backend():
+    _ext_or_skip()
+    ok, why = cb.is_available(torch.device(DEV))
+    if not ok:
+        pytest.fail(f"GPU present but the cuda backend is unavailable: {why}")
+
+
+def _upstream(n, seed=1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+
+
+def _ref_grads(x, w, t, b, T, c, g_lp, g_H, dtype64=True):
+    """(dx, dw, db) of sum(g_lp logp + g_H H) via autograd: fp64 reference, or eager in the input dtype."""
+    leaves = [p.detach().clone().double().requires_grad_() if dtype64 else p.detach().clone().requires_grad_()
+              for p in (x, w, b) if p is not None]
+    bb = leaves[2] if b is not None else None
+    if dtype64:
+        lp, ent = reference.linear_logprob_entropy(leaves[0], leaves[1], t, bb, T, c)
+    else:
+        lp, ent = eager_lowprec(leaves[0], leaves[1], t, bb, T, c)
+    loss = (lp.double() * g_lp.double()).sum() + (ent.double() * g_H.double()).sum()
+    gs = torch.autograd.grad(loss, leaves)
+    return list(gs) + [None] * (3 - len(gs))
+
+
+def _check_forward(lse, zt, ent, x, w, t, b, T, c, dtype):
+    lp = zt - lse
+    r_lp, r_ent = ref64(x, w, t, b, T, c)
+    lo_lp, lo_ent = eager_lowprec(x, w, t, b, T, c)
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+    assert_cce("logp", lp, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+
+
+def _check_grads(got, x, w, t, b, T, c, g_lp, g_H, dtype):
+    want = _ref_grads(x, w, t, b, T, c, g_lp, g_H, dtype64=True)
+    low = _ref_grads(x, w, t, b, T, c, g_lp, g_H, dtype64=False)
+    for name, g, r, l, src in zip(("dx", "dW", "db"), got, want, low, (x, w, b)):
+        if src is None:
+            assert g is None
+            continue
+        assert g.dtype == src.dtype and g.shape == src.shape
+        scale = r.abs().max().item() + 1e-6
+        assert_cce(name, g, r, l, dtype, atol=GRAD_ATOL[dtype] * scale)
+
+
+@gpu
+@pytest.mark.parametrize("chunks", CHUNKS, ids=CHUNK_IDS)
+@pytest.mark.parametrize("opt", OPTIONS, ids=OPT_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N%d-H%d-V%d" % s)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_match_reference(dtype, shape, opt, chunks):
+    _skip_unless_cuda_backend()
+    n, h, v = shape
+    if v > 100000 and chunks.get("chunk_vocab", 4096) < 1000:
+        pytest.skip("tiny vocab chunks over a 152k vocabulary: slow, covered by the other shapes")
+    x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=opt["bias"], scale=4.0)
+    T, c = opt["temperature"], opt["softcap"]
+    lse, zt, ent = cb.forward(x, w, t, b, T, c, True, **chunks)
+    _check_forward(lse, zt, ent, x, w, t, b, T, c, dtype)
+    g_lp, g_H = _upstream(n)
+    got = cb.backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, **chunks)
+    _check_grads(got, x, w, t, b, T, c, g_lp, g_H, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_lean_accumulation(dtype):
+    _skip_unless_cuda_backend()
+    n, h, v = 300, 123, 1003
+    x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=True, scale=4.0)
+    lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True)
+    g_lp, g_H = _upstream(n)
+    for order in ("vocab", "token"):
+        got = cb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, chunk_tokens=128, chunk_vocab=512,
+                          order=order, lean_accumulation=True)
+        _check_grads(got, x, w, t, b, 1.0, None, g_lp, g_H, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp32_large_vocab_precision(dtype):
+    """DESIGN.md section 5: fp32 logp within 1e-5 of fp64 at V = 151936."""
+    _skip_unless_cuda_backend()
+    x, w, _, t = make_case(8, 64, 151936, dtype, device=DEV, scale=2.0)
+    lse, zt, ent = cb.forward(x, w, t, None, 1.0, None, True)
+    r_lp, r_ent = ref64(x, w, t, None, 1.0, None)
+    if dtype == torch.float32:
+        assert ((zt - lse).double() - r_lp).abs().max().item() <= 1e-5
+        assert (ent.double() - r_ent).abs().max().item() <= 1e-5
+    else:
+        _check_forward(lse, zt, ent, x, w, t, None, 1.0, None, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_return_entropy_false_and_partial_grads(dtype):
+    _skip_unless_cuda_backend()
+    n, h, v = 37, 123, 1003
+    x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=True)
+    lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, False)
+    assert ent is None
+    r_lp, _ = ref64(x, w, t, b, 1.0, None)
+    lo_lp, _ = eager_lowprec(x, w, t, b, 1.0, None)
+    assert_cce("logp", zt - lse, r_lp, lo_lp, dtype)
+    g_lp, _ = _upstream(n)
+    dx, dw, db = cb.backward(x, w, t, b, 1.0, None, lse, None, g_lp, None, need_dw=False, need_db=False)
+    assert dw is None and db is None and dx is not None
+    zeros = torch.zeros(n, device=DEV)
+    want = _ref_grads(x, w, t, b, 1.0, None, g_lp, zeros)
+    low = _ref_grads(x, w, t, b, 1.0, None, g_lp, zeros, dtype64=False)
+    assert_cce("dx", dx, want[0], low[0], dtype, atol=GRAD_ATOL[dtype] * (want[0].abs().max().item() + 1e-6))
+    _, dw2, db2 = cb.backward(x, w, t, b, 1.0, None, lse, None, g_lp, None, need_dx=False)
+    assert_cce("dW", dw2, want[1], low[1], dtype, atol=GRAD_ATOL[dtype] * (want[1].abs().max().item() + 1e-6))
+    assert_cce("db", db2, want[2], low[2], dtype, atol=GRAD_ATOL[dtype] * (want[2].abs().max().item() + 1e-6))
+
+
+def _combine_shards(parts):
+    """Global (lse, logp, entropy) from per-shard (lse_k, zt_k, ent_k)."""
+    lses = torch.stack([p[0] for p in parts])
+    lse = torch.logsumexp(lses, 0)
+    zt = sum(p[1] for p in parts)
+    # sum_{j in shard k} p_j z_j = e^(lse_k - LSE) (lse_k - ent_k)
+    pz = sum(torch.exp(p[0] - lse) * (p[0] - p[2]) for p in parts)
+    return lse, zt - lse, lse - pz
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opt", OPTIONS, ids=OPT_IDS)
+def test_vocab_parallel_shards(dtype, opt):
+    _skip_unless_cuda_backend()
+    n, h, v, cut = 37, 123, 1003, 421
+    x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=opt["bias"], scale=4.0)
+    T, c = opt["temperature"], opt["softcap"]
+    shards = [(0, slice(0, cut)), (cut, slice(cut, v))]
+    parts = [cb.forward(x, w[s].contiguous(), t, None if b is None else b[s].contiguous(), T, c, True,
+                        vocab_start=v0, chunk_vocab=128) for v0, s in shards]
+    for (v0, s), (_, zt_k, _) in zip(shards, parts):
+        outside = ~((t >= v0) & (t < v0 + (s.stop - s.start)))
+        assert torch.all(zt_k[outside] == 0)
+    lse, lp, ent = _combine_shards(parts)
+    r_lp, r_ent = ref64(x, w, t, b, T, c)
+    lo_lp, lo_ent = eager_lowprec(x, w, t, b, T, c)
+    assert_cce("logp", lp, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+    g_lp, g_H = _upstream(n)
+    outs = [cb.backward(x, w[s].contiguous(), t, None if b is None else b[s].contiguous(), T, c, lse, ent, g_lp,
+                        g_H, vocab_start=v0, chunk_vocab=128) for v0, s in shards]
+    dx = sum(o[0].float() for o in outs).to(dtype)
+    dw = torch.cat([o[1] for o in outs])
+    db = torch.cat([o[2] for o in outs]) if b is not None else None
+    _check_grads((dx, dw, db), x, w, t, b, T, c, g_lp, g_H, dtype)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_empty_tokens(dtype):
+    _skip_unless_cuda_backend()
+    x, w, b, t = make_case(0, 24, 507, dtype, device=DEV, bias=True)
+    lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True)
+    assert lse.shape == zt.shape == ent.shape == (0,)
+    e = torch.empty(0, device=DEV)
+    dx, dw, db = cb.backward(x, w, t, b, 1.0, None, lse, ent, e, e)
+    assert dx.shape == (0, 24) and torch.all(dw == 0) and torch.all(db == 0) and db.dtype == dtype
+    lg = torch.empty(0, 507, dtype=dtype, device=DEV)
+    lse, zt, ent = cb.logits_forward(lg, t, 1.0, None, True)
+    assert lse.shape == (0,)
+    assert cb.logits_backward(lg, t, 1.0, None, lse, ent, e, e).shape == (0, 507)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v", [507, 1003, 151936])
+@pytest.mark.parametrize("opt", OPTIONS, ids=OPT_IDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_logits_forward_backward(dtype, v, opt, inplace):
+    _skip_unless_cuda_backend()
+    n = 37
+    g = torch.Generator(device="cpu").manual_seed(3)
+    logits = (torch.randn(n, v, generator=g) * 3).to(dtype).to(DEV)
+    t = torch.randint(0, v, (n,), generator=g).to(DEV)
+    T, c = opt["temperature"], opt["softcap"]
+    lse, zt, ent = cb.logits_forward(logits, t, T, c, True)
+    r_lp, r_ent = reference.logprob_entropy(logits.double(), t, T, c)
+    lo = logits.detach()
+    lo = (c * torch.tanh(lo / c) if c else lo) / T
+    lsm = torch.log_softmax(lo, -1)
+    lo_lp, lo_ent = lsm.gather(-1, t[:, None])[:, 0], -(lsm.exp() * lsm).sum(-1)
+    assert_cce("logp", zt - lse, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+
+    g_lp, g_H = _upstream(n)
+    src = logits.clone()
+    dl = cb.logits_backward(src, t, T, c, lse, ent, g_lp, g_H, inplace=inplace)
+    assert dl.dtype == dtype and dl.shape == logits.shape
+    if inplace:
+        assert dl.data_ptr() == src.data_ptr()
+    else:
+        assert torch.equal(src, logits)
+    l64 = logits.double().requires_grad_()
+    a, e = reference.logprob_entropy(l64, t, T, c)
+    (want,) = torch.autograd.grad((a * g_lp.double()).sum() + (e * g_H.double()).sum(), [l64])
+    ll = logits.clone().requires_grad_()
+    z = ((c * torch.tanh(ll / c)) if c else ll) / T
+    ls = torch.log_softmax(z, -1)
+    la, le = ls.gather(-1, t[:, None])[:, 0], -(ls.exp() * ls).sum(-1)
+    (low,) = torch.autograd.grad((la.double() * g_lp.double()).sum() + (le.double() * g_H.double()).sum(), [ll])
+    assert_cce("dlogits", dl, want, low, dtype, atol=GRAD_ATOL[dtype] * (want.abs().max().item() + 1e-6))
+
+
+@gpu
+def test_many_rows_logits_path():
+    """N > 65535 rows (grid limits) on the logits path and through the linear path."""
+    _skip_unless_cuda_backend()
+    n, v = 65537, 507
+    g = torch.Generator(device="cpu").manual_seed(4)
+    logits = torch.randn(n, v, generator=g).to(DEV)
+    t = torch.randint(0, v, (n,), generator=g).to(DEV)
+    lse, zt, ent = cb.logits_forward(logits, t, 1.0, None, True)
+    r_lp, r_ent = reference.logprob_entropy(logits.double(), t)
+    assert ((zt - lse).double() - r_lp).abs().max().item() <= 1e-5
+    assert (ent.double() - r_ent).abs().max().item() <= 1e-5
+    x, w, _, t = make_case(n, 24, v, torch.bfloat16, device=DEV)
+    lse, zt, ent = cb.forward(x, w, t, None, 1.0, None, True)
+    _check_forward(lse, zt, ent, x, w, t, None, 1.0, None, torch.bfloat16)
+    g_lp, g_H = _upstream(n)
+    got = cb.backward(x, w, t, None, 1.0, None, lse, ent, g_lp, g_H)  # auto order: token-outer here
+    _check_grads(got, x, w, t, None, 1.0, None, g_lp, g_H, torch.bfloat16)
+
+
+@gpu
+def test_deterministic_and_side_stream():
+    _skip_unless_cuda_backend()
+    n, h, v = 300, 123, 1003
+    x, w, b, t = make_case(n, h, v, torch.bfloat16, device=DEV, bias=True)
+    g_lp, g_H = _upstream(n)
+
+    def run():
+        lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True, chunk_tokens=64, chunk_vocab=256)
+        return (lse, zt, ent) + tuple(cb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, chunk_tokens=64,
+                                                  chunk_vocab=256))
+
+    a = run()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FUSEDRL_CUDA_OVERLAP", "0")
+        c = run()
+    for p, q in zip(a, c):
+        assert torch.equal(p, q)  # overlap changes scheduling, never arithmetic
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        bb = run()
+    torch.cuda.current_stream().wait_stream(s)
+    for p, q in zip(a, bb):
+        assert torch.equal(p, q)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_public_api_autograd(dtype):
+    _skip_unless_cuda_backend()
+    n, h, v = 37, 123, 1003
+    x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=True, scale=4.0)
+    leaves = [p.clone().requires_grad_() for p in (x, w, b)]
+    lp, ent = fusedrl.linear_logprob_entropy(leaves[0], leaves[1], t, leaves[2], temperature=0.9, softcap=20.0,
+                                             backend="cuda")
+    r_lp, r_ent = ref64(x, w, t, b, 0.9, 20.0)
+    lo_lp, lo_ent = eager_lowprec(x, w, t, b, 0.9, 20.0)
+    assert_cce("logp", lp, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+    g_lp, g_H = _upstream(n)
+    got = torch.autograd.grad((lp * g_lp).sum() + (ent * g_H).sum(), leaves)
+    _check_grads(got, x, w, t, b, 0.9, 20.0, g_lp, g_H, dtype)
+    with torch.no_grad():
+        lp2, ent2 = fusedrl.linear_logprob_entropy(x, w, t, b, temperature=0.9, softcap=20.0, backend="cuda")
+    assert torch.equal(lp2, lp.detach()) and torch.equal(ent2, ent.detach())
+
+
+@gpu
+def test_fp64_falls_back_to_exact_path():
+    _skip_unless_cuda_backend()
+    x, w, b, t = make_case(5, 24, 507, torch.float64, device=DEV, bias=True)
+    lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True)
+    r_lp, r_ent = ref64(x, w, t, b, 1.0, None)
+    assert ((zt - lse) - r_lp).abs().max().item() < ATOL[torch.float64] * 1e4
