@@ -1,0 +1,811 @@
+"""`triton` backend: fused vocabulary projection + log-softmax statistics in Triton kernels.
+
+Kernels first, launchers after. DESIGN.md sections 3-7 are the contract; this is how it is met.
+
+Forward (``_fwd_kernel`` + ``_merge_kernel``)
+    A 1-D grid of (token block x vocab split) programs, decoded with a grouped swizzle
+    (BLOCK_GROUP token blocks per group, for L2 reuse of x and W tiles). A 1-D grid has no 65535
+    limit, so N > 65535 is fine. A program walks its vocab split in BLOCK_V tiles. Each tile's
+    logits ``x @ W^T`` are accumulated over H in BLOCK_H steps with ``tl.dot`` in fp32 (IEEE fp32
+    for fp32 inputs, never TF32). Then bias, softcap (``c*tanh(u/c)``, tanh built from ``exp``
+    because there is no libdevice, with a Taylor branch near 0) and 1/T are applied, and
+    out-of-range columns are set to -inf (never 0). The per-token running max M,
+    S = sum e^(z-M) and B' = sum (z-M) e^(z-M) are updated online and rescaled when M grows; the
+    target logit is picked up on the way. Vocab splits keep many SMs busy when N is small. Their
+    (M, S, B') partials ([splits, N] fp32) are merged by ``_merge_kernel`` into
+    LSE = M + log S and H = log S - B'/S. Only LSE and H (8 bytes/token) survive, and no [N, V]
+    tensor exists.
+
+Backward, deterministic default (``_du_kernel`` + ``_gemm_kernel``)
+    The vocabulary is walked in chunks of Vc columns. For each chunk, ``_du_kernel`` recomputes
+    the logits tile by tile with the forward's helper and forms du = dz * dz/du in fp32
+    (DESIGN.md section 3). It writes du into a bounded workspace [N, Vc] in the input dtype, which
+    is the tensor-core operand precision of the gradient GEMMs, as in eager PyTorch and Cut
+    Cross-Entropy. It also writes an int8 "tile matters" flag per (token block, vocab block) and
+    fp32 per-token-block column sums for db. ``_gemm_kernel`` then computes
+    ``dW[chunk] = du^T @ x``, complete over all tokens, so it is written once and cast at the
+    store. In the same pass it computes ``dx += du @ W[chunk]``. The dx sum across chunks is
+    carried in dx itself plus a bf16 residual buffer (hi + lo: at least 16 significant bits,
+    well below the final rounding); fp32 inputs accumulate in dx directly. Both GEMMs skip
+    du tiles whose flag is 0. That is gradient filtering: with ``grad_filter_eps`` > 0, a tile is
+    skipped when ``max |dz|`` (entropy part included) is below eps for all its tokens and
+    columns; db stays exact. Nothing is atomic and every reduction has a fixed order, so a given
+    schedule is bitwise reproducible. GEMMs: forward + recompute + 2 gradient GEMMs = 4, the 4/3
+    design point.
+
+    Memory is planned against a budget (``memory_budget_mb``, default 128 MiB + 1 KiB/token, the
+    DESIGN.md section 7 target). The budget covers the workspace (default cap ``workspace_mb`` =
+    64 MiB) and the 2 bytes/elem dx residual. When both do not fit (large N*H, e.g. N = 16k at
+    H = 4096 bf16), the plan switches to a lean schedule. The vocab pass then produces only
+    dW/db, and a token-chunk pass (workspace [Nc, V]) recomputes the logits again to produce
+    complete dx rows with no accumulator: 5 GEMMs, memory flat in N and V. ``_plan`` makes the
+    choice; a wider budget buys back the 4-GEMM schedule.
+
+Backward, ``deterministic=False`` (``_bwd_atomic_kernel``)
+    One fully fused kernel per (token block, vocab block) tile, in the manner of Cut
+    Cross-Entropy. It recomputes the tile, keeps du in registers, and adds ``du @ W_tile`` and
+    ``du^T @ x_tile`` in BLOCK_D slices with fp32 ``atomic_add`` into fp32 [N, H] and [V, H]
+    buffers, cast at the end. It also needs 4 GEMMs and has no du round trip through HBM. The
+    costs: float atomics make it nondeterministic from run to run, the atomic read-modify-write
+    traffic is (BLOCK_N + BLOCK_V) * H * 4 bytes per tile, and the fp32 dW buffer is 4*V*H bytes,
+    which is not flat in V and breaks the memory target. It is opt-in. Which path is faster on a
+    given GPU has to be benchmarked.
+
+Logits path (``logits_forward`` / ``logits_backward``)
+    The same kernels run with IS_LOGITS=True: they load the logits tile instead of computing it.
+    The backward writes dlogits tile by tile. In-place is safe because every tile is loaded by
+    the program that overwrites it.
+
+Portability
+    Pointer args are UPPERCASE and constexprs are BLOCK_*/HAS_*/IS_*. All offsets are int64 and
+    every load/store is masked (the interpreter has no bounds checks). Under TRITON_INTERPRET=1
+    (CPU tests), ``IS_INTERPRET`` upcasts tl.dot operands to fp32 (bf16 tl.dot is broken in the
+    interpreter) and only fp32 atomics are used. Block configs are pinned per family (Hopper;
+    Ampere and others; interpreter). ``FUSEDRL_TRITON_AUTOTUNE=1`` autotunes a few configs per
+    kernel (GPU only). Written for triton >= 3.6.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:  # triton is optional: the registry reports the import error as the unavailability reason
+    import triton
+    import triton.language as tl
+
+    _TRITON_ERROR = ""
+except Exception as _e:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _TRITON_ERROR = f"{type(_e).__name__}: {_e}"
+
+Tensor = torch.Tensor
+
+# Kernels are built as interpreted functions iff TRITON_INTERPRET=1 when this module is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_AUTOTUNE = os.environ.get("FUSEDRL_TRITON_AUTOTUNE", "0") == "1" and not _INTERPRET
+
+_MIB = 2**20
+
+
+# =====================================================================================
+# Kernels
+# =====================================================================================
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(y):
+        """tanh without libdevice: odd Taylor series near 0, (1 - e^-2|y|) / (1 + e^-2|y|) elsewhere."""
+        a = tl.abs(y)
+        e = tl.exp(-2.0 * a)  # in (0, 1]: never overflows, -> 0 for large |y| (tanh -> +-1)
+        big = (1.0 - e) / (1.0 + e)
+        y2 = a * a
+        poly = 1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (
+            62.0 / 2835.0 + y2 * (-1382.0 / 155925.0)))))
+        t = tl.where(a < 0.25, a * poly, big)
+        return tl.where(y < 0, -t, t)
+
+    @triton.jit
+    def _swizzle(pid, num_a, num_b, BLOCK_GROUP: tl.constexpr):
+        """Map a 1-D program id onto (a, b) tiles, BLOCK_GROUP consecutive a-tiles per group (L2 reuse)."""
+        in_group = BLOCK_GROUP * num_b
+        group = pid // in_group
+        first_a = group * BLOCK_GROUP
+        size = tl.minimum(num_a - first_a, BLOCK_GROUP)
+        pid_a = first_a + (pid % in_group) % size
+        pid_b = (pid % in_group) // size
+        return pid_a, pid_b
+
+    @triton.jit
+    def _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
+                     inv_temp, softcap,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_LOGITS: tl.constexpr,
+                     IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+        """z = softcap(x W^T + b) / T for a [BLOCK_N, BLOCK_V] tile (fp32) and t = tanh(u / c).
+
+        IS_LOGITS: X holds the logits [N, V] (row stride stride_xn) and the GEMM is skipped.
+        Invalid rows/columns hold finite garbage (0-filled loads); callers mask them.
+        """
+        if IS_LOGITS:
+            u = tl.load(X + rows[:, None] * stride_xn + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        else:
+            offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
+            x_ptrs = X + rows[:, None] * stride_xn + offs_h[None, :]
+            w_ptrs = W + cols[None, :] * stride_wv + offs_h[:, None]
+            u = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+            for h0 in range(0, H, BLOCK_H):
+                if IS_EVEN_H:
+                    xt = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+                    wt = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+                else:
+                    h_mask = (h0 + offs_h) < H
+                    xt = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
+                    wt = tl.load(w_ptrs, mask=col_mask[None, :] & h_mask[:, None], other=0.0)
+                if IS_INTERPRET:
+                    u = tl.dot(xt.to(tl.float32), wt.to(tl.float32), u)
+                elif IS_FP32:
+                    u = tl.dot(xt, wt, u, input_precision="ieee")
+                else:
+                    u = tl.dot(xt, wt, u)
+                x_ptrs += BLOCK_H
+                w_ptrs += BLOCK_H
+            if HAS_BIAS:
+                u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            t = _tanh(u / softcap)
+            z = t * (softcap * inv_temp)
+        else:
+            t = u
+            z = u * inv_temp
+        return z, t
+
+    @triton.jit
+    def _fwd_kernel(X, W, BIAS, TARGETS, LSE, ENT, ZT, PART_M, PART_S, PART_B,
+                    N, V, H, vocab_start, v_per_split, n_splits, stride_xn, stride_wv,
+                    inv_temp, softcap,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_GROUP: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                    HAS_SPLITS: tl.constexpr, IS_LOGITS: tl.constexpr, IS_EVEN_H: tl.constexpr,
+                    IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+        """Online (M, S, B') and target logit over one vocab split for one token block."""
+        pid_n, pid_s = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, BLOCK_GROUP)
+        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+        v_lo = pid_s.to(tl.int64) * v_per_split
+        v_hi = tl.minimum(v_lo + v_per_split, V)
+
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(v_lo, v_hi, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+            col_mask = cols < v_hi
+            z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
+                                inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
+                                IS_LOGITS, IS_EVEN_H, IS_FP32, IS_INTERPRET)
+            z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
+            hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
+            zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+            m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
+            alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+            zc = z - m_new[:, None]
+            e = tl.exp(zc)  # 0 on invalid columns
+            if HAS_ENTROPY:
+                # B' relative to the new max: alpha * (B' + (m - m_new) S) + sum (z - m_new) e
+                # (NaN-free: -inf * 0 never formed, even in a discarded where branch)
+                shift = (tl.where(s > 0, m, m_new) - m_new) * s
+                b = alpha * (b + shift) + tl.sum(tl.where(col_mask[None, :], zc, 0.0) * e, axis=1)
+            s = s * alpha + tl.sum(e, axis=1)
+            m = m_new
+
+        in_split = (tgt >= v_lo) & (tgt < v_hi)
+        tl.store(ZT + rows, zt, mask=row_mask & in_split)  # exactly one program owns a token's zt
+        if HAS_SPLITS:
+            off = pid_s.to(tl.int64) * N + rows
+            tl.store(PART_M + off, m, mask=row_mask)
+            tl.store(PART_S + off, s, mask=row_mask)
+            if HAS_ENTROPY:
+                tl.store(PART_B + off, b, mask=row_mask)
+        else:
+            log_s = tl.log(s)
+            tl.store(LSE + rows, m + log_s, mask=row_mask)
+            if HAS_ENTROPY:
+                tl.store(ENT + rows, log_s - b / s, mask=row_mask)
+
+    @triton.jit
+    def _merge_kernel(PART_M, PART_S, PART_B, LSE, ENT, N, n_splits,
+                      BLOCK_N: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+        """Merge the per-split (M, S, B') partials ([splits, N] fp32) into LSE and entropy."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        off = rows
+        for _ in range(0, n_splits):
+            ms = tl.load(PART_M + off, mask=row_mask, other=0.0)
+            ss = tl.load(PART_S + off, mask=row_mask, other=1.0)
+            m_new = tl.maximum(m, ms)
+            a_old = tl.exp(m - m_new)
+            a_new = tl.exp(ms - m_new)
+            if HAS_ENTROPY:
+                bs = tl.load(PART_B + off, mask=row_mask, other=0.0)
+                shift = (tl.where(s > 0, m, m_new) - m_new) * s
+                b = a_old * (b + shift) + a_new * (bs + (ms - m_new) * ss)
+            s = s * a_old + ss * a_new
+            m = m_new
+            off += N
+        log_s = tl.log(s)
+        tl.store(LSE + rows, m + log_s, mask=row_mask)
+        if HAS_ENTROPY:
+            tl.store(ENT + rows, log_s - b / s, mask=row_mask)
+
+    @triton.jit
+    def _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
+                 HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+        """(du, dz) of a tile: dz = g_lp (1[target] - p) - g_H p (z - LSE + H); du = dz * dz/du."""
+        valid = row_mask[:, None] & col_mask[None, :]
+        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        g_lp = tl.load(G_LP + rows, mask=row_mask, other=0.0)
+        zl = z - lse[:, None]  # log p
+        p = tl.where(valid, tl.exp(zl), 0.0)
+        hit = (cols[None, :] == tgt[:, None]) & valid
+        dz = g_lp[:, None] * (tl.where(hit, 1.0, 0.0) - p)
+        if HAS_ENTROPY:
+            ent = tl.load(ENT + rows, mask=row_mask, other=0.0)
+            g_h = tl.load(G_H + rows, mask=row_mask, other=0.0)
+            dz -= g_h[:, None] * p * (zl + ent[:, None])
+        dz = tl.where(valid, dz, 0.0)
+        du = dz * inv_temp
+        if HAS_SOFTCAP:
+            du = du * (1.0 - t * t)
+        return du, dz
+
+    @triton.jit
+    def _du_kernel(X, W, BIAS, TARGETS, LSE, ENT, G_LP, G_H, DU, FLAGS, DB_PART,
+                   n0, n_rows, v0, n_cols, H, vocab_start, stride_xn, stride_wv, stride_du,
+                   stride_flag, inv_temp, softcap, filter_eps,
+                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_GROUP: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                   HAS_FILTER: tl.constexpr, HAS_DB: tl.constexpr, IS_LOGITS: tl.constexpr,
+                   IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+        """du for the chunk rows [n0, n0+n_rows) x cols [v0, v0+n_cols) -> DU[local row, local col].
+
+        HAS_FILTER: FLAGS[token block, vocab block] = max|dz| >= eps (tile not stored when 0).
+        HAS_DB: DB_PART[token block, local col] = sum over the block's rows of du (fp32).
+        """
+        pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_V),
+                                BLOCK_GROUP)
+        lrows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        lcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_mask = lrows < n_rows
+        col_mask = lcols < n_cols
+        rows = n0 + lrows
+        cols = v0 + lcols
+        z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
+                            inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
+                            IS_LOGITS, IS_EVEN_H, IS_FP32, IS_INTERPRET)
+        tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
+                          HAS_SOFTCAP, HAS_ENTROPY)
+        if HAS_DB:
+            tl.store(DB_PART + pid_n.to(tl.int64) * stride_du + lcols, tl.sum(du, axis=0), mask=col_mask)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        if HAS_FILTER:
+            adz = tl.abs(dz)
+            dz_max = tl.max(tl.max(adz, axis=1), axis=0)
+            tl.store(FLAGS + pid_n.to(tl.int64) * stride_flag + pid_v, (dz_max >= filter_eps).to(tl.int8))
+            out_mask = out_mask & ((adz * 0.0 + dz_max) >= filter_eps)  # tile-wide (broadcast) keep
+        tl.store(DU + lrows[:, None] * stride_du + lcols[None, :], du.to(DU.dtype.element_ty),
+                 mask=out_mask)
+
+    @triton.jit
+    def _gemm_kernel(A, B, C, C_LO, FLAGS, M, K, D,
+                     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_fm, stride_fk,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_FLAG_M: tl.constexpr, BLOCK_FLAG_K: tl.constexpr,
+                     BLOCK_GROUP: tl.constexpr,
+                     HAS_FLAGS: tl.constexpr, HAS_ACC: tl.constexpr, HAS_LO_IN: tl.constexpr,
+                     HAS_LO_OUT: tl.constexpr, IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+        """C[M, D] (+)= A[M, K] @ B[K, D] with fp32 accumulation, cast at the store.
+
+        HAS_FLAGS: A is block-sparse: its (BLOCK_FLAG_M x BLOCK_FLAG_K) tile (m, k) is read only if
+        FLAGS[m, k] != 0 (BLOCK_M | BLOCK_FLAG_M, BLOCK_K | BLOCK_FLAG_K).
+        HAS_ACC: C += result. With HAS_LO_IN/OUT the running value is the unevaluated sum C + C_LO
+        (C_LO bf16, the rounding residual of C): ~16+ significant bits carried across calls while
+        C itself holds the correctly rounded value. C and C_LO are row-major with row stride
+        stride_cm.
+        """
+        pid_m, pid_d = _swizzle(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(D, BLOCK_D), BLOCK_GROUP)
+        offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = pid_d.to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+        m_mask = offs_m < M
+        d_mask = offs_d < D
+        a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+        b_ptrs = B + offs_k[:, None] * stride_bk + offs_d[None, :] * stride_bd
+        flag_row = FLAGS + ((pid_m.to(tl.int64) * BLOCK_M) // BLOCK_FLAG_M) * stride_fm
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + offs_k) < K
+            if HAS_FLAGS:
+                live = tl.load(flag_row + (k0 // BLOCK_FLAG_K) * stride_fk) != 0
+            else:
+                live = True
+            if live:
+                a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+                if IS_INTERPRET:
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+                elif IS_FP32:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+            a_ptrs += BLOCK_K * stride_ak
+            b_ptrs += BLOCK_K * stride_bk
+        c_off = offs_m[:, None] * stride_cm + offs_d[None, :]
+        c_mask = m_mask[:, None] & d_mask[None, :]
+        if HAS_ACC:
+            acc += tl.load(C + c_off, mask=c_mask, other=0.0).to(tl.float32)
+            if HAS_LO_IN:
+                acc += tl.load(C_LO + c_off, mask=c_mask, other=0.0).to(tl.float32)
+        hi = acc.to(C.dtype.element_ty)
+        tl.store(C + c_off, hi, mask=c_mask)
+        if HAS_LO_OUT:
+            tl.store(C_LO + c_off, (acc - hi.to(tl.float32)).to(C_LO.dtype.element_ty), mask=c_mask)
+
+    @triton.jit
+    def _bwd_atomic_kernel(X, W, BIAS, TARGETS, LSE, ENT, G_LP, G_H, DX, DW, DB,
+                           N, V, H, vocab_start, stride_xn, stride_wv, inv_temp, softcap, filter_eps,
+                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_GROUP: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                           HAS_ENTROPY: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_DX: tl.constexpr,
+                           HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, IS_EVEN_H: tl.constexpr,
+                           IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+        """Fully fused, nondeterministic backward: one (token block, vocab block) tile per program,
+        fp32 atomic_add of its dx / dW / db contributions (DX, DW, DB are fp32, H-contiguous)."""
+        pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), BLOCK_GROUP)
+        rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+        row_mask = rows < N
+        col_mask = cols < V
+        z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
+                            inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
+                            False, IS_EVEN_H, IS_FP32, IS_INTERPRET)
+        tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
+                          HAS_SOFTCAP, HAS_ENTROPY)
+        if HAS_DB:
+            tl.atomic_add(DB + cols, tl.sum(du, axis=0), mask=col_mask)
+        if HAS_FILTER:
+            live = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) >= filter_eps
+        else:
+            live = True
+        if live:
+            if IS_INTERPRET:
+                du_op = du
+            else:
+                du_op = du.to(X.dtype.element_ty)
+            offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+            for d0 in range(0, H, BLOCK_D):
+                d_mask = (d0 + offs_d) < H
+                if HAS_DX:
+                    wt = tl.load(W + cols[:, None] * stride_wv + (d0 + offs_d)[None, :],
+                                 mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+                    if IS_INTERPRET:
+                        part = tl.dot(du_op, wt.to(tl.float32))
+                    elif IS_FP32:
+                        part = tl.dot(du_op, wt, input_precision="ieee")
+                    else:
+                        part = tl.dot(du_op, wt)
+                    tl.atomic_add(DX + rows[:, None] * H + (d0 + offs_d)[None, :], part,
+                                  mask=row_mask[:, None] & d_mask[None, :])
+                if HAS_DW:
+                    xt = tl.load(X + rows[:, None] * stride_xn + (d0 + offs_d)[None, :],
+                                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+                    if IS_INTERPRET:
+                        part_w = tl.dot(tl.trans(du_op), xt.to(tl.float32))
+                    elif IS_FP32:
+                        part_w = tl.dot(tl.trans(du_op), xt, input_precision="ieee")
+                    else:
+                        part_w = tl.dot(tl.trans(du_op), xt)
+                    tl.atomic_add(DW + cols[:, None] * H + (d0 + offs_d)[None, :], part_w,
+                                  mask=col_mask[:, None] & d_mask[None, :])
+
+
+# =====================================================================================
+# Configs
+# =====================================================================================
+
+# fwd/du: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); gemm: (BLOCK_M, BLOCK_K, BLOCK_D,
+# num_warps, num_stages) - BLOCK_M and BLOCK_K must divide both du BLOCK_N and BLOCK_V (flag tiles);
+# atomic: (BLOCK_N, BLOCK_V, BLOCK_H, BLOCK_D, num_warps, num_stages).
+_CONFIGS = {
+    "hopper": dict(fwd=(128, 128, 64, 8, 3), du=(128, 128, 64, 8, 3), gemm=(128, 64, 128, 8, 4),
+                   atomic=(128, 128, 64, 64, 8, 3), group=8),
+    "ampere": dict(fwd=(128, 128, 32, 8, 3), du=(128, 128, 32, 8, 3), gemm=(128, 32, 128, 8, 4),
+                   atomic=(64, 128, 32, 64, 4, 3), group=8),
+    # interpreter: big blocks = few (sequentially run) programs; test shapes are tiny.
+    "interpret": dict(fwd=(64, 256, 128, 1, 1), du=(64, 256, 128, 1, 1), gemm=(64, 64, 128, 1, 1),
+                      atomic=(64, 256, 128, 128, 1, 1), group=4),
+}
+
+
+def _family(device: torch.device) -> str:
+    if _INTERPRET:
+        return "interpret"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "hopper" if major >= 9 else "ampere"
+
+
+def _config(device: torch.device, opts: dict) -> dict:
+    """Pinned block config for the device; opts["triton_config"] (a dict) overrides entries
+    (testing / tuning knob)."""
+    cfg = dict(_CONFIGS[_family(device)])
+    cfg.update(opts.get("triton_config") or {})
+    return cfg
+
+
+def _num_sms(device: torch.device) -> int:
+    if _INTERPRET or device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# =====================================================================================
+# Launchers
+# =====================================================================================
+
+
+def is_available(device: torch.device) -> Tuple[bool, str]:
+    if triton is None:
+        return False, f"triton is not importable ({_TRITON_ERROR})"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        return True, ""
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return False, "on CPU the triton backend needs TRITON_INTERPRET=1 (the triton interpreter)"
+        if not _INTERPRET:
+            return False, ("TRITON_INTERPRET=1 was set after fusedrl.backends.triton_backend was imported; "
+                           "set it before importing triton")
+        return True, ""
+    return False, f"triton does not run on device type {device.type!r}"
+
+
+def _check_dtype(t: Tensor) -> None:
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"the triton backend supports float32/float16/bfloat16 inputs, got {t.dtype}")
+
+
+def _scalars(temperature: float, softcap: Optional[float]):
+    return 1.0 / float(temperature), (float(softcap) if softcap is not None else 1.0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap, return_entropy,
+                is_logits, opts):
+    dev = x.device
+    cfg = _config(dev, opts)
+    bn, bv, bh, nw, ns = cfg["fwd"]
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    zt = torch.zeros(n, dtype=torch.float32, device=dev)
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    if n == 0:
+        return lse, zt, ent
+    ntb, nvb = _cdiv(n, bn), _cdiv(v, bv)
+    splits = opts.get("vocab_splits")
+    if not splits:  # enough programs for ~4 waves when N is small; 1 split once N fills the GPU
+        splits = _cdiv(4 * _num_sms(dev), ntb)
+    splits = max(1, min(int(splits), nvb))
+    v_per = _cdiv(nvb, splits) * bv
+    splits = _cdiv(v, v_per)
+    if splits > 1:
+        part = torch.empty(3, splits, n, dtype=torch.float32, device=dev)
+        pm, ps, pb = part[0], part[1], part[2]
+    else:
+        pm = ps = pb = lse
+    inv_t, cap = _scalars(temperature, softcap)
+    args = (x, w if w is not None else x, bias if bias is not None else lse, targets, lse,
+            ent if ent is not None else lse, zt, pm, ps, pb,
+            n, v, h, int(vocab_start), v_per, splits, x.stride(0), w.stride(0) if w is not None else 0,
+            inv_t, cap)
+    meta = dict(BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                HAS_ENTROPY=bool(return_entropy), HAS_SPLITS=splits > 1, IS_LOGITS=is_logits,
+                IS_FP32=x.dtype == torch.float32, IS_INTERPRET=_INTERPRET)
+    if _AUTOTUNE:
+        grid = lambda META: (_cdiv(n, META["BLOCK_N"]) * splits,)  # noqa: E731
+        _fwd_kernel_tuned[grid](*args, IS_EVEN_H=False, **meta)
+    else:
+        _fwd_kernel[(ntb * splits,)](*args, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
+                                      IS_EVEN_H=(h % bh == 0), num_warps=nw, num_stages=ns, **meta)
+    if splits > 1:
+        mb = 64 if _INTERPRET else 256
+        _merge_kernel[(_cdiv(n, mb),)](pm, ps, pb, lse, ent if ent is not None else lse, n, splits,
+                                       BLOCK_N=mb, HAS_ENTROPY=bool(return_entropy))
+    return lse, zt, ent
+
+
+def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, **opts):
+    """(lse, zt, ent|None) over the local vocabulary shard; see the module docstring."""
+    _check_dtype(x)
+    x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    n, h = x.shape
+    return _launch_fwd(x, w, bias, targets, n, w.shape[0], h, vocab_start, temperature, softcap,
+                       return_entropy, False, opts)
+
+
+def logits_forward(logits, targets, temperature, softcap, return_entropy, **opts):
+    _check_dtype(logits)
+    logits, targets = logits.contiguous(), targets.contiguous()
+    n, v = logits.shape
+    return _launch_fwd(logits, None, None, targets, n, v, 0, 0, temperature, softcap, return_entropy,
+                       True, opts)
+
+
+def _launch_du(x, w, bias, targets, lse, ent, g_lp, g_H, du, flags, db_part, n0, n_rows, v0, n_cols,
+               h, vocab_start, temperature, softcap, eps, is_logits, cfg):
+    bn, bv, bh, nw, ns = cfg["du"]
+    inv_t, cap = _scalars(temperature, softcap)
+    grid = (_cdiv(n_rows, bn) * _cdiv(n_cols, bv),)
+    dummy = lse
+    args = (x, w if w is not None else x, bias if bias is not None else dummy, targets, lse,
+            ent if ent is not None else dummy, g_lp, g_H if g_H is not None else dummy, du,
+            flags if flags is not None else dummy, db_part if db_part is not None else dummy,
+            n0, n_rows, v0, n_cols, h, int(vocab_start), x.stride(0),
+            w.stride(0) if w is not None else 0, du.stride(0),
+            flags.stride(0) if flags is not None else 0, inv_t, cap, float(eps))
+    meta = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None,
+                HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
+                HAS_FILTER=flags is not None, HAS_DB=db_part is not None, IS_LOGITS=is_logits,
+                IS_FP32=x.dtype == torch.float32, IS_INTERPRET=_INTERPRET)
+    if _AUTOTUNE and not is_logits:
+        _du_kernel_tuned[grid](*args, IS_EVEN_H=False, **meta)
+    else:
+        _du_kernel[grid](*args, BLOCK_H=bh, IS_EVEN_H=(h % bh == 0) if not is_logits else True,
+                         num_warps=nw, num_stages=ns, **meta)
+
+
+def _launch_gemm(a, a_strides, b, c, flags, flag_strides, flag_blocks, m, k, d, cfg,
+                 acc=False, lo=None, lo_in=False, lo_out=False):
+    """c[:m, :d] (+)= A @ B, A given as (tensor, (stride_m, stride_k)); see _gemm_kernel."""
+    if m == 0 or d == 0:
+        return
+    bm, bk, bd, nw, ns = cfg["gemm"]
+    meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_FLAG_M=flag_blocks[0], BLOCK_FLAG_K=flag_blocks[1],
+                BLOCK_GROUP=cfg["group"], HAS_FLAGS=flags is not None, HAS_ACC=acc,
+                HAS_LO_IN=lo_in, HAS_LO_OUT=lo_out, IS_FP32=a.dtype == torch.float32,
+                IS_INTERPRET=_INTERPRET)
+    args = (a, b, c, lo if lo is not None else c, flags if flags is not None else c, m, k, d,
+            a_strides[0], a_strides[1], b.stride(0), b.stride(1), c.stride(0),
+            flag_strides[0], flag_strides[1])
+    if _AUTOTUNE:
+        grid = lambda META: (_cdiv(m, bm) * _cdiv(d, META["BLOCK_D"]),)  # noqa: E731
+        _gemm_kernel_tuned[grid](*args, **meta)
+    else:
+        _gemm_kernel[(_cdiv(m, bm) * _cdiv(d, bd),)](*args, BLOCK_D=bd, num_warps=nw, num_stages=ns,
+                                                      **meta)
+
+
+def _zero_grads(x, w, bias, need_dx, need_dw, need_db):
+    return (
+        torch.zeros_like(x) if need_dx else None,
+        torch.zeros_like(w) if need_dw else None,
+        torch.zeros_like(bias) if need_db else None,
+    )
+
+
+def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
+             need_dx=True, need_dw=True, need_db=True, **opts):
+    """(dx, dw, db). opts: deterministic (True), grad_filter_eps (0.0 = exact),
+    memory_budget_mb (128 + N/1024), workspace_mb (64, or FUSEDRL_TRITON_WORKSPACE_MB),
+    min_vocab_chunk (1024), triton_config (dict overriding the pinned blocks; tuning/testing)."""
+    _check_dtype(x)
+    x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    n, h = x.shape
+    v = w.shape[0]
+    need_db = bool(need_db and bias is not None)
+    if n == 0 or not (need_dx or need_dw or need_db):
+        return _zero_grads(x, w, bias, need_dx, need_dw, need_db)
+    lse = lse.float().contiguous()
+    g_lp = g_lp.float().contiguous()
+    if g_H is not None:
+        g_H = g_H.float().contiguous()
+        ent = ent.float().contiguous()
+    eps = float(opts.get("grad_filter_eps") or 0.0)
+    cfg = _config(x.device, opts)
+    args = (x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
+            need_dx, need_dw, need_db, eps, cfg, opts)
+    if opts.get("deterministic", True):
+        return _backward_workspace(*args)
+    return _backward_atomic(*args)
+
+
+def _plan(n, h, v, x_dtype, need_dx, vocab_pass, cfg, opts, device):
+    """Chunking of the deterministic backward under the memory budget (see the module docstring).
+
+    Returns (vc, single, nc): vocab chunk width of the vocab pass (None if no vocab pass), whether
+    dx is accumulated in that pass (`single`: 4 GEMMs), token chunk of the dx pass (None if none).
+    Budget: opts memory_budget_mb, default 128 MiB + 1 KiB/token (DESIGN.md section 7); the
+    workspace is kept under opts workspace_mb (default 64) unless a narrower one would leave the
+    GEMMs with less than ~2 waves of programs.
+    """
+    bn, bv = cfg["du"][0], cfg["du"][1]
+    bm, bd = cfg["gemm"][0], cfg["gemm"][2]
+    esz = torch.empty((), dtype=x_dtype).element_size()
+    budget = opts.get("memory_budget_mb")
+    budget = 128 * _MIB + 1024 * n if budget is None else float(budget) * _MIB
+    ws_cap = float(opts.get("workspace_mb", os.environ.get("FUSEDRL_TRITON_WORKSPACE_MB", 64))) * _MIB
+    vc_min = int(opts.get("min_vocab_chunk", bv if _INTERPRET else 1024))
+    n_pad, v_pad = _cdiv(n, bn) * bn, _cdiv(v, bv) * bv
+    lo_bytes = 0 if x_dtype == torch.float32 else 2 * n * h  # bf16 residual of the dx accumulation
+    want_rows = _cdiv(2 * _num_sms(device), _cdiv(h, bd)) * bm  # GEMM M-extent for ~2 waves
+
+    def chunk(limit, line_bytes, block, full):
+        """widest multiple of `block` (>= block, <= full) whose lines of line_bytes fit `limit`."""
+        limit = max(min(ws_cap, limit), min(limit, want_rows * line_bytes))
+        return min(full, max(block, int(limit // line_bytes) // block * block))
+
+    vc, single, nc = None, False, None
+    if need_dx:  # can dx be accumulated across vocab chunks within the budget?
+        if n_pad * v_pad * esz <= min(ws_cap, budget):
+            vc, single = v_pad, True  # one chunk: dx complete in one GEMM, no accumulator
+        else:
+            vc = chunk(budget - lo_bytes, n_pad * esz, bv, v_pad)
+            single = vc >= vc_min and lo_bytes + n_pad * vc * esz <= budget
+        if not single:  # lean: token chunks of full vocabulary rows give complete dx rows
+            vc = None
+            nc = chunk(budget, v_pad * esz, bn, n_pad)
+    if vocab_pass and vc is None:
+        vc = chunk(budget, n_pad * esz, bv, v_pad)
+    return vc, single, nc
+
+
+def _backward_workspace(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
+                        need_dx, need_dw, need_db, eps, cfg, opts):
+    n, h = x.shape
+    v = w.shape[0]
+    dev = x.device
+    bn, bv = cfg["du"][0], cfg["du"][1]
+    bm, bk = cfg["gemm"][0], cfg["gemm"][1]
+    assert bn % bm == 0 and bv % bm == 0 and bn % bk == 0 and bv % bk == 0, "gemm blocks must divide du blocks"
+    filt = eps > 0.0
+    vc, single, nc = _plan(n, h, v, x.dtype, need_dx, need_dw or need_db, cfg, opts, dev)
+    vocab_pass = vc is not None
+
+    dx = torch.empty_like(x) if need_dx else None
+    dw = torch.empty_like(w) if need_dw else None
+    db = torch.empty_like(bias) if need_db else None
+    du_args = (x, w, bias, targets, lse, ent, g_lp, g_H)
+    tail = (h, vocab_start, temperature, softcap, eps, False, cfg)
+
+    # ---- vocab-chunk pass: dW / db complete per chunk; dx accumulated when `single` ----
+    if vocab_pass:
+        ntb = _cdiv(n, bn)
+        nchunks = _cdiv(v, vc)
+        ws = torch.empty(n, vc, dtype=x.dtype, device=dev)
+        nvbc = _cdiv(vc, bv)
+        flags = torch.empty(ntb, nvbc, dtype=torch.int8, device=dev) if filt else None
+        db_part = torch.empty(ntb, vc, dtype=torch.float32, device=dev) if need_db else None
+        use_lo = single and nchunks > 1 and x.dtype != torch.float32
+        lo = torch.empty(n, h, dtype=torch.bfloat16, device=dev) if use_lo else None
+        for ci in range(nchunks):
+            v0 = ci * vc
+            vcc = min(vc, v - v0)
+            _launch_du(*du_args, ws, flags, db_part, 0, n, v0, vcc, *tail)
+            if need_db:
+                db[v0:v0 + vcc] = db_part[:, :vcc].sum(0).to(db.dtype)
+            if need_dw:  # dW[chunk] = du^T @ x  (A = du^T: m = vocab, k = tokens); complete, cast once
+                _launch_gemm(ws, (1, ws.stride(0)), x, dw[v0:v0 + vcc], flags, (1, nvbc), (bv, bn),
+                             vcc, n, h, cfg)
+            if need_dx and single:  # dx (+)= du @ W[chunk]  (m = tokens, k = vocab)
+                _launch_gemm(ws, (ws.stride(0), 1), w[v0:v0 + vcc], dx, flags, (nvbc, 1), (bn, bv),
+                             n, vcc, h, cfg, acc=ci > 0, lo=lo, lo_in=use_lo and ci > 0,
+                             lo_out=use_lo and ci < nchunks - 1)
+        del ws, lo
+
+    # ---- token-chunk pass (lean schedule): complete dx rows, no accumulator ----
+    if need_dx and not single:
+        nvb = _cdiv(v, bv)
+        ws = torch.empty(nc, v, dtype=x.dtype, device=dev)
+        flags = torch.empty(_cdiv(nc, bn), nvb, dtype=torch.int8, device=dev) if filt else None
+        for n0 in range(0, n, nc):
+            ncc = min(nc, n - n0)
+            _launch_du(*du_args, ws, flags, None, n0, ncc, 0, v, *tail)
+            _launch_gemm(ws, (ws.stride(0), 1), w, dx[n0:n0 + ncc], flags, (nvb, 1), (bn, bv),
+                         ncc, v, h, cfg)
+    return dx, dw, db
+
+
+def _backward_atomic(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
+                     need_dx, need_dw, need_db, eps, cfg, opts):
+    n, h = x.shape
+    v = w.shape[0]
+    dev = x.device
+    bn, bv, bh, bd, nw, ns = cfg["atomic"]
+    f32 = torch.float32
+    dx = torch.zeros(n, h, dtype=f32, device=dev) if need_dx else None
+    dw = torch.zeros(v, h, dtype=f32, device=dev) if need_dw else None
+    db = torch.zeros(v, dtype=f32, device=dev) if need_db else None
+    dummy = lse
+    inv_t, cap = _scalars(temperature, softcap)
+    grid = (_cdiv(n, bn) * _cdiv(v, bv),)
+    _bwd_atomic_kernel[grid](
+        x, w, bias if bias is not None else dummy, targets, lse, ent if ent is not None else dummy,
+        g_lp, g_H if g_H is not None else dummy, dx if dx is not None else dummy,
+        dw if dw is not None else dummy, db if db is not None else dummy,
+        n, v, h, int(vocab_start), x.stride(0), w.stride(0), inv_t, cap, float(eps),
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, BLOCK_D=bd, BLOCK_GROUP=cfg["group"],
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
+        HAS_FILTER=eps > 0.0, HAS_DX=need_dx, HAS_DW=need_dw, HAS_DB=need_db,
+        IS_EVEN_H=(h % bh == 0), IS_FP32=x.dtype == torch.float32, IS_INTERPRET=_INTERPRET,
+        num_warps=nw, num_stages=ns)
+    return (
+        dx.to(x.dtype) if need_dx else None,
+        dw.to(w.dtype) if need_dw else None,
+        db.to(bias.dtype) if need_db else None,
+    )
+
+
+def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False, **opts):
+    """dlogits [N, V] in logits.dtype (written into `logits` when inplace=True)."""
+    _check_dtype(logits)
+    if inplace and not logits.is_contiguous():
+        raise ValueError("logits_backward(inplace=True) needs contiguous logits")
+    logits, targets = logits.contiguous(), targets.contiguous()
+    n, v = logits.shape
+    out = logits if inplace else torch.empty_like(logits)
+    if n == 0:
+        return out
+    lse = lse.float().contiguous()
+    g_lp = g_lp.float().contiguous()
+    if g_H is not None:
+        g_H = g_H.float().contiguous()
+        ent = ent.float().contiguous()
+    cfg = _config(logits.device, opts)
+    # each program loads its logits tile before storing dlogits to the same tile: safe in place
+    _launch_du(logits, None, None, targets, lse, ent, g_lp, g_H, out, None, None, 0, n, 0, v, 0, 0,
+               temperature, softcap, 0.0, True, cfg)
+    return out
+
+
+# =====================================================================================
+# Autotuning (GPU only, FUSEDRL_TRITON_AUTOTUNE=1): a few configs per kernel, keyed on H / D.
+# =====================================================================================
+
+if triton is not None and _AUTOTUNE:  # pragma: no cover - needs a GPU
+    _fwd_kernel_tuned = triton.autotune(
+        configs=[triton.Config(dict(BLOCK_N=bn_, BLOCK_V=bv_, BLOCK_H=bh_), num_warps=w_, num_stages=s_)
+                 for (bn_, bv_, bh_, w_, s_) in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                                 (64, 256, 64, 8, 4), (128, 128, 32, 4, 4),
+                                                 (256, 128, 64, 8, 3)]],
+        key=["H", "IS_FP32"],
+    )(_fwd_kernel)
+    _du_kernel_tuned = triton.autotune(
+        configs=[triton.Config(dict(BLOCK_H=bh_), num_warps=w_, num_stages=s_)
+                 for (bh_, w_, s_) in [(64, 8, 3), (32, 8, 4), (64, 4, 4), (128, 8, 2)]],
+        key=["H", "IS_FP32"],
+    )(_du_kernel)
+    _gemm_kernel_tuned = triton.autotune(
+        configs=[triton.Config(dict(BLOCK_D=bd_), num_warps=w_, num_stages=s_)
+                 for (bd_, w_, s_) in [(128, 8, 4), (256, 8, 3), (128, 4, 4), (64, 4, 5)]],
+        key=["D", "IS_FP32", "HAS_FLAGS"],
+        restore_value=["C", "C_LO"],
+    )(_gemm_kernel)
