@@ -168,10 +168,14 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.6; platform_system == 'Linux'"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.6; platform_system == 'Linux'"],
+        "test": [
+            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.6; platform_system == 'Linux'",
+            # integration tests: a tiny HF Llama built from a config, TRL's GRPOTrainer, a LoRA model
+            "transformers", "trl", "peft",
+        ],
         "bench": ["matplotlib", "tqdm"],
         "peers": ["liger-kernel", "cut-cross-entropy"],
-        "integrations": ["transformers"],
+        "integrations": ["transformers", "trl", "peft"],
         "build": ["pybind11>=2.10", "cmake>=3.24", "ninja"],
     },
     ext_modules=[CMakeExtension("fusedrl._C")],

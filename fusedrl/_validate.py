@@ -6,6 +6,7 @@ default for CPU tensors (no sync cost there), off on accelerators unless FUSEDRL
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from typing import Optional
 
@@ -61,7 +62,7 @@ def check_scalar(name: str, value, *, allow_none: bool = False) -> Optional[floa
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
@@ -89,6 +90,8 @@ def check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs
         raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
     if hidden.dim() < 1:
         raise ValueError("hidden must have at least one dimension [..., H]")
+    if hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must have a hidden size H >= 1, got shape {tuple(hidden.shape)}")
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"hidden size mismatch: hidden has H={hidden.shape[-1]} but weight is [V, H]={tuple(weight.shape)}"

@@ -45,6 +45,7 @@ def fused_policy_loss(
     global_num_tokens: Normaliser = None,
     global_num_seqs: Normaliser = None,
     norm_len: Normaliser = None,
+    check_inputs: Optional[bool] = None,
     **core_kwargs,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """RL policy loss straight from the last hidden states, without materialising logits.
@@ -69,6 +70,9 @@ def fused_policy_loss(
 
     Returns ``(loss, metrics)`` exactly as :func:`fusedrl.policy_loss` on the core op's outputs.
     ``global_num_tokens`` / ``global_num_seqs`` / ``norm_len`` override the config's normalisers.
+    ``check_inputs`` switches the host-syncing value checks of both parts (target range at valid
+    positions, ``cu_seqlens`` monotonic and ending at <= N, 0/1 mask values); default: on for CPU
+    tensors, ``FUSEDRL_CHECK_INPUTS=1`` elsewhere.
     """
     cfg = config if config is not None else PolicyLossConfig()
     if not isinstance(cfg, PolicyLossConfig):
@@ -80,14 +84,18 @@ def fused_policy_loss(
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if targets.shape != mask.shape:
         raise ValueError(f"targets {tuple(targets.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    if mask.device != targets.device:
+        raise ValueError(f"mask is on {mask.device} but targets is on {targets.device}; all inputs must share a device")
     # padding ids (-100, pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
     logp, entropy = _core_op()(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-        return_entropy=want_entropy, backend=backend, process_group=process_group, **core_kwargs)
+        return_entropy=want_entropy, backend=backend, process_group=process_group, check_inputs=check_inputs,
+        **core_kwargs)
     return policy_loss(
         logp, old_logp, advantages, mask, entropy=entropy, ref_logp=ref_logp, cu_seqlens=cu_seqlens,
-        config=cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, norm_len=norm_len)
+        config=cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, norm_len=norm_len,
+        check_inputs=check_inputs)
 
 
 class FusedPolicyLoss(nn.Module):
@@ -116,8 +124,14 @@ class FusedPolicyLoss(nn.Module):
         self.config = config if config is not None else PolicyLossConfig()
         if not isinstance(self.config, PolicyLossConfig):
             raise TypeError(f"config must be a PolicyLossConfig, got {type(self.config).__name__}")
-        self.temperature = temperature
-        self.softcap = softcap
+        from ._validate import check_scalar
+        from .backends import ALL_NAMES
+
+        # fail at construction, not at the first training step
+        self.temperature = check_scalar("temperature", temperature)
+        self.softcap = check_scalar("softcap", softcap, allow_none=True)
+        if not isinstance(backend, str) or backend not in ALL_NAMES:
+            raise ValueError(f"backend must be one of {ALL_NAMES}, got {backend!r}")
         self.backend = backend
         self.process_group = process_group
         self.return_entropy = return_entropy

@@ -30,6 +30,8 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from ._validate import want_checks
+
 __all__ = [
     "PolicyLossConfig",
     "policy_loss",
@@ -179,7 +181,8 @@ class _Segments:
     """Token -> sequence map of a flattened batch (all ops device-side, no host sync).
 
     Padded ``[B, T]`` inputs use reshapes; packed inputs use a sequence id per token computed from
-    ``cu_seqlens`` with ``searchsorted`` and ``index_add`` for per-sequence sums.
+    ``cu_seqlens`` with ``searchsorted`` and ``index_add`` (``index_put`` with accumulate on CUDA, which is
+    deterministic there) for per-sequence sums.
     """
 
     def __init__(self, num_seqs: int, seq_len: Optional[int] = None, seq_ids: Optional[torch.Tensor] = None,
@@ -199,6 +202,10 @@ class _Segments:
             return x.reshape(self.B, self.T).sum(-1)
         if self.B == 0:
             return x[:0]  # empty, but still attached to x's graph
+        if x.device.type == "cuda":
+            # index_add uses float atomics on CUDA (run-to-run bit differences); index_put with
+            # accumulate=True sorts the ids and sums each segment in a fixed order: deterministic
+            return x.new_zeros(self.B).index_put((self.seq_ids,), x, accumulate=True)
         return x.new_zeros(self.B).index_add(0, self.seq_ids, x)
 
     def expand(self, v: torch.Tensor) -> torch.Tensor:
@@ -218,13 +225,55 @@ class _Segments:
         return self.lengths.max().to(like.dtype)
 
 
-def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens):
+def _check_mask_dtype(mask: torch.Tensor) -> None:
+    """``mask`` may be bool, any integer dtype or any floating dtype (non-zero = valid)."""
+    if mask.dtype == torch.bool or mask.is_floating_point():
+        return
+    try:
+        torch.iinfo(mask.dtype)  # integer dtypes only
+    except TypeError:
+        raise TypeError(f"mask must be a bool, integer or floating-point tensor, got {mask.dtype}") from None
+
+
+def _check_mask_values(mask: torch.Tensor) -> None:
+    """Host-syncing check (behind ``check_inputs``): a non-bool mask must hold only 0 and 1. The mask
+    is read as a boolean, so a fractional (weighting) or NaN mask would be silently binarised."""
+    if mask.dtype == torch.bool or mask.numel() == 0:
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        raise ValueError(f"mask must hold only 0 and 1 (or be bool; non-zero = valid token), found "
+                         f"{mask[bad].reshape(-1)[0].item()}; per-token loss weights are not supported")
+
+
+def _check_cu_seqlens_values(cu: torch.Tensor, n: int) -> None:
+    """Host-syncing check (behind ``check_inputs``): 0 = cu[0] <= cu[1] <= ... <= cu[-1] <= N."""
+    c = cu.long().cpu()
+    if c[0].item() != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got cu_seqlens[0] = {c[0].item()}")
+    dec = (c[1:] < c[:-1]).nonzero()
+    if dec.numel():
+        i = dec[0, 0].item()
+        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {c[i].item()} > "
+                         f"cu_seqlens[{i + 1}] = {c[i + 1].item()}")
+    if c[-1].item() > n:
+        raise ValueError(f"cu_seqlens must end at <= N = {n} (the packed token count; tokens after "
+                         f"cu_seqlens[-1] are ignored), got cu_seqlens[-1] = {c[-1].item()}")
+
+
+def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs=None):
     """Check shapes, build the segment map and return flat [N] views plus the per-token valid mask."""
     for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not logp.is_floating_point():
-        raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
+    for name, t in (("entropy", entropy), ("ref_logp", ref_logp), ("cu_seqlens", cu_seqlens)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("entropy", entropy),
+                    ("ref_logp", ref_logp)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    _check_mask_dtype(mask)
     shape = tuple(logp.shape)
     for name, t in (("old_logp", old_logp), ("mask", mask), ("entropy", entropy), ("ref_logp", ref_logp)):
         if t is not None and tuple(t.shape) != shape:
@@ -235,17 +284,20 @@ def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seql
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but logp is on {device}")
 
+    checks = want_checks(check_inputs, device)
+    if checks:
+        _check_mask_values(mask)
     if cu_seqlens is not None:
         if logp.dim() != 1:
             raise ValueError(f"with cu_seqlens, logp must be packed 1-D [N], got shape {shape}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError("cu_seqlens must be a 1-D int32/int64 tensor [B+1]")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+            raise ValueError(f"cu_seqlens must be a 1-D tensor [B+1], got shape {tuple(cu_seqlens.shape)}")
         n, b = shape[0], cu_seqlens.numel() - 1
-        # value checks are free on CPU; never done on accelerators (host sync) nor under torch.compile
-        if device.type == "cpu" and not torch.compiler.is_compiling():
-            c = cu_seqlens.long()
-            if c[0].item() != 0 or bool((c[1:] < c[:-1]).any()) or c[-1].item() > n:
-                raise ValueError("cu_seqlens must start at 0, be non-decreasing and end at <= N")
+        # value checks need a host sync: on by default for CPU tensors only (see _validate.want_checks)
+        if checks:
+            _check_cu_seqlens_values(cu_seqlens, n)
         cu = cu_seqlens.long()
         pos = torch.arange(n, device=device, dtype=torch.long)
         raw_ids = torch.searchsorted(cu[1:].contiguous(), pos, right=True)  # == B for pos >= cu[-1]
@@ -561,6 +613,7 @@ def policy_loss(
     global_num_tokens: Normaliser = None,
     global_num_seqs: Normaliser = None,
     norm_len: Normaliser = None,
+    check_inputs: Optional[bool] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """RL policy loss from per-token log-probs (differentiable in ``logp`` and ``entropy``).
 
@@ -576,6 +629,9 @@ def policy_loss(
         config: :class:`PolicyLossConfig` (default: PPO with dual clip, token-mean).
         global_num_tokens, global_num_seqs, norm_len: override the config's normalisers for this
             call (numbers or 0-dim tensors, e.g. all-reduced counts of the whole global batch).
+        check_inputs: run the value checks that need a host sync (``cu_seqlens`` starts at 0, is
+            non-decreasing and ends at <= N; a non-bool ``mask`` holds only 0/1). Default: on for
+            CPU tensors, ``FUSEDRL_CHECK_INPUTS=1`` elsewhere; never under ``torch.compile``.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a 0-dim tensor
@@ -622,7 +678,7 @@ def policy_loss(
         raise ValueError("kl_loss_coef > 0 needs the reference log-probs (pass ref_logp=...)")
 
     seg, valid, lp, old, adv, ent, ref = _flatten_inputs(
-        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens)
+        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs)
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     zeros = torch.zeros(lp.shape, dtype=dtype, device=lp.device)
     clean = lambda x: torch.where(valid, x.to(dtype), zeros)  # noqa: E731  (no NaN/inf from padding)

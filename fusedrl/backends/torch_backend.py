@@ -67,8 +67,9 @@ def _target_in_tile(targets: Tensor, lo: int, width: int) -> Tuple[Tensor, Tenso
 def _tile_stats(z: Tensor, need_b: bool):
     """Per-row max m, S = sum e^(z-m), B = sum (z-m) e^(z-m) of one tile. Overwrites z with z - m."""
     m = z.amax(dim=1)
-    # rows of -inf only (cannot happen with finite inputs) keep m = -inf and S = 0
-    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    # rows of -inf only (a masked vocabulary tile) keep m = -inf and S = 0; a +inf or NaN max (non-finite
+    # inputs) is kept, so that row's statistics become NaN (propagated, never silently finite)
+    m_safe = torch.where(m == -torch.inf, torch.zeros_like(m), m)
     d = z.sub_(m_safe[:, None])
     e = torch.exp(d)
     s = e.sum(1)
@@ -80,13 +81,18 @@ def _tile_stats(z: Tensor, need_b: bool):
 def _merge(M, S, B, m, s, b):
     """Merge running stats (M, S, B relative to M) with a tile's (m, s, b relative to m)."""
     new = torch.maximum(M, m)
-    a_old = torch.exp(M - new)
-    a_new = torch.exp(m - new)
+    # A part whose max is -inf (a tile of -inf logits: a masked vocabulary range) has S = B = 0; rescale
+    # against a finite reference so exp(-inf - -inf) and -inf * 0 never form NaN.
+    ref = torch.where(new == -torch.inf, torch.zeros_like(new), new)
+    a_old = torch.exp(M - ref)
+    a_new = torch.exp(m - ref)
     S2 = S * a_old + s * a_new
     B2 = None
     if B is not None:
         # sum (z - new) e^(z - new) = a (B + (M - new) S) for each part
-        B2 = a_old * (B + (M - new) * S) + a_new * (b + (m - new) * s)
+        zero = torch.zeros_like(S)
+        B2 = (a_old * (B + torch.where(S > 0, (M - ref) * S, zero))
+              + a_new * (b + torch.where(s > 0, (m - ref) * s, zero)))
     return new, S2, B2
 
 
@@ -129,6 +135,9 @@ def _du_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
     zl = z.sub_(lse[:, None])  # log p
     p = torch.exp(zl)
     if g_H is not None:
+        # p == 0 exactly below log p = -1e4 (fp32 and fp64): bounding log p there changes nothing but keeps
+        # -inf logits (a masked vocabulary) from forming 0 * (-inf) = NaN; NaN inputs still propagate.
+        zl.clamp_(min=-1e4)
         a = (g_lp + g_H * ent).mul_(-inv_t)
         du = zl.mul_((-inv_t) * g_H[:, None]).add_(a[:, None]).mul_(p)
     else:
@@ -207,7 +216,9 @@ def logits_forward(logits, targets, temperature, softcap, return_entropy):
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
         z, _ = _logits_rows(logits, n0, n1, temperature, softcap)
-        zt[n0:n1] = z.gather(1, targets[n0:n1, None]).squeeze(1)
+        # out-of-range ids (possible only with check_inputs off) read as 0, never out of bounds
+        loc, hit = _target_in_tile(targets[n0:n1], 0, v)
+        zt[n0:n1] = torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), torch.zeros((), dtype=cdt, device=z.device))
         m, s, b = _tile_stats(z, return_entropy)
         lse[n0:n1] = m + torch.log(s)
         if return_entropy:
@@ -223,11 +234,11 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
     lse, g_lp = lse.to(cdt), g_lp.to(cdt)
     if g_H is not None:
         g_H, ent = g_H.to(cdt), ent.to(cdt)
-    hit = torch.ones(min(nt, n), dtype=torch.bool, device=logits.device)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
         z, t = _logits_rows(logits, n0, n1, temperature, softcap)
-        du = _du_tile(z, t, targets[n0:n1], hit[: n1 - n0], lse[n0:n1], None if g_H is None else ent[n0:n1],
+        loc, hit = _target_in_tile(targets[n0:n1], 0, v)
+        du = _du_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
                       g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
         out[n0:n1] = du
     return out

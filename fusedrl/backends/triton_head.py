@@ -1,0 +1,347 @@
+"""Triton per-token policy-loss head: the vanilla PPO terms of :func:`fusedrl.policy_loss` in one launch.
+
+Kernel first, launcher and op after, in the style of ``triton_backend.py``.
+
+What it computes (DESIGN.md section 2, verl ``compute_policy_loss_vanilla``), per token, in fp32,
+exactly as ``fusedrl/loss.py``'s ``_loss_vanilla`` does on its cleaned inputs:
+
+* ``d = logp - old_logp``, ``dc = clamp(d, -20, 20)``, ``r = exp(dc)``;
+* ``L1 = -A r``, ``L2 = -A clamp(r, 1-low, 1+high)``, ``Lc = max(L1, L2)``;
+* dual clip (``clip_c`` not None): ``L = min(Lc, -A c)`` where ``A < 0``, else ``Lc``;
+* metric flags ``clipped = L2 > L1``, ``clipped_lower = (Lc > -A c) & (A < 0)`` (all False without
+  dual clip) and ``neg_d = -dc`` (the clamped log-ratio, which is what loss.py's ``ppo_kl`` averages);
+* ``coef = dL/dlogp``, the torch autograd derivative of the expression above, ties included:
+  ``torch.maximum`` / ``torch.minimum`` send half the gradient to each side of a tie and
+  ``torch.clamp`` passes the gradient on its closed interval, so
+  ``coef = -A r [|d| <= 20] (w1 + w2 [1-low <= r <= 1+high]) wD`` with ``(w1, w2)`` = (1, 0), (0, 1)
+  or (1/2, 1/2) as ``L1 >, <, == L2`` and ``wD`` = 1, 1/2, 0 as ``Lc <, ==, > -A c`` (``A < 0``).
+
+The backward of the op is then one elementwise multiply ``dlogp = grad_L * coef`` instead of the
+autograd graph of ~10 elementwise ops (and their saved tensors) that the torch path records.
+
+Masked tokens (``mask == 0``) are never loaded: every output there is 0 / False and ``coef`` is 0,
+so NaN/inf sitting in padding cannot leak. ``old_logp`` and ``advantages`` are constants (as in
+loss.py, which detaches them): they get no gradient. ``neg_d`` and the flags are metrics: they are
+not differentiable (loss.py detaches them too).
+
+Numerics vs the torch path. ``L`` and ``neg_d`` are computed with the same fp32 operations in the same
+order as loss.py; the one op that can differ is ``exp``. On CUDA the kernel uses libdevice
+``exp`` (``__nv_expf``, what torch's CUDA ``exp`` compiles to) rather than Triton's approximate
+``tl.exp``; in the interpreter ``tl.exp`` is numpy's, which differs from torch's CPU ``exp`` by 1 ulp
+on some inputs. The gradient is ``grad_L * (-A r ...)`` instead of torch's ``(grad_L * -A) * r``:
+at most ~1 ulp apart. The kernel computes in fp32 (inputs may be fp32/fp16/bf16 and are upcast on
+load, as loss.py's ``.to(float32)``); fp64 inputs are served by a torch implementation of the same
+formulas (:func:`_vanilla_terms_torch`), so :func:`vanilla_token_terms` works for every dtype.
+
+Portability: pointer args are UPPERCASE, constexprs BLOCK_*/HAS_*/IS_*, offsets int64, every
+load/store masked (the interpreter has no bounds checks), NaN-propagating min/max like torch's.
+``IS_INTERPRET`` selects ``tl.exp`` (the interpreter has no libdevice). Written for triton >= 3.6.
+
+Wiring into loss.py: ``FUSEDRL_HEAD`` (environment) = ``torch`` (default) | ``triton`` | ``auto``;
+:func:`vanilla_pg` is the drop-in for ``_loss_vanilla`` and returns None where the torch path should
+run (see :func:`head_enabled`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:  # triton is optional
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra import libdevice as _libdevice
+    except Exception:  # pragma: no cover - depends on the install
+        _libdevice = None
+    _TRITON_ERROR = ""
+except Exception as _e:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+    _libdevice = None
+    _TRITON_ERROR = f"{type(_e).__name__}: {_e}"
+
+Tensor = torch.Tensor
+
+# Kernels are built as interpreted functions iff TRITON_INTERPRET=1 when this module is imported.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# log-ratio clamp (loss.py's _LOG_RATIO_CLAMP, verl's clamp(log_prob - old_log_prob, -20, 20))
+_LOG_RATIO_CLAMP = 20.0
+
+#: tokens per program: small in the interpreter so tests cover several blocks and a ragged tail
+BLOCK_N = 32 if _INTERPRET else 1024
+_NUM_WARPS = 4
+
+HEAD_ENV = "FUSEDRL_HEAD"
+HEAD_MODES = ("torch", "triton", "auto")
+
+
+# =====================================================================================
+# Kernel
+# =====================================================================================
+
+if triton is not None:
+
+    @triton.jit
+    def _vanilla_fwd_kernel(LOGP, OLD, ADV, MASK, LOSS, CLIPPED, LOWER, NEG_D, COEF,
+                            n, clip_lo, clip_hi, clip_c,
+                            BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
+                            IS_INTERPRET: tl.constexpr):
+        """Per-token vanilla PPO loss, metric flags and dL/dlogp for BLOCK_N tokens (module docstring)."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        inb = offs < n
+        if HAS_MASK:
+            valid = inb & (tl.load(MASK + offs, mask=inb, other=0) != 0)
+        else:
+            valid = inb
+        # masked tokens are never read: 0 stands in for them (loss.py's torch.where(valid, x, 0))
+        lp = tl.load(LOGP + offs, mask=valid, other=0.0).to(tl.float32)
+        old = tl.load(OLD + offs, mask=valid, other=0.0).to(tl.float32)
+        adv = tl.load(ADV + offs, mask=valid, other=0.0).to(tl.float32)
+
+        d = lp - old
+        dc = tl.minimum(tl.maximum(d, -20.0, propagate_nan=tl.PropagateNan.ALL), 20.0,
+                        propagate_nan=tl.PropagateNan.ALL)
+        if IS_INTERPRET:
+            r = tl.exp(dc)
+        else:
+            r = _libdevice.exp(dc)  # __nv_expf, what torch CUDA exp uses; tl.exp is ex2.approx
+        rc = tl.minimum(tl.maximum(r, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
+                        propagate_nan=tl.PropagateNan.ALL)
+        neg_a = -adv
+        l1 = neg_a * r
+        l2 = neg_a * rc
+        lc = tl.maximum(l1, l2, propagate_nan=tl.PropagateNan.ALL)
+        clipped = l2 > l1
+
+        # torch's derivative of max(l1, l2): ties split the gradient in half; clamp passes [lo, hi]
+        half_tie = tl.where(l1 == l2, 0.5, 0.0)
+        w1 = tl.where(l1 > l2, 1.0, half_tie)
+        w2 = tl.where(l2 > l1, 1.0, half_tie)
+        w = w1 + tl.where((r >= clip_lo) & (r <= clip_hi), w2, 0.0)
+        if HAS_DUAL_CLIP:
+            l3 = neg_a * clip_c
+            negative = adv < 0
+            loss = tl.where(negative, tl.minimum(l3, lc, propagate_nan=tl.PropagateNan.ALL), lc)
+            lower = (lc > l3) & negative
+            w = w * tl.where(negative, tl.where(lc < l3, 1.0, tl.where(lc == l3, 0.5, 0.0)), 1.0)
+        else:
+            loss = lc
+            lower = offs < 0  # all False
+        in_range = (d >= -20.0) & (d <= 20.0)
+        coef = tl.where(valid & in_range, (neg_a * r) * w, 0.0)
+
+        tl.store(LOSS + offs, tl.where(valid, loss, 0.0), mask=inb)
+        tl.store(CLIPPED + offs, (valid & clipped).to(tl.uint8), mask=inb)
+        tl.store(LOWER + offs, (valid & lower).to(tl.uint8), mask=inb)
+        tl.store(NEG_D + offs, tl.where(valid, -dc, 0.0), mask=inb)
+        tl.store(COEF + offs, coef, mask=inb)
+
+
+# =====================================================================================
+# Launcher, op, wiring helpers
+# =====================================================================================
+
+
+def is_available(device: torch.device) -> Tuple[bool, str]:
+    """(available, reason): CUDA with triton, or CPU under the triton interpreter (tests)."""
+    if triton is None:
+        return False, f"triton is not importable ({_TRITON_ERROR})"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        if _libdevice is None and not _INTERPRET:
+            return False, "triton.language.extra.libdevice is not importable"
+        return True, ""
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") != "1":
+            return False, "on CPU the triton head needs TRITON_INTERPRET=1 (the triton interpreter)"
+        if not _INTERPRET:
+            return False, ("TRITON_INTERPRET=1 was set after fusedrl.backends.triton_head was imported; "
+                           "set it before importing triton")
+        return True, ""
+    return False, f"triton does not run on device type {device.type!r}"
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
+            clip_low: float, clip_high: float, clip_c: Optional[float]):
+    """Flat fp32 outputs (loss, clipped u8, lower u8, neg_d, coef) of the kernel over logp.numel() tokens."""
+    dev = logp.device
+    lp = logp.reshape(-1).contiguous()
+    old = old_logp.reshape(-1).contiguous()
+    adv = advantages.reshape(-1).contiguous()
+    n = lp.numel()
+    loss = torch.empty(n, dtype=torch.float32, device=dev)
+    neg_d = torch.empty(n, dtype=torch.float32, device=dev)
+    coef = torch.empty(n, dtype=torch.float32, device=dev)
+    clipped = torch.empty(n, dtype=torch.uint8, device=dev)
+    lower = torch.empty(n, dtype=torch.uint8, device=dev)
+    if n == 0:
+        return loss, clipped, lower, neg_d, coef
+    m = None
+    if mask is not None:
+        m = mask.reshape(-1).contiguous()
+        if m.dtype == torch.bool:
+            m = m.view(torch.uint8)
+    # Python floats are fp32 kernel args: the same rounding as torch.clamp / mul with a Python
+    # scalar on an fp32 tensor (the scalar is cast to fp32 first).
+    lo, hi = float(1.0 - clip_low), float(1.0 + clip_high)
+    c = float(clip_c) if clip_c is not None else 1.0
+    grid = (_cdiv(n, BLOCK_N),)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _vanilla_fwd_kernel[grid](lp, old, adv, m if m is not None else lp,
+                                  loss, clipped, lower, neg_d, coef,
+                                  n, lo, hi, c,
+                                  BLOCK_N=BLOCK_N, HAS_MASK=m is not None, HAS_DUAL_CLIP=clip_c is not None,
+                                  IS_INTERPRET=_INTERPRET, num_warps=_NUM_WARPS)
+    return loss, clipped, lower, neg_d, coef
+
+
+def _check(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor]) -> None:
+    if not logp.is_floating_point():
+        raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
+    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(logp.shape):
+            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(t.shape)}")
+        if t.device != logp.device:
+            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
+
+
+# --- the op: torch.library.custom_op (opaque to torch.compile, traceable with fullgraph=True) ---------
+
+
+@torch.library.custom_op("fusedrl::vanilla_token_terms", mutates_args=())
+def _vanilla_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
+                clip_low: float, clip_high: float, clip_c: Optional[float]
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, clipped, lower, neg_d, coef = _launch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c)
+    shape = logp.shape
+    return (loss.reshape(shape), clipped.view(torch.bool).reshape(shape), lower.view(torch.bool).reshape(shape),
+            neg_d.reshape(shape), coef.reshape(shape))
+
+
+@_vanilla_op.register_fake
+def _(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c):
+    f = torch.empty_like(logp, dtype=torch.float32, memory_format=torch.contiguous_format)
+    b = torch.empty_like(logp, dtype=torch.bool, memory_format=torch.contiguous_format)
+    return f, b, torch.empty_like(b), torch.empty_like(f), torch.empty_like(f)
+
+
+def _setup_context(ctx, inputs, output):
+    logp = inputs[0]
+    ctx.logp_dtype = logp.dtype
+    ctx.save_for_backward(output[4])
+    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+
+
+def _backward(ctx, grad_loss, grad_clipped, grad_lower, grad_neg_d, grad_coef):
+    (coef,) = ctx.saved_tensors
+    dlogp = None
+    if ctx.needs_input_grad[0] and grad_loss is not None:
+        dlogp = (grad_loss * coef).to(ctx.logp_dtype)
+    return dlogp, None, None, None, None, None, None
+
+
+_vanilla_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- torch implementation of the same op (fp64, devices without triton) ------------------------------
+
+
+def _vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c):
+    """loss.py's torch formulas (autograd through them), with the op's masking conventions."""
+    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    valid = torch.ones(logp.shape, dtype=torch.bool, device=logp.device) if mask is None else mask != 0
+    zero = torch.zeros(logp.shape, dtype=dtype, device=logp.device)
+    lp = torch.where(valid, logp.to(dtype), zero)
+    old = torch.where(valid, old_logp.detach().to(dtype), zero)
+    adv = torch.where(valid, advantages.detach().to(dtype), zero)
+    log_ratio = (lp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    lc = torch.maximum(l1, l2)
+    clipped = (l2 > l1) & valid
+    if clip_c is None:
+        loss, lower = lc, torch.zeros_like(valid)
+    else:
+        l3 = -adv * clip_c
+        negative = adv < 0
+        loss = torch.where(negative, torch.minimum(l3, lc), lc)
+        lower = (lc > l3) & negative & valid
+    loss = torch.where(valid, loss, zero)
+    neg_d = torch.where(valid, -log_ratio.detach(), zero)
+    return loss, clipped, lower, neg_d
+
+
+def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
+                        clip_low: float, clip_high: float, clip_c: Optional[float]
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token vanilla PPO terms ``(L, clipped, clipped_lower, neg_d)`` in one kernel launch.
+
+    Args:
+        logp: current-policy log-probs, any shape, fp32/fp16/bf16 (fp64: torch fallback, fp64 out);
+            the only differentiable input: ``dlogp = grad_L * dL/dlogp`` (one multiply).
+        old_logp, advantages: same shape as ``logp``; constants (no gradient).
+        mask: same shape, non-zero = valid token (or None: all valid). Masked tokens give 0 / False
+            and zero gradient whatever ``logp`` / ``old_logp`` / ``advantages`` hold there.
+        clip_low, clip_high: ratio clipped to ``[1-clip_low, 1+clip_high]``.
+        clip_c: dual-clip bound for ``A < 0`` or None (disabled: ``clipped_lower`` all False).
+
+    Returns:
+        ``L`` (fp32; fp64 for fp64 ``logp``), ``clipped`` and ``clipped_lower`` (bool) and
+        ``neg_d = -clamp(logp - old_logp, -20, 20)`` (same dtype as ``L``), all of ``logp``'s shape.
+    """
+    _check(logp, old_logp, advantages, mask)
+    if logp.dtype == torch.float64 or not is_available(logp.device)[0]:
+        return _vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c)
+    loss, clipped, lower, neg_d, _ = _vanilla_op(logp, old_logp.detach(), advantages.detach(), mask,
+                                                  float(clip_low), float(clip_high),
+                                                  None if clip_c is None else float(clip_c))
+    return loss, clipped, lower, neg_d
+
+
+@torch.compiler.assume_constant_result  # torch.compile: decided at trace time (env var, driver query)
+def head_enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether policy_loss should use the triton head for ``(device, compute dtype)``.
+
+    ``FUSEDRL_HEAD``: ``torch`` (default) never; ``auto`` on CUDA when triton is available;
+    ``triton`` wherever :func:`is_available` (CPU only under TRITON_INTERPRET=1), else an error.
+    The kernel computes in fp32, so an fp64 compute dtype always keeps the torch path, and so do
+    meta tensors (shape tracing).
+    """
+    mode = os.environ.get(HEAD_ENV, "torch").strip().lower() or "torch"
+    if mode not in HEAD_MODES:
+        raise ValueError(f"{HEAD_ENV} must be one of {HEAD_MODES}, got {mode!r}")
+    if mode == "torch" or dtype != torch.float32 or device.type == "meta":  # meta: shape tracing
+        return False
+    ok, why = is_available(device)
+    if mode == "auto":
+        return ok and device.type == "cuda"
+    if not ok:
+        raise RuntimeError(f"{HEAD_ENV}=triton but the triton head is not available on {device}: {why}")
+    return True
+
+
+def vanilla_pg(tok, cfg):
+    """Drop-in for loss.py's ``_loss_vanilla(tok, cfg)``: the same ``_PG`` from one kernel launch,
+    or None when :func:`head_enabled` says the torch path should run."""
+    if not head_enabled(tok.logp.device, tok.logp.dtype):
+        return None
+    from ..loss import _PG  # lazy: loss.py imports this module lazily too
+
+    loss, clipped, lower, neg_d = vanilla_token_terms(
+        tok.logp, tok.old_logp, tok.adv, tok.valid, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
+    clipfrac_lower = tok.zero_metric() if cfg.clip_ratio_c is None else tok.masked_mean(lower)
+    return _PG(loss, tok.masked_mean(clipped), clipfrac_lower, tok.masked_mean(neg_d))
