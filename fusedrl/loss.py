@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
@@ -433,6 +434,11 @@ def _select_top_k(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, k_
 
 def _loss_vanilla(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
     """PPO clipped surrogate with clip-higher and dual clip (verl ``compute_policy_loss_vanilla``)."""
+    if os.environ.get("FUSEDRL_HEAD", "torch") != "torch":  # opt-in: one fused Triton launch per pass
+        from .backends import triton_head
+        pg = triton_head.vanilla_pg(tok, cfg)
+        if pg is not None:  # None: fp64, or no triton here under FUSEDRL_HEAD=auto
+            return pg
     log_ratio = tok.log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     l1, l2, lc = _clipped_surrogate(tok.adv, torch.exp(log_ratio), cfg)
     clipfrac = tok.masked_mean(l2 > l1)

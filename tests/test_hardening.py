@@ -462,18 +462,9 @@ def test_huge_logits_and_extreme_temperature(device, backend, temperature):
             assert err(gr, rg) <= 1e-5 * (rg.abs().max().item() + 1.0)
 
 
-TRITON_MINUS_INF = pytest.mark.xfail(
-    reason="triton backend: -inf logits give NaN entropy / gradients ((z-M)*e and p*(z-LSE+H) form -inf*0); "
-           "reported to the triton helper", strict=False)
-
-
 def masked_vocab_params(negs):
-    out = []
-    for p in backend_params():
-        for neg in negs:
-            marks = list(p.marks) + ([TRITON_MINUS_INF] if p.values[1] == "triton" and neg == "-inf" else [])
-            out.append(pytest.param(*p.values, neg, id=f"{p.id}-{neg}", marks=marks))
-    return out
+    return [pytest.param(*p.values, neg, id=f"{p.id}-{neg}", marks=p.marks)
+            for p in backend_params() for neg in negs]
 
 
 @pytest.mark.parametrize("device, backend, neg", masked_vocab_params(["-1e4", "-inf"]))

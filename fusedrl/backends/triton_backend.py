@@ -194,15 +194,17 @@ if triton is not None:
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
             hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
             zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-            m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile has a valid column
-            alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
-            zc = z - m_new[:, None]
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            # rescale against a finite reference: a tile of -inf logits (masked vocabulary) keeps m = -inf
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)  # 0 on the first tile (m = -inf)
+            zc = z - m_ref[:, None]
             e = tl.exp(zc)  # 0 on invalid columns
             if HAS_ENTROPY:
                 # B' relative to the new max: alpha * (B' + (m - m_new) S) + sum (z - m_new) e
                 # (NaN-free: -inf * 0 never formed, even in a discarded where branch)
-                shift = (tl.where(s > 0, m, m_new) - m_new) * s
-                b = alpha * (b + shift) + tl.sum(tl.where(col_mask[None, :], zc, 0.0) * e, axis=1)
+                shift = (tl.where(s > 0, m, m_ref) - m_ref) * s
+                b = alpha * (b + shift) + tl.sum(tl.where(e > 0, zc, 0.0) * e, axis=1)
             s = s * alpha + tl.sum(e, axis=1)
             m = m_new
 
@@ -234,12 +236,13 @@ if triton is not None:
             ms = tl.load(PART_M + off, mask=row_mask, other=0.0)
             ss = tl.load(PART_S + off, mask=row_mask, other=1.0)
             m_new = tl.maximum(m, ms)
-            a_old = tl.exp(m - m_new)
-            a_new = tl.exp(ms - m_new)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits of -inf logits stay NaN-free
+            a_old = tl.exp(m - m_ref)
+            a_new = tl.exp(ms - m_ref)
             if HAS_ENTROPY:
                 bs = tl.load(PART_B + off, mask=row_mask, other=0.0)
-                shift = (tl.where(s > 0, m, m_new) - m_new) * s
-                b = a_old * (b + shift) + a_new * (bs + (ms - m_new) * ss)
+                shift = (tl.where(s > 0, m, m_ref) - m_ref) * s
+                b = a_old * (b + shift) + a_new * (bs + (tl.where(ss > 0, ms, m_ref) - m_ref) * ss)
             s = s * a_old + ss * a_new
             m = m_new
             off += N
@@ -262,7 +265,8 @@ if triton is not None:
         if HAS_ENTROPY:
             ent = tl.load(ENT + rows, mask=row_mask, other=0.0)
             g_h = tl.load(G_H + rows, mask=row_mask, other=0.0)
-            dz -= g_h[:, None] * p * (zl + ent[:, None])
+            # p = 0 where z = -inf (masked vocabulary): the term is 0, never 0 * -inf
+            dz -= g_h[:, None] * p * (tl.where(p > 0, zl, 0.0) + ent[:, None])
         dz = tl.where(valid, dz, 0.0)
         du = dz * inv_temp
         if HAS_SOFTCAP:
