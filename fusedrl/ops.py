@@ -203,6 +203,7 @@ def linear_logprob_entropy(
     grad_filter_eps: Optional[float] = None,
     deterministic: Optional[bool] = None,
     check_inputs: Optional[bool] = None,
+    tp_reduce_dx: Optional[bool] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(z)``, ``z = softcap(hidden @ weight.T + bias) / T``,
     without materialising the ``[tokens, vocab]`` logits.
@@ -223,6 +224,8 @@ def linear_logprob_entropy(
         deterministic: bitwise-reproducible backward (default True; False may use atomics).
         check_inputs: run host-syncing value checks (target range). Default: on for CPU tensors,
             ``FUSEDRL_CHECK_INPUTS=1`` elsewhere.
+        tp_reduce_dx: under ``process_group``, all-reduce ``dx`` inside the op (default True, or
+            ``FUSEDRL_TP_REDUCE_DX``); False returns this rank's partial ``dx`` (Megatron style).
 
     Returns:
         ``(logp, entropy)``: fp32 (fp64 for fp64 inputs) tensors of shape ``[...]``; entropy is
@@ -243,7 +246,8 @@ def linear_logprob_entropy(
     if process_group is not None:
         from .distributed import tp_linear_logprob_entropy
         logp, ent = tp_linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy,
-                                              name, process_group, grad_filter_eps=eps, deterministic=det)
+                                              name, process_group, grad_filter_eps=eps, deterministic=det,
+                                              reduce_dx=tp_reduce_dx)
         return logp, ent
     if name == "reference":
         return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy)

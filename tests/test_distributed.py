@@ -125,12 +125,12 @@ def _case_data(c, world, seed):
     return x, w, b, t, g_lp, g_h
 
 
-def _run(x, w, b, t, c, backend, g_lp, g_h, group=None):
+def _run(x, w, b, t, c, backend, g_lp, g_h, group=None, **kw):
     xx = x.clone().requires_grad_()
     ww = w.clone().requires_grad_()
     bb = None if b is None else b.clone().requires_grad_()
     lp, ent = fusedrl.linear_logprob_entropy(xx, ww, t, bb, temperature=c["temperature"], softcap=c["softcap"],
-                                             return_entropy=c["ent"], backend=backend, process_group=group)
+                                             return_entropy=c["ent"], backend=backend, process_group=group, **kw)
     loss = (lp.double() * g_lp).sum() + ((ent.double() * g_h).sum() if c["ent"] else 0.0)
     loss.backward()
     return lp, ent, xx.grad, ww.grad, (None if bb is None else bb.grad)
@@ -202,6 +202,10 @@ def _tp_backend(rank, world, backend):
                 lpp, _, dxp, dwp, _ = _run(x, w[start:end], None if b is None else b[start:end], t, c, backend,
                                            g_lp, g_h, group)
             assert torch.equal(lpp, lp) and torch.equal(dwp, dw)
+            # the same through the keyword argument of the public op
+            _, _, dxk, _, _ = _run(x, w[start:end], None if b is None else b[start:end], t, c, backend,
+                                   g_lp, g_h, group, tp_reduce_dx=False)
+            assert torch.equal(dxk, dxp)
             dxs = dxp.clone()
             dist.all_reduce(dxs)
             _close(dxs, dx1, f"{tag} sum of partial dx", atol, rtol)
