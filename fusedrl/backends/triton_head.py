@@ -148,24 +148,14 @@ if triton is not None:
 
 
 def is_available(device: torch.device) -> Tuple[bool, str]:
-    """(available, reason): CUDA with triton, or CPU under the triton interpreter (tests)."""
-    if triton is None:
-        return False, f"triton is not importable ({_TRITON_ERROR})"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "CUDA is not available"
-        if _libdevice is None and not _INTERPRET:
-            return False, "triton.language.extra.libdevice is not importable"
-        return True, ""
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            return False, "on CPU the triton head needs TRITON_INTERPRET=1 (the triton interpreter)"
-        if not _INTERPRET:
-            return False, ("TRITON_INTERPRET=1 was set after fusedrl.backends.triton_head was imported; "
-                           "set it before importing triton")
-        return True, ""
-    return False, f"triton does not run on device type {device.type!r}"
+    """(available, reason): where the triton backend runs (CUDA, or CPU under the interpreter),
+    plus libdevice on GPUs (the head uses libdevice ``exp`` to match torch's CUDA ``exp``)."""
+    from .triton_backend import is_available as backend_available
+
+    ok, why = backend_available(device)
+    if ok and torch.device(device).type == "cuda" and _libdevice is None and not _INTERPRET:
+        return False, "triton.language.extra.libdevice is not importable"
+    return ok, why
 
 
 def _cdiv(a: int, b: int) -> int:
