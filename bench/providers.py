@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 import types
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -88,7 +88,7 @@ def _compile_ok(device: torch.device) -> Tuple[bool, str]:
             return False, "no C++ compiler for inductor's CPU backend"
     if device.type == "cuda":
         try:
-            import triton  # noqa: F401
+            import triton  # noqa: F401  (inductor's CUDA code generator)
         except Exception as e:
             return False, f"inductor needs triton on CUDA: {e}"
     return True, ""

@@ -8,10 +8,10 @@ import argparse
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import subprocess
+import statistics
 import sys
 import time
 from typing import Dict, List, Optional
@@ -22,7 +22,7 @@ from fusedrl import _measure as M
 
 from . import report
 from .cases import DTYPES, Case, CaseSpec, build_case, calibrate_alpha, grpo_loss, make_old_logp
-from .providers import GEMM_NAMES, Provider, memory_factory, select
+from .providers import GEMM_NAMES, Provider, select
 
 # --------------------------------------------------------------------------------------------------
 # presets
@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, default=1024, help="loss task: tokens per sequence")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--paired-floor", choices=["auto", "on", "off"], default="auto",
+                    help="also run the three floor GEMMs inside every timed repeat of a training step and report "
+                         "'x floor' as the median per-repeat ratio (robust to load drifting on a shared machine; "
+                         "auto = on for CPU, off for CUDA)")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall",
                     help="CPU timing clock: wall (perf_counter) or process (CPU time of this process; robust to "
                          "other load on a shared machine, use with --threads 1)")
@@ -106,6 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(a, k, base[k])
     a.providers = [t.strip() for t in a.providers.split(",")] if a.providers else base["providers"]
     a.tasks = [t.strip() for t in a.tasks.split(",")] if a.tasks else base["tasks"]
+    a.paired_floor = (a.paired_floor == "on") or (a.paired_floor == "auto" and torch.device(dev).type == "cpu")
     fe = str(a.filter_eps).lower()
     a.filter_eps = None if fe in ("none", "off", "0") else ("auto" if fe == "auto" else float(fe))
     return a
@@ -196,6 +201,19 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _floor_fns(case: Case):
+    """The three floor GEMMs as phases (for --paired-floor): buffers made once per shape."""
+    x, w = case.x.detach(), case.w.detach()
+    n, v = x.shape[0], w.shape[0]
+    g = torch.Generator(device=x.device).manual_seed(99)
+    dz = (torch.randn(n, v, generator=g, device=x.device) * 1e-3).to(x.dtype)
+    out1 = torch.empty(n, v, dtype=x.dtype, device=x.device)
+    out2 = torch.empty_like(x)
+    out3 = torch.empty_like(w)
+    return [lambda _s: torch.matmul(x, w.t(), out=out1), lambda _s: torch.matmul(dz, w, out=out2),
+            lambda _s: torch.matmul(dz.t(), x, out=out3)]
+
+
 def gemm_floor(case: Case, args) -> Dict[str, M.Timing]:
     """The three bare GEMMs of the op's shapes in the input dtype, into preallocated outputs."""
     x, w = case.x.detach(), case.w.detach()
@@ -211,8 +229,7 @@ def gemm_floor(case: Case, args) -> Dict[str, M.Timing]:
                     (GEMM_NAMES[2], lambda: torch.matmul(dz.t(), x, out=out3))):
         res[key] = M.time_fn(fn, x.device, warmup=max(1, args.warmup), repeats=args.repeats,
                              max_seconds=args.max_seconds, clock=args.clock)
-    del dz, out1, out2, out3
-    return res
+    return res   # dz and the outputs are freed on return
 
 
 class Ref:
@@ -320,14 +337,29 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> List[di
     def bwd(s):
         p.backward(case, s.pop("out"))
 
-    tf, tb, tt = M.time_phases([fwd, bwd], dev, setup=setup, warmup=args.warmup, repeats=args.repeats,
-                               max_seconds=args.max_seconds, clock=args.clock)
+    gem = getattr(case, "floor_fns", None) if args.paired_floor else None
+    res = M.time_phases([fwd, bwd] + list(gem or []), dev, setup=setup, warmup=args.warmup, repeats=args.repeats,
+                        max_seconds=args.max_seconds, clock=args.clock)
+    tf, tb = res[0], res[1]
+    pair = None
+    if gem:
+        # the three floor GEMMs ran in the same repeats, right after the step: ratios per repeat
+        f1, f2, f3 = res[2].samples, res[3].samples, res[4].samples
+        tot = [a + b for a, b in zip(tf.samples, tb.samples)]
+        tt = M.summarize(tot)
+        med = lambda xs: float(statistics.median(xs))  # noqa: E731
+        pair = dict(x_floor=med([t / (a + b + c) for t, a, b, c in zip(tot, f1, f2, f3)]),
+                    x_floor_fwd=med([t / a for t, a in zip(tf.samples, f1)]),
+                    x_floor_bwd=med([t / (b + c) for t, b, c in zip(tb.samples, f2, f3)]),
+                    floor_ms=med([a + b + c for a, b, c in zip(f1, f2, f3)]), repeats=len(tot))
+    else:
+        tt = res[2]
     case.zero_grads()
     _free(dev)
     mem = _mem(p, case, args, "train")
     _free(dev)
     rows.append(dict(base, mode="train", status="ok", fwd=tf.as_dict(), bwd=tb.as_dict(), total=tt.as_dict(),
-                     mem=mem, err=err))
+                     mem=mem, err=err, **({"paired_floor": pair} if pair else {})))
 
     # 3) scoring: no-grad forward
     if p.task == "core" and p.can_score and not args.no_score:
@@ -414,6 +446,7 @@ def run(args) -> dict:
         config=dict(n=args.n, h=args.h, v=args.v, dtype=args.dtype, regimes=regimes, tasks=args.tasks,
                     repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds, seed=args.seed,
                     seq_len=args.seq_len, filter_eps=args.filter_eps, threads=torch.get_num_threads(),
+                    paired_floor=args.paired_floor,
                     clock=args.clock if device.type == "cpu" else "cuda-events",
                     preset=args.preset, quick=args.quick),
         methods=dict(time=M.time_method(device, args.clock), memory=M.memory_method(device),
@@ -464,6 +497,10 @@ def run(args) -> dict:
                                + (f", alpha={spec.alpha:.3f}" if regime == "peaked" else "")
                                + f"; GEMM floor {sum(t['median'] for t in floor.values()):.1f} ms")
                     prog.done()
+                    if args.paired_floor:
+                        if not group:
+                            floor_fns = _floor_fns(case)
+                        case.floor_fns = floor_fns
                     group.append((regime, case, ref, cinfo))
                     _free(device)
                 for p in order:
@@ -504,6 +541,7 @@ def run(args) -> dict:
                     report.derive(result)
                     report.write_json(result, out_dir)
                 del group
+                floor_fns = None
                 _free(device)
     finally:
         prog.close()
