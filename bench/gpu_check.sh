@@ -8,7 +8,7 @@
 #   4. python -m bench --preset headline                  -> bench/results.{md,json}, plot.png, bench.log
 #      (N=8192, H=4096, V=151936, bf16, random + peaked regimes, every provider present)
 # Worst case about 9 minutes (the stage timeouts add up to 540 s); override with T_INSTALL, T_TESTS,
-# T_MAIN, T_BENCH (seconds). SKIP_INSTALL=1 / SKIP_TESTS=1 / SKIP_MAIN=1 / SKIP_BENCH=1 skip a stage.
+# T_MAIN, T_BENCH (seconds); PYTEST_ARGS adds pytest options (e.g. '-n 8' with pytest-xdist). SKIP_INSTALL=1 / SKIP_TESTS=1 / SKIP_MAIN=1 / SKIP_BENCH=1 skip a stage.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]      # default: $OUT, else bench/results/gpu-<date>
 set -uo pipefail
@@ -66,7 +66,7 @@ for b in ("torch", "triton", "cuda"):
 EOF
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  stage pytest "$T_TESTS" "$OUT_DIR/pytest.log" $PY -m pytest tests -q -ra --durations=15
+  stage pytest "$T_TESTS" "$OUT_DIR/pytest.log" $PY -m pytest tests -q -ra --durations=25 ${PYTEST_ARGS:-}
   grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/pytest.log" | tail -25 >> "$SUMMARY"
 fi
 
