@@ -38,6 +38,16 @@ void logits_forward(int device, uintptr_t stream, uintptr_t logits, int64_t N, i
 void logits_backward(int device, uintptr_t stream, uintptr_t logits, uintptr_t out, int64_t N, int64_t V, int dt,
                      double temperature, double softcap, uintptr_t targets, uintptr_t lse, uintptr_t ent,
                      uintptr_t g_lp, uintptr_t g_H);
+void head_vanilla(int device, uintptr_t stream, uintptr_t logp, uintptr_t old, uintptr_t adv, uintptr_t mask,
+                  int64_t n, float lo, float hi, float c, bool has_dual, uintptr_t loss, uintptr_t clipped,
+                  uintptr_t lower, uintptr_t neg_d, uintptr_t coef);
+void head_vanilla_host(uintptr_t logp, uintptr_t old, uintptr_t adv, uintptr_t mask, int64_t n, float lo, float hi,
+                       float c, bool has_dual, uintptr_t loss, uintptr_t clipped, uintptr_t lower, uintptr_t neg_d,
+                       uintptr_t coef);
+void head_cov(int device, uintptr_t stream, uintptr_t logp, uintptr_t old, uintptr_t adv, uintptr_t mask,
+              uintptr_t means, int64_t n, float lo, float hi, float lb, float ub, uintptr_t cov, uintptr_t cand);
+void head_cov_host(uintptr_t logp, uintptr_t old, uintptr_t adv, uintptr_t mask, uintptr_t means, int64_t n, float lo,
+                   float hi, float lb, float ub, uintptr_t cov, uintptr_t cand);
 }  // namespace fusedrl
 
 namespace {
@@ -98,11 +108,13 @@ PYBIND11_MODULE(_C, m) {
   m.attr("ORDER_TOKEN_OUTER") = 1;
 
   m.def("ops", []() {
-    return std::vector<std::string>{"linear_forward", "linear_backward", "logits_forward", "logits_backward"};
+    return std::vector<std::string>{"linear_forward", "linear_backward", "logits_forward", "logits_backward",
+                                    "head_vanilla", "head_cov"};
   }, "Names of the compute entry points of this module.");
   m.def("kernels", []() {
     return std::vector<std::string>{"row_stats<float|half|bfloat16>", "dz<float->float|half|bfloat16, half->half, "
-                                    "bfloat16->bfloat16>", "colsum", "cast<half|bfloat16>"};
+                                    "bfloat16->bfloat16>", "colsum", "cast<half|bfloat16>", "head_vanilla",
+                                    "head_cov"};
   }, "CUDA kernels compiled into this module.");
   m.def("compiled_archs", []() { return split_archs(FUSEDRL_CUDA_ARCHS_STR); },
         "CMAKE_CUDA_ARCHITECTURES this module was compiled for (e.g. ['80', '90a']).");
@@ -151,4 +163,25 @@ PYBIND11_MODULE(_C, m) {
         py::arg("stream"), py::arg("logits"), py::arg("out"), py::arg("N"), py::arg("V"), py::arg("dtype"),
         py::arg("temperature"), py::arg("softcap"), py::arg("targets"), py::arg("lse"), py::arg("ent"),
         py::arg("g_lp"), py::arg("g_H"));
+
+  // Policy-loss head (head.cu): flat fp32 [n] inputs, uint8 mask or 0; lo = 1 - clip_low, hi = 1 + clip_high.
+  m.def("head_vanilla", &fusedrl::head_vanilla, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
+        py::arg("stream"), py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("n"),
+        py::arg("lo"), py::arg("hi"), py::arg("clip_c"), py::arg("has_dual"), py::arg("loss"), py::arg("clipped"),
+        py::arg("lower"), py::arg("neg_d"), py::arg("coef"),
+        "Vanilla PPO per token: loss, clipped/lower (uint8), neg_d, coef = dloss/dlogp (device pointers).");
+  m.def("head_vanilla_host", &fusedrl::head_vanilla_host, py::call_guard<py::gil_scoped_release>(), py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("n"), py::arg("lo"), py::arg("hi"),
+        py::arg("clip_c"), py::arg("has_dual"), py::arg("loss"), py::arg("clipped"), py::arg("lower"),
+        py::arg("neg_d"), py::arg("coef"), "head_vanilla's per-token code run over host memory (CPU pointers).");
+  m.def("head_cov", &fusedrl::head_cov, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
+        py::arg("stream"), py::arg("logp"), py::arg("old_logp"), py::arg("advantages"), py::arg("mask"),
+        py::arg("means"), py::arg("n"), py::arg("lo"), py::arg("hi"), py::arg("lb"), py::arg("ub"), py::arg("cov"),
+        py::arg("candidates"),
+        "Covariance (A - mean_A)(logp - mean_logp) per token; means = device [mean_A, mean_logp]; candidates "
+        "(uint8, or 0 to skip) = Clip-Cov's valid & not clipped & lb < cov < ub.");
+  m.def("head_cov_host", &fusedrl::head_cov_host, py::call_guard<py::gil_scoped_release>(), py::arg("logp"),
+        py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("means"), py::arg("n"), py::arg("lo"),
+        py::arg("hi"), py::arg("lb"), py::arg("ub"), py::arg("cov"), py::arg("candidates"),
+        "head_cov's per-token code run over host memory (CPU pointers).");
 }

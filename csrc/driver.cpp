@@ -33,22 +33,6 @@ int cuda_dtype(int dt) {
   throw std::invalid_argument("fusedrl._C: bad dtype code " + std::to_string(dt));
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    FUSEDRL_CUDA_CHECK(cudaGetDevice(&prev_));
-    if (prev_ != device) FUSEDRL_CUDA_CHECK(cudaSetDevice(device));
-    changed_ = prev_ != device;
-  }
-  ~DeviceGuard() {
-    if (changed_) (void)cudaSetDevice(prev_);
-  }
-
- private:
-  int prev_ = 0;
-  bool changed_ = false;
-};
-
 void check_int(const char* what, int64_t v) {
   if (v < 0 || v > INT_MAX) throw std::invalid_argument(std::string("fusedrl._C: ") + what + " out of int range");
 }

@@ -52,6 +52,25 @@ struct Transform {
     }                                                                                               \
   } while (0)
 
+// Makes `device` current for a scope (the entry points take a device index from Python).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    FUSEDRL_CUDA_CHECK(cudaGetDevice(&prev_));
+    if (prev_ != device) FUSEDRL_CUDA_CHECK(cudaSetDevice(device));
+    changed_ = prev_ != device;
+  }
+  ~DeviceGuard() {
+    if (changed_) (void)cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+  bool changed_ = false;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Kernel launchers (kernels.cu). All are asynchronous on `stream`; they throw on launch errors.
 // ---------------------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ KL_LOSS_TYPES = tuple(_KL_ALIASES) + tuple(k + "+" for k in _KL_ALIASES if k not
 
 # log-ratio clamp used for every importance ratio (verl: clamp(log_prob - old_log_prob, -20, 20))
 _LOG_RATIO_CLAMP = 20.0
+_HEAD_ENV = "FUSEDRL_HEAD"  # per-token head kernels: fusedrl/backends/_head.py
 # GSPO clamps the token-level log sequence ratio from above (verl: clamp(..., max=10.0))
 _GSPO_LOG_RATIO_MAX = 10.0
 
@@ -388,14 +389,22 @@ def _clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, cfg: PolicyLossCo
     return l1, l2, torch.maximum(l1, l2)
 
 
-def _covariance(tok: _Tokens) -> torch.Tensor:
-    """Detached ``(A - mean_m A) * (logp - mean_m logp)`` over the batch's valid tokens ([N])."""
+def _covariance(tok: _Tokens, clip: Optional[Tuple[float, float, float, float]] = None
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Detached ``(A - mean_m A) * (logp - mean_m logp)`` over the batch's valid tokens ([N]), and,
+    when the cuda head serves it (``FUSEDRL_HEAD``), Clip-Cov's candidate mask from the same launch
+    (``clip = (clip_low, clip_high, lb, ub)``); otherwise ``(cov, None)``."""
     with torch.no_grad():
         denom = tok.count()
         lp = tok.logp.detach()
         mean_a = tok.adv.sum() / denom        # masked positions hold 0
         mean_lp = lp.sum() / denom
-        return (tok.adv - mean_a) * (lp - mean_lp)
+        if os.environ.get(_HEAD_ENV, "torch") != "torch":
+            from .backends import _head
+            fused = _head.cov_terms(tok, mean_a, mean_lp, clip)
+            if fused is not None:
+                return fused
+        return (tok.adv - mean_a) * (lp - mean_lp), None
 
 
 def _num_to_select(tok: _Tokens, ratio: float) -> Tuple[torch.Tensor, int]:
@@ -434,10 +443,10 @@ def _select_top_k(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, k_
 
 def _loss_vanilla(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
     """PPO clipped surrogate with clip-higher and dual clip (verl ``compute_policy_loss_vanilla``)."""
-    if os.environ.get("FUSEDRL_HEAD", "torch") != "torch":  # opt-in: one fused Triton launch per pass
-        from .backends import triton_head
-        pg = triton_head.vanilla_pg(tok, cfg)
-        if pg is not None:  # None: fp64, or no triton here under FUSEDRL_HEAD=auto
+    if os.environ.get(_HEAD_ENV, "torch") != "torch":  # opt-in: one fused Triton / CUDA launch per pass
+        from .backends import _head
+        pg = _head.vanilla_pg(tok, cfg)
+        if pg is not None:  # None: fp64, or no kernel here under FUSEDRL_HEAD=auto
             return pg
     log_ratio = tok.log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     l1, l2, lc = _clipped_surrogate(tok.adv, torch.exp(log_ratio), cfg)
@@ -469,8 +478,9 @@ def _loss_clip_cov(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
     valid, not PPO-clipped tokens with ``lb < cov < ub`` (their loss term gets zero weight but they
     stay in the denominator). No dual clip. As verl, ``pg_clipfrac`` reports the detached fraction."""
     l1, l2, lc = _clipped_surrogate(tok.adv, _ratio(tok), cfg)
-    cov = _covariance(tok)
-    candidates = tok.valid & ~(l2 > l1) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+    cov, candidates = _covariance(tok, (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_cov_lb, cfg.clip_cov_ub))
+    if candidates is None:
+        candidates = tok.valid & ~(l2 > l1) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
     k, k_max = _num_to_select(tok, cfg.clip_cov_ratio)
     keys = _random_keys(tok.logp, cfg.generator)
     picked = _select_top_k(keys, candidates, k, k_max)          # a uniform random subset of candidates
@@ -485,7 +495,7 @@ def _loss_kl_cov(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
     ``ppo_kl`` reports ``mean_m |d|`` and ``pg_clipfrac`` is 0."""
     loss = -tok.adv * _ratio(tok)
     k, k_max = _num_to_select(tok, cfg.kl_cov_ratio)
-    picked = _select_top_k(_covariance(tok), tok.valid, k, k_max)
+    picked = _select_top_k(_covariance(tok)[0], tok.valid, k, k_max)
     abs_kl = tok.log_ratio.abs()
     loss = loss + torch.where(picked, cfg.ppo_kl_coef * abs_kl, torch.zeros_like(abs_kl))
     zero = tok.zero_metric()

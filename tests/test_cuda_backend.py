@@ -37,7 +37,9 @@ def _ext_or_skip():
 # --------------------------------------------------------------------------------------------
 def test_extension_lists_ops_and_archs():
     C = _ext_or_skip()
-    assert set(C.ops()) == {"linear_forward", "linear_backward", "logits_forward", "logits_backward"}
+    assert set(C.ops()) == {"linear_forward", "linear_backward", "logits_forward", "logits_backward",
+                            "head_vanilla", "head_cov"}
+    assert callable(C.head_vanilla_host) and callable(C.head_cov_host)  # the head's CPU lane
     for name in C.ops():
         assert callable(getattr(C, name))
     archs = C.compiled_archs()

@@ -37,9 +37,8 @@ Portability: pointer args are UPPERCASE, constexprs BLOCK_*/HAS_*/IS_*, offsets 
 load/store masked (the interpreter has no bounds checks), NaN-propagating min/max like torch's.
 ``IS_INTERPRET`` selects ``tl.exp`` (the interpreter has no libdevice). Written for triton >= 3.6.
 
-Wiring into loss.py: ``FUSEDRL_HEAD`` (environment) = ``torch`` (default) | ``triton`` | ``auto``;
-:func:`vanilla_pg` is the drop-in for ``_loss_vanilla`` and returns None where the torch path should
-run (see :func:`head_enabled`).
+Wiring into loss.py: ``FUSEDRL_HEAD=triton`` (or ``auto`` on CUDA), see :mod:`fusedrl.backends._head`,
+which also holds the op registration, the torch fallback and the selection shared with ``cuda_head.py``.
 """
 from __future__ import annotations
 
@@ -48,6 +47,9 @@ import os
 from typing import Optional, Tuple
 
 import torch
+
+from . import _head
+from ._head import HEAD_ENV, empty_vanilla_outputs, flat_mask, make_vanilla_op  # noqa: F401 (HEAD_ENV: re-export)
 
 try:  # triton is optional
     import triton
@@ -69,15 +71,10 @@ Tensor = torch.Tensor
 # Kernels are built as interpreted functions iff TRITON_INTERPRET=1 when this module is imported.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# log-ratio clamp (loss.py's _LOG_RATIO_CLAMP, verl's clamp(log_prob - old_log_prob, -20, 20))
-_LOG_RATIO_CLAMP = 20.0
-
 #: tokens per program: small in the interpreter so tests cover several blocks and a ragged tail
 BLOCK_N = 32 if _INTERPRET else 1024
 _NUM_WARPS = 4
 
-HEAD_ENV = "FUSEDRL_HEAD"
-HEAD_MODES = ("torch", "triton", "auto")
 
 
 # =====================================================================================
@@ -170,18 +167,10 @@ def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[T
     old = old_logp.reshape(-1).contiguous()
     adv = advantages.reshape(-1).contiguous()
     n = lp.numel()
-    loss = torch.empty(n, dtype=torch.float32, device=dev)
-    neg_d = torch.empty(n, dtype=torch.float32, device=dev)
-    coef = torch.empty(n, dtype=torch.float32, device=dev)
-    clipped = torch.empty(n, dtype=torch.uint8, device=dev)
-    lower = torch.empty(n, dtype=torch.uint8, device=dev)
+    loss, clipped, lower, neg_d, coef = empty_vanilla_outputs(n, dev)
     if n == 0:
         return loss, clipped, lower, neg_d, coef
-    m = None
-    if mask is not None:
-        m = mask.reshape(-1).contiguous()
-        if m.dtype == torch.bool:
-            m = m.view(torch.uint8)
+    m = flat_mask(mask)
     # Python floats are fp32 kernel args: the same rounding as torch.clamp / mul with a Python
     # scalar on an fp32 tensor (the scalar is cast to fp32 first).
     lo, hi = float(1.0 - clip_low), float(1.0 + clip_high)
@@ -196,83 +185,8 @@ def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[T
     return loss, clipped, lower, neg_d, coef
 
 
-def _check(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor]) -> None:
-    if not logp.is_floating_point():
-        raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
-    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
-        if t is None:
-            continue
-        if tuple(t.shape) != tuple(logp.shape):
-            raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(t.shape)}")
-        if t.device != logp.device:
-            raise ValueError(f"{name} is on {t.device} but logp is on {logp.device}")
-
-
-# --- the op: torch.library.custom_op (opaque to torch.compile, traceable with fullgraph=True) ---------
-
-
-@torch.library.custom_op("fusedrl::vanilla_token_terms", mutates_args=())
-def _vanilla_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
-                clip_low: float, clip_high: float, clip_c: Optional[float]
-                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    loss, clipped, lower, neg_d, coef = _launch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c)
-    shape = logp.shape
-    return (loss.reshape(shape), clipped.view(torch.bool).reshape(shape), lower.view(torch.bool).reshape(shape),
-            neg_d.reshape(shape), coef.reshape(shape))
-
-
-@_vanilla_op.register_fake
-def _(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c):
-    f = torch.empty_like(logp, dtype=torch.float32, memory_format=torch.contiguous_format)
-    b = torch.empty_like(logp, dtype=torch.bool, memory_format=torch.contiguous_format)
-    return f, b, torch.empty_like(b), torch.empty_like(f), torch.empty_like(f)
-
-
-def _setup_context(ctx, inputs, output):
-    logp = inputs[0]
-    ctx.logp_dtype = logp.dtype
-    ctx.save_for_backward(output[4])
-    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
-
-
-def _backward(ctx, grad_loss, grad_clipped, grad_lower, grad_neg_d, grad_coef):
-    (coef,) = ctx.saved_tensors
-    dlogp = None
-    if ctx.needs_input_grad[0] and grad_loss is not None:
-        dlogp = (grad_loss * coef).to(ctx.logp_dtype)
-    return dlogp, None, None, None, None, None, None
-
-
-_vanilla_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-# --- torch implementation of the same op (fp64, devices without triton) ------------------------------
-
-
-def _vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c):
-    """loss.py's torch formulas (autograd through them), with the op's masking conventions."""
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
-    valid = torch.ones(logp.shape, dtype=torch.bool, device=logp.device) if mask is None else mask != 0
-    zero = torch.zeros(logp.shape, dtype=dtype, device=logp.device)
-    lp = torch.where(valid, logp.to(dtype), zero)
-    old = torch.where(valid, old_logp.detach().to(dtype), zero)
-    adv = torch.where(valid, advantages.detach().to(dtype), zero)
-    log_ratio = (lp - old).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    ratio = torch.exp(log_ratio)
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    lc = torch.maximum(l1, l2)
-    clipped = (l2 > l1) & valid
-    if clip_c is None:
-        loss, lower = lc, torch.zeros_like(valid)
-    else:
-        l3 = -adv * clip_c
-        negative = adv < 0
-        loss = torch.where(negative, torch.minimum(l3, lc), lc)
-        lower = (lc > l3) & negative & valid
-    loss = torch.where(valid, loss, zero)
-    neg_d = torch.where(valid, -log_ratio.detach(), zero)
-    return loss, clipped, lower, neg_d
+# the op: torch.library.custom_op (opaque to torch.compile, traceable with fullgraph=True)
+_vanilla_op = make_vanilla_op("fusedrl::vanilla_token_terms", _launch)
 
 
 def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
@@ -293,45 +207,5 @@ def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
         ``L`` (fp32; fp64 for fp64 ``logp``), ``clipped`` and ``clipped_lower`` (bool) and
         ``neg_d = -clamp(logp - old_logp, -20, 20)`` (same dtype as ``L``), all of ``logp``'s shape.
     """
-    _check(logp, old_logp, advantages, mask)
-    if logp.dtype == torch.float64 or not is_available(logp.device)[0]:
-        return _vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c)
-    loss, clipped, lower, neg_d, _ = _vanilla_op(logp, old_logp.detach(), advantages.detach(), mask,
-                                                  float(clip_low), float(clip_high),
-                                                  None if clip_c is None else float(clip_c))
-    return loss, clipped, lower, neg_d
-
-
-@torch.compiler.assume_constant_result  # torch.compile: decided at trace time (env var, driver query)
-def head_enabled(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether policy_loss should use the triton head for ``(device, compute dtype)``.
-
-    ``FUSEDRL_HEAD``: ``torch`` (default) never; ``auto`` on CUDA when triton is available;
-    ``triton`` wherever :func:`is_available` (CPU only under TRITON_INTERPRET=1), else an error.
-    The kernel computes in fp32, so an fp64 compute dtype always keeps the torch path, and so do
-    meta tensors (shape tracing).
-    """
-    mode = os.environ.get(HEAD_ENV, "torch").strip().lower() or "torch"
-    if mode not in HEAD_MODES:
-        raise ValueError(f"{HEAD_ENV} must be one of {HEAD_MODES}, got {mode!r}")
-    if mode == "torch" or dtype != torch.float32 or device.type == "meta":  # meta: shape tracing
-        return False
-    ok, why = is_available(device)
-    if mode == "auto":
-        return ok and device.type == "cuda"
-    if not ok:
-        raise RuntimeError(f"{HEAD_ENV}=triton but the triton head is not available on {device}: {why}")
-    return True
-
-
-def vanilla_pg(tok, cfg):
-    """Drop-in for loss.py's ``_loss_vanilla(tok, cfg)``: the same ``_PG`` from one kernel launch,
-    or None when :func:`head_enabled` says the torch path should run."""
-    if not head_enabled(tok.logp.device, tok.logp.dtype):
-        return None
-    from ..loss import _PG  # lazy: loss.py imports this module lazily too
-
-    loss, clipped, lower, neg_d = vanilla_token_terms(
-        tok.logp, tok.old_logp, tok.adv, tok.valid, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
-    clipfrac_lower = tok.zero_metric() if cfg.clip_ratio_c is None else tok.masked_mean(lower)
-    return _PG(loss, tok.masked_mean(clipped), clipfrac_lower, tok.masked_mean(neg_d))
+    return _head.vanilla_token_terms(_vanilla_op, is_available(logp.device)[0], logp, old_logp, advantages, mask,
+                                     clip_low, clip_high, clip_c)
