@@ -201,8 +201,9 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _floor_fns(case: Case):
-    """The three floor GEMMs as phases (for --paired-floor): buffers made once per shape."""
+def _floor_gemms(case: Case):
+    """The three floor GEMMs (x@W^T, dz@W, dz^T@x) as zero-argument callables over buffers made once
+    per shape, in GEMM_NAMES order."""
     x, w = case.x.detach(), case.w.detach()
     n, v = x.shape[0], w.shape[0]
     g = torch.Generator(device=x.device).manual_seed(99)
@@ -210,24 +211,20 @@ def _floor_fns(case: Case):
     out1 = torch.empty(n, v, dtype=x.dtype, device=x.device)
     out2 = torch.empty_like(x)
     out3 = torch.empty_like(w)
-    return [lambda _s: torch.matmul(x, w.t(), out=out1), lambda _s: torch.matmul(dz, w, out=out2),
-            lambda _s: torch.matmul(dz.t(), x, out=out3)]
+    return [lambda: torch.matmul(x, w.t(), out=out1), lambda: torch.matmul(dz, w, out=out2),
+            lambda: torch.matmul(dz.t(), x, out=out3)]
+
+
+def _floor_fns(case: Case):
+    """The three floor GEMMs as phases (for --paired-floor)."""
+    return [lambda _s, f=f: f() for f in _floor_gemms(case)]
 
 
 def gemm_floor(case: Case, args) -> Dict[str, M.Timing]:
     """The three bare GEMMs of the op's shapes in the input dtype, into preallocated outputs."""
-    x, w = case.x.detach(), case.w.detach()
-    n, v = x.shape[0], w.shape[0]
-    g = torch.Generator(device=x.device).manual_seed(99)
-    dz = (torch.randn(n, v, generator=g, device=x.device) * 1e-3).to(x.dtype)
-    out1 = torch.empty(n, v, dtype=x.dtype, device=x.device)
-    out2 = torch.empty_like(x)
-    out3 = torch.empty_like(w)
     res = {}
-    for key, fn in ((GEMM_NAMES[0], lambda: torch.matmul(x, w.t(), out=out1)),
-                    (GEMM_NAMES[1], lambda: torch.matmul(dz, w, out=out2)),
-                    (GEMM_NAMES[2], lambda: torch.matmul(dz.t(), x, out=out3))):
-        res[key] = M.time_fn(fn, x.device, warmup=max(1, args.warmup), repeats=args.repeats,
+    for key, fn in zip(GEMM_NAMES, _floor_gemms(case)):
+        res[key] = M.time_fn(fn, case.x.device, warmup=max(1, args.warmup), repeats=args.repeats,
                              max_seconds=args.max_seconds, clock=args.clock)
     return res   # dz and the outputs are freed on return
 

@@ -162,6 +162,8 @@ def test_no_grad_scoring_matches():
 def test_backend_registry(monkeypatch):
     x, w, _, t = make_case(4, 24, 507, torch.float32)
     assert "torch" in fusedrl.available_backends("cpu")
+    if not torch.cuda.is_available():  # nothing runs on a CUDA device torch cannot use
+        assert fusedrl.available_backends("cuda") == []
     with pytest.raises(ValueError, match="backend must be one of"):
         fusedrl.linear_logprob_entropy(x, w, t, backend="nope")
     if not torch.cuda.is_available():

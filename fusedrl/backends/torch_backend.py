@@ -21,6 +21,10 @@ _TEMPS_PER_ELEM = 3
 
 
 def is_available(device: torch.device) -> Tuple[bool, str]:
+    """Everywhere torch itself can run on ``device`` (so not on CUDA when torch has no usable GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
     return True, ""
 
 
@@ -73,8 +77,10 @@ def _tile_stats(z: Tensor, need_b: bool):
     d = z.sub_(m_safe[:, None])
     e = torch.exp(d)
     s = e.sum(1)
-    # torch's cascaded sum keeps fp32 accurate at V ~ 1e5 (a BLAS dot product here did not)
-    b = torch.nan_to_num(d.mul_(e), nan=0.0).sum(1) if need_b else None
+    # torch's cascaded sum keeps fp32 accurate at V ~ 1e5 (a BLAS dot product here did not). In place:
+    # bounding d at -1e4 (where e == 0 exactly) turns -inf * 0 (masked columns) into 0 without the
+    # extra tile nan_to_num allocated; NaN (non-finite inputs) still propagates.
+    b = d.clamp_(min=-1e4).mul_(e).sum(1) if need_b else None
     return m, s, b
 
 

@@ -624,7 +624,6 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
     x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     n, h = x.shape
-    v = w.shape[0]
     need_db = bool(need_db and bias is not None)
     if n == 0 or not (need_dx or need_dw or need_db):
         return _zero_grads(x, w, bias, need_dx, need_dw, need_db)

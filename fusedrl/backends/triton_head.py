@@ -49,7 +49,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _head
-from ._head import HEAD_ENV, empty_vanilla_outputs, flat_mask, make_vanilla_op  # noqa: F401 (HEAD_ENV: re-export)
+from ._head import empty_vanilla_outputs, flat_mask, make_vanilla_op
 
 try:  # triton is optional
     import triton
