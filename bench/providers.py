@@ -218,6 +218,16 @@ def _try_import(mod: str):
         return None, f"{mod} not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
+def _has_peer_attr(module: str, attr: str, hint: str = "") -> Tuple[bool, str]:
+    """(True, "") when ``module`` imports and has ``attr``; else (False, why)."""
+    mod, why = _try_import(module)
+    if mod is None:
+        return False, why
+    if not hasattr(mod, attr):
+        return False, f"{module} has no {attr}{hint}"
+    return True, ""
+
+
 def _verl_module(sub: str):
     """Import a verl submodule. verl's package __init__ pulls ray/tensordict/...; when that fails, the
     two pure-torch/triton modules we need are loaded behind stub parent packages (no other verl code
@@ -287,11 +297,10 @@ class Liger(Provider):
             "SM90 CuTe kernel on H100, chunked torch fallback elsewhere")
 
     def available(self, device, dtype):
-        mod, why = _try_import("liger_kernel.ops")
-        if mod is None:
+        ok, why = _has_peer_attr("liger_kernel.ops", "LigerFusedLinearScaledCrossEntropyFunction",
+                                 " (needs liger-kernel >= 0.8.3)")
+        if not ok:
             return False, why
-        if not hasattr(mod, "LigerFusedLinearScaledCrossEntropyFunction"):
-            return False, "this liger-kernel has no LigerFusedLinearScaledCrossEntropyFunction (needs >= 0.8.3)"
         if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
             # on sm90 liger dispatches to a CuTe-DSL kernel that needs nvidia-cutlass-dsl
             sm90, why = _try_import("liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90")
@@ -314,12 +323,7 @@ class LigerGRPO(Provider):
             "no dual clip (Liger's GRPO); backward runs inside its forward")
 
     def available(self, device, dtype):
-        mod, why = _try_import("liger_kernel.chunked_loss")
-        if mod is None:
-            return False, why
-        if not hasattr(mod, "LigerFusedLinearGRPOLoss"):
-            return False, "liger_kernel.chunked_loss has no LigerFusedLinearGRPOLoss"
-        return True, ""
+        return _has_peer_attr("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
 
     @functools.cached_property
     def _mod(self):

@@ -285,6 +285,18 @@ def write_json(result: dict, out_dir: str) -> None:
 # --------------------------------------------------------------------------------------------------
 # plot
 # --------------------------------------------------------------------------------------------------
+def _save_plot(fig, plt, result: dict, shape: str, out_dir: str) -> str:
+    """Title (device | shape | commit | date), write plot.png into out_dir, close the figure."""
+    m = result["meta"]
+    fig.suptitle(f"fusedrl bench: {m['device'].get('name')} | {shape} | "
+                 f"{m.get('fusedrl_describe') or ''} | {m['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "plot.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"plot written: {path}"
+
+
 def plot(result: dict, out_dir: str) -> str:
     try:
         import matplotlib
@@ -343,15 +355,8 @@ def plot(result: dict, out_dir: str) -> str:
         ax_m.set_ylabel("MiB")
         ax_t.legend(fontsize=7)
         ax_m.legend(fontsize=7)
-    m = result["meta"]
-    cfg = m["config"]
-    fig.suptitle(f"fusedrl bench: {m['device'].get('name')} | H={cfg['h']} {cfg['dtype']} | "
-                 f"{m.get('fusedrl_describe') or ''} | {m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "plot.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"plot written: {path}"
+    cfg = result["meta"]["config"]
+    return _save_plot(fig, plt, result, f"H={cfg['h']} {cfg['dtype']}", out_dir)
 
 
 def _provs(result, rows) -> List[str]:
@@ -403,12 +408,5 @@ def _plot_bars(result, rows, regimes, out_dir, plt) -> str:
         ax_t.set_title(f"{reg} regime (mean entropy {c['mean_entropy']:.2f} nats): fwd+bwd ms, "
                        f"x GEMM floor{' (paired per repeat)' if paired else ''}", fontsize=9)
         ax_m.set_title(f"{reg} regime: peak MiB above inputs (training step)", fontsize=9)
-    m = result["meta"]
-    cfg = m["config"]
-    fig.suptitle(f"fusedrl bench: {m['device'].get('name')} | N={cfg['n'][0]} H={cfg['h']} V={cfg['v'][0]} "
-                 f"{cfg['dtype']} | {m.get('fusedrl_describe') or ''} | {m['date'][:10]}", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "plot.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"plot written: {path}"
+    cfg = result["meta"]["config"]
+    return _save_plot(fig, plt, result, f"N={cfg['n'][0]} H={cfg['h']} V={cfg['v'][0]} {cfg['dtype']}", out_dir)
