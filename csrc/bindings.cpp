@@ -98,6 +98,103 @@ std::pair<bool, std::string> device_check(int device) {
 
 }  // namespace
 
+namespace {
+
+// One-pass epilogue arguments from Python integers / floats (pointers as uintptr_t, 0 = null).
+fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t targets,
+                                       uintptr_t bias, double temperature, double softcap, uintptr_t old,
+                                       uintptr_t adv, uintptr_t weight, uintptr_t ref, int mode, float lo, float hi,
+                                       float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st,
+                                       uintptr_t logp, uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H,
+                                       uintptr_t du16, int64_t ld16) {
+  fusedrl::row::OnePassArgs a;
+  a.U = reinterpret_cast<float*>(u);
+  a.ld = ld;
+  a.rows = rows;
+  a.cols = cols;
+  a.TARGETS = reinterpret_cast<const int64_t*>(targets);
+  a.BIAS = reinterpret_cast<const float*>(bias);
+  a.tr = fusedrl::make_transform(temperature, softcap);
+  a.OLD = reinterpret_cast<const float*>(old);
+  a.ADV = reinterpret_cast<const float*>(adv);
+  a.WEIGHT = reinterpret_cast<const float*>(weight);
+  a.REF = reinterpret_cast<const float*>(ref);
+  a.hp = fusedrl::head::HeadParams{mode, lo, hi, c, dual, ent_coef, kl_coef, kl_type, kl_st};
+  a.LOGP = reinterpret_cast<float*>(logp);
+  a.ENT = reinterpret_cast<float*>(ent);
+  a.LSE = reinterpret_cast<float*>(lse);
+  a.G_LP = reinterpret_cast<float*>(g_lp);
+  a.G_H = reinterpret_cast<float*>(g_H);
+  a.DU16 = reinterpret_cast<void*>(du16);
+  a.ld16 = ld16;
+  return a;
+}
+
+#define FUSEDRL_ONEPASS_PARAMS                                                                                  \
+  uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t targets, uintptr_t bias, double temperature, \
+      double softcap, uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref, int mode, float lo,       \
+      float hi, float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st, uintptr_t logp,    \
+      uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, int du16_dtype
+#define FUSEDRL_ONEPASS_ARGS                                                                                   \
+  onepass_args(u, ld, rows, cols, targets, bias, temperature, softcap, old, adv, weight, ref, mode, lo, hi, c, \
+               dual, ent_coef, kl_coef, kl_type, kl_st, logp, ent, lse, g_lp, g_H, du16, ld16)
+#define FUSEDRL_ONEPASS_PYARGS                                                                                 \
+  py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("targets"), py::arg("bias"),         \
+      py::arg("temperature"), py::arg("softcap"), py::arg("old"), py::arg("adv"), py::arg("weight"),           \
+      py::arg("ref"), py::arg("mode"), py::arg("lo"), py::arg("hi"), py::arg("clip_c"), py::arg("dual"),      \
+      py::arg("ent_coef"), py::arg("kl_coef"), py::arg("kl_type"), py::arg("kl_st"), py::arg("logp"),         \
+      py::arg("ent"), py::arg("lse"), py::arg("g_lp"), py::arg("g_H"), py::arg("du16"), py::arg("ld16"),     \
+      py::arg("du16_dtype")
+
+void onepass_epilogue(int device, uintptr_t stream, FUSEDRL_ONEPASS_PARAMS) {
+  const fusedrl::row::OnePassArgs a = FUSEDRL_ONEPASS_ARGS;
+  fusedrl::check_onepass_args(a, du16_dtype);
+  if (rows == 0) return;
+  fusedrl::DeviceGuard guard(device);
+  fusedrl::launch_onepass_epilogue(a, du16_dtype, reinterpret_cast<cudaStream_t>(stream));
+}
+
+void onepass_epilogue_host(FUSEDRL_ONEPASS_PARAMS) { fusedrl::onepass_epilogue_host(FUSEDRL_ONEPASS_ARGS, du16_dtype); }
+
+void row_stats_host(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t bias, uintptr_t targets,
+                    int64_t col_base, int64_t vocab_start, int64_t vocab_size, double temperature, double softcap,
+                    uintptr_t run, int64_t run_stride, bool first, bool last, uintptr_t lse, uintptr_t zt,
+                    uintptr_t ent) {
+  if (rows < 0 || cols <= 0 || ld < cols) throw std::invalid_argument("fusedrl._C: row_stats_host: bad sizes");
+  const fusedrl::row::RowStatsArgs a{ld,
+                                     rows,
+                                     cols,
+                                     reinterpret_cast<const float*>(bias),
+                                     reinterpret_cast<const int64_t*>(targets),
+                                     col_base,
+                                     vocab_start,
+                                     vocab_size,
+                                     fusedrl::make_transform(temperature, softcap),
+                                     reinterpret_cast<float*>(run),
+                                     run_stride,
+                                     first,
+                                     last,
+                                     reinterpret_cast<float*>(lse),
+                                     reinterpret_cast<float*>(zt),
+                                     reinterpret_cast<float*>(ent)};
+  fusedrl::row_stats_host(a, reinterpret_cast<const float*>(u));
+}
+
+void dz_host(uintptr_t u, int64_t ld_in, uintptr_t out, int64_t ld_out, int64_t rows, int64_t cols, uintptr_t bias,
+             uintptr_t targets, int64_t col_base, double temperature, double softcap, uintptr_t lse, uintptr_t ent,
+             uintptr_t g_lp, uintptr_t g_H) {
+  if (rows < 0 || cols <= 0 || ld_in < cols || ld_out < cols)
+    throw std::invalid_argument("fusedrl._C: dz_host: bad sizes");
+  if (g_H != 0 && ent == 0) throw std::invalid_argument("fusedrl._C: dz_host: g_H given without ent");
+  fusedrl::dz_host(reinterpret_cast<const float*>(u), ld_in, reinterpret_cast<float*>(out), ld_out, rows, cols,
+                   reinterpret_cast<const float*>(bias), reinterpret_cast<const int64_t*>(targets), col_base,
+                   fusedrl::make_transform(temperature, softcap), reinterpret_cast<const float*>(lse),
+                   reinterpret_cast<const float*>(ent), reinterpret_cast<const float*>(g_lp),
+                   reinterpret_cast<const float*>(g_H));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedrl CUDA kernels (cuBLAS-chunked GEMMs + fused LSE/entropy/dz epilogues); torch-ABI independent";
   m.attr("__version__") = FUSEDRL_VERSION_STR;
@@ -109,12 +206,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("ops", []() {
     return std::vector<std::string>{"linear_forward", "linear_backward", "logits_forward", "logits_backward",
-                                    "head_vanilla", "head_cov"};
+                                    "head_vanilla", "head_cov", "onepass_epilogue"};
   }, "Names of the compute entry points of this module.");
+  m.def("host_lanes", []() {
+    return std::vector<std::string>{"row_stats_host", "dz_host", "onepass_epilogue_host", "head_vanilla_host",
+                                    "head_cov_host"};
+  }, "Host loops running the kernels' own __host__ __device__ code over CPU memory.");
   m.def("kernels", []() {
     return std::vector<std::string>{"row_stats<float|half|bfloat16>", "dz<float->float|half|bfloat16, half->half, "
                                     "bfloat16->bfloat16>", "colsum", "cast<half|bfloat16>", "head_vanilla",
-                                    "head_cov"};
+                                    "head_cov", "onepass<none|half|bfloat16>"};
   }, "CUDA kernels compiled into this module.");
   m.def("compiled_archs", []() { return split_archs(FUSEDRL_CUDA_ARCHS_STR); },
         "CMAKE_CUDA_ARCHITECTURES this module was compiled for (e.g. ['80', '90a']).");
@@ -180,6 +281,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("candidates"),
         "Covariance (A - mean_A)(logp - mean_logp) per token; means = device [mean_A, mean_logp]; candidates "
         "(uint8, or 0 to skip) = Clip-Cov's valid & not clipped & lb < cov < ub.");
+  // Row kernels' host lanes (host_lanes.cpp): fp32, CPU pointers; same arguments as the kernels.
+  m.def("row_stats_host", &row_stats_host, py::call_guard<py::gil_scoped_release>(), py::arg("u"), py::arg("ld"),
+        py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("targets"), py::arg("col_base"),
+        py::arg("vocab_start"), py::arg("vocab_size"), py::arg("temperature"), py::arg("softcap"), py::arg("run"),
+        py::arg("run_stride"), py::arg("first"), py::arg("last"), py::arg("lse"), py::arg("zt"), py::arg("ent"),
+        "row_stats kernel's code over host memory: one [rows, cols] fp32 chunk merged into run[3, run_stride].");
+  m.def("dz_host", &dz_host, py::call_guard<py::gil_scoped_release>(), py::arg("u"), py::arg("ld_in"), py::arg("out"),
+        py::arg("ld_out"), py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("targets"), py::arg("col_base"),
+        py::arg("temperature"), py::arg("softcap"), py::arg("lse"), py::arg("ent"), py::arg("g_lp"), py::arg("g_H"),
+        "dz kernel's code over host memory: du of one fp32 chunk into out (may alias u).");
+  // One-pass row epilogue (onepass.cu): du written over u; du16 (0 = none) as du16_dtype (1 fp16, 2 bf16).
+  m.def("onepass_epilogue", &onepass_epilogue, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
+        py::arg("stream"), FUSEDRL_ONEPASS_PYARGS,
+        "One-pass row epilogue kernel on `stream`: logp/ent/lse/g_lp/g_H [rows] and du in place (device pointers).");
+  m.def("onepass_epilogue_host", &onepass_epilogue_host, py::call_guard<py::gil_scoped_release>(),
+        FUSEDRL_ONEPASS_PYARGS, "onepass_epilogue's code over host memory (CPU pointers), row by row.");
+  m.def("_debug_fail_gemm_after", &fusedrl::cublas_debug_fail_after, py::arg("k"),
+        "Test hook: the (k+1)-th cuBLAS GEMM from now throws once; k < 0 disarms.");
   m.def("head_cov_host", &fusedrl::head_cov_host, py::call_guard<py::gil_scoped_release>(), py::arg("logp"),
         py::arg("old_logp"), py::arg("advantages"), py::arg("mask"), py::arg("means"), py::arg("n"), py::arg("lo"),
         py::arg("hi"), py::arg("lb"), py::arg("ub"), py::arg("cov"), py::arg("candidates"),

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <mutex>
 #include <stdexcept>
 #include <unordered_map>
@@ -144,8 +145,18 @@ cublas_handle cublas_handle_for(int device, cudaStream_t stream, void* workspace
   return h;
 }
 
+namespace {
+// Test hook: < 0 off; k >= 0: the (k+1)-th cublas_gemm from now throws (once), as a failing cuBLAS call
+// would. Lets a GPU test drive the error paths of the chunk loops (side-stream join).
+std::atomic<int64_t> g_fail_after{-1};
+}  // namespace
+
+void cublas_debug_fail_after(int64_t k) { g_fail_after.store(k); }
+
 void cublas_gemm(cublas_handle h, int transa, int transb, int m, int n, int k, float alpha, const void* A, int Atype,
                  int lda, const void* B, int Btype, int ldb, float beta, void* C, int Ctype, int ldc, int compute) {
+  if (g_fail_after.load(std::memory_order_relaxed) >= 0 && g_fail_after.fetch_sub(1) == 0)
+    throw std::runtime_error("fusedrl._C: cublasGemmEx failed: injected failure (test hook)");
   int st = g_api.gemm_ex(h, transa, transb, m, n, k, &alpha, A, Atype, lda, B, Btype, ldb, &beta, C, Ctype, ldc,
                          compute, CUBLAS_GEMM_DEFAULT_);
   if (st != CUBLAS_STATUS_SUCCESS_) {

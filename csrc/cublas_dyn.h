@@ -3,6 +3,7 @@
 // reused; otherwise the candidate paths given by the Python side are tried.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -34,5 +35,8 @@ cublas_handle cublas_handle_for(int device, cudaStream_t stream, void* workspace
 // Row-major helper: see driver.cpp for the mapping. Throws on error.
 void cublas_gemm(cublas_handle h, int transa, int transb, int m, int n, int k, float alpha, const void* A, int Atype,
                  int lda, const void* B, int Btype, int ldb, float beta, void* C, int Ctype, int ldc, int compute);
+
+// Test hook: the (k+1)-th cublas_gemm from now throws once (k < 0: off).
+void cublas_debug_fail_after(int64_t k);
 
 }  // namespace fusedrl

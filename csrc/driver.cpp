@@ -18,6 +18,16 @@
 #include "fusedrl_cuda.h"
 
 namespace fusedrl {
+
+Transform make_transform(double temperature, double softcap) {
+  if (!(temperature > 0)) throw std::invalid_argument("fusedrl._C: temperature must be > 0");
+  Transform tr;
+  tr.temperature = (float)temperature;
+  tr.has_cap = softcap > 0 ? 1 : 0;
+  tr.cap = softcap > 0 ? (float)softcap : 1.f;
+  return tr;
+}
+
 namespace {
 
 constexpr size_t kAlign = 256;
@@ -43,15 +53,6 @@ void check_chunks(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t Vc) {
   check_int("H", H);
   check_int("chunk_tokens", Nc);
   check_int("chunk_vocab", Vc);
-}
-
-Transform make_transform(double temperature, double softcap) {
-  if (!(temperature > 0)) throw std::invalid_argument("fusedrl._C: temperature must be > 0");
-  Transform tr;
-  tr.temperature = (float)temperature;
-  tr.has_cap = softcap > 0 ? 1 : 0;
-  tr.cap = softcap > 0 ? (float)softcap : 1.f;
-  return tr;
 }
 
 int compute_type(int dt, bool allow_tf32) {
@@ -83,6 +84,45 @@ void join(cudaStream_t signaller, cudaStream_t waiter, cudaEvent_t ev) {
   FUSEDRL_CUDA_CHECK(cudaEventRecord(ev, signaller));
   FUSEDRL_CUDA_CHECK(cudaStreamWaitEvent(waiter, ev, 0));
 }
+
+// The side stream of one overlap-mode call, joined back into the caller's stream on EVERY exit.
+// torch's caching allocator only sees the caller's stream: if a cuBLAS call (or a launch) throws
+// while side-stream kernels still read or write the workspace, returning without the join would let
+// torch hand that memory to the next allocation on the caller's stream while those kernels run.
+// close() is the normal exit (errors reported); the destructor is the error path (never throws;
+// when even the event join fails, the host waits for the side stream).
+class SideStreamScope {
+ public:
+  // pool == nullptr: no overlap, the epilogue stream is the caller's stream.
+  SideStreamScope(SidePool* pool, cudaStream_t stream) : stream_(stream) {
+    if (pool != nullptr) join(stream, pool->side, pool->ev_in);  // side stream waits for the caller's work
+    pool_ = pool;
+  }
+  ~SideStreamScope() {
+    if (pool_ == nullptr) return;
+    if (cudaEventRecord(pool_->ev_done, pool_->side) != cudaSuccess ||
+        cudaStreamWaitEvent(stream_, pool_->ev_done, 0) != cudaSuccess) {
+      (void)cudaGetLastError();
+      (void)cudaStreamSynchronize(pool_->side);
+      (void)cudaGetLastError();
+    }
+  }
+  SideStreamScope(const SideStreamScope&) = delete;
+  SideStreamScope& operator=(const SideStreamScope&) = delete;
+
+  cudaStream_t epilogue_stream() const { return pool_ != nullptr ? pool_->side : stream_; }
+
+  // The caller's stream waits for everything queued on the side stream.
+  void close() {
+    if (pool_ == nullptr) return;
+    join(pool_->side, stream_, pool_->ev_done);
+    pool_ = nullptr;
+  }
+
+ private:
+  SidePool* pool_ = nullptr;
+  cudaStream_t stream_;
+};
 
 template <typename T>
 T* at(uintptr_t base, size_t off) {
@@ -202,7 +242,8 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
   cublas_handle h = cublas_handle_for(device, stream, cublas_ws > 0 ? at<void>(ws, lay.off_cublas) : nullptr,
                                       (size_t)cublas_ws);
   SidePool* pool = overlap ? &side_pool(device) : nullptr;
-  cudaStream_t epi = overlap ? pool->side : stream;
+  SideStreamScope side(pool, stream);  // joins the side stream on every exit, exceptions included
+  cudaStream_t epi = side.epilogue_stream();
   float* run = at<float>(ws, lay.off_run);
   const float* b = reinterpret_cast<const float*>(bias);
   const int64_t* tg = reinterpret_cast<const int64_t*>(targets);
@@ -210,7 +251,6 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
   float* zt_p = reinterpret_cast<float*>(zt);
   float* ent_p = reinterpret_cast<float*>(ent);
   const int comp = compute_type(dt, allow_tf32);
-  if (overlap) join(stream, epi, pool->ev_in);
   int64_t k = 0;
   for (int64_t n0 = 0; n0 < N; n0 += Nc) {
     const int64_t nc = std::min(Nc, N - n0);
@@ -229,7 +269,7 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
       if (overlap) FUSEDRL_CUDA_CHECK(cudaEventRecord(pool->ev_back[slot], epi));
     }
   }
-  if (overlap) join(epi, stream, pool->ev_done);
+  side.close();
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -263,7 +303,8 @@ void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, ui
   cublas_handle h = cublas_handle_for(device, stream, cublas_ws > 0 ? at<void>(ws, lay.off_cublas) : nullptr,
                                       (size_t)cublas_ws);
   SidePool* pool = overlap ? &side_pool(device) : nullptr;
-  cudaStream_t epi = overlap ? pool->side : stream;
+  SideStreamScope side(pool, stream);  // joins the side stream on every exit, exceptions included
+  cudaStream_t epi = side.epilogue_stream();
   const int comp = compute_type(dt, allow_tf32);
 
   float* dx_acc = at<float>(ws, lay.off_dx);
@@ -364,14 +405,13 @@ void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, ui
   // Pipeline on the caller's stream: L0, L1, G0, L2, G1, ... ; the side stream runs dz(k) after L(k).
   // Buffer reuse: L(k+2) is queued after G(k) on the caller's stream, and G(k) waited for dz(k),
   // so neither the logits nor the du buffer of slot k%2 is overwritten while still being read.
-  join(stream, epi, pool->ev_in);
   front(0);
   for (int64_t k = 0; k < K; ++k) {
     if (k + 1 < K) front(k + 1);
     if (gemms) back(k);
     else FUSEDRL_CUDA_CHECK(cudaStreamWaitEvent(stream, pool->ev_back[k % 2], 0));
   }
-  join(epi, stream, pool->ev_done);
+  side.close();
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "row_math.h"  // Transform, and the row math the host lanes share with the kernels
+
 namespace fusedrl {
 
 // dtype codes shared with fusedrl/backends/cuda_backend.py
@@ -34,13 +36,6 @@ inline const char* dtype_name(int dt) {
   }
   return "?";
 }
-
-// z = softcap(u) / T with softcap(u) = cap * tanh(u / cap) when has_cap.
-struct Transform {
-  float temperature;
-  float cap;
-  int has_cap;
-};
 
 #define FUSEDRL_CUDA_CHECK(expr)                                                                     \
   do {                                                                                              \
@@ -102,6 +97,25 @@ void launch_colsum(const float* a, int64_t lda, int64_t rows, int64_t cols, floa
 
 // dst[i] = (dt) src[i] for i < n (contiguous).
 void launch_cast_from_f32(const float* src, int dt, void* dst, int64_t n, cudaStream_t stream);
+
+// One-pass row epilogue (onepass.cu, docs/one-pass.md): ONE kernel over a [rows, cols] fp32 chunk of
+// raw logits a.U (block per row, grid-stride): stats -> LSE, H, logp; head -> g_lp, g_H; du written
+// over a.U and, when a.DU16 != null, as dtype du16_dt (kF16 / kBF16) into a.DU16.
+void launch_onepass_epilogue(const row::OnePassArgs& a, int du16_dt, cudaStream_t stream);
+
+// Throws std::invalid_argument naming the bad field of a one-pass call (sizes, codes, pointers).
+void check_onepass_args(const row::OnePassArgs& a, int du16_dt);
+
+// Validated transform from Python arguments (softcap <= 0: none).
+Transform make_transform(double temperature, double softcap);
+
+// Host lanes (host_lanes.cpp): the same row functions as the kernels, run over host memory, one row
+// at a time, with the kernels' thread striding and block-reduction order. fp32 only.
+void row_stats_host(const row::RowStatsArgs& a, const float* u);
+void dz_host(const float* u, int64_t ld_in, float* out, int64_t ld_out, int64_t rows, int64_t cols,
+             const float* bias, const int64_t* targets, int64_t col_base, Transform tr, const float* lse,
+             const float* ent, const float* g_lp, const float* g_H);
+void onepass_epilogue_host(const row::OnePassArgs& a, int du16_dt);
 
 // "" when this build has a kernel image for the current device, else the CUDA error text.
 std::string kernel_image_check();

@@ -1,5 +1,5 @@
 // fusedrl CUDA backend: per-token policy-loss head math (DESIGN.md section 2), shared by the CUDA
-// kernels (head.cu) and their host loops. One source for both, so the CPU test-suite checks the very
+// kernels (head.cu, and the one-pass row epilogue of onepass.cu via row_math.h) and their host loops. One source for both, so the CPU test-suite checks the very
 // arithmetic the GPU runs (only the launch differs).
 //
 // Every operation mirrors fusedrl/loss.py's torch expression, in fp32 and in the same order, with
@@ -113,6 +113,69 @@ FUSEDRL_HD bool clip_cov_candidate(float lp, float old, float adv, bool valid, f
   const float neg_a = -adv;
   const bool clipped = neg_a * clamp_nan(r, lo, hi) > neg_a * r;
   return !clipped && cov > lb && cov < ub;
+}
+
+// ------------------------------------------------------------------------------------------------
+// One-pass head (docs/one-pass.md, "Head coefficients"): g_lp = w (coef + kl_coef dKL/dlogp),
+// g_H = -w ent_coef, for the token-local modes. Each coefficient is the derivative torch autograd
+// takes of fusedrl/loss.py's expression (clamp passes the gradient on its closed interval).
+// ------------------------------------------------------------------------------------------------
+
+// mode codes (shared with fusedrl/backends/cuda_backend.py)
+enum PgMode : int { kClipped = 0, kGpg = 1, kCispo = 2, kUnclipped = 3 };
+// KL estimator codes
+enum KlType : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };
+
+struct HeadParams {
+  int mode;        // PgMode
+  float lo, hi;    // 1 - clip_ratio_low, 1 + clip_ratio_high
+  float c;         // dual-clip bound (read only when dual)
+  bool dual;       // dual clip (mode kClipped)
+  float ent_coef;  // entropy bonus coefficient
+  float kl_coef;   // KL coefficient (0: no KL term, REF not read)
+  int kl_type;     // KlType
+  bool kl_st;      // straight-through variant ("k1+", "k3+", ...): the k2 gradient
+};
+
+// dL/dlogp of the policy-gradient term of one valid token.
+FUSEDRL_HD float pg_coef(int mode, float lp, float old, float adv, float lo, float hi, float c, bool dual) {
+  if (mode == kClipped) return vanilla_token(lp, old, adv, true, lo, hi, c, dual).coef;
+  if (mode == kGpg) return -adv;  // L = -A logp
+  const float d = lp - old;
+  const float r = exp_f(clamp_nan(d, -kLogRatioClamp, kLogRatioClamp));
+  if (mode == kCispo) return -clamp_nan(r, lo, hi) * adv;  // L = -sg(clamp(r, lo, hi)) A logp
+  // kUnclipped: L = -A r; the log-ratio clamp passes the gradient on [-20, 20]
+  const bool in_range = d >= -kLogRatioClamp && d <= kLogRatioClamp;
+  return in_range ? (-adv) * r : 0.f;
+}
+
+// dKL/dlogp of fusedrl.loss.kl_penalty with delta = logp - ref.
+FUSEDRL_HD float kl_grad(float delta, int kl_type, bool st) {
+  if (st || kl_type == kK2) return delta;  // d(delta^2 / 2)
+  if (kl_type == kK1) return 1.f;
+  if (kl_type == kAbs) return is_nan(delta) ? delta : (delta > 0.f ? 1.f : (delta < 0.f ? -1.f : 0.f));
+  // kK3: x = clamp(-delta, -20, 20), kl = clamp(exp(x) - x - 1, -10, 10)
+  const float x = clamp_nan(-delta, -kLogRatioClamp, kLogRatioClamp);
+  const float ex = exp_f(x);
+  const float v = ex - x - 1.f;
+  const bool x_in = -delta >= -kLogRatioClamp && -delta <= kLogRatioClamp;
+  const bool v_in = v >= -10.f && v <= 10.f;
+  return (x_in && v_in) ? 1.f - ex : 0.f;
+}
+
+struct Grads {
+  float g_lp, g_H;
+};
+
+// Upstream gradients of token i with log-prob lp. Tokens with weight 0 get (0, 0) and their OLD /
+// ADV / REF entries are never read (NaN in padding cannot leak).
+FUSEDRL_HD Grads token_grads(float lp, const float* OLD, const float* ADV, const float* WEIGHT, const float* REF,
+                             int64_t i, const HeadParams& hp) {
+  const float w = WEIGHT[i];
+  if (w == 0.f) return Grads{0.f, 0.f};
+  float g = pg_coef(hp.mode, lp, OLD[i], ADV[i], hp.lo, hp.hi, hp.c, hp.dual);
+  if (hp.kl_coef != 0.f) g += hp.kl_coef * kl_grad(lp - REF[i], hp.kl_type, hp.kl_st);
+  return Grads{w * g, -w * hp.ent_coef};
 }
 
 }  // namespace head

@@ -5,6 +5,7 @@ list its ops and archs, and answer its CPU-side planning functions; the backend 
 unavailable with a reason. With a GPU (@pytest.mark.gpu): forward / backward / logits_* against the
 fp64 reference in the CCE idiom of tests/_helpers.py.
 """
+import math
 import os
 
 import pytest
@@ -38,8 +39,11 @@ def _ext_or_skip():
 def test_extension_lists_ops_and_archs():
     C = _ext_or_skip()
     assert set(C.ops()) == {"linear_forward", "linear_backward", "logits_forward", "logits_backward",
-                            "head_vanilla", "head_cov"}
-    assert callable(C.head_vanilla_host) and callable(C.head_cov_host)  # the head's CPU lane
+                            "head_vanilla", "head_cov", "onepass_epilogue"}
+    assert set(C.host_lanes()) == {"row_stats_host", "dz_host", "onepass_epilogue_host", "head_vanilla_host",
+                                   "head_cov_host"}
+    for name in C.host_lanes():  # the kernels' CPU lanes (tests/test_cuda_host_lanes.py)
+        assert callable(getattr(C, name))
     for name in C.ops():
         assert callable(getattr(C, name))
     archs = C.compiled_archs()
@@ -106,6 +110,66 @@ def test_plan_respects_budget(n, h, v, es, backward, overlap):
     assert used <= cb._budget() or (vc <= 256 or nc <= 64)
     nc2, vc2 = cb.plan(n, h, v, es, backward=backward, opts=dict(chunk_tokens=100, chunk_vocab=300))
     assert (nc2, vc2) == (min(100, n), 304)
+
+
+def _mock_free_memory(monkeypatch, free, reserved=0, allocated=0):
+    monkeypatch.delenv("FUSEDRL_CUDA_WORKSPACE_MB", raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda idx=None: (free, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda idx=None: reserved)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda idx=None: allocated)
+
+
+def test_default_budget_from_free_memory(monkeypatch):
+    mib, gib = 2**20, 2**30
+    assert cb.default_budget(None) == cb.BUDGET_UNKNOWN_MB * mib
+    assert cb.default_budget(70 * gib) == cb.BUDGET_MAX_MB * mib        # big GPU, idle: capped
+    assert cb.default_budget(1 * gib) == 128 * mib                      # 1/8 of what is free
+    assert cb.default_budget(10 * mib) == cb.BUDGET_MIN_MB * mib        # nearly full: floor
+    _mock_free_memory(monkeypatch, 512 * mib, reserved=1536 * mib, allocated=512 * mib)
+    assert cb._budget(0) == (512 + 1024) * mib // 8                      # torch's cached, unused bytes count
+    monkeypatch.setenv("FUSEDRL_CUDA_WORKSPACE_MB", "40")
+    assert cb._budget(0) == 40 * mib                                     # the env var wins
+    assert cb._budget(0, dict(workspace_mb=8)) == 8 * mib                # and the option wins over it
+    monkeypatch.delenv("FUSEDRL_CUDA_WORKSPACE_MB")
+
+    def boom(idx=None):
+        raise RuntimeError("no driver")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", boom)
+    assert cb._budget(0) == cb.BUDGET_UNKNOWN_MB * mib
+
+
+def _logits_gemm_waves(nc, vc, sms=132):
+    return math.ceil(nc / 128) * math.ceil(vc / 256) / sms
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("es", [2, 4])
+def test_plan_headline_shape_with_free_memory(monkeypatch, es, overlap):
+    """On an idle 80 GB GPU the default budget keeps 4096 x 4096 chunks (about 4 waves of 132 SMs),
+    where the old fixed 96 MiB halved them to one wave; the plan is flat in V."""
+    _mock_free_memory(monkeypatch, 70 * 2**30)
+    n, h = 8192, 4096
+    budget = cb._budget(0)
+    for backward in (False, True):
+        nc, vc = cb.plan(n, h, 151936, es, backward=backward, order=0, overlap=overlap, budget=budget)
+        assert (nc, vc) == (4096, 4096)
+        assert _logits_gemm_waves(nc, vc) >= 2
+        assert cb._chunk_bytes(nc, vc, h, es, backward, 0, True, True, False, overlap) <= budget
+        # flat in V: the same chunks and bytes for any vocabulary at least as large as the chunk
+        for v in (32000, 262144, 1 << 20):
+            assert cb.plan(n, h, v, es, backward=backward, order=0, overlap=overlap, budget=budget) == (nc, vc)
+    old = cb.plan(n, h, 151936, 2, backward=True, order=0, overlap=True, budget=96 * 2**20)
+    assert _logits_gemm_waves(*old) < 1  # what the fixed 96 MiB gave (bf16 backward, overlap)
+
+
+def test_plan_shrinks_with_little_free_memory(monkeypatch):
+    _mock_free_memory(monkeypatch, 100 * 2**20)
+    budget = cb._budget(0)
+    assert budget == cb.BUDGET_MIN_MB * 2**20
+    nc, vc = cb.plan(8192, 4096, 151936, 2, backward=True, order=0, overlap=True, budget=budget)
+    assert cb._chunk_bytes(nc, vc, 4096, 2, True, 0, True, True, False, True) <= budget
+    assert nc >= 64 and vc >= 256
 
 
 def test_order_choice():

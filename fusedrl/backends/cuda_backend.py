@@ -17,7 +17,9 @@ at first use (dlopen, the library torch already has loaded), so the module impor
 Options (``**opts`` of forward/backward, or environment variables):
   chunk_tokens / FUSEDRL_CUDA_CHUNK_TOKENS   token chunk (default: min(N, 4096), shrunk to the budget)
   chunk_vocab  / FUSEDRL_CUDA_CHUNK_VOCAB    vocab chunk (default: min(V, 4096), shrunk to the budget)
-  FUSEDRL_CUDA_WORKSPACE_MB (default 96)     budget of the chunk buffers (logits, du, chunk accumulator)
+  workspace_mb / FUSEDRL_CUDA_WORKSPACE_MB   budget of the chunk buffers (logits, du, chunk accumulator);
+                                             default 1/8 of the device's free memory, clamped to
+                                             [32, 256] MiB (see default_budget)
   FUSEDRL_CUBLAS_WORKSPACE_MB                cuBLAS workspace (default 32 on sm_90+, 4 otherwise)
   order / FUSEDRL_CUDA_ORDER                 backward loop order "vocab" | "token" | "auto" (default)
   lean_accumulation / FUSEDRL_CUDA_LEAN_ACCUM  16-bit inputs: accumulate the gradient that spans the outer
@@ -35,7 +37,7 @@ import json
 import os
 import sys
 import threading
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -154,8 +156,46 @@ def _round_up(a: int, b: int) -> int:
     return (a + b - 1) // b * b
 
 
-def _budget() -> int:
-    return int(float(os.environ.get("FUSEDRL_CUDA_WORKSPACE_MB", "96")) * 2**20)
+_MIB = 2**20
+#: default chunk-buffer budget: this fraction of the device's free memory, clamped to
+#: [BUDGET_MIN_MB, BUDGET_MAX_MB]. BUDGET_MAX_MB holds the largest default chunks (4096 x 4096:
+#: fp32 logits + 16-bit du, double-buffered, + the [Vc, H] fp32 accumulator at H = 4096), whose
+#: GEMMs fill about 4 waves of 132 SMs with 128 x 256 tiles; the old fixed 96 MiB halved them to
+#: 2048 x 2048 (one wave) at the headline shape.
+BUDGET_FREE_FRACTION = 1 / 8
+BUDGET_MIN_MB = 32
+BUDGET_MAX_MB = 256
+#: budget when the free memory is unknown (no device: planning on the host)
+BUDGET_UNKNOWN_MB = 96
+
+
+def default_budget(free_bytes: Optional[int]) -> int:
+    """Chunk-buffer budget in bytes from the device's free memory (None: unknown)."""
+    if free_bytes is None:
+        return BUDGET_UNKNOWN_MB * _MIB
+    b = int(free_bytes * BUDGET_FREE_FRACTION)
+    return max(BUDGET_MIN_MB * _MIB, min(BUDGET_MAX_MB * _MIB, b))
+
+
+def _free_bytes(idx: int) -> Optional[int]:
+    """Free device memory as torch can use it: the driver's free bytes plus torch's cached, unused ones."""
+    try:
+        free, _ = torch.cuda.mem_get_info(idx)
+        cached = torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx)
+        return int(free) + max(0, int(cached))
+    except Exception:  # no driver / device: plan as if unknown
+        return None
+
+
+def _budget(idx: Optional[int] = None, opts: Optional[dict] = None) -> int:
+    """Chunk-buffer budget: ``workspace_mb`` option, else FUSEDRL_CUDA_WORKSPACE_MB, else
+    :func:`default_budget` of the free memory of device ``idx`` (96 MiB without a device)."""
+    mb = (opts or {}).get("workspace_mb")
+    if mb is None:
+        mb = os.environ.get("FUSEDRL_CUDA_WORKSPACE_MB", "").strip() or None
+    if mb is not None:
+        return int(float(mb) * _MIB)
+    return default_budget(_free_bytes(idx) if idx is not None else None)
 
 
 def _cublas_ws_bytes(idx: int) -> int:
@@ -182,8 +222,12 @@ def _chunk_bytes(nc: int, vc: int, h: int, es: int, backward: bool, order: int, 
 
 def plan(n: int, h: int, v: int, es: int, backward: bool = False, order: int = 0, need_dx: bool = True,
          need_dw: bool = True, lean: bool = False, opts: Optional[dict] = None,
-         overlap: bool = False) -> Tuple[int, int]:
-    """(chunk_tokens, chunk_vocab). The vocab chunk is a multiple of 8 (aligned rows for cuBLAS)."""
+         overlap: bool = False, budget: Optional[int] = None) -> Tuple[int, int]:
+    """(chunk_tokens, chunk_vocab) for a chunk-buffer ``budget`` in bytes (default :func:`_budget`).
+
+    Starts at min(N, 4096) x min(V, 4096) and halves the larger side until the chunk buffers fit, so
+    the plan (and the memory) is flat in V. The vocab chunk is a multiple of 8 (aligned rows for cuBLAS).
+    """
     opts = opts or {}
     nc_user = opts.get("chunk_tokens") or _env_int("FUSEDRL_CUDA_CHUNK_TOKENS", None)
     vc_user = opts.get("chunk_vocab") or _env_int("FUSEDRL_CUDA_CHUNK_VOCAB", None)
@@ -191,7 +235,7 @@ def plan(n: int, h: int, v: int, es: int, backward: bool = False, order: int = 0
     vc = _round_up(max(1, min(v, int(vc_user) if vc_user else 4096)), 8)
     if nc_user and vc_user:
         return nc, vc
-    budget = _budget()
+    budget = _budget(None, opts) if budget is None else int(budget)
     while _chunk_bytes(nc, vc, h, es, backward, order, need_dx, need_dw, lean, overlap) > budget:
         can_v = not vc_user and vc > 256
         can_n = not nc_user and nc > 64
@@ -268,7 +312,7 @@ def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], tempe
     b = _f32(bias)
     es = x.element_size()
     overlap = _overlap(opts)
-    nc, vc = plan(n, h, v, es, backward=False, opts=opts, overlap=overlap)
+    nc, vc = plan(n, h, v, es, backward=False, opts=opts, overlap=overlap, budget=_budget(idx, opts))
     cws = _cublas_ws_bytes(idx)
     ws = torch.empty(_C.fwd_workspace_bytes(nc, vc, cws, overlap), dtype=torch.uint8, device=dev)
     _C.linear_forward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
@@ -313,7 +357,7 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
     lean = bool(opts.get("lean_accumulation", _env_flag("FUSEDRL_CUDA_LEAN_ACCUM")))
     overlap = _overlap(opts)
     nc, vc = plan(n, h, v, es, backward=True, order=order, need_dx=need_dx, need_dw=need_dw, lean=lean, opts=opts,
-                  overlap=overlap)
+                  overlap=overlap, budget=_budget(idx, opts))
     cws = _cublas_ws_bytes(idx)
     nbytes = _C.bwd_workspace_bytes(n, h, v, nc, vc, _DTYPE_CODE[x.dtype], order, lean, need_dx, need_dw, cws,
                                     overlap)
@@ -373,3 +417,158 @@ def logits_backward(logits: Tensor, targets: Tensor, temperature: float, softcap
         logits.copy_(out)
         return logits
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one-pass row epilogue (docs/one-pass.md; csrc/onepass.cu, host lane csrc/host_lanes.cpp)
+# ----------------------------------------------------------------------------------------------
+#: ``OnePassHead.mode`` codes (docs/one-pass.md, "Head coefficients"; csrc/head_math.h PgMode)
+HEAD_MODES = {"clipped": 0, "gpg": 1, "cispo": 2, "unclipped": 3}
+#: ``OnePassHead.kl_type`` codes (csrc/head_math.h KlType)
+KL_TYPES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+
+class OnePassHead(NamedTuple):
+    """Per-chunk head of the one-pass epilogue (docs/one-pass.md).
+
+    ``mode``: 0 clipped surrogate (vanilla; Clip-Cov unselected with ``dual=False``), 1 gpg, 2 cispo,
+    3 unclipped (KL-Cov unselected), or a name of :data:`HEAD_MODES`. ``clip_lo = 1 - clip_ratio_low``,
+    ``clip_hi = 1 + clip_ratio_high``, ``clip_c`` the dual-clip bound (read when ``dual``).
+    ``kl_type``: 0 k1, 1 abs, 2 k2, 3 k3, or a name of :data:`KL_TYPES`;
+    ``kl_st`` the straight-through variants (the k2 gradient). ``old``, ``adv``, ``weight`` (the
+    aggregation weight, 0 at masked tokens, whose other entries are never read) and ``ref`` (None
+    unless ``kl_coef != 0``) are ``[Nc]`` tensors. ``need_ent``: return the entropy even without an
+    entropy bonus.
+    """
+
+    mode: Union[int, str]
+    clip_lo: float
+    clip_hi: float
+    clip_c: Optional[float]
+    dual: bool
+    ent_coef: float
+    kl_coef: float
+    kl_type: Union[int, str]
+    kl_st: bool
+    old: Tensor
+    adv: Tensor
+    weight: Tensor
+    ref: Optional[Tensor]
+    need_ent: bool
+
+
+_onepass_dev_ok: Dict[int, Tuple[bool, str]] = {}
+
+
+def _onepass_device(t: Tensor) -> int:
+    """Device index for the kernel (device check cached; cuBLAS is not needed by the epilogue)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("onepass_epilogue: torch.cuda.is_available() is False")
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    with _lock:
+        if idx not in _onepass_dev_ok:
+            ok, why = _C.device_check(idx)
+            _onepass_dev_ok[idx] = (bool(ok), why)
+        ok, why = _onepass_dev_ok[idx]
+    if not ok:
+        raise RuntimeError(f"cuda backend unavailable: {why}")
+    return idx
+
+
+def _vec(name: str, t, n: int, dev: torch.device, dtype=torch.float32) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"onepass_epilogue: {name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != (n,):
+        raise ValueError(f"onepass_epilogue: {name} must have shape [{n}], got {tuple(t.shape)}")
+    if t.device != dev:
+        raise ValueError(f"onepass_epilogue: {name} is on {t.device}, the workspace u on {dev}")
+    return t.detach().to(dtype).contiguous()
+
+
+def _head_code(value, names: dict, what: str) -> int:
+    code = names.get(value) if isinstance(value, str) else value
+    if isinstance(code, bool) or not isinstance(code, int) or code not in names.values():
+        raise ValueError(f"onepass_epilogue: head.{what} must be one of {names} (name or code), got {value!r}")
+    return code
+
+
+def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+                     softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts):
+    """The one-pass row epilogue over one token chunk: ONE kernel (CUDA tensors, current stream) or its
+    host loop (CPU tensors; the same C++ row functions).
+
+    Args:
+        u: fp32 ``[Nc, V]`` workspace holding the raw logits ``x_c @ W^T`` (bias not added); unit
+            column stride, any row stride. Overwritten with ``du`` (``dz * dz/du``).
+        targets: ``[Nc]`` int token ids in ``[0, V)`` (masked tokens carry any valid id, e.g. 0).
+        bias: ``[V]`` or None, added to every row before the transform (``-inf`` masks a column).
+        temperature, softcap: ``z = softcap(u + b) / T``; softcap None = off.
+        head: :class:`OnePassHead` (or any NamedTuple with its fields).
+        du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``,
+            rounded once from the fp32 value (the operand of the two gradient GEMMs).
+        opts: accepted and ignored (the Triton launcher's tuning options).
+
+    Returns:
+        ``(logp, ent, lse, g_lp, g_H)``, fp32 ``[Nc]``; ``ent`` is None when neither ``head.need_ent``
+        nor an entropy bonus asks for it. ``g_lp = w (coef + kl_coef dKL/dlogp)``, ``g_H = -w ent_coef``.
+    """
+    if _C is None:
+        raise RuntimeError(_NOT_BUILT)
+    if not isinstance(u, Tensor) or u.dtype != torch.float32 or u.dim() != 2:
+        raise TypeError(f"onepass_epilogue: u must be a 2-D float32 tensor, got "
+                        f"{getattr(u, 'dtype', type(u).__name__)} of shape {tuple(getattr(u, 'shape', ()))}")
+    nc, v = u.shape
+    if v == 0:
+        raise ValueError("onepass_epilogue: u must have at least one column (V > 0)")
+    if nc > 0 and u.stride(1) != 1 and v > 1:
+        raise ValueError(f"onepass_epilogue: u needs unit column stride, got strides {tuple(u.stride())}")
+    dev = u.device
+    if dev.type not in ("cpu", "cuda"):
+        raise RuntimeError(f"onepass_epilogue runs on CUDA (kernel) and CPU (host loop), not {dev.type}")
+    if not (float(temperature) > 0):
+        raise ValueError(f"onepass_epilogue: temperature must be > 0, got {temperature!r}")
+    if softcap is not None and not (float(softcap) > 0):
+        raise ValueError(f"onepass_epilogue: softcap must be > 0 or None, got {softcap!r}")
+    missing = [f for f in OnePassHead._fields if not hasattr(head, f)]
+    if missing:
+        raise TypeError(f"onepass_epilogue: head lacks fields {missing} (use cuda_backend.OnePassHead)")
+    mode, kl_type = _head_code(head.mode, HEAD_MODES, "mode"), _head_code(head.kl_type, KL_TYPES, "kl_type")
+    dual = bool(head.dual)
+    if dual and head.clip_c is None:
+        raise ValueError("onepass_epilogue: head.dual needs head.clip_c")
+    kl_coef, ent_coef = float(head.kl_coef), float(head.ent_coef)
+    if kl_coef != 0.0 and head.ref is None:
+        raise ValueError("onepass_epilogue: head.kl_coef != 0 needs head.ref (reference log-probs)")
+    tg = _vec("targets", targets, nc, dev, torch.int64)
+    old, adv, weight = (_vec(f"head.{k}", getattr(head, k), nc, dev) for k in ("old", "adv", "weight"))
+    ref = _vec("head.ref", head.ref, nc, dev) if (head.ref is not None and kl_coef != 0.0) else None
+    b = _vec("bias", bias, v, dev) if bias is not None else None
+    du16_code = -1
+    if du16 is not None:
+        if not isinstance(du16, Tensor) or du16.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"onepass_epilogue: du16 must be a float16 or bfloat16 tensor, got "
+                            f"{getattr(du16, 'dtype', type(du16).__name__)}")
+        if tuple(du16.shape) != (nc, v) or du16.device != dev:
+            raise ValueError(f"onepass_epilogue: du16 must be [{nc}, {v}] on {dev}, got "
+                             f"{tuple(du16.shape)} on {du16.device}")
+        if nc > 0 and du16.stride(1) != 1 and v > 1:
+            raise ValueError(f"onepass_epilogue: du16 needs unit column stride, got {tuple(du16.stride())}")
+        du16_code = _DTYPE_CODE[du16.dtype]
+    want_ent = bool(head.need_ent) or ent_coef != 0.0
+    logp, lse, g_lp, g_H = (torch.empty(nc, dtype=torch.float32, device=dev) for _ in range(4))
+    ent = torch.empty(nc, dtype=torch.float32, device=dev) if want_ent else None
+    if nc == 0:
+        return logp, ent, lse, g_lp, g_H
+    clip_c = float(head.clip_c) if head.clip_c is not None else 1.0
+    # Python floats become fp32 arguments: the rounding of torch ops with a Python scalar on fp32 tensors
+    args = (u.data_ptr(), u.stride(0) if nc > 1 else v, nc, v, tg.data_ptr(), _ptr(b), float(temperature),
+            float(softcap) if softcap is not None else 0.0, old.data_ptr(), adv.data_ptr(), weight.data_ptr(),
+            _ptr(ref), mode, float(head.clip_lo), float(head.clip_hi), clip_c, dual, ent_coef, kl_coef, kl_type,
+            bool(head.kl_st), logp.data_ptr(), _ptr(ent), lse.data_ptr(), g_lp.data_ptr(), g_H.data_ptr(),
+            _ptr(du16), (du16.stride(0) if nc > 1 else v) if du16 is not None else 0, du16_code)
+    if dev.type == "cuda":
+        idx = _onepass_device(u)
+        _C.onepass_epilogue(idx, _stream(idx), *args)
+    else:
+        _C.onepass_epilogue_host(*args)
+    return logp, ent, lse, g_lp, g_H

@@ -1,0 +1,83 @@
+// fusedrl CUDA backend: host lanes of the row kernels (kernels.cu row_stats / dz, onepass.cu).
+//
+// Each loop runs the kernels' own row_math.h functions over host memory: per row, the per-thread
+// shares of the statistics for thread ids 0 .. kBlock-1 (the kernels' column striding), the block
+// reduction in the kernels' merge order, thread 0's part, then the element pass. The CPU test-suite
+// checks these against torch / fp64; on a GPU, tests hold the kernels against them. What can differ
+// from the device is only the libm (expf / logf / tanhf) and FMA contraction, i.e. a few ulp.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fusedrl_cuda.h"
+#include "row_math.h"
+
+namespace fusedrl {
+
+using row::kBlock;
+
+void row_stats_host(const row::RowStatsArgs& a, const float* u) {
+  row::Stat st[kBlock];
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* urow = u + r * a.ld;
+    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, a.tr, t, kBlock, row::LoadF32{});
+    row::row_stats_finish(a, urow, r, row::block_reduce_host<kBlock>(st), row::LoadF32{});
+  }
+}
+
+void dz_host(const float* u, int64_t ld_in, float* out, int64_t ld_out, int64_t rows, int64_t cols,
+             const float* bias, const int64_t* targets, int64_t col_base, Transform tr, const float* lse,
+             const float* ent, const float* g_lp, const float* g_H) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const row::DuRow d = row::du_row(lse, ent, g_lp, g_H, targets, r, col_base, cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = u[r * ld_in + j];
+      if (bias != nullptr) v += bias[j];
+      out[r * ld_out + j] = row::du_elem(v, j == d.tc, d, tr);
+    }
+  }
+}
+
+void check_onepass_args(const row::OnePassArgs& a, int du16_dt) {
+  auto bad = [](const std::string& what) { throw std::invalid_argument("fusedrl._C: onepass_epilogue: " + what); };
+  if (a.rows < 0) bad("rows must be >= 0");
+  if (a.cols <= 0) bad("cols must be > 0");
+  if (a.ld < a.cols) bad("ld must be >= cols");
+  if (a.rows == 0) return;
+  if (a.U == nullptr || a.TARGETS == nullptr || a.WEIGHT == nullptr || a.OLD == nullptr || a.ADV == nullptr)
+    bad("u, targets, old, adv and weight are required");
+  if (a.LOGP == nullptr || a.LSE == nullptr || a.G_LP == nullptr || a.G_H == nullptr)
+    bad("logp, lse, g_lp and g_H outputs are required");
+  if (a.hp.mode < head::kClipped || a.hp.mode > head::kUnclipped)
+    bad("mode must be 0 (clipped), 1 (gpg), 2 (cispo) or 3 (unclipped), got " + std::to_string(a.hp.mode));
+  if (a.hp.kl_type < head::kK1 || a.hp.kl_type > head::kK3)
+    bad("kl_type must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3), got " + std::to_string(a.hp.kl_type));
+  if (a.hp.kl_coef != 0.f && a.REF == nullptr) bad("kl_coef != 0 needs ref");
+  if (a.DU16 != nullptr) {
+    if (du16_dt != kF16 && du16_dt != kBF16) bad("du16 must be float16 or bfloat16");
+    if (a.ld16 < a.cols) bad("ld16 must be >= cols");
+  }
+}
+
+void onepass_epilogue_host(const row::OnePassArgs& a, int du16_dt) {
+  check_onepass_args(a, du16_dt);
+  row::Stat st[kBlock];
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* urow = a.U + r * a.ld;
+    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, a.tr, t, kBlock, row::LoadF32{});
+    const row::DuRow d = row::onepass_row(a, r, row::block_reduce_host<kBlock>(st));
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const float du = row::onepass_du(a, d, urow[j], j);
+      urow[j] = du;
+      if (a.DU16 == nullptr) continue;
+      if (du16_dt == kF16)
+        static_cast<__half*>(a.DU16)[r * a.ld16 + j] = __float2half_rn(du);
+      else
+        static_cast<__nv_bfloat16*>(a.DU16)[r * a.ld16 + j] = __float2bfloat16_rn(du);
+    }
+  }
+}
+
+}  // namespace fusedrl

@@ -1,0 +1,395 @@
+// fusedrl CUDA backend: the element-wise and per-row math of every row kernel (DESIGN.md section 3,
+// docs/one-pass.md), shared by the CUDA kernels (kernels.cu, onepass.cu) and their host loops
+// (host_lanes.cpp). One source for both, so the CPU test-suite runs the very arithmetic the GPU runs;
+// only the launch differs (a block of threads vs a loop over the same thread indices, and the
+// block reduction emulated in the same merge order).
+//
+// Contents:
+//  * the logit transform z = softcap(u + b) / T and its derivative;
+//  * online softmax statistics (M, S, B') per thread, their merge, and LSE / entropy from them;
+//  * the target pickup;
+//  * du = dz * dz/du per element, with the -inf guard (a masked column has p = 0 and du = 0, never
+//    0 * inf);
+//  * the row pieces of the recompute kernels (row_stats, dz) and of the one-pass row epilogue.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "head_math.h"
+
+namespace fusedrl {
+
+// z = softcap(u) / T with softcap(u) = cap * tanh(u / cap) when has_cap.
+struct Transform {
+  float temperature;
+  float cap;
+  int has_cap;
+};
+
+namespace row {
+
+// Threads per row of every row kernel; the host loops emulate blocks of this size.
+constexpr int kBlock = 256;
+
+FUSEDRL_HD float log_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return std::log(x);
+#endif
+}
+
+FUSEDRL_HD float tanh_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  return std::tanh(x);
+#endif
+}
+
+FUSEDRL_HD float max_f(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return fmaxf(a, b);
+#else
+  return std::fmax(a, b);
+#endif
+}
+
+FUSEDRL_HD float neg_inf() { return -INFINITY; }
+
+// ------------------------------------------------------------------------------------------------
+// Logit transform
+// ------------------------------------------------------------------------------------------------
+
+// z of a raw logit v = u + b.
+FUSEDRL_HD float logit(float v, const Transform& tr) {
+  if (tr.has_cap) v = tr.cap * tanh_f(v / tr.cap);
+  return v / tr.temperature;
+}
+
+struct ZGrad {
+  float z, dzdu;
+};
+
+// z and dz/du of a raw logit v = u + b (the same z as logit()).
+FUSEDRL_HD ZGrad logit_grad(float v, const Transform& tr) {
+  const float inv_t = 1.f / tr.temperature;
+  ZGrad o;
+  if (tr.has_cap) {
+    const float th = tanh_f(v / tr.cap);
+    o.z = (tr.cap * th) / tr.temperature;
+    o.dzdu = (1.f - th * th) * inv_t;
+  } else {
+    o.z = v / tr.temperature;
+    o.dzdu = inv_t;
+  }
+  return o;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Online softmax statistics
+// ------------------------------------------------------------------------------------------------
+
+// Statistics relative to the running max m: s = sum exp(z - m), b = sum (z - m) exp(z - m) (b <= 0),
+// so lse = m + log s and entropy = lse - sum p z = log s - b / s. Empty: m = -inf, s = b = 0.
+struct Stat {
+  float m, s, b;
+};
+
+// Per-thread accumulator: Kahan-compensated s and b (a thread may sum hundreds of terms on the logits
+// path at V ~ 152k; plain fp32 summation would cost ~1e-5 in the LSE there).
+struct ThreadStat {
+  float m, s, b, cs, cb;
+};
+
+FUSEDRL_HD Stat stat_empty() { return Stat{neg_inf(), 0.f, 0.f}; }
+FUSEDRL_HD ThreadStat thread_stat_empty() { return ThreadStat{neg_inf(), 0.f, 0.f, 0.f, 0.f}; }
+
+FUSEDRL_HD void kahan_add(float& sum, float& comp, float v) {
+  const float y = v - comp;
+  const float t = sum + y;
+  comp = (t - sum) - y;
+  sum = t;
+}
+
+FUSEDRL_HD void stat_add(ThreadStat& st, float z) {
+  if (z == neg_inf()) return;  // masked column: contributes nothing (never exp(-inf - -inf) = NaN)
+  if (z > st.m) {
+    if (st.s > 0.f) {
+      const float d = st.m - z;
+      const float a = head::exp_f(d);
+      const float s_true = st.s - st.cs;
+      st.b = a * ((st.b - st.cb) + d * s_true);
+      st.s = a * s_true;
+      st.cs = 0.f;
+      st.cb = 0.f;
+    }
+    st.m = z;
+  }
+  const float d = z - st.m;
+  const float e = head::exp_f(d);
+  kahan_add(st.s, st.cs, e);
+  kahan_add(st.b, st.cb, d * e);
+}
+
+FUSEDRL_HD Stat stat_fold(const ThreadStat& st) { return Stat{st.m, st.s - st.cs, st.b - st.cb}; }
+
+// Merge of two partial statistics; an empty side (s = 0, m = -inf) is skipped, so no -inf - -inf.
+FUSEDRL_HD Stat stat_merge(const Stat& x, const Stat& y) {
+  const float M = max_f(x.m, y.m);
+  Stat r{M, 0.f, 0.f};
+  if (x.s > 0.f) {
+    const float d = x.m - M;
+    const float a = head::exp_f(d);
+    r.s += a * x.s;
+    r.b += a * (x.b + d * x.s);
+  }
+  if (y.s > 0.f) {
+    const float d = y.m - M;
+    const float a = head::exp_f(d);
+    r.s += a * y.s;
+    r.b += a * (y.b + d * y.s);
+  }
+  return r;
+}
+
+struct Final {
+  float lse, ent;
+};
+
+FUSEDRL_HD Final stat_final(const Stat& st) {
+  const float ls = log_f(st.s);
+  return Final{st.m + ls, ls - st.b / st.s};
+}
+
+#if defined(__CUDACC__)
+// Block reduction of the kernels: butterfly within each warp, lane 0 of each warp to shared memory
+// `sh` (BLOCK / 32 entries), warp 0 butterflies the warp results. Result valid in thread 0. Ends with
+// a barrier, so `sh` (and anything thread 0 writes after it) can be reused for the next row.
+__device__ __forceinline__ Stat warp_reduce(Stat st) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    Stat o;
+    o.m = __shfl_xor_sync(0xffffffffu, st.m, off);
+    o.s = __shfl_xor_sync(0xffffffffu, st.s, off);
+    o.b = __shfl_xor_sync(0xffffffffu, st.b, off);
+    st = stat_merge(st, o);
+  }
+  return st;
+}
+
+template <int BLOCK>
+__device__ __forceinline__ Stat block_reduce(Stat st, Stat* sh) {
+  constexpr int kWarps = BLOCK / 32;
+  const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+  st = warp_reduce(st);
+  if (lane == 0) sh[wid] = st;
+  __syncthreads();
+  if (wid == 0) {
+    st = lane < kWarps ? sh[lane] : stat_empty();
+    st = warp_reduce(st);
+  }
+  __syncthreads();
+  return st;
+}
+#endif
+
+// Host emulation of the kernels' block reduction (kernels: warp butterfly with __shfl_xor_sync,
+// lane 0 of each warp to shared memory, warp 0 butterflies the warp results). Same merge order,
+// so the host loops reproduce the device's summation tree. `st` holds BLOCK per-thread values and
+// is clobbered; the result is thread 0's.
+template <int BLOCK>
+inline Stat block_reduce_host(Stat* st) {
+  static_assert(BLOCK % 32 == 0 && BLOCK / 32 <= 32, "BLOCK must be a multiple of 32, at most 1024");
+  constexpr int kWarps = BLOCK / 32;
+  Stat warp_out[kWarps];
+  Stat tmp[32];
+  for (int w = 0; w < kWarps; ++w) {
+    Stat* lanes = st + 32 * w;
+    for (int off = 16; off > 0; off >>= 1) {
+      for (int l = 0; l < 32; ++l) tmp[l] = stat_merge(lanes[l], lanes[l ^ off]);
+      for (int l = 0; l < 32; ++l) lanes[l] = tmp[l];
+    }
+    warp_out[w] = lanes[0];
+  }
+  Stat lanes[32];
+  for (int l = 0; l < 32; ++l) lanes[l] = l < kWarps ? warp_out[l] : stat_empty();
+  for (int off = 16; off > 0; off >>= 1) {
+    for (int l = 0; l < 32; ++l) tmp[l] = stat_merge(lanes[l], lanes[l ^ off]);
+    for (int l = 0; l < 32; ++l) lanes[l] = tmp[l];
+  }
+  return lanes[0];
+}
+
+// fp32 raw-logit load (the one-pass workspace and the host lanes).
+struct LoadF32 {
+  FUSEDRL_HD float operator()(float v) const { return v; }
+};
+
+// One thread's share of a row: columns tid, tid + nthreads, ... of raw logits `row` (+ bias).
+template <typename T, typename Load>
+FUSEDRL_HD Stat thread_row_stat(const T* urow, int64_t cols, const float* bias, const Transform& tr, int64_t tid,
+                                int64_t nthreads, Load load) {
+  ThreadStat ts = thread_stat_empty();
+  for (int64_t j = tid; j < cols; j += nthreads) {
+    float v = load(urow[j]);
+    if (bias != nullptr) v += bias[j];
+    stat_add(ts, logit(v, tr));
+  }
+  return stat_fold(ts);
+}
+
+// Local column of target t in the chunk [col_base, col_base + cols), or -1.
+FUSEDRL_HD int64_t target_col(int64_t t, int64_t col_base, int64_t cols) {
+  const int64_t c = t - col_base;
+  return (c >= 0 && c < cols) ? c : -1;
+}
+
+// ------------------------------------------------------------------------------------------------
+// du = dz * dz/du,  dz = g_lp (1[j = target] - p) - g_H p (z - lse + ent)
+// ------------------------------------------------------------------------------------------------
+
+// Per-row constants of the du formula.
+struct DuRow {
+  float lse;    // LSE of the row
+  float glp;    // g_lp
+  float gh;     // g_H
+  float shift;  // ent - lse: z - lse + ent = z + shift
+  int64_t tc;   // local target column, or -1
+};
+
+// du of one element with raw logit v = u + b. A -inf logit (masked vocabulary column) has p = 0,
+// and its entropy term is 0 (the limit of p z), never 0 * (-inf) = NaN.
+FUSEDRL_HD float du_elem(float v, bool is_target, const DuRow& d, const Transform& tr) {
+  const ZGrad zg = logit_grad(v, tr);
+  const float p = head::exp_f(zg.z - d.lse);
+  float dz = -d.glp * p;
+  if (is_target) dz += d.glp;
+  if (d.gh != 0.f && p > 0.f) dz -= d.gh * p * (zg.z + d.shift);
+  return dz * zg.dzdu;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Recompute path, forward: row_stats over one [rows, cols] chunk (see fusedrl_cuda.h launch_row_stats)
+// ------------------------------------------------------------------------------------------------
+
+struct RowStatsArgs {
+  int64_t ld, rows, cols;
+  const float* BIAS;       // chunk-local [cols] or null
+  const int64_t* TARGETS;  // [rows]
+  int64_t col_base, vocab_start, vocab_size;
+  Transform tr;
+  float* RUN;  // running (m, s, b): RUN[r], RUN[run_stride + r], RUN[2 run_stride + r]
+  int64_t run_stride;
+  bool first, last;
+  float* LSE;
+  float* ZT;
+  float* ENT;  // null: no entropy
+};
+
+// Thread 0's part of a row: merge into the running statistics (or finish them) and pick up the
+// target logit when it lies in this chunk.
+template <typename T, typename Load>
+FUSEDRL_HD void row_stats_finish(const RowStatsArgs& a, const T* urow, int64_t r, Stat st, Load load) {
+  if (!a.first) {
+    const Stat old{a.RUN[r], a.RUN[a.run_stride + r], a.RUN[2 * a.run_stride + r]};
+    st = stat_merge(old, st);
+  }
+  if (a.last) {
+    const Final f = stat_final(st);
+    a.LSE[r] = f.lse;
+    if (a.ENT != nullptr) a.ENT[r] = f.ent;
+  } else {
+    a.RUN[r] = st.m;
+    a.RUN[a.run_stride + r] = st.s;
+    a.RUN[2 * a.run_stride + r] = st.b;
+  }
+  const int64_t t = a.TARGETS[r];
+  const int64_t c = target_col(t, a.col_base, a.cols);
+  if (c >= 0) {
+    float v = load(urow[c]);
+    if (a.BIAS != nullptr) v += a.BIAS[c];
+    a.ZT[r] = logit(v, a.tr);
+  } else if (a.first) {
+    const int64_t g = t - a.vocab_start;
+    if (g < 0 || g >= a.vocab_size) a.ZT[r] = 0.f;  // target in another vocab shard
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Recompute path, backward: per-row constants of the dz kernel
+// ------------------------------------------------------------------------------------------------
+
+FUSEDRL_HD DuRow du_row(const float* LSE, const float* ENT, const float* G_LP, const float* G_H,
+                        const int64_t* TARGETS, int64_t r, int64_t col_base, int64_t cols) {
+  DuRow d;
+  d.lse = LSE[r];
+  d.glp = G_LP != nullptr ? G_LP[r] : 0.f;
+  d.gh = G_H != nullptr ? G_H[r] : 0.f;
+  d.shift = G_H != nullptr ? ENT[r] - d.lse : 0.f;
+  d.tc = target_col(TARGETS[r], col_base, cols);
+  return d;
+}
+
+// ------------------------------------------------------------------------------------------------
+// One-pass row epilogue (docs/one-pass.md): stats -> LSE, H, logp -> head -> g_lp, g_H -> du in place
+// ------------------------------------------------------------------------------------------------
+
+struct OnePassArgs {
+  float* U;  // [rows, cols] raw logits x_c W^T (row stride ld), overwritten with du
+  int64_t ld, rows, cols;
+  const int64_t* TARGETS;  // [rows] in [0, cols)
+  const float* BIAS;       // [cols] or null
+  Transform tr;
+  const float* OLD;     // [rows]
+  const float* ADV;     // [rows]
+  const float* WEIGHT;  // [rows]; 0 = masked token (OLD / ADV / REF not read)
+  const float* REF;     // [rows] or null (then kl_coef must be 0)
+  head::HeadParams hp;
+  float* LOGP;  // [rows]
+  float* ENT;   // [rows] or null
+  float* LSE;   // [rows]
+  float* G_LP;  // [rows]
+  float* G_H;   // [rows]
+  void* DU16;   // optional 16-bit copy of du (row stride ld16), dtype chosen by the caller
+  int64_t ld16;
+};
+
+// Thread 0's part of a one-pass row: LSE, H, logp from the reduced statistics, the head's
+// coefficients, every per-token output written; returns the du constants to broadcast.
+FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, int64_t r, const Stat& st) {
+  const Final f = stat_final(st);
+  const int64_t t = a.TARGETS[r];
+  const int64_t tc = target_col(t, 0, a.cols);
+  float zt = 0.f;
+  if (tc >= 0) {
+    float v = a.U[r * a.ld + tc];
+    if (a.BIAS != nullptr) v += a.BIAS[tc];
+    zt = logit(v, a.tr);
+  }
+  const float lp = zt - f.lse;
+  const head::Grads g = head::token_grads(lp, a.OLD, a.ADV, a.WEIGHT, a.REF, r, a.hp);
+  a.LOGP[r] = lp;
+  if (a.ENT != nullptr) a.ENT[r] = f.ent;
+  a.LSE[r] = f.lse;
+  a.G_LP[r] = g.g_lp;
+  a.G_H[r] = g.g_H;
+  DuRow d;
+  d.lse = f.lse;
+  d.glp = g.g_lp;
+  d.gh = g.g_H;
+  d.shift = f.ent - f.lse;
+  d.tc = tc;
+  return d;
+}
+
+// du of element j of a one-pass row (raw logit u read from the workspace, bias added here).
+FUSEDRL_HD float onepass_du(const OnePassArgs& a, const DuRow& d, float u, int64_t j) {
+  if (d.glp == 0.f && d.gh == 0.f) return 0.f;  // masked token: no exp, and nothing to propagate
+  const float v = a.BIAS != nullptr ? u + a.BIAS[j] : u;
+  return du_elem(v, j == d.tc, d, a.tr);
+}
+
+}  // namespace row
+}  // namespace fusedrl
