@@ -46,6 +46,8 @@ def fused_policy_loss(
     global_num_seqs: Normaliser = None,
     norm_len: Normaliser = None,
     check_inputs: Optional[bool] = None,
+    schedule: str = "auto",
+    memory_budget_mb: Optional[float] = None,
     **core_kwargs,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """RL policy loss straight from the last hidden states, without materialising logits.
@@ -68,6 +70,15 @@ def fused_policy_loss(
     gradient flows through the same backward pass) and skipped otherwise, unless
     ``return_entropy=True`` asks for the ``entropy`` metric anyway.
 
+    ``schedule`` (docs/one-pass.md): ``"one_pass"`` forms the gradients inside the forward, three
+    ``N·H·V`` GEMMs in all (backward only scales the stored ``dx``, ``dW``, ``db``; they are held from
+    forward to backward); ``"recompute"`` is the core op joined to the loss head by autograd (four GEMMs,
+    flat memory); ``"auto"`` (default; ``FUSEDRL_SCHEDULE`` overrides) takes ``one_pass`` when gradients
+    are needed and its workspace plus fp32 accumulators fit ``memory_budget_mb`` (default
+    ``FUSEDRL_MEMORY_BUDGET_MB``, else 512 MiB on CPU, ``min(4 GiB, free/4)`` on a GPU), else
+    ``recompute``. Vocab-parallel (``process_group``) and the ``reference`` backend always recompute.
+    The choice is logged at DEBUG level on the ``fusedrl`` logger.
+
     Returns ``(loss, metrics)`` exactly as :func:`fusedrl.policy_loss` on the core op's outputs.
     ``global_num_tokens`` / ``global_num_seqs`` / ``norm_len`` override the config's normalisers.
     ``check_inputs`` switches the host-syncing value checks of both parts (target range at valid
@@ -88,6 +99,15 @@ def fused_policy_loss(
         raise ValueError(f"mask is on {mask.device} but targets is on {targets.device}; all inputs must share a device")
     # padding ids (-100, pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
+    sched = _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, softcap, cfg, backend,
+                               process_group, schedule, memory_budget_mb, global_num_tokens, global_num_seqs, norm_len, check_inputs)
+    if sched is not None:
+        from . import onepass
+
+        name, cfg, budget, checks = sched
+        return onepass.one_pass_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias,
+                                            cu_seqlens, temperature, softcap, cfg, name, budget, want_entropy,
+                                            checks)
     logp, entropy = _core_op()(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         return_entropy=want_entropy, backend=backend, process_group=process_group, check_inputs=check_inputs,
@@ -96,6 +116,40 @@ def fused_policy_loss(
         logp, old_logp, advantages, mask, entropy=entropy, ref_logp=ref_logp, cu_seqlens=cu_seqlens,
         config=cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, norm_len=norm_len,
         check_inputs=check_inputs)
+
+
+def _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, softcap, cfg, backend, process_group,
+                       schedule, memory_budget_mb, global_num_tokens, global_num_seqs, norm_len, check_inputs):
+    """``(backend, config, budget bytes, checks)`` when the one-pass schedule (or its two-pass form) runs,
+    None for the recompute schedule. Validates the core op's inputs as the core op would."""
+    from . import onepass
+    from ._validate import check_core, want_checks
+    from .backends import ALL_NAMES, resolve
+    from .loss import _with_normalisers
+
+    if not isinstance(schedule, str) or schedule not in onepass.SCHEDULES:
+        raise ValueError(f"schedule must be one of {onepass.SCHEDULES}, got {schedule!r}")
+    if memory_budget_mb is not None and not (isinstance(memory_budget_mb, (int, float))
+                                             and not isinstance(memory_budget_mb, bool) and memory_budget_mb > 0):
+        raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
+    if not isinstance(backend, str) or backend not in ALL_NAMES:
+        raise ValueError(f"backend must be one of {ALL_NAMES}, got {backend!r}")
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        return None  # the core op raises the clear error
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad))
+    name = backend if backend in ("reference",) else None
+    if name is None and schedule != "recompute" and process_group is None:
+        name = resolve(backend, hidden.device)
+    family = onepass.choose(schedule, cfg, name or backend, process_group, need_grad)
+    if family == "recompute":
+        return None
+    temperature, softcap, dev = check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs)
+    cfg = _with_normalisers(cfg, global_num_tokens, global_num_seqs, norm_len)
+    budget = int(memory_budget_mb * 2**20) if memory_budget_mb is not None else onepass.default_budget_bytes(dev)
+    if family == "auto" and not onepass.auto_takes_one_pass(hidden, weight, targets, cu_seqlens, softcap, cfg, budget):
+        return None
+    return name, cfg, budget, want_checks(check_inputs, dev)
 
 
 class FusedPolicyLoss(nn.Module):
@@ -118,6 +172,8 @@ class FusedPolicyLoss(nn.Module):
         backend: str = "auto",
         process_group=None,
         return_entropy: Optional[bool] = None,
+        schedule: str = "auto",
+        memory_budget_mb: Optional[float] = None,
         **core_kwargs,
     ) -> None:
         super().__init__()
@@ -135,6 +191,15 @@ class FusedPolicyLoss(nn.Module):
         self.backend = backend
         self.process_group = process_group
         self.return_entropy = return_entropy
+        from .onepass import SCHEDULES
+
+        if not isinstance(schedule, str) or schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if memory_budget_mb is not None and not (isinstance(memory_budget_mb, (int, float))
+                                                 and not isinstance(memory_budget_mb, bool) and memory_budget_mb > 0):
+            raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
+        self.schedule = schedule
+        self.memory_budget_mb = memory_budget_mb
         self.core_kwargs = core_kwargs
 
     def forward(
@@ -161,8 +226,11 @@ class FusedPolicyLoss(nn.Module):
         kwargs.setdefault("process_group", self.process_group)
         kwargs.setdefault("return_entropy", self.return_entropy)
         kwargs.setdefault("config", self.config)
+        kwargs.setdefault("schedule", self.schedule)
+        kwargs.setdefault("memory_budget_mb", self.memory_budget_mb)
         return fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
                                  bias=bias, cu_seqlens=cu_seqlens, **kwargs)
 
     def extra_repr(self) -> str:
-        return f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, backend={self.backend!r}"
+        return (f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, "
+                f"backend={self.backend!r}, schedule={self.schedule!r}")

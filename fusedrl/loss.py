@@ -473,17 +473,31 @@ def _loss_gspo(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
     return _PG(loss, tok.masked_mean(l2 > l1), tok.zero_metric(), tok.masked_mean(-tok.log_ratio))
 
 
-def _loss_clip_cov(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
+def _loss_clip_cov(tok: _Tokens, cfg: PolicyLossConfig, keys: Optional[torch.Tensor] = None) -> _PG:
     """Clip-Cov: detach ``max(1, int(ratio*n_valid))`` tokens drawn uniformly at random among the
     valid, not PPO-clipped tokens with ``lb < cov < ub`` (their loss term gets zero weight but they
-    stay in the denominator). No dual clip. As verl, ``pg_clipfrac`` reports the detached fraction."""
+    stay in the denominator). No dual clip. As verl, ``pg_clipfrac`` reports the detached fraction.
+    ``keys``: the uniform random keys of the pick (default: drawn from ``config.generator``)."""
+    picked = _select_clip_cov(tok, cfg, keys)
+    return _clip_cov_terms(tok, cfg, picked)
+
+
+def _select_clip_cov(tok: _Tokens, cfg: PolicyLossConfig, keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Clip-Cov's pick: a uniform random subset of the candidates (bool [N])."""
+    with torch.no_grad():
+        l1, l2, _ = _clipped_surrogate(tok.adv, _ratio(tok), cfg)
+        cov, candidates = _covariance(tok, (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_cov_lb, cfg.clip_cov_ub))
+        if candidates is None:
+            candidates = tok.valid & ~(l2 > l1) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
+        k, k_max = _num_to_select(tok, cfg.clip_cov_ratio)
+        if keys is None:
+            keys = _random_keys(tok.logp, cfg.generator)
+        return _select_top_k(keys, candidates, k, k_max)
+
+
+def _clip_cov_terms(tok: _Tokens, cfg: PolicyLossConfig, picked: torch.Tensor) -> _PG:
+    """Clip-Cov's per-token loss for a given pick: the clipped surrogate, 0 on picked tokens."""
     l1, l2, lc = _clipped_surrogate(tok.adv, _ratio(tok), cfg)
-    cov, candidates = _covariance(tok, (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_cov_lb, cfg.clip_cov_ub))
-    if candidates is None:
-        candidates = tok.valid & ~(l2 > l1) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
-    k, k_max = _num_to_select(tok, cfg.clip_cov_ratio)
-    keys = _random_keys(tok.logp, cfg.generator)
-    picked = _select_top_k(keys, candidates, k, k_max)          # a uniform random subset of candidates
     loss = torch.where(picked, torch.zeros_like(lc), lc)
     frac = tok.masked_mean(picked)
     return _PG(loss, frac, tok.zero_metric(), tok.masked_mean(-tok.log_ratio), frac)
@@ -493,9 +507,19 @@ def _loss_kl_cov(tok: _Tokens, cfg: PolicyLossConfig) -> _PG:
     """KL-Cov: unclipped ``-A r`` plus ``ppo_kl_coef * |logp - old_logp|`` on the top
     ``max(1, int(ratio*n_valid))`` valid tokens by covariance (ties -> lower index). As verl,
     ``ppo_kl`` reports ``mean_m |d|`` and ``pg_clipfrac`` is 0."""
+    return _kl_cov_terms(tok, cfg, _select_kl_cov(tok, cfg))
+
+
+def _select_kl_cov(tok: _Tokens, cfg: PolicyLossConfig) -> torch.Tensor:
+    """KL-Cov's pick: the top-k valid tokens by covariance (bool [N])."""
+    with torch.no_grad():
+        k, k_max = _num_to_select(tok, cfg.kl_cov_ratio)
+        return _select_top_k(_covariance(tok)[0], tok.valid, k, k_max)
+
+
+def _kl_cov_terms(tok: _Tokens, cfg: PolicyLossConfig, picked: torch.Tensor) -> _PG:
+    """KL-Cov's per-token loss for a given pick."""
     loss = -tok.adv * _ratio(tok)
-    k, k_max = _num_to_select(tok, cfg.kl_cov_ratio)
-    picked = _select_top_k(_covariance(tok)[0], tok.valid, k, k_max)
     abs_kl = tok.log_ratio.abs()
     loss = loss + torch.where(picked, cfg.ppo_kl_coef * abs_kl, torch.zeros_like(abs_kl))
     zero = tok.zero_metric()
@@ -681,29 +705,65 @@ def policy_loss(
     the generator state (same layout + same seed -> same picks). KL-Cov and the Clip-Cov pick break
     ties in their key by the lower flat index (deterministic).
     """
+    cfg = _with_normalisers(config, global_num_tokens, global_num_seqs, norm_len)
+    if cfg.entropy_coeff != 0 and entropy is None:
+        raise ValueError("entropy_coeff > 0 needs the per-token entropy (pass entropy=...)")
+    if cfg.kl_loss_coef != 0 and ref_logp is None:
+        raise ValueError("kl_loss_coef > 0 needs the reference log-probs (pass ref_logp=...)")
+    loss, metrics, _ = _evaluate(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, cfg, check_inputs)
+    return loss, metrics
+
+
+def _with_normalisers(config: Optional[PolicyLossConfig], global_num_tokens: Normaliser = None,
+                      global_num_seqs: Normaliser = None, norm_len: Normaliser = None) -> PolicyLossConfig:
+    """The config (default: PolicyLossConfig()) with per-call normaliser overrides applied."""
     cfg = config if config is not None else PolicyLossConfig()
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
     overrides = {k: v for k, v in (("global_num_tokens", global_num_tokens),
                                    ("global_num_seqs", global_num_seqs), ("norm_len", norm_len)) if v is not None}
-    if overrides:
-        cfg = dataclasses.replace(cfg, **overrides)
-    if cfg.entropy_coeff != 0 and entropy is None:
-        raise ValueError("entropy_coeff > 0 needs the per-token entropy (pass entropy=...)")
-    if cfg.kl_loss_coef != 0 and ref_logp is None:
-        raise ValueError("kl_loss_coef > 0 needs the reference log-probs (pass ref_logp=...)")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
-    seg, valid, lp, old, adv, ent, ref = _flatten_inputs(
-        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs)
-    dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _make_tokens(seg: Optional[_Segments], valid: torch.Tensor, lp: torch.Tensor, old: torch.Tensor,
+                 adv: torch.Tensor) -> _Tokens:
+    """Sanitised per-token context: values at masked positions become 0 (no NaN/inf from padding)."""
+    dtype = lp.dtype
     zeros = torch.zeros(lp.shape, dtype=dtype, device=lp.device)
-    clean = lambda x: torch.where(valid, x.to(dtype), zeros)  # noqa: E731  (no NaN/inf from padding)
+    clean = lambda x: torch.where(valid, x.to(dtype), zeros)  # noqa: E731
     lp = clean(lp)
     old = clean(old.detach())
-    tok = _Tokens(valid=valid, n_valid=valid.sum(), logp=lp, old_logp=old,
-                  adv=clean(adv.detach()), log_ratio=lp - old, seg=seg)
+    return _Tokens(valid=valid, n_valid=valid.sum(), logp=lp, old_logp=old, adv=clean(adv.detach()),
+                   log_ratio=lp - old, seg=seg)
 
-    pg = _MODES[cfg.loss_mode](tok, cfg)
+
+def _pg_terms(tok: _Tokens, cfg: PolicyLossConfig, picked: Optional[torch.Tensor] = None, keys=None
+              ) -> Tuple[_PG, Optional[torch.Tensor]]:
+    """The configured mode's per-token loss and metrics, and the covariance pick (or None). With
+    ``picked`` given, the covariance modes skip their selection and use it."""
+    if cfg.loss_mode == "clip_cov":
+        picked = _select_clip_cov(tok, cfg, keys) if picked is None else picked
+        return _clip_cov_terms(tok, cfg, picked), picked
+    if cfg.loss_mode == "kl_cov":
+        picked = _select_kl_cov(tok, cfg) if picked is None else picked
+        return _kl_cov_terms(tok, cfg, picked), picked
+    return _MODES[cfg.loss_mode](tok, cfg), None
+
+
+def _evaluate(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, cfg: PolicyLossConfig,
+              check_inputs: Optional[bool] = None, keys: Optional[torch.Tensor] = None):
+    """policy_loss's body: ``(loss, metrics, picked)``, ``picked`` being the covariance modes' selection."""
+    seg, valid, lp, old, adv, ent, ref = _flatten_inputs(
+        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs)
+    dtype = _compute_dtype(logp)
+    tok = _make_tokens(seg, valid, lp.to(dtype), old, adv)
+    clean = lambda x: torch.where(valid, x.to(dtype), torch.zeros_like(tok.logp))  # noqa: E731
+
+    pg, picked = _pg_terms(tok, cfg, keys=keys)
     den = _denominators(tok, cfg)
     pg_loss = _aggregate(pg.loss, tok, den, cfg.loss_agg_mode)
     loss = pg_loss
@@ -719,10 +779,138 @@ def policy_loss(
         if cfg.entropy_coeff != 0:
             loss = loss - cfg.entropy_coeff * _aggregate(ent, tok, den, cfg.loss_agg_mode)
     if ref is not None:
-        kl = kl_penalty(lp, clean(ref.detach()), cfg.kl_loss_type)
+        kl = kl_penalty(tok.logp, clean(ref.detach()), cfg.kl_loss_type)
         metrics["kl"] = tok.masked_mean(kl)
         if cfg.kl_loss_coef != 0:
             loss = loss + cfg.kl_loss_coef * _aggregate(kl, tok, den, cfg.loss_agg_mode)
     if pg.cov_selected_frac is not None:
         metrics["cov_selected_frac"] = pg.cov_selected_frac
-    return loss, metrics
+    return loss, metrics, picked
+
+
+def metric_names(config: PolicyLossConfig, has_entropy: bool, has_ref: bool) -> Tuple[str, ...]:
+    """The keys of ``policy_loss``'s metrics dict, in order, for a config and the optional inputs."""
+    names = ["pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"]
+    if has_entropy:
+        names.append("entropy")
+    if has_ref:
+        names.append("kl")
+    if config.loss_mode in ("clip_cov", "kl_cov"):
+        names.append("cov_selected_frac")
+    return tuple(names)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loss head as the one-pass schedule sees it (fusedrl/onepass.py)
+# --------------------------------------------------------------------------------------------------
+
+#: modes whose per-token gradient needs only the token itself (plus normalisers fixed up front)
+TOKEN_LOCAL_MODES = ("vanilla", "gpg", "cispo")
+#: batch-level selection: one pass with unselected coefficients, then a rank-k correction
+SELECTION_MODES = ("clip_cov", "kl_cov")
+#: a ratio per sequence: token chunks must hold whole sequences
+SEQUENCE_MODES = ("gspo",)
+
+
+def _grad(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """Gradients of the scalar ``fn(*args)`` w.r.t. ``args`` by autograd, also where the caller runs below
+    the Autograd dispatch key (inside a ``torch.library.custom_op`` implementation, eager or compiled)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    for k in ("AutogradOther", "AutogradNestedTensor"):
+        keys = keys | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k))
+    exclude = torch._C._dispatch_tls_local_exclude_set() - keys
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        leaves = [a.detach().requires_grad_(True) for a in args]
+        out = fn(*leaves)
+        return tuple(g.detach() for g in torch.autograd.grad(out, leaves, allow_unused=True, materialize_grads=True))
+
+
+class TokenHead:
+    """The policy-loss head for a schedule that learns ``logp`` and entropy chunk by chunk.
+
+    Built once per batch from everything but the log-probs (which the schedule produces), it fixes
+    the normalisers up front: the aggregation is then a weighted sum ``sum_t w_t L_t`` (``w`` from
+    autograd through :func:`_aggregate` itself, so it is the aggregation's own formula), and the
+    per-token upstream gradients of a chunk follow from that chunk alone (:meth:`grads`). The
+    formulas are this module's; nothing here is written twice.
+    """
+
+    def __init__(self, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 ref_logp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], cfg: PolicyLossConfig,
+                 need_entropy: bool, dtype: torch.dtype = torch.float32, check_inputs: Optional[bool] = None):
+        if cfg.kl_loss_coef != 0 and ref_logp is None:
+            raise ValueError("kl_loss_coef > 0 needs the reference log-probs (pass ref_logp=...)")
+        self.cfg = cfg
+        self.inputs = (old_logp, advantages, mask, ref_logp, cu_seqlens)
+        seg, valid, _, old, adv, _, ref = _flatten_inputs(
+            old_logp, old_logp, advantages, mask, None, ref_logp, cu_seqlens, check_inputs)
+        self.dtype = dtype  # the compute dtype of the log-probs the schedule produces
+        self.seg, self.valid = seg, valid
+        self.old, self.adv = old.detach().to(self.dtype), adv.detach().to(self.dtype)
+        self.ref = None if ref is None else ref.detach().to(self.dtype)
+        self.need_entropy = bool(need_entropy)
+        tok = _make_tokens(seg, valid, torch.zeros_like(self.old), self.old, self.adv)
+        den = _denominators(tok, cfg)
+        self.weights = _grad(lambda v: _aggregate(v, tok, den, cfg.loss_agg_mode), torch.zeros_like(self.old))[0]
+
+    @property
+    def entropy_has_grad(self) -> bool:
+        return self.cfg.entropy_coeff != 0
+
+    def chunk_segments(self, start: int, stop: int, seqs: Optional[Tuple[int, int]]) -> Optional[_Segments]:
+        """Segments of tokens ``[start, stop)`` holding whole sequences ``seqs = (s0, s1)`` (sequence modes)."""
+        if seqs is None:
+            return None
+        s0, s1 = seqs
+        if self.seg.padded:
+            return _Segments(s1 - s0, seq_len=self.seg.T)
+        return _Segments(s1 - s0, seq_ids=(self.seg.seq_ids[start:stop] - s0).clamp(0, max(s1 - s0 - 1, 0)),
+                         lengths=self.seg.lengths[s0:s1])
+
+    def _objective(self, idx, lp: torch.Tensor, ent: Optional[torch.Tensor], seg: Optional[_Segments],
+                   picked: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``sum_t w_t (pg_t - ent_coef H_t + kl_coef kl_t)`` over the tokens ``idx`` (a slice or indices)."""
+        cfg = self.cfg
+        valid = self.valid[idx] if valid is None else valid
+        tok = _make_tokens(seg, valid, lp.to(self.dtype), self.old[idx], self.adv[idx])
+        if picked is None and cfg.loss_mode in SELECTION_MODES:
+            picked = torch.zeros_like(valid)
+        pg, _ = _pg_terms(tok, cfg, picked=picked)
+        per_tok = pg.loss
+        if cfg.entropy_coeff != 0 and ent is not None:
+            per_tok = per_tok - cfg.entropy_coeff * ent.to(self.dtype)
+        if cfg.kl_loss_coef != 0:
+            per_tok = per_tok + cfg.kl_loss_coef * kl_penalty(tok.logp, torch.where(valid, self.ref[idx], 0.0),
+                                                              cfg.kl_loss_type)
+        w = self.weights[idx]
+        return torch.where(valid, w * per_tok, torch.zeros_like(per_tok)).sum()
+
+    def grads(self, start: int, stop: int, logp: torch.Tensor, entropy: Optional[torch.Tensor],
+              seqs: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(g_lp, g_H)``: d loss / d logp and d loss / d entropy for tokens ``[start, stop)`` (fp32/fp64;
+        ``g_H`` None when the loss has no entropy term). Selection modes get their unselected terms.
+        ``seqs``: the whole sequences the chunk holds (sequence modes)."""
+        idx, seg = slice(start, stop), self.chunk_segments(start, stop, seqs)
+        lp = logp.detach().to(self.dtype)
+        if not self.entropy_has_grad:
+            return _grad(lambda a: self._objective(idx, a, None, seg, None), lp)[0], None
+        ent = entropy.detach().to(self.dtype)
+        return _grad(lambda a, b: self._objective(idx, a, b, seg, None), lp, ent)
+
+    def evaluate(self, logp: torch.Tensor, entropy: Optional[torch.Tensor], keys: Optional[torch.Tensor] = None):
+        """The exact ``policy_loss`` value, metrics and covariance pick for the whole batch (no grad)."""
+        old, adv, mask, ref, cu = self.inputs
+        shape = old.shape
+        with torch.no_grad():
+            ent = None if entropy is None else entropy.reshape(shape)
+            return _evaluate(logp.reshape(shape), old, adv, mask, ent, ref, cu, self.cfg, check_inputs=False,
+                             keys=keys)
+
+    def selection_delta(self, idx: torch.Tensor, logp_sel: torch.Tensor, picked_sel: torch.Tensor) -> torch.Tensor:
+        """Clip-Cov / KL-Cov: ``d(L_selected - L_unselected)/d logp`` for tokens ``idx`` whose pick flag is
+        ``picked_sel`` (0 for tokens not picked): the correction the one-pass schedule applies to them."""
+        valid = self.valid[idx] & picked_sel
+        on, off = torch.ones_like(valid), torch.zeros_like(valid)
+        delta = lambda a: (self._objective(idx, a, None, None, on, valid)  # noqa: E731
+                           - self._objective(idx, a, None, None, off, valid))
+        return _grad(delta, logp_sel.detach().to(self.dtype))[0]

@@ -10,7 +10,7 @@ round the logits themselves to bf16, which is the precision loss fusedrl exists 
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -248,3 +248,77 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
                       g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
         out[n0:n1] = du
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# One-pass schedule row epilogue (fusedrl/onepass.py, docs/one-pass.md), in torch ops over a whole
+# [rows, V] workspace: the generic epilogue of every backend (and the only one on CPU). It works in
+# place on the workspace plus one scratch buffer of the same size: after `onepass_stats` the workspace
+# holds d = z - M and the scratch e = exp(d), from which `onepass_du` forms du without another exp.
+# --------------------------------------------------------------------------------------------------
+
+_B_BLOCK = 8192  # columns per block of the entropy sum (bounds its temporary)
+
+
+class RowStats(NamedTuple):
+    lse: Tensor    # [rows]
+    zt: Tensor     # [rows] target logit z_t
+    ent: Optional[Tensor]
+    m: Tensor      # [rows] finite row max (0 for an all -inf row)
+    s: Tensor      # [rows] sum e^(z - m)
+    log_s: Tensor  # [rows]
+    e: Tensor      # [rows, V] e^(z - m) (the scratch buffer)
+
+
+def onepass_stats(u: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], need_ent: bool,
+                  scratch: Tensor, is_scaled: bool = False, may_have_neg_inf: bool = True) -> RowStats:
+    """Row statistics of a workspace of raw logits ``u`` (bias included) for the one-pass schedule.
+
+    ``u`` is overwritten with ``d = z - M`` (clamped at -1e4 when entropy is needed, so a -inf column
+    never forms 0 * inf); ``scratch`` (same shape and dtype) receives ``e = exp(d)``. ``is_scaled``: the
+    caller already divided the GEMM operand by T (no softcap), so ``u`` is ``z``. ``targets`` in [0, V).
+    """
+    if softcap is not None:
+        u.div_(softcap).tanh_().mul_(softcap / temperature)
+    elif not is_scaled and temperature != 1.0:
+        u.div_(temperature)
+    zt = u.gather(1, targets[:, None]).squeeze(1)
+    m = u.amax(dim=1)
+    m = torch.where(m == -torch.inf, torch.zeros_like(m), m)
+    u.sub_(m[:, None])
+    e = torch.exp(u, out=scratch)
+    s = e.sum(1)
+    log_s = torch.log(s)
+    lse = m + log_s
+    ent = None
+    if need_ent:
+        if may_have_neg_inf and softcap is None:  # softcapped logits are bounded: never -inf
+            u.clamp_(min=-1e4)  # e == 0 exactly there: the clamp changes no product but -inf * 0
+        b = torch.zeros_like(s)
+        for c0 in range(0, u.shape[1], _B_BLOCK):  # torch's cascaded sum keeps fp32 accurate at V ~ 1e5
+            b += (u[:, c0:c0 + _B_BLOCK] * e[:, c0:c0 + _B_BLOCK]).sum(1)
+        ent = log_s - b / s
+    return RowStats(lse, zt, ent, m, s, log_s, e)
+
+
+def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature: float, softcap: Optional[float],
+               g_lp: Tensor, g_H: Optional[Tensor]) -> Tensor:
+    """du = dL/du over the workspace after :func:`onepass_stats` (DESIGN.md section 3), formed in place:
+    ``p (a + c (z - LSE)) = e (alpha + beta d)`` with ``a = -(g_lp + g_H H)/T``, ``c = -g_H/T``, plus the
+    one-hot term ``g_lp/T``, times ``1 - tanh^2`` under softcap. Returns the buffer holding du (``u`` when
+    there is an entropy gradient, else the scratch ``e``)."""
+    inv_t = 1.0 / temperature
+    inv_s = 1.0 / st.s
+    e = st.e
+    onehot = g_lp * inv_t
+    if softcap is not None:  # z = d + m = tanh(u/c) c/T  ->  1 - tanh^2 = 1 - (z T/c)^2
+        k = temperature / softcap
+        e.mul_(torch.add(u, st.m[:, None]).mul_(k).square_().neg_().add_(1.0))
+        onehot = onehot * (1.0 - (st.zt * k).square())
+    if g_H is None:
+        du = e.mul_((-inv_t * g_lp * inv_s)[:, None])
+    else:
+        c = -inv_t * g_H
+        alpha = ((g_lp + g_H * st.ent).mul_(-inv_t) - c * st.log_s) * inv_s
+        du = u.mul_((c * inv_s)[:, None]).add_(alpha[:, None]).mul_(e)
+    return du.scatter_add_(1, targets[:, None], onehot[:, None])
