@@ -1,0 +1,415 @@
+"""The one-pass schedule of fused_policy_loss (docs/one-pass.md) equals the two-pass result.
+
+``schedule="one_pass"`` must give ``policy_loss(linear_logprob_entropy(...))``'s value, metrics and
+gradients of hidden, weight and bias: every loss mode and aggregation, entropy bonus, KL to a
+reference, packed and padded inputs, masked rows, an all-masked batch, temperature, softcap, bias;
+on the torch epilogue (CPU), the Triton epilogue (interpreter) and the CUDA epilogue's host lane.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import fusedrl
+from fusedrl import onepass
+from fusedrl.fused import FusedPolicyLoss, fused_policy_loss
+from fusedrl.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig
+
+from _helpers import GRAD_ATOL
+
+# a budget of a few KiB forces several token chunks at these shapes
+TINY_BUDGET_MB = 0.05
+
+
+def make_case(B=3, T=7, H=24, V=507, dtype=torch.float64, packed=False, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(B, T, H, generator=g) / H ** 0.25).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lengths = torch.tensor([T, 3, 5, 6, 2][:B])
+    mask = (torch.arange(T)[None] < lengths[:, None]) & (torch.rand(B, T, generator=g) > 0.15)
+    targets = targets.masked_fill(~mask, -100)
+    with torch.no_grad():
+        lp, _ = fusedrl.reference.linear_logprob_entropy(hidden.double(), weight.double(), targets.clamp_min(0),
+                                                         None if b is None else b.double())
+    old = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(B, generator=g) * 2
+    case = dict(hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=adv, mask=mask,
+                ref_logp=ref, bias=b)
+    if packed:
+        idx = torch.cat([torch.arange(i * T, i * T + int(n)) for i, n in enumerate(lengths)])
+        flat = lambda x: x.reshape(B * T, *x.shape[2:])[idx]  # noqa: E731
+        case.update(hidden=flat(hidden), targets=flat(targets), old_logp=flat(old), mask=flat(mask),
+                    ref_logp=flat(ref), cu_seqlens=torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32))
+    return case
+
+
+def run(case, cfg, schedule, backend="torch", **kw):
+    """(loss, metrics, grads of hidden/weight/bias) of one fused_policy_loss call on fresh leaves."""
+    c = dict(case)
+    leaves = []
+    for k in ("hidden", "weight", "bias"):
+        if c.get(k) is not None:
+            c[k] = c[k].detach().clone().requires_grad_()
+            leaves.append(c[k])
+    if cfg.generator is not None:
+        cfg = cfg.replace(generator=torch.Generator().manual_seed(cfg.generator.initial_seed()))
+    loss, metrics = fused_policy_loss(**c, config=cfg, schedule=schedule, backend=backend, **kw)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, grads
+
+
+def assert_same(a, b, atol, rtol=1e-5):
+    la, ma, ga = a
+    lb, mb, gb = b
+    torch.testing.assert_close(la, lb, atol=atol, rtol=rtol)
+    assert list(ma) == list(mb)
+    for k in ma:
+        torch.testing.assert_close(ma[k], mb[k], atol=atol, rtol=rtol, msg=k)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol)
+
+
+def config(mode, agg="token-mean", **kw):
+    base = dict(loss_mode=mode, loss_agg_mode=agg, entropy_coeff=0.01, kl_loss_coef=0.1,
+                clip_cov_ratio=0.2, kl_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0,
+                generator=torch.Generator().manual_seed(7))
+    base.update(kw)
+    return PolicyLossConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------
+# Equality with the two-pass result (fp64: the schedules differ only in summation order)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_one_pass_equals_two_pass(mode, agg, layout):
+    case = make_case(packed=layout == "packed", seed=LOSS_MODES.index(mode))
+    cfg = config(mode, agg)
+    kw = dict(temperature=0.7, memory_budget_mb=TINY_BUDGET_MB, return_entropy=True)
+    assert_same(run(case, cfg, "one_pass", **kw), run(case, cfg, "recompute", **kw), atol=1e-10)
+
+
+@pytest.mark.parametrize("kl", KL_LOSS_TYPES)
+def test_one_pass_kl_types(kl):
+    case = make_case(seed=3)
+    cfg = config("vanilla", kl_loss_type=kl, kl_loss_coef=0.5)
+    kw = dict(memory_budget_mb=TINY_BUDGET_MB)
+    assert_same(run(case, cfg, "one_pass", **kw), run(case, cfg, "recompute", **kw), atol=1e-10)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_pass_transforms(softcap, temperature, bias):
+    case = make_case(seed=5, bias=bias)
+    cfg = config("vanilla", clip_ratio_high=0.28)
+    kw = dict(temperature=temperature, softcap=softcap, memory_budget_mb=TINY_BUDGET_MB)
+    assert_same(run(case, cfg, "one_pass", **kw), run(case, cfg, "recompute", **kw), atol=1e-10)
+
+
+def test_one_pass_masked_vocabulary_bias():
+    """A -inf bias entry masks a vocabulary column: p = 0 there, du = 0, no 0 * inf, with an entropy
+    gradient flowing."""
+    case = make_case(seed=9)
+    case["bias"][[0, 17, 506]] = -torch.inf
+    case["targets"] = torch.where(case["targets"] == 17, 18, case["targets"])
+    cfg = config("vanilla", entropy_coeff=0.3)
+    out = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB)
+    for t in (out[0], *out[2][:2]):
+        assert torch.isfinite(t).all()
+    assert_same(out, run(case, cfg, "recompute"), atol=1e-10)
+
+
+def test_one_pass_single_chunk_and_many_chunks_agree():
+    case = make_case(seed=2)
+    cfg = config("vanilla")
+    big = run(case, cfg, "one_pass", memory_budget_mb=64)
+    small = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB)
+    assert_same(big, small, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", LOSS_MODES)
+def test_one_pass_all_masked_batch(mode):
+    case = make_case(seed=4)
+    case["mask"] = torch.zeros_like(case["mask"])
+    loss, metrics, grads = run(case, config(mode), "one_pass")
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(v) for v in metrics.values())
+    for g in grads:
+        assert (g == 0).all()
+
+
+def test_one_pass_empty_batch():
+    w = torch.randn(11, 8, requires_grad=True)
+    hidden = torch.zeros(0, 5, 8, requires_grad=True)
+    z = torch.zeros(0, 5)
+    loss, _ = fused_policy_loss(hidden, w, torch.zeros(0, 5, dtype=torch.long), z, torch.zeros(0), z.bool(),
+                                config=PolicyLossConfig(entropy_coeff=0.1), schedule="one_pass")
+    loss.backward()
+    assert loss.item() == 0.0 and hidden.grad.shape == hidden.shape and (w.grad == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Low precision and backends: within the DESIGN.md section 5 tolerances of the reference
+# ------------------------------------------------------------------------------------------------
+
+
+def _epilogues():
+    out = ["torch"]
+    if "triton" in fusedrl.available_backends("cpu"):
+        out.append("triton")
+    from fusedrl.backends import cuda_backend
+
+    if cuda_backend.extension() is not None and hasattr(cuda_backend, "onepass_epilogue"):
+        out.append("cuda")
+    return out
+
+
+EPILOGUES = _epilogues()
+# the triton interpreter is slow: a subset of modes there
+_KERNEL_MODES = ["vanilla", "gpg", "cispo", "clip_cov", "kl_cov"]
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@pytest.mark.parametrize("mode", _KERNEL_MODES)
+def test_one_pass_epilogues_fp32(monkeypatch, epilogue, mode):
+    """Each backend's epilogue (torch ops; Triton in the interpreter; the CUDA epilogue's host lane) in
+    the one-pass schedule vs the fp64 two-pass result."""
+    monkeypatch.setenv(onepass.EPILOGUE_ENV, epilogue)
+    case = make_case(B=2, T=5, H=16, V=203, dtype=torch.float32, seed=11)
+    cfg = config(mode, clip_ratio_high=0.28)
+    backend = "triton" if epilogue == "triton" else "torch"
+    got = run(case, cfg, "one_pass", backend=backend, temperature=0.8, memory_budget_mb=0.01)
+    case64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k in
+                  ("hidden", "weight", "bias") else v) for k, v in case.items()}
+    want = run(case64, cfg, "recompute", backend="reference", temperature=0.8)
+    torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
+    for k in want[1]:
+        torch.testing.assert_close(got[1][k].double(), want[1][k].double(), atol=1e-5, rtol=1e-5, msg=k)
+    for g, r in zip(got[2], want[2]):
+        torch.testing.assert_close(g.double(), r, atol=GRAD_ATOL[torch.float32], rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_one_pass_low_precision(dtype):
+    """16-bit inputs: the one-pass gradients are no further from fp64 than the recompute schedule's,
+    plus the DESIGN.md tolerance."""
+    case = make_case(B=2, T=6, H=32, V=301, dtype=dtype, seed=12)
+    cfg = config("vanilla")
+    one = run(case, cfg, "one_pass", memory_budget_mb=0.02)
+    rec = run(case, cfg, "recompute")
+    case64 = {k: (v.double() if k in ("hidden", "weight", "bias") and v is not None else v) for k, v in case.items()}
+    ref = run(case64, cfg, "recompute", backend="reference")
+    assert abs(one[0].double() - ref[0]).item() <= abs(rec[0].double() - ref[0]).item() + 1e-5
+    for g1, g2, g0 in zip(one[2], rec[2], ref[2]):
+        e1 = (g1.double() - g0).abs().max().item()
+        e2 = (g2.double() - g0).abs().max().item()
+        assert e1 <= e2 + GRAD_ATOL[dtype], (e1, e2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Clip-Cov / KL-Cov: the same selection as the two-pass path
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["clip_cov", "kl_cov"])
+def test_one_pass_selects_the_same_tokens(monkeypatch, mode):
+    from fusedrl import loss as loss_mod
+
+    picks = []
+    real = loss_mod._evaluate
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        picks.append(out[2].clone())
+        return out
+
+    monkeypatch.setattr(loss_mod, "_evaluate", spy)
+    case = make_case(B=4, T=9, seed=21)
+    cfg = config(mode, clip_cov_ratio=0.1, kl_cov_ratio=0.1)
+    one = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB)
+    rec = run(case, cfg, "recompute")
+    assert len(picks) == 2 and picks[0].any()
+    assert torch.equal(picks[0], picks[1])
+    assert_same(one, rec, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sequence-level losses: sequence-aligned chunks, or the documented two-pass fallback
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_gspo_chunks_whole_sequences(monkeypatch, layout):
+    seen = []
+    real = onepass._run
+
+    def spy(x, w, targets, bias, head, pln, *a):
+        seen.append(pln)
+        return real(x, w, targets, bias, head, pln, *a)
+
+    monkeypatch.setattr(onepass, "_run", spy)
+    case = make_case(B=5, T=6, packed=layout == "packed", seed=8)
+    cfg = config("gspo", "seq-mean-token-mean")
+    # room for two sequences per chunk: several chunks, each of whole sequences
+    budget = (2 * 6 * 507 * 8 * 2 + 507 * 4 + 100) / 2**20
+    one = run(case, cfg, "one_pass", memory_budget_mb=budget)
+    assert seen and seen[0].schedule == "one_pass" and len(seen[0].chunks) > 1
+    for a, b, seqs in seen[0].chunks:
+        assert seqs is not None
+    assert_same(one, run(case, cfg, "recompute"), atol=1e-10)
+
+
+def test_gspo_two_pass_fallback(monkeypatch):
+    calls = []
+    real = onepass._run_two_pass
+    monkeypatch.setattr(onepass, "_run_two_pass", lambda *a: calls.append(1) or real(*a))
+    case = make_case(B=2, T=7, seed=6)
+    cfg = config("gspo")
+    one = run(case, cfg, "one_pass", memory_budget_mb=0.02)  # a sequence does not fit
+    assert calls
+    assert_same(one, run(case, cfg, "recompute"), atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules: no gradients without need, grad accumulation, torch.compile, auto, validation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nothing_formed_without_grad(monkeypatch):
+    flags = []
+    real = onepass._run
+
+    def spy(x, w, targets, bias, head, pln, temperature, softcap, backend, keys, need_dx, need_dw, need_db, we):
+        flags.append((need_dx, need_dw, need_db))
+        return real(x, w, targets, bias, head, pln, temperature, softcap, backend, keys, need_dx, need_dw,
+                    need_db, we)
+
+    monkeypatch.setattr(onepass, "_run", spy)
+    case = make_case(seed=1)
+    cfg = config("vanilla")
+    with torch.no_grad():
+        c = {k: (v.requires_grad_() if k in ("hidden", "weight") else v) for k, v in make_case(seed=1).items()}
+        loss, _ = fused_policy_loss(**c, config=cfg, schedule="one_pass")
+    assert flags == [(False, False, False)] and not loss.requires_grad
+    flags.clear()
+    loss2, _ = fused_policy_loss(**case, config=cfg, schedule="one_pass")  # no input requires grad
+    assert flags == [(False, False, False)]
+    torch.testing.assert_close(loss, loss2)
+
+
+def test_grad_accumulation_over_micro_batches():
+    """Two micro-batches with the global normalisers give the one big batch's gradients."""
+    case = make_case(B=4, T=7, seed=13, bias=False)
+    n_tok = case["mask"].sum()
+    cfg = config("vanilla", entropy_coeff=0.0, kl_loss_coef=0.0, generator=None)
+    w = case["weight"].clone().requires_grad_()
+    for half in (slice(0, 2), slice(2, 4)):
+        part = {k: (v[half] if isinstance(v, torch.Tensor) and k not in ("weight",) else v) for k, v in case.items()}
+        part["weight"] = w
+        loss, _ = fused_policy_loss(**part, config=cfg, schedule="one_pass", global_num_tokens=n_tok,
+                                    memory_budget_mb=TINY_BUDGET_MB)
+        loss.backward()
+    whole = run(case, cfg, "recompute")
+    torch.testing.assert_close(w.grad, whole[2][1], atol=1e-12, rtol=1e-9)
+
+
+def test_backward_scales_by_upstream_gradient():
+    case = make_case(seed=14)
+    cfg = config("vanilla")
+    c = {k: (v.clone().requires_grad_() if k in ("hidden", "weight", "bias") else v) for k, v in case.items()}
+    loss, _ = fused_policy_loss(**c, config=cfg, schedule="one_pass")
+    (3.5 * loss).backward()
+    _, _, g = run(case, cfg, "recompute")
+    for leaf, ref in zip((c["hidden"], c["weight"], c["bias"]), g):
+        torch.testing.assert_close(leaf.grad, 3.5 * ref, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "kl_cov", "gspo"])
+def test_one_pass_compiles_fullgraph(mode):
+    case = make_case(seed=15, dtype=torch.float32)
+    cfg = config(mode, generator=None)
+
+    def f(hidden, weight, bias):
+        loss, metrics = fused_policy_loss(hidden, weight, case["targets"], case["old_logp"], case["advantages"],
+                                          case["mask"], ref_logp=case["ref_logp"], bias=bias, config=cfg,
+                                          schedule="one_pass", backend="torch", memory_budget_mb=TINY_BUDGET_MB)
+        return loss, metrics["pg_clipfrac"]
+
+    leaves = [case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    torch._dynamo.reset()
+    loss, frac = torch.compile(f, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager = [case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss_e, frac_e = f(*eager)
+    grads_e = torch.autograd.grad(loss_e, eager)
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(frac, frac_e)
+    for a, b in zip(grads, grads_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_schedule_choice(caplog):
+    case = make_case(seed=16)
+    cfg = config("vanilla")
+    with caplog.at_level(logging.DEBUG, logger="fusedrl"):
+        run(case, cfg, "auto")
+    assert any("schedule one_pass" in r.message for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="fusedrl"):
+        run(case, cfg, "auto", memory_budget_mb=0.001)  # not even the accumulators fit
+    assert any("schedule recompute" in r.message for r in caplog.records)
+
+
+def test_plan_rules():
+    cfg = PolicyLossConfig()
+    p = onepass.plan(4096, 1024, 32000, torch.float32, cfg, "auto", 512 * 2**20)
+    assert p.schedule == "one_pass" and len(p.chunks) >= 2
+    assert sum(b - a for a, b, _ in p.chunks) == 4096
+    assert onepass.plan(4096, 1024, 32000, torch.float32, cfg, "auto", 2**20).schedule == "recompute"
+    assert onepass.plan(4096, 1024, 32000, torch.float32, cfg, "one_pass", 2**20).schedule == "one_pass"
+    # 16-bit inputs: the fp32 dW accumulator counts against the budget (headline shape)
+    head = onepass.plan(8192, 4096, 151936, torch.bfloat16, cfg, "auto", 4096 * 2**20)
+    assert head.schedule == "one_pass"
+    assert onepass.plan(8192, 4096, 151936, torch.bfloat16, cfg, "auto", 2048 * 2**20).schedule == "recompute"
+    gspo = PolicyLossConfig(loss_mode="gspo")
+    assert onepass.plan(64, 8, 100, torch.float32, gspo, "auto", 100 * 800, seq_len=128).schedule == "recompute"
+    assert onepass.plan(64, 8, 100, torch.float32, gspo, "one_pass", 100 * 800, seq_len=128).schedule == "two_pass"
+    packed = onepass.plan(10, 8, 100, torch.float32, gspo, "one_pass", 10**6, cu_host=[0, 3, 3, 9])
+    assert [c[:2] for c in packed.chunks] == [(0, 9), (9, 10)]
+
+
+def test_schedule_validation():
+    case = make_case(seed=17)
+    with pytest.raises(ValueError, match="schedule"):
+        fused_policy_loss(**case, schedule="fast")
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        fused_policy_loss(**case, memory_budget_mb=-1)
+    with pytest.raises(ValueError, match="one_pass"):
+        fused_policy_loss(**{k: (v.requires_grad_() if k == "hidden" else v) for k, v in make_case().items()},
+                          schedule="one_pass", backend="reference")
+    with pytest.raises(ValueError, match="schedule"):
+        FusedPolicyLoss(schedule="x")
+    with pytest.raises(ValueError, match="memory_budget_mb"):
+        FusedPolicyLoss(memory_budget_mb=0)
+
+
+def test_module_schedule():
+    case = make_case(seed=18)
+    cfg = config("vanilla", generator=None)
+    mod = FusedPolicyLoss(cfg, schedule="one_pass", memory_budget_mb=TINY_BUDGET_MB)
+    c = {k: (v.clone().requires_grad_() if k in ("hidden", "weight", "bias") else v) for k, v in case.items()}
+    loss, _ = mod(c["hidden"], c["weight"], c["targets"], c["old_logp"], c["advantages"], c["mask"],
+                  ref_logp=c["ref_logp"], bias=c["bias"])
+    loss.backward()
+    want = run(case, cfg, "recompute")
+    torch.testing.assert_close(c["weight"].grad, want[2][1], atol=1e-10, rtol=1e-9)
+    assert "schedule='one_pass'" in repr(mod)
