@@ -164,6 +164,7 @@ setup(
     description="Fused RL policy losses (PPO/GRPO/DAPO/GSPO/Clip-Cov/KL-Cov) from hidden states, "
     "without materialising [tokens, vocab] logits",
     packages=find_packages(include=["fusedrl", "fusedrl.*"]),
+    package_data={"fusedrl.backends": ["auto_table.json"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
