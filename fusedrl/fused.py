@@ -147,7 +147,7 @@ def _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, s
     temperature, softcap, dev = check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs)
     cfg = _with_normalisers(cfg, global_num_tokens, global_num_seqs, norm_len)
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb is not None else onepass.default_budget_bytes(dev)
-    if family == "auto" and not onepass.auto_takes_one_pass(hidden, weight, targets, cu_seqlens, softcap, cfg, budget):
+    if family == "auto" and not onepass.auto_takes_one_pass(hidden, weight, targets, cu_seqlens, cfg, budget):
         return None
     return name, cfg, budget, want_checks(check_inputs, dev)
 

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import threading
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -58,6 +59,8 @@ _GPU_BUDGET_CAP = 4096 * _MIB
 # auto takes one_pass only when a chunk holds at least this many rows (fewer starve the GEMMs)
 _MIN_ROWS = 64
 _KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+_TMP_COLS = torch_backend._B_BLOCK  # columns of the torch epilogue's block temporary
+CACHE_ENV = "FUSEDRL_CPU_WORKSPACE_CACHE"
 _MODE_CODES = {"vanilla": 0, "clip_cov": 0, "gpg": 1, "cispo": 2, "kl_cov": 3}
 
 
@@ -88,10 +91,10 @@ class Plan(NamedTuple):
     reason: str
 
 
-def _row_bytes(v: int, cdt_size: int, low_precision: bool, softcap: bool) -> int:
-    """Workspace bytes per chunk row: U and the scratch (compute dtype), the softcap factor, the 16-bit
+def _row_bytes(v: int, cdt_size: int, low_precision: bool) -> int:
+    """Workspace bytes per chunk row: U and the scratch (compute dtype), a block temporary, the 16-bit
     GEMM operand."""
-    return v * (cdt_size * (3 if softcap else 2) + (2 if low_precision else 0))
+    return v * (2 * cdt_size + (2 if low_precision else 0)) + min(v, _TMP_COLS) * cdt_size
 
 
 def _fixed_bytes(n: int, h: int, v: int, low_precision: bool) -> int:
@@ -127,12 +130,12 @@ def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[Lis
 
 
 def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, schedule: str, budget: int,
-         softcap: bool = False, seq_len: Optional[int] = None, cu_host: Optional[List[int]] = None) -> Plan:
+         seq_len: Optional[int] = None, cu_host: Optional[List[int]] = None) -> Plan:
     """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``)
     and its token chunks. Host arithmetic only."""
     low = x_dtype in (torch.float16, torch.bfloat16)
     csize = 8 if x_dtype == torch.float64 else 4
-    per_row = _row_bytes(v, csize, low, softcap)
+    per_row = _row_bytes(v, csize, low)
     room = budget - _fixed_bytes(n, h, v, low)
     rows = max(1, min(n, room // per_row)) if room > 0 else 1
     fits = room > 0 and rows >= min(n, _MIN_ROWS)
@@ -146,6 +149,8 @@ def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, sc
                 return Plan("recompute", (), "a sequence does not fit the workspace")
             return Plan("two_pass", (), "a sequence does not fit the workspace")
         return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of whole sequences")
+    count = max(1, -(-n // rows))
+    rows = max(1, -(-n // count))  # balanced: no small tail chunk
     chunks = tuple((a, min(n, a + rows), None) for a in range(0, max(n, 1), rows))
     return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows")
 
@@ -292,6 +297,35 @@ def _correct_selection(head: TokenHead, picked: Tensor, k_max: int, x: Tensor, w
         db32 += du.sum(0)
 
 
+_tls = threading.local()
+
+
+def release_workspace() -> None:
+    """Free the CPU workspace the one-pass schedule keeps between calls (this thread's)."""
+    _tls.__dict__.pop("buf", None)
+
+
+def _buffers(device: torch.device, specs: Sequence[Tuple[Tuple[int, ...], torch.dtype]]) -> List[Tensor]:
+    """Uninitialised tensors of the given shapes. On CPU they are carved from one buffer kept between
+    calls (per thread; ``FUSEDRL_CPU_WORKSPACE_CACHE=0`` turns this off, :func:`release_workspace` frees
+    it): a fresh multi-GB allocation costs page faults worth about 10% of the GEMMs there. CUDA has
+    torch's caching allocator."""
+    if device.type != "cpu" or os.environ.get(CACHE_ENV, "1").strip() in ("0", "false", "off", "no"):
+        return [torch.empty(shape, dtype=dt, device=device) for shape, dt in specs]
+    sizes = [(math.prod(shape) * torch.empty((), dtype=dt).element_size() + 63) // 64 * 64 for shape, dt in specs]
+    total = sum(sizes)
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < total:
+        _tls.buf = None
+        buf = _tls.buf = torch.empty(total, dtype=torch.uint8)
+    out, off = [], 0
+    for (shape, dt), size in zip(specs, sizes):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        out.append(buf[off:off + nbytes].view(dt).view(shape))
+        off += size
+    return out
+
+
 def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: TokenHead, pln: Plan,
          temperature: float, softcap: Optional[float], backend: str, keys: Optional[Tensor], need_dx: bool,
          need_dw: bool, need_db: bool, want_entropy: bool):
@@ -301,27 +335,33 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     dev = x.device
     low = _low(x)
+    grads = need_dx or need_dw or need_db
     need_ent = want_entropy or head.entropy_has_grad
     logp = torch.empty(n, dtype=cdt, device=dev)
     ent = torch.empty(n, dtype=cdt, device=dev) if need_ent else None
     lse_all = torch.empty(n, dtype=cdt, device=dev)
-    multi = len(pln.chunks) > 1
     dx = torch.empty(n, h, dtype=x.dtype, device=dev) if need_dx else None
-    # fp32 dW accumulator when 16-bit inputs span several chunks; fp32/fp64 accumulate in the output
-    dw32 = None
-    if need_dw:
-        dw32 = torch.zeros(v, h, dtype=cdt, device=dev) if (multi or not low) else None
-    dw = None
+    # dW: fp32/fp64 inputs accumulate in the output; 16-bit inputs in an fp32 accumulator when several
+    # chunks (or the selection correction) add into it, else one GEMM straight into the output dtype
+    direct16 = low and len(pln.chunks) == 1 and head.cfg.loss_mode not in SELECTION_MODES
+    dw32 = dw = None
     db32 = torch.zeros(v, dtype=cdt, device=dev) if (need_db and bias is not None) else None
-    rows = max(b - a for a, b, _ in pln.chunks) if pln.chunks else 0
-    ws = torch.empty(rows, v, dtype=cdt, device=dev)
-    scratch = torch.empty(rows, v, dtype=cdt, device=dev)
-    du16 = torch.empty(rows, v, dtype=x.dtype, device=dev) if (low and (need_dx or need_dw)) else None
     kmod, kscalars = _kernel_epilogue(backend, dev, x.dtype, head.cfg)
+    rows = max(b - a for a, b, _ in pln.chunks) if pln.chunks else 0
+    specs = [((rows, v), cdt)]
+    if kmod is None:
+        specs += [((rows, v), cdt), ((rows, min(v, _TMP_COLS)), cdt)]
+    if low and grads:
+        specs.append(((rows, v), x.dtype))
+    bufs = _buffers(dev, specs)
+    ws = bufs[0]
+    scratch, tmp = (bufs[1], bufs[2]) if kmod is None else (None, None)
+    du16 = bufs[-1] if (low and grads) else None
     # the torch epilogue takes 1/T folded into the small x operand; kernels apply T themselves
     fold = kmod is None and softcap is None and not low and temperature != 1.0
     scale = 1.0 / temperature if fold else 1.0
     wt = head.weights.to(torch.float32)
+    first = True
     for a, b, seqs in pln.chunks:
         nc = b - a
         if nc == 0:
@@ -330,22 +370,23 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         u = _gemm_logits(xc, w, bias if kmod is None else None, ws[:nc], scale)
         tc = targets[a:b]
         if kmod is not None:
-            kh = getattr(kmod, "OnePassHead", KernelHead)(old=head.old[a:b].float(), adv=head.adv[a:b].float(), weight=wt[a:b],
-                            ref=None if head.ref is None else head.ref[a:b].float(), need_ent=need_ent, **kscalars)
+            kh = getattr(kmod, "OnePassHead", KernelHead)(
+                old=head.old[a:b].float(), adv=head.adv[a:b].float(), weight=wt[a:b],
+                ref=None if head.ref is None else head.ref[a:b].float(), need_ent=need_ent, **kscalars)
             lp_c, ent_c, lse_c, _, _ = kmod.onepass_epilogue(u, tc, bias, temperature, softcap, kh,
                                                              du16[:nc] if du16 is not None else None)
             du = u
             dug = du16[:nc] if du16 is not None else du
         else:
-            st = torch_backend.onepass_stats(u, tc, temperature, softcap, need_ent, scratch[:nc],
+            st = torch_backend.onepass_stats(u, tc, temperature, softcap, need_ent, scratch[:nc], tmp[:nc],
                                              is_scaled=scale != 1.0, may_have_neg_inf=bias is not None)
             lse_c, ent_c = st.lse, st.ent
             lp_c = st.zt - st.lse
             du = dug = None
-            if need_dx or need_dw or need_db:
+            if grads:
                 g_lp, g_H = head.grads(a, b, lp_c, ent_c, seqs)
                 du = torch_backend.onepass_du(u, st, tc, temperature, softcap, g_lp.to(cdt),
-                                              None if g_H is None else g_H.to(cdt))
+                                              None if g_H is None else g_H.to(cdt), tmp[:nc])
                 dug = du16[:nc].copy_(du) if du16 is not None else du
         logp[a:b] = lp_c
         lse_all[a:b] = lse_c
@@ -356,15 +397,21 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         if need_dx:  # 16-bit inputs: 16-bit output, fp32 accumulation inside the GEMM (one rounding)
             torch.mm(dug, w, out=dx[a:b])
         if need_dw:
-            if dw32 is not None:
-                _addmm_f32_(dw32, dug.t(), xc)
-            else:  # one chunk of 16-bit inputs: straight into the output dtype (one rounding)
+            if direct16:
                 dw = torch.mm(dug.t(), xc)
+            elif first:  # the first chunk writes the accumulator (no zero fill)
+                dw32 = torch.empty(v, h, dtype=cdt, device=dev)
+                _mm_f32(dug.t(), xc, dw32)
+            else:
+                _addmm_f32_(dw32, dug.t(), xc)
         if db32 is not None:
             db32 += du.sum(0)
-    del ws, scratch, du16
+        first = False
+    del bufs, ws, scratch, tmp, du16
+    if need_dw and dw is None and dw32 is None:  # no token at all
+        dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
-    if picked is not None and (need_dx or need_dw or db32 is not None):
+    if picked is not None and grads:
         ratio = head.cfg.clip_cov_ratio if head.cfg.loss_mode == "clip_cov" else head.cfg.kl_cov_ratio
         k_max = min(n, max(1, int(ratio * n)))
         _correct_selection(head, picked, k_max, x, w, targets, bias, temperature, softcap, logp, lse_all,
@@ -446,7 +493,7 @@ def _one_pass_op(
             cu_host = [int(c) for c in cu_seqlens.tolist()]  # one small host read (packed sequence modes)
         else:
             seq_len = head.seg.T
-    pln = plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", budget, softcap is not None, seq_len, cu_host)
+    pln = plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", budget, seq_len, cu_host)
     log.debug("fusedrl fused_policy_loss: schedule %s (%s)", pln.schedule, pln.reason)
     args = (x, w, targets, bias, head, temperature, softcap, backend, keys, need_dx, need_dw, need_db, want_entropy)
     if pln.schedule == "two_pass":
@@ -485,9 +532,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
     """The gradients were formed in the forward: scale them by the incoming scalar gradient."""
+    # an upstream gradient of exactly 1 (loss.backward()) keeps the stored tensors; the check is free on
+    # CPU only (a GPU value check would synchronise, and the multiply there is cheap)
+    unit = g_loss.device.type == "cpu" and bool(g_loss == 1)
     grads = []
     for t, formed, wanted in zip(ctx.saved_tensors, ctx.formed, (ctx.needs_input_grad[i] for i in (0, 1, 3))):
-        grads.append(t * g_loss.to(t.dtype) if (formed and wanted) else None)
+        grads.append((t if unit else t * g_loss.to(t.dtype)) if (formed and wanted) else None)
     gx, gw, gb = grads
     return (gx, gw, None, gb) + (None,) * 19
 
@@ -526,7 +576,7 @@ def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_lo
 
 
 def auto_takes_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Optional[Tensor],
-                       softcap: Optional[float], cfg: PolicyLossConfig, budget: int) -> bool:
+                       cfg: PolicyLossConfig, budget: int) -> bool:
     """``schedule="auto"``: does the one-pass schedule fit (workspace, and whole sequences for sequence
     modes)? Packed sequence modes read ``cu_seqlens`` on the host (free when it lives on the CPU); under
     ``torch.compile`` they take the recompute schedule instead."""
@@ -539,7 +589,7 @@ def auto_takes_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seql
             return False
         else:
             cu_host = [int(c) for c in cu_seqlens.tolist()]
-    pln = plan(n, h, v, hidden.dtype, cfg, "auto", budget, softcap is not None, seq_len, cu_host)
+    pln = plan(n, h, v, hidden.dtype, cfg, "auto", budget, seq_len, cu_host)
     if pln.schedule == "recompute":
         log.debug("fusedrl fused_policy_loss: schedule recompute (%s)", pln.reason)
     return pln.schedule == "one_pass"

@@ -271,12 +271,14 @@ class RowStats(NamedTuple):
 
 
 def onepass_stats(u: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], need_ent: bool,
-                  scratch: Tensor, is_scaled: bool = False, may_have_neg_inf: bool = True) -> RowStats:
+                  scratch: Tensor, tmp: Optional[Tensor] = None, is_scaled: bool = False,
+                  may_have_neg_inf: bool = True) -> RowStats:
     """Row statistics of a workspace of raw logits ``u`` (bias included) for the one-pass schedule.
 
     ``u`` is overwritten with ``d = z - M`` (clamped at -1e4 when entropy is needed, so a -inf column
-    never forms 0 * inf); ``scratch`` (same shape and dtype) receives ``e = exp(d)``. ``is_scaled``: the
-    caller already divided the GEMM operand by T (no softcap), so ``u`` is ``z``. ``targets`` in [0, V).
+    never forms 0 * inf); ``scratch`` (same shape and dtype) receives ``e = exp(d)``; ``tmp`` (``[rows, <=
+    8192]``, optional) holds the entropy sum's products block by block. ``is_scaled``: the caller already
+    divided the GEMM operand by T (no softcap), so ``u`` is ``z``. ``targets`` in [0, V).
     """
     if softcap is not None:
         u.div_(softcap).tanh_().mul_(softcap / temperature)
@@ -295,14 +297,20 @@ def onepass_stats(u: Tensor, targets: Tensor, temperature: float, softcap: Optio
         if may_have_neg_inf and softcap is None:  # softcapped logits are bounded: never -inf
             u.clamp_(min=-1e4)  # e == 0 exactly there: the clamp changes no product but -inf * 0
         b = torch.zeros_like(s)
-        for c0 in range(0, u.shape[1], _B_BLOCK):  # torch's cascaded sum keeps fp32 accurate at V ~ 1e5
-            b += (u[:, c0:c0 + _B_BLOCK] * e[:, c0:c0 + _B_BLOCK]).sum(1)
+        for c0, c1 in _col_blocks(u.shape[1], tmp):  # torch's cascaded sum keeps fp32 accurate at V ~ 1e5
+            prod = torch.mul(u[:, c0:c1], e[:, c0:c1], out=None if tmp is None else tmp[:, :c1 - c0])
+            b += prod.sum(1)
         ent = log_s - b / s
     return RowStats(lse, zt, ent, m, s, log_s, e)
 
 
+def _col_blocks(v: int, tmp: Optional[Tensor]):
+    width = tmp.shape[1] if tmp is not None else _B_BLOCK
+    return [(c, min(v, c + width)) for c in range(0, v, width)]
+
+
 def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature: float, softcap: Optional[float],
-               g_lp: Tensor, g_H: Optional[Tensor]) -> Tensor:
+               g_lp: Tensor, g_H: Optional[Tensor], tmp: Optional[Tensor] = None) -> Tensor:
     """du = dL/du over the workspace after :func:`onepass_stats` (DESIGN.md section 3), formed in place:
     ``p (a + c (z - LSE)) = e (alpha + beta d)`` with ``a = -(g_lp + g_H H)/T``, ``c = -g_H/T``, plus the
     one-hot term ``g_lp/T``, times ``1 - tanh^2`` under softcap. Returns the buffer holding du (``u`` when
@@ -313,7 +321,9 @@ def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature: float, sof
     onehot = g_lp * inv_t
     if softcap is not None:  # z = d + m = tanh(u/c) c/T  ->  1 - tanh^2 = 1 - (z T/c)^2
         k = temperature / softcap
-        e.mul_(torch.add(u, st.m[:, None]).mul_(k).square_().neg_().add_(1.0))
+        for c0, c1 in _col_blocks(u.shape[1], tmp):
+            f = torch.add(u[:, c0:c1], st.m[:, None], out=None if tmp is None else tmp[:, :c1 - c0])
+            e[:, c0:c1].mul_(f.mul_(k).square_().neg_().add_(1.0))
         onehot = onehot * (1.0 - (st.zt * k).square())
     if g_H is None:
         du = e.mul_((-inv_t * g_lp * inv_s)[:, None])
