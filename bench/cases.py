@@ -192,18 +192,42 @@ class LossSemantics:
     clip_high: float = 0.2
     clip_c: Optional[float] = 3.0          # dual clip for A < 0 (None: off)
     entropy_coeff: float = 1e-3            # loss -= coeff * token-mean(entropy)
+    loss_mode: str = "vanilla"             # or a covariance mode ("clip_cov", "kl_cov")
+    cov_ratio: float = 2e-3                # covariance modes: fraction of tokens selected (verl: 2e-4..2e-3)
 
     def describe(self) -> str:
-        dc = f"dual-clip c={self.clip_c}" if self.clip_c else "no dual clip"
         ent = f"entropy_coeff={self.entropy_coeff:g}" if self.entropy_coeff else "no entropy term"
+        if self.loss_mode != "vanilla":
+            return f"{self.loss_mode} (ratio {self.cov_ratio:g}), token-mean, {ent}"
+        dc = f"dual-clip c={self.clip_c}" if self.clip_c else "no dual clip"
         return f"PPO clip eps={self.clip_low}/{self.clip_high}, {dc}, token-mean, {ent}"
+
+    def policy_config(self):
+        """The same loss as a fusedrl.PolicyLossConfig (fixed generator seed: reproducible Clip-Cov picks)."""
+        import fusedrl
+
+        kw = dict(loss_mode=self.loss_mode, clip_ratio_low=self.clip_low, clip_ratio_high=self.clip_high,
+                  clip_ratio_c=self.clip_c, loss_agg_mode="token-mean", entropy_coeff=self.entropy_coeff)
+        if self.loss_mode == "clip_cov":
+            kw.update(clip_cov_ratio=self.cov_ratio, generator=torch.Generator().manual_seed(0))
+        elif self.loss_mode == "kl_cov":
+            kw.update(kl_cov_ratio=self.cov_ratio)
+        return fusedrl.PolicyLossConfig(**kw)
 
 
 DEFAULT_LOSS = LossSemantics()
+KL_COV_LOSS = LossSemantics(loss_mode="kl_cov")
+CLIP_COV_LOSS = LossSemantics(loss_mode="clip_cov")
 
 
 def grpo_loss(logp, ent, old_logp, adv, mask, sem: LossSemantics = DEFAULT_LOSS):
-    """Eager GRPO-style loss on [B, T] tensors (any float dtype; fp64 for the oracle)."""
+    """Eager GRPO-style loss on [B, T] tensors (any float dtype; fp64 for the oracle). Covariance modes
+    use fusedrl's policy-loss head (verl's formulas) on the given log-probs."""
+    if sem.loss_mode != "vanilla":
+        import fusedrl
+
+        loss, _ = fusedrl.policy_loss(logp, old_logp, adv, mask, entropy=ent, config=sem.policy_config())
+        return loss
     d = logp - old_logp
     r = torch.exp(torch.clamp(d, -20.0, 20.0))
     L1 = -adv * r

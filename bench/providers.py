@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .cases import DEFAULT_LOSS, Case, CaseSpec, LossSemantics, build_case, grpo_loss
+from .cases import CLIP_COV_LOSS, DEFAULT_LOSS, KL_COV_LOSS, Case, CaseSpec, LossSemantics, build_case, grpo_loss
 
 Tensor = torch.Tensor
 
@@ -170,19 +170,23 @@ class FusedRL(Provider):
                                               grad_filter_eps=self._eps(case.dtype))
 
 
-LOSS_CONFIG_KW = dict(loss_mode="vanilla", clip_ratio_low=DEFAULT_LOSS.clip_low, clip_ratio_high=DEFAULT_LOSS.clip_high,
-                      clip_ratio_c=DEFAULT_LOSS.clip_c, loss_agg_mode="token-mean",
-                      entropy_coeff=DEFAULT_LOSS.entropy_coeff)
+_LOSS_TAGS = {"vanilla": "grpo", "kl_cov": "klcov", "clip_cov": "clipcov"}
 
 
 class FusedRLLoss(FusedRL):
+    """fusedrl.fused_policy_loss with a schedule (``auto`` = one-pass where it fits, ``recompute``)."""
+
     task, family = "loss", "fusedrl"
     can_score = False
 
-    def __init__(self, backend: str, filter_eps=None):
+    def __init__(self, backend: str, filter_eps=None, schedule: str = "auto", semantics: LossSemantics = DEFAULT_LOSS):
         super().__init__(backend, filter_eps)
-        self.name = f"fusedrl-grpo-{backend}" + ("+filter" if filter_eps is not None else "")
-        self.note = f"fusedrl.fused_policy_loss(backend={backend!r}, {LOSS_CONFIG_KW})"
+        self.schedule = schedule
+        self.semantics = semantics
+        self.name = (f"fusedrl-{_LOSS_TAGS[semantics.loss_mode]}-{backend}" + ("+filter" if filter_eps is not None else "")
+                     + ("-recompute" if schedule == "recompute" else ""))
+        self.note = (f"fusedrl.fused_policy_loss(backend={backend!r}, schedule={schedule!r}): "
+                     f"{semantics.describe()}")
 
     def available(self, device, dtype):
         ok, why = super().available(device, dtype)
@@ -199,12 +203,13 @@ class FusedRLLoss(FusedRL):
     def forward(self, case):
         import fusedrl
 
-        cfg = fusedrl.PolicyLossConfig(**LOSS_CONFIG_KW)
+        cfg = self.semantics.policy_config()
         kw = {}
         if self.filter_eps is not None:
             kw["grad_filter_eps"] = self._eps(case.dtype)
         loss, _metrics = fusedrl.fused_policy_loss(case.x_bt(), case.w, case.targets_bt(), case.old_logp,
-                                                   case.adv_bt(), case.mask, config=cfg, backend=self.backend, **kw)
+                                                   case.adv_bt(), case.mask, config=cfg, backend=self.backend,
+                                                   schedule=self.schedule, **kw)
         return loss
 
 
@@ -374,7 +379,8 @@ def all_providers(filter_eps="auto") -> List[Provider]:
     out += [Liger(), VerlTriton(), VerlTorch(), CCE()]
     out += [EagerGRPO(), CompiledGRPO()]
     for b in FUSEDRL_BACKENDS:
-        out.append(FusedRLLoss(b))
+        out += [FusedRLLoss(b), FusedRLLoss(b, schedule="recompute"), FusedRLLoss(b, semantics=KL_COV_LOSS),
+                FusedRLLoss(b, semantics=CLIP_COV_LOSS)]
     out.append(LigerGRPO())
     return out
 

@@ -31,6 +31,13 @@ PRESETS = {
     # DESIGN.md section 7, CPU line: torch backend, fp32, N=4096, H=1024, V=32000
     "cpu-target": dict(device="cpu", n=[4096], h=1024, v=[32000], dtype="fp32", regime="both", repeats=3, warmup=0,
                        providers=["eager", "compile", "fusedrl", "verl-torch", "liger", "!compile-grpo"]),
+    # DESIGN.md section 8, CPU line: the fused loss (one-pass schedule) vs the three-GEMM floor, eager, compile
+    "cpu-loss": dict(device="cpu", n=[4096], h=1024, v=[32000], dtype="fp32", regime="both", repeats=3, warmup=1,
+                     tasks=["loss"], providers=["eager-grpo", "compile-grpo", "fusedrl-grpo-torch", "fusedrl-klcov-torch",
+                                                "fusedrl-clipcov-torch"]),
+    # DESIGN.md section 8, GPU line: the fused loss on every backend with the peers, headline shape
+    "headline-loss": dict(device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10,
+                          warmup=3, tasks=["loss"]),
     # DESIGN.md section 7 headline: N=8192, H=4096, V=151936 (Qwen-7B head), bf16
     "headline": dict(device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10, warmup=3),
 }
