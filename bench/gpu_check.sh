@@ -18,7 +18,7 @@
 #   PREPARE=1 bash bench/gpu_check.sh       # HERE, before the call: peer wheels + commit stamp into .whl/
 # Knobs: T_TOTAL T_BUILD T_TESTS T_TESTS_GPU T_SWEEP T_PROFILE (seconds); STAGES=build,tests,sweep,bench
 # (a subset, e.g. for a second call); PROFILE=1; PYTEST_WORKERS (default 8 with pytest-xdist, 0 = off);
-# PYTEST_ARGS, SWEEP_ARGS, BENCH_ARGS (extra options); BENCH_PROVIDERS (default '!fusedrl-torch,!fusedrl-grpo-torch';
+# PYTEST_ARGS, SWEEP_ARGS, BENCH_ARGS (extra options); BENCH_PROVIDERS (default '!fusedrl-torch,!fusedrl-grpo-torch-recompute,!fusedrl-klcov-torch,!fusedrl-clipcov-torch';
 # empty = all); TEST_FILES (backend files run whole on CUDA);
 # FUSEDRL_COMMIT (commit stamp when the tree has no .git; PREPARE=1 writes it to .whl/COMMIT).
 set -uo pipefail
@@ -217,9 +217,10 @@ if want bench; then
         --no-memory --providers '!compile,!compile-grpo')
   else
     BA=(--preset headline --tasks core,loss --device cuda --repeats 5 --warmup 2 --max-seconds 3)
-    # the torch backend on CUDA runs fp32 GEMMs (~2.5 s a step at the headline shape, ~50 s of bench time):
-    # the sweep checks its correctness; BENCH_PROVIDERS= (empty) benchmarks it too
-    BP=${BENCH_PROVIDERS-'!fusedrl-torch,!fusedrl-grpo-torch'}
+    # the torch backend's recompute schedule on CUDA runs fp32 GEMMs (~2.5 s a step at the headline shape):
+    # the sweep checks its correctness; BENCH_PROVIDERS= (empty) benchmarks it too. Its one-pass loss
+    # (fusedrl-grpo-torch: 16-bit cuBLAS GEMMs + torch-op epilogue) stays in.
+    BP=${BENCH_PROVIDERS-'!fusedrl-torch,!fusedrl-grpo-torch-recompute,!fusedrl-klcov-torch,!fusedrl-clipcov-torch'}
     [ -n "$BP" ] && BA+=(--providers "$BP")
   fi
   # the bench stops starting providers 45 s before its limit, so its JSON/markdown stay complete

@@ -164,11 +164,27 @@ def _low(t: Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16)
 
 
+_OUT_DTYPE_OK = [True]  # torch.mm / addmm with out_dtype (CUDA, torch >= 2.8); flips off on first failure
+
+
+def _fp32_gemm_16bit(fn, fallback):
+    """Run ``fn`` (a 16-bit GEMM with fp32 output), or ``fallback`` (upcast operands: correct, slower)
+    where this torch has no ``out_dtype`` GEMMs, warning once."""
+    if _OUT_DTYPE_OK[0]:
+        try:
+            return fn()
+        except (RuntimeError, TypeError, NotImplementedError) as e:
+            _OUT_DTYPE_OK[0] = False
+            log.warning("fusedrl: 16-bit GEMMs with fp32 output are unavailable (%s); upcasting operands", e)
+    return fallback()
+
+
 def _mm_f32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a @ b`` with ``out`` fp32 (fp64 for fp64 operands)."""
     if _low(a):
         if a.is_cuda:
-            return torch.mm(a, b, out_dtype=torch.float32, out=out)
+            return _fp32_gemm_16bit(lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
+                                    lambda: torch.mm(a.float(), b.float(), out=out))
         return torch.mm(a.float(), b.float(), out=out)  # CPU: no 16-bit -> fp32 GEMM
     return torch.mm(a, b, out=out)
 
@@ -177,7 +193,8 @@ def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` with an fp32 accumulator and operands of any float dtype."""
     if _low(a):
         if a.is_cuda:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            _fp32_gemm_16bit(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
+                             lambda: acc.addmm_(a.float(), b.float()))
             return
         a, b = a.float(), b.float()
     acc.addmm_(a, b)

@@ -413,3 +413,49 @@ def test_module_schedule():
     want = run(case, cfg, "recompute")
     torch.testing.assert_close(c["weight"].grad, want[2][1], atol=1e-10, rtol=1e-9)
     assert "schedule='one_pass'" in repr(mod)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without one): every epilogue in bf16 at an unaligned LM-sized shape, 16-bit GEMMs
+# with fp32 output, and the memory bound of the default budget
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("mode", ["vanilla", "kl_cov", "gspo"])
+def test_gpu_one_pass_bf16(backend, mode):
+    if backend not in fusedrl.available_backends("cuda"):
+        pytest.skip(f"{backend} unavailable on cuda")
+    case = make_case(B=6, T=333, H=256, V=32003, dtype=torch.bfloat16, seed=31)
+    case = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    cfg = config(mode, generator=None)
+    one = run(case, cfg, "one_pass", backend=backend, memory_budget_mb=64)
+    assert onepass._OUT_DTYPE_OK[0], "torch.mm(out_dtype=fp32) unavailable: the GEMMs upcast"
+    rec = run(case, cfg, "recompute", backend=backend)
+    case64 = {k: (v.double() if k in ("hidden", "weight", "bias") and v is not None else v) for k, v in case.items()}
+    ref = run(case64, cfg, "recompute", backend="reference")
+    assert abs(one[0].double() - ref[0]).item() <= abs(rec[0].double() - ref[0]).item() + 1e-4
+    for g1, g2, g0 in zip(one[2], rec[2], ref[2]):
+        e1 = (g1.double() - g0).abs().max().item()
+        e2 = (g2.double() - g0).abs().max().item()
+        assert e1 <= e2 + GRAD_ATOL[torch.bfloat16], (e1, e2)
+
+
+@pytest.mark.gpu
+def test_gpu_one_pass_memory_within_budget():
+    case = make_case(B=8, T=512, H=1024, V=65536, dtype=torch.bfloat16, seed=32, bias=False)
+    case = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    leaves = {k: case[k].clone().requires_grad_() for k in ("hidden", "weight")}
+    args = dict(case, **leaves)
+    budget_mb = 512
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss, _ = fused_policy_loss(**args, config=config("vanilla", generator=None), schedule="one_pass",
+                                memory_budget_mb=budget_mb)
+    loss.backward()
+    torch.cuda.synchronize()
+    grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves.values())
+    extra = torch.cuda.max_memory_allocated() - base - grads
+    assert extra <= budget_mb * 2**20 * 1.25 + 64 * 2**20, extra / 2**20
