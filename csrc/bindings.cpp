@@ -25,19 +25,20 @@ int64_t fwd_workspace_bytes(int64_t Nc, int64_t Vc, int64_t cublas_ws, bool over
 int64_t bwd_workspace_bytes(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t Vc, int dt, int order, bool lean,
                             bool need_dx, bool need_dw, int64_t cublas_ws, bool overlap);
 void linear_forward(int device, uintptr_t stream, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
-                    int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature, double softcap,
-                    uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t ws, int64_t ws_bytes, int64_t Nc,
-                    int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap);
+                    int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
+                    uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t ws,
+                    int64_t ws_bytes, int64_t Nc, int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap);
 void linear_backward(int device, uintptr_t stream, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
-                     int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature, double softcap,
-                     uintptr_t lse, uintptr_t ent, uintptr_t g_lp, uintptr_t g_H, uintptr_t dx, uintptr_t dw,
-                     uintptr_t db, uintptr_t ws, int64_t ws_bytes, int64_t Nc, int64_t Vc, int order, bool lean,
-                     int64_t cublas_ws, bool allow_tf32, bool overlap);
+                     int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
+                     uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t ent, uintptr_t g_lp,
+                     uintptr_t g_H, uintptr_t dx, uintptr_t dw, uintptr_t db, uintptr_t ws, int64_t ws_bytes,
+                     int64_t Nc, int64_t Vc, int order, bool lean, int64_t cublas_ws, bool allow_tf32, bool overlap);
 void logits_forward(int device, uintptr_t stream, uintptr_t logits, int64_t N, int64_t V, int dt, double temperature,
-                    double softcap, uintptr_t targets, uintptr_t lse, uintptr_t zt, uintptr_t ent);
+                    uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse, uintptr_t zt,
+                    uintptr_t ent);
 void logits_backward(int device, uintptr_t stream, uintptr_t logits, uintptr_t out, int64_t N, int64_t V, int dt,
-                     double temperature, double softcap, uintptr_t targets, uintptr_t lse, uintptr_t ent,
-                     uintptr_t g_lp, uintptr_t g_H);
+                     double temperature, uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse,
+                     uintptr_t ent, uintptr_t g_lp, uintptr_t g_H);
 void head_vanilla(int device, uintptr_t stream, uintptr_t logp, uintptr_t old, uintptr_t adv, uintptr_t mask,
                   int64_t n, float lo, float hi, float c, bool has_dual, uintptr_t loss, uintptr_t clipped,
                   uintptr_t lower, uintptr_t neg_d, uintptr_t coef);
@@ -102,11 +103,11 @@ namespace {
 
 // One-pass epilogue arguments from Python integers / floats (pointers as uintptr_t, 0 = null).
 fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t targets,
-                                       uintptr_t bias, double temperature, double softcap, uintptr_t old,
-                                       uintptr_t adv, uintptr_t weight, uintptr_t ref, int mode, float lo, float hi,
-                                       float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st,
-                                       uintptr_t logp, uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H,
-                                       uintptr_t du16, int64_t ld16) {
+                                       uintptr_t bias, double temperature, uintptr_t temperatures, double softcap,
+                                       uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref, int mode,
+                                       float lo, float hi, float c, bool dual, float ent_coef, float kl_coef,
+                                       int kl_type, bool kl_st, uintptr_t logp, uintptr_t ent, uintptr_t lse,
+                                       uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16) {
   fusedrl::row::OnePassArgs a;
   a.U = reinterpret_cast<float*>(u);
   a.ld = ld;
@@ -114,7 +115,7 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
   a.cols = cols;
   a.TARGETS = reinterpret_cast<const int64_t*>(targets);
   a.BIAS = reinterpret_cast<const float*>(bias);
-  a.tr = fusedrl::make_transform(temperature, softcap);
+  a.tr = fusedrl::make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures));
   a.OLD = reinterpret_cast<const float*>(old);
   a.ADV = reinterpret_cast<const float*>(adv);
   a.WEIGHT = reinterpret_cast<const float*>(weight);
@@ -130,21 +131,22 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
   return a;
 }
 
-#define FUSEDRL_ONEPASS_PARAMS                                                                                  \
+#define FUSEDRL_ONEPASS_PARAMS                                                                                 \
   uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t targets, uintptr_t bias, double temperature, \
-      double softcap, uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref, int mode, float lo,       \
-      float hi, float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st, uintptr_t logp,    \
-      uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, int du16_dtype
-#define FUSEDRL_ONEPASS_ARGS                                                                                   \
-  onepass_args(u, ld, rows, cols, targets, bias, temperature, softcap, old, adv, weight, ref, mode, lo, hi, c, \
-               dual, ent_coef, kl_coef, kl_type, kl_st, logp, ent, lse, g_lp, g_H, du16, ld16)
-#define FUSEDRL_ONEPASS_PYARGS                                                                                 \
-  py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("targets"), py::arg("bias"),         \
-      py::arg("temperature"), py::arg("softcap"), py::arg("old"), py::arg("adv"), py::arg("weight"),           \
-      py::arg("ref"), py::arg("mode"), py::arg("lo"), py::arg("hi"), py::arg("clip_c"), py::arg("dual"),      \
-      py::arg("ent_coef"), py::arg("kl_coef"), py::arg("kl_type"), py::arg("kl_st"), py::arg("logp"),         \
-      py::arg("ent"), py::arg("lse"), py::arg("g_lp"), py::arg("g_H"), py::arg("du16"), py::arg("ld16"),     \
-      py::arg("du16_dtype")
+      uintptr_t temperatures, double softcap, uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref,  \
+      int mode, float lo, float hi, float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st, \
+      uintptr_t logp, uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, \
+      int du16_dtype
+#define FUSEDRL_ONEPASS_ARGS                                                                                  \
+  onepass_args(u, ld, rows, cols, targets, bias, temperature, temperatures, softcap, old, adv, weight, ref,  \
+               mode, lo, hi, c, dual, ent_coef, kl_coef, kl_type, kl_st, logp, ent, lse, g_lp, g_H, du16, ld16)
+#define FUSEDRL_ONEPASS_PYARGS                                                                                \
+  py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("targets"), py::arg("bias"),        \
+      py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("old"), py::arg("adv"),    \
+      py::arg("weight"), py::arg("ref"), py::arg("mode"), py::arg("lo"), py::arg("hi"), py::arg("clip_c"),   \
+      py::arg("dual"), py::arg("ent_coef"), py::arg("kl_coef"), py::arg("kl_type"), py::arg("kl_st"),         \
+      py::arg("logp"), py::arg("ent"), py::arg("lse"), py::arg("g_lp"), py::arg("g_H"), py::arg("du16"),      \
+      py::arg("ld16"), py::arg("du16_dtype")
 
 void onepass_epilogue(int device, uintptr_t stream, FUSEDRL_ONEPASS_PARAMS) {
   const fusedrl::row::OnePassArgs a = FUSEDRL_ONEPASS_ARGS;
@@ -157,9 +159,9 @@ void onepass_epilogue(int device, uintptr_t stream, FUSEDRL_ONEPASS_PARAMS) {
 void onepass_epilogue_host(FUSEDRL_ONEPASS_PARAMS) { fusedrl::onepass_epilogue_host(FUSEDRL_ONEPASS_ARGS, du16_dtype); }
 
 void row_stats_host(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t bias, uintptr_t targets,
-                    int64_t col_base, int64_t vocab_start, int64_t vocab_size, double temperature, double softcap,
-                    uintptr_t run, int64_t run_stride, bool first, bool last, uintptr_t lse, uintptr_t zt,
-                    uintptr_t ent) {
+                    int64_t col_base, int64_t vocab_start, int64_t vocab_size, double temperature,
+                    uintptr_t temperatures, double softcap, uintptr_t run, int64_t run_stride, bool first, bool last,
+                    uintptr_t lse, uintptr_t zt, uintptr_t ent) {
   if (rows < 0 || cols <= 0 || ld < cols) throw std::invalid_argument("fusedrl._C: row_stats_host: bad sizes");
   const fusedrl::row::RowStatsArgs a{ld,
                                      rows,
@@ -169,7 +171,8 @@ void row_stats_host(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr
                                      col_base,
                                      vocab_start,
                                      vocab_size,
-                                     fusedrl::make_transform(temperature, softcap),
+                                     fusedrl::make_transform(temperature, softcap,
+                                                             reinterpret_cast<const float*>(temperatures)),
                                      reinterpret_cast<float*>(run),
                                      run_stride,
                                      first,
@@ -181,16 +184,16 @@ void row_stats_host(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr
 }
 
 void dz_host(uintptr_t u, int64_t ld_in, uintptr_t out, int64_t ld_out, int64_t rows, int64_t cols, uintptr_t bias,
-             uintptr_t targets, int64_t col_base, double temperature, double softcap, uintptr_t lse, uintptr_t ent,
-             uintptr_t g_lp, uintptr_t g_H) {
+             uintptr_t targets, int64_t col_base, double temperature, uintptr_t temperatures, double softcap,
+             uintptr_t lse, uintptr_t ent, uintptr_t g_lp, uintptr_t g_H) {
   if (rows < 0 || cols <= 0 || ld_in < cols || ld_out < cols)
     throw std::invalid_argument("fusedrl._C: dz_host: bad sizes");
   if (g_H != 0 && ent == 0) throw std::invalid_argument("fusedrl._C: dz_host: g_H given without ent");
   fusedrl::dz_host(reinterpret_cast<const float*>(u), ld_in, reinterpret_cast<float*>(out), ld_out, rows, cols,
                    reinterpret_cast<const float*>(bias), reinterpret_cast<const int64_t*>(targets), col_base,
-                   fusedrl::make_transform(temperature, softcap), reinterpret_cast<const float*>(lse),
-                   reinterpret_cast<const float*>(ent), reinterpret_cast<const float*>(g_lp),
-                   reinterpret_cast<const float*>(g_H));
+                   fusedrl::make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures)),
+                   reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(ent),
+                   reinterpret_cast<const float*>(g_lp), reinterpret_cast<const float*>(g_H));
 }
 
 }  // namespace
@@ -246,24 +249,28 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("linear_forward", &fusedrl::linear_forward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("targets"), py::arg("N"), py::arg("H"),
-        py::arg("V"), py::arg("dtype"), py::arg("vocab_start"), py::arg("temperature"), py::arg("softcap"),
-        py::arg("lse"), py::arg("zt"), py::arg("ent"), py::arg("workspace"), py::arg("workspace_bytes"),
-        py::arg("chunk_tokens"), py::arg("chunk_vocab"), py::arg("cublas_ws_bytes"), py::arg("allow_tf32"), py::arg("overlap"),
-        "lse/zt/ent [N] fp32 from x [N,H] and w [V,H] (pointers); bias fp32 [V] or 0; ent 0 to skip; softcap <= 0: none.");
+        py::arg("V"), py::arg("dtype"), py::arg("vocab_start"), py::arg("temperature"), py::arg("temperatures"),
+        py::arg("softcap"), py::arg("lse"), py::arg("zt"), py::arg("ent"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("chunk_tokens"), py::arg("chunk_vocab"), py::arg("cublas_ws_bytes"),
+        py::arg("allow_tf32"), py::arg("overlap"),
+        "lse/zt/ent [N] fp32 from x [N,H] and w [V,H] (pointers); bias fp32 [V] or 0; ent 0 to skip; softcap <= 0: "
+        "none; temperatures fp32 [N] per-token (then temperature is not read) or 0.");
   m.def("linear_backward", &fusedrl::linear_backward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("targets"), py::arg("N"), py::arg("H"),
-        py::arg("V"), py::arg("dtype"), py::arg("vocab_start"), py::arg("temperature"), py::arg("softcap"),
-        py::arg("lse"), py::arg("ent"), py::arg("g_lp"), py::arg("g_H"), py::arg("dx"), py::arg("dw"), py::arg("db"),
-        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("chunk_tokens"), py::arg("chunk_vocab"),
-        py::arg("order"), py::arg("lean"), py::arg("cublas_ws_bytes"), py::arg("allow_tf32"), py::arg("overlap"),
+        py::arg("V"), py::arg("dtype"), py::arg("vocab_start"), py::arg("temperature"), py::arg("temperatures"),
+        py::arg("softcap"), py::arg("lse"), py::arg("ent"), py::arg("g_lp"), py::arg("g_H"), py::arg("dx"),
+        py::arg("dw"), py::arg("db"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("chunk_tokens"),
+        py::arg("chunk_vocab"), py::arg("order"), py::arg("lean"), py::arg("cublas_ws_bytes"), py::arg("allow_tf32"),
+        py::arg("overlap"),
         "dx [N,H] / dw [V,H] in the input dtype, db fp32 [V]; pass 0 for any not needed.");
   m.def("logits_forward", &fusedrl::logits_forward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("logits"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("temperature"),
-        py::arg("softcap"), py::arg("targets"), py::arg("lse"), py::arg("zt"), py::arg("ent"));
+        py::arg("temperatures"), py::arg("softcap"), py::arg("targets"), py::arg("lse"), py::arg("zt"),
+        py::arg("ent"));
   m.def("logits_backward", &fusedrl::logits_backward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("logits"), py::arg("out"), py::arg("N"), py::arg("V"), py::arg("dtype"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("targets"), py::arg("lse"), py::arg("ent"),
-        py::arg("g_lp"), py::arg("g_H"));
+        py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("targets"), py::arg("lse"),
+        py::arg("ent"), py::arg("g_lp"), py::arg("g_H"));
 
   // Policy-loss head (head.cu): flat fp32 [n] inputs, uint8 mask or 0; lo = 1 - clip_low, hi = 1 + clip_high.
   m.def("head_vanilla", &fusedrl::head_vanilla, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
@@ -281,15 +288,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("candidates"),
         "Covariance (A - mean_A)(logp - mean_logp) per token; means = device [mean_A, mean_logp]; candidates "
         "(uint8, or 0 to skip) = Clip-Cov's valid & not clipped & lb < cov < ub.");
-  // Row kernels' host lanes (host_lanes.cpp): fp32, CPU pointers; same arguments as the kernels.
+  // Row kernels' host lanes (host_lanes.cpp): fp32, CPU pointers; same arguments as the kernels. Everywhere,
+  // `temperatures` is 0 (scalar `temperature`) or a pointer to fp32 per-row temperatures of the call's rows.
   m.def("row_stats_host", &row_stats_host, py::call_guard<py::gil_scoped_release>(), py::arg("u"), py::arg("ld"),
         py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("targets"), py::arg("col_base"),
-        py::arg("vocab_start"), py::arg("vocab_size"), py::arg("temperature"), py::arg("softcap"), py::arg("run"),
+        py::arg("vocab_start"), py::arg("vocab_size"), py::arg("temperature"), py::arg("temperatures"),
+        py::arg("softcap"), py::arg("run"),
         py::arg("run_stride"), py::arg("first"), py::arg("last"), py::arg("lse"), py::arg("zt"), py::arg("ent"),
         "row_stats kernel's code over host memory: one [rows, cols] fp32 chunk merged into run[3, run_stride].");
   m.def("dz_host", &dz_host, py::call_guard<py::gil_scoped_release>(), py::arg("u"), py::arg("ld_in"), py::arg("out"),
         py::arg("ld_out"), py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("targets"), py::arg("col_base"),
-        py::arg("temperature"), py::arg("softcap"), py::arg("lse"), py::arg("ent"), py::arg("g_lp"), py::arg("g_H"),
+        py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("lse"), py::arg("ent"),
+        py::arg("g_lp"), py::arg("g_H"),
         "dz kernel's code over host memory: du of one fp32 chunk into out (may alias u).");
   // One-pass row epilogue (onepass.cu): du written over u; du16 (0 = none) as du16_dtype (1 fp16, 2 bf16).
   m.def("onepass_epilogue", &onepass_epilogue, py::call_guard<py::gil_scoped_release>(), py::arg("device"),

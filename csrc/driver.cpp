@@ -19,12 +19,13 @@
 
 namespace fusedrl {
 
-Transform make_transform(double temperature, double softcap) {
-  if (!(temperature > 0)) throw std::invalid_argument("fusedrl._C: temperature must be > 0");
+Transform make_transform(double temperature, double softcap, const float* temps) {
+  if (temps == nullptr && !(temperature > 0)) throw std::invalid_argument("fusedrl._C: temperature must be > 0");
   Transform tr;
-  tr.temperature = (float)temperature;
+  tr.temperature = temps == nullptr ? (float)temperature : 1.f;  // per-token: replaced row by row
   tr.has_cap = softcap > 0 ? 1 : 0;
   tr.cap = softcap > 0 ? (float)softcap : 1.f;
+  tr.TEMPS = temps;
   return tr;
 }
 
@@ -224,9 +225,9 @@ int64_t bwd_workspace_bytes(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t
 // (two logits buffers; the GEMM into a buffer waits for the epilogue that last read it).
 // ----------------------------------------------------------------------------------------------
 void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
-                    int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature, double softcap,
-                    uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t ws, int64_t ws_bytes, int64_t Nc,
-                    int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap) {
+                    int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
+                    uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t ws,
+                    int64_t ws_bytes, int64_t Nc, int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap) {
   check_chunks(N, H, V, Nc, Vc);
   if (N == 0) return;
   const int nbuf = overlap ? 2 : 1;
@@ -234,7 +235,7 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
   if ((size_t)ws_bytes < lay.total)
     throw std::invalid_argument("fusedrl._C: forward workspace too small: " + std::to_string(ws_bytes) + " < " +
                                 std::to_string(lay.total));
-  const Transform tr = make_transform(temperature, softcap);
+  const Transform tr = make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures));
   const size_t es = dtype_size(dt);
   const int ct = cuda_dtype(dt);
   DeviceGuard guard(device);
@@ -254,6 +255,7 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
   int64_t k = 0;
   for (int64_t n0 = 0; n0 < N; n0 += Nc) {
     const int64_t nc = std::min(Nc, N - n0);
+    const Transform trc = row::rows_from(tr, n0);  // per-token temperatures of this token chunk
     for (int64_t v0 = 0; v0 < V; v0 += Vc, ++k) {
       const int64_t vc = std::min(Vc, V - v0);
       const int slot = (int)(k % nbuf);
@@ -264,7 +266,7 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
                   reinterpret_cast<const char*>(x) + (size_t)n0 * H * es, ct, (int)H, 0.f, L, CUDA_R_32F_, (int)Vc,
                   comp);
       if (overlap) join(stream, epi, pool->ev_front[slot]);
-      launch_row_stats(kF32, L, Vc, nc, vc, b ? b + v0 : nullptr, tg + n0, vocab_start + v0, vocab_start, V, tr, run,
+      launch_row_stats(kF32, L, Vc, nc, vc, b ? b + v0 : nullptr, tg + n0, vocab_start + v0, vocab_start, V, trc, run,
                        Nc, v0 == 0, v0 + vc >= V, lse_p + n0, zt_p + n0, ent_p ? ent_p + n0 : nullptr, epi);
       if (overlap) FUSEDRL_CUDA_CHECK(cudaEventRecord(pool->ev_back[slot], epi));
     }
@@ -282,10 +284,10 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
 // turns chunk k+1 into du (double-buffered logits / du).
 // ----------------------------------------------------------------------------------------------
 void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
-                     int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature, double softcap,
-                     uintptr_t lse, uintptr_t ent, uintptr_t g_lp, uintptr_t g_H, uintptr_t dx, uintptr_t dw,
-                     uintptr_t db, uintptr_t ws, int64_t ws_bytes, int64_t Nc, int64_t Vc, int order, bool lean,
-                     int64_t cublas_ws, bool allow_tf32, bool overlap) {
+                     int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
+                     uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t ent, uintptr_t g_lp,
+                     uintptr_t g_H, uintptr_t dx, uintptr_t dw, uintptr_t db, uintptr_t ws, int64_t ws_bytes,
+                     int64_t Nc, int64_t Vc, int order, bool lean, int64_t cublas_ws, bool allow_tf32, bool overlap) {
   check_chunks(N, H, V, Nc, Vc);
   const bool need_dx = dx != 0, need_dw = dw != 0, need_db = db != 0;
   if (g_H != 0 && ent == 0) throw std::invalid_argument("fusedrl._C: g_H given without ent");
@@ -295,7 +297,7 @@ void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, ui
     throw std::invalid_argument("fusedrl._C: backward workspace too small: " + std::to_string(ws_bytes) + " < " +
                                 std::to_string(lay.total));
   if (N == 0 || (!need_dx && !need_dw && !need_db)) return;  // caller zero-fills dw / db for N == 0
-  const Transform tr = make_transform(temperature, softcap);
+  const Transform tr = make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures));
   const size_t es = dtype_size(dt);
   const int ct = cuda_dtype(dt);
   DeviceGuard guard(device);
@@ -348,8 +350,8 @@ void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, ui
                 (int)H, xb + (size_t)c.n0 * H * es, ct, (int)H, 0.f, L, CUDA_R_32F_, (int)Vc, comp);
     if (overlap) join(stream, epi, pool->ev_front[slot]);
     launch_dz(kF32, L, Vc, dt, du, Vc, (need_db && dt != kF32) ? L : nullptr, Vc, c.nc, c.vc,
-              b ? b + c.v0 : nullptr, tg + c.n0, vocab_start + c.v0, tr, lse_p + c.n0, ent_p ? ent_p + c.n0 : nullptr,
-              glp_p ? glp_p + c.n0 : nullptr, gh_p ? gh_p + c.n0 : nullptr, epi);
+              b ? b + c.v0 : nullptr, tg + c.n0, vocab_start + c.v0, row::rows_from(tr, c.n0), lse_p + c.n0,
+              ent_p ? ent_p + c.n0 : nullptr, glp_p ? glp_p + c.n0 : nullptr, gh_p ? gh_p + c.n0 : nullptr, epi);
     if (need_db) launch_colsum(L, Vc, c.nc, c.vc, db_p + c.v0, c.n0 > 0, epi);
     if (overlap) FUSEDRL_CUDA_CHECK(cudaEventRecord(pool->ev_back[slot], epi));
   };
@@ -418,11 +420,11 @@ void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, ui
 // Logits given: one row per block over the whole [N, V] row (no GEMM, no cuBLAS).
 // ----------------------------------------------------------------------------------------------
 void logits_forward(int device, uintptr_t stream_, uintptr_t logits, int64_t N, int64_t V, int dt,
-                    double temperature, double softcap, uintptr_t targets, uintptr_t lse, uintptr_t zt,
-                    uintptr_t ent) {
+                    double temperature, uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse,
+                    uintptr_t zt, uintptr_t ent) {
   if (N < 0 || V <= 0) throw std::invalid_argument("fusedrl._C: need N >= 0, V > 0");
   if (N == 0) return;
-  const Transform tr = make_transform(temperature, softcap);
+  const Transform tr = make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures));
   DeviceGuard guard(device);
   launch_row_stats(dt, reinterpret_cast<const void*>(logits), V, N, V, nullptr,
                    reinterpret_cast<const int64_t*>(targets), 0, 0, V, tr, nullptr, 0, true, true,
@@ -431,12 +433,12 @@ void logits_forward(int device, uintptr_t stream_, uintptr_t logits, int64_t N, 
 }
 
 void logits_backward(int device, uintptr_t stream_, uintptr_t logits, uintptr_t out, int64_t N, int64_t V, int dt,
-                     double temperature, double softcap, uintptr_t targets, uintptr_t lse, uintptr_t ent,
-                     uintptr_t g_lp, uintptr_t g_H) {
+                     double temperature, uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse,
+                     uintptr_t ent, uintptr_t g_lp, uintptr_t g_H) {
   if (N < 0 || V <= 0) throw std::invalid_argument("fusedrl._C: need N >= 0, V > 0");
   if (g_H != 0 && ent == 0) throw std::invalid_argument("fusedrl._C: g_H given without ent");
   if (N == 0) return;
-  const Transform tr = make_transform(temperature, softcap);
+  const Transform tr = make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures));
   DeviceGuard guard(device);
   launch_dz(dt, reinterpret_cast<const void*>(logits), V, dt, reinterpret_cast<void*>(out), V, nullptr, 0, N, V,
             nullptr, reinterpret_cast<const int64_t*>(targets), 0, tr, reinterpret_cast<const float*>(lse),

@@ -71,11 +71,12 @@ class DeviceGuard {
 // ---------------------------------------------------------------------------------------------
 
 // Per-row online (max, sum exp, sum (z-max) exp) over one [rows, cols] chunk of raw logits `u`
-// (dtype `dt`, row stride `ld` elements), z = transform(u + bias[j]). Merges into the running
-// per-row statistics run_{m,s,b} (each `rows` floats, stride apart by `run_stride` floats) unless
-// `first`; on `last` writes lse / ent (ent may be null) for the rows. The row whose target lies in
-// this chunk (local column t - col_base) gets zt = z_target; when `first`, rows whose target is
-// outside [vocab_start, vocab_start + vocab_size) get zt = 0.
+// (dtype `dt`, row stride `ld` elements), z = transform(u + bias[j]); row r's temperature is
+// tr.TEMPS[r] when per-token (the caller offsets TEMPS to the chunk's first row: row::rows_from).
+// Merges into the running per-row statistics run_{m,s,b} (each `rows` floats, stride apart by
+// `run_stride` floats) unless `first`; on `last` writes lse / ent (ent may be null) for the rows.
+// The row whose target lies in this chunk (local column t - col_base) gets zt = z_target; when
+// `first`, rows whose target is outside [vocab_start, vocab_start + vocab_size) get zt = 0.
 void launch_row_stats(int dt, const void* u, int64_t ld, int64_t rows, int64_t cols, const float* bias,
                       const int64_t* targets, int64_t col_base, int64_t vocab_start, int64_t vocab_size,
                       Transform tr, float* run, int64_t run_stride, bool first, bool last, float* lse,
@@ -85,7 +86,8 @@ void launch_row_stats(int dt, const void* u, int64_t ld, int64_t rows, int64_t c
 //   p = exp(z - lse); dz = g_lp (1[j == t - col_base] - p) - g_H p (z - lse + ent)
 // written to `out` (dtype out_dt, row stride ld_out; may alias `u` when the dtypes agree) and, when
 // out32 != nullptr, also as fp32 to out32 (row stride ld_out32; may alias `u` when u is fp32).
-// g_lp / g_H may be null (treated as 0); ent may be null iff g_H is null.
+// g_lp / g_H may be null (treated as 0); ent may be null iff g_H is null. Per-token temperatures
+// (tr.TEMPS) are indexed by the chunk-local row, like lse / ent / g_lp / g_H.
 void launch_dz(int in_dt, const void* u, int64_t ld_in, int out_dt, void* out, int64_t ld_out, float* out32,
                int64_t ld_out32, int64_t rows, int64_t cols, const float* bias, const int64_t* targets,
                int64_t col_base, Transform tr, const float* lse, const float* ent, const float* g_lp,
@@ -106,8 +108,9 @@ void launch_onepass_epilogue(const row::OnePassArgs& a, int du16_dt, cudaStream_
 // Throws std::invalid_argument naming the bad field of a one-pass call (sizes, codes, pointers).
 void check_onepass_args(const row::OnePassArgs& a, int du16_dt);
 
-// Validated transform from Python arguments (softcap <= 0: none).
-Transform make_transform(double temperature, double softcap);
+// Validated transform from Python arguments (softcap <= 0: none). temps: [rows] fp32 per-token
+// temperatures (then `temperature` is not read), or null for the scalar temperature (> 0).
+Transform make_transform(double temperature, double softcap, const float* temps);
 
 // Host lanes (host_lanes.cpp): the same row functions as the kernels, run over host memory, one row
 // at a time, with the kernels' thread striding and block-reduction order. fp32 only.

@@ -22,8 +22,9 @@ void row_stats_host(const row::RowStatsArgs& a, const float* u) {
   row::Stat st[kBlock];
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* urow = u + r * a.ld;
-    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, a.tr, t, kBlock, row::LoadF32{});
-    row::row_stats_finish(a, urow, r, row::block_reduce_host<kBlock>(st), row::LoadF32{});
+    const Transform tr = row::row_transform(a.tr, r);
+    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
+    row::row_stats_finish(a, tr, urow, r, row::block_reduce_host<kBlock>(st), row::LoadF32{});
   }
 }
 
@@ -32,10 +33,11 @@ void dz_host(const float* u, int64_t ld_in, float* out, int64_t ld_out, int64_t 
              const float* ent, const float* g_lp, const float* g_H) {
   for (int64_t r = 0; r < rows; ++r) {
     const row::DuRow d = row::du_row(lse, ent, g_lp, g_H, targets, r, col_base, cols);
+    const Transform trr = row::row_transform(tr, r);
     for (int64_t j = 0; j < cols; ++j) {
       float v = u[r * ld_in + j];
       if (bias != nullptr) v += bias[j];
-      out[r * ld_out + j] = row::du_elem(v, j == d.tc, d, tr);
+      out[r * ld_out + j] = row::du_elem(v, j == d.tc, d, trr);
     }
   }
 }
@@ -66,10 +68,11 @@ void onepass_epilogue_host(const row::OnePassArgs& a, int du16_dt) {
   row::Stat st[kBlock];
   for (int64_t r = 0; r < a.rows; ++r) {
     float* urow = a.U + r * a.ld;
-    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, a.tr, t, kBlock, row::LoadF32{});
-    const row::DuRow d = row::onepass_row(a, r, row::block_reduce_host<kBlock>(st));
+    const Transform tr = row::row_transform(a.tr, r);
+    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
+    const row::DuRow d = row::onepass_row(a, tr, r, row::block_reduce_host<kBlock>(st));
     for (int64_t j = 0; j < a.cols; ++j) {
-      const float du = row::onepass_du(a, d, urow[j], j);
+      const float du = row::onepass_du(a, d, tr, urow[j], j);
       urow[j] = du;
       if (a.DU16 == nullptr) continue;
       if (du16_dt == kF16)

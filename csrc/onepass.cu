@@ -8,6 +8,7 @@
 //   pass 2  du = dz * dz/du over the row, written in place into U and, optionally, as a 16-bit copy
 //           (the operand of GEMMs 2 and 3 for 16-bit inputs).
 // Every formula is a row_math.h / head_math.h function shared with the host lane (host_lanes.cpp).
+// Per-token temperatures: every thread takes its row's transform (row::row_transform) at the row's start.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -37,16 +38,17 @@ __global__ void __launch_bounds__(BLOCK) onepass_kernel(row::OnePassArgs a) {
   constexpr bool kHas16 = !std::is_same<T16, float>::value;
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
     float* urow = a.U + r * a.ld;
-    row::Stat st = row::thread_row_stat(urow, a.cols, a.BIAS, a.tr, threadIdx.x, BLOCK, row::LoadF32{});
+    const Transform tr = row::row_transform(a.tr, r);
+    row::Stat st = row::thread_row_stat(urow, a.cols, a.BIAS, tr, threadIdx.x, BLOCK, row::LoadF32{});
     st = row::block_reduce<BLOCK>(st, sh);
     // thread 0 reads U[r, target] here, before any thread overwrites the row (barrier below); and it
     // rewrites `bc` only after block_reduce's barriers of the next row, when every thread has read it
-    if (threadIdx.x == 0) bc = row::onepass_row(a, r, st);
+    if (threadIdx.x == 0) bc = row::onepass_row(a, tr, r, st);
     __syncthreads();
     const row::DuRow d = bc;
     T16* drow = kHas16 ? static_cast<T16*>(a.DU16) + r * a.ld16 : nullptr;
     for (int64_t j = threadIdx.x; j < a.cols; j += BLOCK) {
-      const float du = row::onepass_du(a, d, urow[j], j);
+      const float du = row::onepass_du(a, d, tr, urow[j], j);
       urow[j] = du;
       if (kHas16) store16(drow + j, du);
     }

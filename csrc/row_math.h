@@ -5,7 +5,8 @@
 // block reduction emulated in the same merge order).
 //
 // Contents:
-//  * the logit transform z = softcap(u + b) / T and its derivative;
+//  * the logit transform z = softcap(u + b) / T and its derivative (T one float, or per token row:
+//    row_transform / rows_from);
 //  * online softmax statistics (M, S, B') per thread, their merge, and LSE / entropy from them;
 //  * the target pickup;
 //  * du = dz * dz/du per element, with the -inf guard (a masked column has p = 0 and du = 0, never
@@ -20,11 +21,15 @@
 
 namespace fusedrl {
 
-// z = softcap(u) / T with softcap(u) = cap * tanh(u / cap) when has_cap.
+// z = softcap(u) / T with softcap(u) = cap * tanh(u / cap) when has_cap. T is `temperature`, or with
+// per-token temperatures (TEMPS non-null) TEMPS[r] of row r of the launch: every row function takes
+// the row's own transform from row_transform(), so T is one float per row either way and the scalar
+// path runs the very same arithmetic (an all-equal TEMPS gives the scalar path's bits).
 struct Transform {
   float temperature;
   float cap;
   int has_cap;
+  const float* TEMPS;  // [rows] fp32 per-row temperatures (row-local to the launch), or null
 };
 
 namespace row {
@@ -61,6 +66,21 @@ FUSEDRL_HD float neg_inf() { return -INFINITY; }
 // ------------------------------------------------------------------------------------------------
 // Logit transform
 // ------------------------------------------------------------------------------------------------
+
+// The transform of row r of a launch: its own temperature when per-token, else `tr` unchanged.
+FUSEDRL_HD Transform row_transform(const Transform& tr, int64_t r) {
+  Transform o = tr;
+  if (tr.TEMPS != nullptr) o.temperature = tr.TEMPS[r];
+  return o;
+}
+
+// The transform of a launch over rows [r0, ...) of a larger one (token-chunk loops): per-token
+// temperatures are indexed by the chunk's row offset.
+FUSEDRL_HD Transform rows_from(const Transform& tr, int64_t r0) {
+  Transform o = tr;
+  if (tr.TEMPS != nullptr) o.TEMPS = tr.TEMPS + r0;
+  return o;
+}
 
 // z of a raw logit v = u + b.
 FUSEDRL_HD float logit(float v, const Transform& tr) {
@@ -227,7 +247,8 @@ struct LoadF32 {
   FUSEDRL_HD float operator()(float v) const { return v; }
 };
 
-// One thread's share of a row: columns tid, tid + nthreads, ... of raw logits `row` (+ bias).
+// One thread's share of a row: columns tid, tid + nthreads, ... of raw logits `row` (+ bias); `tr`
+// is the row's transform.
 template <typename T, typename Load>
 FUSEDRL_HD Stat thread_row_stat(const T* urow, int64_t cols, const float* bias, const Transform& tr, int64_t tid,
                                 int64_t nthreads, Load load) {
@@ -279,7 +300,7 @@ struct RowStatsArgs {
   const float* BIAS;       // chunk-local [cols] or null
   const int64_t* TARGETS;  // [rows]
   int64_t col_base, vocab_start, vocab_size;
-  Transform tr;
+  Transform tr;  // TEMPS (if any) indexed by the chunk-local row r
   float* RUN;  // running (m, s, b): RUN[r], RUN[run_stride + r], RUN[2 run_stride + r]
   int64_t run_stride;
   bool first, last;
@@ -289,9 +310,10 @@ struct RowStatsArgs {
 };
 
 // Thread 0's part of a row: merge into the running statistics (or finish them) and pick up the
-// target logit when it lies in this chunk.
+// target logit when it lies in this chunk. `tr` is the row's transform (row_transform(a.tr, r)).
 template <typename T, typename Load>
-FUSEDRL_HD void row_stats_finish(const RowStatsArgs& a, const T* urow, int64_t r, Stat st, Load load) {
+FUSEDRL_HD void row_stats_finish(const RowStatsArgs& a, const Transform& tr, const T* urow, int64_t r, Stat st,
+                                 Load load) {
   if (!a.first) {
     const Stat old{a.RUN[r], a.RUN[a.run_stride + r], a.RUN[2 * a.run_stride + r]};
     st = stat_merge(old, st);
@@ -310,7 +332,7 @@ FUSEDRL_HD void row_stats_finish(const RowStatsArgs& a, const T* urow, int64_t r
   if (c >= 0) {
     float v = load(urow[c]);
     if (a.BIAS != nullptr) v += a.BIAS[c];
-    a.ZT[r] = logit(v, a.tr);
+    a.ZT[r] = logit(v, tr);
   } else if (a.first) {
     const int64_t g = t - a.vocab_start;
     if (g < 0 || g >= a.vocab_size) a.ZT[r] = 0.f;  // target in another vocab shard
@@ -341,7 +363,7 @@ struct OnePassArgs {
   int64_t ld, rows, cols;
   const int64_t* TARGETS;  // [rows] in [0, cols)
   const float* BIAS;       // [cols] or null
-  Transform tr;
+  Transform tr;            // TEMPS (if any): [rows]
   const float* OLD;     // [rows]
   const float* ADV;     // [rows]
   const float* WEIGHT;  // [rows]; 0 = masked token (OLD / ADV / REF not read)
@@ -357,8 +379,9 @@ struct OnePassArgs {
 };
 
 // Thread 0's part of a one-pass row: LSE, H, logp from the reduced statistics, the head's
-// coefficients, every per-token output written; returns the du constants to broadcast.
-FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, int64_t r, const Stat& st) {
+// coefficients, every per-token output written; returns the du constants to broadcast. `tr` is the
+// row's transform (row_transform(a.tr, r)).
+FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, const Transform& tr, int64_t r, const Stat& st) {
   const Final f = stat_final(st);
   const int64_t t = a.TARGETS[r];
   const int64_t tc = target_col(t, 0, a.cols);
@@ -366,7 +389,7 @@ FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, int64_t r, const Stat& st) {
   if (tc >= 0) {
     float v = a.U[r * a.ld + tc];
     if (a.BIAS != nullptr) v += a.BIAS[tc];
-    zt = logit(v, a.tr);
+    zt = logit(v, tr);
   }
   const float lp = zt - f.lse;
   const head::Grads g = head::token_grads(lp, a.OLD, a.ADV, a.WEIGHT, a.REF, r, a.hp);
@@ -384,11 +407,12 @@ FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, int64_t r, const Stat& st) {
   return d;
 }
 
-// du of element j of a one-pass row (raw logit u read from the workspace, bias added here).
-FUSEDRL_HD float onepass_du(const OnePassArgs& a, const DuRow& d, float u, int64_t j) {
+// du of element j of a one-pass row (raw logit u read from the workspace, bias added here); `tr` is
+// the row's transform.
+FUSEDRL_HD float onepass_du(const OnePassArgs& a, const DuRow& d, const Transform& tr, float u, int64_t j) {
   if (d.glp == 0.f && d.gh == 0.f) return 0.f;  // masked token: no exp, and nothing to propagate
   const float v = a.BIAS != nullptr ? u + a.BIAS[j] : u;
-  return du_elem(v, j == d.tc, d, a.tr);
+  return du_elem(v, j == d.tc, d, tr);
 }
 
 }  // namespace row

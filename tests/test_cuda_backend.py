@@ -509,3 +509,236 @@ def test_fp64_falls_back_to_exact_path():
     lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True)
     r_lp, r_ent = ref64(x, w, t, b, 1.0, None)
     assert ((zt - lse) - r_lp).abs().max().item() < ATOL[torch.float64] * 1e4
+
+
+# --------------------------------------------------------------------------------------------
+# Per-token temperature: z = softcap(u + b) / T_n, T a fp32 [N] tensor (one per token row)
+# --------------------------------------------------------------------------------------------
+def test_temperature_argument_forms():
+    """CPU-side: what the launchers accept as `temperature` and what they hand the kernels."""
+    assert cb._temperature(0.7, 5, torch.device("cpu"), "f") == (0.7, None)
+    assert cb._temperature(2, 5, torch.device("cpu"), "f") == (2.0, None)
+    T = torch.tensor([0.5, 1.0, 1.5, 0.25, 2.0], dtype=torch.float64)
+    s, rows = cb._temperature(T[None, :][0], 5, torch.device("cpu"), "f")
+    assert s == 1.0 and rows.dtype == torch.float32 and rows.is_contiguous() and torch.equal(rows, T.float())
+    for bad in (torch.ones(4), torch.ones(5, 1), torch.ones(()), torch.ones(5, dtype=torch.bool),
+                torch.ones(5, device="meta"), "x", None, 0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            cb._temperature(bad, 5, torch.device("cpu"), "f")
+
+
+def _temps(n, seed=5, device=DEV):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return (torch.rand(n, generator=g) * 1.7 + 0.3).to(device)  # in [0.3, 2.0]
+
+
+def _pt_z(u, b, T, c, dtype64):
+    """z = softcap(u + b) / T_n: fp64, or eager with the logits in the input dtype."""
+    if dtype64:
+        u = u.double()
+    if b is not None:
+        u = u + (b.double() if dtype64 else b)
+    if c is not None:
+        u = c * torch.tanh(u / c)
+    if dtype64:
+        return u / T.double()[:, None]
+    return (u.float() / T[:, None]).to(u.dtype)
+
+
+def _pt_lp_ent(z, t):
+    lsm = torch.log_softmax(z, -1)
+    p = lsm.exp()
+    ent = -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)  # 0 * -inf := 0
+    return lsm.gather(-1, t[:, None])[:, 0], ent
+
+
+def _pt_linear(x, w, t, b, T, c, dtype64):
+    u = (x.double() @ w.double().t()) if dtype64 else x @ w.t()
+    return _pt_lp_ent(_pt_z(u, b, T, c, dtype64), t)
+
+
+def _pt_grads(x, w, t, b, T, c, g_lp, g_H, dtype64):
+    leaves = [p.detach().clone().requires_grad_() for p in (x, w, b) if p is not None]
+    lp, ent = _pt_linear(leaves[0], leaves[1], t, leaves[2] if b is not None else None, T, c, dtype64)
+    loss = (lp.double() * g_lp.double()).sum() + (ent.double() * g_H.double()).sum()
+    return list(torch.autograd.grad(loss, leaves)) + [None] * (3 - len(leaves))
+
+
+def _pt_check_forward(lse, zt, ent, x, w, t, b, T, c, dtype):
+    r_lp, r_ent = _pt_linear(x, w, t, b, T, c, True)
+    lo_lp, lo_ent = _pt_linear(x, w, t, b, T, c, False)
+    assert_cce("logp", zt - lse, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+
+
+def _pt_check_grads(got, x, w, t, b, T, c, g_lp, g_H, dtype):
+    want = _pt_grads(x, w, t, b, T, c, g_lp, g_H, True)
+    low = _pt_grads(x, w, t, b, T, c, g_lp, g_H, False)
+    for name, g, r, lo, src in zip(("dx", "dW", "db"), got, want, low, (x, w, b)):
+        if src is None:
+            assert g is None
+            continue
+        assert g.dtype == src.dtype and g.shape == src.shape and torch.isfinite(g.float()).all()
+        assert_cce(name, g, r, lo, dtype, atol=GRAD_ATOL[dtype] * (r.abs().max().item() + 1e-6))
+
+
+def _neginf_bias(v, dtype, masked=(3, 136, 137)):
+    g = torch.Generator(device="cpu").manual_seed(9)
+    b = torch.randn(v, generator=g) * 0.5
+    b[list(masked) + [v - 1]] = -math.inf
+    return b.to(dtype).to(DEV)
+
+
+PT_OPTIONS = [dict(bias=None, softcap=None), dict(bias="rand", softcap=30.0), dict(bias="-inf", softcap=None),
+              dict(bias="-inf", softcap=5.0)]
+PT_OPT_IDS = ["plain", "bias-softcap30", "neginf", "neginf-softcap5"]
+
+
+def _pt_case(n, h, v, dtype, bias):
+    x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=bias == "rand", scale=4.0)
+    if bias == "-inf":
+        b = _neginf_bias(v, dtype)
+        t = torch.where(torch.isinf(b)[t], torch.zeros_like(t), t)  # targets stay finite
+    return x, w, b, t
+
+
+@gpu
+@pytest.mark.parametrize("chunks", CHUNKS, ids=CHUNK_IDS)
+@pytest.mark.parametrize("opt", PT_OPTIONS, ids=PT_OPT_IDS)
+@pytest.mark.parametrize("shape", [(37, 123, 1003), (300, 24, 1003), (5, 64, 151936)],
+                         ids=lambda s: "N%d-H%d-V%d" % s)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_token_temperature_forward_backward(dtype, shape, opt, chunks):
+    _skip_unless_cuda_backend()
+    n, h, v = shape
+    if v > 100000 and chunks.get("chunk_vocab", 4096) < 1000:
+        pytest.skip("tiny vocab chunks over a 152k vocabulary: slow, covered by the other shapes")
+    x, w, b, t = _pt_case(n, h, v, dtype, opt["bias"])
+    T, c = _temps(n), opt["softcap"]
+    lse, zt, ent = cb.forward(x, w, t, b, T, c, True, **chunks)
+    _pt_check_forward(lse, zt, ent, x, w, t, b, T, c, dtype)
+    g_lp, g_H = _upstream(n)
+    got = cb.backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, **chunks)
+    _pt_check_grads(got, x, w, t, b, T, c, g_lp, g_H, dtype)
+    if opt["bias"] == "-inf" and c is None:
+        masked = torch.isinf(b)
+        assert torch.all(got[1][masked] == 0) and torch.all(got[2][masked] == 0)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_token_temperature_all_equal_is_scalar_bitwise(dtype):
+    """A constant per-token vector runs the scalar path's arithmetic on every entry point."""
+    _skip_unless_cuda_backend()
+    n, h, v = 300, 123, 1003
+    x, w, b, t = _pt_case(n, h, v, dtype, "-inf")
+    vec = torch.full((n,), 0.7, device=DEV)
+    g_lp, g_H = _upstream(n)
+    for kw in (dict(), dict(chunk_tokens=64, chunk_vocab=256), dict(chunk_tokens=7, chunk_vocab=64, order="token")):
+        fs, fv = cb.forward(x, w, t, b, 0.7, 5.0, True, **kw), cb.forward(x, w, t, b, vec, 5.0, True, **kw)
+        for p, q in zip(fs, fv):
+            assert torch.equal(p, q)
+        lse, _, ent = fs
+        for p, q in zip(cb.backward(x, w, t, b, 0.7, 5.0, lse, ent, g_lp, g_H, **kw),
+                        cb.backward(x, w, t, b, vec, 5.0, lse, ent, g_lp, g_H, **kw)):
+            assert torch.equal(p, q)
+    logits = (x @ w.t()).contiguous()
+    fs, fv = cb.logits_forward(logits, t, 0.7, 5.0, True), cb.logits_forward(logits, t, vec, 5.0, True)
+    for p, q in zip(fs, fv):
+        assert torch.equal(p, q)
+    lse, _, ent = fs
+    assert torch.equal(cb.logits_backward(logits, t, 0.7, 5.0, lse, ent, g_lp, g_H),
+                       cb.logits_backward(logits, t, vec, 5.0, lse, ent, g_lp, g_H))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v", [507, 151936])
+@pytest.mark.parametrize("opt", PT_OPTIONS, ids=PT_OPT_IDS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_per_token_temperature_logits(dtype, v, opt, inplace):
+    _skip_unless_cuda_backend()
+    n = 37
+    g = torch.Generator(device="cpu").manual_seed(3)
+    logits = (torch.randn(n, v, generator=g) * 3).to(dtype).to(DEV)
+    if opt["bias"] is not None:  # the logits path has no bias: fold it (and its -inf columns) in
+        b = _neginf_bias(v, dtype) if opt["bias"] == "-inf" else (torch.randn(v, generator=g) * 0.5).to(dtype).to(DEV)
+        logits = logits + b
+    t = torch.randint(0, v, (n,), generator=g).to(DEV)
+    t = torch.where(torch.isinf(logits.float()).gather(-1, t[:, None])[:, 0], torch.zeros_like(t), t)
+    T, c = _temps(n), opt["softcap"]
+    lse, zt, ent = cb.logits_forward(logits, t, T, c, True)
+    r_lp, r_ent = _pt_lp_ent(_pt_z(logits, None, T, c, True), t)
+    lo_lp, lo_ent = _pt_lp_ent(_pt_z(logits, None, T, c, False), t)
+    assert_cce("logp", zt - lse, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+    g_lp, g_H = _upstream(n)
+    src = logits.clone()
+    dl = cb.logits_backward(src, t, T, c, lse, ent, g_lp, g_H, inplace=inplace)
+    assert dl.dtype == dtype and dl.shape == logits.shape and torch.isfinite(dl.float()).all()
+    if not inplace:
+        assert torch.equal(src, logits)
+    grads = []
+    for dtype64 in (True, False):
+        leaf = logits.detach().clone().requires_grad_()
+        a, e = _pt_lp_ent(_pt_z(leaf, None, T, c, dtype64), t)
+        grads.append(torch.autograd.grad((a.double() * g_lp.double()).sum() + (e.double() * g_H.double()).sum(),
+                                         [leaf])[0])
+    want, low = grads
+    assert_cce("dlogits", dl, want, low, dtype, atol=GRAD_ATOL[dtype] * (want.abs().max().item() + 1e-6))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_token_temperature_vocab_parallel_shards(dtype):
+    _skip_unless_cuda_backend()
+    n, h, v, cut = 37, 123, 1003, 421
+    x, w, b, t = _pt_case(n, h, v, dtype, "rand")
+    T, c = _temps(n), 30.0
+    shards = [(0, slice(0, cut)), (cut, slice(cut, v))]
+    kw = dict(chunk_tokens=16, chunk_vocab=128)
+    parts = [cb.forward(x, w[s].contiguous(), t, b[s].contiguous(), T, c, True, vocab_start=v0, **kw)
+             for v0, s in shards]
+    # combined in fp64: at T = 0.3 the fp32 combination's own cancellation (lse - sum p z) exceeds the bound
+    lse, lp, ent = _combine_shards([tuple(p.double() for p in part) for part in parts])
+    r_lp, r_ent = _pt_linear(x, w, t, b, T, c, True)
+    lo_lp, lo_ent = _pt_linear(x, w, t, b, T, c, False)
+    assert_cce("logp", lp, r_lp, lo_lp, dtype)
+    assert_cce("entropy", ent, r_ent, lo_ent, dtype)
+    g_lp, g_H = _upstream(n)
+    outs = [cb.backward(x, w[s].contiguous(), t, b[s].contiguous(), T, c, lse, ent, g_lp, g_H, vocab_start=v0, **kw)
+            for v0, s in shards]
+    dx = sum(o[0].float() for o in outs).to(dtype)
+    _pt_check_grads((dx, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])), x, w, t, b, T, c, g_lp,
+                    g_H, dtype)
+
+
+@gpu
+def test_per_token_temperature_many_rows():
+    """N > 65535 rows: the per-row temperature pointer with int64 row offsets, both paths."""
+    _skip_unless_cuda_backend()
+    n, v = 65537, 507
+    g = torch.Generator(device="cpu").manual_seed(4)
+    logits = torch.randn(n, v, generator=g).to(DEV)
+    t = torch.randint(0, v, (n,), generator=g).to(DEV)
+    T = _temps(n)
+    lse, zt, ent = cb.logits_forward(logits, t, T, None, True)
+    r_lp, r_ent = _pt_lp_ent(_pt_z(logits, None, T, None, True), t)
+    assert ((zt - lse).double() - r_lp).abs().max().item() <= 3e-5
+    assert (ent.double() - r_ent).abs().max().item() <= 3e-5
+    x, w, _, t = make_case(n, 24, v, torch.bfloat16, device=DEV)
+    lse, zt, ent = cb.forward(x, w, t, None, T, None, True, chunk_tokens=4096)
+    _pt_check_forward(lse, zt, ent, x, w, t, None, T, None, torch.bfloat16)
+    g_lp, g_H = _upstream(n)
+    got = cb.backward(x, w, t, None, T, None, lse, ent, g_lp, g_H, chunk_tokens=4096)
+    _pt_check_grads(got, x, w, t, None, T, None, g_lp, g_H, torch.bfloat16)
+
+
+@gpu
+def test_per_token_temperature_fp64_falls_back_to_exact_path():
+    _skip_unless_cuda_backend()
+    x, w, b, t = make_case(5, 24, 507, torch.float64, device=DEV, bias=True)
+    T = _temps(5).double()
+    lse, zt, ent = cb.forward(x, w, t, b, T, None, True)
+    r_lp, r_ent = _pt_linear(x, w, t, b, T, None, True)
+    assert ((zt - lse) - r_lp).abs().max().item() < ATOL[torch.float64] * 1e4

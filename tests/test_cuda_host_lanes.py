@@ -29,13 +29,22 @@ def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
 
 
+def _temp_args(T, n0=0):
+    """(temperature, temperatures pointer) of the _C entry points for rows [n0, ...): a float, or a
+    per-token fp32 [N] tensor offset by the chunk's first row (what driver.cpp's row::rows_from does)."""
+    if isinstance(T, torch.Tensor):
+        return 1.0, T[n0:].data_ptr()
+    return float(T), 0
+
+
 # =====================================================================================
 # Recompute path: the row_stats / dz kernels' code through the backend's chunk loops
 # =====================================================================================
 
 
 def host_forward(x, w, t, b, T, c, nc, vc, vocab_start=0):
-    """cb.forward's chunk loop (driver.cpp linear_forward) with torch GEMMs and the row_stats host lane."""
+    """cb.forward's chunk loop (driver.cpp linear_forward) with torch GEMMs and the row_stats host lane.
+    T: a float or per-token fp32 [N] temperatures (indexed by each token chunk's row offset)."""
     n, v = x.shape[0], w.shape[0]
     lse, zt, ent = (torch.empty(n) for _ in range(3))
     run = torch.empty(3 * nc)
@@ -47,8 +56,8 @@ def host_forward(x, w, t, b, T, c, nc, vc, vocab_start=0):
             k = min(vc, v - v0)
             L = (x[n0:n0 + m].float() @ w[v0:v0 + k].float().t()).contiguous()
             C.row_stats_host(L.data_ptr(), k, m, k, 0 if b32 is None else b32[v0:].data_ptr(), tg.data_ptr(),
-                             vocab_start + v0, vocab_start, v, float(T), _cap(c), run.data_ptr(), nc, v0 == 0,
-                             v0 + k >= v, lse[n0:].data_ptr(), zt[n0:].data_ptr(), ent[n0:].data_ptr())
+                             vocab_start + v0, vocab_start, v, *_temp_args(T, n0), _cap(c), run.data_ptr(), nc,
+                             v0 == 0, v0 + k >= v, lse[n0:].data_ptr(), zt[n0:].data_ptr(), ent[n0:].data_ptr())
     return lse, zt, ent
 
 
@@ -65,7 +74,7 @@ def host_backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, nc, vc):
             k = min(vc, v - v0)
             L = (xc @ w[v0:v0 + k].float().t()).contiguous()
             C.dz_host(L.data_ptr(), k, L.data_ptr(), k, m, k, 0 if b32 is None else b32[v0:].data_ptr(),
-                      tg.data_ptr(), v0, float(T), _cap(c), lse[n0:].data_ptr(),
+                      tg.data_ptr(), v0, *_temp_args(T, n0), _cap(c), lse[n0:].data_ptr(),
                       0 if ent is None else ent[n0:].data_ptr(), g_lp[n0:].data_ptr(),
                       0 if g_H is None else g_H[n0:].data_ptr())
             dx[n0:n0 + m] += L @ w[v0:v0 + k].float()
@@ -143,11 +152,11 @@ def test_dz_minus_inf_logit_with_entropy_gradient():
     u[:, [0, 5, v - 1]] = -math.inf
     t = torch.tensor([1, 2, 3])
     lse, zt, ent = torch.empty(n), torch.empty(n), torch.empty(n)
-    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0.0, 0, 0, True, True, lse.data_ptr(),
+    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0, 0.0, 0, 0, True, True, lse.data_ptr(),
                      zt.data_ptr(), ent.data_ptr())
     g_lp, g_H = torch.tensor([0.5, -1.0, 0.0]), torch.tensor([0.7, -0.3, 0.0])  # row 2: g_H = 0, still given
     du = torch.empty_like(u)
-    C.dz_host(u.data_ptr(), v, du.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 1.0, 0.0, lse.data_ptr(), ent.data_ptr(),
+    C.dz_host(u.data_ptr(), v, du.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 1.0, 0, 0.0, lse.data_ptr(), ent.data_ptr(),
               g_lp.data_ptr(), g_H.data_ptr())
     assert torch.isfinite(du).all(), "du has NaN at -inf logits"
     assert torch.all(du[:, [0, 5, v - 1]] == 0)
@@ -171,7 +180,7 @@ def test_row_stats_merge_is_chunking_invariant():
         for v0 in range(0, v, vc):
             k = min(vc, v - v0)
             chunk = u[:, v0:v0 + k].contiguous()
-            C.row_stats_host(chunk.data_ptr(), k, n, k, 0, t.data_ptr(), v0, 0, v, 1.0, 0.0, run.data_ptr(), n,
+            C.row_stats_host(chunk.data_ptr(), k, n, k, 0, t.data_ptr(), v0, 0, v, 1.0, 0, 0.0, run.data_ptr(), n,
                              v0 == 0, v0 + k >= v, lse.data_ptr(), zt.data_ptr(), ent.data_ptr())
         out[vc] = (lse, zt, ent)
     r_lp, r_ent = reference.logprob_entropy(u.double(), t)
@@ -182,7 +191,7 @@ def test_row_stats_merge_is_chunking_invariant():
     wide = torch.full((n, v + 5), float("nan"))
     wide[:, :v] = u
     lse, zt, ent = torch.empty(n), torch.empty(n), torch.empty(n)
-    C.row_stats_host(wide.data_ptr(), v + 5, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0.0, 0, 0, True, True,
+    C.row_stats_host(wide.data_ptr(), v + 5, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0, 0.0, 0, 0, True, True,
                      lse.data_ptr(), zt.data_ptr(), ent.data_ptr())
     assert torch.equal(lse, out[v][0]) and torch.equal(ent, out[v][2])
 
@@ -192,7 +201,7 @@ def test_row_stats_target_outside_shard_reads_zero():
     u = torch.randn(n, v)
     t = torch.tensor([0, 63, 64, 200])  # last two: another vocab shard's ids
     lse, zt, ent = torch.empty(n), torch.full((n,), 7.0), torch.empty(n)
-    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0.0, 0, 0, True, True, lse.data_ptr(),
+    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0, 0.0, 0, 0, True, True, lse.data_ptr(),
                      zt.data_ptr(), ent.data_ptr())
     assert zt[2] == 0 and zt[3] == 0
     assert zt[0] == u[0, 0] and zt[1] == u[1, 63]
@@ -248,10 +257,10 @@ def _head_losses(lp, old, adv, ref, mode, dual, kl_type, kl_st):
 
 
 def onepass_reference(u, t, bias, T, c, head, mode_name, kl_name):
-    """fp64 autograd: (logp, ent, lse, g_lp, g_H, du) of sum_t w_t (L_t + kl_coef KL_t - ent_coef H_t)."""
+    """fp64 autograd: (logp, ent, lse, g_lp, g_H, du) of sum_t w_t (L_t + kl_coef KL_t - ent_coef H_t).
+    T: a float or per-token [N] temperatures."""
     u64 = u.double().requires_grad_()
-    v = u64 + bias.double() if bias is not None else u64
-    z = (c * torch.tanh(v / c) if c is not None else v) / T
+    z = _z64(u64, bias, T, c)
     lse = torch.logsumexp(z, -1)
     lsm = z - lse[:, None]
     p = lsm.exp()
@@ -308,10 +317,16 @@ def make_onepass_case(n, v, mode="clipped", kl=None, ent_coef=0.01, bias="rand",
     return u, t, b, head
 
 
-def _logp64(u, t, b, T, c):
+def _z64(u, b, T, c):
+    """z = softcap(u + b) / T in fp64 (u may require grad); T a float or per-token [N] temperatures."""
     v = u.double() + b.double() if b is not None else u.double()
-    z = (c * torch.tanh(v / c) if c is not None else v) / T
-    return torch.log_softmax(z, -1).gather(-1, t[:, None])[:, 0]
+    if c is not None:
+        v = c * torch.tanh(v / c)
+    return v / (T.double()[:, None] if isinstance(T, torch.Tensor) else T)
+
+
+def _logp64(u, t, b, T, c):
+    return torch.log_softmax(_z64(u, b, T, c), -1).gather(-1, t[:, None])[:, 0]
 
 
 def _check_onepass(u, t, b, T, c, head, mode, kl, du16_dtype=None, rtol=1e-5):
@@ -453,6 +468,194 @@ def test_onepass_matches_loss_module_formulas():
 
 
 # =====================================================================================
+# Per-token temperature: z = softcap(u + b) / T_n (one temperature per token row)
+# =====================================================================================
+
+
+def _rand_temps(n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, generator=g) * 1.7 + 0.3  # in [0.3, 2.0]
+
+
+def _ref_grads64_pt(x, w, t, b, T, c, g_lp, g_H):
+    """fp64 (logp, ent, [dx, dW, db]) of sum(g_lp logp + g_H H), written here for per-token T."""
+    leaves = [p.detach().double().requires_grad_() for p in (x, w, b) if p is not None]
+    u = leaves[0] @ leaves[1].t()
+    z = _z64(u, leaves[2] if b is not None else None, T, c)
+    lsm = z - torch.logsumexp(z, -1, keepdim=True)
+    p = lsm.exp()
+    ent = -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)  # 0 * -inf := 0
+    lp = lsm.gather(-1, t[:, None])[:, 0]
+    gs = torch.autograd.grad((lp * g_lp.double()).sum() + (ent * g_H.double()).sum(), leaves)
+    return lp.detach(), ent.detach(), list(gs) + [None] * (3 - len(gs))
+
+
+def _pt_case(n, h, v, bias, seed=0):
+    x, w, _, t = make_case(n, h, v, torch.float32, scale=4.0, seed=seed)
+    b = None
+    if bias == "rand":
+        b = make_case(n, h, v, torch.float32, bias=True, seed=seed)[2]
+    elif bias == "-inf":
+        masked = [3, 136, v - 1]
+        b = _masked_bias(v, masked)
+        t = torch.where(torch.isin(t, torch.tensor(masked)), torch.zeros_like(t), t)
+    return x, w, b, t
+
+
+PT_OPTS = [dict(bias=None, c=None), dict(bias="rand", c=30.0), dict(bias="-inf", c=None), dict(bias="-inf", c=5.0)]
+PT_IDS = ["plain", "bias-cap30", "neginf", "neginf-cap5"]
+PT_SHAPES = [(37, 24, 1003, 16, 136), (5, 24, 507, 8, 512), (1, 16, 507, 4, 64), (33, 16, 257, 7, 64)]
+PT_SHAPE_IDS = ["N37-V1003-chunked", "N5-V507-one-chunk", "N1-V507", "N33-V257-odd-chunks"]
+
+
+@pytest.mark.parametrize("opt", PT_OPTS, ids=PT_IDS)
+@pytest.mark.parametrize("n,h,v,nc,vc", PT_SHAPES, ids=PT_SHAPE_IDS)
+def test_recompute_host_lanes_per_token_temperature(n, h, v, nc, vc, opt):
+    """row_stats and dz with T_n in [0.3, 2]: each token chunk reads its own rows' temperatures."""
+    x, w, b, t = _pt_case(n, h, v, opt["bias"])
+    c = opt["c"]
+    T = _rand_temps(n)
+    lse, zt, ent = host_forward(x, w, t, b, T, c, nc, vc)
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_H = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    dx, dw, db = host_backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, nc, vc)
+    r_lp, r_ent, (r_dx, r_dw, r_db) = _ref_grads64_pt(x, w, t, b, T, c, g_lp, g_H)
+    for name, got in (("lse", lse), ("ent", ent), ("dx", dx), ("dw", dw), ("db", db)):
+        assert torch.isfinite(got).all(), f"{name} has non-finite values"
+    # fp32 error grows like |z| ~ |u| / T: 2e-5 at T = 1 (the scalar test's bound), 3e-5 for T >= 0.3
+    assert ((zt - lse).double() - r_lp).abs().max().item() <= 3e-5
+    assert (ent.double() - r_ent).abs().max().item() <= 3e-5
+    for name, got, want in (("dx", dx, r_dx), ("dW", dw, r_dw), ("db", db, r_db)):
+        if want is None:
+            continue
+        tol = 2e-5 * (want.abs().max().item() + 1.0)
+        err = (got.double() - want).abs().max().item()
+        assert err <= tol, f"{name}: error {err:.3e} > {tol:.3e}"
+    if opt["bias"] == "-inf" and c is None:
+        masked = torch.isinf(b)
+        assert torch.all(dw[masked] == 0) and torch.all(db[masked] == 0)
+    # the temperatures really are per row: the same rows under the scalar T_0 differ elsewhere
+    lse0, _, _ = host_forward(x, w, t, b, float(T[0]), c, nc, vc)
+    assert lse0[0] == lse[0]
+    if n > 1:
+        assert not torch.equal(lse0[1:], lse[1:])
+
+
+def test_dz_per_token_temperature_minus_inf_logit():
+    """Per-token T with -inf logits and g_H != 0: du = 0 there, finite elsewhere, equal to fp64."""
+    n, v = 4, 507
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(n, v, generator=g) * 3
+    u[:, [0, 5, v - 1]] = -math.inf
+    t = torch.tensor([1, 2, 3, 4])
+    T = torch.tensor([0.3, 2.0, 1.0, 0.77])
+    lse, zt, ent = torch.empty(n), torch.empty(n), torch.empty(n)
+    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, T.data_ptr(), 0.0, 0, 0, True, True,
+                     lse.data_ptr(), zt.data_ptr(), ent.data_ptr())
+    g_lp, g_H = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([0.7, -0.3, 0.0, 1.1])
+    du = torch.empty_like(u)
+    C.dz_host(u.data_ptr(), v, du.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 1.0, T.data_ptr(), 0.0, lse.data_ptr(),
+              ent.data_ptr(), g_lp.data_ptr(), g_H.data_ptr())
+    assert torch.isfinite(du).all() and torch.all(du[:, [0, 5, v - 1]] == 0)
+    u64 = u.double().requires_grad_()
+    z = _z64(u64, None, T, None)
+    lsm = z - torch.logsumexp(z, -1, keepdim=True)
+    p = lsm.exp()
+    e = -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)
+    lp = lsm.gather(-1, t[:, None])[:, 0]
+    assert ((zt - lse).double() - lp.detach()).abs().max().item() <= 1e-5
+    assert (ent.double() - e.detach()).abs().max().item() <= 1e-5
+    (want,) = torch.autograd.grad((lp * g_lp.double()).sum() + (e * g_H.double()).sum(), [u64])
+    assert (du.double() - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("ent_coef", [0.0, 0.05], ids=["no-entropy", "entropy"])
+@pytest.mark.parametrize("opt", [dict(bias=None, c=None), dict(bias="rand", c=30.0), dict(bias="-inf", c=None),
+                                 dict(bias="-inf", c=5.0)], ids=PT_IDS)
+@pytest.mark.parametrize("mode,kl", [("clipped", "k3"), ("cispo", "abs"), ("gpg", None), ("unclipped", "k2")])
+@pytest.mark.parametrize("n,v", [(37, 1003), (5, 507), (1, 257)])
+def test_onepass_per_token_temperature(n, v, mode, kl, opt, ent_coef):
+    T = _rand_temps(n, seed=n)
+    u, t, b, head = make_onepass_case(n, v, mode=mode, kl=kl, ent_coef=ent_coef, bias=opt["bias"], T=T, c=opt["c"],
+                                      dual=mode == "clipped", masked=(1,) if n > 1 else ())
+    _check_onepass(u, t, b, T, opt["c"], head, mode, kl)
+
+
+def test_onepass_per_token_temperature_du16_and_strided_rows():
+    n, v = 7, 507
+    T = _rand_temps(n)
+    u, t, b, head = make_onepass_case(n, v, kl="abs", bias="-inf", T=T, masked=(2,))
+    _check_onepass(u, t, b, T, None, head, "clipped", "abs", du16_dtype=torch.bfloat16)
+    want = onepass_reference(u, t, b, T, None, head, "clipped", "abs")
+    wide = torch.full((n, 520), 123.0)
+    wide[:, :v] = u
+    view = wide[:, :v]
+    cb.onepass_epilogue(view, t, b, T, None, head)
+    assert torch.all(wide[:, v:] == 123.0)
+    assert (view.double() - want[5]).abs().max().item() <= 1e-5 * (want[5].abs().max().item() + 1)
+
+
+@pytest.mark.parametrize("c", [None, 5.0], ids=["no-cap", "cap5"])
+@pytest.mark.parametrize("T", [0.7, 1.0, 1.3])
+def test_per_token_temperature_all_equal_is_scalar_bitwise(T, c):
+    """A constant per-token vector runs the scalar path's arithmetic: every output bit for bit."""
+    n, h, v, nc, vc = 37, 24, 1003, 16, 136
+    x, w, b, t = _pt_case(n, h, v, "-inf")
+    vec = torch.full((n,), T)  # float(T) rounded to fp32, as the scalar argument is
+    fs, fv = host_forward(x, w, t, b, T, c, nc, vc), host_forward(x, w, t, b, vec, c, nc, vc)
+    for a, bb in zip(fs, fv):
+        assert torch.equal(a, bb)
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_H = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    lse, _, ent = fs
+    for a, bb in zip(host_backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, nc, vc),
+                     host_backward(x, w, t, b, vec, c, lse, ent, g_lp, g_H, nc, vc)):
+        assert torch.equal(a, bb)
+    u, tt, bo, head = make_onepass_case(n, v, kl="k3", bias="-inf", T=T, c=c, masked=(0, 9))
+    outs = []
+    for temp in (T, vec):
+        work, d16 = u.clone(), torch.empty(u.shape, dtype=torch.float16)
+        outs.append(list(cb.onepass_epilogue(work, tt, bo, temp, c, head, du16=d16)) + [work, d16])
+    for a, bb in zip(*outs):
+        assert torch.equal(a, bb)
+
+
+def test_per_token_temperature_tensor_forms():
+    """Any real dtype and any stride are accepted (cast to a contiguous fp32 copy)."""
+    n, v = 5, 507
+    u, t, b, head = make_onepass_case(n, v, bias="rand")
+    T = torch.tensor([0.5, 1.0, 1.5, 0.25, 2.0])  # exact in fp16 / fp64
+    want = cb.onepass_epilogue(u.clone(), t, b, T, None, head)
+    strided = torch.stack([T, torch.zeros(n)], 1)[:, 0]
+    for form in (T.double(), T.half(), strided, T.clone().requires_grad_()):
+        got = cb.onepass_epilogue(u.clone(), t, b, form, None, head)
+        for a, bb in zip(want, got):
+            assert torch.equal(a, bb)
+
+
+def test_per_token_temperature_bad_arguments():
+    n, v = 5, 507
+    u, t, b, head = make_onepass_case(n, v)
+    bad = [torch.ones(n + 1), torch.ones(n, 1), torch.ones(1, n), torch.ones(()), torch.ones(n, dtype=torch.bool),
+           torch.ones(n, device="meta"), "hot", None, -1.0, 0.0, float("nan")]
+    for T in bad:
+        with pytest.raises(ValueError, match="temperature"):
+            cb.onepass_epilogue(u.clone(), t, b, T, None, head)
+    x, w, _, tg = make_case(3, 8, 11, torch.float32)
+    logits = torch.randn(3, 11)
+    e3 = torch.zeros(3)
+    for T in (torch.ones(4), torch.ones(3, 1), -0.5):
+        with pytest.raises(ValueError, match="temperature"):
+            cb.forward(x, w, tg, None, T, None, True)
+        with pytest.raises(ValueError, match="temperature"):
+            cb.backward(x, w, tg, None, T, None, e3, e3, e3, e3)
+        with pytest.raises(ValueError, match="temperature"):
+            cb.logits_forward(logits, tg, T, None, True)
+        with pytest.raises(ValueError, match="temperature"):
+            cb.logits_backward(logits, tg, T, None, e3, e3, e3, e3)
+
+
+# =====================================================================================
 # GPU: the kernels against their host lanes
 # =====================================================================================
 gpu = pytest.mark.gpu
@@ -553,3 +756,64 @@ def test_gpu_failed_gemm_joins_side_stream(overlap):
         torch.cuda.synchronize()
         for p, q in zip(want, got):
             assert torch.equal(p, q)
+
+
+@gpu
+@pytest.mark.parametrize("du16", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode,kl,c", [("clipped", "k3", None), ("cispo", "abs", 30.0), ("gpg", None, 5.0)])
+def test_gpu_onepass_per_token_temperature_matches_host_lane(mode, kl, c, du16):
+    _gpu_or_skip()
+    n, v = 300, 1003
+    T = _rand_temps(n)
+    u, t, b, head = make_onepass_case(n, v, mode=mode, kl=kl, bias="-inf", T=T, c=c, masked=(0, 17, 299))
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        work = u.clone().to(dev)
+        d16 = torch.empty(u.shape, dtype=du16, device=dev) if du16 is not None else None
+        res = cb.onepass_epilogue(work, t.to(dev), b.to(dev), T.to(dev), c, _head_to(head, dev), du16=d16)
+        outs[dev] = [x.cpu() for x in res] + [work.cpu()] + ([d16.cpu()] if d16 is not None else [])
+    for a, g in zip(outs["cpu"], outs["cuda"]):
+        assert torch.isfinite(g.float()).all()
+        rtol = 1e-5 if g.dtype == torch.float32 else 8e-3
+        assert torch.allclose(g.float(), a.float(), rtol=rtol, atol=1e-6)
+    want = onepass_reference(u, t, b, T, c, head, mode, kl)
+    for got, w in zip(outs["cuda"], want):
+        assert (got.double() - w).abs().max().item() <= 1e-5 * (w.abs().max().item() + 1.0)
+
+
+@gpu
+def test_gpu_onepass_per_token_temperature_all_equal_is_scalar_bitwise():
+    _gpu_or_skip()
+    n, v = 300, 1003
+    u, t, b, head = make_onepass_case(n, v, kl="k3", bias="-inf", T=0.7, c=5.0, masked=(0, 17))
+    u, t, b, head = u.cuda(), t.cuda(), b.cuda(), _head_to(head, "cuda")
+    outs = []
+    for temp in (0.7, torch.full((n,), 0.7, device="cuda")):
+        work, d16 = u.clone(), torch.empty(u.shape, dtype=torch.bfloat16, device="cuda")
+        outs.append(list(cb.onepass_epilogue(work, t, b, temp, 5.0, head, du16=d16)) + [work, d16])
+    for a, g in zip(*outs):
+        assert torch.equal(a, g)
+
+
+@gpu
+def test_gpu_recompute_per_token_temperature_matches_host_lane():
+    """The row_stats / dz kernels with per-token T through the chunk loops (token chunks of 16: the
+    per-row pointer is offset per chunk) against the host lanes and fp64."""
+    _gpu_or_skip()
+    n, h, v = 37, 24, 1003
+    x, w, b, t = _pt_case(n, h, v, "-inf")
+    T = _rand_temps(n)
+    kw = dict(chunk_tokens=16, chunk_vocab=136)
+    xc, wc, bc, tc, Tc = x.cuda(), w.cuda(), b.cuda(), t.cuda(), T.cuda()
+    lse, zt, ent = cb.forward(xc, wc, tc, bc, Tc, 5.0, True, **kw)
+    hl = host_forward(x, w, t, b, T, 5.0, 16, 136)
+    for got, want in zip((lse, zt, ent), hl):
+        assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-4)
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_H = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    got = cb.backward(xc, wc, tc, bc, Tc, 5.0, lse, ent, g_lp.cuda(), g_H.cuda(), **kw)
+    r_lp, r_ent, want = _ref_grads64_pt(x, w, t, b, T, 5.0, g_lp, g_H)
+    assert ((zt - lse).cpu().double() - r_lp).abs().max().item() <= 3e-5
+    for name, gg, ww in zip(("dx", "dW", "db"), got, want):
+        tol = 1e-4 * (ww.abs().max().item() + 1.0)  # cuBLAS (TF32 off by default) vs fp64
+        assert (gg.cpu().double() - ww).abs().max().item() <= tol, name

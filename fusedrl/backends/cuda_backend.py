@@ -9,6 +9,10 @@ Only lse and entropy (8 bytes/token) are kept. Backward recomputes each logits c
 ``du = dz * dz/du`` in place (a 16-bit copy feeds the GEMMs for 16-bit inputs), and accumulates
 ``dx += du w_v`` and ``dw_v += du^T x_c`` in fp32 (straight into the outputs for fp32 inputs).
 
+``temperature`` is a Python float > 0 or a per-token fp32 tensor ``[N]`` (one per row, on the rows'
+device): ``z = softcap(u + b) / T_n``. The kernels take a per-row pointer (null: the scalar), indexed by
+each token chunk's row offset; a constant vector gives the scalar path's bits.
+
 The extension is torch-ABI independent: it receives ``data_ptr()`` integers, sizes, dtype codes and
 ``torch.cuda.current_stream().cuda_stream``; all memory (outputs and one workspace buffer per call)
 is allocated here with torch, so the caching allocator and stream semantics apply. cuBLAS is loaded
@@ -271,6 +275,31 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _temperature(temperature, n: int, device: torch.device, where: str) -> Tuple[float, Optional[Tensor]]:
+    """``(scalar, per_token)`` from a backend ``temperature``: a number > 0 gives ``(T, None)``; a
+    tensor (one temperature per row: 1-D, length ``n``, on ``device``, real dtype) gives
+    ``(1.0, fp32 contiguous copy)`` and the kernels read ``T_n`` per row. Per-token values are not
+    checked for > 0 here (that would be a host sync); non-positive ones give inf / NaN rows."""
+    if isinstance(temperature, Tensor):
+        t = temperature
+        if t.dtype == torch.bool or t.is_complex():
+            raise ValueError(f"{where}: temperature tensor must be real (fp32), got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != n:
+            raise ValueError(f"{where}: per-token temperature must have shape [{n}] (one per row), "
+                             f"got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{where}: temperature is on {t.device}, the rows on {device}")
+        return 1.0, t.detach().to(torch.float32).contiguous()
+    try:
+        v = float(temperature)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: temperature must be a float > 0 or a tensor of shape [{n}], got "
+                         f"{type(temperature).__name__}") from None
+    if not v > 0:
+        raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
+    return v, None
+
+
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
@@ -292,8 +321,9 @@ def _tf32() -> bool:
 # ----------------------------------------------------------------------------------------------
 # backend contract
 # ----------------------------------------------------------------------------------------------
-def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
             softcap: Optional[float], return_entropy: bool, vocab_start: int = 0, **opts):
+    t_scalar, t_rows = _temperature(temperature, x.shape[0], x.device, "cuda backend forward")
     idx = _require(x.device)
     if x.dtype not in _DTYPE_CODE:  # fp64: no cuBLAS fp32-accumulating path worth having; be exact
         return _fallback().forward(x, w, targets, bias, temperature, softcap, return_entropy,
@@ -316,16 +346,17 @@ def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], tempe
     cws = _cublas_ws_bytes(idx)
     ws = torch.empty(_C.fwd_workspace_bytes(nc, vc, cws, overlap), dtype=torch.uint8, device=dev)
     _C.linear_forward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
-                      _DTYPE_CODE[x.dtype], int(vocab_start), float(temperature),
+                      _DTYPE_CODE[x.dtype], int(vocab_start), t_scalar, _ptr(t_rows),
                       float(softcap) if softcap is not None else 0.0, lse.data_ptr(), zt.data_ptr(), _ptr(ent),
                       ws.data_ptr(), ws.numel(), nc, vc, cws, _tf32(), overlap)
     return lse, zt, ent
 
 
-def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
              softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor],
              g_H: Optional[Tensor], vocab_start: int = 0, need_dx: bool = True, need_dw: bool = True,
              need_db: bool = True, **opts):
+    t_scalar, t_rows = _temperature(temperature, x.shape[0], x.device, "cuda backend backward")
     idx = _require(x.device)
     if x.dtype not in _DTYPE_CODE:
         return _fallback().backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H,
@@ -363,7 +394,7 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
                                     overlap)
     ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     _C.linear_backward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
-                       _DTYPE_CODE[x.dtype], int(vocab_start), float(temperature),
+                       _DTYPE_CODE[x.dtype], int(vocab_start), t_scalar, _ptr(t_rows),
                        float(softcap) if softcap is not None else 0.0, lse32.data_ptr(), _ptr(ent32), _ptr(glp32),
                        _ptr(gh32), _ptr(dx), _ptr(dw), _ptr(db32), ws.data_ptr(), ws.numel(), nc, vc, order, lean,
                        cws, _tf32(), overlap)
@@ -373,8 +404,9 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
     return dx, dw, db
 
 
-def logits_forward(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float],
+def logits_forward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],
                    return_entropy: bool):
+    t_scalar, t_rows = _temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_forward")
     idx = _require(logits.device)
     if logits.dtype not in _DTYPE_CODE:
         return _fallback().logits_forward(logits, targets, temperature, softcap, return_entropy)
@@ -387,14 +419,16 @@ def logits_forward(logits: Tensor, targets: Tensor, temperature: float, softcap:
         return lse, zt, ent
     lg = logits.detach().contiguous()
     tg = targets.detach().to(torch.int64).contiguous()
-    _C.logits_forward(idx, _stream(idx), lg.data_ptr(), n, v, _DTYPE_CODE[lg.dtype], float(temperature),
+    _C.logits_forward(idx, _stream(idx), lg.data_ptr(), n, v, _DTYPE_CODE[lg.dtype], t_scalar, _ptr(t_rows),
                       float(softcap) if softcap is not None else 0.0, tg.data_ptr(), lse.data_ptr(), zt.data_ptr(),
                       _ptr(ent))
     return lse, zt, ent
 
 
-def logits_backward(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], lse: Tensor,
-                    ent: Optional[Tensor], g_lp: Optional[Tensor], g_H: Optional[Tensor], inplace: bool = False):
+def logits_backward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],
+                    lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor], g_H: Optional[Tensor],
+                    inplace: bool = False):
+    t_scalar, t_rows = _temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_backward")
     idx = _require(logits.device)
     if logits.dtype not in _DTYPE_CODE:
         return _fallback().logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H,
@@ -411,7 +445,7 @@ def logits_backward(logits: Tensor, targets: Tensor, temperature: float, softcap
         tg = targets.detach().to(torch.int64).contiguous()
         lse32, ent32, glp32, gh32 = _f32(lse), _f32(ent), _f32(g_lp), _f32(g_H)
         _C.logits_backward(idx, _stream(idx), src.data_ptr(), out.data_ptr(), n, v, _DTYPE_CODE[src.dtype],
-                           float(temperature), float(softcap) if softcap is not None else 0.0, tg.data_ptr(),
+                           t_scalar, _ptr(t_rows), float(softcap) if softcap is not None else 0.0, tg.data_ptr(),
                            lse32.data_ptr(), _ptr(ent32), _ptr(glp32), _ptr(gh32))
     if inplace and not contiguous:
         logits.copy_(out)
@@ -492,7 +526,7 @@ def _head_code(value, names: dict, what: str) -> int:
     return code
 
 
-def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
                      softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts):
     """The one-pass row epilogue over one token chunk: ONE kernel (CUDA tensors, current stream) or its
     host loop (CPU tensors; the same C++ row functions).
@@ -502,7 +536,9 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
             column stride, any row stride. Overwritten with ``du`` (``dz * dz/du``).
         targets: ``[Nc]`` int token ids in ``[0, V)`` (masked tokens carry any valid id, e.g. 0).
         bias: ``[V]`` or None, added to every row before the transform (``-inf`` masks a column).
-        temperature, softcap: ``z = softcap(u + b) / T``; softcap None = off.
+        temperature: ``T`` of ``z = softcap(u + b) / T``: a float > 0, or an fp32 ``[Nc]`` tensor on u's
+            device holding the chunk's per-token temperatures (row n uses ``T_n``).
+        softcap: softcap value, None = off.
         head: :class:`OnePassHead` (or any NamedTuple with its fields).
         du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``,
             rounded once from the fp32 value (the operand of the two gradient GEMMs).
@@ -525,8 +561,7 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
     dev = u.device
     if dev.type not in ("cpu", "cuda"):
         raise RuntimeError(f"onepass_epilogue runs on CUDA (kernel) and CPU (host loop), not {dev.type}")
-    if not (float(temperature) > 0):
-        raise ValueError(f"onepass_epilogue: temperature must be > 0, got {temperature!r}")
+    t_scalar, t_rows = _temperature(temperature, nc, dev, "onepass_epilogue")
     if softcap is not None and not (float(softcap) > 0):
         raise ValueError(f"onepass_epilogue: softcap must be > 0 or None, got {softcap!r}")
     missing = [f for f in OnePassHead._fields if not hasattr(head, f)]
@@ -561,7 +596,7 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
         return logp, ent, lse, g_lp, g_H
     clip_c = float(head.clip_c) if head.clip_c is not None else 1.0
     # Python floats become fp32 arguments: the rounding of torch ops with a Python scalar on fp32 tensors
-    args = (u.data_ptr(), u.stride(0) if nc > 1 else v, nc, v, tg.data_ptr(), _ptr(b), float(temperature),
+    args = (u.data_ptr(), u.stride(0) if nc > 1 else v, nc, v, tg.data_ptr(), _ptr(b), t_scalar, _ptr(t_rows),
             float(softcap) if softcap is not None else 0.0, old.data_ptr(), adv.data_ptr(), weight.data_ptr(),
             _ptr(ref), mode, float(head.clip_lo), float(head.clip_hi), clip_c, dual, ent_coef, kl_coef, kl_type,
             bool(head.kl_st), logp.data_ptr(), _ptr(ent), lse.data_ptr(), g_lp.data_ptr(), g_H.data_ptr(),
