@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -70,6 +70,39 @@ def check_scalar(name: str, value, *, allow_none: bool = False) -> Optional[floa
     return value
 
 
+Temperature = Union[float, torch.Tensor]
+
+
+def check_temperature(temperature, lead_shape, device: torch.device, checks: bool) -> Temperature:
+    """A float (as :func:`check_scalar`), or per-token temperatures: a tensor of the tokens' leading shape
+    ``lead_shape`` (``[N]``, ``[B, T]``, ...) or, for ``[B, T]`` tokens, per sequence ``[B]``. Returns a
+    float or a contiguous fp32 ``[N]`` tensor on ``device``. Values must be finite and > 0 (checked with a
+    host read when ``checks``). A 0-dim tensor is a scalar."""
+    if not isinstance(temperature, torch.Tensor) or temperature.dim() == 0:
+        return check_scalar("temperature", temperature)
+    t = temperature
+    if not t.is_floating_point():
+        raise TypeError(f"temperature must be a float or a floating-point tensor, got dtype {t.dtype}")
+    if t.requires_grad:
+        raise ValueError("temperature must not require grad (it is a sampling constant, not a parameter)")
+    if t.device != device:
+        raise ValueError(f"temperature is on {t.device} but the inputs are on {device}")
+    lead = tuple(lead_shape)
+    if tuple(t.shape) == lead:
+        flat = t.reshape(-1)
+    elif len(lead) == 2 and tuple(t.shape) == lead[:1]:  # per sequence of [B, T] tokens
+        flat = t[:, None].expand(lead).reshape(-1)
+    else:
+        want = f"{lead} (per token)" + (f" or {lead[:1]} (per sequence)" if len(lead) == 2 else "")
+        raise ValueError(f"temperature must be a float or a tensor of shape {want}, got shape {tuple(t.shape)}")
+    flat = flat.to(torch.float32).contiguous()
+    if checks and flat.numel():
+        bad = ~(torch.isfinite(flat) & (flat > 0))
+        if bool(bad.any()):
+            raise ValueError(f"temperature must be finite and > 0 everywhere, found {flat[bad][0].item()}")
+    return flat
+
+
 def check_targets_range(targets: torch.Tensor, vocab: int, enabled: bool, what: str = "vocabulary size") -> None:
     if not enabled or targets.numel() == 0:
         return
@@ -107,9 +140,10 @@ def check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
     dev = same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    temperature = check_scalar("temperature", temperature)
+    checks = want_checks(check_inputs, dev)
+    temperature = check_temperature(temperature, targets.shape, dev, checks)
     softcap = check_scalar("softcap", softcap, allow_none=True)
-    check_targets_range(targets, vocab_total or weight.shape[0], want_checks(check_inputs, dev))
+    check_targets_range(targets, vocab_total or weight.shape[0], checks)
     return temperature, softcap, dev
 
 
@@ -123,7 +157,8 @@ def check_logits(logits, targets, temperature, softcap, check_inputs):
             f"targets shape {tuple(targets.shape)} must equal logits' leading shape {tuple(logits.shape[:-1])}"
         )
     dev = same_device(logits=logits, targets=targets)
-    temperature = check_scalar("temperature", temperature)
+    checks = want_checks(check_inputs, dev)
+    temperature = check_temperature(temperature, targets.shape, dev, checks)
     softcap = check_scalar("softcap", softcap, allow_none=True)
-    check_targets_range(targets, logits.shape[-1], want_checks(check_inputs, dev))
+    check_targets_range(targets, logits.shape[-1], checks)
     return temperature, softcap, dev

@@ -7,7 +7,7 @@ single vocabulary-scale backward consumes both, so entropy regularisation costs 
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ def fused_policy_loss(
     ref_logp: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     cu_seqlens: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     config: Optional[PolicyLossConfig] = None,
     backend: str = "auto",
@@ -63,7 +63,9 @@ def fused_policy_loss(
     * ``bias``: optional ``[V]``; ``cu_seqlens``: optional int32/int64 ``[B+1]``.
 
     ``temperature`` / ``softcap`` must be the rollout's sampling temperature and the model's logit
-    softcap, so that ``logp`` is comparable with ``old_logp``. ``backend`` and ``process_group`` go to
+    softcap, so that ``logp`` is comparable with ``old_logp``. ``temperature`` may also be a tensor: per
+    token (``[B, T]`` / ``[N]``) or per sequence (``[B]``, padded or packed), for rollouts sampled at
+    different temperatures. ``backend`` and ``process_group`` go to
     the core op, as do extra keyword arguments (e.g. ``grad_filter_eps``, ``deterministic``).
 
     Entropy is computed when ``config.entropy_coeff > 0`` (it is then part of the loss, and its
@@ -99,12 +101,13 @@ def fused_policy_loss(
         raise ValueError(f"mask is on {mask.device} but targets is on {targets.device}; all inputs must share a device")
     # padding ids (-100, pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
+    temperature = _per_token_temperature(temperature, targets, cu_seqlens)
     sched = _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, softcap, cfg, backend,
                                process_group, schedule, memory_budget_mb, global_num_tokens, global_num_seqs, norm_len, check_inputs)
     if sched is not None:
         from . import onepass
 
-        name, cfg, budget, checks = sched
+        name, cfg, budget, checks, temperature, softcap = sched
         return onepass.one_pass_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias,
                                             cu_seqlens, temperature, softcap, cfg, name, budget, want_entropy,
                                             checks)
@@ -118,10 +121,27 @@ def fused_policy_loss(
         check_inputs=check_inputs)
 
 
+def _per_token_temperature(temperature, targets: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
+    """Packed inputs with per-sequence temperatures ``[B]``: one per token (tokens after the last
+    sequence get 1.0). Everything else passes through (the core op checks and broadcasts it)."""
+    if (not isinstance(temperature, torch.Tensor) or cu_seqlens is None or temperature.dim() != 1
+            or temperature.shape[0] != cu_seqlens.numel() - 1 or temperature.shape[0] == targets.numel()):
+        return temperature
+    n = targets.numel()
+    if temperature.shape[0] == 0:
+        return torch.ones(n, dtype=temperature.dtype, device=temperature.device)
+    pos = torch.arange(n, device=targets.device)
+    ids = torch.searchsorted(cu_seqlens[1:].to(torch.long).contiguous(), pos, right=True)
+    t = temperature.to(targets.device)
+    return torch.where(ids < t.shape[0], t[ids.clamp(max=t.shape[0] - 1)], torch.ones((), dtype=t.dtype,
+                                                                                         device=t.device))
+
+
 def _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, softcap, cfg, backend, process_group,
                        schedule, memory_budget_mb, global_num_tokens, global_num_seqs, norm_len, check_inputs):
-    """``(backend, config, budget bytes, checks)`` when the one-pass schedule (or its two-pass form) runs,
-    None for the recompute schedule. Validates the core op's inputs as the core op would."""
+    """``(backend, config, budget bytes, checks, temperature, softcap)`` (validated: the temperature a float or
+    per-token fp32 ``[N]``) when the one-pass schedule (or its two-pass form) runs, None for the recompute
+    schedule. Validates the core op's inputs as the core op would."""
     from . import onepass
     from ._validate import check_core, want_checks
     from .backends import ALL_NAMES, resolve
@@ -149,7 +169,7 @@ def _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, s
     budget = int(memory_budget_mb * 2**20) if memory_budget_mb is not None else onepass.default_budget_bytes(dev)
     if family == "auto" and not onepass.auto_takes_one_pass(hidden, weight, targets, cu_seqlens, cfg, budget):
         return None
-    return name, cfg, budget, want_checks(check_inputs, dev)
+    return name, cfg, budget, want_checks(check_inputs, dev), temperature, softcap
 
 
 class FusedPolicyLoss(nn.Module):

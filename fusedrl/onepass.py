@@ -40,6 +40,7 @@ import torch
 
 from .backends import torch_backend
 from .backends import resolve
+from .ops import _split_temperature
 from .loss import SELECTION_MODES, SEQUENCE_MODES, PolicyLossConfig, TokenHead, _random_keys, metric_names
 
 Tensor = torch.Tensor
@@ -98,7 +99,7 @@ def _row_bytes(v: int, cdt_size: int, low_precision: bool) -> int:
 
 
 def _fixed_bytes(n: int, h: int, v: int, low_precision: bool) -> int:
-    """fp32 accumulators: dW (16-bit inputs with more than one chunk), db, one chunk of dx."""
+    """fp32 accumulators: dW (16-bit inputs; counted even when one chunk would not need it) and db."""
     return (v * h * 4 if low_precision else 0) + v * 4
 
 
@@ -300,9 +301,10 @@ def _correct_selection(head: TokenHead, picked: Tensor, k_max: int, x: Tensor, w
     u = torch.empty(k, w.shape[0], dtype=cdt, device=x.device)
     _gemm_logits(xs, w, bias, u, 1.0)
     # du_corr = dg (onehot - p) dz/du: the epilogue's du with g_lp = dg and no entropy term
-    st = torch_backend.onepass_stats(u, targets[idx], temperature, softcap, False, torch.empty_like(u))
+    tr = temperature[idx].to(cdt) if isinstance(temperature, Tensor) else temperature
+    st = torch_backend.onepass_stats(u, targets[idx], tr, softcap, False, torch.empty_like(u))
     st = st._replace(s=torch.exp(st.lse - st.m), log_s=st.lse - st.m)  # exactly the pass's LSE
-    du = torch_backend.onepass_du(u, st, targets[idx], temperature, softcap, dg.to(cdt), None)
+    du = torch_backend.onepass_du(u, st, targets[idx], tr, softcap, dg.to(cdt), None)
     dug = du.to(x.dtype) if _low(x) else du
     if dx is not None:
         corr = torch.empty(k, x.shape[1], dtype=cdt, device=x.device)
@@ -375,7 +377,8 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
     scratch, tmp = (bufs[1], bufs[2]) if kmod is None else (None, None)
     du16 = bufs[-1] if (low and grads) else None
     # the torch epilogue takes 1/T folded into the small x operand; kernels apply T themselves
-    fold = kmod is None and softcap is None and not low and temperature != 1.0
+    per_token = isinstance(temperature, Tensor)
+    fold = kmod is None and softcap is None and not low and not per_token and temperature != 1.0
     scale = 1.0 / temperature if fold else 1.0
     wt = head.weights.to(torch.float32)
     first = True
@@ -386,23 +389,24 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         xc = x[a:b]
         u = _gemm_logits(xc, w, bias if kmod is None else None, ws[:nc], scale)
         tc = targets[a:b]
+        tr = temperature[a:b].to(cdt) if per_token else temperature
         if kmod is not None:
             kh = getattr(kmod, "OnePassHead", KernelHead)(
                 old=head.old[a:b].float(), adv=head.adv[a:b].float(), weight=wt[a:b],
                 ref=None if head.ref is None else head.ref[a:b].float(), need_ent=need_ent, **kscalars)
-            lp_c, ent_c, lse_c, _, _ = kmod.onepass_epilogue(u, tc, bias, temperature, softcap, kh,
+            lp_c, ent_c, lse_c, _, _ = kmod.onepass_epilogue(u, tc, bias, tr, softcap, kh,
                                                              du16[:nc] if du16 is not None else None)
             du = u
             dug = du16[:nc] if du16 is not None else du
         else:
-            st = torch_backend.onepass_stats(u, tc, temperature, softcap, need_ent, scratch[:nc], tmp[:nc],
+            st = torch_backend.onepass_stats(u, tc, tr, softcap, need_ent, scratch[:nc], tmp[:nc],
                                              is_scaled=scale != 1.0, may_have_neg_inf=bias is not None)
             lse_c, ent_c = st.lse, st.ent
             lp_c = st.zt - st.lse
             du = dug = None
             if grads:
                 g_lp, g_H = head.grads(a, b, lp_c, ent_c, seqs)
-                du = torch_backend.onepass_du(u, st, tc, temperature, softcap, g_lp.to(cdt),
+                du = torch_backend.onepass_du(u, st, tc, tr, softcap, g_lp.to(cdt),
                                               None if g_H is None else g_H.to(cdt), tmp[:nc])
                 dug = du16[:nc].copy_(du) if du16 is not None else du
         logp[a:b] = lp_c
@@ -497,6 +501,7 @@ def _one_pass_op(
     x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], old_logp: Tensor, advantages: Tensor,
     mask: Tensor, ref_logp: Optional[Tensor], cu_seqlens: Optional[Tensor], keys: Optional[Tensor],
     n_tok: Optional[Tensor], n_seq: Optional[Tensor], norm_len: Optional[Tensor], temperature: float,
+    temp_vec: Optional[Tensor],
     softcap: Optional[float], cfg_json: str, backend: str, budget: int, need_dx: bool,
     need_dw: bool, need_db: bool, want_entropy: bool, check_inputs: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -512,6 +517,8 @@ def _one_pass_op(
             seq_len = head.seg.T
     pln = plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", budget, seq_len, cu_host)
     log.debug("fusedrl fused_policy_loss: schedule %s (%s)", pln.schedule, pln.reason)
+    if temp_vec is not None:
+        temperature = temp_vec  # per-token temperatures (fp32 [N])
     args = (x, w, targets, bias, head, temperature, softcap, backend, keys, need_dx, need_dw, need_db, want_entropy)
     if pln.schedule == "two_pass":
         loss, metrics, dx, dw, db = _run_two_pass(*args)
@@ -526,7 +533,7 @@ def _one_pass_op(
 
 @_one_pass_op.register_fake
 def _(x, w, targets, bias, old_logp, advantages, mask, ref_logp, cu_seqlens, keys, n_tok, n_seq, norm_len,
-      temperature, softcap, cfg_json, backend, budget, need_dx, need_dw, need_db, want_entropy,
+      temperature, temp_vec, softcap, cfg_json, backend, budget, need_dx, need_dw, need_db, want_entropy,
       check_inputs):
     cfg = json.loads(cfg_json)
     m = len(metric_names(_NamedMode(cfg["loss_mode"]), want_entropy, ref_logp is not None))
@@ -543,7 +550,7 @@ class _NamedMode(NamedTuple):
 def _setup(ctx, inputs, output):
     _, _, dx, dw, db = output
     ctx.save_for_backward(dx, dw, db)
-    ctx.formed = inputs[18:21]  # need_dx, need_dw, need_db: which gradients the forward formed
+    ctx.formed = inputs[19:22]  # need_dx, need_dw, need_db: which gradients the forward formed
     ctx.mark_non_differentiable(output[1], dx, dw, db)
 
 
@@ -551,12 +558,13 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
     """The gradients were formed in the forward: scale them by the incoming scalar gradient."""
     # an upstream gradient of exactly 1 (loss.backward()) keeps the stored tensors; the check is free on
     # CPU only (a GPU value check would synchronise, and the multiply there is cheap)
-    unit = g_loss.device.type == "cpu" and bool(g_loss == 1)
+    unit = (type(g_loss) is torch.Tensor and not torch.compiler.is_compiling() and g_loss.device.type == "cpu"
+            and bool(g_loss == 1))  # traced backwards (fake / functional tensors) always multiply
     grads = []
     for t, formed, wanted in zip(ctx.saved_tensors, ctx.formed, (ctx.needs_input_grad[i] for i in (0, 1, 3))):
         grads.append((t if unit else t * g_loss.to(t.dtype)) if (formed and wanted) else None)
     gx, gw, gb = grads
-    return (gx, gw, None, gb) + (None,) * 19
+    return (gx, gw, None, gb) + (None,) * 20
 
 
 _one_pass_op.register_autograd(_backward, setup_context=_setup)
@@ -564,7 +572,7 @@ _one_pass_op.register_autograd(_backward, setup_context=_setup)
 
 def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor,
                          mask: Tensor, ref_logp: Optional[Tensor], bias: Optional[Tensor],
-                         cu_seqlens: Optional[Tensor], temperature: float, softcap: Optional[float],
+                         cu_seqlens: Optional[Tensor], temperature, softcap: Optional[float],
                          cfg: PolicyLossConfig, backend: str, budget: int, want_entropy: bool,
                          check_inputs: bool = False):
     """The one-pass (or two-pass) schedule as one differentiable call. Inputs are validated by the
@@ -585,7 +593,7 @@ def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_lo
     loss, mvec, _, _, _ = _one_pass_op(
         x.contiguous(), weight.contiguous(), targets.reshape(-1).long().contiguous(),
         None if bias is None else bias.contiguous(), old_logp, advantages, mask, ref_logp, cu_seqlens, keys,
-        norms[0], norms[1], norms[2], float(temperature), None if softcap is None else float(softcap),
+        norms[0], norms[1], norms[2], *_split_temperature(temperature), None if softcap is None else float(softcap),
         _cfg_to_json(cfg), backend, int(budget), need_dx, need_dw, need_db, bool(want_entropy),
         bool(check_inputs))
     names = metric_names(cfg, want_entropy, ref_logp is not None)

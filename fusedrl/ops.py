@@ -8,7 +8,7 @@ before the op is called, so the op itself never looks at environment variables.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -29,6 +29,18 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _temp(temperature: float, temp_vec: Optional[Tensor]):
+    """The backends' temperature argument: the float, or the per-token fp32 [N] tensor when given."""
+    return temperature if temp_vec is None else temp_vec
+
+
+def _split_temperature(temperature) -> Tuple[float, Optional[Tensor]]:
+    """(float, per-token tensor or None) for the custom ops, whose schema has a float and an optional tensor."""
+    if isinstance(temperature, torch.Tensor):
+        return 1.0, temperature
+    return float(temperature), None
+
+
 # --------------------------------------------------------------------------------------------------
 # custom op: hidden states + lm_head weight
 # --------------------------------------------------------------------------------------------------
@@ -36,17 +48,18 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 def _lle_fwd(
     x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
     softcap: Optional[float], return_entropy: bool, backend: str, grad_filter_eps: float,
-    deterministic: bool,
+    deterministic: bool, temp_vec: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, x.device)
-    lse, zt, ent = mod.forward(x, w, targets, bias, temperature, softcap, return_entropy,
+    lse, zt, ent = mod.forward(x, w, targets, bias, _temp(temperature, temp_vec), softcap, return_entropy,
                                grad_filter_eps=grad_filter_eps, deterministic=deterministic)
     logp = zt - lse
     return logp, (ent if ent is not None else _empty(logp)), lse
 
 
 @_lle_fwd.register_fake
-def _(x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_filter_eps, deterministic):
+def _(x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_filter_eps, deterministic,
+      temp_vec=None):
     n = x.shape[0]
     dt = _out_dtype(x)
     return x.new_empty(n, dtype=dt), x.new_empty(n if return_entropy else 0, dtype=dt), x.new_empty(n, dtype=dt)
@@ -57,9 +70,10 @@ def _lle_bwd(
     x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
     softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor],
     need_dx: bool, need_dw: bool, need_db: bool, backend: str, grad_filter_eps: float, deterministic: bool,
+    temp_vec: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, x.device)
-    dx, dw, db = mod.backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H,
+    dx, dw, db = mod.backward(x, w, targets, bias, _temp(temperature, temp_vec), softcap, lse, ent, g_lp, g_H,
                               need_dx=need_dx, need_dw=need_dw, need_db=need_db,
                               grad_filter_eps=grad_filter_eps, deterministic=deterministic)
     return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(w),
@@ -68,33 +82,32 @@ def _lle_bwd(
 
 @_lle_bwd.register_fake
 def _(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, need_dx, need_dw, need_db,
-      backend, grad_filter_eps, deterministic):
+      backend, grad_filter_eps, deterministic, temp_vec=None):
     return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(w) if need_dw else _empty(w),
             torch.empty_like(bias) if (need_db and bias is not None) else _empty(x if bias is None else bias))
 
 
 def _lle_setup(ctx, inputs, output):
-    x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, det = inputs
+    x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, det, temp_vec = inputs
     logp, ent, lse = output
-    ctx.save_for_backward(x, w, targets, bias, lse, ent if return_entropy else None)
+    ctx.save_for_backward(x, w, targets, bias, lse, ent if return_entropy else None, temp_vec)
     ctx.args = (temperature, softcap, backend, eps, det)
     ctx.mark_non_differentiable(lse)
 
 
 def _lle_backward(ctx, g_logp, g_ent, g_lse):
-    x, w, targets, bias, lse, ent = ctx.saved_tensors
+    x, w, targets, bias, lse, ent, temp_vec = ctx.saved_tensors
     temperature, softcap, backend, eps, det = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[3]
     if not (need_dx or need_dw or need_db):
-        return None, None, None, None, None, None, None, None, None, None
+        return (None,) * 11
     g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
     g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
     dx, dw, db = _lle_bwd(x, w, targets, bias, temperature, softcap, lse, ent if g_H is not None else None,
                           g_lp.contiguous(), None if g_H is None else g_H.contiguous(),
-                          need_dx, need_dw, need_db, backend, eps, det)
-    return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None,
-            None, None, None, None, None, None)
+                          need_dx, need_dw, need_db, backend, eps, det, temp_vec)
+    return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None) + (None,) * 7
 
 
 _lle_fwd.register_autograd(_lle_backward, setup_context=_lle_setup)
@@ -105,15 +118,15 @@ _lle_fwd.register_autograd(_lle_backward, setup_context=_lle_setup)
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fusedrl::logprob_entropy_fwd", mutates_args=())
 def _le_fwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float],
-            return_entropy: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+            return_entropy: bool, backend: str, temp_vec: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, logits.device)
-    lse, zt, ent = mod.logits_forward(logits, targets, temperature, softcap, return_entropy)
+    lse, zt, ent = mod.logits_forward(logits, targets, _temp(temperature, temp_vec), softcap, return_entropy)
     logp = zt - lse
     return logp, (ent if ent is not None else _empty(logp)), lse
 
 
 @_le_fwd.register_fake
-def _(logits, targets, temperature, softcap, return_entropy, backend):
+def _(logits, targets, temperature, softcap, return_entropy, backend, temp_vec=None):
     n = logits.shape[0]
     dt = _out_dtype(logits)
     return (logits.new_empty(n, dtype=dt), logits.new_empty(n if return_entropy else 0, dtype=dt),
@@ -122,32 +135,34 @@ def _(logits, targets, temperature, softcap, return_entropy, backend):
 
 @torch.library.custom_op("fusedrl::logprob_entropy_bwd", mutates_args=())
 def _le_bwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], lse: Tensor,
-            ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor], backend: str) -> Tensor:
+            ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor], backend: str,
+            temp_vec: Optional[Tensor] = None) -> Tensor:
     mod = get_backend(backend, logits.device)
-    return mod.logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False)
+    return mod.logits_backward(logits, targets, _temp(temperature, temp_vec), softcap, lse, ent, g_lp, g_H,
+                               inplace=False)
 
 
 @_le_bwd.register_fake
-def _(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, backend):
+def _(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, backend, temp_vec=None):
     return torch.empty_like(logits)
 
 
 def _le_setup(ctx, inputs, output):
-    logits, targets, temperature, softcap, return_entropy, backend = inputs
+    logits, targets, temperature, softcap, return_entropy, backend, temp_vec = inputs
     logp, ent, lse = output
-    ctx.save_for_backward(logits, targets, lse, ent if return_entropy else None)
+    ctx.save_for_backward(logits, targets, lse, ent if return_entropy else None, temp_vec)
     ctx.args = (temperature, softcap, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _le_backward(ctx, g_logp, g_ent, g_lse):
-    logits, targets, lse, ent = ctx.saved_tensors
+    logits, targets, lse, ent, temp_vec = ctx.saved_tensors
     temperature, softcap, backend = ctx.args
     g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
     g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
     d = _le_bwd(logits, targets, temperature, softcap, lse, ent if g_H is not None else None,
-                g_lp.contiguous(), None if g_H is None else g_H.contiguous(), backend)
-    return d, None, None, None, None, None
+                g_lp.contiguous(), None if g_H is None else g_H.contiguous(), backend, temp_vec)
+    return d, None, None, None, None, None, None
 
 
 _le_fwd.register_autograd(_le_backward, setup_context=_le_setup)
@@ -194,7 +209,7 @@ def linear_logprob_entropy(
     weight: Tensor,
     targets: Tensor,
     bias: Optional[Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
     backend: str = "auto",
@@ -214,7 +229,8 @@ def linear_logprob_entropy(
             rank's vocabulary shard ``[V_local, H]``.
         targets: ``[...]`` integer token ids (same leading shape as ``hidden``), global ids in ``[0, V)``.
         bias: optional ``[V]`` lm_head bias.
-        temperature: float > 0 (the rollout temperature).
+        temperature: float > 0 (the rollout temperature), or a tensor of per-token temperatures (shape of
+            ``targets``) or, for ``[B, T]`` targets, per-sequence temperatures ``[B]``; values > 0.
         softcap: optional float c > 0: ``u -> c * tanh(u / c)`` before the temperature (Gemma-2 style).
         return_entropy: False skips all entropy work and returns ``None`` for it.
         backend: ``"auto" | "triton" | "cuda" | "torch" | "reference"``; ``FUSEDRL_BACKEND`` overrides auto.
@@ -252,16 +268,17 @@ def linear_logprob_entropy(
     if name == "reference":
         return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy)
     x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    t_float, t_vec = _split_temperature(temperature)
     logp, ent, _ = _lle_fwd(x, weight.contiguous(), targets.reshape(-1).long().contiguous(),
-                            None if bias is None else bias.contiguous(), temperature, softcap,
-                            bool(return_entropy), name, eps, det)
+                            None if bias is None else bias.contiguous(), t_float, softcap,
+                            bool(return_entropy), name, eps, det, t_vec)
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
 
 
 def logprob_entropy(
     logits: Tensor,
     targets: Tensor,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
     backend: str = "auto",
@@ -297,5 +314,6 @@ def logprob_entropy(
             raise ValueError("inplace_backward needs contiguous logits (the buffer that will be overwritten)")
         logp, ent = _InplaceLogprobEntropy.apply(z, t, temperature, softcap, bool(return_entropy), name)
     else:
-        logp, ent, _ = _le_fwd(z, t, temperature, softcap, bool(return_entropy), name)
+        t_float, t_vec = _split_temperature(temperature)
+        logp, ent, _ = _le_fwd(z, t, t_float, softcap, bool(return_entropy), name, t_vec)
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

@@ -6,7 +6,7 @@ backend because it is exactly the memory problem fusedrl exists to solve.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -17,9 +17,13 @@ def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _transform(u: torch.Tensor, temperature: float, softcap: Optional[float]) -> torch.Tensor:
+def _transform(u: torch.Tensor, temperature: Union[float, torch.Tensor], softcap: Optional[float]) -> torch.Tensor:
+    """``softcap(u) / T``; a temperature tensor holds one value per row of ``u`` (shape ``u.shape[:-1]``,
+    or flat ``[N]`` for ``u`` of shape ``[N, V]``)."""
     if softcap is not None:
         u = softcap * torch.tanh(u / softcap)
+    if isinstance(temperature, torch.Tensor):
+        return u / temperature.to(u.dtype).reshape(u.shape[:-1]).unsqueeze(-1)
     return u / temperature
 
 
@@ -27,12 +31,12 @@ def linear_logits(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
 ) -> torch.Tensor:
     """``z = softcap(hidden @ weight.T + bias) / temperature`` in fp32 (fp64 for fp64 inputs).
 
-    hidden: [..., H]; weight: [V, H]; bias: [V] -> [..., V]
+    hidden: [..., H]; weight: [V, H]; bias: [V]; temperature: float or per row ([...]) -> [..., V]
     """
     dt = _compute_dtype(hidden, weight, bias)
     u = hidden.to(dt) @ weight.to(dt).t()
@@ -55,7 +59,7 @@ def _from_z(z: torch.Tensor, targets: torch.Tensor, return_entropy: bool):
 def logprob_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -72,7 +76,7 @@ def linear_logprob_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -157,7 +157,7 @@ def test_deterministic_env_default(monkeypatch):
     real = ops._lle_fwd
 
     def spy(*args):
-        seen.append(args[-1])
+        seen.append(args[9])  # (x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, deterministic, ...)
         return real(*args)
 
     monkeypatch.setattr(ops, "_lle_fwd", spy)

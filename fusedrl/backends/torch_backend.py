@@ -46,10 +46,28 @@ def tile_plan(n: int, v: int, elem_bytes: int = 4) -> Tuple[int, int]:
     return max(nt, 1), max(vt, 1)
 
 
-def _logits_tile(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature: float, softcap: Optional[float]):
+def _rows(temperature, n0: int, n1: int, dtype: torch.dtype):
+    """The temperature of rows n0:n1: the float, or that slice of the per-token tensor (in ``dtype``)."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature[n0:n1].to(dtype)
+    return temperature
+
+
+def _col(v):
+    """A per-row value broadcast over a [rows, cols] tile (a float stays a float)."""
+    return v[:, None] if isinstance(v, torch.Tensor) else v
+
+
+def _logits_tile(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature, softcap: Optional[float]):
     """z = softcap(x w^T + b) / T for one tile, with the scale folded into the small x tile and the
     bias into the GEMM (no extra passes over the [tokens, vocab] tile). Also returns tanh(u/c), which
-    the softcap backward needs, or None."""
+    the softcap backward needs, or None. ``temperature``: a float or this tile's per-row tensor."""
+    if isinstance(temperature, torch.Tensor):  # per-row T cannot fold into the (per-column) bias
+        u = torch.addmm(bc, xc, wc.t()) if bc is not None else xc @ wc.t()
+        if softcap is None:
+            return u.div_(temperature[:, None]), None
+        t = u.div_(softcap).tanh_()
+        return t * (softcap / temperature)[:, None], t
     k = temperature if softcap is None else softcap
     xs = xc / k if k != 1.0 else xc
     if bc is not None:
@@ -118,7 +136,7 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
         for v0 in range(0, v, vt):
             v1 = min(v, v0 + vt)
             bc = bias[v0:v1].to(cdt) if bias is not None else None
-            z, _ = _logits_tile(xc, w[v0:v1].to(cdt), bc, temperature, softcap)
+            z, _ = _logits_tile(xc, w[v0:v1].to(cdt), bc, _rows(temperature, n0, n1, cdt), softcap)
             loc, hit = _target_in_tile(tgt, v0, v1 - v0)
             zt[n0:n1] += torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), zero)
             m, s, b = _tile_stats(z, return_entropy)
@@ -137,7 +155,7 @@ def _du_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
     """du = dz/du for one tile, formed in place over z (DESIGN.md section 3):
     du = p * (a + c (z - LSE)) + (g_lp / T) 1[j = target], a = -(g_lp + g_H H) / T, c = -g_H / T,
     times (1 - tanh^2) under softcap."""
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / temperature  # a float, or this tile's per-row tensor
     zl = z.sub_(lse[:, None])  # log p
     p = torch.exp(zl)
     if g_H is not None:
@@ -145,9 +163,9 @@ def _du_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
         # -inf logits (a masked vocabulary) from forming 0 * (-inf) = NaN; NaN inputs still propagate.
         zl.clamp_(min=-1e4)
         a = (g_lp + g_H * ent).mul_(-inv_t)
-        du = zl.mul_((-inv_t) * g_H[:, None]).add_(a[:, None]).mul_(p)
+        du = zl.mul_(((-inv_t) * g_H)[:, None]).add_(a[:, None]).mul_(p)
     else:
-        du = p.mul_((-inv_t) * g_lp[:, None])
+        du = p.mul_(((-inv_t) * g_lp)[:, None])
     # one-hot term without a host sync: rows whose target is outside this tile add 0
     du.scatter_add_(1, loc[:, None], torch.where(hit, g_lp * inv_t, torch.zeros_like(g_lp))[:, None])
     if softcap is not None:
@@ -180,10 +198,11 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
             v1, n1 = min(v, v0 + vt), min(n, n0 + nt)
             xc, wc = x[n0:n1].to(cdt), w[v0:v1].to(cdt)
             bc = bias[v0:v1].to(cdt) if bias is not None else None
-            z, t = _logits_tile(xc, wc, bc, temperature, softcap)
+            tr = _rows(temperature, n0, n1, cdt)
+            z, t = _logits_tile(xc, wc, bc, tr, softcap)
             loc, hit = _target_in_tile(tgt_all[n0:n1], v0, v1 - v0)
             du = _du_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
-                          g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
+                          g_lp[n0:n1], None if g_H is None else g_H[n0:n1], tr, softcap)
             if need_dx:
                 dx[n0:n1].addmm_(du, wc)
             if need_dw:
@@ -198,14 +217,17 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
     )
 
 
-def _logits_rows(logits: Tensor, n0: int, n1: int, temperature: float, softcap: Optional[float]):
-    """z (a private fp32 copy, safe to overwrite) and tanh(u/c) or None for rows n0:n1 of given logits."""
+def _logits_rows(logits: Tensor, n0: int, n1: int, temperature, softcap: Optional[float]):
+    """z (a private fp32 copy, safe to overwrite) and tanh(u/c) or None for rows n0:n1 of given logits
+    (``temperature``: a float or these rows' tensor)."""
     u = logits[n0:n1]
     if softcap is None:
         z = u.to(_compute_dtype(logits), copy=True)
+        if isinstance(temperature, torch.Tensor):
+            return z.div_(temperature[:, None]), None
         return (z.div_(temperature) if temperature != 1.0 else z), None
     t = torch.tanh(u.to(_compute_dtype(logits)) / softcap)
-    return t * (softcap / temperature), t
+    return t * _col(softcap / temperature), t
 
 
 def _rows_per_chunk(n: int, v: int) -> int:
@@ -221,7 +243,7 @@ def logits_forward(logits, targets, temperature, softcap, return_entropy):
     nt = _rows_per_chunk(n, v)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
-        z, _ = _logits_rows(logits, n0, n1, temperature, softcap)
+        z, _ = _logits_rows(logits, n0, n1, _rows(temperature, n0, n1, cdt), softcap)
         # out-of-range ids (possible only with check_inputs off) read as 0, never out of bounds
         loc, hit = _target_in_tile(targets[n0:n1], 0, v)
         zt[n0:n1] = torch.where(hit, z.gather(1, loc[:, None]).squeeze(1), torch.zeros((), dtype=cdt, device=z.device))
@@ -242,10 +264,11 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
         g_H, ent = g_H.to(cdt), ent.to(cdt)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
-        z, t = _logits_rows(logits, n0, n1, temperature, softcap)
+        tr = _rows(temperature, n0, n1, cdt)
+        z, t = _logits_rows(logits, n0, n1, tr, softcap)
         loc, hit = _target_in_tile(targets[n0:n1], 0, v)
         du = _du_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
-                      g_lp[n0:n1], None if g_H is None else g_H[n0:n1], temperature, softcap)
+                      g_lp[n0:n1], None if g_H is None else g_H[n0:n1], tr, softcap)
         out[n0:n1] = du
     return out
 
@@ -270,7 +293,7 @@ class RowStats(NamedTuple):
     e: Tensor      # [rows, V] e^(z - m) (the scratch buffer)
 
 
-def onepass_stats(u: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], need_ent: bool,
+def onepass_stats(u: Tensor, targets: Tensor, temperature, softcap: Optional[float], need_ent: bool,
                   scratch: Tensor, tmp: Optional[Tensor] = None, is_scaled: bool = False,
                   may_have_neg_inf: bool = True) -> RowStats:
     """Row statistics of a workspace of raw logits ``u`` (bias included) for the one-pass schedule.
@@ -278,10 +301,13 @@ def onepass_stats(u: Tensor, targets: Tensor, temperature: float, softcap: Optio
     ``u`` is overwritten with ``d = z - M`` (clamped at -1e4 when entropy is needed, so a -inf column
     never forms 0 * inf); ``scratch`` (same shape and dtype) receives ``e = exp(d)``; ``tmp`` (``[rows, <=
     8192]``, optional) holds the entropy sum's products block by block. ``is_scaled``: the caller already
-    divided the GEMM operand by T (no softcap), so ``u`` is ``z``. ``targets`` in [0, V).
+    divided the GEMM operand by T (no softcap), so ``u`` is ``z``. ``targets`` in [0, V). ``temperature``:
+    a float or a per-row ``[rows]`` tensor.
     """
     if softcap is not None:
-        u.div_(softcap).tanh_().mul_(softcap / temperature)
+        u.div_(softcap).tanh_().mul_(_col(softcap / temperature))
+    elif isinstance(temperature, torch.Tensor):
+        u.div_(temperature[:, None])
     elif not is_scaled and temperature != 1.0:
         u.div_(temperature)
     zt = u.gather(1, targets[:, None]).squeeze(1)
@@ -309,7 +335,7 @@ def _col_blocks(v: int, tmp: Optional[Tensor]):
     return [(c, min(v, c + width)) for c in range(0, v, width)]
 
 
-def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature: float, softcap: Optional[float],
+def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature, softcap: Optional[float],
                g_lp: Tensor, g_H: Optional[Tensor], tmp: Optional[Tensor] = None) -> Tensor:
     """du = dL/du over the workspace after :func:`onepass_stats` (DESIGN.md section 3), formed in place:
     ``p (a + c (z - LSE)) = e (alpha + beta d)`` with ``a = -(g_lp + g_H H)/T``, ``c = -g_H/T``, plus the
@@ -323,7 +349,7 @@ def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature: float, sof
         k = temperature / softcap
         for c0, c1 in _col_blocks(u.shape[1], tmp):
             f = torch.add(u[:, c0:c1], st.m[:, None], out=None if tmp is None else tmp[:, :c1 - c0])
-            e[:, c0:c1].mul_(f.mul_(k).square_().neg_().add_(1.0))
+            e[:, c0:c1].mul_(f.mul_(_col(k)).square_().neg_().add_(1.0))
         onehot = onehot * (1.0 - (st.zt * k).square())
     if g_H is None:
         du = e.mul_((-inv_t * g_lp * inv_s)[:, None])
