@@ -15,6 +15,7 @@ __all__ = [
     "available_backends",
     "BackendUnavailable",
     "PolicyLossConfig",
+    "RolloutCorrection",
     "policy_loss",
     "fused_policy_loss",
     "FusedPolicyLoss",
@@ -22,6 +23,7 @@ __all__ = [
 
 try:  # the loss head lands in its own modules
     from .loss import PolicyLossConfig, policy_loss
+    from .rollout import RolloutCorrection
     from .fused import FusedPolicyLoss, fused_policy_loss
 except ImportError:  # pragma: no cover - only while the package is being assembled
     pass

@@ -1,19 +1,26 @@
 """Plain eager oracle for :func:`fusedrl.policy_loss` (tests only; never used on the hot path).
 
-Written independently of ``fusedrl/loss.py``: it walks the batch sequence by sequence in Python,
-gathers each sequence's valid tokens, computes in float64, selects covariance tokens with Python
-sorting, and freely calls ``.item()``. It follows verl's ``core_algos.py`` formulas term by term.
-Gradients come from torch autograd through the float64 computation.
+Written independently of ``fusedrl/loss.py`` and ``fusedrl/rollout.py``: it walks the batch sequence by
+sequence in Python, gathers each sequence's valid tokens, computes in float64, takes every batch-level
+decision (covariance picks, entropy quantile, rollout rejection) with Python lists and sorting, and
+freely calls ``.item()``. It follows verl's ``core_algos.py`` / ``rollout_corr_helper.py`` and TRL's
+``GRPOTrainer._compute_loss`` formulas term by term. Gradients come from torch autograd through the
+float64 computation.
+
+Batch-level statistics are over the sequences with at least one valid token (verl's "rows"), as
+documented in ``fusedrl/rollout.py``.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .loss import PolicyLossConfig, canonical_kl_type
+from .rollout import RolloutCorrection
 
-__all__ = ["reference_policy_loss", "reference_kl_penalty", "split_sequences"]
+__all__ = ["reference_policy_loss", "reference_kl_penalty", "split_sequences", "reference_quantile"]
 
 
 class _Seq:
@@ -22,11 +29,20 @@ class _Seq:
     def __init__(self, positions: List[int], length: int):
         self.positions = positions  # flat indices into logp.reshape(-1)
         self.length = length        # full length of the sequence (valid or not)
-        self.logp = self.old = self.adv = self.ent = self.ref = None
+        self.logp = self.old = self.adv = self.ent = self.ref = self.ro = None
+
+    def subset(self, keep: List[bool]) -> "_Seq":
+        """The same sequence restricted to the tokens flagged in ``keep``."""
+        out = _Seq([p for p, k in zip(self.positions, keep) if k], self.length)
+        idx = torch.tensor([j for j, k in enumerate(keep) if k], dtype=torch.long)
+        for name in ("logp", "old", "adv", "ent", "ref", "ro"):
+            v = getattr(self, name)
+            setattr(out, name, None if v is None else v.index_select(0, idx.to(v.device)))
+        return out
 
 
-def split_sequences(logp, old_logp, advantages, mask, entropy=None, ref_logp=None, cu_seqlens=None
-                    ) -> Tuple[List[_Seq], int]:
+def split_sequences(logp, old_logp, advantages, mask, entropy=None, ref_logp=None, cu_seqlens=None,
+                    rollout_logp=None) -> Tuple[List[_Seq], int]:
     """Cut the batch into sequences. Returns (sequences, default norm_len)."""
     flat_mask = mask.reshape(-1)
     seqs: List[_Seq] = []
@@ -70,6 +86,9 @@ def split_sequences(logp, old_logp, advantages, mask, entropy=None, ref_logp=Non
         s.ref = take(ref_logp, s.positions)
         if s.ref is not None:
             s.ref = s.ref.detach()
+        s.ro = take(rollout_logp, s.positions)
+        if s.ro is not None:
+            s.ro = s.ro.detach()
     return seqs, max(norm_len, 1)
 
 
@@ -93,8 +112,188 @@ def reference_kl_penalty(logp: torch.Tensor, ref: torch.Tensor, kl_type: str) ->
     return value
 
 
+def reference_quantile(values: List[float], q: float) -> float:
+    """``torch.quantile(values, q)`` (linear interpolation) written out for Python floats (float64)."""
+    v = sorted(values)
+    pos = q * (len(v) - 1)
+    lo = int(pos)
+    hi = min(lo + (1 if pos > lo else 0), len(v) - 1)
+    w = pos - lo
+    a, b = v[lo], v[hi]
+    # torch.lerp's two branches (exact for w = 0 and w = 1)
+    return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
+
+
 def _mean(values: List[float]) -> float:
     return sum(values) / len(values) if values else 0.0
+
+
+def _log(x: float) -> float:
+    """``torch.log`` on a Python float: -inf at 0, NaN below (log-probs > 0 are not real data anyway)."""
+    return math.log(x) if x > 0 else (-math.inf if x == 0 else math.nan)
+
+
+def _clamp(x: float, lo: float, hi: float) -> float:
+    return min(max(x, lo), hi)
+
+
+# --------------------------------------------------------------------------------------------------
+# rollout correction (verl rollout_corr_helper.py, TRL's vLLM IS modes), Python floats
+# --------------------------------------------------------------------------------------------------
+
+
+def _rs_options(rc: RolloutCorrection) -> List[Tuple[str, Optional[float], float]]:
+    """(option, lower log bound or None, upper bound) from verl's string syntax."""
+    names: List[str] = []
+    for o in rc.rollout_rs.split(","):
+        o = o.strip()
+        if o and o not in names:
+            names.append(o)
+    spec = rc.rollout_rs_threshold
+    parts = [str(spec)] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
+    if len(parts) == 1:
+        parts = parts * len(names)
+    out = []
+    for name, p in zip(names, parts):
+        if name.endswith("k1"):
+            if "_" in p:
+                lo, hi = (float(x) for x in p.split("_"))
+            else:
+                hi = float(p)
+                lo = 1.0 / hi
+            out.append((name, math.log(lo), math.log(hi)))
+        else:
+            out.append((name, None, float(p)))
+    return out
+
+
+def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List[float]], roll: List[List[float]],
+                       metrics: Dict[str, float]) -> Tuple[Optional[List[List[float]]], List[List[bool]]]:
+    """IS weights and keep flags per sequence and token; metrics (without prefix) into ``metrics``."""
+    lrs = [[a - b for a, b in zip(t, r)] for t, r in zip(train, roll)]
+    nonempty = [i for i, lr in enumerate(lrs) if lr]
+    all_tok = [x for lr in lrs for x in lr]
+    n_tok = len(all_tok)
+    weights = None
+    if rc.rollout_is is not None and rc.rollout_is_threshold is not None:
+        thr = float(rc.rollout_is_threshold)
+        lower = rc.rollout_is_threshold_lower
+        lo_m = lower if lower is not None else 1.0 / thr
+        if rc.rollout_is == "token":
+            raw = [[math.exp(_clamp(x, -20, 20)) for x in lr] for lr in lrs]
+        else:
+            sums = [sum(lr) for lr in lrs]
+            raw = [[math.exp(_clamp(sums[i], -20, 20))] * len(lr) for i, lr in enumerate(lrs)]
+        flat = [x for r in raw for x in r]
+        if flat:
+            metrics["rollout_is_mean"] = _mean(flat)
+            if rc.rollout_is == "token":
+                metrics["rollout_is_max"], metrics["rollout_is_min"] = max(flat), min(flat)
+                metrics["rollout_is_ratio_fraction_high"] = _mean([float(x > thr) for x in flat])
+                metrics["rollout_is_ratio_fraction_low"] = _mean([float(x < lo_m) for x in flat])
+            else:
+                ss = [sums[i] for i in nonempty]
+                metrics["rollout_is_max"] = math.exp(min(max(ss), 20.0))
+                metrics["rollout_is_min"] = math.exp(min(ss))
+                metrics["rollout_is_ratio_fraction_high"] = _mean([float(x > math.log(thr)) for x in ss])
+                low_log = math.log(lo_m) if lo_m > 0 else -math.inf
+                metrics["rollout_is_ratio_fraction_low"] = _mean([float(x < low_log) for x in ss])
+            cl = [_clamp(x, lo_m, thr) for x in flat]
+            mc = _mean(cl)
+            var = _mean([c * c for c in cl]) - mc * mc
+            metrics["rollout_is_std"] = math.sqrt(max(var, 0.0)) if len(flat) > 1 else 0.0
+            metrics["rollout_is_eff_sample_size"] = 1.0 / _mean([(c / (mc + 1e-8)) ** 2 for c in cl])
+            sm = [sum(raw[i]) / (len(raw[i]) + 1e-8) for i in nonempty]
+            metrics["rollout_is_seq_mean"], metrics["rollout_is_seq_max"] = _mean(sm), max(sm)
+            metrics["rollout_is_seq_min"] = min(sm)
+        else:
+            for k in ("mean", "max", "min", "ratio_fraction_high", "ratio_fraction_low", "std", "eff_sample_size",
+                      "seq_mean", "seq_max", "seq_min"):
+                metrics["rollout_is_" + k] = 0.0
+        weights = []
+        for r in raw:
+            ws = []
+            for x in r:
+                if rc.rollout_is_mode == "truncate":
+                    w = min(x, thr)
+                    if lower is not None:
+                        w = max(w, lower)
+                else:
+                    w = 0.0 if (x > thr or (lower is not None and x < lower)) else x
+                ws.append(w)
+            weights.append(ws)
+        if rc.rollout_is_batch_normalize:
+            if rc.rollout_is == "token":
+                pool = [w for ws in weights for w in ws]
+            else:
+                pool = [sum(weights[i]) / (len(weights[i]) + 1e-8) for i in nonempty]
+            mean = _mean(pool)
+            factor = mean if mean > 1e-8 else 1.0
+            weights = [[w / factor for w in ws] for ws in weights]
+            metrics["rollout_is_batch_norm_factor"] = factor if pool else 0.0
+    keep = [[True] * len(lr) for lr in lrs]
+    if rc.rollout_rs is not None:
+        def stat(x, k):
+            x = _clamp(x, -20, 20)
+            return {"k1": -x, "k2": 0.5 * x * x, "k3": math.exp(x) - 1 - x}[k]
+
+        for name, lower, upper in _rs_options(rc):
+            k = name[-2:]
+            tok_stats = [[stat(x, k) for x in lr] for lr in lrs]
+            if name.startswith("token"):
+                level = tok_stats
+                seq_stats = None
+            else:
+                seq_stats = []
+                for ts in tok_stats:
+                    if name.startswith("seq_sum"):
+                        seq_stats.append(sum(ts))
+                    elif name.startswith("seq_mean"):
+                        seq_stats.append(sum(ts) / (len(ts) + 1e-8))
+                    else:
+                        seq_stats.append(max(ts) if ts else 0.0)
+                level = [[seq_stats[i]] * len(ts) for i, ts in enumerate(tok_stats)]
+            ok = [[(v <= upper) and (lower is None or v >= lower) for v in row] for row in level]
+            keep = [[a and b for a, b in zip(ka, kb)] for ka, kb in zip(keep, ok)]
+            p = f"rollout_rs_{name}_"
+            flat = [v for row in level for v in row]
+            metrics[p + "mean"] = _mean(flat)
+            pool = flat if seq_stats is None else [seq_stats[i] for i in nonempty]
+            metrics[p + "max"] = max(pool) if pool else 0.0
+            metrics[p + "min"] = min(pool) if pool else 0.0
+            metrics[p + "fraction_high"] = _mean([float(v > upper) for v in pool])
+            metrics[p + "fraction_low"] = _mean([float(lower is not None and v < lower) for v in pool])
+            metrics[p + "masked_fraction"] = _mean([float(not o) for row in ok for o in row])
+            metrics[p + "seq_masked_fraction"] = _mean([float(not all(ok[i])) for i in nonempty])
+        metrics["rollout_rs_masked_fraction"] = _mean([float(not o) for row in keep for o in row])
+        metrics["rollout_rs_seq_masked_fraction"] = _mean([float(not all(keep[i])) for i in nonempty])
+    # off-policy diagnostics (verl compute_offpolicy_metrics)
+    if n_tok:
+        metrics["kl"] = _mean([b - a for t, r in zip(train, roll) for a, b in zip(t, r)])
+        metrics["k3_kl"] = _mean([math.exp(x) - x - 1 for x in all_tok])
+        mt = [sum(train[i]) / (len(train[i]) + 1e-8) for i in nonempty]
+        mr = [sum(roll[i]) / (len(roll[i]) + 1e-8) for i in nonempty]
+        metrics["training_ppl"] = _mean([math.exp(-x) for x in mt])
+        metrics["training_log_ppl"] = _mean([-x for x in mt])
+        metrics["rollout_ppl"] = _mean([math.exp(-x) for x in mr])
+        metrics["rollout_log_ppl"] = _mean([-x for x in mr])
+        diff = [b - a for a, b in zip(mt, mr)]
+        metrics["log_ppl_diff"] = _mean(diff)
+        metrics["log_ppl_abs_diff"] = _mean([abs(x) for x in diff])
+        metrics["log_ppl_diff_max"], metrics["log_ppl_diff_min"] = max(diff), min(diff)
+        metrics["ppl_ratio"] = _mean([math.exp(x) for x in diff])
+        metrics["chi2_token"] = _mean([math.exp(_clamp(x, -20, 20)) ** 2 for x in all_tok]) - 1.0
+        metrics["chi2_seq"] = _mean([math.exp(2 * _clamp(sum(lrs[i]), -20, 20)) for i in nonempty]) - 1.0
+    else:
+        for k in ("kl", "k3_kl", "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff",
+                  "log_ppl_abs_diff", "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio", "chi2_token", "chi2_seq"):
+            metrics[k] = 0.0
+    return weights, keep
+
+
+# --------------------------------------------------------------------------------------------------
+# the loss
+# --------------------------------------------------------------------------------------------------
 
 
 def reference_policy_loss(
@@ -110,6 +309,8 @@ def reference_policy_loss(
     global_num_tokens=None,
     global_num_seqs=None,
     norm_len=None,
+    rollout_logp: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Same contract as :func:`fusedrl.policy_loss`; float64 loss, float32 metrics.
 
@@ -121,14 +322,58 @@ def reference_policy_loss(
     gnt = global_num_tokens if global_num_tokens is not None else cfg.global_num_tokens
     gns = global_num_seqs if global_num_seqs is not None else cfg.global_num_seqs
     nlen = norm_len if norm_len is not None else cfg.norm_len
-    seqs, default_norm_len = split_sequences(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens)
+    seqs, default_norm_len = split_sequences(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens,
+                                             rollout_logp)
+    given_w = None
+    if rollout_is_weights is not None:  # verl's precomputed weights, per sequence and valid token
+        flat_w = rollout_is_weights.reshape(-1).tolist()
+        given_w = [[float(flat_w[p]) for p in s.positions] for s in seqs]
+    mode = cfg.loss_mode
+    low, high = 1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high
+    seq_level = cfg.importance_sampling_level == "sequence"
+    f32 = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
+
+    # ---- rollout correction: IS weights and rejection, decided on the original valid tokens
+    rc = cfg.rollout_correction
+    if rc is None and mode == "bypass_mode":
+        rc = RolloutCorrection()
+    rc_metrics: Dict[str, float] = {}
+    is_w: Optional[List[List[float]]] = given_w
+    if rc is not None and rollout_logp is None and mode != "bypass_mode":
+        rc = None  # precomputed weights only: nothing to reject or report
+    if rc is not None:
+        if mode == "bypass_mode":
+            train = [s.logp.detach().tolist() for s in seqs]
+            roll = [s.old.tolist() for s in seqs]
+        else:
+            train = [s.old.tolist() for s in seqs]
+            roll = [s.ro.tolist() for s in seqs]
+        rc_w, keep = _rollout_reference(rc, seqs, train, roll, rc_metrics)
+        is_w = rc_w if given_w is None else given_w
+        seqs = [s.subset(k) for s, k in zip(seqs, keep)]
+        if is_w is not None:
+            is_w = [[w for w, k in zip(ws, kk) if k] for ws, kk in zip(is_w, keep)]
+
     tokens = [(si, j) for si, s in enumerate(seqs) for j in range(len(s.positions))]
     n_valid = len(tokens)
-    low, high = 1 - cfg.clip_ratio_low, 1 + cfg.clip_ratio_high
-    mode = cfg.loss_mode
-
     clipfrac, clipfrac_lower, ppo_kl, selected_frac = 0.0, 0.0, 0.0, None
     per_seq_losses: List[torch.Tensor] = []
+
+    # ---- per-token factors of the policy term: entropy quantile mask (TRL), OPSM (TRL / DeepSeek-V3.2)
+    pg_keep = [[True] * len(s.positions) for s in seqs]
+    if cfg.top_entropy_quantile < 1:
+        pool = [v for s in seqs for v in s.ent.detach().tolist()]
+        if pool:
+            thr = reference_quantile(pool, 1.0 - cfg.top_entropy_quantile)
+            pg_keep = [[k and e >= thr for k, e in zip(kk, s.ent.detach().tolist())] for kk, s in zip(pg_keep, seqs)]
+    if cfg.off_policy_mask_threshold is not None:
+        for si, s in enumerate(seqs):
+            if not s.positions:
+                continue
+            sampling = (s.ro if s.ro is not None else s.old).tolist()
+            mean_kl = _mean([a - b for a, b in zip(sampling, s.logp.detach().tolist())])
+            low_kl = mean_kl <= cfg.off_policy_mask_threshold
+            pg_keep[si] = [k and (a >= 0 or low_kl) for k, a in zip(pg_keep[si], s.adv.tolist())]
 
     # quantities over the whole batch of valid tokens
     if n_valid:
@@ -166,30 +411,46 @@ def reference_policy_loss(
             si, j = tokens[i]
             chosen_local[si].add(j)
 
+    def ratio_of(s):
+        """The importance ratio of the ratio-based modes (TRL's importance_sampling_level)."""
+        d = s.logp - s.old
+        if seq_level:
+            return torch.exp(torch.clamp(d.sum() / len(s.positions), -20.0, 20.0)).expand(len(s.positions))
+        return torch.exp(torch.clamp(d, -20.0, 20.0))
+
+    rc_loss_type = rc.loss_type if rc is not None else "ppo_clip"
+    anchor = logp.reshape(-1)[:0].sum().to(torch.float64)  # 0, attached to logp's graph (zero gradient)
     clipped_count = lower_count = 0
     for si, s in enumerate(seqs):
-        if not s.positions:
-            per_seq_losses.append(torch.zeros((), dtype=torch.float64, device=logp.device))
+        n = len(s.positions)
+        if not n:
+            per_seq_losses.append(anchor)
             continue
         d = s.logp - s.old
-        if mode == "vanilla":
-            r = torch.exp(torch.clamp(d, -20.0, 20.0))
-            pg1 = -s.adv * r
+        if mode in ("vanilla", "luspo") or (mode == "bypass_mode" and rc_loss_type == "ppo_clip"):
+            r = ratio_of(s)
+            r1 = torch.clamp(r, max=cfg.delta) if cfg.delta is not None else r
+            pg1 = -s.adv * r1
             pg2 = -s.adv * torch.clamp(r, low, high)
             clip1 = torch.maximum(pg1, pg2)
             clipped_count += int((pg2 > pg1).sum().item())
-            if cfg.clip_ratio_c is not None:
+            if cfg.clip_ratio_c is not None and mode != "luspo":
                 pg3 = -s.adv * cfg.clip_ratio_c
                 clip2 = torch.minimum(pg3, clip1)
                 lower_count += int(((clip1 > pg3) & (s.adv < 0)).sum().item())
                 token_loss = torch.where(s.adv < 0, clip2, clip1)
             else:
                 token_loss = clip1
+        elif mode == "bypass_mode":  # reinforce
+            token_loss = -s.adv * s.logp
+            if is_w is not None:
+                token_loss = token_loss * torch.tensor(is_w[si], dtype=torch.float64)
         elif mode == "gspo":
-            seq_log_ratio = (d.sum() / len(s.positions)).detach()
+            seq_log_ratio = (d.sum() / n).detach()
             log_ratio_tok = torch.clamp(s.logp - s.logp.detach() + seq_log_ratio, max=10.0)
             r = torch.exp(log_ratio_tok)
-            pg1 = -s.adv * r
+            r1 = torch.clamp(r, max=cfg.delta) if cfg.delta is not None else r
+            pg1 = -s.adv * r1
             pg2 = -s.adv * torch.clamp(r, low, high)
             clipped_count += int((pg2 > pg1).sum().item())
             token_loss = torch.maximum(pg1, pg2)
@@ -204,7 +465,7 @@ def reference_policy_loss(
         elif mode == "kl_cov":
             r = torch.exp(torch.clamp(d, -20.0, 20.0))
             pieces = []
-            for j in range(len(s.positions)):
+            for j in range(n):
                 term = -s.adv[j] * r[j]
                 if j in chosen_local[si]:
                     term = term + cfg.ppo_kl_coef * torch.abs(d[j])
@@ -213,24 +474,94 @@ def reference_policy_loss(
         elif mode == "gpg":
             token_loss = -s.adv * s.logp
         elif mode == "cispo":
-            r = torch.exp(torch.clamp(d, -20.0, 20.0)).detach()
-            rc = torch.clamp(r, low, high)
-            clipped_count += int((r != rc).sum().item())
-            token_loss = -rc * s.adv * s.logp
+            r = ratio_of(s).detach()
+            rc_ = torch.clamp(r, low, high)
+            clipped_count += int((r != rc_).sum().item())
+            token_loss = -rc_ * s.adv * s.logp
+        elif mode == "sapo":
+            r = ratio_of(s)
+            pieces = []
+            for j in range(n):
+                tau = cfg.tau_pos if s.adv[j].item() > 0 else cfg.tau_neg
+                pieces.append(-torch.sigmoid(tau * (r[j] - 1.0)) * (4.0 / tau) * s.adv[j])
+            token_loss = torch.stack(pieces)
+        elif mode == "geo_mean":
+            pieces = []
+            for j in range(n):
+                a = s.adv[j].item()
+                dj = d[j]
+                if a > 0:  # the ratio may not rise above 1 + high for a positive advantage
+                    pieces.append(torch.where(dj > cfg.clip_ratio_high, dj.detach() * 0 + cfg.clip_ratio_high, dj))
+                elif a < 0:  # nor fall below 1 - low for a negative one
+                    pieces.append(torch.where(dj < -cfg.clip_ratio_low, dj.detach() * 0 - cfg.clip_ratio_low, dj))
+                else:
+                    pieces.append(dj * 0)
+                if dj.item() > cfg.clip_ratio_high or dj.item() < -cfg.clip_ratio_low:
+                    if a > 0:
+                        clipped_count += 1
+                    elif a < 0:
+                        lower_count += 1
+            seq_loss = -(s.adv.sum() / n) * torch.exp(torch.stack(pieces).sum() / n)
+            if is_w is not None:
+                seq_loss = seq_loss * math.exp(sum(math.log(w + 1e-10) for w in is_w[si]) / n)
+            token_loss = seq_loss.expand(n)
+        elif mode in ("dppo_kl", "dppo_tv"):
+            pieces = []
+            for j in range(n):
+                lp, ol, a = s.logp[j].item(), s.old[j].item(), s.adv[j].item()
+                p, po = math.exp(lp), math.exp(ol)
+                if mode == "dppo_tv":
+                    inside = (p - po <= cfg.clip_ratio_high) if a > 0 else (p - po >= -cfg.clip_ratio_low)
+                else:
+                    bkl = po * (ol - lp) + (1 - po) * _log((1.0 - po + 1e-8) / (1.0 - p + 1e-8))
+                    if a > 0:
+                        inside = bkl <= cfg.clip_ratio_high or p <= po
+                    else:
+                        inside = bkl <= cfg.clip_ratio_low or p >= po
+                r = math.exp(_clamp(lp - ol, -20, 20))
+                trunc = r if cfg.clip_ratio_c is None else min(r, cfg.clip_ratio_c)
+                pieces.append(-a * trunc * s.logp[j] if inside else s.logp[j] * 0)
+                clipped_count += int(not inside)
+                lower_count += int(inside and cfg.clip_ratio_c is not None and r > cfg.clip_ratio_c)
+            token_loss = torch.stack(pieces)
+        elif mode == "dro":
+            beta = 0.1 if cfg.dro_beta is None else cfg.dro_beta
+            token_loss = -s.adv * s.logp + 0.5 * beta * d ** 2
+        elif mode == "vespo":
+            lo = math.log(1e-8)
+            lw = sum(_clamp(x, -20, 20) for x in d.detach().tolist())
+            if is_w is not None:
+                lw += sum(lo if w <= 0 else _clamp(math.log(w), lo, 20) for w in is_w[si])
+            lw = _clamp(lw, lo, 20)
+            pieces = []
+            for j in range(n):
+                a = s.adv[j].item()
+                kk, lam = (cfg.vespo_k_pos, cfg.vespo_lambda_pos) if a >= 0 else (cfg.vespo_k_neg, cfg.vespo_lambda_neg)
+                lam = max(lam, 1e-4)
+                phi = math.exp(lam + kk * lw - lam * math.exp(lw))
+                pieces.append(-phi * a * s.logp[j])
+            token_loss = torch.stack(pieces)
         else:
             raise ValueError(mode)
+        # per-token factors: rollout IS weights (modes that do not take them themselves), masks
+        if is_w is not None and mode not in ("geo_mean", "vespo", "bypass_mode"):
+            token_loss = token_loss * torch.tensor(is_w[si], dtype=torch.float64)
+        if not all(pg_keep[si]):
+            token_loss = token_loss * torch.tensor([float(k) for k in pg_keep[si]], dtype=torch.float64)
         per_seq_losses.append(token_loss)
 
     if n_valid:
-        if mode in ("vanilla", "gspo", "cispo"):
+        if mode in ("vanilla", "gspo", "cispo", "luspo", "dppo_kl", "dppo_tv", "geo_mean") or (
+                mode == "bypass_mode" and rc_loss_type == "ppo_clip"):
             clipfrac = clipped_count / n_valid
-        if mode == "vanilla":
+        if mode in ("vanilla", "dppo_kl", "dppo_tv", "geo_mean") or (
+                mode == "bypass_mode" and rc_loss_type == "ppo_clip"):
             clipfrac_lower = lower_count / n_valid
         if mode == "clip_cov":
             clipfrac = selected_frac
         if mode == "kl_cov":
             ppo_kl = all_d.abs().mean().item()
-        elif mode in ("gspo", "clip_cov"):
+        elif mode in ("gspo", "clip_cov", "geo_mean", "dro") or (mode == "bypass_mode" and rc_loss_type == "reinforce"):
             ppo_kl = (-all_d).mean().item()
         else:
             ppo_kl = (-torch.clamp(all_d, -20, 20)).mean().item()
@@ -239,7 +570,7 @@ def reference_policy_loss(
         """verl agg_loss over per-sequence token-loss vectors, with fusedrl's normalisers."""
         lengths = [len(s.positions) for s in seqs]
         sums = [v.sum() for v in seq_values]
-        total = sum(sums, torch.zeros((), dtype=torch.float64, device=logp.device))
+        total = sum(sums, torch.zeros((), dtype=torch.float64, device=logp.device) + anchor)
 
         def denom(user, local):
             if user is None:
@@ -251,10 +582,12 @@ def reference_policy_loss(
         agg = cfg.loss_agg_mode
         if agg == "token-mean":
             return total / denom(gnt, n_valid)
+        if agg == "token-sum":
+            return total
         if agg == "seq-mean-token-sum":
             return total / denom(gns, n_seqs_nonempty)
         if agg == "seq-mean-token-mean":
-            acc = torch.zeros((), dtype=torch.float64, device=logp.device)
+            acc = torch.zeros((), dtype=torch.float64, device=logp.device) + anchor
             for ssum, n in zip(sums, lengths):
                 if n > 0:
                     acc = acc + ssum / n
@@ -266,7 +599,6 @@ def reference_policy_loss(
 
     pg_loss = aggregate(per_seq_losses)
     loss = pg_loss
-    f32 = lambda v: torch.tensor(float(v), dtype=torch.float32)  # noqa: E731
     metrics = {"pg_loss": f32(pg_loss.item()), "pg_clipfrac": f32(clipfrac),
                "pg_clipfrac_lower": f32(clipfrac_lower), "ppo_kl": f32(ppo_kl)}
     if entropy is not None:
@@ -274,10 +606,17 @@ def reference_policy_loss(
         if cfg.entropy_coeff != 0:
             loss = loss - cfg.entropy_coeff * aggregate([s.ent for s in seqs])
     if ref_logp is not None:
-        kls = [reference_kl_penalty(s.logp, s.ref, cfg.kl_loss_type) for s in seqs]
+        kls = []
+        for s in seqs:
+            kl = reference_kl_penalty(s.logp, s.ref, cfg.kl_loss_type)
+            if cfg.use_bias_correction_kl and s.positions:  # TRL: times the (differentiable) importance ratio
+                kl = kl * ratio_of(s)
+            kls.append(kl)
         metrics["kl"] = f32(_mean([v for k in kls for v in k.tolist()]))
         if cfg.kl_loss_coef != 0:
             loss = loss + cfg.kl_loss_coef * aggregate(kls)
     if selected_frac is not None:
         metrics["cov_selected_frac"] = f32(selected_frac)
+    for k, v in rc_metrics.items():
+        metrics["rollout_corr/" + k] = f32(v)
     return loss, metrics

@@ -9,6 +9,7 @@ import torch
 from fusedrl.loss import (KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig, _select_top_k,
                           canonical_kl_type, policy_loss)
 from fusedrl.reference_loss import reference_policy_loss
+from fusedrl.rollout import RolloutCorrection
 
 F64 = torch.float64
 
@@ -571,6 +572,8 @@ def test_metrics_contract(mode):
     keys = {"pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "entropy", "kl"}
     if mode in ("clip_cov", "kl_cov"):
         keys.add("cov_selected_frac")
+    if mode == "bypass_mode":  # verl's rollout_corr/ metrics (default RolloutCorrection: off-policy diagnostics)
+        keys |= set(RolloutCorrection().metric_names())
     assert set(m) == keys
     for k, v in m.items():
         assert v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad, k
@@ -582,7 +585,7 @@ def test_metrics_contract(mode):
 
 
 BAD_CONFIGS = [
-    ("loss_mode", "ppo"), ("loss_agg_mode", "token-sum"), ("kl_loss_type", "k4"), ("kl_loss_type", "k2+"),
+    ("loss_mode", "ppo"), ("loss_agg_mode", "seq-sum"), ("kl_loss_type", "k4"), ("kl_loss_type", "k2+"),
     ("clip_ratio_c", 1.0), ("clip_ratio_c", 0.5), ("clip_ratio_low", -0.1), ("clip_ratio_high", -1.0),
     ("entropy_coeff", -0.01), ("kl_loss_coef", -1.0), ("clip_cov_ratio", -2e-4), ("kl_cov_ratio", -1.0),
     ("ppo_kl_coef", -1.0), ("clip_ratio_low", float("nan")), ("global_num_tokens", 0),
