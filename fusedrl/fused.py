@@ -48,6 +48,8 @@ def fused_policy_loss(
     check_inputs: Optional[bool] = None,
     schedule: str = "auto",
     memory_budget_mb: Optional[float] = None,
+    rollout_logp: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
     **core_kwargs,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """RL policy loss straight from the last hidden states, without materialising logits.
@@ -81,6 +83,10 @@ def fused_policy_loss(
     ``recompute``. Vocab-parallel (``process_group``) and the ``reference`` backend always recompute.
     The choice is logged at DEBUG level on the ``fusedrl`` logger.
 
+    ``rollout_logp`` (the inference engine's log-probs, ``[B, T]`` / ``[N]``) feeds the config's
+    ``rollout_correction`` (TIS/MIS, rejection sampling, bypass mode) and OPSM; ``rollout_is_weights``
+    are precomputed IS weights (verl hands them to the loss), as in :func:`fusedrl.policy_loss`.
+
     Returns ``(loss, metrics)`` exactly as :func:`fusedrl.policy_loss` on the core op's outputs.
     ``global_num_tokens`` / ``global_num_seqs`` / ``norm_len`` override the config's normalisers.
     ``check_inputs`` switches the host-syncing value checks of both parts (target range at valid
@@ -90,7 +96,7 @@ def fused_policy_loss(
     cfg = config if config is not None else PolicyLossConfig()
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
-    want_entropy = cfg.entropy_coeff != 0 or bool(return_entropy)
+    want_entropy = cfg.entropy_coeff != 0 or cfg.top_entropy_quantile < 1 or bool(return_entropy)
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     if not isinstance(targets, torch.Tensor):
@@ -110,7 +116,7 @@ def fused_policy_loss(
         name, cfg, budget, checks, temperature, softcap = sched
         return onepass.one_pass_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias,
                                             cu_seqlens, temperature, softcap, cfg, name, budget, want_entropy,
-                                            checks)
+                                            checks, rollout_logp, rollout_is_weights)
     logp, entropy = _core_op()(
         hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
         return_entropy=want_entropy, backend=backend, process_group=process_group, check_inputs=check_inputs,
@@ -118,7 +124,7 @@ def fused_policy_loss(
     return policy_loss(
         logp, old_logp, advantages, mask, entropy=entropy, ref_logp=ref_logp, cu_seqlens=cu_seqlens,
         config=cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, norm_len=norm_len,
-        check_inputs=check_inputs)
+        check_inputs=check_inputs, rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
 
 
 def _per_token_temperature(temperature, targets: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
@@ -233,6 +239,7 @@ class FusedPolicyLoss(nn.Module):
         ref_logp: Optional[torch.Tensor] = None,
         bias: Optional[torch.Tensor] = None,
         cu_seqlens: Optional[torch.Tensor] = None,
+        rollout_logp: Optional[torch.Tensor] = None,
         **overrides,
     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """Same tensor arguments and shapes as :func:`fused_policy_loss`; ``overrides`` may carry the
@@ -249,7 +256,7 @@ class FusedPolicyLoss(nn.Module):
         kwargs.setdefault("schedule", self.schedule)
         kwargs.setdefault("memory_budget_mb", self.memory_budget_mb)
         return fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
-                                 bias=bias, cu_seqlens=cu_seqlens, **kwargs)
+                                 bias=bias, cu_seqlens=cu_seqlens, rollout_logp=rollout_logp, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, "

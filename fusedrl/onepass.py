@@ -29,6 +29,7 @@ when it has one for the mode) | ``torch`` | ``triton`` | ``cuda`` (force one; an
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -41,7 +42,8 @@ import torch
 from .backends import torch_backend
 from .backends import resolve
 from .ops import _split_temperature
-from .loss import SELECTION_MODES, SEQUENCE_MODES, PolicyLossConfig, TokenHead, _random_keys, metric_names
+from .loss import (SELECTION_MODES, PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok,
+                   metric_names)
 
 Tensor = torch.Tensor
 
@@ -62,6 +64,7 @@ _MIN_ROWS = 64
 _KL_CODES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _TMP_COLS = torch_backend._B_BLOCK  # columns of the torch epilogue's block temporary
 CACHE_ENV = "FUSEDRL_CPU_WORKSPACE_CACHE"
+# kernel head codes (docs/one-pass.md) of the modes kernel_head_ok admits
 _MODE_CODES = {"vanilla": 0, "clip_cov": 0, "gpg": 1, "cispo": 2, "kl_cov": 3}
 
 
@@ -133,7 +136,10 @@ def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[Lis
 def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, schedule: str, budget: int,
          seq_len: Optional[int] = None, cu_host: Optional[List[int]] = None) -> Plan:
     """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``)
-    and its token chunks. Host arithmetic only."""
+    and its token chunks, by the loss head's kind (:func:`fusedrl.loss.head_kind`): token-local and
+    selection losses chunk freely; sequence-level losses take chunks of whole sequences (``seq_len`` of
+    padded inputs, ``cu_host`` of packed ones), or two passes when one does not fit (``auto``: recompute);
+    batch-statistic losses (entropy quantile) always take two passes. Host arithmetic only."""
     low = x_dtype in (torch.float16, torch.bfloat16)
     csize = 8 if x_dtype == torch.float64 else 4
     per_row = _row_bytes(v, csize, low)
@@ -143,7 +149,10 @@ def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, sc
     if schedule == "auto" and not fits:
         return Plan("recompute", (), f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the "
                                      f"{budget / _MIB:.0f} MiB budget")
-    if cfg.loss_mode in SEQUENCE_MODES:
+    kind = head_kind(cfg)
+    if kind == "batch":  # a statistic of the whole batch first (entropy quantile, ...): always two passes
+        return Plan("two_pass", (), "the loss needs whole-batch statistics of logp / entropy first")
+    if kind == "sequence":
         chunks = _sequence_chunks(rows, n, seq_len, cu_host)
         if chunks is None:
             if schedule == "auto":
@@ -226,8 +235,8 @@ class KernelHead(NamedTuple):
 
 
 def _kernel_head_scalars(cfg: PolicyLossConfig) -> Optional[dict]:
-    """The kernel formula set for the mode, or None (the torch epilogue then serves it)."""
-    if cfg.loss_mode not in _MODE_CODES:
+    """The kernel formula set for the config, or None (the torch epilogue then serves it)."""
+    if not kernel_head_ok(cfg):
         return None
     kl = cfg.kl_type
     return dict(mode=_MODE_CODES[cfg.loss_mode], clip_lo=1.0 - cfg.clip_ratio_low, clip_hi=1.0 + cfg.clip_ratio_high,
@@ -261,7 +270,8 @@ def _kernel_epilogue(backend: str, device: torch.device, x_dtype: torch.dtype, c
             raise RuntimeError(f"{EPILOGUE_ENV}={want} but that epilogue is not available on {device}: "
                                f"{why or 'no onepass_epilogue'}")
         if scalars is None:
-            raise RuntimeError(f"{EPILOGUE_ENV}={want}: loss_mode {cfg.loss_mode!r} has no kernel head")
+            raise RuntimeError(f"{EPILOGUE_ENV}={want}: this loss config (loss_mode {cfg.loss_mode!r} and its "
+                               f"options) has no kernel head")
     if not ok or scalars is None:
         return None, None
     return mod, scalars
@@ -433,9 +443,7 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if picked is not None and grads:
-        ratio = head.cfg.clip_cov_ratio if head.cfg.loss_mode == "clip_cov" else head.cfg.kl_cov_ratio
-        k_max = min(n, max(1, int(ratio * n)))
-        _correct_selection(head, picked, k_max, x, w, targets, bias, temperature, softcap, logp, lse_all,
+        _correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp, lse_all,
                            dx, dw32 if need_dw else None, db32)
     if need_dw and dw is None:
         dw = dw32 if dw32.dtype == w.dtype else dw32.to(w.dtype)
@@ -471,6 +479,10 @@ def _run_two_pass(x, w, targets, bias, head: TokenHead, temperature, softcap, ba
 # --------------------------------------------------------------------------------------------------
 
 
+# process groups (``stats_group``) cross the op boundary by name; this process's groups by name
+_GROUPS: dict = {}
+
+
 @torch.compiler.assume_constant_result  # torch.compile: a trace-time constant (the config is static)
 def _cfg_to_json(cfg: PolicyLossConfig) -> str:
     out = {}
@@ -480,12 +492,18 @@ def _cfg_to_json(cfg: PolicyLossConfig) -> str:
             continue  # tensors travel as op arguments; the generator's draw is made before the op
         if dataclasses.is_dataclass(val):
             val = dataclasses.asdict(val)
+        elif f.name == "stats_group" and val is not None:
+            name = getattr(val, "group_name", None) or f"group-{id(val)}"
+            _GROUPS[name] = val
+            val = {"group": name}
         out[f.name] = val
     return json.dumps(out, sort_keys=True)
 
 
-def _cfg_from_json(text: str, normalisers: Sequence[Optional[Tensor]]) -> PolicyLossConfig:
+def _cfg_from_json(text: str, normalisers: Sequence[Optional[Tensor]] = (None, None, None)) -> PolicyLossConfig:
     kwargs = json.loads(text)
+    if isinstance(kwargs.get("stats_group"), dict):
+        kwargs["stats_group"] = _GROUPS[kwargs["stats_group"]["group"]]
     for name, t in zip(("global_num_tokens", "global_num_seqs", "norm_len"), normalisers):
         if t is not None:
             kwargs[name] = t
@@ -496,21 +514,21 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-@torch.library.custom_op("fusedrl::policy_loss_one_pass", mutates_args=())
-def _one_pass_op(
+def _one_pass_impl(
     x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], old_logp: Tensor, advantages: Tensor,
     mask: Tensor, ref_logp: Optional[Tensor], cu_seqlens: Optional[Tensor], keys: Optional[Tensor],
-    n_tok: Optional[Tensor], n_seq: Optional[Tensor], norm_len: Optional[Tensor], temperature: float,
-    temp_vec: Optional[Tensor],
+    n_tok: Optional[Tensor], n_seq: Optional[Tensor], norm_len: Optional[Tensor], rollout_logp: Optional[Tensor],
+    rollout_is_weights: Optional[Tensor], temperature: float, temp_vec: Optional[Tensor],
     softcap: Optional[float], cfg_json: str, backend: str, budget: int, need_dx: bool,
     need_dw: bool, need_db: bool, want_entropy: bool, check_inputs: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _cfg_from_json(cfg_json, (n_tok, n_seq, norm_len))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    head = TokenHead(old_logp, advantages, mask, ref_logp, cu_seqlens, cfg, want_entropy, cdt, check_inputs)
+    head = TokenHead(old_logp, advantages, mask, ref_logp, cu_seqlens, cfg, want_entropy, cdt, check_inputs,
+                     rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
     n, h = x.shape
     seq_len = cu_host = None
-    if cfg.loss_mode in SEQUENCE_MODES:
+    if head.kind == "sequence":
         if cu_seqlens is not None:
             cu_host = [int(c) for c in cu_seqlens.tolist()]  # one small host read (packed sequence modes)
         else:
@@ -519,6 +537,7 @@ def _one_pass_op(
     log.debug("fusedrl fused_policy_loss: schedule %s (%s)", pln.schedule, pln.reason)
     if temp_vec is not None:
         temperature = temp_vec  # per-token temperatures (fp32 [N])
+    want_entropy = want_entropy or head.needs_entropy
     args = (x, w, targets, bias, head, temperature, softcap, backend, keys, need_dx, need_dw, need_db, want_entropy)
     if pln.schedule == "two_pass":
         loss, metrics, dx, dw, db = _run_two_pass(*args)
@@ -531,26 +550,28 @@ def _one_pass_op(
             db if db is not None else _empty(x if bias is None else bias))
 
 
+_one_pass_op = torch.library.custom_op("fusedrl::policy_loss_one_pass", mutates_args=())(_one_pass_impl)
+
+
 @_one_pass_op.register_fake
 def _(x, w, targets, bias, old_logp, advantages, mask, ref_logp, cu_seqlens, keys, n_tok, n_seq, norm_len,
-      temperature, temp_vec, softcap, cfg_json, backend, budget, need_dx, need_dw, need_db, want_entropy,
-      check_inputs):
-    cfg = json.loads(cfg_json)
-    m = len(metric_names(_NamedMode(cfg["loss_mode"]), want_entropy, ref_logp is not None))
+      rollout_logp, rollout_is_weights, temperature, temp_vec, softcap, cfg_json, backend, budget, need_dx, need_dw,
+      need_db, want_entropy, check_inputs):
+    m = len(metric_names(_cfg_from_json(cfg_json), want_entropy, ref_logp is not None))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty((), dtype=cdt), x.new_empty(m, dtype=torch.float32),
             torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(w) if need_dw else _empty(w),
             torch.empty_like(bias) if (need_db and bias is not None) else _empty(x if bias is None else bias))
 
 
-class _NamedMode(NamedTuple):
-    loss_mode: str
+_ARGS = tuple(inspect.signature(_one_pass_impl).parameters)
+_NEED = _ARGS.index("need_dx")
 
 
 def _setup(ctx, inputs, output):
     _, _, dx, dw, db = output
     ctx.save_for_backward(dx, dw, db)
-    ctx.formed = inputs[19:22]  # need_dx, need_dw, need_db: which gradients the forward formed
+    ctx.formed = inputs[_NEED:_NEED + 3]  # need_dx, need_dw, need_db: which gradients the forward formed
     ctx.mark_non_differentiable(output[1], dx, dw, db)
 
 
@@ -564,7 +585,7 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
     for t, formed, wanted in zip(ctx.saved_tensors, ctx.formed, (ctx.needs_input_grad[i] for i in (0, 1, 3))):
         grads.append((t if unit else t * g_loss.to(t.dtype)) if (formed and wanted) else None)
     gx, gw, gb = grads
-    return (gx, gw, None, gb) + (None,) * 20
+    return (gx, gw, None, gb) + (None,) * (len(_ARGS) - 4)
 
 
 _one_pass_op.register_autograd(_backward, setup_context=_setup)
@@ -574,7 +595,8 @@ def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_lo
                          mask: Tensor, ref_logp: Optional[Tensor], bias: Optional[Tensor],
                          cu_seqlens: Optional[Tensor], temperature, softcap: Optional[float],
                          cfg: PolicyLossConfig, backend: str, budget: int, want_entropy: bool,
-                         check_inputs: bool = False):
+                         check_inputs: bool = False, rollout_logp: Optional[Tensor] = None,
+                         rollout_is_weights: Optional[Tensor] = None):
     """The one-pass (or two-pass) schedule as one differentiable call. Inputs are validated by the
     caller (``fused_policy_loss``); ``targets`` already hold 0 at masked positions. Returns
     ``(loss, metrics)`` as ``policy_loss``."""
@@ -593,10 +615,11 @@ def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_lo
     loss, mvec, _, _, _ = _one_pass_op(
         x.contiguous(), weight.contiguous(), targets.reshape(-1).long().contiguous(),
         None if bias is None else bias.contiguous(), old_logp, advantages, mask, ref_logp, cu_seqlens, keys,
-        norms[0], norms[1], norms[2], *_split_temperature(temperature), None if softcap is None else float(softcap),
+        norms[0], norms[1], norms[2], rollout_logp, rollout_is_weights, *_split_temperature(temperature),
+        None if softcap is None else float(softcap),
         _cfg_to_json(cfg), backend, int(budget), need_dx, need_dw, need_db, bool(want_entropy),
         bool(check_inputs))
-    names = metric_names(cfg, want_entropy, ref_logp is not None)
+    names = metric_names(cfg, want_entropy or cfg.top_entropy_quantile < 1, ref_logp is not None)
     return loss, {k: mvec[i] for i, k in enumerate(names)}
 
 
@@ -607,7 +630,7 @@ def auto_takes_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seql
     ``torch.compile`` they take the recompute schedule instead."""
     n, h, v = targets.numel(), hidden.shape[-1], weight.shape[0]
     seq_len = cu_host = None
-    if cfg.loss_mode in SEQUENCE_MODES:
+    if head_kind(cfg) == "sequence":
         if cu_seqlens is None:
             seq_len = targets.shape[-1] if targets.dim() == 2 else n
         elif torch.compiler.is_compiling():
@@ -617,7 +640,7 @@ def auto_takes_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seql
     pln = plan(n, h, v, hidden.dtype, cfg, "auto", budget, seq_len, cu_host)
     if pln.schedule == "recompute":
         log.debug("fusedrl fused_policy_loss: schedule recompute (%s)", pln.reason)
-    return pln.schedule == "one_pass"
+    return pln.schedule != "recompute"
 
 
 def choose(schedule: str, cfg: PolicyLossConfig, backend: str, process_group, need_grad: bool) -> str:

@@ -459,3 +459,79 @@ def test_gpu_one_pass_memory_within_budget():
     grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves.values())
     extra = torch.cuda.max_memory_allocated() - base - grads
     assert extra <= budget_mb * 2**20 * 1.25 + 64 * 2**20, extra / 2**20
+
+
+# ------------------------------------------------------------------------------------------------
+# The 2026 loss menu through the one-pass schedule: rollout correction, entropy masking, OPSM, delta,
+# sequence-level ratios (token-local configs chunk freely; sequence ones chunk by sequence; batch
+# statistics take two passes)
+# ------------------------------------------------------------------------------------------------
+
+_MENU = {
+    "tis": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_is="token", rollout_is_threshold=2.0)),
+    "mis-seq": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_is="sequence", rollout_is_mode="mask",
+                                                                 rollout_is_threshold=3.0)),
+    "rs-chain": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_rs="token_k1,seq_mean_k3",
+                                                                  rollout_rs_threshold="0.5_2.0,0.1")),
+    "icepop": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_is="token", rollout_is_mode="mask",
+                                                                rollout_is_threshold_lower=0.5,
+                                                                rollout_is_threshold=5.0)),
+    "bypass-reinforce": dict(loss_mode="bypass_mode", rollout_correction=fusedrl.RolloutCorrection(
+        rollout_is="token", loss_type="reinforce")),
+    "entropy-80-20": dict(top_entropy_quantile=0.2),
+    "opsm": dict(off_policy_mask_threshold=0.05),
+    "delta": dict(delta=1.5),
+    "seq-is": dict(importance_sampling_level="sequence"),
+    "sapo": dict(loss_mode="sapo"),
+    "geo_mean": dict(loss_mode="geo_mean"),
+    "vespo": dict(loss_mode="vespo"),
+    "dppo_tv": dict(loss_mode="dppo_tv", clip_ratio_c=20.0),
+    "dro": dict(loss_mode="dro", dro_beta=0.1),
+    "bias-corrected-kl": dict(use_bias_correction_kl=True),
+    "kl_cov+tis": dict(loss_mode="kl_cov", rollout_correction=fusedrl.RolloutCorrection(rollout_is="token")),
+}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("name", sorted(_MENU))
+def test_one_pass_loss_menu(monkeypatch, name, layout):
+    plans = []
+    real = onepass.plan
+    monkeypatch.setattr(onepass, "plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    case = make_case(B=4, T=6, packed=layout == "packed", seed=40 + sorted(_MENU).index(name))
+    cfg = config("vanilla", **_MENU[name])
+    if (cfg.rollout_correction is not None and cfg.loss_mode != "bypass_mode") or cfg.off_policy_mask_threshold:
+        g = torch.Generator().manual_seed(41)
+        case["rollout_logp"] = case["old_logp"] + 0.2 * torch.randn(case["old_logp"].shape, generator=g)
+    budget = (2 * 6 * 507 * 8 * 2 + 507 * 4 + 100) / 2**20  # two sequences per chunk
+    one = run(case, cfg, "one_pass", memory_budget_mb=budget, return_entropy=True)
+    rec = run(case, cfg, "recompute", return_entropy=True)
+    assert_same(one, rec, atol=1e-10)
+    kind = fusedrl.loss.head_kind(cfg)
+    want = {"batch": "two_pass"}.get(kind, "one_pass")
+    assert plans[-1].schedule == want, (kind, plans[-1])
+    if kind == "sequence":
+        assert all(seqs is not None for _, _, seqs in plans[-1].chunks)
+
+
+@pytest.mark.parametrize("name", ["tis", "delta", "opsm", "bias-corrected-kl"])
+def test_kernel_epilogue_not_used_for_menu_options(monkeypatch, name):
+    """Options the kernel heads do not know run the torch epilogue even when a kernel is asked for."""
+    monkeypatch.setenv(onepass.EPILOGUE_ENV, "auto")
+    cfg = config("vanilla", **_MENU[name])
+    assert onepass._kernel_epilogue("cuda", torch.device("cpu"), torch.float32, cfg) == (None, None)
+    monkeypatch.setenv(onepass.EPILOGUE_ENV, "cuda")
+    from fusedrl.backends import cuda_backend
+
+    if cuda_backend.extension() is not None:
+        with pytest.raises(RuntimeError, match="no kernel head"):
+            onepass._kernel_epilogue("torch", torch.device("cpu"), torch.float32, cfg)
+
+
+def test_auto_takes_two_pass_for_entropy_quantile(caplog):
+    case = make_case(seed=50)
+    cfg = config("vanilla", top_entropy_quantile=0.2)
+    with caplog.at_level(logging.DEBUG, logger="fusedrl"):
+        out = run(case, cfg, "auto")
+    assert any("schedule two_pass" in r.message for r in caplog.records)
+    assert "entropy" in out[1]
