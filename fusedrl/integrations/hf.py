@@ -26,7 +26,7 @@ import functools
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -265,7 +265,7 @@ def _no_autocast(device: torch.device):
         return nullcontext()
 
 
-def head_logprob_entropy(hidden: Tensor, targets: Tensor, head: LMHead, *, temperature: float = 1.0,
+def head_logprob_entropy(hidden: Tensor, targets: Tensor, head: LMHead, *, temperature: Union[float, Tensor] = 1.0,
                          return_entropy: bool = True, backend: str = "auto", head_dtype: Optional[torch.dtype] = None,
                          **core_kwargs) -> Tuple[Tensor, Optional[Tensor]]:
     """:func:`fusedrl.linear_logprob_entropy` with a model's :class:`LMHead` (scale, bias, softcap).
@@ -285,7 +285,7 @@ def hf_logprob_entropy(
     *,
     response_mask: Optional[Tensor] = None,
     logits_to_keep: Optional[int] = None,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     return_entropy: bool = True,
     backend: str = "auto",
     logit_scale: Optional[float] = None,
@@ -305,7 +305,8 @@ def hf_logprob_entropy(
         response_mask: optional ``[B, K]`` (aligned with ``input_ids[:, -K:]``); positions where it is 0
             return 0 and their ids are never looked up. ``logits_to_keep``: ``K`` (default: the mask's
             width, else ``L - 1``).
-        temperature: the rollout's sampling temperature. logit_scale / softcap: override the config's.
+        temperature: the rollout's sampling temperature: a float, or a tensor per token (``[B, K]``, aligned with
+            the scored tokens) or per sequence (``[B]``). logit_scale / softcap: override the config's.
         head_dtype: dtype of the head computation (default: the lm_head weight's).
         core_kwargs: extra keyword arguments of :func:`fusedrl.linear_logprob_entropy`.
         model_kwargs: go to the model body (``position_ids``, ``pixel_values``, ...).
@@ -337,7 +338,7 @@ def hf_fused_policy_loss(
     advantages: Tensor,
     ref_logp: Optional[Tensor] = None,
     *,
-    temperature: float = 1.0,
+    temperature: Union[float, Tensor] = 1.0,
     config=None,
     backend: str = "auto",
     logit_scale: Optional[float] = None,
@@ -347,6 +348,8 @@ def hf_fused_policy_loss(
     global_num_tokens=None,
     global_num_seqs=None,
     norm_len=None,
+    rollout_logp: Optional[Tensor] = None,
+    rollout_is_weights: Optional[Tensor] = None,
     core_kwargs: Optional[Dict[str, Any]] = None,
     **model_kwargs,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -360,8 +363,11 @@ def hf_fused_policy_loss(
         response_mask: ``[B, K]`` 1 on the response tokens to train on, aligned with ``input_ids[:, -K:]``.
         old_logp, ref_logp: ``[B, K]`` behaviour-policy / reference log-probs (same alignment).
         advantages: ``[B]`` per sequence or ``[B, K]`` per token.
-        temperature: the rollout's sampling temperature. config: :class:`fusedrl.PolicyLossConfig`.
+        temperature: the rollout's sampling temperature (float, or per token ``[B, K]`` / per sequence ``[B]``).
+        config: :class:`fusedrl.PolicyLossConfig`.
         global_num_tokens / global_num_seqs / norm_len: normalisers for this step (see PolicyLossConfig).
+        rollout_logp: ``[B, K]`` the inference engine's log-probs (``config.rollout_correction``, OPSM).
+        rollout_is_weights: ``[B, K]`` precomputed rollout IS weights (verl's), detached.
         return_entropy: compute entropy (metric) even when ``config.entropy_coeff == 0``.
         core_kwargs: extra keyword arguments of the core op (``grad_filter_eps``, ...).
         model_kwargs: go to the model body.
@@ -371,6 +377,8 @@ def hf_fused_policy_loss(
     """
     from ..fused import fused_policy_loss
 
+    rollout = {k: v for k, v in (("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights))
+               if v is not None}  # passed only when given
     k = _num_scored(input_ids, response_mask, None)
     head = lm_head_params(model, logit_scale=logit_scale, softcap=softcap)
     hidden = last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
@@ -381,4 +389,4 @@ def hf_fused_policy_loss(
             h, w, targets, old_logp, advantages, response_mask, ref_logp=ref_logp, bias=b,
             temperature=temperature, softcap=head.softcap, config=config, backend=backend,
             return_entropy=return_entropy, global_num_tokens=global_num_tokens,
-            global_num_seqs=global_num_seqs, norm_len=norm_len, **(core_kwargs or {}))
+            global_num_seqs=global_num_seqs, norm_len=norm_len, **rollout, **(core_kwargs or {}))
