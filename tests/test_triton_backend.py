@@ -160,6 +160,61 @@ def test_plan_respects_memory_budget():
     assert single and vc >= 2048
 
 
+def _h100(monkeypatch, free_gb=75.0, total_gb=80.0, sms=132):
+    """Mock the planner's view of the device: an 80 GB Hopper GPU with `free_gb` free."""
+    monkeypatch.setattr(tb, "_device_facts", lambda device: (sms, int(free_gb * 2**30), int(total_gb * 2**30)))
+    return tb._CONFIGS["hopper"]
+
+
+@pytest.mark.parametrize("h", [4096, 8192])
+def test_plan_default_budget_keeps_four_gemms_on_80gb(monkeypatch, h):
+    """Default budget from free device memory (mocked facts, no GPU): up to N = 65536 at H = 4096 and
+    8192 the 4-GEMM schedule holds (no lean 5-GEMM pass), the dW GEMM fills >= 2 waves of 132 SMs,
+    the planned memory stays within the budget (<= 4 GiB), and the dx hi/lo accumulation traffic
+    (8 bytes per dx element per vocab chunk) is small: at N = 12288, H = 4096 it was ~34 GB."""
+    cfg = _h100(monkeypatch)
+    v = 151936
+    bm, bd = cfg["gemm"][0], cfg["gemm"][2]
+    for n in (1, 4096, 8192, 12288, 16384, 32768, 65536):
+        for dtype in (torch.bfloat16, torch.float32):
+            esz = 2 if dtype == torch.bfloat16 else 4
+            vc, single, nc = tb._plan(n, h, v, dtype, True, True, cfg, {}, torch.device("cuda"))
+            assert single and nc is None, (n, h, dtype, vc, nc)
+            budget = tb._default_budget(n, int(75 * 2**30))
+            assert budget <= 4 * 2**30 + 1024 * n
+            pad_n = -(-n // cfg["du"][0]) * cfg["du"][0]
+            nchunks = -(-v // vc)
+            lo = 2 * n * h if (nchunks > 1 and esz == 2) else 0
+            assert pad_n * vc * esz + lo <= budget, (n, h, dtype, vc)
+            if nchunks > 1:
+                assert -(-vc // bm) * -(-h // bd) >= 2 * 132, (n, h, vc)  # dW GEMM grid
+            if n == 12288 and h == 4096 and esz == 2:
+                assert nchunks * 8 * n * h <= 4e9, nchunks
+
+
+def test_plan_budget_tracks_free_memory(monkeypatch):
+    """Little free memory: the default budget shrinks (never below the lean floor) and the plan
+    respects it; the lean dx pass keeps >= 2 waves when the budget allows; an explicit budget and
+    the env cap win."""
+    cfg = _h100(monkeypatch, free_gb=1.6)
+    n, h, v = 65536, 4096, 151936
+    budget = tb._default_budget(n, int(1.6 * 2**30))
+    assert budget == max(128 * 2**20 + 1024 * n, 0.25 * int(1.6 * 2**30))
+    vc, single, nc = tb._plan(n, h, v, torch.bfloat16, True, True, cfg, {}, torch.device("cuda"))
+    assert not single and nc is not None  # 512 MiB of dx residual alone does not fit 410 MiB
+    assert nc * (-(-v // 128) * 128) * 2 <= budget
+    assert -(-nc // cfg["gemm"][0]) * -(-h // cfg["gemm"][2]) >= 2 * 132  # lean dx GEMM: >= 2 waves
+    monkeypatch.setenv("FUSEDRL_TRITON_BUDGET_CAP_MB", "512")
+    assert tb._default_budget(8192, 75 * 2**30) == 512 * 2**20
+    monkeypatch.delenv("FUSEDRL_TRITON_BUDGET_CAP_MB")
+    _h100(monkeypatch)
+    vc, single, nc = tb._plan(n, h, v, torch.bfloat16, True, True, cfg, dict(memory_budget_mb=128 + n / 1024),
+                              torch.device("cuda"))
+    assert not single  # the DESIGN.md lean budget, asked for explicitly
+    # no device facts (CPU / interpreter): the lean floor, as before
+    assert tb._default_budget(n, None) == 128 * 2**20 + 1024 * n
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_vocab_shard(dtype):
     """vocab_start != 0: a shard sees global targets (some outside it); with the global LSE/entropy,
@@ -259,6 +314,36 @@ def test_grad_filter(dtype):
     assert not dx.any() and not dw.any() and torch.equal(db, db_exact)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_filtered_gemm_is_dense_gemm_on_zeroed_tiles(dtype):
+    """The gradient-filtered GEMM iterates compacted live-tile lists (no branch in the K loop): it must
+    give bitwise the result of the dense GEMM over du with the dead tiles zeroed, in both operand
+    orientations (dx: A = du; dW: A = du^T), with ragged edges, an all-dead flag row and stale flag
+    columns past the chunk (as the vocab-chunk pass leaves them)."""
+    g = torch.Generator().manual_seed(12)
+    n, v, h = 40, 300, 24
+    bn, bv = 16, 64
+    cfg = tb._config(torch.device(DEV), dict(triton_config=dict(gemm=(16, 16, 32, 4, 2))))
+    du = torch.randn(n, v, generator=g).to(dtype).to(DEV)
+    ntb, nvb = -(-n // bn), -(-v // bv)
+    flags = (torch.rand(ntb, nvb + 2, generator=g) < 0.5).to(torch.int8).to(DEV)  # 2 stale columns
+    flags[1] = 0
+    f = flags[:, :nvb]
+    dead = (f == 0).repeat_interleave(bn, 0)[:n].repeat_interleave(bv, 1)[:, :v]
+    du0 = torch.where(dead, torch.zeros_like(du), du)
+    w = torch.randn(v, h, generator=g).to(dtype).to(DEV)
+    x = torch.randn(n, h, generator=g).to(dtype).to(DEV)
+    for a, b_, live, blocks, m, k, out_shape in (
+            ((du, (du.stride(0), 1)), w, tb._live_lists(f), (bn, bv), n, v, (n, h)),         # dx
+            ((du, (1, du.stride(0))), x, tb._live_lists(f.t()), (bv, bn), v, n, (v, h))):    # dW
+        got = torch.empty(out_shape, dtype=dtype, device=DEV)
+        want = torch.empty_like(got)
+        tb._launch_gemm(a[0], a[1], b_, got, live, blocks, m, k, h, cfg)
+        tb._launch_gemm(du0, a[1], b_, want, None, blocks, m, k, h, cfg)
+        assert torch.equal(got, want)
+    assert tb._live_lists(f)[1].tolist() == f.sum(1).tolist()
+
+
 def test_zero_tokens():
     x, w, b, t = _to(*make_case(0, 24, 507, torch.float32, bias=True))
     lse, zt, ent = tb.forward(x, w, t, b, 1.0, None, True)
@@ -329,6 +414,29 @@ def test_logits_forward_backward(dtype, opt):
     assert out2.data_ptr() == buf.data_ptr() and torch.equal(out2, out)
 
 
+def test_fp32_precision_option_and_configs(monkeypatch):
+    """fp32 inputs: tf32x3 on GPUs by default, "ieee" on request; the interpreter always computes exact
+    fp32 (it has no tf32). fp32 inputs get their own pinned tiles (shared memory per stage doubles)."""
+    x32 = torch.empty(2, 2)
+    cfg = tb._config(torch.device(DEV), {})
+    assert cfg["fp32_precision"] == "tf32x3"
+    assert tb._config(torch.device(DEV), dict(fp32_precision="ieee"))["fp32_precision"] == "ieee"
+    with pytest.raises(ValueError, match="fp32_precision"):
+        tb._config(torch.device(DEV), dict(fp32_precision="tf32"))
+    assert tb._is_ieee(x32, cfg) == tb._INTERPRET and not tb._is_ieee(x32.half(), cfg)
+    monkeypatch.setattr(tb, "_family", lambda device: "hopper")
+    h16 = tb._config(torch.device(DEV), {}, torch.bfloat16)
+    h32 = tb._config(torch.device(DEV), {}, torch.float32)
+    assert h16["gemm"] == tb._CONFIGS["hopper"]["gemm"] and h32["gemm"] == tb._CONFIGS["hopper_fp32"]["gemm"]
+    for fam in ("hopper", "ampere"):
+        for fp32 in (False, True):
+            full = dict(tb._CONFIGS[fam], **(tb._CONFIGS.get(fam + "_fp32", {}) if fp32 else {}))
+            bn, bv = full["du"][:2]
+            bm, bk = full["gemm"][:2]
+            assert bn % bm == 0 and bv % bm == 0 and bn % bk == 0 and bv % bk == 0, (fam, fp32)
+            assert set(tb._TUNE_CONFIGS["fwd"][(fam, fp32)]) and set(tb._TUNE_CONFIGS["gemm"][(fam, fp32)])
+
+
 def test_is_available_and_dtypes():
     ok, why = tb.is_available(torch.device(DEV))
     assert ok, why
@@ -381,7 +489,8 @@ def test_gpu_large_backward(deterministic):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_memory_flat_in_vocab():
-    """Peak above inputs + grads <= 128 MiB + 1 KiB/token (deterministic backward, bf16)."""
+    """At the lean budget (memory_budget_mb = 128 + N/1024, DESIGN.md section 7), the peak above
+    inputs + grads stays <= 128 MiB + 1 KiB/token (deterministic backward, bf16)."""
     n, h = 8192, 4096
     for v in (32768, 151936):
         x, w, _, t = _to(*make_case(n, h, v, torch.bfloat16, seed=11))
@@ -390,7 +499,7 @@ def test_gpu_memory_flat_in_vocab():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        dx, dw, _ = tb.backward(x, w, t, None, 1.0, None, lse, ent, g, g)
+        dx, dw, _ = tb.backward(x, w, t, None, 1.0, None, lse, ent, g, g, memory_budget_mb=128 + n / 1024)
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base - dx.nbytes - dw.nbytes
         assert extra <= 128 * 2**20 + 1024 * n + 4 * 2**20, (v, extra / 2**20)

@@ -6,8 +6,8 @@ Forward (``_fwd_kernel`` + ``_merge_kernel``)
     A 1-D grid of (token block x vocab split) programs, decoded with a grouped swizzle
     (BLOCK_GROUP token blocks per group, for L2 reuse of x and W tiles). A 1-D grid has no 65535
     limit, so N > 65535 is fine. A program walks its vocab split in BLOCK_V tiles. Each tile's
-    logits ``x @ W^T`` are accumulated over H in BLOCK_H steps with ``tl.dot`` in fp32 (IEEE fp32
-    for fp32 inputs, never TF32). Then bias, softcap (``c*tanh(u/c)``, tanh built from ``exp``
+    logits ``x @ W^T`` are accumulated over H in BLOCK_H steps with ``tl.dot`` in fp32 (fp32
+    inputs: see "fp32 inputs" below). Then bias, softcap (``c*tanh(u/c)``, tanh built from ``exp``
     because there is no libdevice, with a Taylor branch near 0) and 1/T are applied, and
     out-of-range columns are set to -inf (never 0). The per-token running max M,
     S = sum e^(z-M) and B' = sum (z-M) e^(z-M) are updated online and rescaled when M grows; the
@@ -29,17 +29,30 @@ Backward, deterministic default (``_du_kernel`` + ``_gemm_kernel``)
     well below the final rounding); fp32 inputs accumulate in dx directly. Both GEMMs skip
     du tiles whose flag is 0. That is gradient filtering: with ``grad_filter_eps`` > 0, a tile is
     skipped when ``max |dz|`` (entropy part included) is below eps for all its tokens and
-    columns; db stays exact. Nothing is atomic and every reduction has a fixed order, so a given
+    columns; db stays exact. The GEMM's K loop runs over a compacted list of each row block's
+    live tiles (``_live_lists``: a small torch sort of the int8 flags), not over every tile with
+    an ``if live:`` around the loads: a branch there turns off software pipelining (0 async
+    copies on sm_90), while the list-driven loop keeps ``cp.async`` pipelining (launched with one
+    more stage than the dense loop, because the tile-index load takes one: 3 operand buffers on
+    sm_90 against the dense loop's 4). The same tiles
+    are accumulated in the same order, so the result is bitwise the one of a skipping loop. Nothing is atomic and every reduction has a fixed order, so a given
     schedule is bitwise reproducible. GEMMs: forward + recompute + 2 gradient GEMMs = 4, the 4/3
     design point.
 
-    Memory is planned against a budget (``memory_budget_mb``, default 128 MiB + 1 KiB/token, the
-    DESIGN.md section 7 target). The budget covers the workspace (default cap ``workspace_mb`` =
-    64 MiB) and the 2 bytes/elem dx residual. When both do not fit (large N*H, e.g. N = 16k at
-    H = 4096 bf16), the plan switches to a lean schedule. The vocab pass then produces only
-    dW/db, and a token-chunk pass (workspace [Nc, V]) recomputes the logits again to produce
-    complete dx rows with no accumulator: 5 GEMMs, memory flat in N and V. ``_plan`` makes the
-    choice; a wider budget buys back the 4-GEMM schedule.
+    Memory is planned against a budget (``memory_budget_mb``). Its default is sized from the
+    device (``_default_budget``): a quarter of the free memory, capped at 4 GiB
+    (FUSEDRL_TRITON_BUDGET_CAP_MB), never below the lean floor 128 MiB + 1 KiB/token (the DESIGN.md
+    section 7 memory target, which is what CPU / interpreter runs use and what
+    ``memory_budget_mb=128 + N/1024`` asks for). The budget covers the workspace and the
+    2 bytes/elem dx residual; within it vocab chunks are as wide as possible, because the dx hi/lo
+    accumulation reads and writes 8 bytes per dx element per chunk (at N = 12288, H = 4096 bf16:
+    ~34 GB with the old 64 MiB chunks; one chunk and none at the default budget on an 80 GB GPU;
+    6 chunks / ~13 GB at N = 65536), and the GEMM grids keep
+    >= 2 waves. At the default budget the 4-GEMM schedule holds up to N = 65536 at H = 4096 and
+    H = 8192 on an 80 GB GPU. When the budget is too small (large N*H at a lean budget), the plan
+    switches to a lean schedule: the vocab pass then produces only dW/db, and a token-chunk pass
+    (workspace [Nc, V]) recomputes the logits again to produce complete dx rows with no
+    accumulator: 5 GEMMs, memory flat in N and V. ``_plan`` makes the choice.
 
 Backward, ``deterministic=False`` (``_bwd_atomic_kernel``)
     One fully fused kernel per (token block, vocab block) tile, in the manner of Cut
@@ -51,6 +64,23 @@ Backward, ``deterministic=False`` (``_bwd_atomic_kernel``)
     which is not flat in V and breaks the memory target. It is opt-in. Which path is faster on a
     given GPU has to be benchmarked.
 
+One-pass row epilogue (``_onepass_kernel``, ``onepass_epilogue``; docs/one-pass.md)
+    For the one-pass fused loss (issue 13) the GEMMs come from cuBLAS through torch; this kernel
+    is the row epilogue over an fp32 [Nc, V] logits workspace: one program per row (no tl.dot),
+    pass 1 online (M, S, B') -> LSE, H, logp; the loss head (``triton_math``: clipped surrogate,
+    gpg, cispo, unclipped, KL k1/abs/k2/k3 and straight-through, entropy bonus) -> g_lp, g_H;
+    pass 2 du written in place (and optionally as bf16/fp16 for the next GEMMs).
+
+fp32 inputs
+    ``tl.dot`` on fp32 operands uses ``input_precision="tf32x3"`` by default: three tf32
+    tensor-core products (hi*hi + hi*lo + lo*hi), about fp32 accuracy (relative error ~1e-6 per
+    product against tf32's ~1e-3) at a fraction of the cost of the exact ``"ieee"`` path, which
+    compiles to FMA loops (no tensor cores, register spills at the pinned tiles). ``"ieee"``
+    stays available (``fp32_precision="ieee"`` or FUSEDRL_TRITON_FP32_PRECISION=ieee) and is
+    what the interpreter computes (operands upcast, numpy fp32 matmul; the interpreter has no
+    tf32). fp32 tiles are pinned separately (``_CONFIGS`` ``*_fp32``): 4-byte operands double
+    the shared memory per pipeline stage.
+
 Logits path (``logits_forward`` / ``logits_backward``)
     The same kernels run with IS_LOGITS=True: they load the logits tile instead of computing it.
     The backward writes dlogits tile by tile. In-place is safe because every tile is loaded by
@@ -61,13 +91,17 @@ Portability
     every load/store is masked (the interpreter has no bounds checks). Under TRITON_INTERPRET=1
     (CPU tests), ``IS_INTERPRET`` upcasts tl.dot operands to fp32 (bf16 tl.dot is broken in the
     interpreter) and only fp32 atomics are used. Block configs are pinned per family (Hopper;
-    Ampere and others; interpreter). ``FUSEDRL_TRITON_AUTOTUNE=1`` autotunes a few configs per
-    kernel (GPU only). Written for triton >= 3.6.
+    Ampere and others; interpreter) and input width. ``FUSEDRL_TRITON_AUTOTUNE=1`` autotunes a few
+    configs per kernel (GPU only). Every pinned and autotune config is compiled for sm_90 and sm_80
+    by tests/test_gpu_static.py (no GPU needed): shared memory within the limit, no spills in
+    16-bit, tl.dot on wgmma / mma, async copies in the GEMM loops. Shared per-element math
+    (transform, online statistics, dz, the loss head, the dot) lives once in ``triton_math.py``.
+    Written for triton >= 3.6.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -75,10 +109,13 @@ try:  # triton is optional: the registry reports the import error as the unavail
     import triton
     import triton.language as tl
 
+    from . import triton_math as tm
+
     _TRITON_ERROR = ""
 except Exception as _e:  # pragma: no cover - depends on the install
     triton = None
     tl = None
+    tm = None
     _TRITON_ERROR = f"{type(_e).__name__}: {_e}"
 
 Tensor = torch.Tensor
@@ -97,18 +134,6 @@ _MIB = 2**20
 if triton is not None:
 
     @triton.jit
-    def _tanh(y):
-        """tanh without libdevice: odd Taylor series near 0, (1 - e^-2|y|) / (1 + e^-2|y|) elsewhere."""
-        a = tl.abs(y)
-        e = tl.exp(-2.0 * a)  # in (0, 1]: never overflows, -> 0 for large |y| (tanh -> +-1)
-        big = (1.0 - e) / (1.0 + e)
-        y2 = a * a
-        poly = 1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (
-            62.0 / 2835.0 + y2 * (-1382.0 / 155925.0)))))
-        t = tl.where(a < 0.25, a * poly, big)
-        return tl.where(y < 0, -t, t)
-
-    @triton.jit
     def _swizzle(pid, num_a, num_b, BLOCK_GROUP: tl.constexpr):
         """Map a 1-D program id onto (a, b) tiles, BLOCK_GROUP consecutive a-tiles per group (L2 reuse)."""
         in_group = BLOCK_GROUP * num_b
@@ -124,7 +149,8 @@ if triton is not None:
                      inv_temp, softcap,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_LOGITS: tl.constexpr,
-                     IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+                     IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                     IS_INTERPRET: tl.constexpr):
         """z = softcap(x W^T + b) / T for a [BLOCK_N, BLOCK_V] tile (fp32) and t = tanh(u / c).
 
         IS_LOGITS: X holds the logits [N, V] (row stride stride_xn) and the GEMM is skipped.
@@ -146,22 +172,12 @@ if triton is not None:
                     h_mask = (h0 + offs_h) < H
                     xt = tl.load(x_ptrs, mask=row_mask[:, None] & h_mask[None, :], other=0.0)
                     wt = tl.load(w_ptrs, mask=col_mask[None, :] & h_mask[:, None], other=0.0)
-                if IS_INTERPRET:
-                    u = tl.dot(xt.to(tl.float32), wt.to(tl.float32), u)
-                elif IS_FP32:
-                    u = tl.dot(xt, wt, u, input_precision="ieee")
-                else:
-                    u = tl.dot(xt, wt, u)
+                u = tm.mma(xt, wt, u, IS_FP32, IS_IEEE, IS_INTERPRET)
                 x_ptrs += BLOCK_H
                 w_ptrs += BLOCK_H
             if HAS_BIAS:
                 u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            t = _tanh(u / softcap)
-            z = t * (softcap * inv_temp)
-        else:
-            t = u
-            z = u * inv_temp
+        z, t = tm.transform(u, inv_temp, softcap, HAS_SOFTCAP)
         return z, t
 
     @triton.jit
@@ -172,7 +188,8 @@ if triton is not None:
                     BLOCK_GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                     HAS_SPLITS: tl.constexpr, IS_LOGITS: tl.constexpr, IS_EVEN_H: tl.constexpr,
-                    IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+                    IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                     IS_INTERPRET: tl.constexpr):
         """Online (M, S, B') and target logit over one vocab split for one token block."""
         pid_n, pid_s = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, BLOCK_GROUP)
         rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -190,23 +207,11 @@ if triton is not None:
             col_mask = cols < v_hi
             z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
                                 inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
-                                IS_LOGITS, IS_EVEN_H, IS_FP32, IS_INTERPRET)
+                                IS_LOGITS, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
             hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
             zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            # rescale against a finite reference: a tile of -inf logits (masked vocabulary) keeps m = -inf
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_ref)  # 0 on the first tile (m = -inf)
-            zc = z - m_ref[:, None]
-            e = tl.exp(zc)  # 0 on invalid columns
-            if HAS_ENTROPY:
-                # B' relative to the new max: alpha * (B' + (m - m_new) S) + sum (z - m_new) e
-                # (NaN-free: -inf * 0 never formed, even in a discarded where branch)
-                shift = (tl.where(s > 0, m, m_ref) - m_ref) * s
-                b = alpha * (b + shift) + tl.sum(tl.where(e > 0, zc, 0.0) * e, axis=1)
-            s = s * alpha + tl.sum(e, axis=1)
-            m = m_new
+            m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
 
         in_split = (tgt >= v_lo) & (tgt < v_hi)
         tl.store(ZT + rows, zt, mask=row_mask & in_split)  # exactly one program owns a token's zt
@@ -217,10 +222,10 @@ if triton is not None:
             if HAS_ENTROPY:
                 tl.store(PART_B + off, b, mask=row_mask)
         else:
-            log_s = tl.log(s)
-            tl.store(LSE + rows, m + log_s, mask=row_mask)
+            lse, ent = tm.finish_stats(m, s, b)
+            tl.store(LSE + rows, lse, mask=row_mask)
             if HAS_ENTROPY:
-                tl.store(ENT + rows, log_s - b / s, mask=row_mask)
+                tl.store(ENT + rows, ent, mask=row_mask)
 
     @triton.jit
     def _merge_kernel(PART_M, PART_S, PART_B, LSE, ENT, N, n_splits,
@@ -246,32 +251,26 @@ if triton is not None:
             s = s * a_old + ss * a_new
             m = m_new
             off += N
-        log_s = tl.log(s)
-        tl.store(LSE + rows, m + log_s, mask=row_mask)
+        lse, ent = tm.finish_stats(m, s, b)
+        tl.store(LSE + rows, lse, mask=row_mask)
         if HAS_ENTROPY:
-            tl.store(ENT + rows, log_s - b / s, mask=row_mask)
+            tl.store(ENT + rows, ent, mask=row_mask)
 
     @triton.jit
     def _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
                  HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
-        """(du, dz) of a tile: dz = g_lp (1[target] - p) - g_H p (z - LSE + H); du = dz * dz/du."""
+        """(du, dz) of a tile (tm.dz_du) with the per-token LSE, H, g_lp, g_H loaded from memory."""
         valid = row_mask[:, None] & col_mask[None, :]
         lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
         g_lp = tl.load(G_LP + rows, mask=row_mask, other=0.0)
-        zl = z - lse[:, None]  # log p
-        p = tl.where(valid, tl.exp(zl), 0.0)
-        hit = (cols[None, :] == tgt[:, None]) & valid
-        dz = g_lp[:, None] * (tl.where(hit, 1.0, 0.0) - p)
         if HAS_ENTROPY:
             ent = tl.load(ENT + rows, mask=row_mask, other=0.0)
             g_h = tl.load(G_H + rows, mask=row_mask, other=0.0)
-            # p = 0 where z = -inf (masked vocabulary): the term is 0, never 0 * -inf
-            dz -= g_h[:, None] * p * (tl.where(p > 0, zl, 0.0) + ent[:, None])
-        dz = tl.where(valid, dz, 0.0)
-        du = dz * inv_temp
-        if HAS_SOFTCAP:
-            du = du * (1.0 - t * t)
-        return du, dz
+        else:
+            ent = lse
+            g_h = g_lp
+        hit = (cols[None, :] == tgt[:, None]) & valid
+        return tm.dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP, HAS_ENTROPY)
 
     @triton.jit
     def _du_kernel(X, W, BIAS, TARGETS, LSE, ENT, G_LP, G_H, DU, FLAGS, DB_PART,
@@ -281,7 +280,8 @@ if triton is not None:
                    BLOCK_GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                    HAS_FILTER: tl.constexpr, HAS_DB: tl.constexpr, IS_LOGITS: tl.constexpr,
-                   IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+                   IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                     IS_INTERPRET: tl.constexpr):
         """du for the chunk rows [n0, n0+n_rows) x cols [v0, v0+n_cols) -> DU[local row, local col].
 
         HAS_FILTER: FLAGS[token block, vocab block] = max|dz| >= eps (tile not stored when 0).
@@ -297,7 +297,7 @@ if triton is not None:
         cols = v0 + lcols
         z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
                             inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
-                            IS_LOGITS, IS_EVEN_H, IS_FP32, IS_INTERPRET)
+                            IS_LOGITS, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
         du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
                           HAS_SOFTCAP, HAS_ENTROPY)
@@ -313,17 +313,21 @@ if triton is not None:
                  mask=out_mask)
 
     @triton.jit
-    def _gemm_kernel(A, B, C, C_LO, FLAGS, M, K, D,
-                     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_fm, stride_fk,
+    def _gemm_kernel(A, B, C, C_LO, LIVE, LIVE_CNT, M, K, D,
+                     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_live,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_FLAG_M: tl.constexpr, BLOCK_FLAG_K: tl.constexpr,
                      BLOCK_GROUP: tl.constexpr,
                      HAS_FLAGS: tl.constexpr, HAS_ACC: tl.constexpr, HAS_LO_IN: tl.constexpr,
-                     HAS_LO_OUT: tl.constexpr, IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+                     HAS_LO_OUT: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                     IS_INTERPRET: tl.constexpr):
         """C[M, D] (+)= A[M, K] @ B[K, D] with fp32 accumulation, cast at the store.
 
-        HAS_FLAGS: A is block-sparse: its (BLOCK_FLAG_M x BLOCK_FLAG_K) tile (m, k) is read only if
-        FLAGS[m, k] != 0 (BLOCK_M | BLOCK_FLAG_M, BLOCK_K | BLOCK_FLAG_K).
+        HAS_FLAGS: A is block-sparse in (BLOCK_FLAG_M x BLOCK_FLAG_K) tiles (BLOCK_M | BLOCK_FLAG_M,
+        BLOCK_K | BLOCK_FLAG_K). For flag row fm, LIVE[fm, :LIVE_CNT[fm]] lists its live K tiles in
+        ascending order (``_live_lists``): the K loop runs over that list with no branch, so it is
+        software-pipelined (async copies) like the dense loop, and it accumulates the same tiles in
+        the same order as a loop that skips dead tiles (bitwise the same result).
         HAS_ACC: C += result. With HAS_LO_IN/OUT the running value is the unevaluated sum C + C_LO
         (C_LO bf16, the rounding residual of C): ~16+ significant bits carried across calls while
         C itself holds the correctly rounded value. C and C_LO are row-major with row stride
@@ -335,27 +339,32 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
         m_mask = offs_m < M
         d_mask = offs_d < D
-        a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = B + offs_k[:, None] * stride_bk + offs_d[None, :] * stride_bd
-        flag_row = FLAGS + ((pid_m.to(tl.int64) * BLOCK_M) // BLOCK_FLAG_M) * stride_fm
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + offs_k) < K
-            if HAS_FLAGS:
-                live = tl.load(flag_row + (k0 // BLOCK_FLAG_K) * stride_fk) != 0
-            else:
-                live = True
-            if live:
+        if HAS_FLAGS:
+            # BLOCK_FLAG_K // BLOCK_K K-steps per live flag tile
+            frow = (pid_m.to(tl.int64) * BLOCK_M) // BLOCK_FLAG_M
+            live_row = LIVE + frow * stride_live
+            n_steps = tl.load(LIVE_CNT + frow) * (BLOCK_FLAG_K // BLOCK_K)
+            for i in range(0, n_steps):
+                tile = tl.load(live_row + i // (BLOCK_FLAG_K // BLOCK_K)).to(tl.int64)
+                k0 = tile * BLOCK_FLAG_K + (i % (BLOCK_FLAG_K // BLOCK_K)) * BLOCK_K
+                ks = k0 + offs_k
+                k_mask = ks < K
+                a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                b = tl.load(B + ks[:, None] * stride_bk + offs_d[None, :] * stride_bd,
+                            mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+                acc = tm.mma(a, b, acc, IS_FP32, IS_IEEE, IS_INTERPRET)
+        else:
+            a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+            b_ptrs = B + offs_k[:, None] * stride_bk + offs_d[None, :] * stride_bd
+            for k0 in range(0, K, BLOCK_K):
+                k_mask = (k0 + offs_k) < K
                 a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_mask[:, None] & d_mask[None, :], other=0.0)
-                if IS_INTERPRET:
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-                elif IS_FP32:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_bk
+                acc = tm.mma(a, b, acc, IS_FP32, IS_IEEE, IS_INTERPRET)
+                a_ptrs += BLOCK_K * stride_ak
+                b_ptrs += BLOCK_K * stride_bk
         c_off = offs_m[:, None] * stride_cm + offs_d[None, :]
         c_mask = m_mask[:, None] & d_mask[None, :]
         if HAS_ACC:
@@ -375,7 +384,8 @@ if triton is not None:
                            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                            HAS_ENTROPY: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_DX: tl.constexpr,
                            HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, IS_EVEN_H: tl.constexpr,
-                           IS_FP32: tl.constexpr, IS_INTERPRET: tl.constexpr):
+                           IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                     IS_INTERPRET: tl.constexpr):
         """Fully fused, nondeterministic backward: one (token block, vocab block) tile per program,
         fp32 atomic_add of its dx / dW / db contributions (DX, DW, DB are fp32, H-contiguous)."""
         pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), BLOCK_GROUP)
@@ -385,7 +395,7 @@ if triton is not None:
         col_mask = cols < V
         z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
                             inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
-                            False, IS_EVEN_H, IS_FP32, IS_INTERPRET)
+                            False, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
         du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
                           HAS_SOFTCAP, HAS_ENTROPY)
@@ -406,25 +416,95 @@ if triton is not None:
                 if HAS_DX:
                     wt = tl.load(W + cols[:, None] * stride_wv + (d0 + offs_d)[None, :],
                                  mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                    if IS_INTERPRET:
-                        part = tl.dot(du_op, wt.to(tl.float32))
-                    elif IS_FP32:
-                        part = tl.dot(du_op, wt, input_precision="ieee")
-                    else:
-                        part = tl.dot(du_op, wt)
+                    part = tm.mma(du_op, wt, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32),
+                                  IS_FP32, IS_IEEE, IS_INTERPRET)
                     tl.atomic_add(DX + rows[:, None] * H + (d0 + offs_d)[None, :], part,
                                   mask=row_mask[:, None] & d_mask[None, :])
                 if HAS_DW:
                     xt = tl.load(X + rows[:, None] * stride_xn + (d0 + offs_d)[None, :],
                                  mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                    if IS_INTERPRET:
-                        part_w = tl.dot(tl.trans(du_op), xt.to(tl.float32))
-                    elif IS_FP32:
-                        part_w = tl.dot(tl.trans(du_op), xt, input_precision="ieee")
-                    else:
-                        part_w = tl.dot(tl.trans(du_op), xt)
+                    part_w = tm.mma(tl.trans(du_op), xt, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
+                                    IS_FP32, IS_IEEE, IS_INTERPRET)
                     tl.atomic_add(DW + cols[:, None] * H + (d0 + offs_d)[None, :], part_w,
                                   mask=col_mask[:, None] & d_mask[None, :])
+
+    # the head codes are runtime values: no recompilation per loss config (an int equal to 1 would
+    # otherwise be specialised into a constant)
+    @triton.jit(do_not_specialize=["mode", "dual", "kl_type", "kl_st"])
+    def _onepass_kernel(U, TARGETS, BIAS, OLD, ADV, WEIGHT, REF, DU16, LOGP, ENT, LSE, G_LP, G_H,
+                        n_rows, V, stride_u, stride_du16, inv_temp, softcap,
+                        mode, clip_lo, clip_hi, clip_c, dual, ent_coef, kl_coef, kl_type, kl_st,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
+                        HAS_ENT_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_DU16: tl.constexpr,
+                        IS_INTERPRET: tl.constexpr):
+        """One-pass row epilogue (docs/one-pass.md) for BLOCK_N rows of the fp32 logits workspace U.
+
+        Pass 1: online (M, S, B') over the row in BLOCK_V blocks -> LSE, H; the target logit by one
+        load -> logp. Head: g_lp = w (coef + kl_coef dKL/dlogp), g_H = -w ent_coef (0 where w = 0,
+        whose OLD / ADV / REF are never read). Pass 2: du written over U (and as DU16's dtype into
+        DU16); rows with w = 0 get du = 0 without reading U. No tl.dot: the interpreter runs it as is.
+        """
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < n_rows
+        offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
+        u_rows = U + rows[:, None] * stride_u
+        tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64)
+
+        m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs_v
+            col_mask = cols < V
+            u = tl.load(u_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+            if HAS_BIAS:
+                u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            z, t1 = tm.transform(u, inv_temp, softcap, HAS_SOFTCAP)
+            z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
+            m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
+        lse, ent = tm.finish_stats(m, s, b)
+        # target logit: same transform of the same value as in the loop (0 for an out-of-range target,
+        # as the fused forward)
+        t_ok = row_mask & (tgt >= 0) & (tgt < V)
+        ut = tl.load(U + rows * stride_u + tgt, mask=t_ok, other=0.0)
+        if HAS_BIAS:
+            ut += tl.load(BIAS + tgt, mask=t_ok, other=0.0).to(tl.float32)
+        zt, tt = tm.transform(ut, inv_temp, softcap, HAS_SOFTCAP)
+        logp = tl.where(t_ok, zt, 0.0) - lse
+
+        w = tl.load(WEIGHT + rows, mask=row_mask, other=0.0).to(tl.float32)
+        live = row_mask & (w != 0.0)
+        old = tl.load(OLD + rows, mask=live, other=0.0).to(tl.float32)
+        adv = tl.load(ADV + rows, mask=live, other=0.0).to(tl.float32)
+        coef = tm.head_coef(logp, old, adv, mode, clip_lo, clip_hi, clip_c, dual, IS_INTERPRET)
+        if HAS_KL:
+            ref = tl.load(REF + rows, mask=live, other=0.0).to(tl.float32)
+            coef += kl_coef * tm.kl_grad(logp, ref, kl_type, kl_st, IS_INTERPRET)
+        g_lp = tl.where(live, w * coef, 0.0)
+        g_h = tl.where(live, -w * ent_coef, 0.0)
+        tl.store(LOGP + rows, logp, mask=row_mask)
+        tl.store(LSE + rows, lse, mask=row_mask)
+        tl.store(G_LP + rows, g_lp, mask=row_mask)
+        if HAS_ENTROPY:
+            tl.store(ENT + rows, ent, mask=row_mask)
+            tl.store(G_H + rows, g_h, mask=row_mask)
+
+        du16_rows = DU16 + rows[:, None] * stride_du16
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + offs_v
+            col_mask = cols < V
+            valid = row_mask[:, None] & col_mask[None, :]
+            u = tl.load(u_rows + cols[None, :], mask=valid & live[:, None], other=0.0)
+            if HAS_BIAS:
+                u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            z, t = tm.transform(u, inv_temp, softcap, HAS_SOFTCAP)
+            hit = (cols[None, :] == tgt[:, None]) & valid
+            du, dz = tm.dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP, HAS_ENT_GRAD)
+            du = tl.where(live[:, None], du, 0.0)
+            tl.store(u_rows + cols[None, :], du, mask=valid)
+            if HAS_DU16:
+                tl.store(du16_rows + cols[None, :], du.to(DU16.dtype.element_ty), mask=valid)
 
 
 # =====================================================================================
@@ -434,14 +514,23 @@ if triton is not None:
 # fwd/du: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); gemm: (BLOCK_M, BLOCK_K, BLOCK_D,
 # num_warps, num_stages) - BLOCK_M and BLOCK_K must divide both du BLOCK_N and BLOCK_V (flag tiles);
 # atomic: (BLOCK_N, BLOCK_V, BLOCK_H, BLOCK_D, num_warps, num_stages).
+# epilogue: (BLOCK_N, BLOCK_V, num_warps, num_stages) of the one-pass row epilogue (no tl.dot; one
+# row per program, 16 fp32 per thread per block: enough bytes in flight for a memory-bound pass).
+# "<family>_fp32" entries override the 16-bit ones for fp32 inputs (4-byte operands: twice the shared
+# memory per pipeline stage; tf32x3 needs more registers). Every entry is compiled for its arch by
+# tests/test_gpu_static.py: 16-bit configs have no register spills at aligned shapes (the du
+# kernel's [128, 128] epilogue needs 16 warps for that), and every config fits shared memory
+# (fp32 spills a little at the pinned tiles: the gate reports it).
 _CONFIGS = {
-    "hopper": dict(fwd=(128, 128, 64, 8, 3), du=(128, 128, 64, 8, 3), gemm=(128, 64, 128, 8, 4),
-                   atomic=(128, 128, 64, 64, 8, 3), group=8),
-    "ampere": dict(fwd=(128, 128, 32, 8, 3), du=(128, 128, 32, 8, 3), gemm=(128, 32, 128, 8, 4),
-                   atomic=(64, 128, 32, 64, 4, 3), group=8),
+    "hopper": dict(fwd=(128, 128, 64, 8, 3), du=(128, 128, 64, 16, 3), gemm=(128, 64, 128, 8, 4),
+                   atomic=(128, 128, 64, 64, 8, 3), epilogue=(1, 4096, 8, 1), group=8),
+    "hopper_fp32": dict(gemm=(128, 32, 128, 8, 4), du=(128, 128, 64, 8, 3), atomic=(128, 128, 32, 32, 8, 3)),
+    "ampere": dict(fwd=(128, 128, 32, 8, 3), du=(128, 128, 32, 16, 3), gemm=(128, 32, 128, 8, 4),
+                   atomic=(64, 128, 32, 32, 8, 3), epilogue=(1, 4096, 8, 1), group=8),
+    "ampere_fp32": dict(du=(128, 128, 32, 8, 3), atomic=(64, 64, 32, 32, 4, 3)),
     # interpreter: big blocks = few (sequentially run) programs; test shapes are tiny.
     "interpret": dict(fwd=(64, 256, 128, 1, 1), du=(64, 256, 128, 1, 1), gemm=(64, 64, 128, 1, 1),
-                      atomic=(64, 256, 128, 128, 1, 1), group=4),
+                      atomic=(64, 256, 128, 128, 1, 1), epilogue=(1, 1024, 1, 1), group=4),
 }
 
 
@@ -452,18 +541,64 @@ def _family(device: torch.device) -> str:
     return "hopper" if major >= 9 else "ampere"
 
 
-def _config(device: torch.device, opts: dict) -> dict:
-    """Pinned block config for the device; opts["triton_config"] (a dict) overrides entries
-    (testing / tuning knob)."""
-    cfg = dict(_CONFIGS[_family(device)])
+FP32_PRECISIONS = ("tf32x3", "ieee")
+
+
+def _config(device: torch.device, opts: dict, dtype: Optional[torch.dtype] = None) -> dict:
+    """Pinned block config for the device (and fp32 inputs when dtype is fp32); opts["triton_config"]
+    (a dict) overrides entries (testing / tuning knob). cfg["fp32_precision"]: opts
+    ``fp32_precision`` or FUSEDRL_TRITON_FP32_PRECISION, ``"tf32x3"`` (default) or ``"ieee"``."""
+    fam = _family(device)
+    cfg = dict(_CONFIGS[fam])
+    if dtype == torch.float32:
+        cfg.update(_CONFIGS.get(fam + "_fp32", {}))
     cfg.update(opts.get("triton_config") or {})
+    prec = opts.get("fp32_precision") or os.environ.get("FUSEDRL_TRITON_FP32_PRECISION") or "tf32x3"
+    if prec not in FP32_PRECISIONS:
+        raise ValueError(f"fp32_precision must be one of {FP32_PRECISIONS}, got {prec!r}")
+    cfg["fp32_precision"] = prec
     return cfg
+
+
+def _is_ieee(x: Tensor, cfg: dict) -> bool:
+    """IS_IEEE: exact fp32 tl.dot for fp32 inputs (always in the interpreter, which has no tf32)."""
+    return x.dtype == torch.float32 and (cfg.get("fp32_precision") == "ieee" or _INTERPRET)
 
 
 def _num_sms(device: torch.device) -> int:
     if _INTERPRET or device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _device_facts(device: torch.device):
+    """(SM count, free bytes, total bytes) of a CUDA device; (2, None, None) elsewhere (interpreter,
+    CPU, meta). The planner's only view of the device: tests mock it."""
+    if _INTERPRET or device.type != "cuda":
+        return 2, None, None
+    free, total = torch.cuda.mem_get_info(device)
+    return _num_sms(device), int(free), int(total)
+
+
+#: default budget cap (FUSEDRL_TRITON_BUDGET_CAP_MB) and the share of free device memory it may take
+_BUDGET_CAP_MB = 4096
+_BUDGET_FREE_SHARE = 0.25
+
+
+def _default_budget(n: int, free: Optional[int]) -> float:
+    """Default backward memory budget in bytes (above inputs and grads).
+
+    On a CUDA device: a quarter of the free memory, capped at 4 GiB (FUSEDRL_TRITON_BUDGET_CAP_MB),
+    never below the lean floor 128 MiB + 1 KiB/token (DESIGN.md section 7). That keeps the 4-GEMM
+    schedule with wide vocab chunks (few dx hi/lo accumulation passes, >= 2 waves per GEMM) up to
+    N = 65536 tokens at H = 4096 / 8192 on an 80 GB GPU. Without device facts (CPU, interpreter):
+    the lean floor.
+    """
+    floor = 128 * _MIB + 1024 * n
+    if free is None:
+        return float(floor)
+    cap = float(os.environ.get("FUSEDRL_TRITON_BUDGET_CAP_MB", _BUDGET_CAP_MB)) * _MIB
+    return float(max(floor, min(cap, _BUDGET_FREE_SHARE * free)))
 
 
 # =====================================================================================
@@ -505,7 +640,7 @@ def _cdiv(a: int, b: int) -> int:
 def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap, return_entropy,
                 is_logits, opts):
     dev = x.device
-    cfg = _config(dev, opts)
+    cfg = _config(dev, opts, x.dtype)
     bn, bv, bh, nw, ns = cfg["fwd"]
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     zt = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -531,10 +666,10 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
             inv_t, cap)
     meta = dict(BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 HAS_ENTROPY=bool(return_entropy), HAS_SPLITS=splits > 1, IS_LOGITS=is_logits,
-                IS_FP32=x.dtype == torch.float32, IS_INTERPRET=_INTERPRET)
+                IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg), IS_INTERPRET=_INTERPRET)
     if _AUTOTUNE:
         grid = lambda META: (_cdiv(n, META["BLOCK_N"]) * splits,)  # noqa: E731
-        _fwd_kernel_tuned[grid](*args, IS_EVEN_H=False, **meta)
+        _tuned("fwd", dev, x.dtype == torch.float32)[grid](*args, IS_EVEN_H=False, **meta)
     else:
         _fwd_kernel[(ntb * splits,)](*args, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
                                       IS_EVEN_H=(h % bh == 0), num_warps=nw, num_stages=ns, **meta)
@@ -578,32 +713,46 @@ def _launch_du(x, w, bias, targets, lse, ent, g_lp, g_H, du, flags, db_part, n0,
     meta = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None,
                 HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
                 HAS_FILTER=flags is not None, HAS_DB=db_part is not None, IS_LOGITS=is_logits,
-                IS_FP32=x.dtype == torch.float32, IS_INTERPRET=_INTERPRET)
+                IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg), IS_INTERPRET=_INTERPRET)
     if _AUTOTUNE and not is_logits:
-        _du_kernel_tuned[grid](*args, IS_EVEN_H=False, **meta)
+        _tuned("du", x.device, x.dtype == torch.float32)[grid](*args, IS_EVEN_H=False, **meta)
     else:
         _du_kernel[grid](*args, BLOCK_H=bh, IS_EVEN_H=(h % bh == 0) if not is_logits else True,
                          num_warps=nw, num_stages=ns, **meta)
 
 
-def _launch_gemm(a, a_strides, b, c, flags, flag_strides, flag_blocks, m, k, d, cfg,
+def _live_lists(flags: Tensor) -> Tuple[Tensor, Tensor]:
+    """(LIVE, LIVE_CNT) of a [flag rows, flag cols] int8 tile-flag view (any strides): per row, the
+    indices of its live columns in ascending order first (int32, [rows, cols]), and their count."""
+    live = flags != 0
+    cnt = live.sum(1, dtype=torch.int32)
+    idx = torch.sort((~live).to(torch.int8), dim=1, stable=True).indices.to(torch.int32)
+    return idx.contiguous(), cnt.contiguous()
+
+
+def _launch_gemm(a, a_strides, b, c, live, flag_blocks, m, k, d, cfg,
                  acc=False, lo=None, lo_in=False, lo_out=False):
-    """c[:m, :d] (+)= A @ B, A given as (tensor, (stride_m, stride_k)); see _gemm_kernel."""
+    """c[:m, :d] (+)= A @ B, A given as (tensor, (stride_m, stride_k)); live: (LIVE, LIVE_CNT) of
+    ``_live_lists`` (A block-sparse in flag_blocks tiles) or None (dense); see _gemm_kernel."""
     if m == 0 or d == 0:
         return
     bm, bk, bd, nw, ns = cfg["gemm"]
     meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_FLAG_M=flag_blocks[0], BLOCK_FLAG_K=flag_blocks[1],
-                BLOCK_GROUP=cfg["group"], HAS_FLAGS=flags is not None, HAS_ACC=acc,
+                BLOCK_GROUP=cfg["group"], HAS_FLAGS=live is not None, HAS_ACC=acc,
                 HAS_LO_IN=lo_in, HAS_LO_OUT=lo_out, IS_FP32=a.dtype == torch.float32,
-                IS_INTERPRET=_INTERPRET)
-    args = (a, b, c, lo if lo is not None else c, flags if flags is not None else c, m, k, d,
+                IS_IEEE=_is_ieee(a, cfg), IS_INTERPRET=_INTERPRET)
+    idx, cnt = live if live is not None else (c, c)
+    args = (a, b, c, lo if lo is not None else c, idx, cnt, m, k, d,
             a_strides[0], a_strides[1], b.stride(0), b.stride(1), c.stride(0),
-            flag_strides[0], flag_strides[1])
+            idx.stride(0) if live is not None else 0)
     if _AUTOTUNE:
         grid = lambda META: (_cdiv(m, bm) * _cdiv(d, META["BLOCK_D"]),)  # noqa: E731
-        _gemm_kernel_tuned[grid](*args, **meta)
+        _tuned("gemm", a.device, a.dtype == torch.float32)[grid](*args, **meta)
     else:
-        _gemm_kernel[(_cdiv(m, bm) * _cdiv(d, bd),)](*args, BLOCK_D=bd, num_warps=nw, num_stages=ns,
+        # the list-driven (filtered) loop spends one pipeline stage on the tile-index load: one more
+        # stage keeps as many operand buffers in flight (sm_90: 3 instead of 2 at the pinned 4)
+        stages = ns + 1 if live is not None else ns
+        _gemm_kernel[(_cdiv(m, bm) * _cdiv(d, bd),)](*args, BLOCK_D=bd, num_warps=nw, num_stages=stages,
                                                       **meta)
 
 
@@ -618,7 +767,8 @@ def _zero_grads(x, w, bias, need_dx, need_dw, need_db):
 def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
              need_dx=True, need_dw=True, need_db=True, **opts):
     """(dx, dw, db). opts: deterministic (True), grad_filter_eps (0.0 = exact),
-    memory_budget_mb (128 + N/1024), workspace_mb (64, or FUSEDRL_TRITON_WORKSPACE_MB),
+    memory_budget_mb (default: from the free device memory, see _default_budget), workspace_mb
+    (cap of the workspace; FUSEDRL_TRITON_WORKSPACE_MB), fp32_precision ("tf32x3" | "ieee"),
     min_vocab_chunk (1024), triton_config (dict overriding the pinned blocks; tuning/testing)."""
     _check_dtype(x)
     x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
@@ -633,7 +783,7 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
         g_H = g_H.float().contiguous()
         ent = ent.float().contiguous()
     eps = float(opts.get("grad_filter_eps") or 0.0)
-    cfg = _config(x.device, opts)
+    cfg = _config(x.device, opts, x.dtype)
     args = (x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
             need_dx, need_dw, need_db, eps, cfg, opts)
     if opts.get("deterministic", True):
@@ -646,20 +796,24 @@ def _plan(n, h, v, x_dtype, need_dx, vocab_pass, cfg, opts, device):
 
     Returns (vc, single, nc): vocab chunk width of the vocab pass (None if no vocab pass), whether
     dx is accumulated in that pass (`single`: 4 GEMMs), token chunk of the dx pass (None if none).
-    Budget: opts memory_budget_mb, default 128 MiB + 1 KiB/token (DESIGN.md section 7); the
-    workspace is kept under opts workspace_mb (default 64) unless a narrower one would leave the
-    GEMMs with less than ~2 waves of programs.
+    Budget: opts memory_budget_mb, default :func:`_default_budget` (from the free device memory).
+    The workspace is kept under opts workspace_mb / FUSEDRL_TRITON_WORKSPACE_MB when given (default:
+    the budget on a CUDA device, 64 MiB elsewhere) unless a narrower one would leave the GEMMs with
+    less than ~2 waves of programs. Within the budget the vocab chunks are as wide as possible: the
+    dx hi/lo accumulation re-reads dx once per chunk.
     """
     bn, bv = cfg["du"][0], cfg["du"][1]
     bm, bd = cfg["gemm"][0], cfg["gemm"][2]
     esz = torch.empty((), dtype=x_dtype).element_size()
+    n_sms, free, _ = _device_facts(device)
     budget = opts.get("memory_budget_mb")
-    budget = 128 * _MIB + 1024 * n if budget is None else float(budget) * _MIB
-    ws_cap = float(opts.get("workspace_mb", os.environ.get("FUSEDRL_TRITON_WORKSPACE_MB", 64))) * _MIB
+    budget = _default_budget(n, free) if budget is None else float(budget) * _MIB
+    ws_mb = opts.get("workspace_mb", os.environ.get("FUSEDRL_TRITON_WORKSPACE_MB"))
+    ws_cap = float(ws_mb) * _MIB if ws_mb is not None else (budget if free is not None else 64.0 * _MIB)
     vc_min = int(opts.get("min_vocab_chunk", bv if _INTERPRET else 1024))
     n_pad, v_pad = _cdiv(n, bn) * bn, _cdiv(v, bv) * bv
     lo_bytes = 0 if x_dtype == torch.float32 else 2 * n * h  # bf16 residual of the dx accumulation
-    want_rows = _cdiv(2 * _num_sms(device), _cdiv(h, bd)) * bm  # GEMM M-extent for ~2 waves
+    want_rows = _cdiv(2 * n_sms, _cdiv(h, bd)) * bm  # GEMM M-extent for ~2 waves
 
     def chunk(limit, line_bytes, block, full):
         """widest multiple of `block` (>= block, <= full) whose lines of line_bytes fit `limit`."""
@@ -715,12 +869,14 @@ def _backward_workspace(x, w, targets, bias, temperature, softcap, lse, ent, g_l
             _launch_du(*du_args, ws, flags, db_part, 0, n, v0, vcc, *tail)
             if need_db:
                 db[v0:v0 + vcc] = db_part[:, :vcc].sum(0).to(db.dtype)
+            # live-tile lists over this chunk's flag tiles (columns past vcc hold stale flags)
+            f = flags[:, :_cdiv(vcc, bv)] if filt else None
             if need_dw:  # dW[chunk] = du^T @ x  (A = du^T: m = vocab, k = tokens); complete, cast once
-                _launch_gemm(ws, (1, ws.stride(0)), x, dw[v0:v0 + vcc], flags, (1, nvbc), (bv, bn),
-                             vcc, n, h, cfg)
+                _launch_gemm(ws, (1, ws.stride(0)), x, dw[v0:v0 + vcc], _live_lists(f.t()) if filt else None,
+                             (bv, bn), vcc, n, h, cfg)
             if need_dx and single:  # dx (+)= du @ W[chunk]  (m = tokens, k = vocab)
-                _launch_gemm(ws, (ws.stride(0), 1), w[v0:v0 + vcc], dx, flags, (nvbc, 1), (bn, bv),
-                             n, vcc, h, cfg, acc=ci > 0, lo=lo, lo_in=use_lo and ci > 0,
+                _launch_gemm(ws, (ws.stride(0), 1), w[v0:v0 + vcc], dx, _live_lists(f) if filt else None,
+                             (bn, bv), n, vcc, h, cfg, acc=ci > 0, lo=lo, lo_in=use_lo and ci > 0,
                              lo_out=use_lo and ci < nchunks - 1)
         del ws, lo
 
@@ -732,8 +888,8 @@ def _backward_workspace(x, w, targets, bias, temperature, softcap, lse, ent, g_l
         for n0 in range(0, n, nc):
             ncc = min(nc, n - n0)
             _launch_du(*du_args, ws, flags, None, n0, ncc, 0, v, *tail)
-            _launch_gemm(ws, (ws.stride(0), 1), w, dx[n0:n0 + ncc], flags, (nvb, 1), (bn, bv),
-                         ncc, v, h, cfg)
+            live = _live_lists(flags[:_cdiv(ncc, bn)]) if filt else None
+            _launch_gemm(ws, (ws.stride(0), 1), w, dx[n0:n0 + ncc], live, (bn, bv), ncc, v, h, cfg)
     return dx, dw, db
 
 
@@ -758,7 +914,8 @@ def _backward_atomic(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, 
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, BLOCK_D=bd, BLOCK_GROUP=cfg["group"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
         HAS_FILTER=eps > 0.0, HAS_DX=need_dx, HAS_DW=need_dw, HAS_DB=need_db,
-        IS_EVEN_H=(h % bh == 0), IS_FP32=x.dtype == torch.float32, IS_INTERPRET=_INTERPRET,
+        IS_EVEN_H=(h % bh == 0), IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg),
+        IS_INTERPRET=_INTERPRET,
         num_warps=nw, num_stages=ns)
     return (
         dx.to(x.dtype) if need_dx else None,
@@ -782,7 +939,7 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
     if g_H is not None:
         g_H = g_H.float().contiguous()
         ent = ent.float().contiguous()
-    cfg = _config(logits.device, opts)
+    cfg = _config(logits.device, opts, logits.dtype)
     # each program loads its logits tile before storing dlogits to the same tile: safe in place
     _launch_du(logits, None, None, targets, lse, ent, g_lp, g_H, out, None, None, 0, n, 0, v, 0, 0,
                temperature, softcap, 0.0, True, cfg)
@@ -790,25 +947,189 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
 
 
 # =====================================================================================
+# One-pass row epilogue (docs/one-pass.md; issue 13)
+# =====================================================================================
+
+#: head mode codes and KL estimator codes of :class:`OnePassHead` (docs/one-pass.md)
+HEAD_MODES = {"clipped": 0, "gpg": 1, "cispo": 2, "unclipped": 3}
+KL_TYPES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+
+class OnePassHead(NamedTuple):
+    """Per-chunk loss head of :func:`onepass_epilogue` (docs/one-pass.md, "Head coefficients").
+
+    ``mode``: 0 clipped surrogate (vanilla; Clip-Cov unselected with ``dual=False``), 1 gpg, 2 cispo,
+    3 unclipped ``-A r`` (KL-Cov unselected), or the names of :data:`HEAD_MODES`.
+    ``clip_lo = 1 - clip_ratio_low``, ``clip_hi = 1 + clip_ratio_high``; ``clip_c`` the dual-clip bound
+    (read iff ``dual``). ``ent_coef``: entropy bonus (``g_H = -w ent_coef``). ``kl_coef``, ``kl_type``
+    (0 k1, 1 abs, 2 k2, 3 k3, or the names of :data:`KL_TYPES`), ``kl_st`` (straight-through ``+``
+    variants: gradient of k2). ``old``, ``adv``, ``weight``: ``[Nc]`` (``weight`` = aggregation weight,
+    0 at masked tokens, where ``old`` / ``adv`` / ``ref`` are never read). ``ref``: ``[Nc]`` or None
+    (needed iff ``kl_coef != 0``). ``need_ent``: return the entropy even when ``ent_coef == 0``.
+    """
+
+    mode: Union[int, str]
+    clip_lo: float
+    clip_hi: float
+    clip_c: Optional[float]
+    dual: bool
+    ent_coef: float
+    kl_coef: float
+    kl_type: Union[int, str]
+    kl_st: bool
+    old: Tensor
+    adv: Tensor
+    weight: Tensor
+    ref: Optional[Tensor]
+    need_ent: bool
+
+
+def _code(value, names: dict, what: str) -> int:
+    if isinstance(value, str):
+        if value not in names:
+            raise ValueError(f"head.{what} must be one of {sorted(names)} or a code 0-{len(names) - 1}, got {value!r}")
+        return names[value]
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
+        raise ValueError(f"head.{what} must be one of {sorted(names)} or a code 0-{len(names) - 1}, got {value!r}")
+    return int(value)
+
+
+def _token_vector(t, name: str, n: int, device) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"head.{name} must be a tensor [Nc], got {type(t).__name__}")
+    if t.shape != (n,) or t.device != device:
+        raise ValueError(f"head.{name} must be a [{n}] tensor on {device}, got {tuple(t.shape)} on {t.device}")
+    if not t.is_floating_point():
+        raise TypeError(f"head.{name} must be floating point, got {t.dtype}")
+    return t.float().contiguous()
+
+
+def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+                     softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts
+                     ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+    """One-pass row epilogue over a token chunk (docs/one-pass.md, "The row epilogue contract").
+
+    Args:
+        u: fp32 ``[Nc, V]`` workspace holding the raw logits ``x_c @ W^T`` (no bias), unit column
+            stride (any row stride); overwritten with ``du = dL/du`` (fp32).
+        targets: ``[Nc]`` integer ids in ``[0, V)`` (an id outside it reads as logit 0, no one-hot).
+        bias: ``[V]`` or None, added to every row before ``z = softcap(u + b) / T``; a ``-inf`` entry
+            masks a vocabulary column (``p = 0``, ``du = 0``).
+        temperature, softcap: as everywhere (``softcap`` None = off).
+        head: :class:`OnePassHead`.
+        du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``.
+        opts: ``triton_config`` (dict overriding the pinned ``epilogue`` block config).
+
+    Returns:
+        ``(logp, ent, lse, g_lp, g_H)``, fp32 ``[Nc]``; ``ent`` and ``g_H`` are None when neither
+        ``head.need_ent`` nor ``head.ent_coef`` asks for the entropy. ``db`` (``du.sum(0)``) is the
+        caller's: it needs a column reduction across rows.
+    """
+    if not isinstance(head, OnePassHead):
+        raise TypeError(f"head must be an OnePassHead, got {type(head).__name__}")
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or u.dim() != 2 or (u.shape[1] > 1 and u.stride(1) != 1):
+        raise ValueError("u must be an fp32 [Nc, V] tensor with unit column stride"
+                         + (f", got {u.dtype} {tuple(u.shape)}" if isinstance(u, torch.Tensor) else ""))
+    n, v = u.shape
+    dev = u.device
+    if not isinstance(targets, torch.Tensor) or targets.shape != (n,) or targets.dtype.is_floating_point \
+            or targets.device != dev:
+        raise ValueError(f"targets must be an integer [{n}] tensor on {dev}")
+    if bias is not None and (bias.shape != (v,) or bias.device != dev):
+        raise ValueError(f"bias must be a [{v}] tensor on {dev}, got {tuple(bias.shape)} on {bias.device}")
+    if du16 is not None and (du16.dtype not in (torch.float16, torch.bfloat16) or du16.shape != (n, v)
+                             or du16.device != dev or (v > 1 and du16.stride(1) != 1)):
+        raise ValueError(f"du16 must be a bf16/fp16 [{n}, {v}] tensor on {dev} with unit column stride")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    mode = _code(head.mode, HEAD_MODES, "mode")
+    kl_type = _code(head.kl_type, KL_TYPES, "kl_type")
+    if head.dual and head.clip_c is None:
+        raise ValueError("head.clip_c must be set when head.dual is True")
+    old = _token_vector(head.old, "old", n, dev)
+    adv = _token_vector(head.adv, "adv", n, dev)
+    weight = _token_vector(head.weight, "weight", n, dev)
+    has_kl = float(head.kl_coef) != 0.0
+    ref = _token_vector(head.ref, "ref", n, dev) if has_kl else None
+    ent_grad = float(head.ent_coef) != 0.0
+    has_ent = bool(head.need_ent) or ent_grad
+
+    f32 = dict(dtype=torch.float32, device=dev)
+    logp, lse, g_lp = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
+    ent = torch.empty(n, **f32) if has_ent else None
+    g_h = torch.empty(n, **f32) if has_ent else None
+    if n == 0:
+        return logp, ent, lse, g_lp, g_h
+    targets = targets.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    cfg = _config(dev, opts)
+    bn, bv, nw, ns = cfg["epilogue"]
+    inv_t, cap = _scalars(temperature, softcap)
+    _onepass_kernel[(_cdiv(n, bn),)](
+        u, targets, bias if bias is not None else u, old, adv, weight, ref if ref is not None else u,
+        du16 if du16 is not None else u, logp, ent if ent is not None else lse, lse, g_lp,
+        g_h if g_h is not None else lse,
+        n, v, u.stride(0), du16.stride(0) if du16 is not None else 0, inv_t, cap,
+        mode, float(head.clip_lo), float(head.clip_hi), float(head.clip_c) if head.dual else 1.0,
+        int(bool(head.dual)), float(head.ent_coef), float(head.kl_coef), kl_type, int(bool(head.kl_st)),
+        BLOCK_N=bn, BLOCK_V=bv, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_ENTROPY=has_ent, HAS_ENT_GRAD=ent_grad, HAS_KL=has_kl, HAS_DU16=du16 is not None,
+        IS_INTERPRET=_INTERPRET, num_warps=nw, num_stages=ns)
+    return logp, ent, lse, g_lp, g_h
+
+
+# =====================================================================================
 # Autotuning (GPU only, FUSEDRL_TRITON_AUTOTUNE=1): a few configs per kernel, keyed on H / D.
 # =====================================================================================
 
-if triton is not None and _AUTOTUNE:  # pragma: no cover - needs a GPU
-    _fwd_kernel_tuned = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_N=bn_, BLOCK_V=bv_, BLOCK_H=bh_), num_warps=w_, num_stages=s_)
-                 for (bn_, bv_, bh_, w_, s_) in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                                 (64, 256, 64, 8, 4), (128, 128, 32, 4, 4),
-                                                 (256, 128, 64, 8, 3)]],
-        key=["H", "IS_FP32"],
-    )(_fwd_kernel)
-    _du_kernel_tuned = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_H=bh_), num_warps=w_, num_stages=s_)
-                 for (bh_, w_, s_) in [(64, 8, 3), (32, 8, 4), (64, 4, 4), (128, 8, 2)]],
-        key=["H", "IS_FP32"],
-    )(_du_kernel)
-    _gemm_kernel_tuned = triton.autotune(
-        configs=[triton.Config(dict(BLOCK_D=bd_), num_warps=w_, num_stages=s_)
-                 for (bd_, w_, s_) in [(128, 8, 4), (256, 8, 3), (128, 4, 4), (64, 4, 5)]],
-        key=["D", "IS_FP32", "HAS_FLAGS"],
-        restore_value=["C", "C_LO"],
-    )(_gemm_kernel)
+# Per (family, fp32 inputs?) lists; tests/test_gpu_static.py compiles every entry for its arch and
+# fails on a config over the shared-memory limit or (16-bit) spilling registers. Removed by that
+# gate: fwd 128x256x64 / 256x128x64 w8 and 128x128x32 w4 (16-bit spills on sm_90 and sm_80; fp32 over
+# the shared-memory limit), du BLOCK_H 32/64/128 at 4 or 8 warps (16-bit spills), gemm BLOCK_D 256
+# (w8 and w16) and 128 w4 (16-bit spills), every 16-warp config with a 256-wide tile (16 warps cap
+# ptxas at 128 registers: spills), and every fp32 config with BLOCK_K / BLOCK_H 64 at 4 stages or
+# 256-wide tiles (over the shared-memory limit).
+# fwd: (BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages); du: (BLOCK_H, num_warps, num_stages) (BLOCK_N,
+# BLOCK_V stay pinned: they are the flag tiles); gemm: (BLOCK_D, num_warps, num_stages) (BLOCK_M,
+# BLOCK_K pinned).
+_TUNE_CONFIGS = {
+    "fwd": {
+        ("hopper", False): [(128, 128, 64, 8, 3), (64, 256, 64, 8, 4), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)],
+        ("ampere", False): [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 4)],
+        ("hopper", True): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3)],
+        ("ampere", True): [(128, 128, 32, 8, 3), (64, 128, 32, 4, 3), (64, 128, 32, 4, 4)],
+    },
+    "du": {
+        ("hopper", False): [(64, 16, 3), (32, 16, 4), (128, 16, 2)],
+        ("ampere", False): [(32, 16, 3), (32, 16, 4), (64, 16, 3)],
+        ("hopper", True): [(64, 8, 3), (32, 8, 4)],
+        ("ampere", True): [(32, 8, 3), (32, 8, 4)],
+    },
+    "gemm": {
+        ("hopper", False): [(128, 8, 4), (64, 4, 5), (128, 8, 3)],
+        ("ampere", False): [(128, 8, 4), (64, 4, 5), (128, 8, 3)],
+        ("hopper", True): [(128, 8, 4), (64, 4, 4), (128, 8, 3)],
+        ("ampere", True): [(128, 8, 4), (64, 4, 4), (128, 8, 3)],
+    },
+}
+_TUNED: dict = {}
+
+
+def _tuned(kernel: str, device: torch.device, is_fp32: bool):  # pragma: no cover - needs a GPU
+    """The autotuned kernel for (kernel, device family, fp32 inputs), built on first use."""
+    fam = _family(device)
+    key = (kernel, fam, bool(is_fp32))
+    if key not in _TUNED:
+        cfgs = _TUNE_CONFIGS[kernel][(fam, bool(is_fp32))]
+        if kernel == "fwd":
+            configs = [triton.Config(dict(BLOCK_N=a, BLOCK_V=b, BLOCK_H=c), num_warps=w_, num_stages=s_)
+                       for (a, b, c, w_, s_) in cfgs]
+            _TUNED[key] = triton.autotune(configs=configs, key=["H", "IS_FP32"])(_fwd_kernel)
+        elif kernel == "du":
+            configs = [triton.Config(dict(BLOCK_H=c), num_warps=w_, num_stages=s_) for (c, w_, s_) in cfgs]
+            _TUNED[key] = triton.autotune(configs=configs, key=["H", "IS_FP32"])(_du_kernel)
+        else:
+            configs = [triton.Config(dict(BLOCK_D=d), num_warps=w_, num_stages=s_) for (d, w_, s_) in cfgs]
+            _TUNED[key] = triton.autotune(configs=configs, key=["D", "IS_FP32", "HAS_FLAGS"],
+                                          restore_value=["C", "C_LO"])(_gemm_kernel)
+    return _TUNED[key]

@@ -33,6 +33,9 @@ at most ~1 ulp apart. The kernel computes in fp32 (inputs may be fp32/fp16/bf16 
 load, as loss.py's ``.to(float32)``); fp64 inputs are served by a torch implementation of the same
 formulas (:func:`_vanilla_terms_torch`), so :func:`vanilla_token_terms` works for every dtype.
 
+The per-token formulas are ``triton_math.log_ratio`` / ``triton_math.vanilla_terms``, shared with the
+one-pass row epilogue of ``triton_backend.py`` (each formula once per kernel language).
+
 Portability: pointer args are UPPERCASE, constexprs BLOCK_*/HAS_*/IS_*, offsets int64, every
 load/store masked (the interpreter has no bounds checks), NaN-propagating min/max like torch's.
 ``IS_INTERPRET`` selects ``tl.exp`` (the interpreter has no libdevice). Written for triton >= 3.6.
@@ -55,14 +58,14 @@ try:  # triton is optional
     import triton
     import triton.language as tl
 
-    try:
-        from triton.language.extra import libdevice as _libdevice
-    except Exception:  # pragma: no cover - depends on the install
-        _libdevice = None
+    from . import triton_math as tm
+    from .triton_math import _libdevice
+
     _TRITON_ERROR = ""
 except Exception as _e:  # pragma: no cover - depends on the install
     triton = None
     tl = None
+    tm = None
     _libdevice = None
     _TRITON_ERROR = f"{type(_e).__name__}: {_e}"
 
@@ -100,37 +103,10 @@ if triton is not None:
         old = tl.load(OLD + offs, mask=valid, other=0.0).to(tl.float32)
         adv = tl.load(ADV + offs, mask=valid, other=0.0).to(tl.float32)
 
-        d = lp - old
-        dc = tl.minimum(tl.maximum(d, -20.0, propagate_nan=tl.PropagateNan.ALL), 20.0,
-                        propagate_nan=tl.PropagateNan.ALL)
-        if IS_INTERPRET:
-            r = tl.exp(dc)
-        else:
-            r = _libdevice.exp(dc)  # __nv_expf, what torch CUDA exp uses; tl.exp is ex2.approx
-        rc = tl.minimum(tl.maximum(r, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_hi,
-                        propagate_nan=tl.PropagateNan.ALL)
-        neg_a = -adv
-        l1 = neg_a * r
-        l2 = neg_a * rc
-        lc = tl.maximum(l1, l2, propagate_nan=tl.PropagateNan.ALL)
-        clipped = l2 > l1
-
-        # torch's derivative of max(l1, l2): ties split the gradient in half; clamp passes [lo, hi]
-        half_tie = tl.where(l1 == l2, 0.5, 0.0)
-        w1 = tl.where(l1 > l2, 1.0, half_tie)
-        w2 = tl.where(l2 > l1, 1.0, half_tie)
-        w = w1 + tl.where((r >= clip_lo) & (r <= clip_hi), w2, 0.0)
-        if HAS_DUAL_CLIP:
-            l3 = neg_a * clip_c
-            negative = adv < 0
-            loss = tl.where(negative, tl.minimum(l3, lc, propagate_nan=tl.PropagateNan.ALL), lc)
-            lower = (lc > l3) & negative
-            w = w * tl.where(negative, tl.where(lc < l3, 1.0, tl.where(lc == l3, 0.5, 0.0)), 1.0)
-        else:
-            loss = lc
-            lower = offs < 0  # all False
-        in_range = (d >= -20.0) & (d <= 20.0)
-        coef = tl.where(valid & in_range, (neg_a * r) * w, 0.0)
+        # the head formulas live once, in triton_math (shared with the one-pass epilogue)
+        d, dc, r, in_range = tm.log_ratio(lp, old, IS_INTERPRET)
+        loss, coef, clipped, lower = tm.vanilla_terms(r, in_range, adv, clip_lo, clip_hi, clip_c, HAS_DUAL_CLIP)
+        coef = tl.where(valid, coef, 0.0)
 
         tl.store(LOSS + offs, tl.where(valid, loss, 0.0), mask=inb)
         tl.store(CLIPPED + offs, (valid & clipped).to(tl.uint8), mask=inb)
