@@ -411,6 +411,9 @@ def select(tokens: Optional[List[str]], tasks: List[str], filter_eps="auto") -> 
 # CPU peak-memory child factory (runs in a spawned process: rebuilds everything from plain data)
 # --------------------------------------------------------------------------------------------------
 def memory_factory(provider: str, spec: dict, mode: str, filter_eps="auto") -> Callable[[], object]:
+    # the one-pass CPU workspace kept between calls would sit in the baseline RSS (measured after a
+    # warm-up run) and vanish from the peak: measure with fresh allocations instead
+    os.environ["FUSEDRL_CPU_WORKSPACE_CACHE"] = "0"
     p = by_name(provider, filter_eps)
     case = build_case(CaseSpec(**spec), requires_grad=(mode == "train"))
 

@@ -8,9 +8,7 @@ pytest with its traceback.
 """
 import datetime
 import os
-import socket
 import tempfile
-import time
 
 import torch
 
@@ -19,52 +17,18 @@ if not torch.cuda.is_available():  # before anything imports triton (children in
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 import fusedrl  # noqa: E402
 from fusedrl import distributed as fdist  # noqa: E402
 from fusedrl.backends import availability  # noqa: E402
 
-LAUNCH_TIMEOUT_S = 150  # whole launch (spawn + work + join)
-PG_TIMEOUT_S = 60  # collectives / rendezvous inside a child
+from _dist import PG_TIMEOUT_S, init, launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 
-# --------------------------------------------------------------------------------------------------
-# process plumbing
-# --------------------------------------------------------------------------------------------------
-def _launch(fn, world: int, *args, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-    """Run ``fn(rank, world, init_method, *args)`` in ``world`` spawned processes, bounded in time.
-
-    Rendezvous goes through a FileStore in a fresh temporary directory rather than a "free" TCP port:
-    a port found free can be taken by another process before rank 0 binds it (other test runs on the
-    same host), which turns into a hang instead of an error. Gloo's data plane stays on loopback."""
-    with tempfile.TemporaryDirectory(prefix="fusedrl-dist-") as tmp:
-        init_method = "file://" + os.path.join(tmp, "store")
-        ctx = mp.start_processes(fn, args=(world, init_method) + args, nprocs=world, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=max(0.05, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{fn.__name__} with {world} processes did not finish in {timeout} s")
-        finally:
-            for p in ctx.processes:  # our own children only
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-
-
-def _init(rank: int, world: int, init_method: str) -> None:
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    torch.set_num_threads(1)  # 2-3 processes share 2 cores
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+# process plumbing: tests/_dist.py
+_launch, _init = launch, init
 
 
 def _gather_equal(t: torch.Tensor, what: str) -> None:

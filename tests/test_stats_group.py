@@ -7,11 +7,7 @@ batch normalisation; with global normalisers the ranks' losses sum to the single
 rank's gradients are its slice of the single-process gradients. Plumbing as tests/test_distributed.py
 (FileStore rendezvous in a fresh directory, timeouts, loopback Gloo).
 """
-import datetime
 import os
-import socket
-import tempfile
-import time
 
 import torch
 
@@ -20,41 +16,17 @@ if not torch.cuda.is_available():  # before anything imports triton (children in
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from fusedrl import RolloutCorrection  # noqa: E402
 from fusedrl.loss import PolicyLossConfig, _entropy_keep, _evaluate, policy_loss  # noqa: E402
 
-LAUNCH_TIMEOUT_S = 150
-PG_TIMEOUT_S = 60
+from _dist import init, launch  # noqa: E402
 F64 = torch.float64
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
 
-def _launch(fn, world: int, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-    with tempfile.TemporaryDirectory(prefix="fusedrl-stats-") as tmp:
-        init_method = "file://" + os.path.join(tmp, "store")
-        ctx = mp.start_processes(fn, args=(world, init_method), nprocs=world, join=False, start_method="spawn")
-        deadline = time.monotonic() + timeout
-        try:
-            while not ctx.join(timeout=max(0.05, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{fn.__name__} with {world} processes did not finish in {timeout} s")
-        finally:
-            for p in ctx.processes:  # our own children only
-                if p.is_alive():
-                    p.kill()
-            for p in ctx.processes:
-                p.join(5)
-
-
-def _init(rank: int, world: int, init_method: str) -> None:
-    if "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+_launch, _init = launch, init  # tests/_dist.py
 
 
 def _batch():
