@@ -142,6 +142,24 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _verl_std(vals: List[float]) -> float:
+    """verl's ``sqrt(max(E[x^2] - E[x]^2, 0))``, each mean dividing by ``count + 1e-8``; 0 below 2 values."""
+    n = len(vals) + 1e-8
+    var = sum(v * v for v in vals) / n - (sum(vals) / n) ** 2
+    return math.sqrt(max(var, 0.0)) if len(vals) > 1 else 0.0
+
+
+def _seq_summary(metrics: Dict[str, float], p: str, vals: List[float], centre: float) -> None:
+    """Mean, sample std (n - 1), max, min and max |v - centre| of per-sequence values (0 when empty)."""
+    n = len(vals)
+    m = _mean(vals)
+    metrics[p + "seq_mean"] = m
+    metrics[p + "seq_std"] = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1)) if n > 1 else 0.0
+    metrics[p + "seq_max"] = max(vals) if vals else 0.0
+    metrics[p + "seq_min"] = min(vals) if vals else 0.0
+    metrics[p + "seq_max_deviation"] = max(abs(v - centre) for v in vals) if vals else 0.0
+
+
 def _rs_options(rc: RolloutCorrection) -> List[Tuple[str, Optional[float], float]]:
     """(option, lower log bound or None, upper bound) from verl's string syntax."""
     names: List[str] = []
@@ -184,32 +202,6 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
         else:
             sums = [sum(lr) for lr in lrs]
             raw = [[math.exp(_clamp(sums[i], -20, 20))] * len(lr) for i, lr in enumerate(lrs)]
-        flat = [x for r in raw for x in r]
-        if flat:
-            metrics["rollout_is_mean"] = _mean(flat)
-            if rc.rollout_is == "token":
-                metrics["rollout_is_max"], metrics["rollout_is_min"] = max(flat), min(flat)
-                metrics["rollout_is_ratio_fraction_high"] = _mean([float(x > thr) for x in flat])
-                metrics["rollout_is_ratio_fraction_low"] = _mean([float(x < lo_m) for x in flat])
-            else:
-                ss = [sums[i] for i in nonempty]
-                metrics["rollout_is_max"] = math.exp(min(max(ss), 20.0))
-                metrics["rollout_is_min"] = math.exp(min(ss))
-                metrics["rollout_is_ratio_fraction_high"] = _mean([float(x > math.log(thr)) for x in ss])
-                low_log = math.log(lo_m) if lo_m > 0 else -math.inf
-                metrics["rollout_is_ratio_fraction_low"] = _mean([float(x < low_log) for x in ss])
-            cl = [_clamp(x, lo_m, thr) for x in flat]
-            mc = _mean(cl)
-            var = _mean([c * c for c in cl]) - mc * mc
-            metrics["rollout_is_std"] = math.sqrt(max(var, 0.0)) if len(flat) > 1 else 0.0
-            metrics["rollout_is_eff_sample_size"] = 1.0 / _mean([(c / (mc + 1e-8)) ** 2 for c in cl])
-            sm = [sum(raw[i]) / (len(raw[i]) + 1e-8) for i in nonempty]
-            metrics["rollout_is_seq_mean"], metrics["rollout_is_seq_max"] = _mean(sm), max(sm)
-            metrics["rollout_is_seq_min"] = min(sm)
-        else:
-            for k in ("mean", "max", "min", "ratio_fraction_high", "ratio_fraction_low", "std", "eff_sample_size",
-                      "seq_mean", "seq_max", "seq_min"):
-                metrics["rollout_is_" + k] = 0.0
         weights = []
         for r in raw:
             ws = []
@@ -222,6 +214,40 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
                     w = 0.0 if (x > thr or (lower is not None and x < lower)) else x
                 ws.append(w)
             weights.append(ws)
+        # verl's compute_is_metrics: the applied weights (before batch normalisation), bound fractions of the raw
+        flat = [x for r in raw for x in r]
+        flat_w = [w for ws in weights for w in ws]
+        if flat:
+            metrics["rollout_is_mean"] = _mean(flat_w)
+            if rc.rollout_is == "token":
+                metrics["rollout_is_max"], metrics["rollout_is_min"] = max(flat_w), min(flat_w)
+                metrics["rollout_is_ratio_fraction_high"] = _mean([float(x > thr) for x in flat])
+                metrics["rollout_is_ratio_fraction_low"] = _mean([float(x < lo_m) for x in flat])
+            else:
+                ss = [sums[i] for i in nonempty]
+                metrics["rollout_is_max"] = math.exp(min(max(ss), 20.0))
+                metrics["rollout_is_min"] = math.exp(min(ss))
+                metrics["rollout_is_ratio_fraction_high"] = _mean([float(x > math.log(thr)) for x in ss])
+                low_log = math.log(lo_m) if lo_m > 0 else -math.inf
+                metrics["rollout_is_ratio_fraction_low"] = _mean([float(x < low_log) for x in ss])
+            cl = [_clamp(w, 0.0, thr) for w in flat_w]
+            metrics["rollout_is_std"] = _verl_std(cl)
+            mc = _mean(cl)
+            q = _mean([(c / (mc + 1e-8)) ** 2 for c in cl])
+            metrics["rollout_is_eff_sample_size"] = 1.0 / q if q > 0 else 0.0  # verl: 1 / 0 when no weight is left
+            sm = [sum(weights[i]) / (len(weights[i]) + 1e-8) for i in nonempty]
+            _seq_summary(metrics, "rollout_is_", sm, 1.0)
+            rsm = [sum(raw[i]) / (len(raw[i]) + 1e-8) for i in nonempty]
+            metrics["rollout_is_seq_fraction_high"] = _mean([float(x > thr) for x in rsm])
+            metrics["rollout_is_seq_fraction_low"] = _mean([float(x < lo_m) for x in rsm])
+            if rc.rollout_is_mode == "mask":
+                metrics["rollout_is_oob_ratio"] = _mean([float(x > thr or (lower is not None and x < lower))
+                                                         for x in flat])
+        else:
+            for k in ("mean", "max", "min", "ratio_fraction_high", "ratio_fraction_low", "std", "eff_sample_size",
+                      "seq_mean", "seq_std", "seq_max", "seq_min", "seq_max_deviation", "seq_fraction_high",
+                      "seq_fraction_low") + (("oob_ratio",) if rc.rollout_is_mode == "mask" else ()):
+                metrics["rollout_is_" + k] = 0.0
         if rc.rollout_is_batch_normalize:
             if rc.rollout_is == "token":
                 pool = [w for ws in weights for w in ws]
@@ -263,6 +289,14 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
             metrics[p + "min"] = min(pool) if pool else 0.0
             metrics[p + "fraction_high"] = _mean([float(v > upper) for v in pool])
             metrics[p + "fraction_low"] = _mean([float(lower is not None and v < lower) for v in pool])
+            lo_c = lower if lower is not None else 0.0
+            metrics[p + "std"] = _verl_std([_clamp(v, lo_c, upper) for v in flat])
+            sv = ([sum(tok_stats[i]) / (len(tok_stats[i]) + 1e-8) for i in nonempty] if seq_stats is None
+                  else [seq_stats[i] for i in nonempty])
+            _seq_summary(metrics, p, sv, 0.0)
+            metrics[p + "seq_fraction_high"] = _mean([float(v > upper) for v in sv])
+            if lower is not None:
+                metrics[p + "seq_fraction_low"] = _mean([float(v < lower) for v in sv])
             metrics[p + "masked_fraction"] = _mean([float(not o) for row in ok for o in row])
             metrics[p + "seq_masked_fraction"] = _mean([float(not all(ok[i])) for i in nonempty])
         metrics["rollout_rs_masked_fraction"] = _mean([float(not o) for row in keep for o in row])

@@ -34,10 +34,16 @@ ROLLOUT_LOSS_TYPES = ("ppo_clip", "reinforce")
 RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
               "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
 _TOKEN_RS = ("token_k1", "token_k2", "token_k3")
+#: IS metrics: ``mean`` / ``max`` / ``min`` / ``std`` / ``eff_sample_size`` / ``seq_*`` of the applied weights (after
+#: truncation or masking, before batch normalisation); ``ratio_fraction_*`` / ``seq_fraction_*`` of the raw ones
+#: (verl's ``compute_is_metrics``; sequence level: ``max`` / ``min`` / ``ratio_fraction_*`` from the log ratio)
 _IS_METRICS = ("rollout_is_mean", "rollout_is_max", "rollout_is_min", "rollout_is_std",
                "rollout_is_eff_sample_size", "rollout_is_ratio_fraction_high", "rollout_is_ratio_fraction_low",
-               "rollout_is_seq_mean", "rollout_is_seq_max", "rollout_is_seq_min")
-_RS_OPTION_METRICS = ("mean", "max", "min", "fraction_high", "fraction_low", "masked_fraction",
+               "rollout_is_seq_mean", "rollout_is_seq_std", "rollout_is_seq_max", "rollout_is_seq_min",
+               "rollout_is_seq_max_deviation", "rollout_is_seq_fraction_high", "rollout_is_seq_fraction_low")
+#: per rejection option (verl's ``compute_rs_metrics``; ``seq_fraction_low`` only for the k1 options)
+_RS_OPTION_METRICS = ("mean", "max", "min", "fraction_high", "fraction_low", "std", "seq_mean", "seq_std", "seq_max",
+                      "seq_min", "seq_max_deviation", "seq_fraction_high", "seq_fraction_low", "masked_fraction",
                       "seq_masked_fraction")
 _OFFPOLICY_METRICS = ("kl", "k3_kl", "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl",
                       "log_ppl_diff", "log_ppl_abs_diff", "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio",
@@ -181,6 +187,12 @@ class RolloutCorrection:
     ==============================================  ======================================================
 
     TRL exponentiates without the ``[-20, 20]`` clamp: results differ only where a log ratio exceeds 20.
+
+    Metrics (:meth:`metric_names`) are verl 0.9.1's, with its values: IS statistics of the applied weights
+    (truncated, or zeroed by ``"mask"``, before batch normalisation), bound fractions of the raw ratios,
+    ``rollout_is_oob_ratio`` in ``"mask"`` mode; per rejection option its statistic's mean / max / min /
+    std / fractions and per-sequence summary. Where verl would report NaN or divide by zero (no valid
+    token; every IS weight zeroed: ``rollout_is_eff_sample_size``) the metric is 0.
     """
 
     rollout_is: Optional[str] = None
@@ -233,11 +245,14 @@ class RolloutCorrection:
         names: List[str] = []
         if self.is_enabled:
             names += _IS_METRICS
+            if self.rollout_is_mode == "mask":  # verl: IcePop's share of zeroed weights
+                names.append("rollout_is_oob_ratio")
             if self.rollout_is_batch_normalize:
                 names.append("rollout_is_batch_norm_factor")
         if self._rs:
             for s in self._rs:
-                names += [f"rollout_rs_{s.name}_{m}" for m in _RS_OPTION_METRICS]
+                names += [f"rollout_rs_{s.name}_{m}" for m in _RS_OPTION_METRICS
+                          if m != "seq_fraction_low" or s.name.endswith("k1")]
             names += ["rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction"]
         names += _OFFPOLICY_METRICS
         return tuple(PREFIX + n for n in names)
@@ -279,6 +294,33 @@ def _max(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
 
 def _min(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return -_max(-x, m)
+
+
+def _std(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Sample standard deviation (``torch.std``: ``n - 1``) of ``x`` over ``m``, 0 for fewer than 2 values."""
+    n = m.sum()
+    d = _where0(m, x - _mean(x, m))
+    var = d.square().sum() / (n - 1).clamp_min(1).to(x.dtype)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def _pop_std(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """verl's ``sqrt(E[x^2] - E[x]^2)`` over ``m`` (clamped at 0), 0 for fewer than 2 values. The means divide
+    by ``count + 1e-8`` as verl's ``masked_mean``: the cancellation turns that epsilon into a visible std
+    (``|x| sqrt(1e-8 / count)``, float64) when every value is equal, e.g. all truncated."""
+    n = m.sum().to(x.dtype) + 1e-8
+    var = (_where0(m, x.square()).sum() / n - (_where0(m, x).sum() / n).square()).clamp_min(0.0)
+    return torch.where(m.sum() > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def _seq_summary(metrics: Dict[str, torch.Tensor], p: str, x: torch.Tensor, m: torch.Tensor, centre: float) -> None:
+    """``{p}seq_mean / seq_std / seq_max / seq_min / seq_max_deviation`` of per-sequence values ``x`` over ``m``
+    (deviation: ``max |x - centre|``)."""
+    metrics[p + "seq_mean"] = _mean(x, m)
+    metrics[p + "seq_std"] = _std(x, m)
+    metrics[p + "seq_max"] = _max(x, m)
+    metrics[p + "seq_min"] = _min(x, m)
+    metrics[p + "seq_max_deviation"] = _max((x - centre).abs(), m)
 
 
 class RolloutTerms:
@@ -324,43 +366,17 @@ def _is_weights(rc, lr, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_me
         log_seq = seg.seq_sum(lr)
         log_w = seg.expand(log_seq.clamp(-SAFETY_BOUND, SAFETY_BOUND))
     raw = _where0(valid, torch.exp(log_w))
-    if with_metrics:
-        lo_m = lower if lower is not None else 1.0 / thr
-        if rc.rollout_is == "token":
-            metrics["rollout_is_mean"] = _mean(raw, valid)
-            metrics["rollout_is_max"] = _max(raw, valid)
-            metrics["rollout_is_min"] = _min(raw, valid)
-        else:  # verl: max / min from the unclamped sequence log ratios
-            metrics["rollout_is_mean"] = _mean(raw, valid)
-            metrics["rollout_is_max"] = torch.where(seq_valid.any(), torch.exp(_max(log_seq, seq_valid).clamp(
-                max=SAFETY_BOUND)), raw.new_zeros(()))
-            metrics["rollout_is_min"] = torch.where(seq_valid.any(), torch.exp(_min(log_seq, seq_valid)),
-                                                    raw.new_zeros(()))
-        if rc.rollout_is == "token":
-            metrics["rollout_is_ratio_fraction_high"] = _mean((raw > thr).to(raw.dtype), valid)
-            metrics["rollout_is_ratio_fraction_low"] = _mean((raw < lo_m).to(raw.dtype), valid)
-        else:
-            metrics["rollout_is_ratio_fraction_high"] = _mean((log_seq > math.log(thr)).to(raw.dtype), seq_valid)
-            low_log = math.log(lo_m) if lo_m > 0 else -math.inf
-            metrics["rollout_is_ratio_fraction_low"] = _mean((log_seq < low_log).to(raw.dtype), seq_valid)
-        clamped = raw.clamp(min=lo_m, max=thr)
-        mc = _mean(clamped, valid)
-        var = (_mean(clamped.square(), valid) - mc.square()).clamp_min(0.0)
-        metrics["rollout_is_std"] = torch.where(valid.sum() > 1, var.sqrt(), torch.zeros_like(var))
-        ess = 1.0 / _mean((clamped / (mc + 1e-8)).square(), valid)
-        metrics["rollout_is_eff_sample_size"] = torch.where(valid.any(), ess, torch.zeros_like(ess))
-        seq_w = seg.seq_sum(raw) / (n_tok + 1e-8)
-        metrics["rollout_is_seq_mean"] = _mean(seq_w, seq_valid)
-        metrics["rollout_is_seq_max"] = _max(seq_w, seq_valid)
-        metrics["rollout_is_seq_min"] = _min(seq_w, seq_valid)
     if rc.rollout_is_mode == "truncate":
         w = raw.clamp(min=lower, max=thr) if lower is not None else raw.clamp(max=thr)
-    else:  # TRL's masked IS: weights outside [C_min, C_max] become 0
+    else:  # TRL's masked IS / verl's IcePop: weights outside [C_min, C_max] become 0
         out = raw > thr
         if lower is not None:
             out = out | (raw < lower)
         w = _where0(~out, raw)
     w = _where0(valid, w)
+    if with_metrics:
+        _is_metrics(rc, raw, w, log_seq if rc.rollout_is == "sequence" else None, valid, n_tok, seq_valid, seg,
+                    metrics)
     if rc.rollout_is_batch_normalize:
         if rc.rollout_is == "token":
             s = torch.stack([w.sum(), vf.sum()])
@@ -375,6 +391,45 @@ def _is_weights(rc, lr, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_me
         if with_metrics:  # 0 for an empty batch, as every metric
             metrics["rollout_is_batch_norm_factor"] = torch.where(s[1] > 0, factor, torch.zeros_like(factor))
     return w
+
+
+def _is_metrics(rc, raw, w, log_seq, valid, n_tok, seq_valid, seg, metrics):
+    """verl's ``compute_is_metrics``: statistics of the applied weights ``w`` (IcePop's zeros included, before
+    batch normalisation), bound fractions of the raw ones; ``log_seq``: the sequence log ratios (sequence
+    level), else None."""
+    thr = float(rc.rollout_is_threshold)
+    lower = rc.rollout_is_threshold_lower
+    lo_m = lower if lower is not None else 1.0 / thr  # verl's default lower bound of the fractions
+    dt = raw.dtype
+    metrics["rollout_is_mean"] = _mean(w, valid)
+    if log_seq is None:
+        metrics["rollout_is_max"] = _max(w, valid)
+        metrics["rollout_is_min"] = _min(w, valid)
+        metrics["rollout_is_ratio_fraction_high"] = _mean((raw > thr).to(dt), valid)
+        metrics["rollout_is_ratio_fraction_low"] = _mean((raw < lo_m).to(dt), valid)
+    else:  # verl: from the sequence log ratios (max / min unclamped but for exp's overflow)
+        metrics["rollout_is_max"] = torch.where(seq_valid.any(), torch.exp(_max(log_seq, seq_valid).clamp(
+            max=SAFETY_BOUND)), raw.new_zeros(()))
+        metrics["rollout_is_min"] = torch.where(seq_valid.any(), torch.exp(_min(log_seq, seq_valid)),
+                                                raw.new_zeros(()))
+        metrics["rollout_is_ratio_fraction_high"] = _mean((log_seq > math.log(thr)).to(dt), seq_valid)
+        low_log = math.log(lo_m) if lo_m > 0 else -math.inf
+        metrics["rollout_is_ratio_fraction_low"] = _mean((log_seq < low_log).to(dt), seq_valid)
+    # w already lies in [0, C_max] (verl clamps it there for std and ESS)
+    metrics["rollout_is_std"] = _pop_std(w, valid)
+    q = _mean((w / (_mean(w, valid) + 1e-8)).square(), valid)
+    # no weight left (empty batch, or every one masked to 0): 0, where verl divides by 0
+    metrics["rollout_is_eff_sample_size"] = torch.where(q > 0, 1.0 / torch.where(q > 0, q, torch.ones_like(q)),
+                                                        torch.zeros_like(q))
+    _seq_summary(metrics, "rollout_is_", seg.seq_sum(w) / (n_tok + 1e-8), seq_valid, 1.0)
+    raw_seq = seg.seq_sum(raw) / (n_tok + 1e-8)  # raw per-sequence means: the truncated ones never exceed C_max
+    metrics["rollout_is_seq_fraction_high"] = _mean((raw_seq > thr).to(dt), seq_valid)
+    metrics["rollout_is_seq_fraction_low"] = _mean((raw_seq < lo_m).to(dt), seq_valid)
+    if rc.rollout_is_mode == "mask":
+        oob = raw > thr
+        if lower is not None:
+            oob = oob | (raw < lower)
+        metrics["rollout_is_oob_ratio"] = _mean(oob.to(dt), valid)
 
 
 def _rs_keep(rc, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_metrics):
@@ -399,21 +454,31 @@ def _rs_keep(rc, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_metrics):
         if spec.lower is not None:
             ok = ok & (level_tok >= spec.lower)
         keep = keep & ok
-        if with_metrics:
+        if with_metrics:  # verl's compute_rs_metrics
             p = f"rollout_rs_{spec.name}_"
+            is_k1 = spec.lower is not None
             metrics[p + "mean"] = _mean(level_tok, valid)
             if seq_stat is None:
                 metrics[p + "max"] = _max(level_tok, valid)
                 metrics[p + "min"] = _min(level_tok, valid)
                 metrics[p + "fraction_high"] = _mean((level_tok > spec.upper).to(dt), valid)
-                low = (level_tok < spec.lower).to(dt) if spec.lower is not None else torch.zeros_like(level_tok)
+                low = (level_tok < spec.lower).to(dt) if is_k1 else torch.zeros_like(level_tok)
                 metrics[p + "fraction_low"] = _mean(low, valid)
+                seq_vals = seg.seq_sum(tok) / (n_tok + 1e-8)  # a token option's per-sequence means
             else:
                 metrics[p + "max"] = _max(seq_stat, seq_valid)
                 metrics[p + "min"] = _min(seq_stat, seq_valid)
                 metrics[p + "fraction_high"] = _mean((seq_stat > spec.upper).to(dt), seq_valid)
-                low = (seq_stat < spec.lower).to(dt) if spec.lower is not None else torch.zeros_like(seq_stat)
+                low = (seq_stat < spec.lower).to(dt) if is_k1 else torch.zeros_like(seq_stat)
                 metrics[p + "fraction_low"] = _mean(low, seq_valid)
+                seq_vals = seq_stat
+            # token-weighted, on the statistic clamped to the option's bounds (k2 / k3: [0, upper])
+            clamped = level_tok.clamp(min=spec.lower if is_k1 else 0.0, max=spec.upper)
+            metrics[p + "std"] = _pop_std(clamped, valid)
+            _seq_summary(metrics, p, seq_vals, seq_valid, 0.0)
+            metrics[p + "seq_fraction_high"] = _mean((seq_vals > spec.upper).to(dt), seq_valid)
+            if is_k1:
+                metrics[p + "seq_fraction_low"] = _mean((seq_vals < spec.lower).to(dt), seq_valid)
             metrics[p + "masked_fraction"] = _mean((~ok).to(dt), valid)
             rejected = seg.seq_sum(((~ok) & valid).to(dt)) > 0
             metrics[p + "seq_masked_fraction"] = _mean(rejected.to(dt), seq_valid)

@@ -317,6 +317,56 @@ def test_rejection_removes_tokens_from_loss_and_denominators():
         torch.testing.assert_close(x, y)
 
 
+def _is_batch(ratios):
+    """One row per list of raw IS ratios (padded with masked tokens); ``old - rollout = log ratio``."""
+    T = max(len(r) for r in ratios)
+    lr = torch.zeros(len(ratios), T, dtype=F64)
+    mask = torch.zeros(len(ratios), T, dtype=torch.bool)
+    for i, r in enumerate(ratios):
+        lr[i, :len(r)] = torch.tensor(r, dtype=F64).log()
+        mask[i, :len(r)] = True
+    ro = torch.full_like(lr, -2.0)
+    return dict(logp=ro.clone(), old_logp=ro + lr, advantages=torch.ones(len(ratios), dtype=F64), mask=mask,
+                rollout_logp=ro)
+
+
+def test_is_metrics_use_the_applied_weights():
+    """verl's compute_is_metrics, by hand: mean / max / min / std / ESS / seq_* of the applied weights (IcePop:
+    zeroed outside [0.8, 2]), ratio_fraction_* / seq_fraction_* / oob_ratio of the raw ones."""
+    rc = RolloutCorrection(rollout_is="token", rollout_is_threshold=2.0, rollout_is_threshold_lower=0.8,
+                           rollout_is_mode="mask")
+    _, m = policy_loss(**_is_batch([[0.5, 1.0, 1.5, 3.0], [0.25, 1.0]]), config=PolicyLossConfig(
+        rollout_correction=rc))
+    m = {k[len("rollout_corr/rollout_is_"):]: v.item() for k, v in m.items() if k.startswith("rollout_corr/rollout_is")}
+    w = [0.0, 1.0, 1.5, 0.0, 0.0, 1.0]
+    mw = sum(w) / 6
+    seq = [2.5 / 4, 1.0 / 2]
+    want = dict(mean=mw, max=1.5, min=0.0, std=math.sqrt(sum(x * x for x in w) / 6 - mw * mw),
+                eff_sample_size=mw * mw / (sum(x * x for x in w) / 6), ratio_fraction_high=1 / 6,
+                ratio_fraction_low=2 / 6, seq_mean=sum(seq) / 2, seq_std=abs(seq[0] - seq[1]) / math.sqrt(2),
+                seq_max=seq[0], seq_min=seq[1], seq_max_deviation=0.5, seq_fraction_high=0.0,
+                seq_fraction_low=0.5, oob_ratio=3 / 6)
+    assert set(m) == set(want)
+    for k, v in want.items():
+        assert m[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
+    # every weight zeroed: ESS 0 (verl divides by 0), nothing NaN
+    _, m = policy_loss(**_is_batch([[3.0, 0.5], [4.0]]), config=PolicyLossConfig(rollout_correction=rc))
+    assert m["rollout_corr/rollout_is_eff_sample_size"].item() == 0.0
+    assert m["rollout_corr/rollout_is_mean"].item() == 0.0 and m["rollout_corr/rollout_is_oob_ratio"].item() == 1.0
+    assert all(math.isfinite(v.item()) for v in m.values())
+
+
+def test_rs_metric_names_follow_verl():
+    """Per option: verl's std and seq_* metrics; seq_fraction_low only for the k1 options."""
+    names = RolloutCorrection(rollout_rs="token_k1,seq_max_k2", rollout_rs_threshold="0.5_2.0,0.1").metric_names()
+    for opt, k1 in (("token_k1", True), ("seq_max_k2", False)):
+        p = f"rollout_corr/rollout_rs_{opt}_"
+        for m in ("std", "seq_mean", "seq_std", "seq_max", "seq_min", "seq_max_deviation", "seq_fraction_high"):
+            assert p + m in names
+        assert (p + "seq_fraction_low" in names) == k1
+    assert "rollout_corr/rollout_is_oob_ratio" not in RolloutCorrection(rollout_is="token").metric_names()
+
+
 def test_threshold_syntax():
     from fusedrl.rollout import _parse_rs
 

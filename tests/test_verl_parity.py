@@ -155,6 +155,8 @@ def _check_rollout_metrics(fused: dict, ref: dict, msg: str):
     """fusedrl's ``rollout_corr/...`` metrics: each one of verl's names, with verl's value."""
     got = {k: v for k, v in fused.items() if k.startswith("rollout_corr/")}
     assert got, f"{msg}: no rollout_corr metrics"
+    missing = {k for k in ref if k.startswith("rollout_corr/")} - set(got)
+    assert not missing, f"{msg}: verl's {sorted(missing)} not reported"
     for k, v in got.items():
         assert k in ref, f"{msg}: {k} is not one of verl's metrics"
         v = v.item() if isinstance(v, torch.Tensor) else v
@@ -251,15 +253,12 @@ def test_rollout_correction_matches_verl(rc, agg):
         assert m2[k].item() == pytest.approx(m1[f"actor/{k}"], rel=1e-5, abs=1e-6), k
 
 
-_RAW_IS_METRICS = ("fusedrl/rollout.py reports rollout_is_mean / _max / _std / _eff_sample_size / _seq_* from the raw "
-                   "weights; verl 0.9.1's compute_is_metrics uses the truncated (IcePop: zeroed) weights")
-
-
-@pytest.mark.parametrize("rc", [pytest.param(rc, marks=pytest.mark.xfail(strict=True, reason=_RAW_IS_METRICS))
-                                if rc.get("rollout_is") else rc for rc in RC], ids=_rc_id)
-def test_rollout_correction_metrics_match_verl(rc):
-    """verl's rollout_corr/... names and values (no fully masked row: verl averages some over rows)."""
-    lp, old, rollout, adv, mask = _rollout_batch()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rc", RC, ids=_rc_id)
+def test_rollout_correction_metrics_match_verl(rc, dtype):
+    """verl's rollout_corr/... names and values, every one of them both ways (no fully masked row: verl
+    averages some over rows); float64 shows verl's masked_mean epsilon in the stds of equal values."""
+    lp, old, rollout, adv, mask = (t.to(dtype) for t in _rollout_batch())
     mask[2] = 1.0
     full = _verl_rc(rc)
     _, _, ref = rch.compute_rollout_correction_and_rejection_mask(
