@@ -40,7 +40,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .backends import torch_backend
-from .backends import resolve
+from .backends._onepass import OnePassHead
 from .ops import _split_temperature
 from .loss import (SELECTION_MODES, PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok,
                    metric_names)
@@ -215,25 +215,6 @@ def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class KernelHead(NamedTuple):
-    """The head of a fused epilogue kernel (docs/one-pass.md): scalars and per-token fp32 inputs."""
-
-    mode: int
-    clip_lo: float
-    clip_hi: float
-    clip_c: float
-    dual: bool
-    ent_coef: float
-    kl_coef: float
-    kl_type: int
-    kl_st: bool
-    old: Tensor
-    adv: Tensor
-    weight: Tensor
-    ref: Optional[Tensor]
-    need_ent: bool
-
-
 def _kernel_head_scalars(cfg: PolicyLossConfig) -> Optional[dict]:
     """The kernel formula set for the config, or None (the torch epilogue then serves it)."""
     if not kernel_head_ok(cfg):
@@ -401,7 +382,7 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         tc = targets[a:b]
         tr = temperature[a:b].to(cdt) if per_token else temperature
         if kmod is not None:
-            kh = getattr(kmod, "OnePassHead", KernelHead)(
+            kh = OnePassHead(
                 old=head.old[a:b].float(), adv=head.adv[a:b].float(), weight=wt[a:b],
                 ref=None if head.ref is None else head.ref[a:b].float(), need_ent=need_ent, **kscalars)
             lp_c, ent_c, lse_c, _, _ = kmod.onepass_epilogue(u, tc, bias, tr, softcap, kh,

@@ -516,15 +516,15 @@ def test_fp64_falls_back_to_exact_path():
 # --------------------------------------------------------------------------------------------
 def test_temperature_argument_forms():
     """CPU-side: what the launchers accept as `temperature` and what they hand the kernels."""
-    assert cb._temperature(0.7, 5, torch.device("cpu"), "f") == (0.7, None)
-    assert cb._temperature(2, 5, torch.device("cpu"), "f") == (2.0, None)
+    assert cb.check_temperature(0.7, 5, torch.device("cpu"), "f") == (0.7, None)
+    assert cb.check_temperature(2, 5, torch.device("cpu"), "f") == (2.0, None)
     T = torch.tensor([0.5, 1.0, 1.5, 0.25, 2.0], dtype=torch.float64)
-    s, rows = cb._temperature(T[None, :][0], 5, torch.device("cpu"), "f")
+    s, rows = cb.check_temperature(T[None, :][0], 5, torch.device("cpu"), "f")
     assert s == 1.0 and rows.dtype == torch.float32 and rows.is_contiguous() and torch.equal(rows, T.float())
     for bad in (torch.ones(4), torch.ones(5, 1), torch.ones(()), torch.ones(5, dtype=torch.bool),
                 torch.ones(5, device="meta"), "x", None, 0.0, -2.0, float("nan")):
         with pytest.raises(ValueError, match="temperature"):
-            cb._temperature(bad, 5, torch.device("cpu"), "f")
+            cb.check_temperature(bad, 5, torch.device("cpu"), "f")
 
 
 def _temps(n, seed=5, device=DEV):

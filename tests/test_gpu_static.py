@@ -4,7 +4,10 @@ Triton: each kernel launch the launchers really make is recorded (the launchers 
 tensors with the kernels swapped for recorders and the device facts of an H100 / A100 patched in),
 at the headline shape (N=8192, H=4096, V=151936: the divisibility hints the JIT gives such a launch)
 and at an odd one (N=37, H=123, V=1003: no hints; bf16 only), in bf16, fp16 and fp32, with the pinned block
-configs and every autotune config. Each distinct launch becomes a case: the kernel's signature is
+configs and every autotune config. Per-token temperature (HAS_TEMP_VEC) adds the variant of each
+kernel the launchers make with a temperature tensor, at the aligned shape, pinned configs, bf16 (plus the
+one-pass epilogue without a 16-bit du copy, as fp32 inputs run it): the per-row 1/T is one [BLOCK_N] load
+that changes no tile, shared memory or dot lowering, and 16-bit spills are what the gate asserts. Each distinct launch becomes a case: the kernel's signature is
 built the way ``triton.runtime.jit`` specialises arguments (ints equal to 1 become constants, ints
 divisible by 16 and 16-byte-aligned pointers get a divisibility hint, nothing else about a value
 is used: shapes stay symbolic) and compiled with triton's own AOT entry points
@@ -126,7 +129,8 @@ def _spec(fn, args, kwargs):
 
 
 def _scenarios(tb, th, dtype):
-    """Call every launcher on meta tensors: the launches they make are recorded."""
+    """Call every launcher on meta tensors: the launches they make are recorded. Yields (shape tag,
+    call) or (shape tag, call, False) for scenarios whose launches get no autotune expansion."""
     import torch
     meta = torch.device("meta")
     f32 = torch.float32
@@ -158,6 +162,18 @@ def _scenarios(tb, th, dtype):
                                   kl_coef=kl, kl_type=3, kl_st=False, old=g, adv=g, weight=g,
                                   ref=g if kl else None, need_ent=bool(ent_c))
             yield tag, lambda bb=bias, cc=cap, hh=head: tb.onepass_epilogue(u, t, bb, 0.7, cc, hh, du16=du16)
+        if tag == "aligned" and dtype != torch.float16:
+            # per-token temperature (fp32 [N]): the HAS_TEMP_VEC variants, pinned configs only
+            tv = E(n, dt=f32)
+            if dtype == torch.bfloat16:
+                yield tag, lambda: tb.forward(x, w, t, b, tv, 30.0, True), False
+                yield tag, lambda: tb.backward(x, w, t, b, tv, 30.0, lse, ent, g, g), False
+                yield tag, lambda: tb.backward(x, w, t, b, tv, 30.0, lse, ent, g, g, deterministic=False), False
+                yield tag, lambda: tb.logits_forward(lg, t, tv, 30.0, True), False
+                yield tag, lambda: tb.logits_backward(lg, t, tv, 30.0, lse, ent, g, g, inplace=True), False
+            head = tb.OnePassHead(mode=0, clip_lo=0.8, clip_hi=1.28, clip_c=3.0, dual=True, ent_coef=0.01,
+                                  kl_coef=0.1, kl_type=3, kl_st=False, old=g, adv=g, weight=g, ref=g, need_ent=True)
+            yield tag, lambda: tb.onepass_epilogue(u, t, b, tv, 30.0, head, du16=du16), False
     # the standalone vanilla head (per-token, shape-free)
     lp = torch.empty(8192, dtype=dtype, device=meta)
     mask = torch.empty(8192, dtype=torch.bool, device=meta)
@@ -224,13 +240,13 @@ def collect_cases():
         try:
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 dname = _DTYPE_NAMES[str(dtype).replace("torch.", "")]
-                for tag, call in _scenarios(tb, th, dtype):
+                for tag, call, *no_tune in _scenarios(tb, th, dtype):
                     start = len(log)
                     call()
                     for mname, kname, fn, args, kwargs in log[start:]:
                         rec = dict(module=mname, kernel=kname, args=args, kwargs=kwargs, fn=fn)
                         variants = [("pinned", kwargs)]
-                        if kname in ("_fwd_kernel", "_du_kernel", "_gemm_kernel") and tag == "aligned":
+                        if kname in ("_fwd_kernel", "_du_kernel", "_gemm_kernel") and tag == "aligned" and not no_tune:
                             variants += [("tune", kw) for kw in _expand_tune(tb, rec, family, dtype == torch.float32)]
                         for cfg_tag, kw in variants:
                             sig, consts, hints = _spec(fn, args, kw)

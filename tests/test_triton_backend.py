@@ -448,6 +448,150 @@ def test_is_available_and_dtypes():
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-token temperature (issue 14 item 5): T_n per row, in every kernel and schedule
+# ----------------------------------------------------------------------------------------------
+
+
+def _temps(n, seed=0):
+    return 0.3 + 1.7 * torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _ninf_case(n, h, v, dtype, seed):
+    """make_case with bias, two -inf bias columns (masked vocabulary; no target there)."""
+    x, w, b, t = make_case(n, h, v, dtype, bias=True, scale=4.0, seed=seed)
+    b[5] = b[v - 2] = -float("inf")
+    t = torch.where((t == 5) | (t == v - 2), torch.full_like(t, 6), t)
+    return x, w, b, t
+
+
+def _eager_masked(x, w, t, b, temperature, cap):
+    """eager_lowprec (logits in the input dtype) with p log p = 0 at p = 0 (-inf columns)."""
+    u = x @ w.t() + b
+    if cap is not None:
+        u = cap * torch.tanh(u / cap)
+    lsm = torch.log_softmax(u / temperature, -1)
+    p = lsm.exp()
+    return lsm.gather(-1, t[:, None])[:, 0], -(p * torch.where(p > 0, lsm, torch.zeros_like(lsm))).sum(-1)
+
+
+# name: (N, H, V, backward opts); the small-block schedules run many token / vocab / H blocks, 3 vocab
+# splits, several vocab chunks (dx accumulated across them) or the lean token-chunk pass (rows n0 > 0)
+PT_SCHEDULES = {
+    "default": (37, 24, 507, {}),
+    "splits-chunks": (40, 123, 1003, dict(triton_config=SMALL, vocab_splits=3, workspace_mb=0.07)),
+    "lean-token-chunks": (40, 123, 1003, dict(triton_config=SMALL, workspace_mb=0.05, memory_budget_mb=0)),
+    "atomic": (37, 24, 507, dict(deterministic=False)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cap", [None, 30.0], ids=["nocap", "cap30"])
+@pytest.mark.parametrize("sched", list(PT_SCHEDULES))
+def test_per_token_temperature_matches_reference(sched, cap, dtype):
+    """z = softcap(x W^T + b) / T_n with one T per row, bias with -inf columns: logp, entropy and
+    dx / dW / db against the fp64 reference (CCE bound: eager in the input dtype with the same T_n)."""
+    n, h, v, opts = PT_SCHEDULES[sched]
+    x, w, b, t = _to(*_ninf_case(n, h, v, dtype, seed=21))
+    temp = _temps(n, 22).to(DEV)
+    fwd_opts = {k: o for k, o in opts.items() if k in ("triton_config", "vocab_splits")}
+    lp, H, lse = _fwd(x, w, t, b, temp, cap, True, **fwd_opts)
+    col = temp.cpu()[:, None]  # one temperature per row, broadcast over the vocabulary
+    r_lp, r_ent = ref64(x.cpu(), w.cpu(), t.cpu(), b.cpu(), col, cap)
+    lows = [q.cpu().clone().requires_grad_() for q in (x, w, b)]
+    lo_lp, lo_ent = _eager_masked(lows[0], lows[1], t.cpu(), lows[2], col.to(dtype), cap)
+    assert_cce("logp", lp.cpu(), r_lp, lo_lp.detach(), dtype)
+    assert_cce("entropy", H.cpu(), r_ent, lo_ent.detach(), dtype)
+    g = torch.Generator().manual_seed(23)
+    g_lp, g_H = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+    if "memory_budget_mb" in opts:  # the lean schedule really runs token chunks (rows n0 > 0)
+        _, single, nc = tb._plan(n, h, v, dtype, True, True, tb._config(x.device, opts), opts, x.device)
+        assert not single and nc < n
+    got = tb.backward(x, w, t, b, temp, cap, lse, H, g_lp, g_H, **opts)
+    assert all(torch.isfinite(q).all() for q in got)
+    l64 = [q.detach().cpu().double().requires_grad_() for q in (x, w, b)]
+    r_lp, r_ent = reference.linear_logprob_entropy(l64[0], l64[1], t.cpu(), l64[2], col.double(), cap)
+    want = _grads(r_lp, r_ent, l64, g_lp.cpu(), g_H.cpu())
+    low = _grads(lo_lp.float(), lo_ent.float(), lows, g_lp.cpu(), g_H.cpu())
+    _check_grads(got, want, low, dtype)
+    if cap is None:  # masked columns: no gradient
+        assert not got[1][[5, v - 2]].any() and not got[2][[5, v - 2]].any()
+
+
+@pytest.mark.parametrize("cap", [None, 30.0], ids=["nocap", "cap30"])
+def test_per_token_temperature_equal_vector_is_scalar_bitwise(cap):
+    """An all-equal vector of an fp32-exact T runs the scalar path's arithmetic: forward, both
+    backwards (deterministic, lean, atomic) and the logits path, bit for bit."""
+    n, h, v = 40, 123, 1003
+    x, w, b, t = _to(*_ninf_case(n, h, v, torch.bfloat16, seed=24))
+    T, vec = 0.75, torch.full((n,), 0.75, device=DEV)
+    fs, fv = tb.forward(x, w, t, b, T, cap, True, vocab_splits=3), tb.forward(x, w, t, b, vec, cap, True, vocab_splits=3)
+    for a, e in zip(fs, fv):
+        assert torch.equal(a, e)
+    lse, _, ent = fs
+    g_lp, g_H = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
+    for opts in (dict(), dict(triton_config=SMALL, workspace_mb=0.05, memory_budget_mb=0), dict(deterministic=False)):
+        for a, e in zip(tb.backward(x, w, t, b, T, cap, lse, ent, g_lp, g_H, **opts),
+                        tb.backward(x, w, t, b, vec, cap, lse, ent, g_lp, g_H, **opts)):
+            assert torch.equal(a, e), opts
+    logits = (torch.randn(n, v) * 4).to(DEV)
+    ls, lv = tb.logits_forward(logits, t, T, cap, True), tb.logits_forward(logits, t, vec, cap, True)
+    for a, e in zip(ls, lv):
+        assert torch.equal(a, e)
+    assert torch.equal(tb.logits_backward(logits, t, T, cap, ls[0], ls[2], g_lp, g_H),
+                       tb.logits_backward(logits, t, vec, cap, ls[0], ls[2], g_lp, g_H))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cap", [None, 30.0], ids=["nocap", "cap30"])
+def test_logits_per_token_temperature(cap, dtype):
+    """The logits path with one T per row (forward, backward, in place) against fp64 autograd."""
+    n, v = 37, 1003
+    g = torch.Generator().manual_seed(25)
+    logits = (torch.randn(n, v, generator=g) * 4).to(dtype).to(DEV)
+    t = torch.randint(0, v, (n,), generator=g).to(DEV)
+    temp = _temps(n, 26).to(DEV)
+    lse, zt, H = tb.logits_forward(logits, t, temp, cap, True)
+    col = temp.cpu().double()[:, None]
+    leaf = logits.cpu().double().requires_grad_()
+    r_lp, r_ent = reference.logprob_entropy(leaf, t.cpu(), col, cap)
+    assert err((zt - lse).cpu(), r_lp) < 2e-5 * (1 + r_lp.abs().max().item())
+    assert err(H.cpu(), r_ent) < 2e-5 * (1 + r_ent.abs().max().item())
+    g_lp, g_H = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
+    (want,) = _grads(r_lp, r_ent, [leaf], g_lp.cpu(), g_H.cpu())
+    out = tb.logits_backward(logits, t, temp, cap, lse, H, g_lp, g_H)
+    tol = (1e-5 if dtype == torch.float32 else 2.0 ** -7) * want.abs().max().item()
+    assert out.dtype == dtype and err(out.cpu(), want) <= tol
+    buf = logits.clone()
+    assert torch.equal(tb.logits_backward(buf, t, temp, cap, lse, H, g_lp, g_H, inplace=True), out)
+
+
+def test_temperature_argument_validation():
+    """Every launcher checks ``temperature``: a float > 0 or a real [N] tensor on the rows' device."""
+    n = 5
+    x, w, b, t = _to(*make_case(n, 24, 507, torch.float32, bias=True))
+    e = torch.zeros(n, device=DEV)
+    logits = torch.randn(n, 507, device=DEV)
+    bad = [torch.ones(n + 1), torch.ones(n, 1), torch.ones(()), torch.ones(n, dtype=torch.bool),
+           torch.ones(n, device="meta"), "hot", None, 0.0, -1.0, float("nan")]
+    for T in bad:
+        T = T.to(DEV) if isinstance(T, torch.Tensor) and T.device.type != "meta" else T
+        calls = (lambda: tb.forward(x, w, t, b, T, None, True),
+                 lambda: tb.backward(x, w, t, b, T, None, e, e, e, e),
+                 lambda: tb.backward(x, w, t, b, T, None, e, e, e, e, deterministic=False),
+                 lambda: tb.logits_forward(logits, t, T, None, True),
+                 lambda: tb.logits_backward(logits, t, T, None, e, e, e, e))
+        for call in calls:
+            with pytest.raises(ValueError, match="temperature"):
+                call()
+    # other real dtypes and strides are accepted (a contiguous fp32 copy)
+    temp = torch.tensor([0.5, 1.0, 1.5, 0.25, 2.0], device=DEV)
+    want = tb.forward(x, w, t, b, temp, None, True)
+    for form in (temp.double(), temp.half(), torch.stack([temp, temp], 1)[:, 0]):
+        for a, o in zip(want, tb.forward(x, w, t, b, form, None, True)):
+            assert torch.equal(a, o)
+
+
+# ----------------------------------------------------------------------------------------------
 # CUDA only: production shapes (skipped without a GPU)
 # ----------------------------------------------------------------------------------------------
 

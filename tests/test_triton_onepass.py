@@ -92,7 +92,7 @@ def _oracle(u, targets, bias, T, c, head):
     uu = u64 if bias is None else u64 + bias.double()
     if c is not None:
         uu = c * torch.tanh(uu / c)
-    z = uu / T
+    z = uu / (T.double()[:, None] if isinstance(T, torch.Tensor) else T)  # per-token T: one per row
     lse = torch.logsumexp(z, -1)
     lsm = z - lse[:, None]
     p = lsm.exp()
@@ -165,7 +165,8 @@ def _check(u, t, b, T, c, head, du16_dtype=None, rtol=1e-5, opts=None):
     du16 = torch.full(ws.shape, 7.0, dtype=du16_dtype, device=DEV) if du16_dtype else None
     dev_head = head._replace(**{k: getattr(head, k).to(DEV) for k in ("old", "adv", "weight", "ref")
                                 if getattr(head, k) is not None})
-    logp, ent, lse, g_lp, g_h = tb.onepass_epilogue(ws, t.to(DEV), None if b is None else b.to(DEV), T, c,
+    temp = T.to(DEV) if isinstance(T, torch.Tensor) else T
+    logp, ent, lse, g_lp, g_h = tb.onepass_epilogue(ws, t.to(DEV), None if b is None else b.to(DEV), temp, c,
                                                     dev_head, du16=du16, **(OPTS if opts is None else opts))
     r_lp, r_ent, r_lse, r_glp, r_gh, r_du = _oracle(u, t, b, T, c, head)
     for out in (logp, lse, g_lp):
@@ -311,24 +312,88 @@ def test_bad_inputs_raise():
     u, t, b, old, adv, ref, w = _make(4, 507, seed=70, masked=False)
     u, t, b = u.to(DEV), t.to(DEV), b.to(DEV)
     head = _head(old.to(DEV), adv.to(DEV), ref.to(DEV), w.to(DEV))
-    with pytest.raises(ValueError, match="u must be"):
+    with pytest.raises(TypeError, match="u must be"):
         tb.onepass_epilogue(u.double(), t, b, 1.0, None, head)
     with pytest.raises(ValueError, match="head.mode"):
         tb.onepass_epilogue(u, t, b, 1.0, None, head._replace(mode="ppo"))
     with pytest.raises(ValueError, match="head.kl_type"):
         tb.onepass_epilogue(u, t, b, 1.0, None, head._replace(kl_type=7))
-    with pytest.raises(TypeError, match="head.ref"):
+    with pytest.raises(ValueError, match="head.ref"):
         tb.onepass_epilogue(u, t, b, 1.0, None, head._replace(ref=None))
     with pytest.raises(ValueError, match="head.weight"):
         tb.onepass_epilogue(u, t, b, 1.0, None, head._replace(weight=w[:3].to(DEV)))
     with pytest.raises(ValueError, match="clip_c"):
         tb.onepass_epilogue(u, t, b, 1.0, None, head._replace(clip_c=None))
-    with pytest.raises(ValueError, match="du16"):
+    with pytest.raises(TypeError, match="du16"):
         tb.onepass_epilogue(u, t, b, 1.0, None, head, du16=torch.empty(4, 507, device=DEV))
+    with pytest.raises(ValueError, match="du16"):
+        tb.onepass_epilogue(u, t, b, 1.0, None, head, du16=torch.empty(4, 500, dtype=torch.bfloat16, device=DEV))
     with pytest.raises(ValueError, match="bias"):
         tb.onepass_epilogue(u, t, b[:5], 1.0, None, head)
     with pytest.raises(TypeError, match="OnePassHead"):
         tb.onepass_epilogue(u, t, b, 1.0, None, tuple(head))
+    with pytest.raises(TypeError, match="targets"):
+        tb.onepass_epilogue(u, t.float(), b, 1.0, None, head)
+    with pytest.raises(ValueError, match="softcap"):
+        tb.onepass_epilogue(u, t, b, 1.0, 0.0, head)
+    for T in (0.0, -1.0, None, torch.ones(5, device=DEV), torch.ones(4, 1, device=DEV),
+              torch.ones(4, dtype=torch.bool, device=DEV), torch.ones(4, device="meta")):
+        with pytest.raises(ValueError, match="temperature"):
+            tb.onepass_epilogue(u.clone(), t, b, T, None, head)
+
+
+def test_head_is_shared_with_the_cuda_backend():
+    """One definition of the head and its code tables (fusedrl/backends/_onepass.py), re-exported by
+    both kernel backends; a head of the other backend's (or any object with the fields) is accepted."""
+    from fusedrl.backends import _onepass, cuda_backend as cb
+
+    assert tb.OnePassHead is cb.OnePassHead is _onepass.OnePassHead
+    assert tb.HEAD_MODES is cb.HEAD_MODES and tb.KL_TYPES is cb.KL_TYPES
+    u, t, b, old, adv, ref, w = _make(12, 507, seed=71)
+    head = _head(old, adv, ref, w)
+    import collections
+
+    duck = collections.namedtuple("DuckHead", head._fields)(**head._asdict())  # any object with the fields
+    a = tb.onepass_epilogue(u.clone().to(DEV), t.to(DEV), b.to(DEV), 0.7, None, _to_dev(head), **OPTS)
+    e = tb.onepass_epilogue(u.clone().to(DEV), t.to(DEV), b.to(DEV), 0.7, None, _to_dev(duck), **OPTS)
+    for x, y in zip(a, e):
+        assert torch.equal(x, y)
+
+
+def _to_dev(head):
+    return head._replace(**{k: getattr(head, k).to(DEV) for k in ("old", "adv", "weight", "ref")
+                            if getattr(head, k) is not None})
+
+
+def _temps(n, seed):
+    return 0.3 + 1.7 * torch.rand(n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cap", [None, 5.0], ids=["nocap", "cap5"])
+@pytest.mark.parametrize("rows", ["rows8", "rows1"])
+def test_per_token_temperature(rows, cap):
+    """One T per row (z = softcap(u + b) / T_n, du = dz softcap'(u + b) / T_n) with -inf bias columns,
+    an entropy bonus, a KL term and masked rows, against the fp64 oracle; both block configs."""
+    u, t, b, old, adv, ref, w = _make(37, 1003, seed=72, ninf_cols=(0, 5, 1002))
+    T = _temps(37, 73)
+    ws, _ = _check(u, t, b, T, cap, _head(old, adv, ref, w, ent_coef=0.05), du16_dtype=torch.bfloat16,
+                   opts=OPTS if rows == "rows8" else ROW_OPTS)
+    if cap is None:
+        assert (ws.cpu()[:, [0, 5, 1002]] == 0).all()
+
+
+@pytest.mark.parametrize("cap", [None, 5.0], ids=["nocap", "cap5"])
+def test_per_token_temperature_equal_vector_is_scalar_bitwise(cap):
+    """An all-equal vector of an fp32-exact T gives the scalar path's outputs bit for bit (du, its
+    16-bit copy, logp, entropy, LSE, g_lp, g_H)."""
+    u, t, b, old, adv, ref, w = _make(37, 1003, seed=74, ninf_cols=(3,))
+    head = _to_dev(_head(old, adv, ref, w, ent_coef=0.05))
+    outs = []
+    for temp in (0.75, torch.full((37,), 0.75, device=DEV)):
+        ws, d16 = u.clone().to(DEV), torch.empty(u.shape, dtype=torch.float16, device=DEV)
+        outs.append(list(tb.onepass_epilogue(ws, t.to(DEV), b.to(DEV), temp, cap, head, du16=d16, **OPTS)) + [ws, d16])
+    for x, y in zip(*outs):
+        assert torch.equal(x, y)
 
 
 def test_tie_rules_match_torch_fp32():

@@ -41,9 +41,11 @@ import json
 import os
 import sys
 import threading
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
+
+from ._onepass import HEAD_MODES, KL_TYPES, OnePassHead, check_epilogue, check_temperature  # noqa: F401
 
 Tensor = torch.Tensor
 
@@ -275,31 +277,6 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _temperature(temperature, n: int, device: torch.device, where: str) -> Tuple[float, Optional[Tensor]]:
-    """``(scalar, per_token)`` from a backend ``temperature``: a number > 0 gives ``(T, None)``; a
-    tensor (one temperature per row: 1-D, length ``n``, on ``device``, real dtype) gives
-    ``(1.0, fp32 contiguous copy)`` and the kernels read ``T_n`` per row. Per-token values are not
-    checked for > 0 here (that would be a host sync); non-positive ones give inf / NaN rows."""
-    if isinstance(temperature, Tensor):
-        t = temperature
-        if t.dtype == torch.bool or t.is_complex():
-            raise ValueError(f"{where}: temperature tensor must be real (fp32), got {t.dtype}")
-        if t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"{where}: per-token temperature must have shape [{n}] (one per row), "
-                             f"got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"{where}: temperature is on {t.device}, the rows on {device}")
-        return 1.0, t.detach().to(torch.float32).contiguous()
-    try:
-        v = float(temperature)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: temperature must be a float > 0 or a tensor of shape [{n}], got "
-                         f"{type(temperature).__name__}") from None
-    if not v > 0:
-        raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
-    return v, None
-
-
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
@@ -323,7 +300,7 @@ def _tf32() -> bool:
 # ----------------------------------------------------------------------------------------------
 def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
             softcap: Optional[float], return_entropy: bool, vocab_start: int = 0, **opts):
-    t_scalar, t_rows = _temperature(temperature, x.shape[0], x.device, "cuda backend forward")
+    t_scalar, t_rows = check_temperature(temperature, x.shape[0], x.device, "cuda backend forward")
     idx = _require(x.device)
     if x.dtype not in _DTYPE_CODE:  # fp64: no cuBLAS fp32-accumulating path worth having; be exact
         return _fallback().forward(x, w, targets, bias, temperature, softcap, return_entropy,
@@ -356,7 +333,7 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
              softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor],
              g_H: Optional[Tensor], vocab_start: int = 0, need_dx: bool = True, need_dw: bool = True,
              need_db: bool = True, **opts):
-    t_scalar, t_rows = _temperature(temperature, x.shape[0], x.device, "cuda backend backward")
+    t_scalar, t_rows = check_temperature(temperature, x.shape[0], x.device, "cuda backend backward")
     idx = _require(x.device)
     if x.dtype not in _DTYPE_CODE:
         return _fallback().backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H,
@@ -406,7 +383,7 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
 
 def logits_forward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],
                    return_entropy: bool):
-    t_scalar, t_rows = _temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_forward")
+    t_scalar, t_rows = check_temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_forward")
     idx = _require(logits.device)
     if logits.dtype not in _DTYPE_CODE:
         return _fallback().logits_forward(logits, targets, temperature, softcap, return_entropy)
@@ -428,7 +405,7 @@ def logits_forward(logits: Tensor, targets: Tensor, temperature: Union[float, Te
 def logits_backward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],
                     lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor], g_H: Optional[Tensor],
                     inplace: bool = False):
-    t_scalar, t_rows = _temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_backward")
+    t_scalar, t_rows = check_temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_backward")
     idx = _require(logits.device)
     if logits.dtype not in _DTYPE_CODE:
         return _fallback().logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H,
@@ -456,39 +433,8 @@ def logits_backward(logits: Tensor, targets: Tensor, temperature: Union[float, T
 # ----------------------------------------------------------------------------------------------
 # one-pass row epilogue (docs/one-pass.md; csrc/onepass.cu, host lane csrc/host_lanes.cpp)
 # ----------------------------------------------------------------------------------------------
-#: ``OnePassHead.mode`` codes (docs/one-pass.md, "Head coefficients"; csrc/head_math.h PgMode)
-HEAD_MODES = {"clipped": 0, "gpg": 1, "cispo": 2, "unclipped": 3}
-#: ``OnePassHead.kl_type`` codes (csrc/head_math.h KlType)
-KL_TYPES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
-
-
-class OnePassHead(NamedTuple):
-    """Per-chunk head of the one-pass epilogue (docs/one-pass.md).
-
-    ``mode``: 0 clipped surrogate (vanilla; Clip-Cov unselected with ``dual=False``), 1 gpg, 2 cispo,
-    3 unclipped (KL-Cov unselected), or a name of :data:`HEAD_MODES`. ``clip_lo = 1 - clip_ratio_low``,
-    ``clip_hi = 1 + clip_ratio_high``, ``clip_c`` the dual-clip bound (read when ``dual``).
-    ``kl_type``: 0 k1, 1 abs, 2 k2, 3 k3, or a name of :data:`KL_TYPES`;
-    ``kl_st`` the straight-through variants (the k2 gradient). ``old``, ``adv``, ``weight`` (the
-    aggregation weight, 0 at masked tokens, whose other entries are never read) and ``ref`` (None
-    unless ``kl_coef != 0``) are ``[Nc]`` tensors. ``need_ent``: return the entropy even without an
-    entropy bonus.
-    """
-
-    mode: Union[int, str]
-    clip_lo: float
-    clip_hi: float
-    clip_c: Optional[float]
-    dual: bool
-    ent_coef: float
-    kl_coef: float
-    kl_type: Union[int, str]
-    kl_st: bool
-    old: Tensor
-    adv: Tensor
-    weight: Tensor
-    ref: Optional[Tensor]
-    need_ent: bool
+# OnePassHead, HEAD_MODES, KL_TYPES and the argument checks are shared with the triton backend
+# (fusedrl/backends/_onepass.py); re-exported here (fusedrl/onepass.py builds ``kmod.OnePassHead``).
 
 
 _onepass_dev_ok: Dict[int, Tuple[bool, str]] = {}
@@ -507,23 +453,6 @@ def _onepass_device(t: Tensor) -> int:
     if not ok:
         raise RuntimeError(f"cuda backend unavailable: {why}")
     return idx
-
-
-def _vec(name: str, t, n: int, dev: torch.device, dtype=torch.float32) -> Tensor:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"onepass_epilogue: {name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != (n,):
-        raise ValueError(f"onepass_epilogue: {name} must have shape [{n}], got {tuple(t.shape)}")
-    if t.device != dev:
-        raise ValueError(f"onepass_epilogue: {name} is on {t.device}, the workspace u on {dev}")
-    return t.detach().to(dtype).contiguous()
-
-
-def _head_code(value, names: dict, what: str) -> int:
-    code = names.get(value) if isinstance(value, str) else value
-    if isinstance(code, bool) or not isinstance(code, int) or code not in names.values():
-        raise ValueError(f"onepass_epilogue: head.{what} must be one of {names} (name or code), got {value!r}")
-    return code
 
 
 def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
@@ -550,56 +479,21 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
     """
     if _C is None:
         raise RuntimeError(_NOT_BUILT)
-    if not isinstance(u, Tensor) or u.dtype != torch.float32 or u.dim() != 2:
-        raise TypeError(f"onepass_epilogue: u must be a 2-D float32 tensor, got "
-                        f"{getattr(u, 'dtype', type(u).__name__)} of shape {tuple(getattr(u, 'shape', ()))}")
-    nc, v = u.shape
-    if v == 0:
-        raise ValueError("onepass_epilogue: u must have at least one column (V > 0)")
-    if nc > 0 and u.stride(1) != 1 and v > 1:
-        raise ValueError(f"onepass_epilogue: u needs unit column stride, got strides {tuple(u.stride())}")
+    a = check_epilogue(u, targets, bias, temperature, softcap, head, du16)
+    nc, v = a.n, a.v
     dev = u.device
     if dev.type not in ("cpu", "cuda"):
         raise RuntimeError(f"onepass_epilogue runs on CUDA (kernel) and CPU (host loop), not {dev.type}")
-    t_scalar, t_rows = _temperature(temperature, nc, dev, "onepass_epilogue")
-    if softcap is not None and not (float(softcap) > 0):
-        raise ValueError(f"onepass_epilogue: softcap must be > 0 or None, got {softcap!r}")
-    missing = [f for f in OnePassHead._fields if not hasattr(head, f)]
-    if missing:
-        raise TypeError(f"onepass_epilogue: head lacks fields {missing} (use cuda_backend.OnePassHead)")
-    mode, kl_type = _head_code(head.mode, HEAD_MODES, "mode"), _head_code(head.kl_type, KL_TYPES, "kl_type")
-    dual = bool(head.dual)
-    if dual and head.clip_c is None:
-        raise ValueError("onepass_epilogue: head.dual needs head.clip_c")
-    kl_coef, ent_coef = float(head.kl_coef), float(head.ent_coef)
-    if kl_coef != 0.0 and head.ref is None:
-        raise ValueError("onepass_epilogue: head.kl_coef != 0 needs head.ref (reference log-probs)")
-    tg = _vec("targets", targets, nc, dev, torch.int64)
-    old, adv, weight = (_vec(f"head.{k}", getattr(head, k), nc, dev) for k in ("old", "adv", "weight"))
-    ref = _vec("head.ref", head.ref, nc, dev) if (head.ref is not None and kl_coef != 0.0) else None
-    b = _vec("bias", bias, v, dev) if bias is not None else None
-    du16_code = -1
-    if du16 is not None:
-        if not isinstance(du16, Tensor) or du16.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"onepass_epilogue: du16 must be a float16 or bfloat16 tensor, got "
-                            f"{getattr(du16, 'dtype', type(du16).__name__)}")
-        if tuple(du16.shape) != (nc, v) or du16.device != dev:
-            raise ValueError(f"onepass_epilogue: du16 must be [{nc}, {v}] on {dev}, got "
-                             f"{tuple(du16.shape)} on {du16.device}")
-        if nc > 0 and du16.stride(1) != 1 and v > 1:
-            raise ValueError(f"onepass_epilogue: du16 needs unit column stride, got {tuple(du16.stride())}")
-        du16_code = _DTYPE_CODE[du16.dtype]
-    want_ent = bool(head.need_ent) or ent_coef != 0.0
+    du16_code = _DTYPE_CODE[du16.dtype] if du16 is not None else -1
     logp, lse, g_lp, g_H = (torch.empty(nc, dtype=torch.float32, device=dev) for _ in range(4))
-    ent = torch.empty(nc, dtype=torch.float32, device=dev) if want_ent else None
+    ent = torch.empty(nc, dtype=torch.float32, device=dev) if a.has_ent else None
     if nc == 0:
         return logp, ent, lse, g_lp, g_H
-    clip_c = float(head.clip_c) if head.clip_c is not None else 1.0
     # Python floats become fp32 arguments: the rounding of torch ops with a Python scalar on fp32 tensors
-    args = (u.data_ptr(), u.stride(0) if nc > 1 else v, nc, v, tg.data_ptr(), _ptr(b), t_scalar, _ptr(t_rows),
-            float(softcap) if softcap is not None else 0.0, old.data_ptr(), adv.data_ptr(), weight.data_ptr(),
-            _ptr(ref), mode, float(head.clip_lo), float(head.clip_hi), clip_c, dual, ent_coef, kl_coef, kl_type,
-            bool(head.kl_st), logp.data_ptr(), _ptr(ent), lse.data_ptr(), g_lp.data_ptr(), g_H.data_ptr(),
+    args = (u.data_ptr(), u.stride(0) if nc > 1 else v, nc, v, a.targets.data_ptr(), _ptr(a.bias), a.temperature,
+            _ptr(a.temp_vec), a.softcap if a.softcap is not None else 0.0, a.old.data_ptr(), a.adv.data_ptr(),
+            a.weight.data_ptr(), _ptr(a.ref), a.mode, a.clip_lo, a.clip_hi, a.clip_c, a.dual, a.ent_coef, a.kl_coef,
+            a.kl_type, a.kl_st, logp.data_ptr(), _ptr(ent), lse.data_ptr(), g_lp.data_ptr(), g_H.data_ptr(),
             _ptr(du16), (du16.stride(0) if nc > 1 else v) if du16 is not None else 0, du16_code)
     if dev.type == "cuda":
         idx = _onepass_device(u)

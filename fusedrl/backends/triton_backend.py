@@ -69,7 +69,17 @@ One-pass row epilogue (``_onepass_kernel``, ``onepass_epilogue``; docs/one-pass.
     is the row epilogue over an fp32 [Nc, V] logits workspace: one program per row (no tl.dot),
     pass 1 online (M, S, B') -> LSE, H, logp; the loss head (``triton_math``: clipped surrogate,
     gpg, cispo, unclipped, KL k1/abs/k2/k3 and straight-through, entropy bonus) -> g_lp, g_H;
-    pass 2 du written in place (and optionally as bf16/fp16 for the next GEMMs).
+    pass 2 du written in place (and optionally as bf16/fp16 for the next GEMMs). The head
+    (``OnePassHead``) and the argument checks are ``_onepass.py``'s, shared with the cuda backend.
+
+Temperature
+    ``temperature`` is a float > 0 or a per-token tensor [N] (one per row, on the rows' device;
+    ``_temp`` checks it): z = softcap(u + b) / T_n, dz/du = softcap'(u + b) / T_n. Every kernel
+    takes the scalar 1/T and a pointer INV_TEMP to per-row 1/T, read iff the constexpr HAS_TEMP_VEC
+    (``_row_inv_temp``: one [BLOCK_N] load per program), so the scalar path compiles to the code
+    it had before. Row ids are global, so the token chunks of the backward read their own slice.
+    The per-token 1/T is rounded once from fp64 per call, as the scalar's: an all-equal vector of
+    an fp32-exact T reproduces the scalar path bit for bit.
 
 fp32 inputs
     ``tl.dot`` on fp32 operands uses ``input_precision="tf32x3"`` by default: three tf32
@@ -104,6 +114,8 @@ import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+
+from ._onepass import HEAD_MODES, KL_TYPES, OnePassHead, check_epilogue, check_temperature  # noqa: F401
 
 try:  # triton is optional: the registry reports the import error as the unavailability reason
     import triton
@@ -145,6 +157,19 @@ if triton is not None:
         return pid_a, pid_b
 
     @triton.jit
+    def _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC: tl.constexpr):
+        """(1/T per row [BLOCK_N], the same as a [BLOCK_N, 1] column for tiles). Per-token
+        temperature (HAS_TEMP_VEC): INV_TEMP[rows] (global row ids); else the scalar inv_temp twice,
+        so that the scalar path compiles to exactly the code it had before."""
+        if HAS_TEMP_VEC:
+            inv_row = tl.load(INV_TEMP + rows, mask=row_mask, other=1.0)
+            inv_tile = inv_row[:, None]
+        else:
+            inv_row = inv_temp
+            inv_tile = inv_temp
+        return inv_row, inv_tile
+
+    @triton.jit
     def _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
                      inv_temp, softcap,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -153,6 +178,7 @@ if triton is not None:
                      IS_INTERPRET: tl.constexpr):
         """z = softcap(x W^T + b) / T for a [BLOCK_N, BLOCK_V] tile (fp32) and t = tanh(u / c).
 
+        inv_temp: the scalar 1/T or a [BLOCK_N, 1] column of per-row 1/T (``_row_inv_temp``).
         IS_LOGITS: X holds the logits [N, V] (row stride stride_xn) and the GEMM is skipped.
         Invalid rows/columns hold finite garbage (0-filled loads); callers mask them.
         """
@@ -181,19 +207,21 @@ if triton is not None:
         return z, t
 
     @triton.jit
-    def _fwd_kernel(X, W, BIAS, TARGETS, LSE, ENT, ZT, PART_M, PART_S, PART_B,
+    def _fwd_kernel(X, W, BIAS, TARGETS, INV_TEMP, LSE, ENT, ZT, PART_M, PART_S, PART_B,
                     N, V, H, vocab_start, v_per_split, n_splits, stride_xn, stride_wv,
                     inv_temp, softcap,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_GROUP: tl.constexpr,
                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                    HAS_SPLITS: tl.constexpr, IS_LOGITS: tl.constexpr, IS_EVEN_H: tl.constexpr,
-                    IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                     IS_INTERPRET: tl.constexpr):
-        """Online (M, S, B') and target logit over one vocab split for one token block."""
+                    HAS_SPLITS: tl.constexpr, HAS_TEMP_VEC: tl.constexpr, IS_LOGITS: tl.constexpr,
+                    IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                    IS_INTERPRET: tl.constexpr):
+        """Online (M, S, B') and target logit over one vocab split for one token block
+        (HAS_TEMP_VEC: per-token 1/T from INV_TEMP [N], else the scalar inv_temp)."""
         pid_n, pid_s = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, BLOCK_GROUP)
         rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
+        _, inv_t = _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC)
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
         v_lo = pid_s.to(tl.int64) * v_per_split
         v_hi = tl.minimum(v_lo + v_per_split, V)
@@ -206,7 +234,7 @@ if triton is not None:
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < v_hi
             z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                                inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
+                                inv_t, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
                                 IS_LOGITS, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
             hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
@@ -259,7 +287,8 @@ if triton is not None:
     @triton.jit
     def _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
                  HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
-        """(du, dz) of a tile (tm.dz_du) with the per-token LSE, H, g_lp, g_H loaded from memory."""
+        """(du, dz) of a tile (tm.dz_du) with the per-token LSE, H, g_lp, g_H loaded from memory
+        (inv_temp: scalar or [BLOCK_N, 1])."""
         valid = row_mask[:, None] & col_mask[None, :]
         lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
         g_lp = tl.load(G_LP + rows, mask=row_mask, other=0.0)
@@ -273,17 +302,19 @@ if triton is not None:
         return tm.dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP, HAS_ENTROPY)
 
     @triton.jit
-    def _du_kernel(X, W, BIAS, TARGETS, LSE, ENT, G_LP, G_H, DU, FLAGS, DB_PART,
+    def _du_kernel(X, W, BIAS, TARGETS, INV_TEMP, LSE, ENT, G_LP, G_H, DU, FLAGS, DB_PART,
                    n0, n_rows, v0, n_cols, H, vocab_start, stride_xn, stride_wv, stride_du,
                    stride_flag, inv_temp, softcap, filter_eps,
                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                   HAS_FILTER: tl.constexpr, HAS_DB: tl.constexpr, IS_LOGITS: tl.constexpr,
-                   IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                     IS_INTERPRET: tl.constexpr):
+                   HAS_FILTER: tl.constexpr, HAS_DB: tl.constexpr, HAS_TEMP_VEC: tl.constexpr,
+                   IS_LOGITS: tl.constexpr, IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr,
+                   IS_IEEE: tl.constexpr, IS_INTERPRET: tl.constexpr):
         """du for the chunk rows [n0, n0+n_rows) x cols [v0, v0+n_cols) -> DU[local row, local col].
 
+        Per-row inputs (TARGETS, LSE, ..., INV_TEMP when HAS_TEMP_VEC) are indexed by the global row
+        n0 + local row: a token chunk reads its own slice of the per-token temperatures.
         HAS_FILTER: FLAGS[token block, vocab block] = max|dz| >= eps (tile not stored when 0).
         HAS_DB: DB_PART[token block, local col] = sum over the block's rows of du (fp32).
         """
@@ -295,11 +326,12 @@ if triton is not None:
         col_mask = lcols < n_cols
         rows = n0 + lrows
         cols = v0 + lcols
+        _, inv_t = _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC)
         z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                            inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
+                            inv_t, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
                             IS_LOGITS, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
-        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
+        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_t,
                           HAS_SOFTCAP, HAS_ENTROPY)
         if HAS_DB:
             tl.store(DB_PART + pid_n.to(tl.int64) * stride_du + lcols, tl.sum(du, axis=0), mask=col_mask)
@@ -377,15 +409,15 @@ if triton is not None:
             tl.store(C_LO + c_off, (acc - hi.to(tl.float32)).to(C_LO.dtype.element_ty), mask=c_mask)
 
     @triton.jit
-    def _bwd_atomic_kernel(X, W, BIAS, TARGETS, LSE, ENT, G_LP, G_H, DX, DW, DB,
+    def _bwd_atomic_kernel(X, W, BIAS, TARGETS, INV_TEMP, LSE, ENT, G_LP, G_H, DX, DW, DB,
                            N, V, H, vocab_start, stride_xn, stride_wv, inv_temp, softcap, filter_eps,
                            BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_GROUP: tl.constexpr,
                            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                            HAS_ENTROPY: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_DX: tl.constexpr,
-                           HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, IS_EVEN_H: tl.constexpr,
-                           IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                     IS_INTERPRET: tl.constexpr):
+                           HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, HAS_TEMP_VEC: tl.constexpr,
+                           IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
+                           IS_INTERPRET: tl.constexpr):
         """Fully fused, nondeterministic backward: one (token block, vocab block) tile per program,
         fp32 atomic_add of its dx / dW / db contributions (DX, DW, DB are fp32, H-contiguous)."""
         pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), BLOCK_GROUP)
@@ -393,11 +425,12 @@ if triton is not None:
         cols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_mask = rows < N
         col_mask = cols < V
+        _, inv_t = _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC)
         z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                            inv_temp, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
+                            inv_t, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
                             False, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
-        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
+        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_t,
                           HAS_SOFTCAP, HAS_ENTROPY)
         if HAS_DB:
             tl.atomic_add(DB + cols, tl.sum(du, axis=0), mask=col_mask)
@@ -431,22 +464,24 @@ if triton is not None:
     # the head codes are runtime values: no recompilation per loss config (an int equal to 1 would
     # otherwise be specialised into a constant)
     @triton.jit(do_not_specialize=["mode", "dual", "kl_type", "kl_st"])
-    def _onepass_kernel(U, TARGETS, BIAS, OLD, ADV, WEIGHT, REF, DU16, LOGP, ENT, LSE, G_LP, G_H,
+    def _onepass_kernel(U, TARGETS, BIAS, INV_TEMP, OLD, ADV, WEIGHT, REF, DU16, LOGP, ENT, LSE, G_LP, G_H,
                         n_rows, V, stride_u, stride_du16, inv_temp, softcap,
                         mode, clip_lo, clip_hi, clip_c, dual, ent_coef, kl_coef, kl_type, kl_st,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
                         HAS_ENT_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_DU16: tl.constexpr,
-                        IS_INTERPRET: tl.constexpr):
+                        HAS_TEMP_VEC: tl.constexpr, IS_INTERPRET: tl.constexpr):
         """One-pass row epilogue (docs/one-pass.md) for BLOCK_N rows of the fp32 logits workspace U.
 
         Pass 1: online (M, S, B') over the row in BLOCK_V blocks -> LSE, H; the target logit by one
         load -> logp. Head: g_lp = w (coef + kl_coef dKL/dlogp), g_H = -w ent_coef (0 where w = 0,
         whose OLD / ADV / REF are never read). Pass 2: du written over U (and as DU16's dtype into
         DU16); rows with w = 0 get du = 0 without reading U. No tl.dot: the interpreter runs it as is.
+        HAS_TEMP_VEC: the chunk's per-token 1/T from INV_TEMP [n_rows], else the scalar inv_temp.
         """
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
+        inv_row, inv_t = _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC)
         offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
         u_rows = U + rows[:, None] * stride_u
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64)
@@ -460,7 +495,7 @@ if triton is not None:
             u = tl.load(u_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
             if HAS_BIAS:
                 u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            z, t1 = tm.transform(u, inv_temp, softcap, HAS_SOFTCAP)
+            z, t1 = tm.transform(u, inv_t, softcap, HAS_SOFTCAP)
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
             m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
         lse, ent = tm.finish_stats(m, s, b)
@@ -470,7 +505,7 @@ if triton is not None:
         ut = tl.load(U + rows * stride_u + tgt, mask=t_ok, other=0.0)
         if HAS_BIAS:
             ut += tl.load(BIAS + tgt, mask=t_ok, other=0.0).to(tl.float32)
-        zt, tt = tm.transform(ut, inv_temp, softcap, HAS_SOFTCAP)
+        zt, tt = tm.transform(ut, inv_row, softcap, HAS_SOFTCAP)
         logp = tl.where(t_ok, zt, 0.0) - lse
 
         w = tl.load(WEIGHT + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -498,9 +533,9 @@ if triton is not None:
             u = tl.load(u_rows + cols[None, :], mask=valid & live[:, None], other=0.0)
             if HAS_BIAS:
                 u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            z, t = tm.transform(u, inv_temp, softcap, HAS_SOFTCAP)
+            z, t = tm.transform(u, inv_t, softcap, HAS_SOFTCAP)
             hit = (cols[None, :] == tgt[:, None]) & valid
-            du, dz = tm.dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP, HAS_ENT_GRAD)
+            du, dz = tm.dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_t, HAS_SOFTCAP, HAS_ENT_GRAD)
             du = tl.where(live[:, None], du, 0.0)
             tl.store(u_rows + cols[None, :], du, mask=valid)
             if HAS_DU16:
@@ -629,8 +664,33 @@ def _check_dtype(t: Tensor) -> None:
         raise TypeError(f"the triton backend supports float32/float16/bfloat16 inputs, got {t.dtype}")
 
 
-def _scalars(temperature: float, softcap: Optional[float]):
-    return 1.0 / float(temperature), (float(softcap) if softcap is not None else 1.0)
+class _Temp(NamedTuple):
+    """A validated ``temperature`` as the kernels take it: the scalar 1/T (1.0 with per-token T) and
+    the per-token 1/T (fp32 [N]) or None."""
+
+    inv: float
+    inv_vec: Optional[Tensor]
+
+
+def _temp(temperature, n: int, device: torch.device, where: str) -> _Temp:
+    """The backend contract's ``temperature`` (a float > 0, or one temperature per row: a 1-D real
+    tensor of length ``n`` on ``device``; ValueError naming ``temperature`` otherwise) as a :class:`_Temp`.
+    Per-token 1/T is formed once per call, rounded once from fp64, as the scalar path's Python
+    ``1.0 / T`` is: an all-equal vector of an fp32-exact T gives the scalar path's bits."""
+    if isinstance(temperature, _Temp):
+        return temperature
+    return _inv_temp(*check_temperature(temperature, n, device, f"triton backend {where}"))
+
+
+def _inv_temp(t: float, vec: Optional[Tensor]) -> _Temp:
+    """:class:`_Temp` of a checked ``(scalar T, per-token fp32 T or None)``."""
+    if vec is None:
+        return _Temp(1.0 / t, None)
+    return _Temp(1.0, (1.0 / vec.double()).float())
+
+
+def _cap(softcap: Optional[float]) -> float:
+    return float(softcap) if softcap is not None else 1.0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -642,6 +702,7 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
     dev = x.device
     cfg = _config(dev, opts, x.dtype)
     bn, bv, bh, nw, ns = cfg["fwd"]
+    tp = _temp(temperature, n, dev, "logits_forward" if is_logits else "forward")
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     zt = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
@@ -659,13 +720,13 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
         pm, ps, pb = part[0], part[1], part[2]
     else:
         pm = ps = pb = lse
-    inv_t, cap = _scalars(temperature, softcap)
-    args = (x, w if w is not None else x, bias if bias is not None else lse, targets, lse,
-            ent if ent is not None else lse, zt, pm, ps, pb,
+    args = (x, w if w is not None else x, bias if bias is not None else lse, targets,
+            tp.inv_vec if tp.inv_vec is not None else lse, lse, ent if ent is not None else lse, zt, pm, ps, pb,
             n, v, h, int(vocab_start), v_per, splits, x.stride(0), w.stride(0) if w is not None else 0,
-            inv_t, cap)
+            tp.inv, _cap(softcap))
     meta = dict(BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                HAS_ENTROPY=bool(return_entropy), HAS_SPLITS=splits > 1, IS_LOGITS=is_logits,
+                HAS_ENTROPY=bool(return_entropy), HAS_SPLITS=splits > 1, HAS_TEMP_VEC=tp.inv_vec is not None,
+                IS_LOGITS=is_logits,
                 IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg), IS_INTERPRET=_INTERPRET)
     if _AUTOTUNE:
         grid = lambda META: (_cdiv(n, META["BLOCK_N"]) * splits,)  # noqa: E731
@@ -701,18 +762,21 @@ def logits_forward(logits, targets, temperature, softcap, return_entropy, **opts
 def _launch_du(x, w, bias, targets, lse, ent, g_lp, g_H, du, flags, db_part, n0, n_rows, v0, n_cols,
                h, vocab_start, temperature, softcap, eps, is_logits, cfg):
     bn, bv, bh, nw, ns = cfg["du"]
-    inv_t, cap = _scalars(temperature, softcap)
+    # per-token 1/T is indexed by global row (n0 + local row): the full [N] vector for every chunk
+    tp = _temp(temperature, x.shape[0], x.device, "logits_backward" if is_logits else "backward")
     grid = (_cdiv(n_rows, bn) * _cdiv(n_cols, bv),)
     dummy = lse
-    args = (x, w if w is not None else x, bias if bias is not None else dummy, targets, lse,
+    args = (x, w if w is not None else x, bias if bias is not None else dummy, targets,
+            tp.inv_vec if tp.inv_vec is not None else dummy, lse,
             ent if ent is not None else dummy, g_lp, g_H if g_H is not None else dummy, du,
             flags if flags is not None else dummy, db_part if db_part is not None else dummy,
             n0, n_rows, v0, n_cols, h, int(vocab_start), x.stride(0),
             w.stride(0) if w is not None else 0, du.stride(0),
-            flags.stride(0) if flags is not None else 0, inv_t, cap, float(eps))
+            flags.stride(0) if flags is not None else 0, tp.inv, _cap(softcap), float(eps))
     meta = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None,
                 HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
-                HAS_FILTER=flags is not None, HAS_DB=db_part is not None, IS_LOGITS=is_logits,
+                HAS_FILTER=flags is not None, HAS_DB=db_part is not None,
+                HAS_TEMP_VEC=tp.inv_vec is not None, IS_LOGITS=is_logits,
                 IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg), IS_INTERPRET=_INTERPRET)
     if _AUTOTUNE and not is_logits:
         _tuned("du", x.device, x.dtype == torch.float32)[grid](*args, IS_EVEN_H=False, **meta)
@@ -774,6 +838,7 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
     x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     n, h = x.shape
+    temperature = _temp(temperature, n, x.device, "backward")
     need_db = bool(need_db and bias is not None)
     if n == 0 or not (need_dx or need_dw or need_db):
         return _zero_grads(x, w, bias, need_dx, need_dw, need_db)
@@ -904,16 +969,18 @@ def _backward_atomic(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, 
     dw = torch.zeros(v, h, dtype=f32, device=dev) if need_dw else None
     db = torch.zeros(v, dtype=f32, device=dev) if need_db else None
     dummy = lse
-    inv_t, cap = _scalars(temperature, softcap)
+    tp = _temp(temperature, n, dev, "backward")
     grid = (_cdiv(n, bn) * _cdiv(v, bv),)
     _bwd_atomic_kernel[grid](
-        x, w, bias if bias is not None else dummy, targets, lse, ent if ent is not None else dummy,
+        x, w, bias if bias is not None else dummy, targets, tp.inv_vec if tp.inv_vec is not None else dummy,
+        lse, ent if ent is not None else dummy,
         g_lp, g_H if g_H is not None else dummy, dx if dx is not None else dummy,
         dw if dw is not None else dummy, db if db is not None else dummy,
-        n, v, h, int(vocab_start), x.stride(0), w.stride(0), inv_t, cap, float(eps),
+        n, v, h, int(vocab_start), x.stride(0), w.stride(0), tp.inv, _cap(softcap), float(eps),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, BLOCK_D=bd, BLOCK_GROUP=cfg["group"],
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
         HAS_FILTER=eps > 0.0, HAS_DX=need_dx, HAS_DW=need_dw, HAS_DB=need_db,
+        HAS_TEMP_VEC=tp.inv_vec is not None,
         IS_EVEN_H=(h % bh == 0), IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg),
         IS_INTERPRET=_INTERPRET,
         num_warps=nw, num_stages=ns)
@@ -931,6 +998,7 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
         raise ValueError("logits_backward(inplace=True) needs contiguous logits")
     logits, targets = logits.contiguous(), targets.contiguous()
     n, v = logits.shape
+    temperature = _temp(temperature, n, logits.device, "logits_backward")
     out = logits if inplace else torch.empty_like(logits)
     if n == 0:
         return out
@@ -950,61 +1018,11 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
 # One-pass row epilogue (docs/one-pass.md; issue 13)
 # =====================================================================================
 
-#: head mode codes and KL estimator codes of :class:`OnePassHead` (docs/one-pass.md)
-HEAD_MODES = {"clipped": 0, "gpg": 1, "cispo": 2, "unclipped": 3}
-KL_TYPES = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+# OnePassHead, HEAD_MODES, KL_TYPES and the argument checks are shared with the cuda backend
+# (fusedrl/backends/_onepass.py); re-exported here (fusedrl/onepass.py builds ``kmod.OnePassHead``).
 
 
-class OnePassHead(NamedTuple):
-    """Per-chunk loss head of :func:`onepass_epilogue` (docs/one-pass.md, "Head coefficients").
-
-    ``mode``: 0 clipped surrogate (vanilla; Clip-Cov unselected with ``dual=False``), 1 gpg, 2 cispo,
-    3 unclipped ``-A r`` (KL-Cov unselected), or the names of :data:`HEAD_MODES`.
-    ``clip_lo = 1 - clip_ratio_low``, ``clip_hi = 1 + clip_ratio_high``; ``clip_c`` the dual-clip bound
-    (read iff ``dual``). ``ent_coef``: entropy bonus (``g_H = -w ent_coef``). ``kl_coef``, ``kl_type``
-    (0 k1, 1 abs, 2 k2, 3 k3, or the names of :data:`KL_TYPES`), ``kl_st`` (straight-through ``+``
-    variants: gradient of k2). ``old``, ``adv``, ``weight``: ``[Nc]`` (``weight`` = aggregation weight,
-    0 at masked tokens, where ``old`` / ``adv`` / ``ref`` are never read). ``ref``: ``[Nc]`` or None
-    (needed iff ``kl_coef != 0``). ``need_ent``: return the entropy even when ``ent_coef == 0``.
-    """
-
-    mode: Union[int, str]
-    clip_lo: float
-    clip_hi: float
-    clip_c: Optional[float]
-    dual: bool
-    ent_coef: float
-    kl_coef: float
-    kl_type: Union[int, str]
-    kl_st: bool
-    old: Tensor
-    adv: Tensor
-    weight: Tensor
-    ref: Optional[Tensor]
-    need_ent: bool
-
-
-def _code(value, names: dict, what: str) -> int:
-    if isinstance(value, str):
-        if value not in names:
-            raise ValueError(f"head.{what} must be one of {sorted(names)} or a code 0-{len(names) - 1}, got {value!r}")
-        return names[value]
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
-        raise ValueError(f"head.{what} must be one of {sorted(names)} or a code 0-{len(names) - 1}, got {value!r}")
-    return int(value)
-
-
-def _token_vector(t, name: str, n: int, device) -> Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"head.{name} must be a tensor [Nc], got {type(t).__name__}")
-    if t.shape != (n,) or t.device != device:
-        raise ValueError(f"head.{name} must be a [{n}] tensor on {device}, got {tuple(t.shape)} on {t.device}")
-    if not t.is_floating_point():
-        raise TypeError(f"head.{name} must be floating point, got {t.dtype}")
-    return t.float().contiguous()
-
-
-def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
                      softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts
                      ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
     """One-pass row epilogue over a token chunk (docs/one-pass.md, "The row epilogue contract").
@@ -1015,8 +1033,10 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
         targets: ``[Nc]`` integer ids in ``[0, V)`` (an id outside it reads as logit 0, no one-hot).
         bias: ``[V]`` or None, added to every row before ``z = softcap(u + b) / T``; a ``-inf`` entry
             masks a vocabulary column (``p = 0``, ``du = 0``).
-        temperature, softcap: as everywhere (``softcap`` None = off).
-        head: :class:`OnePassHead`.
+        temperature: ``T``: a float > 0, or an fp32 ``[Nc]`` tensor on u's device holding the chunk's
+            per-token temperatures (row n uses ``T_n``).
+        softcap: softcap value, None = off.
+        head: :class:`OnePassHead` (or any object with its fields).
         du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``.
         opts: ``triton_config`` (dict overriding the pinned ``epilogue`` block config).
 
@@ -1024,57 +1044,31 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
         ``(logp, ent, lse, g_lp, g_H)``, fp32 ``[Nc]``; ``ent`` and ``g_H`` are None when neither
         ``head.need_ent`` nor ``head.ent_coef`` asks for the entropy. ``db`` (``du.sum(0)``) is the
         caller's: it needs a column reduction across rows.
-    """
-    if not isinstance(head, OnePassHead):
-        raise TypeError(f"head must be an OnePassHead, got {type(head).__name__}")
-    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or u.dim() != 2 or (u.shape[1] > 1 and u.stride(1) != 1):
-        raise ValueError("u must be an fp32 [Nc, V] tensor with unit column stride"
-                         + (f", got {u.dtype} {tuple(u.shape)}" if isinstance(u, torch.Tensor) else ""))
-    n, v = u.shape
-    dev = u.device
-    if not isinstance(targets, torch.Tensor) or targets.shape != (n,) or targets.dtype.is_floating_point \
-            or targets.device != dev:
-        raise ValueError(f"targets must be an integer [{n}] tensor on {dev}")
-    if bias is not None and (bias.shape != (v,) or bias.device != dev):
-        raise ValueError(f"bias must be a [{v}] tensor on {dev}, got {tuple(bias.shape)} on {bias.device}")
-    if du16 is not None and (du16.dtype not in (torch.float16, torch.bfloat16) or du16.shape != (n, v)
-                             or du16.device != dev or (v > 1 and du16.stride(1) != 1)):
-        raise ValueError(f"du16 must be a bf16/fp16 [{n}, {v}] tensor on {dev} with unit column stride")
-    if not float(temperature) > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    mode = _code(head.mode, HEAD_MODES, "mode")
-    kl_type = _code(head.kl_type, KL_TYPES, "kl_type")
-    if head.dual and head.clip_c is None:
-        raise ValueError("head.clip_c must be set when head.dual is True")
-    old = _token_vector(head.old, "old", n, dev)
-    adv = _token_vector(head.adv, "adv", n, dev)
-    weight = _token_vector(head.weight, "weight", n, dev)
-    has_kl = float(head.kl_coef) != 0.0
-    ref = _token_vector(head.ref, "ref", n, dev) if has_kl else None
-    ent_grad = float(head.ent_coef) != 0.0
-    has_ent = bool(head.need_ent) or ent_grad
 
+    Bad arguments raise TypeError / ValueError naming them (``_onepass.check_epilogue``).
+    """
+    a = check_epilogue(u, targets, bias, temperature, softcap, head, du16, bias_dtype=None)  # upcast on load
+    n, v = a.n, a.v
+    dev = u.device
+    tp = _inv_temp(a.temperature, a.temp_vec)
     f32 = dict(dtype=torch.float32, device=dev)
     logp, lse, g_lp = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
-    ent = torch.empty(n, **f32) if has_ent else None
-    g_h = torch.empty(n, **f32) if has_ent else None
+    ent = torch.empty(n, **f32) if a.has_ent else None
+    g_h = torch.empty(n, **f32) if a.has_ent else None
     if n == 0:
         return logp, ent, lse, g_lp, g_h
-    targets = targets.contiguous()
-    bias = bias.contiguous() if bias is not None else None
     cfg = _config(dev, opts)
     bn, bv, nw, ns = cfg["epilogue"]
-    inv_t, cap = _scalars(temperature, softcap)
     _onepass_kernel[(_cdiv(n, bn),)](
-        u, targets, bias if bias is not None else u, old, adv, weight, ref if ref is not None else u,
+        u, a.targets, a.bias if a.bias is not None else u, tp.inv_vec if tp.inv_vec is not None else u,
+        a.old, a.adv, a.weight, a.ref if a.ref is not None else u,
         du16 if du16 is not None else u, logp, ent if ent is not None else lse, lse, g_lp,
         g_h if g_h is not None else lse,
-        n, v, u.stride(0), du16.stride(0) if du16 is not None else 0, inv_t, cap,
-        mode, float(head.clip_lo), float(head.clip_hi), float(head.clip_c) if head.dual else 1.0,
-        int(bool(head.dual)), float(head.ent_coef), float(head.kl_coef), kl_type, int(bool(head.kl_st)),
-        BLOCK_N=bn, BLOCK_V=bv, HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        HAS_ENTROPY=has_ent, HAS_ENT_GRAD=ent_grad, HAS_KL=has_kl, HAS_DU16=du16 is not None,
-        IS_INTERPRET=_INTERPRET, num_warps=nw, num_stages=ns)
+        n, v, u.stride(0), du16.stride(0) if du16 is not None else 0, tp.inv, _cap(a.softcap),
+        a.mode, a.clip_lo, a.clip_hi, a.clip_c, int(a.dual), a.ent_coef, a.kl_coef, a.kl_type, int(a.kl_st),
+        BLOCK_N=bn, BLOCK_V=bv, HAS_BIAS=a.bias is not None, HAS_SOFTCAP=a.softcap is not None,
+        HAS_ENTROPY=a.has_ent, HAS_ENT_GRAD=a.ent_coef != 0.0, HAS_KL=a.kl_coef != 0.0, HAS_DU16=du16 is not None,
+        HAS_TEMP_VEC=tp.inv_vec is not None, IS_INTERPRET=_INTERPRET, num_warps=nw, num_stages=ns)
     return logp, ent, lse, g_lp, g_h
 
 

@@ -63,7 +63,10 @@ if triton is not None:
 
     @triton.jit
     def transform(u, inv_temp, softcap, HAS_SOFTCAP: tl.constexpr):
-        """(z, t): z = softcap(u) / T with softcap(u) = c tanh(u / c); t = tanh(u / c) (u without softcap)."""
+        """(z, t): z = softcap(u) / T with softcap(u) = c tanh(u / c); t = tanh(u / c) (u without softcap).
+
+        inv_temp: the scalar 1/T, or per-row 1/T broadcastable against u (a [rows, 1] column for a tile).
+        """
         if HAS_SOFTCAP:
             t = tanh(u / softcap)
             z = t * (softcap * inv_temp)
@@ -98,7 +101,8 @@ if triton is not None:
     @triton.jit
     def dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp,
               HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
-        """(du, dz) of a [rows, cols] tile; lse, ent, g_lp, g_h are [rows] (ent, g_h read iff HAS_ENTROPY).
+        """(du, dz) of a [rows, cols] tile; lse, ent, g_lp, g_h are [rows] (ent, g_h read iff HAS_ENTROPY);
+        inv_temp the scalar 1/T or a [rows, 1] column of per-row 1/T.
 
         dz = g_lp (1[target] - p) - g_H p (z - LSE + H), du = dz / T (* (1 - t^2) with softcap);
         0 outside `valid`.
