@@ -155,17 +155,19 @@ FUSEDRL_HD void stat_add(ThreadStat& st, float z) {
 
 FUSEDRL_HD Stat stat_fold(const ThreadStat& st) { return Stat{st.m, st.s - st.cs, st.b - st.cb}; }
 
-// Merge of two partial statistics; an empty side (s = 0, m = -inf) is skipped, so no -inf - -inf.
+// Merge of two partial statistics; an empty side (s = 0 exactly, m = -inf) is skipped, so no
+// -inf - -inf. The test is `!= 0`, not `> 0`: a NaN partial (a NaN logit) must reach the result,
+// not vanish with its columns (fmaxf already drops a NaN max, so the sum is what carries it).
 FUSEDRL_HD Stat stat_merge(const Stat& x, const Stat& y) {
   const float M = max_f(x.m, y.m);
   Stat r{M, 0.f, 0.f};
-  if (x.s > 0.f) {
+  if (x.s != 0.f) {
     const float d = x.m - M;
     const float a = head::exp_f(d);
     r.s += a * x.s;
     r.b += a * (x.b + d * x.s);
   }
-  if (y.s > 0.f) {
+  if (y.s != 0.f) {
     const float d = y.m - M;
     const float a = head::exp_f(d);
     r.s += a * y.s;

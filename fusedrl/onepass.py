@@ -35,11 +35,13 @@ import logging
 import math
 import os
 import threading
+import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .backends import torch_backend
+from .backends._device import usable_memory
 from .backends._onepass import OnePassHead
 from .ops import _split_temperature
 from .loss import (SELECTION_MODES, PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok,
@@ -76,7 +78,8 @@ _MODE_CODES = {"vanilla": 0, "clip_cov": 0, "gpg": 1, "cispo": 2, "kl_cov": 3}
 @torch.compiler.assume_constant_result  # torch.compile: decided at trace time (env var, driver query)
 def default_budget_bytes(device: torch.device) -> int:
     """The schedule's memory budget: ``FUSEDRL_MEMORY_BUDGET_MB``, else 512 MiB on CPU and
-    ``min(4 GiB, free / 4)`` on a GPU (workspace plus the fp32 accumulators; gradients excluded)."""
+    ``min(4 GiB, free / 4)`` on a GPU (workspace plus the fp32 accumulators; gradients excluded), the free
+    memory as read at the process's first call for the device."""
     env = os.environ.get(BUDGET_ENV, "").strip()
     if env:
         mb = float(env)
@@ -84,8 +87,9 @@ def default_budget_bytes(device: torch.device) -> int:
             raise ValueError(f"{BUDGET_ENV} must be a positive number of MiB, got {env!r}")
         return int(mb * _MIB)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(min(_GPU_BUDGET_CAP, free // 4))
+        mem = usable_memory(device)  # read once per process: the same chunks (same bits) every step
+        if mem is not None:
+            return int(min(_GPU_BUDGET_CAP, mem[0] // 4))
     return _CPU_BUDGET
 
 
@@ -133,13 +137,26 @@ def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[Lis
     return tuple(out)
 
 
+# fp16 has bf16's precision but not its range: the one-pass (and two-pass) schedules round du to fp16 in
+# the forward, at loss scale 1, so the per-token weights of a mean over many tokens (1/N) push most of it
+# below fp16's normal range before a GradScaler's scale can reach it (the backward only scales the
+# stored gradients). The recompute schedule forms du in the backward, from the scaled upstream gradient.
+_FP16_WHY = ("fp16 gradients formed in the forward would underflow before a GradScaler's loss scale reaches "
+             "them; the recompute schedule forms them from the scaled upstream gradient")
+
+
 def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, schedule: str, budget: int,
          seq_len: Optional[int] = None, cu_host: Optional[List[int]] = None) -> Plan:
     """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``)
     and its token chunks, by the loss head's kind (:func:`fusedrl.loss.head_kind`): token-local and
     selection losses chunk freely; sequence-level losses take chunks of whole sequences (``seq_len`` of
     padded inputs, ``cu_host`` of packed ones), or two passes when one does not fit (``auto``: recompute);
-    batch-statistic losses (entropy quantile) always take two passes. Host arithmetic only."""
+    batch-statistic losses (entropy quantile) always take two passes. fp16 inputs: ``auto`` takes recompute
+    (see ``_FP16_WHY``); an explicit ``one_pass`` runs and warns. Host arithmetic only."""
+    if x_dtype == torch.float16:
+        if schedule == "auto":
+            return Plan("recompute", (), _FP16_WHY)
+        warnings.warn(f"fusedrl: schedule='one_pass' with fp16 inputs: {_FP16_WHY}", UserWarning, stacklevel=2)
     low = x_dtype in (torch.float16, torch.bfloat16)
     csize = 8 if x_dtype == torch.float64 else 4
     per_row = _row_bytes(v, csize, low)
@@ -174,18 +191,24 @@ def _low(t: Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16)
 
 
-_OUT_DTYPE_OK = [True]  # torch.mm / addmm with out_dtype (CUDA, torch >= 2.8); flips off on first failure
+# torch.mm / torch.addmm with out_dtype (CUDA, torch >= 2.8): each flips off for the process on its first
+# failure other than running out of memory (an OOM is the caller's, and would otherwise turn the fast GEMMs
+# off for good and upcast W per chunk from then on)
+_OUT_DTYPE_OK = {"mm": True, "addmm": True}
 
 
-def _fp32_gemm_16bit(fn, fallback):
-    """Run ``fn`` (a 16-bit GEMM with fp32 output), or ``fallback`` (upcast operands: correct, slower)
-    where this torch has no ``out_dtype`` GEMMs, warning once."""
-    if _OUT_DTYPE_OK[0]:
+def _fp32_gemm_16bit(kind: str, fn, fallback):
+    """Run ``fn`` (a 16-bit GEMM ``kind`` with fp32 output), or ``fallback`` (upcast operands: correct,
+    slower) where this torch has no such ``out_dtype`` GEMM, warning once per kind."""
+    if _OUT_DTYPE_OK[kind]:
         try:
             return fn()
+        except torch.OutOfMemoryError:
+            raise
         except (RuntimeError, TypeError, NotImplementedError) as e:
-            _OUT_DTYPE_OK[0] = False
-            log.warning("fusedrl: 16-bit GEMMs with fp32 output are unavailable (%s); upcasting operands", e)
+            _OUT_DTYPE_OK[kind] = False
+            log.warning("fusedrl: torch.%s with 16-bit operands and fp32 output is unavailable (%s); "
+                        "upcasting operands", kind, e)
     return fallback()
 
 
@@ -193,7 +216,7 @@ def _mm_f32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a @ b`` with ``out`` fp32 (fp64 for fp64 operands)."""
     if _low(a):
         if a.is_cuda:
-            return _fp32_gemm_16bit(lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
+            return _fp32_gemm_16bit("mm", lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
                                     lambda: torch.mm(a.float(), b.float(), out=out))
         return torch.mm(a.float(), b.float(), out=out)  # CPU: no 16-bit -> fp32 GEMM
     return torch.mm(a, b, out=out)
@@ -203,7 +226,7 @@ def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` with an fp32 accumulator and operands of any float dtype."""
     if _low(a):
         if a.is_cuda:
-            _fp32_gemm_16bit(lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
+            _fp32_gemm_16bit("addmm", lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
                              lambda: acc.addmm_(a.float(), b.float()))
             return
         a, b = a.float(), b.float()
@@ -300,7 +323,7 @@ def _correct_selection(head: TokenHead, picked: Tensor, k_max: int, x: Tensor, w
     if dx is not None:
         corr = torch.empty(k, x.shape[1], dtype=cdt, device=x.device)
         _mm_f32(dug, w, corr)
-        dx.index_add_(0, idx, corr.to(dx.dtype))
+        dx.index_add_(0, idx, corr)
     if dw32 is not None:
         _addmm_f32_(dw32, dug.t(), xs)
     if db32 is not None:
@@ -350,11 +373,10 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
     logp = torch.empty(n, dtype=cdt, device=dev)
     ent = torch.empty(n, dtype=cdt, device=dev) if need_ent else None
     lse_all = torch.empty(n, dtype=cdt, device=dev)
-    dx = torch.empty(n, h, dtype=x.dtype, device=dev) if need_dx else None
-    # dW: fp32/fp64 inputs accumulate in the output; 16-bit inputs in an fp32 accumulator when several
-    # chunks (or the selection correction) add into it, else one GEMM straight into the output dtype
-    direct16 = low and len(pln.chunks) == 1 and head.cfg.loss_mode not in SELECTION_MODES
-    dw32 = dw = None
+    # the gradients are formed and kept in the compute dtype (fp32 for 16-bit inputs) until the backward,
+    # which scales them by the upstream gradient and rounds once to the input dtype (see _backward)
+    dx = torch.empty(n, h, dtype=cdt, device=dev) if need_dx else None
+    dw32 = None
     db32 = torch.zeros(v, dtype=cdt, device=dev) if (need_db and bias is not None) else None
     kmod, kscalars = _kernel_epilogue(backend, dev, x.dtype, head.cfg)
     rows = max(b - a for a, b, _ in pln.chunks) if pln.chunks else 0
@@ -406,12 +428,10 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
             ent[a:b] = ent_c
         if dug is None:
             continue
-        if need_dx:  # 16-bit inputs: 16-bit output, fp32 accumulation inside the GEMM (one rounding)
-            torch.mm(dug, w, out=dx[a:b])
+        if need_dx:
+            _mm_f32(dug, w, dx[a:b])
         if need_dw:
-            if direct16:
-                dw = torch.mm(dug.t(), xc)
-            elif first:  # the first chunk writes the accumulator (no zero fill)
+            if first:  # the first chunk writes the accumulator (no zero fill)
                 dw32 = torch.empty(v, h, dtype=cdt, device=dev)
                 _mm_f32(dug.t(), xc, dw32)
             else:
@@ -420,18 +440,13 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
             db32 += du.sum(0)
         first = False
     del bufs, ws, scratch, tmp, du16
-    if need_dw and dw is None and dw32 is None:  # no token at all
+    if need_dw and dw32 is None:  # no token at all
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if picked is not None and grads:
         _correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp, lse_all,
                            dx, dw32 if need_dw else None, db32)
-    if need_dw and dw is None:
-        dw = dw32 if dw32.dtype == w.dtype else dw32.to(w.dtype)
-    db = None
-    if db32 is not None:
-        db = db32 if db32.dtype == bias.dtype else db32.to(bias.dtype)
-    return loss, metrics, dx, dw, db
+    return loss, metrics, dx, dw32 if need_dw else None, db32
 
 
 def _run_two_pass(x, w, targets, bias, head: TokenHead, temperature, softcap, backend, keys, need_dx, need_dw,
@@ -441,6 +456,7 @@ def _run_two_pass(x, w, targets, bias, head: TokenHead, temperature, softcap, ba
     from .backends import get_backend
 
     mod = get_backend(backend, x.device)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     need_ent = want_entropy or head.entropy_has_grad
     lse, zt, ent = mod.forward(x, w, targets, bias, temperature, softcap, need_ent)
     logp = zt - lse
@@ -452,6 +468,8 @@ def _run_two_pass(x, w, targets, bias, head: TokenHead, temperature, softcap, ba
         dx, dw, db = mod.backward(x, w, targets, bias, temperature, softcap, lse, ent if g_H is not None else None,
                                   g_lp.contiguous(), None if g_H is None else g_H.contiguous(),
                                   need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+        # kept in the compute dtype like the one-pass gradients (_run): the op's outputs have one dtype
+        dx, dw, db = (None if t is None else t.to(cdt) for t in (dx, dw, db))
     return loss, metrics, dx, dw, db
 
 
@@ -541,8 +559,9 @@ def _(x, w, targets, bias, old_logp, advantages, mask, ref_logp, cu_seqlens, key
     m = len(metric_names(_cfg_from_json(cfg_json), want_entropy, ref_logp is not None))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (x.new_empty((), dtype=cdt), x.new_empty(m, dtype=torch.float32),
-            torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(w) if need_dw else _empty(w),
-            torch.empty_like(bias) if (need_db and bias is not None) else _empty(x if bias is None else bias))
+            x.new_empty(x.shape, dtype=cdt) if need_dx else _empty(x), w.new_empty(w.shape, dtype=cdt) if need_dw
+            else _empty(w), bias.new_empty(bias.shape, dtype=cdt) if (need_db and bias is not None)
+            else _empty(x if bias is None else bias))
 
 
 _ARGS = tuple(inspect.signature(_one_pass_impl).parameters)
@@ -552,19 +571,37 @@ _NEED = _ARGS.index("need_dx")
 def _setup(ctx, inputs, output):
     _, _, dx, dw, db = output
     ctx.save_for_backward(dx, dw, db)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (inputs[0], inputs[1], inputs[3]))
     ctx.formed = inputs[_NEED:_NEED + 3]  # need_dx, need_dw, need_db: which gradients the forward formed
     ctx.mark_non_differentiable(output[1], dx, dw, db)
 
 
+def _scaled(t: Tensor, g: Tensor, dtype: torch.dtype, unit: bool) -> Tensor:
+    """``g * t`` in ``t``'s (compute) dtype, rounded once to ``dtype``. One pass: the product is computed in
+    fp32 and written to the 16-bit output (``g.to(dtype) * t`` would round g: a 2^16 GradScaler scale is
+    inf in fp16, and 1/3 is off by 0.2% in bf16, a bias on every gradient)."""
+    if unit:
+        return t if t.dtype == dtype else t.to(dtype)
+    g = g.to(t.dtype)
+    if t.dtype == dtype:
+        return t * g
+    if torch.compiler.is_compiling():
+        return (t * g).to(dtype)  # fused by the compiler
+    out = torch.empty(t.shape, dtype=dtype, device=t.device)
+    return torch.mul(t, g, out=out)
+
+
 def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
-    """The gradients were formed in the forward: scale them by the incoming scalar gradient."""
-    # an upstream gradient of exactly 1 (loss.backward()) keeps the stored tensors; the check is free on
-    # CPU only (a GPU value check would synchronise, and the multiply there is cheap)
+    """The gradients were formed in the forward (in the compute dtype): scale them by the incoming scalar
+    gradient and round once to the inputs' dtypes."""
+    # an upstream gradient of exactly 1 (loss.backward()) skips the multiply; the check is free on CPU only
+    # (a GPU value check would synchronise, and the multiply there is cheap)
     unit = (type(g_loss) is torch.Tensor and not torch.compiler.is_compiling() and g_loss.device.type == "cpu"
             and bool(g_loss == 1))  # traced backwards (fake / functional tensors) always multiply
     grads = []
-    for t, formed, wanted in zip(ctx.saved_tensors, ctx.formed, (ctx.needs_input_grad[i] for i in (0, 1, 3))):
-        grads.append((t if unit else t * g_loss.to(t.dtype)) if (formed and wanted) else None)
+    for t, dtype, formed, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.formed,
+                                        (ctx.needs_input_grad[i] for i in (0, 1, 3))):
+        grads.append(_scaled(t, g_loss, dtype, unit) if (formed and wanted) else None)
     gx, gw, gb = grads
     return (gx, gw, None, gb) + (None,) * (len(_ARGS) - 4)
 

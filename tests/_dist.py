@@ -47,3 +47,12 @@ def init(rank: int, world: int, init_method: str) -> None:
     torch.set_num_threads(1)  # 2-3 processes share 2 cores
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+
+
+def finish() -> None:
+    """Leave the group (in the child) once every rank is done with it: a rank that tears its Gloo sockets
+    down while a peer is still finishing a collective can abort that peer (seen as a rare SIGABRT)."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -14,6 +14,7 @@ import torch
 import fusedrl
 from fusedrl import reference
 from fusedrl.backends import BackendUnavailable, availability, resolve
+from fusedrl.backends import _device
 from fusedrl.backends import cuda_backend as cb
 
 from _helpers import ATOL, DTYPES, GRAD_ATOL, assert_cce, eager_lowprec, make_case, ref64
@@ -113,6 +114,7 @@ def test_plan_respects_budget(n, h, v, es, backward, overlap):
 
 
 def _mock_free_memory(monkeypatch, free, reserved=0, allocated=0):
+    monkeypatch.setattr(_device, "_memory", {})  # a fresh per-process reading, restored after the test
     monkeypatch.delenv("FUSEDRL_CUDA_WORKSPACE_MB", raising=False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda idx=None: (free, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda idx=None: reserved)
@@ -131,10 +133,14 @@ def test_default_budget_from_free_memory(monkeypatch):
     assert cb._budget(0) == 40 * mib                                     # the env var wins
     assert cb._budget(0, dict(workspace_mb=8)) == 8 * mib                # and the option wins over it
     monkeypatch.delenv("FUSEDRL_CUDA_WORKSPACE_MB")
+    # read once per process: the allocator's cache growing later does not change the plan (same bits)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda idx=None: 0)
+    assert cb._budget(0) == (512 + 1024) * mib // 8
 
     def boom(idx=None):
         raise RuntimeError("no driver")
 
+    _device.forget_memory_readings()
     monkeypatch.setattr(torch.cuda, "mem_get_info", boom)
     assert cb._budget(0) == cb.BUDGET_UNKNOWN_MB * mib
 
@@ -183,6 +189,21 @@ def test_order_choice():
 # --------------------------------------------------------------------------------------------
 # CPU-side: availability
 # --------------------------------------------------------------------------------------------
+def test_tf32_flag_reads_both_torch_apis():
+    """The cuda backend asks torch whether fp32 GEMMs may use TF32. torch >= 2.9 raises on the legacy
+    ``allow_tf32`` read once a user set the new ``fp32_precision``: the backend must still answer (it used to
+    fail every call, bf16 included). 16-bit inputs never ask."""
+    m = torch.backends.cuda.matmul
+    orig = m.fp32_precision
+    try:
+        for setting, want in (("tf32", True), ("ieee", False)):
+            m.fp32_precision = setting
+            assert cb._tf32(torch.float32) is want, setting
+            assert cb._tf32(torch.bfloat16) is False
+    finally:
+        m.fp32_precision = orig
+
+
 def test_unavailable_on_cpu_with_reason():
     ok, why = cb.is_available(torch.device("cpu"))
     assert ok is False and why

@@ -123,6 +123,23 @@ def _check_recompute_lanes(x, w, t, b, T, c, nc, vc, ref_fn, stat_tol):
     return lse
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+@pytest.mark.parametrize("n,h,v,nc,vc", [(4, 16, 1003, 4, 1003), (4, 16, 1003, 2, 136)],
+                         ids=["one-vocab-chunk", "vocab-chunks"])
+def test_recompute_host_lanes_non_finite_column_poisons_rows(n, h, v, nc, vc, bad):
+    """A NaN (or +inf) weight row makes every token's LSE and entropy NaN, as in torch: the partial that holds
+    it must not be dropped by the merge (it was, with ``s > 0``: NaN > 0 is false, so ~V/256 columns went
+    missing and the statistics came out finite and wrong)."""
+    x, w, _, t = make_case(n, h, v, torch.float32)
+    w[5] = float(bad)
+    t = torch.where(t == 5, torch.zeros_like(t), t)
+    lse, zt, ent = host_forward(x, w, t, None, 1.0, None, nc, vc)
+    r_lse = torch.logsumexp(x.double() @ w.double().t(), -1)
+    assert torch.isnan(r_lse).all() or torch.isinf(r_lse).all()
+    assert not torch.isfinite(lse).any(), lse
+    assert torch.isnan(ent).all(), ent
+
+
 RECOMPUTE_OPTS = [
     dict(bias=None, T=1.0, c=None),
     dict(bias="rand", T=0.7, c=None),

@@ -22,7 +22,7 @@ import fusedrl  # noqa: E402
 from fusedrl import distributed as fdist  # noqa: E402
 from fusedrl.backends import availability  # noqa: E402
 
-from _dist import PG_TIMEOUT_S, init, launch  # noqa: E402
+from _dist import PG_TIMEOUT_S, finish, init, launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -113,7 +113,7 @@ def _tp_worker(rank, world, init_method, backends):
     _init(rank, world, init_method)
     for backend in backends:
         _tp_backend(rank, world, backend)
-    dist.destroy_process_group()
+    finish()
 
 
 def _tp_backend(rank, world, backend):
@@ -305,7 +305,7 @@ def _dp_worker(rank, world, init_method, wrappers):
     _init(rank, world, init_method)
     for wrapper in wrappers:
         _dp_check(rank, world, wrapper)
-    dist.destroy_process_group()
+    finish()
 
 
 def _dp_check(rank, world, wrapper):
@@ -402,6 +402,7 @@ def test_tp_nccl_world1():
                 _close(dw2, dw1, f"{tag} dW", atol, 1e-3)
                 _close(db2, db1, f"{tag} db", atol, 1e-3)
         torch.cuda.synchronize()
+        dist.barrier()  # every rank done before teardown (see _dist.finish); skipped after a failure
     finally:
         fdist.clear_vocab_layout_cache()
         dist.destroy_process_group()

@@ -123,6 +123,7 @@ def _child(rank: int, world: int, init_method: str) -> None:
         cfg = PolicyLossConfig(loss_mode="kl_cov", kl_cov_ratio=0.2, stats_group=dist.group.WORLD)
         loss, m = policy_loss(part["lp"], part["old"], part["adv"], part["mask"], cu_seqlens=part["cu"], config=cfg)
         assert torch.isfinite(loss) and m["cov_selected_frac"] >= 0
+        dist.barrier()  # every rank done before teardown (see _dist.finish); skipped after a failure
     finally:
         dist.destroy_process_group()
 

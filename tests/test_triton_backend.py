@@ -166,6 +166,18 @@ def _h100(monkeypatch, free_gb=75.0, total_gb=80.0, sms=132):
     return tb._CONFIGS["hopper"]
 
 
+@pytest.mark.parametrize("major, smem_kib, family", [(8, 163, "ampere"), (8, 99, "ampere"), (9, 227, "hopper"),
+                                                     (10, 227, "hopper"), (12, 99, "ampere")],
+                         ids=["sm80", "sm86", "sm90", "sm100", "sm120"])
+def test_block_family_follows_shared_memory(monkeypatch, major, smem_kib, family):
+    """The hopper blocks need ~200 KiB of shared memory per block: consumer Blackwell (sm_120, 99 KiB) gets
+    the ampere ones (they fit in 96 KiB), not the ones its major version suggests."""
+    props = type("P", (), dict(major=major, minor=0, shared_memory_per_block_optin=smem_kib * 1024))()
+    monkeypatch.setattr(tb, "_INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    assert tb._family(torch.device("cuda")) == family
+
+
 @pytest.mark.parametrize("h", [4096, 8192])
 def test_plan_default_budget_keeps_four_gemms_on_80gb(monkeypatch, h):
     """Default budget from free device memory (mocked facts, no GPU): up to N = 65536 at H = 4096 and

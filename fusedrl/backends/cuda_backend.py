@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ._device import usable_memory
 from ._onepass import HEAD_MODES, KL_TYPES, OnePassHead, check_epilogue, check_temperature  # noqa: F401
 
 Tensor = torch.Tensor
@@ -184,13 +185,10 @@ def default_budget(free_bytes: Optional[int]) -> int:
 
 
 def _free_bytes(idx: int) -> Optional[int]:
-    """Free device memory as torch can use it: the driver's free bytes plus torch's cached, unused ones."""
-    try:
-        free, _ = torch.cuda.mem_get_info(idx)
-        cached = torch.cuda.memory_reserved(idx) - torch.cuda.memory_allocated(idx)
-        return int(free) + max(0, int(cached))
-    except Exception:  # no driver / device: plan as if unknown
-        return None
+    """Free device memory as torch can use it (the driver's free bytes plus torch's cached, unused ones),
+    read once per process (_device.usable_memory: the same plan, so the same bits, at every step)."""
+    mem = usable_memory(torch.device("cuda", idx))
+    return None if mem is None else mem[0]
 
 
 def _budget(idx: Optional[int] = None, opts: Optional[dict] = None) -> int:
@@ -291,8 +289,20 @@ def _stream(idx: int) -> int:
     return torch.cuda.current_stream(idx).cuda_stream
 
 
-def _tf32() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+def _tf32(dtype: torch.dtype) -> bool:
+    """TF32 for the fp32 GEMMs, as torch's own matmul setting says (16-bit inputs: never asked)."""
+    if dtype != torch.float32:
+        return False
+    m = torch.backends.cuda.matmul
+    try:
+        return bool(m.allow_tf32)
+    except RuntimeError:  # torch >= 2.9 refuses the legacy flag once the fp32_precision API was used
+        p = m.fp32_precision
+        if p == "none":  # "none" inherits: cuda backend, then the global setting
+            p = getattr(torch.backends.cuda, "fp32_precision", "none")
+        if p == "none":
+            p = getattr(torch.backends, "fp32_precision", "ieee")
+        return p == "tf32"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +335,7 @@ def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], tempe
     _C.linear_forward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
                       _DTYPE_CODE[x.dtype], int(vocab_start), t_scalar, _ptr(t_rows),
                       float(softcap) if softcap is not None else 0.0, lse.data_ptr(), zt.data_ptr(), _ptr(ent),
-                      ws.data_ptr(), ws.numel(), nc, vc, cws, _tf32(), overlap)
+                      ws.data_ptr(), ws.numel(), nc, vc, cws, _tf32(x.dtype), overlap)
     return lse, zt, ent
 
 
@@ -346,13 +356,15 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
     dev = x.device
     need_db = bool(need_db) and bias is not None
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else None
-    dw = torch.empty_like(w, memory_format=torch.contiguous_format) if need_dw else None
+    # the kernels write dW in x's dtype (w is cast to it below): allocate it so, cast back at the end
+    w_dtype = w.dtype
+    dw = torch.empty(w.shape, dtype=x.dtype, device=dev) if need_dw else None
     db32 = torch.empty(v, dtype=torch.float32, device=dev) if need_db else None
     if n == 0 or (g_lp is None and g_H is None):
         for t in (dx, dw, db32):
             if t is not None:
                 t.zero_()
-        return dx, dw, (db32.to(bias.dtype) if need_db else None)
+        return dx, (dw.to(w_dtype) if need_dw else None), (db32.to(bias.dtype) if need_db else None)
     if not (need_dx or need_dw or need_db):
         return None, None, None
     x = x.detach().contiguous()
@@ -374,11 +386,11 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
                        _DTYPE_CODE[x.dtype], int(vocab_start), t_scalar, _ptr(t_rows),
                        float(softcap) if softcap is not None else 0.0, lse32.data_ptr(), _ptr(ent32), _ptr(glp32),
                        _ptr(gh32), _ptr(dx), _ptr(dw), _ptr(db32), ws.data_ptr(), ws.numel(), nc, vc, order, lean,
-                       cws, _tf32(), overlap)
+                       cws, _tf32(x.dtype), overlap)
     db = None
     if need_db:
         db = db32 if bias.dtype == torch.float32 else db32.to(bias.dtype)
-    return dx, dw, db
+    return dx, (dw.to(w_dtype) if need_dw else None), db
 
 
 def logits_forward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],

@@ -115,6 +115,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from ._device import launches_on_first_arg_device, usable_memory
 from ._onepass import HEAD_MODES, KL_TYPES, OnePassHead, check_epilogue, check_temperature  # noqa: F401
 
 try:  # triton is optional: the registry reports the import error as the unavailability reason
@@ -572,8 +573,11 @@ _CONFIGS = {
 def _family(device: torch.device) -> str:
     if _INTERPRET:
         return "interpret"
-    major, _ = torch.cuda.get_device_capability(device)
-    return "hopper" if major >= 9 else "ampere"
+    p = torch.cuda.get_device_properties(device)
+    # the hopper blocks need ~200 KiB of shared memory per block: consumer Blackwell (sm_120, ~99 KiB)
+    # and other small-smem parts take the ampere ones (largest ~96 KiB), whatever the major version
+    smem = getattr(p, "shared_memory_per_block_optin", 0) or (227 * 1024 if p.major == 9 or p.major == 10 else 0)
+    return "hopper" if p.major >= 9 and smem >= 200 * 1024 else "ampere"
 
 
 FP32_PRECISIONS = ("tf32x3", "ieee")
@@ -608,11 +612,12 @@ def _num_sms(device: torch.device) -> int:
 
 def _device_facts(device: torch.device):
     """(SM count, free bytes, total bytes) of a CUDA device; (2, None, None) elsewhere (interpreter,
-    CPU, meta). The planner's only view of the device: tests mock it."""
-    if _INTERPRET or device.type != "cuda":
+    CPU, meta). Free bytes: what torch can still use, read once per process (_device.usable_memory),
+    so the plan is the same at every step. The planner's only view of the device: tests mock it."""
+    mem = None if _INTERPRET else usable_memory(device)
+    if mem is None:
         return 2, None, None
-    free, total = torch.cuda.mem_get_info(device)
-    return _num_sms(device), int(free), int(total)
+    return _num_sms(device), mem[0], mem[1]
 
 
 #: default budget cap (FUSEDRL_TRITON_BUDGET_CAP_MB) and the share of free device memory it may take
@@ -741,6 +746,7 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
     return lse, zt, ent
 
 
+@launches_on_first_arg_device
 def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, **opts):
     """(lse, zt, ent|None) over the local vocabulary shard; see the module docstring."""
     _check_dtype(x)
@@ -751,6 +757,7 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
                        return_entropy, False, opts)
 
 
+@launches_on_first_arg_device
 def logits_forward(logits, targets, temperature, softcap, return_entropy, **opts):
     _check_dtype(logits)
     logits, targets = logits.contiguous(), targets.contiguous()
@@ -828,6 +835,7 @@ def _zero_grads(x, w, bias, need_dx, need_dw, need_db):
     )
 
 
+@launches_on_first_arg_device
 def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
              need_dx=True, need_dw=True, need_db=True, **opts):
     """(dx, dw, db). opts: deterministic (True), grad_filter_eps (0.0 = exact),
@@ -991,6 +999,7 @@ def _backward_atomic(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, 
     )
 
 
+@launches_on_first_arg_device
 def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False, **opts):
     """dlogits [N, V] in logits.dtype (written into `logits` when inplace=True)."""
     _check_dtype(logits)
@@ -1022,6 +1031,7 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
 # (fusedrl/backends/_onepass.py); re-exported here (fusedrl/onepass.py builds ``kmod.OnePassHead``).
 
 
+@launches_on_first_arg_device
 def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
                      softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts
                      ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:

@@ -45,13 +45,13 @@ which also holds the op registration, the torch fallback and the selection share
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Optional, Tuple
 
 import torch
 
 from . import _head
+from ._device import on_device
 from ._head import empty_vanilla_outputs, flat_mask, make_vanilla_op
 
 try:  # triton is optional
@@ -152,7 +152,7 @@ def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[T
     lo, hi = float(1.0 - clip_low), float(1.0 + clip_high)
     c = float(clip_c) if clip_c is not None else 1.0
     grid = (_cdiv(n, BLOCK_N),)
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with on_device(lp):
         _vanilla_fwd_kernel[grid](lp, old, adv, m if m is not None else lp,
                                   loss, clipped, lower, neg_d, coef,
                                   n, lo, hi, c,
