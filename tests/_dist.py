@@ -8,6 +8,7 @@ bound on each launch. A child's assertion error travels back to pytest with its 
 import datetime
 import os
 import socket
+import sys
 import tempfile
 import time
 
@@ -50,9 +51,14 @@ def init(rank: int, world: int, init_method: str) -> None:
 
 
 def finish() -> None:
-    """Leave the group (in the child) once every rank is done with it: a rank that tears its Gloo sockets
-    down while a peer is still finishing a collective can abort that peer (seen as a rare SIGABRT)."""
-    try:
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    """End a child whose checks all passed: leave the group once every rank is done with it, then exit at
+    once. A rank that tears its Gloo sockets down while a peer still finishes a collective can abort the
+    peer, and torch's C++ teardown at interpreter exit now and then aborts with "terminate called without
+    an active exception" (seen about once in three full-suite runs, never in isolation, after every
+    assertion had passed); os._exit skips that teardown. Only for spawned children: never in pytest's
+    own process."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

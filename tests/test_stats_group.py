@@ -20,7 +20,7 @@ import torch.distributed as dist  # noqa: E402
 from fusedrl import RolloutCorrection  # noqa: E402
 from fusedrl.loss import PolicyLossConfig, _entropy_keep, _evaluate, policy_loss  # noqa: E402
 
-from _dist import init, launch  # noqa: E402
+from _dist import finish, init, launch  # noqa: E402
 F64 = torch.float64
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -123,9 +123,10 @@ def _child(rank: int, world: int, init_method: str) -> None:
         cfg = PolicyLossConfig(loss_mode="kl_cov", kl_cov_ratio=0.2, stats_group=dist.group.WORLD)
         loss, m = policy_loss(part["lp"], part["old"], part["adv"], part["mask"], cu_seqlens=part["cu"], config=cfg)
         assert torch.isfinite(loss) and m["cov_selected_frac"] >= 0
-        dist.barrier()  # every rank done before teardown (see _dist.finish); skipped after a failure
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    finish()  # every check passed: leave together and exit (tests/_dist.py)
 
 
 def test_two_ranks_select_what_one_process_selects():
