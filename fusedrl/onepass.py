@@ -4,14 +4,14 @@ DESIGN.md section 8 and docs/one-pass.md. For each token chunk of ``Nc`` rows::
 
     U    = x_c @ W^T              GEMM 1 (input dtype in, fp32 [Nc, V] workspace out)
     row epilogue: M, S, B -> LSE, H, logp; head -> g_lp, g_H; du in place
-    dx_c = du @ W                 GEMM 2
-    dW  += du^T @ x_c             GEMM 3 (fp32 accumulator when there is more than one chunk)
+    dx_c = du @ W                 GEMM 2 (fp32 out)
+    dW  += du^T @ x_c             GEMM 3 (fp32 accumulator)
 
 The loss head (``fusedrl.loss.TokenHead``) fixes the normalisers up front, so a chunk's upstream
 gradients follow from the chunk alone. After the last chunk the loss value and metrics are
 ``policy_loss``'s own, computed from the logp and entropy the pass produced; Clip-Cov / KL-Cov then
 select on the device and correct only the ``k`` selected rows; backward only scales the stored
-``dx``, ``dW``, ``db``. Sequence-level losses (GSPO) use chunks of whole sequences, or two passes
+(fp32) ``dx``, ``dW``, ``db`` and rounds them once to the inputs' dtypes. Sequence-level losses (GSPO) use chunks of whole sequences, or two passes
 (a scoring forward, then the backend's backward with the head's gradients) when a sequence does not
 fit the workspace.
 
@@ -106,8 +106,9 @@ def _row_bytes(v: int, cdt_size: int, low_precision: bool) -> int:
 
 
 def _fixed_bytes(n: int, h: int, v: int, low_precision: bool) -> int:
-    """fp32 accumulators: dW (16-bit inputs; counted even when one chunk would not need it) and db."""
-    return (v * h * 4 if low_precision else 0) + v * 4
+    """fp32 accumulators: dW and dx (16-bit inputs: both held in fp32 until the backward, beyond the
+    16-bit gradients themselves) and db."""
+    return ((v + n) * h * 4 if low_precision else 0) + v * 4
 
 
 def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[List[int]]):
