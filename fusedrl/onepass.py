@@ -11,9 +11,9 @@ The loss head (``fusedrl.loss.TokenHead``) fixes the normalisers up front, so a 
 gradients follow from the chunk alone. After the last chunk the loss value and metrics are
 ``policy_loss``'s own, computed from the logp and entropy the pass produced; Clip-Cov / KL-Cov then
 select on the device and correct only the ``k`` selected rows; backward only scales the stored
-(fp32) ``dx``, ``dW``, ``db`` and rounds them once to the inputs' dtypes. Sequence-level losses (GSPO) use chunks of whole sequences, or two passes
-(a scoring forward, then the backend's backward with the head's gradients) when a sequence does not
-fit the workspace.
+(fp32) ``dx``, ``dW``, ``db`` and rounds them once to the inputs' dtypes. Sequence-level losses (GSPO)
+use chunks of whole sequences, or two passes (a scoring forward, then the backend's backward with the
+head's gradients) when a sequence does not fit the workspace.
 
 Layering: this is the fused-loss layer. It wraps the whole schedule in one ``torch.library``
 custom op (opaque to ``torch.compile``, traceable with ``fullgraph=True``); the row epilogue comes
@@ -44,7 +44,7 @@ from .backends import torch_backend
 from .backends._device import usable_memory
 from .backends._onepass import OnePassHead
 from .ops import _split_temperature
-from .loss import (SELECTION_MODES, PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok,
+from .loss import (PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok,
                    metric_names)
 
 Tensor = torch.Tensor
