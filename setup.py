@@ -13,6 +13,7 @@ Environment switches (read at install time):
 The outcome (built / skipped / failed, and why) is written to fusedrl/_build_info.json, which the
 cuda backend reports when the extension is missing.
 """
+
 import json
 import os
 import shutil
@@ -125,8 +126,12 @@ class CMakeBuild(build_ext):
         os.makedirs(build_dir, exist_ok=True)
         archs = os.environ.get("FUSEDRL_CUDA_ARCHS", "").strip() or "80;90a"
         args = [
-            cmake, "-S", ROOT, "-B", build_dir,
-            f"-DCMAKE_BUILD_TYPE=Release",
+            cmake,
+            "-S",
+            ROOT,
+            "-B",
+            build_dir,
+            "-DCMAKE_BUILD_TYPE=Release",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DFUSEDRL_CUDA_ARCHS={archs}",
             f"-DFUSEDRL_OUTPUT_DIR={outdir}",
@@ -170,9 +175,14 @@ setup(
     extras_require={
         "triton": ["triton>=3.6; platform_system == 'Linux'"],
         "test": [
-            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.6; platform_system == 'Linux'",
+            "pytest",
+            "pytest-benchmark",
+            "hypothesis",
+            "triton>=3.6; platform_system == 'Linux'",
             # integration tests: a tiny HF Llama built from a config, TRL's GRPOTrainer, a LoRA model
-            "transformers", "trl", "peft",
+            "transformers",
+            "trl",
+            "peft",
         ],
         "bench": ["matplotlib", "tqdm"],
         "peers": ["liger-kernel", "cut-cross-entropy"],

@@ -14,11 +14,12 @@ Regimes (DESIGN.md section 7):
 Everything is built from ``CaseSpec`` (plain data, picklable), so the CPU peak-memory child process
 rebuilds exactly the same tensors from the same seed.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
@@ -37,9 +38,9 @@ class CaseSpec:
     regime: str = "random"
     device: str = "cpu"
     seed: int = 0
-    alpha: float = 0.0                 # peaked-regime pull (calibrated); 0 for random
-    seq_len: int = 1024                # loss task: sequences of this length (B = ceil(N / T))
-    old_logp: Optional[List[float]] = field(default=None, repr=False)  # loss task: rollout log-probs
+    alpha: float = 0.0  # peaked-regime pull (calibrated); 0 for random
+    seq_len: int = 1024  # loss task: sequences of this length (B = ceil(N / T))
+    old_logp: Optional[list[float]] = field(default=None, repr=False)  # loss task: rollout log-probs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,17 +49,17 @@ class CaseSpec:
 @dataclass
 class Case:
     spec: CaseSpec
-    x: torch.Tensor            # [N, H] leaf, requires_grad
-    w: torch.Tensor            # [V, H] leaf, requires_grad
-    targets: torch.Tensor      # [N] int64
-    g_lp: torch.Tensor         # [N] fp32 upstream grad of logp (core task)
-    g_H: torch.Tensor          # [N] fp32 upstream grad of entropy (core task)
+    x: torch.Tensor  # [N, H] leaf, requires_grad
+    w: torch.Tensor  # [V, H] leaf, requires_grad
+    targets: torch.Tensor  # [N] int64
+    g_lp: torch.Tensor  # [N] fp32 upstream grad of logp (core task)
+    g_H: torch.Tensor  # [N] fp32 upstream grad of entropy (core task)
     # loss task (padded [B, T] view of the same N tokens; the tail of the last row is padding)
     B: int = 0
     T: int = 0
-    mask: Optional[torch.Tensor] = None        # [B, T] fp32
-    adv_seq: Optional[torch.Tensor] = None     # [B] fp32 (one advantage per sequence, GRPO)
-    old_logp: Optional[torch.Tensor] = None    # [B, T] fp32
+    mask: Optional[torch.Tensor] = None  # [B, T] fp32
+    adv_seq: Optional[torch.Tensor] = None  # [B] fp32 (one advantage per sequence, GRPO)
+    old_logp: Optional[torch.Tensor] = None  # [B, T] fp32
 
     @property
     def dtype(self) -> torch.dtype:
@@ -102,7 +103,7 @@ def _base(spec: CaseSpec):
     dev = spec.device
     g = _gen(dev, spec.seed)
     n, h, v = spec.n, spec.h, spec.v
-    w = torch.randn(v, h, generator=g, device=dev) / h**0.25   # drawn first: the same W for every N
+    w = torch.randn(v, h, generator=g, device=dev) / h**0.25  # drawn first: the same W for every N
     x = torch.randn(n, h, generator=g, device=dev) / h**0.25
     if spec.regime == "random":
         t = torch.randint(0, v, (n,), generator=g, device=dev)
@@ -133,8 +134,7 @@ def _mean_entropy(x, w) -> float:
     return float(-(lp.exp() * lp).sum(1).mean())
 
 
-def calibrate_alpha(spec: CaseSpec, target: float = PEAKED_TARGET_ENTROPY, subset: int = 256,
-                    iters: int = 30) -> float:
+def calibrate_alpha(spec: CaseSpec, target: float = PEAKED_TARGET_ENTROPY, subset: int = 256, iters: int = 30) -> float:
     """Bisection (on log alpha) for the peaked pull that gives mean entropy ~= target on a subset."""
     x, w, k, _ = _base(spec)
     idx = torch.arange(0, spec.n, max(1, spec.n // subset), device=x.device)[:subset]
@@ -175,7 +175,7 @@ def build_case(spec: CaseSpec, requires_grad: bool = True) -> Case:
     return Case(spec, xd, wd, t.contiguous(), g_lp, g_H, B, T, mask.float(), adv, old)
 
 
-def make_old_logp(logp_ref: torch.Tensor, seed: int, noise: float = 0.1) -> List[float]:
+def make_old_logp(logp_ref: torch.Tensor, seed: int, noise: float = 0.1) -> list[float]:
     """Rollout log-probs for the loss task: the true log-probs plus N(0, noise^2) (policy drift), so
     importance ratios sit around 1 and a realistic few percent of tokens are clipped."""
     g = torch.Generator(device="cpu").manual_seed(seed + 11)
@@ -190,10 +190,10 @@ def make_old_logp(logp_ref: torch.Tensor, seed: int, noise: float = 0.1) -> List
 class LossSemantics:
     clip_low: float = 0.2
     clip_high: float = 0.2
-    clip_c: Optional[float] = 3.0          # dual clip for A < 0 (None: off)
-    entropy_coeff: float = 1e-3            # loss -= coeff * token-mean(entropy)
-    loss_mode: str = "vanilla"             # or a covariance mode ("clip_cov", "kl_cov")
-    cov_ratio: float = 2e-3                # covariance modes: fraction of tokens selected (verl: 2e-4..2e-3)
+    clip_c: Optional[float] = 3.0  # dual clip for A < 0 (None: off)
+    entropy_coeff: float = 1e-3  # loss -= coeff * token-mean(entropy)
+    loss_mode: str = "vanilla"  # or a covariance mode ("clip_cov", "kl_cov")
+    cov_ratio: float = 2e-3  # covariance modes: fraction of tokens selected (verl: 2e-4..2e-3)
 
     def describe(self) -> str:
         ent = f"entropy_coeff={self.entropy_coeff:g}" if self.entropy_coeff else "no entropy term"
@@ -206,8 +206,14 @@ class LossSemantics:
         """The same loss as a fusedrl.PolicyLossConfig (fixed generator seed: reproducible Clip-Cov picks)."""
         import fusedrl
 
-        kw = dict(loss_mode=self.loss_mode, clip_ratio_low=self.clip_low, clip_ratio_high=self.clip_high,
-                  clip_ratio_c=self.clip_c, loss_agg_mode="token-mean", entropy_coeff=self.entropy_coeff)
+        kw = dict(
+            loss_mode=self.loss_mode,
+            clip_ratio_low=self.clip_low,
+            clip_ratio_high=self.clip_high,
+            clip_ratio_c=self.clip_c,
+            loss_agg_mode="token-mean",
+            entropy_coeff=self.entropy_coeff,
+        )
         if self.loss_mode == "clip_cov":
             kw.update(clip_cov_ratio=self.cov_ratio, generator=torch.Generator().manual_seed(0))
         elif self.loss_mode == "kl_cov":

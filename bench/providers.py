@@ -11,6 +11,7 @@ Two tasks:
 A provider whose package is missing or that cannot run on the device is reported as skipped with the
 reason; it is never silently dropped. Peers are imported lazily, only when asked for.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ import importlib
 import os
 import sys
 import types
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -29,14 +30,14 @@ Tensor = torch.Tensor
 
 class Provider:
     name: str = ""
-    task: str = "core"              # "core" | "loss"
-    has_entropy: bool = True        # core: returns entropy (its grads include the entropy term)
-    can_score: bool = True          # core: has a no-grad forward worth timing
-    semantics: LossSemantics = DEFAULT_LOSS   # loss task: what the loss computes
+    task: str = "core"  # "core" | "loss"
+    has_entropy: bool = True  # core: returns entropy (its grads include the entropy term)
+    can_score: bool = True  # core: has a no-grad forward worth timing
+    semantics: LossSemantics = DEFAULT_LOSS  # loss task: what the loss computes
     note: str = ""
-    family: str = ""                # for plotting / grouping
+    family: str = ""  # for plotting / grouping
 
-    def available(self, device: torch.device, dtype: torch.dtype) -> Tuple[bool, str]:
+    def available(self, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         return True, ""
 
     # core: returns (logp [N] fp32, entropy [N] or None); loss: returns a scalar loss
@@ -78,7 +79,7 @@ class Eager(Provider):
         return eager_logp_entropy(case.x, case.w, case.targets)
 
 
-def _compile_ok(device: torch.device) -> Tuple[bool, str]:
+def _compile_ok(device: torch.device) -> tuple[bool, str]:
     if not hasattr(torch, "compile"):
         return False, "torch.compile not in this torch"
     if device.type == "cpu":
@@ -94,7 +95,7 @@ def _compile_ok(device: torch.device) -> Tuple[bool, str]:
     return True, ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(kind: str):
     fn = eager_logp_entropy if kind == "core" else eager_grpo
     return torch.compile(fn, dynamic=False)
@@ -143,10 +144,11 @@ class FusedRL(Provider):
 
     def __init__(self, backend: str, filter_eps: Optional[float] = None):
         self.backend = backend
-        self.filter_eps = filter_eps          # None: exact; float or "auto"
+        self.filter_eps = filter_eps  # None: exact; float or "auto"
         self.name = f"fusedrl-{backend}" + ("+filter" if filter_eps is not None else "")
         self.note = f"fusedrl.linear_logprob_entropy(backend={backend!r})" + (
-            f", grad_filter_eps={filter_eps}" if filter_eps is not None else "")
+            f", grad_filter_eps={filter_eps}" if filter_eps is not None else ""
+        )
 
     def _eps(self, dtype) -> float:
         if self.filter_eps is None:
@@ -166,8 +168,9 @@ class FusedRL(Provider):
     def forward(self, case):
         import fusedrl
 
-        return fusedrl.linear_logprob_entropy(case.x, case.w, case.targets, backend=self.backend,
-                                              grad_filter_eps=self._eps(case.dtype))
+        return fusedrl.linear_logprob_entropy(
+            case.x, case.w, case.targets, backend=self.backend, grad_filter_eps=self._eps(case.dtype)
+        )
 
 
 _LOSS_TAGS = {"vanilla": "grpo", "kl_cov": "klcov", "clip_cov": "clipcov"}
@@ -183,10 +186,12 @@ class FusedRLLoss(FusedRL):
         super().__init__(backend, filter_eps)
         self.schedule = schedule
         self.semantics = semantics
-        self.name = (f"fusedrl-{_LOSS_TAGS[semantics.loss_mode]}-{backend}" + ("+filter" if filter_eps is not None else "")
-                     + ("-recompute" if schedule == "recompute" else ""))
-        self.note = (f"fusedrl.fused_policy_loss(backend={backend!r}, schedule={schedule!r}): "
-                     f"{semantics.describe()}")
+        self.name = (
+            f"fusedrl-{_LOSS_TAGS[semantics.loss_mode]}-{backend}"
+            + ("+filter" if filter_eps is not None else "")
+            + ("-recompute" if schedule == "recompute" else "")
+        )
+        self.note = f"fusedrl.fused_policy_loss(backend={backend!r}, schedule={schedule!r}): {semantics.describe()}"
 
     def available(self, device, dtype):
         ok, why = super().available(device, dtype)
@@ -207,9 +212,18 @@ class FusedRLLoss(FusedRL):
         kw = {}
         if self.filter_eps is not None:
             kw["grad_filter_eps"] = self._eps(case.dtype)
-        loss, _metrics = fusedrl.fused_policy_loss(case.x_bt(), case.w, case.targets_bt(), case.old_logp,
-                                                   case.adv_bt(), case.mask, config=cfg, backend=self.backend,
-                                                   schedule=self.schedule, **kw)
+        loss, _metrics = fusedrl.fused_policy_loss(
+            case.x_bt(),
+            case.w,
+            case.targets_bt(),
+            case.old_logp,
+            case.adv_bt(),
+            case.mask,
+            config=cfg,
+            backend=self.backend,
+            schedule=self.schedule,
+            **kw,
+        )
         return loss
 
 
@@ -223,7 +237,7 @@ def _try_import(mod: str):
         return None, f"{mod} not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
 
 
-def _has_peer_attr(module: str, attr: str, hint: str = "") -> Tuple[bool, str]:
+def _has_peer_attr(module: str, attr: str, hint: str = "") -> tuple[bool, str]:
     """(True, "") when ``module`` imports and has ``attr``; else (False, why)."""
     mod, why = _try_import(module)
     if mod is None:
@@ -272,8 +286,11 @@ class VerlTriton(Provider):
         mod, _ = _verl_module("utils.kernel.linear_cross_entropy")
         import inspect
 
-        params = inspect.signature(mod.linear_cross_entropy).parameters if not hasattr(
-            mod.linear_cross_entropy, "__self__") else inspect.signature(mod.LinearCrossEntropy.forward).parameters
+        params = (
+            inspect.signature(mod.linear_cross_entropy).parameters
+            if not hasattr(mod.linear_cross_entropy, "__self__")
+            else inspect.signature(mod.LinearCrossEntropy.forward).parameters
+        )
         if "temperature" in params:
             return mod.linear_cross_entropy(case.x, case.w, case.targets, 1.0, "none")
         return mod.linear_cross_entropy(case.x, case.w, case.targets, "none")  # older verl: no temperature
@@ -298,12 +315,15 @@ class VerlTorch(Provider):
 
 class Liger(Provider):
     name, family = "liger", "liger"
-    note = ("liger_kernel.ops.LigerFusedLinearScaledCrossEntropyFunction(return_entropy=True): "
-            "SM90 CuTe kernel on H100, chunked torch fallback elsewhere")
+    note = (
+        "liger_kernel.ops.LigerFusedLinearScaledCrossEntropyFunction(return_entropy=True): "
+        "SM90 CuTe kernel on H100, chunked torch fallback elsewhere"
+    )
 
     def available(self, device, dtype):
-        ok, why = _has_peer_attr("liger_kernel.ops", "LigerFusedLinearScaledCrossEntropyFunction",
-                                 " (needs liger-kernel >= 0.8.3)")
+        ok, why = _has_peer_attr(
+            "liger_kernel.ops", "LigerFusedLinearScaledCrossEntropyFunction", " (needs liger-kernel >= 0.8.3)"
+        )
         if not ok:
             return False, why
         if device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0):
@@ -324,8 +344,10 @@ class LigerGRPO(Provider):
     name, family, task = "liger-grpo", "liger", "loss"
     can_score = False
     semantics = LossSemantics(clip_c=None, entropy_coeff=0.0)
-    note = ("liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0): no entropy term, "
-            "no dual clip (Liger's GRPO); backward runs inside its forward")
+    note = (
+        "liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss(loss_type='bnpo', beta=0): no entropy term, "
+        "no dual clip (Liger's GRPO); backward runs inside its forward"
+    )
 
     def available(self, device, dtype):
         return _has_peer_attr("liger_kernel.chunked_loss", "LigerFusedLinearGRPOLoss")
@@ -334,12 +356,14 @@ class LigerGRPO(Provider):
     def _mod(self):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        return LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=0.2,
-                                        epsilon_high=0.2, compiled=True)
+        return LigerFusedLinearGRPOLoss(
+            beta=0.0, use_ref_model=False, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.2, compiled=True
+        )
 
     def forward(self, case):
-        out = self._mod(case.x_bt(), case.w, case.targets_bt(), case.mask, case.adv_seq,
-                        old_per_token_logps=case.old_logp)
+        out = self._mod(
+            case.x_bt(), case.w, case.targets_bt(), case.mask, case.adv_seq, old_per_token_logps=case.old_logp
+        )
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -369,9 +393,9 @@ FUSEDRL_BACKENDS = ("torch", "triton", "cuda")
 FILTER_BACKENDS = ("triton", "cuda")
 
 
-def all_providers(filter_eps="auto") -> List[Provider]:
+def all_providers(filter_eps="auto") -> list[Provider]:
     """Every provider the suite knows, in table order (availability is checked later)."""
-    out: List[Provider] = [Eager(), Compiled()]
+    out: list[Provider] = [Eager(), Compiled()]
     for b in FUSEDRL_BACKENDS:
         out.append(FusedRL(b))
         if b in FILTER_BACKENDS and filter_eps is not None:
@@ -379,8 +403,12 @@ def all_providers(filter_eps="auto") -> List[Provider]:
     out += [Liger(), VerlTriton(), VerlTorch(), CCE()]
     out += [EagerGRPO(), CompiledGRPO()]
     for b in FUSEDRL_BACKENDS:
-        out += [FusedRLLoss(b), FusedRLLoss(b, schedule="recompute"), FusedRLLoss(b, semantics=KL_COV_LOSS),
-                FusedRLLoss(b, semantics=CLIP_COV_LOSS)]
+        out += [
+            FusedRLLoss(b),
+            FusedRLLoss(b, schedule="recompute"),
+            FusedRLLoss(b, semantics=KL_COV_LOSS),
+            FusedRLLoss(b, semantics=CLIP_COV_LOSS),
+        ]
     out.append(LigerGRPO())
     return out
 
@@ -392,7 +420,7 @@ def by_name(name: str, filter_eps="auto") -> Provider:
     raise KeyError(name)
 
 
-def select(tokens: Optional[List[str]], tasks: List[str], filter_eps="auto") -> List[Provider]:
+def select(tokens: Optional[list[str]], tasks: list[str], filter_eps="auto") -> list[Provider]:
     """Providers whose name starts with one of ``tokens`` (all when None or only exclusions), minus those
     named by a ``!name`` token, restricted to ``tasks``."""
     tokens = list(tokens or [])
@@ -418,15 +446,18 @@ def memory_factory(provider: str, spec: dict, mode: str, filter_eps="auto") -> C
     case = build_case(CaseSpec(**spec), requires_grad=(mode == "train"))
 
     if mode == "score":
+
         def run():
             return p.score(case)
     else:
+
         def run():
             case.zero_grads()
             out = p.forward(case)
             p.backward(case, out)
             del out
             return (case.x.grad, case.w.grad)
+
     run.reset = case.zero_grads
     return run
 

@@ -1,10 +1,11 @@
 """Derived figures, markdown table, JSON and PNG plot for ``python -m bench``."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Dict, List, Optional
+from typing import Optional
 
 MIB = 2**20
 
@@ -61,8 +62,14 @@ def derive(result: dict) -> None:
             d["tflops"] = 2 * nhv / (r["fwd"]["median"] * 1e9)
             d["x_floor"] = r["fwd"]["median"] / g1
         eager = EAGER_OF.get(r["task"])
-        e = next((x for x in result["rows"] if x["provider"] == eager and x.get("status") == "ok"
-                  and x["mode"] == r["mode"] and _key(x) == _key(r)), None)
+        e = next(
+            (
+                x
+                for x in result["rows"]
+                if x["provider"] == eager and x.get("status") == "ok" and x["mode"] == r["mode"] and _key(x) == _key(r)
+            ),
+            None,
+        )
         if e is not None:
             tk = "total" if r["mode"] == "train" else "fwd"
             d["speedup_vs_eager"] = e[tk]["median"] / r[tk]["median"]
@@ -132,21 +139,25 @@ def one_line(r: dict, c: Optional[dict] = None) -> str:
     return s
 
 
-def _header(result: dict) -> List[str]:
+def _header(result: dict) -> list[str]:
     m = result["meta"]
     dev = m["device"]
     if dev["type"] == "cuda":
         dline = f"{dev.get('name')} (sm {dev.get('capability')}, {dev.get('memory_gib')} GiB, CUDA {dev.get('cuda')})"
     else:
-        dline = (f"{dev.get('name')}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads, "
-                 f"{dev.get('memory_gib')} GiB RAM (no GPU)")
+        dline = (
+            f"{dev.get('name')}, {dev.get('cores')} cores, {dev.get('torch_threads')} torch threads, "
+            f"{dev.get('memory_gib')} GiB RAM (no GPU)"
+        )
     v = m["versions"]
     vers = ", ".join(f"{k} {v[k]}" for k in v if v[k])
     cfg = m["config"]
     load = ""
     if dev["type"] != "cuda" and m.get("loadavg_start") is not None:
-        load = (f"; load average (1/5/15 min) at start {m['loadavg_start']}, at end {m.get('loadavg_end')} "
-                "(anything else running on these cores slows every row)")
+        load = (
+            f"; load average (1/5/15 min) at start {m['loadavg_start']}, at end {m.get('loadavg_end')} "
+            "(anything else running on these cores slows every row)"
+        )
     return [
         "# fusedrl benchmark",
         "",
@@ -160,21 +171,32 @@ def _header(result: dict) -> List[str]:
         f"- {m['methods']['memory']}",
         f"- accuracy: {m['methods']['accuracy']}",
         f"- GEMM floor: {m['methods']['floor']}; measured before and after each shape's providers, pooled "
-        f"(median)" + ("; training-step 'x floor' columns are paired: the three floor GEMMs also ran inside every "
-                       "timed repeat, right after the step, and the ratio is the median of the per-repeat ratios "
-                       "(the GEMM floor row shows the separate pooled measurement)"
-                       if cfg.get("paired_floor") else "") + f"; TFLOP/s {m['methods']['flops']}",
+        f"(median)"
+        + (
+            "; training-step 'x floor' columns are paired: the three floor GEMMs also ran inside every "
+            "timed repeat, right after the step, and the ratio is the median of the per-repeat ratios "
+            "(the GEMM floor row shows the separate pooled measurement)"
+            if cfg.get("paired_floor")
+            else ""
+        )
+        + f"; TFLOP/s {m['methods']['flops']}",
         "",
     ]
 
 
-def _order(result) -> Dict[str, int]:
+def _order(result) -> dict[str, int]:
     return {p: i for i, p in enumerate(result.get("provider_order") or [])}
 
 
 def _case_rows(result, c, task, mode):
-    rows = [r for r in result["rows"] if r["task"] == task and r["mode"] == mode and r.get("status") in ("ok", "oom", "error")
-            and _key(r) == (c["regime"], c["n"], c["v"])]
+    rows = [
+        r
+        for r in result["rows"]
+        if r["task"] == task
+        and r["mode"] == mode
+        and r.get("status") in ("ok", "oom", "error")
+        and _key(r) == (c["regime"], c["n"], c["v"])
+    ]
     o = _order(result)
     return sorted(rows, key=lambda r: o.get(r["provider"], 999))
 
@@ -184,31 +206,43 @@ def markdown(result: dict) -> str:
     for c in result["cases"]:
         g1, g23, g123 = _floor(c)
         nhv = float(c["n"]) * c["h"] * c["v"]
-        L.append(f"## {c['regime']} regime, N={c['n']}, H={c['h']}, V={c['v']}, {c['dtype']}: "
-                 f"mean entropy {c['mean_entropy']:.3f} nats")
+        L.append(
+            f"## {c['regime']} regime, N={c['n']}, H={c['h']}, V={c['v']}, {c['dtype']}: "
+            f"mean entropy {c['mean_entropy']:.3f} nats"
+        )
         L.append("")
         L.append(f"Inputs {_mib(c['input_bytes'])} MiB, gradients dx+dW {_mib(c['grad_bytes'])} MiB.")
         L.append("")
         core = _case_rows(result, c, "core", "train")
         if core:
-            L.append("Training step: per-token logp + entropy, forward then backward with random upstream grads "
-                     "(times in ms, median; fwd+bwd with IQR).")
+            L.append(
+                "Training step: per-token logp + entropy, forward then backward with random upstream grads "
+                "(times in ms, median; fwd+bwd with IQR)."
+            )
             L.append("")
-            L.append("| provider | fwd | bwd | fwd+bwd (IQR) | TFLOP/s | x floor fwd / bwd / total | speedup vs eager "
-                     "| peak MiB above inputs (minus grads) | mem vs eager | err logp | err entropy | err dx | err dW |")
+            L.append(
+                "| provider | fwd | bwd | fwd+bwd (IQR) | TFLOP/s | x floor fwd / bwd / total | speedup vs eager "
+                "| peak MiB above inputs (minus grads) | mem vs eager | err logp | err entropy | err dx | err dW |"
+            )
             L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-            L.append(f"| GEMM floor (3 GEMMs) | {_num(g1)} | {_num(g23)} | {_num(g123)} | {6 * nhv / (g123 * 1e9):.2f} "
-                     "| 1 / 1 / 1 | | | | | | | |")
+            L.append(
+                f"| GEMM floor (3 GEMMs) | {_num(g1)} | {_num(g23)} | {_num(g123)} | {6 * nhv / (g123 * 1e9):.2f} "
+                "| 1 / 1 / 1 | | | | | | | |"
+            )
             for r in core:
                 L.append(_train_line(r, loss=False))
             L.append("")
         loss = _case_rows(result, c, "loss", "train")
         if loss:
-            L.append("GRPO-style loss step (scalar loss, forward + backward; the loss each row computes is in "
-                     "its note below).")
+            L.append(
+                "GRPO-style loss step (scalar loss, forward + backward; the loss each row computes is in "
+                "its note below)."
+            )
             L.append("")
-            L.append("| provider | fwd | bwd | fwd+bwd (IQR) | TFLOP/s | x floor fwd / bwd / total | speedup vs eager "
-                     "| peak MiB above inputs (minus grads) | mem vs eager | err loss | err dx | err dW |")
+            L.append(
+                "| provider | fwd | bwd | fwd+bwd (IQR) | TFLOP/s | x floor fwd / bwd / total | speedup vs eager "
+                "| peak MiB above inputs (minus grads) | mem vs eager | err loss | err dx | err dW |"
+            )
             L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
             for r in loss:
                 L.append(_train_line(r, loss=True))
@@ -217,16 +251,20 @@ def markdown(result: dict) -> str:
         if score:
             L.append("Scoring (no-grad forward: old / reference log-probs).")
             L.append("")
-            L.append("| provider | ms (IQR) | TFLOP/s | x 1 GEMM | speedup vs eager | peak MiB above inputs "
-                     "| mem vs eager | err logp | err entropy |")
+            L.append(
+                "| provider | ms (IQR) | TFLOP/s | x 1 GEMM | speedup vs eager | peak MiB above inputs "
+                "| mem vs eager | err logp | err entropy |"
+            )
             L.append("|---|---|---|---|---|---|---|---|---|")
             L.append(f"| GEMM floor (x@W^T) | {_num(g1)} | {2 * nhv / (g1 * 1e9):.2f} | 1 | | | | | |")
             for r in score:
                 d = r.get("derived", {})
                 err = r.get("err") or {}
-                L.append(f"| {r['provider']} | {_ms_iqr(r['fwd'])} | {_f(d.get('tflops'))} | {_f(d.get('x_floor'))} "
-                         f"| {_f(d.get('speedup_vs_eager'))} | {_mib(_peak(r))} | {_f(d.get('mem_vs_eager'), '{:.3f}')} "
-                         f"| {_e(err.get('logp'))} | {_e(err.get('entropy'))} |")
+                L.append(
+                    f"| {r['provider']} | {_ms_iqr(r['fwd'])} | {_f(d.get('tflops'))} | {_f(d.get('x_floor'))} "
+                    f"| {_f(d.get('speedup_vs_eager'))} | {_mib(_peak(r))} | {_f(d.get('mem_vs_eager'), '{:.3f}')} "
+                    f"| {_e(err.get('logp'))} | {_e(err.get('entropy'))} |"
+                )
             L.append("")
         bad = [r for r in result["rows"] if r.get("status") not in ("ok",) and _key(r) == (c["regime"], c["n"], c["v"])]
         for r in bad:
@@ -260,8 +298,10 @@ def _train_line(r, loss: bool) -> str:
     pm = d.get("peak_minus_grads_bytes")
     peak = f"{_mib(pk)} ({_mib(pm)})" if pk is not None else "-"
     xf = f"{_f(d.get('x_floor_fwd'))} / {_f(d.get('x_floor_bwd'))} / {_f(d.get('x_floor'))}"
-    head = (f"| {r['provider']} | {_ms(r['fwd'])} | {_ms(r['bwd'])} | {_ms_iqr(r['total'])} | {_f(d.get('tflops'))} "
-            f"| {xf} | {_f(d.get('speedup_vs_eager'))} | {peak} | {_f(d.get('mem_vs_eager'), '{:.3f}')} ")
+    head = (
+        f"| {r['provider']} | {_ms(r['fwd'])} | {_ms(r['bwd'])} | {_ms_iqr(r['total'])} | {_f(d.get('tflops'))} "
+        f"| {xf} | {_f(d.get('speedup_vs_eager'))} | {peak} | {_f(d.get('mem_vs_eager'), '{:.3f}')} "
+    )
     if loss:
         return head + f"| {_e(err.get('loss'))} | {_e(err.get('dx'))} | {_e(err.get('dw'))} |"
     return head + f"| {_e(err.get('logp'))} | {_e(err.get('entropy'))} | {_e(err.get('dx'))} | {_e(err.get('dw'))} |"
@@ -288,8 +328,10 @@ def write_json(result: dict, out_dir: str) -> None:
 def _save_plot(fig, plt, result: dict, shape: str, out_dir: str) -> str:
     """Title (device | shape | commit | date), write plot.png into out_dir, close the figure."""
     m = result["meta"]
-    fig.suptitle(f"fusedrl bench: {m['device'].get('name')} | {shape} | "
-                 f"{m.get('fusedrl_describe') or ''} | {m['date'][:10]}", fontsize=10)
+    fig.suptitle(
+        f"fusedrl bench: {m['device'].get('name')} | {shape} | {m.get('fusedrl_describe') or ''} | {m['date'][:10]}",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = os.path.join(out_dir, "plot.png")
     fig.savefig(path, dpi=110)
@@ -325,20 +367,25 @@ def plot(result: dict, out_dir: str) -> str:
         for ov in sorted({c[other] for c in result["cases"] if c["regime"] == reg}):
             cs = sorted([c for c in result["cases"] if c["regime"] == reg and c[other] == ov], key=lambda c: c[xkey])
             if cs:
-                lab = "GEMM floor (3 GEMMs)" + (f" {other.upper()}={ov}" if len({c[other] for c in result['cases']}) > 1 else "")
+                lab = "GEMM floor (3 GEMMs)" + (
+                    f" {other.upper()}={ov}" if len({c[other] for c in result["cases"]}) > 1 else ""
+                )
                 ax_t.plot([c[xkey] for c in cs], [_floor(c)[2] for c in cs], "k--", marker="x", label=lab)
         for p in provs:
             for ov in sorted({r[other] for r in rows if r["provider"] == p and r["regime"] == reg}):
-                pts = sorted([r for r in rows if r["provider"] == p and r["regime"] == reg and r[other] == ov],
-                             key=lambda r: r[xkey])
+                pts = sorted(
+                    [r for r in rows if r["provider"] == p and r["regime"] == reg and r[other] == ov],
+                    key=lambda r: r[xkey],
+                )
                 if not pts:
                     continue
                 style = "-" if pts[0]["task"] == "core" else ":"
                 lab = p + (f" {other.upper()}={ov}" if len({r[other] for r in rows}) > 1 else "")
                 xs = [r[xkey] for r in pts]
                 ax_t.plot(xs, [r["total"]["median"] for r in pts], style, marker="o", color=colors[p], label=lab)
-                ax_t.fill_between(xs, [r["total"]["q1"] for r in pts], [r["total"]["q3"] for r in pts],
-                                  color=colors[p], alpha=0.15)
+                ax_t.fill_between(
+                    xs, [r["total"]["q1"] for r in pts], [r["total"]["q3"] for r in pts], color=colors[p], alpha=0.15
+                )
                 mp = [(r[xkey], _peak(r) / MIB) for r in pts if _peak(r) is not None]
                 if mp:
                     ax_m.plot([a for a, _ in mp], [b for _, b in mp], style, marker="o", color=colors[p], label=lab)
@@ -359,7 +406,7 @@ def plot(result: dict, out_dir: str) -> str:
     return _save_plot(fig, plt, result, f"H={cfg['h']} {cfg['dtype']}", out_dir)
 
 
-def _provs(result, rows) -> List[str]:
+def _provs(result, rows) -> list[str]:
     o = _order(result)
     provs = []
     for r in sorted(rows, key=lambda r: o.get(r["provider"], 999)):
@@ -405,8 +452,11 @@ def _plot_bars(result, rows, regimes, out_dir, plt) -> str:
             ax.grid(True, axis="x", alpha=0.3)
             ax.legend(fontsize=7, loc="best", framealpha=0.9)
         paired = result["meta"]["config"].get("paired_floor")
-        ax_t.set_title(f"{reg} regime (mean entropy {c['mean_entropy']:.2f} nats): fwd+bwd ms, "
-                       f"x GEMM floor{' (paired per repeat)' if paired else ''}", fontsize=9)
+        ax_t.set_title(
+            f"{reg} regime (mean entropy {c['mean_entropy']:.2f} nats): fwd+bwd ms, "
+            f"x GEMM floor{' (paired per repeat)' if paired else ''}",
+            fontsize=9,
+        )
         ax_m.set_title(f"{reg} regime: peak MiB above inputs (training step)", fontsize=9)
     cfg = result["meta"]["config"]
     return _save_plot(fig, plt, result, f"N={cfg['n'][0]} H={cfg['h']} V={cfg['v'][0]} {cfg['dtype']}", out_dir)

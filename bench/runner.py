@@ -2,6 +2,7 @@
 
 See bench/results/README.md for how the committed results were produced and what every column means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,11 +11,11 @@ import gc
 import json
 import os
 import platform
-import subprocess
 import statistics
+import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -29,23 +30,60 @@ from .providers import GEMM_NAMES, Provider, select
 # --------------------------------------------------------------------------------------------------
 PRESETS = {
     # DESIGN.md section 7, CPU line: torch backend, fp32, N=4096, H=1024, V=32000
-    "cpu-target": dict(device="cpu", n=[4096], h=1024, v=[32000], dtype="fp32", regime="both", repeats=3, warmup=0,
-                       providers=["eager", "compile", "fusedrl", "verl-torch", "liger", "!compile-grpo"]),
+    "cpu-target": dict(
+        device="cpu",
+        n=[4096],
+        h=1024,
+        v=[32000],
+        dtype="fp32",
+        regime="both",
+        repeats=3,
+        warmup=0,
+        providers=["eager", "compile", "fusedrl", "verl-torch", "liger", "!compile-grpo"],
+    ),
     # DESIGN.md section 8, CPU line: the fused loss (one-pass schedule) vs the three-GEMM floor, eager, compile
-    "cpu-loss": dict(device="cpu", n=[4096], h=1024, v=[32000], dtype="fp32", regime="both", repeats=3, warmup=1,
-                     tasks=["loss"], providers=["eager-grpo", "compile-grpo", "fusedrl-grpo-torch", "fusedrl-klcov-torch",
-                                                "fusedrl-clipcov-torch"]),
+    "cpu-loss": dict(
+        device="cpu",
+        n=[4096],
+        h=1024,
+        v=[32000],
+        dtype="fp32",
+        regime="both",
+        repeats=3,
+        warmup=1,
+        tasks=["loss"],
+        providers=["eager-grpo", "compile-grpo", "fusedrl-grpo-torch", "fusedrl-klcov-torch", "fusedrl-clipcov-torch"],
+    ),
     # DESIGN.md section 8, GPU line: the fused loss on every backend with the peers, headline shape
-    "headline-loss": dict(device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10,
-                          warmup=3, tasks=["loss"]),
+    "headline-loss": dict(
+        device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10, warmup=3, tasks=["loss"]
+    ),
     # DESIGN.md section 7 headline: N=8192, H=4096, V=151936 (Qwen-7B head), bf16
     "headline": dict(device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10, warmup=3),
 }
 QUICK = {
-    "cpu": dict(n=[512, 2048], h=1024, v=[32000], dtype="fp32", regime="random", repeats=3, warmup=1,
-                providers=["eager", "fusedrl"], tasks=["core"]),
-    "cuda": dict(n=[2048, 8192], h=4096, v=[151936], dtype="bf16", regime="random", repeats=5, warmup=2,
-                 providers=["eager", "fusedrl"], tasks=["core"]),
+    "cpu": dict(
+        n=[512, 2048],
+        h=1024,
+        v=[32000],
+        dtype="fp32",
+        regime="random",
+        repeats=3,
+        warmup=1,
+        providers=["eager", "fusedrl"],
+        tasks=["core"],
+    ),
+    "cuda": dict(
+        n=[2048, 8192],
+        h=4096,
+        v=[151936],
+        dtype="bf16",
+        regime="random",
+        repeats=5,
+        warmup=2,
+        providers=["eager", "fusedrl"],
+        tasks=["core"],
+    ),
 }
 DEFAULTS = {
     "cpu": dict(n=[1024, 4096], h=1024, v=[32000], dtype="fp32", regime="both", repeats=3, warmup=1),
@@ -53,53 +91,88 @@ DEFAULTS = {
 }
 
 
-def _ints(s: str) -> List[int]:
+def _ints(s: str) -> list[int]:
     return [int(float(x)) for x in s.split(",") if x.strip()]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="small fast sweep (eager vs fusedrl vs GEMM floor)")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="cpu-target: DESIGN CPU shape; headline: DESIGN GPU shape")
+    ap.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="cpu-target: DESIGN CPU shape; headline: DESIGN GPU shape",
+    )
     ap.add_argument("--n", type=_ints, default=None, help="comma list of token counts N")
     ap.add_argument("--h", type=int, default=None, help="hidden size H")
     ap.add_argument("--v", type=_ints, default=None, help="comma list of vocabulary sizes V")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     ap.add_argument("--regime", choices=["random", "peaked", "both"], default=None)
-    ap.add_argument("--providers", default=None,
-                    help="comma list of provider names or prefixes (e.g. eager,fusedrl,liger; !name excludes); "
-                         "default: all")
+    ap.add_argument(
+        "--providers",
+        default=None,
+        help="comma list of provider names or prefixes (e.g. eager,fusedrl,liger; !name excludes); default: all",
+    )
     ap.add_argument("--tasks", default=None, help="comma list of core,loss (default: both; --quick: core)")
-    ap.add_argument("--out", default=None,
-                    help="output folder (default bench/results/<device-tag>/, with --quick <device-tag>-quick/)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default bench/results/<device-tag>/, with --quick <device-tag>-quick/)",
+    )
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement")
     ap.add_argument("--warmup", type=int, default=None, help="discarded warm-up repeats")
-    ap.add_argument("--max-seconds", type=float, default=None,
-                    help="stop adding repeats (after 3) once one timing loop has run this long")
-    ap.add_argument("--budget-seconds", type=float, default=None,
-                    help="skip (and list as skipped) providers that would start after this many seconds")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop adding repeats (after 3) once one timing loop has run this long",
+    )
+    ap.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=None,
+        help="skip (and list as skipped) providers that would start after this many seconds",
+    )
     ap.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     ap.add_argument("--no-score", action="store_true", help="skip the no-grad scoring rows")
     ap.add_argument("--no-errors", action="store_true", help="skip the fp64 accuracy check")
     ap.add_argument("--no-plot", action="store_true")
-    ap.add_argument("--filter-eps", default="auto",
-                    help="gradient-filter threshold for the '+filter' rows: auto (finfo(dtype).eps/32), a float, "
-                         "or none to drop those rows")
+    ap.add_argument(
+        "--filter-eps",
+        default="auto",
+        help="gradient-filter threshold for the '+filter' rows: auto (finfo(dtype).eps/32), a float, "
+        "or none to drop those rows",
+    )
     ap.add_argument("--seq-len", type=int, default=1024, help="loss task: tokens per sequence")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--paired-floor", choices=["auto", "on", "off"], default="auto",
-                    help="also run the three floor GEMMs inside every timed repeat of a training step and report "
-                         "'x floor' as the median per-repeat ratio (robust to load drifting on a shared machine; "
-                         "auto = on for CPU, off for CUDA)")
-    ap.add_argument("--clock", choices=["wall", "process"], default="wall",
-                    help="CPU timing clock: wall (perf_counter) or process (CPU time of this process; robust to "
-                         "other load on a shared machine, use with --threads 1)")
-    ap.add_argument("--plot-only", "--render", dest="plot_only", default=None, metavar="RESULTS_JSON",
-                    help="re-render results.md and plot.png next to an existing results.json (no measuring)")
+    ap.add_argument(
+        "--paired-floor",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="also run the three floor GEMMs inside every timed repeat of a training step and report "
+        "'x floor' as the median per-repeat ratio (robust to load drifting on a shared machine; "
+        "auto = on for CPU, off for CUDA)",
+    )
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "process"],
+        default="wall",
+        help="CPU timing clock: wall (perf_counter) or process (CPU time of this process; robust to "
+        "other load on a shared machine, use with --threads 1)",
+    )
+    ap.add_argument(
+        "--plot-only",
+        "--render",
+        dest="plot_only",
+        default=None,
+        metavar="RESULTS_JSON",
+        help="re-render results.md and plot.png next to an existing results.json (no measuring)",
+    )
     a = ap.parse_args(argv)
     if a.plot_only:
         return a
@@ -129,7 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _git(*args) -> Optional[str]:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        )
     except Exception:
         return None
 
@@ -149,9 +224,13 @@ def device_info(device: torch.device) -> dict:
     info = {"type": device.type}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info.update(name=torch.cuda.get_device_name(device), capability=f"{p.major}.{p.minor}",
-                    memory_gib=round(p.total_memory / 2**30, 1), sms=p.multi_processor_count,
-                    cuda=torch.version.cuda)
+        info.update(
+            name=torch.cuda.get_device_name(device),
+            capability=f"{p.major}.{p.minor}",
+            memory_gib=round(p.total_memory / 2**30, 1),
+            sms=p.multi_processor_count,
+            cuda=torch.version.cuda,
+        )
     else:
         mem = None
         try:
@@ -172,7 +251,7 @@ def device_tag(device: torch.device) -> str:
     return "cuda-" + "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def loadavg() -> Optional[List[float]]:
+def loadavg() -> Optional[list[float]]:
     try:
         with open("/proc/loadavg") as f:
             return [float(x) for x in f.read().split()[:3]]
@@ -218,8 +297,11 @@ def _floor_gemms(case: Case):
     out1 = torch.empty(n, v, dtype=x.dtype, device=x.device)
     out2 = torch.empty_like(x)
     out3 = torch.empty_like(w)
-    return [lambda: torch.matmul(x, w.t(), out=out1), lambda: torch.matmul(dz, w, out=out2),
-            lambda: torch.matmul(dz.t(), x, out=out3)]
+    return [
+        lambda: torch.matmul(x, w.t(), out=out1),
+        lambda: torch.matmul(dz, w, out=out2),
+        lambda: torch.matmul(dz.t(), x, out=out3),
+    ]
 
 
 def _floor_fns(case: Case):
@@ -227,13 +309,19 @@ def _floor_fns(case: Case):
     return [lambda _s, f=f: f() for f in _floor_gemms(case)]
 
 
-def gemm_floor(case: Case, args) -> Dict[str, M.Timing]:
+def gemm_floor(case: Case, args) -> dict[str, M.Timing]:
     """The three bare GEMMs of the op's shapes in the input dtype, into preallocated outputs."""
     res = {}
     for key, fn in zip(GEMM_NAMES, _floor_gemms(case)):
-        res[key] = M.time_fn(fn, case.x.device, warmup=max(1, args.warmup), repeats=args.repeats,
-                             max_seconds=args.max_seconds, clock=args.clock)
-    return res   # dz and the outputs are freed on return
+        res[key] = M.time_fn(
+            fn,
+            case.x.device,
+            warmup=max(1, args.warmup),
+            repeats=args.repeats,
+            max_seconds=args.max_seconds,
+            clock=args.clock,
+        )
+    return res  # dz and the outputs are freed on return
 
 
 class Ref:
@@ -243,7 +331,7 @@ class Ref:
         t0 = time.perf_counter()
         self.r = M.reference64(case.x.detach(), case.w.detach(), case.targets)
         self.seconds = time.perf_counter() - t0
-        self._grads: Dict[str, Dict[str, torch.Tensor]] = {}
+        self._grads: dict[str, dict[str, torch.Tensor]] = {}
         self.case = case
 
     @property
@@ -254,8 +342,9 @@ class Ref:
         key = f"core-{with_entropy}"
         if key not in self._grads:
             c = self.case
-            self._grads[key] = M.reference64_grads(self.r, c.x.detach(), c.w.detach(), c.targets, c.g_lp,
-                                                   c.g_H if with_entropy else None)
+            self._grads[key] = M.reference64_grads(
+                self.r, c.x.detach(), c.w.detach(), c.targets, c.g_lp, c.g_H if with_entropy else None
+            )
         return self._grads[key]
 
     def loss(self, sem):
@@ -266,8 +355,14 @@ class Ref:
 
             lp = self.r.logp.clone().requires_grad_(True)
             en = self.r.entropy.clone().requires_grad_(True)
-            loss = grpo_loss(_pad_bt(lp, c.B, c.T), _pad_bt(en, c.B, c.T), c.old_logp.double(),
-                             c.adv_bt().double(), c.mask.double(), sem)
+            loss = grpo_loss(
+                _pad_bt(lp, c.B, c.T),
+                _pad_bt(en, c.B, c.T),
+                c.old_logp.double(),
+                c.adv_bt().double(),
+                c.mask.double(),
+                sem,
+            )
             g_lp, g_H = torch.autograd.grad(loss, [lp, en], allow_unused=True)
             grads = M.reference64_grads(self.r, c.x.detach(), c.w.detach(), c.targets, g_lp, g_H)
             grads["loss"] = loss.detach()
@@ -300,21 +395,27 @@ def _mem(p: Provider, case: Case, args, mode: str) -> dict:
         return {"ok": False, "error": "skipped (--no-memory)"}
     dev = case.x.device
     if dev.type == "cuda":
+
         def run():
             if mode == "score":
                 return p.score(case)
             out = p.forward(case)
             p.backward(case, out)
             return None
+
         case.zero_grads()
         res = M.peak_memory(run, dev)
         case.zero_grads()
         return res
-    return M.peak_memory(None, dev, factory="bench.providers:memory_factory",
-                         kwargs=dict(provider=p.name, spec=case.spec.to_dict(), mode=mode, filter_eps=args.filter_eps))
+    return M.peak_memory(
+        None,
+        dev,
+        factory="bench.providers:memory_factory",
+        kwargs=dict(provider=p.name, spec=case.spec.to_dict(), mode=mode, filter_eps=args.filter_eps),
+    )
 
 
-def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> List[dict]:
+def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> list[dict]:
     dev = case.x.device
     rows = []
     base = dict(provider=p.name, family=p.family, task=p.task, note=p.note)
@@ -342,8 +443,15 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> List[di
         p.backward(case, s.pop("out"))
 
     gem = getattr(case, "floor_fns", None) if args.paired_floor else None
-    res = M.time_phases([fwd, bwd] + list(gem or []), dev, setup=setup, warmup=args.warmup, repeats=args.repeats,
-                        max_seconds=args.max_seconds, clock=args.clock)
+    res = M.time_phases(
+        [fwd, bwd] + list(gem or []),
+        dev,
+        setup=setup,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        max_seconds=args.max_seconds,
+        clock=args.clock,
+    )
     tf, tb = res[0], res[1]
     pair = None
     if gem:
@@ -352,18 +460,32 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> List[di
         tot = [a + b for a, b in zip(tf.samples, tb.samples)]
         tt = M.summarize(tot)
         med = lambda xs: float(statistics.median(xs))  # noqa: E731
-        pair = dict(x_floor=med([t / (a + b + c) for t, a, b, c in zip(tot, f1, f2, f3)]),
-                    x_floor_fwd=med([t / a for t, a in zip(tf.samples, f1)]),
-                    x_floor_bwd=med([t / (b + c) for t, b, c in zip(tb.samples, f2, f3)]),
-                    floor_ms=med([a + b + c for a, b, c in zip(f1, f2, f3)]), repeats=len(tot))
+        pair = dict(
+            x_floor=med([t / (a + b + c) for t, a, b, c in zip(tot, f1, f2, f3)]),
+            x_floor_fwd=med([t / a for t, a in zip(tf.samples, f1)]),
+            x_floor_bwd=med([t / (b + c) for t, b, c in zip(tb.samples, f2, f3)]),
+            floor_ms=med([a + b + c for a, b, c in zip(f1, f2, f3)]),
+            repeats=len(tot),
+        )
     else:
         tt = res[2]
     case.zero_grads()
     _free(dev)
     mem = _mem(p, case, args, "train")
     _free(dev)
-    rows.append(dict(base, mode="train", status="ok", fwd=tf.as_dict(), bwd=tb.as_dict(), total=tt.as_dict(),
-                     mem=mem, err=err, **({"paired_floor": pair} if pair else {})))
+    rows.append(
+        dict(
+            base,
+            mode="train",
+            status="ok",
+            fwd=tf.as_dict(),
+            bwd=tb.as_dict(),
+            total=tt.as_dict(),
+            mem=mem,
+            err=err,
+            **({"paired_floor": pair} if pair else {}),
+        )
+    )
 
     # 3) scoring: no-grad forward
     if p.task == "core" and p.can_score and not args.no_score:
@@ -375,8 +497,14 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> List[di
             if out[1] is not None and p.has_entropy:
                 serr["entropy"] = M.max_abs_err(out[1].reshape(-1), ref.r.entropy)
         del out
-        ts = M.time_fn(lambda: p.score(case), dev, warmup=args.warmup, repeats=args.repeats,
-                       max_seconds=args.max_seconds, clock=args.clock)
+        ts = M.time_fn(
+            lambda: p.score(case),
+            dev,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            max_seconds=args.max_seconds,
+            clock=args.clock,
+        )
         _free(dev)
         smem = _mem(p, case, args, "score")
         _free(dev)
@@ -428,8 +556,9 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    out_dir = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                       device_tag(device) + ("-quick" if args.quick else ""))
+    out_dir = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", device_tag(device) + ("-quick" if args.quick else "")
+    )
     os.makedirs(out_dir, exist_ok=True)
     regimes = ["random", "peaked"] if args.regime == "both" else [args.regime]
     providers = select(args.providers, args.tasks, args.filter_eps)
@@ -443,27 +572,50 @@ def run(args) -> dict:
     skipped = [dict(provider=p.name, task=p.task, reason=avail[p.name][1]) for p in providers if not avail[p.name][0]]
 
     meta = dict(
-        tool="python -m bench", argv=sys.argv[1:] if args.argv is None else args.argv,
+        tool="python -m bench",
+        argv=sys.argv[1:] if args.argv is None else args.argv,
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        device=device_info(device), versions=versions(), loadavg_start=loadavg(),
-        fusedrl_commit=_git("rev-parse", "HEAD"), fusedrl_describe=_git("describe", "--always", "--dirty"),
-        config=dict(n=args.n, h=args.h, v=args.v, dtype=args.dtype, regimes=regimes, tasks=args.tasks,
-                    repeats=args.repeats, warmup=args.warmup, max_seconds=args.max_seconds, seed=args.seed,
-                    seq_len=args.seq_len, filter_eps=args.filter_eps, threads=torch.get_num_threads(),
-                    paired_floor=args.paired_floor,
-                    clock=args.clock if device.type == "cpu" else "cuda-events",
-                    preset=args.preset, quick=args.quick),
-        methods=dict(time=M.time_method(device, args.clock), memory=M.memory_method(device),
-                     accuracy="max |error| vs an fp64 oracle on the same (upcast) inputs: logp and entropy on all "
-                              "tokens; dx on 256 random tokens; dW on 512 random vocabulary rows (incl. targets)",
-                     flops="nominal: forward 2NHV, backward 4NHV, training step 6NHV (recompute not counted)",
-                     floor="three bare GEMMs x@W^T [N,V], dz@W [N,H], dz^T@x [V,H] in the input dtype into "
-                           "preallocated outputs, same run; fwd ratio vs the first, bwd vs the other two"),
+        device=device_info(device),
+        versions=versions(),
+        loadavg_start=loadavg(),
+        fusedrl_commit=_git("rev-parse", "HEAD"),
+        fusedrl_describe=_git("describe", "--always", "--dirty"),
+        config=dict(
+            n=args.n,
+            h=args.h,
+            v=args.v,
+            dtype=args.dtype,
+            regimes=regimes,
+            tasks=args.tasks,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            max_seconds=args.max_seconds,
+            seed=args.seed,
+            seq_len=args.seq_len,
+            filter_eps=args.filter_eps,
+            threads=torch.get_num_threads(),
+            paired_floor=args.paired_floor,
+            clock=args.clock if device.type == "cpu" else "cuda-events",
+            preset=args.preset,
+            quick=args.quick,
+        ),
+        methods=dict(
+            time=M.time_method(device, args.clock),
+            memory=M.memory_method(device),
+            accuracy="max |error| vs an fp64 oracle on the same (upcast) inputs: logp and entropy on all "
+            "tokens; dx on 256 random tokens; dW on 512 random vocabulary rows (incl. targets)",
+            flops="nominal: forward 2NHV, backward 4NHV, training step 6NHV (recompute not counted)",
+            floor="three bare GEMMs x@W^T [N,V], dz@W [N,H], dz^T@x [V,H] in the input dtype into "
+            "preallocated outputs, same run; fwd ratio vs the first, bwd vs the other two",
+        ),
     )
     result = dict(meta=meta, cases=[], rows=[], skipped=skipped, provider_order=[p.name for p in providers])
 
-    print(f"fusedrl bench on {meta['device'].get('name')} ({device.type}), torch {torch.__version__}; "
-          f"N={args.n} H={args.h} V={args.v} {args.dtype}; regimes {regimes}; out {out_dir}", flush=True)
+    print(
+        f"fusedrl bench on {meta['device'].get('name')} ({device.type}), torch {torch.__version__}; "
+        f"N={args.n} H={args.h} V={args.v} {args.dtype}; regimes {regimes}; out {out_dir}",
+        flush=True,
+    )
     for s in skipped:
         print(f"  skipped {s['provider']}: {s['reason']}", flush=True)
 
@@ -474,12 +626,20 @@ def run(args) -> dict:
     try:
         for v in args.v:
             for n in args.n:
-                group = []   # the regimes of one shape, measured side by side (provider-outer)
-                floor_samples: Dict[str, List[float]] = {}
-                floor: Dict[str, dict] = {}   # shared by the regimes: GEMM time does not depend on the data
+                group = []  # the regimes of one shape, measured side by side (provider-outer)
+                floor_samples: dict[str, list[float]] = {}
+                floor: dict[str, dict] = {}  # shared by the regimes: GEMM time does not depend on the data
                 for regime in regimes:
-                    spec = CaseSpec(n=n, h=args.h, v=v, dtype=args.dtype, regime=regime, device=args.device,
-                                    seed=args.seed, seq_len=args.seq_len)
+                    spec = CaseSpec(
+                        n=n,
+                        h=args.h,
+                        v=v,
+                        dtype=args.dtype,
+                        regime=regime,
+                        device=args.device,
+                        seed=args.seed,
+                        seq_len=args.seq_len,
+                    )
                     tag = f"{regime} N={n} V={v}"
                     prog.step(f"{tag}: inputs, fp64 reference, GEMM floor")
                     t0 = time.perf_counter()
@@ -488,18 +648,30 @@ def run(args) -> dict:
                     case = build_case(spec)
                     ref = Ref(case, args)
                     if "loss" in args.tasks:
-                        spec.old_logp = make_old_logp(ref.r.logp, args.seed)   # case.spec is spec
+                        spec.old_logp = make_old_logp(ref.r.logp, args.seed)  # case.spec is spec
                         case.old_logp = _old_bt(case, spec)
                     if not floor_samples:
                         _pool_floor(floor_samples, floor, gemm_floor(case, args))
-                    cinfo = dict(regime=regime, n=n, h=args.h, v=v, dtype=args.dtype, alpha=spec.alpha,
-                                 mean_entropy=ref.mean_entropy, ref_seconds=round(ref.seconds, 2),
-                                 input_bytes=case.input_bytes(), grad_bytes=case.grad_bytes(),
-                                 floor=floor, setup_seconds=round(time.perf_counter() - t0, 2))
+                    cinfo = dict(
+                        regime=regime,
+                        n=n,
+                        h=args.h,
+                        v=v,
+                        dtype=args.dtype,
+                        alpha=spec.alpha,
+                        mean_entropy=ref.mean_entropy,
+                        ref_seconds=round(ref.seconds, 2),
+                        input_bytes=case.input_bytes(),
+                        grad_bytes=case.grad_bytes(),
+                        floor=floor,
+                        setup_seconds=round(time.perf_counter() - t0, 2),
+                    )
                     result["cases"].append(cinfo)
-                    prog.write(f"[{tag}] mean entropy {ref.mean_entropy:.3f} nats (fp64, all tokens)"
-                               + (f", alpha={spec.alpha:.3f}" if regime == "peaked" else "")
-                               + f"; GEMM floor {sum(t['median'] for t in floor.values()):.1f} ms")
+                    prog.write(
+                        f"[{tag}] mean entropy {ref.mean_entropy:.3f} nats (fp64, all tokens)"
+                        + (f", alpha={spec.alpha:.3f}" if regime == "peaked" else "")
+                        + f"; GEMM floor {sum(t['median'] for t in floor.values()):.1f} ms"
+                    )
                     prog.done()
                     if args.paired_floor:
                         if not group:
@@ -514,18 +686,35 @@ def run(args) -> dict:
                         common = dict(regime=regime, n=n, h=args.h, v=v, dtype=args.dtype)
                         spent = time.perf_counter() - t_start
                         if args.budget_seconds is not None and spent > args.budget_seconds:
-                            rows = [dict(provider=p.name, family=p.family, task=p.task, note=p.note, mode="train",
-                                         status="skipped",
-                                         reason=f"time budget of {args.budget_seconds:.0f} s spent (--budget-seconds)")]
+                            rows = [
+                                dict(
+                                    provider=p.name,
+                                    family=p.family,
+                                    task=p.task,
+                                    note=p.note,
+                                    mode="train",
+                                    status="skipped",
+                                    reason=f"time budget of {args.budget_seconds:.0f} s spent (--budget-seconds)",
+                                )
+                            ]
                         else:
                             try:
                                 rows = bench_provider(p, case, ref, args)
                             except Exception as e:  # OOM or a broken peer: record, go on
-                                oom = ("out of memory" in str(e).lower()
-                                       or isinstance(e, getattr(torch, "OutOfMemoryError", ())))
-                                rows = [dict(provider=p.name, family=p.family, task=p.task, note=p.note, mode="train",
-                                             status="oom" if oom else "error",
-                                             reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")]
+                                oom = "out of memory" in str(e).lower() or isinstance(
+                                    e, getattr(torch, "OutOfMemoryError", ())
+                                )
+                                rows = [
+                                    dict(
+                                        provider=p.name,
+                                        family=p.family,
+                                        task=p.task,
+                                        note=p.note,
+                                        mode="train",
+                                        status="oom" if oom else "error",
+                                        reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+                                    )
+                                ]
                                 case.zero_grads()
                                 _free(device)
                         for r in rows:
@@ -560,7 +749,7 @@ def run(args) -> dict:
     return result
 
 
-def _pool_floor(samples: Dict[str, List[float]], floor: Dict[str, dict], new: Dict[str, M.Timing]) -> None:
+def _pool_floor(samples: dict[str, list[float]], floor: dict[str, dict], new: dict[str, M.Timing]) -> None:
     for k, t in new.items():
         samples.setdefault(k, []).extend(t.samples)
         floor[k] = M.summarize(samples[k]).as_dict()
@@ -574,7 +763,7 @@ def run_priority(p: Provider) -> tuple:
     (its compile time is the most expensive thing in the suite). Tables keep the registry order."""
     if p.name.startswith("compile"):
         return (9, p.name)
-    if p.name == "fusedrl-torch":   # the portable fallback: after the GPU backends and eager
+    if p.name == "fusedrl-torch":  # the portable fallback: after the GPU backends and eager
         return (1.5, p.name)
     if p.task == "loss":
         return (5 + ("fusedrl" not in p.name) + (p.name.startswith("liger")) + 0.5 * p.name.endswith("-torch"), p.name)

@@ -26,13 +26,14 @@ exit 1 on a non-finite output), ``--render sweep.json`` (the table of a finished
 ``--auto-entry results.json --sweep sweep.json [--write fusedrl/backends/auto_table.json]`` (the
 measured ``auto`` order from a GPU bench run; see docs/gpu-validation.md).
 """
+
 from __future__ import annotations
 
 import os
 
 import torch
 
-if not torch.cuda.is_available():   # the triton backend runs in its interpreter on CPU (dry runs)
+if not torch.cuda.is_available():  # the triton backend runs in its interpreter on CPU (dry runs)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
@@ -44,7 +45,7 @@ import platform  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from typing import Callable, Dict, List, Optional  # noqa: E402
+from typing import Callable, Optional  # noqa: E402
 
 from fusedrl import _measure as M  # noqa: E402
 
@@ -55,9 +56,9 @@ HEADLINE = dict(n=8192, h=4096, v=151936, dtype="bf16")
 DRY = dict(n=48, h=64, v=1003, dtype="bf16")
 # the tests' tolerances (tests/_helpers.py): extra error allowed on top of eager's, per input dtype
 ATOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}
-GRAD_ATOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 5e-2}   # times max |ref| of that gradient
-BACKENDS = ("cuda", "triton", "torch")    # run order; every one that is available is checked
-QWEN_REAL_VOCAB = 151665                  # Qwen2.5's real ids; its lm_head pads to 151936
+GRAD_ATOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 5e-2}  # times max |ref| of that gradient
+BACKENDS = ("cuda", "triton", "torch")  # run order; every one that is available is checked
+QWEN_REAL_VOCAB = 151665  # Qwen2.5's real ids; its lm_head pads to 151936
 
 
 # --------------------------------------------------------------------------------------------------
@@ -65,7 +66,9 @@ QWEN_REAL_VOCAB = 151665                  # Qwen2.5's real ids; its lm_head pads
 # --------------------------------------------------------------------------------------------------
 def _git(*args) -> Optional[str]:
     try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        return (
+            subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip() or None
+        )
     except Exception:
         return None
 
@@ -74,17 +77,25 @@ def _commit() -> tuple:
     """(full hash, describe): git, else FUSEDRL_COMMIT ("<hash> <describe>", which bench/gpu_check.sh sets
     from .whl/COMMIT on a machine whose copy of the tree has no .git)."""
     env = os.environ.get("FUSEDRL_COMMIT", "").split()
-    return (_git("rev-parse", "HEAD") or (env[0] if env else None),
-            _git("describe", "--always", "--dirty") or (env[-1] if env else None))
+    return (
+        _git("rev-parse", "HEAD") or (env[0] if env else None),
+        _git("describe", "--always", "--dirty") or (env[-1] if env else None),
+    )
 
 
 def _device_info(dev: torch.device) -> dict:
     if dev.type != "cuda":
         return {"type": dev.type, "name": platform.processor() or platform.machine(), "cores": os.cpu_count()}
     p = torch.cuda.get_device_properties(dev)
-    return {"type": "cuda", "name": torch.cuda.get_device_name(dev), "capability": f"{p.major}.{p.minor}",
-            "arch": f"sm_{p.major}{p.minor}", "sms": p.multi_processor_count,
-            "memory_gib": round(p.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(dev),
+        "capability": f"{p.major}.{p.minor}",
+        "arch": f"sm_{p.major}{p.minor}",
+        "sms": p.multi_processor_count,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+    }
 
 
 def _versions() -> dict:
@@ -173,19 +184,40 @@ class Sweep:
         except Exception as e:
             auto = f"{type(e).__name__}: {e}"
         return dict(
-            tool="python -m bench.sweep", argv=sys.argv[1:],
+            tool="python -m bench.sweep",
+            argv=sys.argv[1:],
             date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            device=_device_info(self.dev), versions=_versions(), commit=_commit()[0], describe=_commit()[1],
+            device=_device_info(self.dev),
+            versions=_versions(),
+            commit=_commit()[0],
+            describe=_commit()[1],
             auto=auto,
-            config=dict(n=a.n, h=a.h, v=a.v, dtype=a.dtype, regimes=a.regimes, masked_n=a.masked_n, seed=a.seed,
-                        seq_len=a.seq_len, filter_eps=a.filter_eps, backends=a.backends, loss=not a.no_loss,
-                        budget_seconds=a.budget_seconds, dry=a.dry),
-            reference=("fp64 oracle on the same upcast inputs (fusedrl/_measure.py reference64): logp/entropy on "
-                       "all tokens, dx on 256 tokens, dW/db on 512 vocabulary rows (targets included)"),
-            verdict=("pass: every output finite and, per output, max|err| <= eager_err + ATOL[dtype] "
-                     "(gradients: + GRAD_ATOL[dtype] * max|ref|); masked case: dW/db rows of -inf columns == 0"),
+            config=dict(
+                n=a.n,
+                h=a.h,
+                v=a.v,
+                dtype=a.dtype,
+                regimes=a.regimes,
+                masked_n=a.masked_n,
+                seed=a.seed,
+                seq_len=a.seq_len,
+                filter_eps=a.filter_eps,
+                backends=a.backends,
+                loss=not a.no_loss,
+                budget_seconds=a.budget_seconds,
+                dry=a.dry,
+            ),
+            reference=(
+                "fp64 oracle on the same upcast inputs (fusedrl/_measure.py reference64): logp/entropy on "
+                "all tokens, dx on 256 tokens, dW/db on 512 vocabulary rows (targets included)"
+            ),
+            verdict=(
+                "pass: every output finite and, per output, max|err| <= eager_err + ATOL[dtype] "
+                "(gradients: + GRAD_ATOL[dtype] * max|ref|); masked case: dW/db rows of -inf columns == 0"
+            ),
             tolerances=dict(atol=ATOL, grad_atol=GRAD_ATOL),
-            uncovered=("seconds include JIT compilation and first-call setup: they are not performance figures"))
+            uncovered=("seconds include JIT compilation and first-call setup: they are not performance figures"),
+        )
 
     # ---------------------------------------------------------------- bookkeeping
     def elapsed(self) -> float:
@@ -213,8 +245,9 @@ class Sweep:
     # ---------------------------------------------------------------- inputs
     def build(self, regime: str):
         a = self.a
-        spec = CaseSpec(n=a.n, h=a.h, v=a.v, dtype=a.dtype, regime=regime, device=a.device, seed=a.seed,
-                        seq_len=a.seq_len)
+        spec = CaseSpec(
+            n=a.n, h=a.h, v=a.v, dtype=a.dtype, regime=regime, device=a.device, seed=a.seed, seq_len=a.seq_len
+        )
         t0 = time.perf_counter()
         if regime == "peaked":
             spec.alpha = calibrate_alpha(spec)
@@ -222,12 +255,22 @@ class Sweep:
         ref = M.reference64(case.x.detach(), case.w.detach(), case.targets)
         grads = M.reference64_grads(ref, case.x.detach(), case.w.detach(), case.targets, case.g_lp, case.g_H)
         _sync(self.dev)
-        info = dict(regime=regime, n=a.n, h=a.h, v=a.v, dtype=a.dtype, alpha=spec.alpha,
-                    mean_entropy=float(ref.entropy.mean()), setup_seconds=round(time.perf_counter() - t0, 2))
+        info = dict(
+            regime=regime,
+            n=a.n,
+            h=a.h,
+            v=a.v,
+            dtype=a.dtype,
+            alpha=spec.alpha,
+            mean_entropy=float(ref.entropy.mean()),
+            setup_seconds=round(time.perf_counter() - t0, 2),
+        )
         self.result["cases"].append(info)
-        print(f"[{regime}] N={a.n} H={a.h} V={a.v} {a.dtype}: mean entropy {info['mean_entropy']:.3f} nats "
-              f"(fp64){f', alpha={spec.alpha:.3f}' if regime == 'peaked' else ''}; setup {info['setup_seconds']} s",
-              flush=True)
+        print(
+            f"[{regime}] N={a.n} H={a.h} V={a.v} {a.dtype}: mean entropy {info['mean_entropy']:.3f} nats "
+            f"(fp64){f', alpha={spec.alpha:.3f}' if regime == 'peaked' else ''}; setup {info['setup_seconds']} s",
+            flush=True,
+        )
         return dict(regime=regime, spec=spec, case=case, ref=ref, grads=grads, keep=None)
 
     def build_masked(self):
@@ -240,26 +283,47 @@ class Sweep:
         dev, v = self.dev, a.v
         tail = v - QWEN_REAL_VOCAB if v > QWEN_REAL_VOCAB else max(1, v // 64)
         masked = torch.zeros(v, dtype=torch.bool, device=dev)
-        masked[v - tail:] = True
-        masked[torch.arange(7, v, max(2, v // 150), device=dev)] = True   # inside tiles too, not only the tail
+        masked[v - tail :] = True
+        masked[torch.arange(7, v, max(2, v // 150), device=dev)] = True  # inside tiles too, not only the tail
         keep = torch.nonzero(~masked).squeeze(1)
         g = torch.Generator(device=dev).manual_seed(a.seed + 5)
         b = (0.5 * torch.randn(v, generator=g, device=dev)).masked_fill(masked, float("-inf"))
         case.b = b.to(DTYPES[a.dtype]).requires_grad_(True)
-        t_keep = torch.randint(0, keep.numel(), (n,), generator=g, device=dev)   # targets in kept columns only
+        t_keep = torch.randint(0, keep.numel(), (n,), generator=g, device=dev)  # targets in kept columns only
         case.targets = keep[t_keep].contiguous()
         w_keep = case.w.detach()[keep]
         b_keep = case.b.detach()[keep]
         ref = M.reference64(case.x.detach(), w_keep, t_keep, bias=b_keep)
         grads = M.reference64_grads(ref, case.x.detach(), w_keep, t_keep, case.g_lp, case.g_H, bias=b_keep)
         _sync(dev)
-        info = dict(regime="masked", n=n, h=a.h, v=v, dtype=a.dtype, masked_columns=int(masked.sum()),
-                    mean_entropy=float(ref.entropy.mean()), setup_seconds=round(time.perf_counter() - t0, 2))
+        info = dict(
+            regime="masked",
+            n=n,
+            h=a.h,
+            v=v,
+            dtype=a.dtype,
+            masked_columns=int(masked.sum()),
+            mean_entropy=float(ref.entropy.mean()),
+            setup_seconds=round(time.perf_counter() - t0, 2),
+        )
         self.result["cases"].append(info)
-        print(f"[masked] N={n} H={a.h} V={v}: {info['masked_columns']} columns -inf (tail {tail} + scattered); "
-              f"setup {info['setup_seconds']} s", flush=True)
-        return dict(regime="masked", spec=spec, case=case, ref=ref, grads=grads, keep=keep, masked=masked,
-                    t_keep=t_keep, w_keep=w_keep, b_keep=b_keep)
+        print(
+            f"[masked] N={n} H={a.h} V={v}: {info['masked_columns']} columns -inf (tail {tail} + scattered); "
+            f"setup {info['setup_seconds']} s",
+            flush=True,
+        )
+        return dict(
+            regime="masked",
+            spec=spec,
+            case=case,
+            ref=ref,
+            grads=grads,
+            keep=keep,
+            masked=masked,
+            t_keep=t_keep,
+            w_keep=w_keep,
+            b_keep=b_keep,
+        )
 
     # ---------------------------------------------------------------- core rows
     def core_row(self, c: dict, impl: str, backend: Optional[str], fn: Callable, eager: Optional[dict]) -> dict:
@@ -267,7 +331,9 @@ class Sweep:
         case, ref, g = c["case"], c["ref"], c["grads"]
         row = dict(part="core", regime=c["regime"], impl=impl, backend=backend, n=case.x.shape[0])
         if self.over_budget():
-            row.update(status="skipped", verdict="skipped", reason=f"time budget of {self.a.budget_seconds:.0f} s spent")
+            row.update(
+                status="skipped", verdict="skipped", reason=f"time budget of {self.a.budget_seconds:.0f} s spent"
+            )
             return row
         case.zero_grads()
         if getattr(case, "b", None) is not None:
@@ -280,8 +346,11 @@ class Sweep:
             _sync(self.dev)
         except Exception as e:
             oom = "out of memory" in str(e).lower()
-            row.update(status="oom" if oom else "error", verdict="error",
-                       reason=f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+            row.update(
+                status="oom" if oom else "error",
+                verdict="error",
+                reason=f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
+            )
             case.zero_grads()
             _free(self.dev)
             return row
@@ -291,9 +360,10 @@ class Sweep:
             case.zero_grads()
             return row
         keep = c["keep"]
-        vi = ref.voc_idx if keep is None else keep[ref.voc_idx]   # oracle rows -> columns of the full problem
-        outs = dict(logp=(lp, ref.logp), entropy=(ent, ref.entropy), dx=(dx[ref.tok_idx], g["dx"]),
-                    dw=(dw[vi], g["dw"]))
+        vi = ref.voc_idx if keep is None else keep[ref.voc_idx]  # oracle rows -> columns of the full problem
+        outs = dict(
+            logp=(lp, ref.logp), entropy=(ent, ref.entropy), dx=(dx[ref.tok_idx], g["dx"]), dw=(dw[vi], g["dw"])
+        )
         if "db" in g and db is not None:
             outs["db"] = (db[vi], g["db"])
         row["finite"] = dict(logp=_finite(lp), entropy=_finite(ent), dx=_finite(dx), dw=_finite(dw))
@@ -301,11 +371,15 @@ class Sweep:
             row["finite"]["db"] = _finite(db)
         row["err"] = {k: M.max_abs_err(o, r) for k, (o, r) in outs.items()}
         row["rel"] = {k: _rel(o, r) for k, (o, r) in outs.items()}
-        row["tol"] = {k: (ATOL[self.a.dtype] if k in ("logp", "entropy")
-                          else GRAD_ATOL[self.a.dtype] * float(r.abs().max())) for k, (o, r) in outs.items()}
-        if keep is not None:   # masked columns: exactly zero gradient rows
+        row["tol"] = {
+            k: (ATOL[self.a.dtype] if k in ("logp", "entropy") else GRAD_ATOL[self.a.dtype] * float(r.abs().max()))
+            for k, (o, r) in outs.items()
+        }
+        if keep is not None:  # masked columns: exactly zero gradient rows
             m = c["masked"]
-            row["masked_rows_zero"] = bool((dw[m] == 0).all().item()) and (db is None or bool((db[m] == 0).all().item()))
+            row["masked_rows_zero"] = bool((dw[m] == 0).all().item()) and (
+                db is None or bool((db[m] == 0).all().item())
+            )
         judge(row, eager)
         row["status"] = "ok"
         del lp, ent, dx, dw, db
@@ -322,11 +396,18 @@ class Sweep:
 
         def fused(backend, grad_filter_eps=0.0):
             def fn(case):
-                lp, ent = fusedrl.linear_logprob_entropy(case.x, case.w, case.targets, bias=getattr(case, "b", None),
-                                                         backend=backend, grad_filter_eps=grad_filter_eps)
+                lp, ent = fusedrl.linear_logprob_entropy(
+                    case.x,
+                    case.w,
+                    case.targets,
+                    bias=getattr(case, "b", None),
+                    backend=backend,
+                    grad_filter_eps=grad_filter_eps,
+                )
                 torch.autograd.backward([lp, ent], [case.g_lp, case.g_H])
                 b = getattr(case, "b", None)
                 return lp.detach(), ent.detach(), case.x.grad, case.w.grad, (b.grad if b is not None else None)
+
             return fn
 
         def eager(case):
@@ -366,8 +447,17 @@ class Sweep:
             if backend not in (None, "reference"):
                 ok, why = availability(backend, self.dev)
                 if not ok:
-                    self.add(dict(part="core", regime=c["regime"], impl=impl, backend=backend, status="unavailable",
-                                  verdict="unavailable", reason=why))
+                    self.add(
+                        dict(
+                            part="core",
+                            regime=c["regime"],
+                            impl=impl,
+                            backend=backend,
+                            status="unavailable",
+                            verdict="unavailable",
+                            reason=why,
+                        )
+                    )
                     continue
             row = self.core_row(c, impl, backend, fn, eager)
             if impl == "eager" and row.get("status") == "ok":
@@ -380,8 +470,16 @@ class Sweep:
         try:
             from .providers import EagerGRPO, FusedRLLoss
         except Exception as e:
-            self.add(dict(part="loss", regime=c["regime"], impl="*", status="error", verdict="error",
-                          reason=f"bench.providers not importable: {type(e).__name__}: {e}"))
+            self.add(
+                dict(
+                    part="loss",
+                    regime=c["regime"],
+                    impl="*",
+                    status="error",
+                    verdict="error",
+                    reason=f"bench.providers not importable: {type(e).__name__}: {e}",
+                )
+            )
             return
         case, ref, spec = c["case"], c["ref"], c["spec"]
         spec.old_logp = make_old_logp(ref.logp, self.a.seed)
@@ -407,8 +505,14 @@ class Sweep:
             if sem not in oracle:
                 lp = ref.logp.clone().requires_grad_(True)
                 en = ref.entropy.clone().requires_grad_(True)
-                loss = grpo_loss(_pad_bt(lp, case.B, case.T), _pad_bt(en, case.B, case.T), case.old_logp.double(),
-                                 case.adv_bt().double(), case.mask.double(), sem)
+                loss = grpo_loss(
+                    _pad_bt(lp, case.B, case.T),
+                    _pad_bt(en, case.B, case.T),
+                    case.old_logp.double(),
+                    case.adv_bt().double(),
+                    case.mask.double(),
+                    sem,
+                )
                 g_lp, g_H = torch.autograd.grad(loss, [lp, en], allow_unused=True)
                 gr = M.reference64_grads(ref, case.x.detach(), case.w.detach(), case.targets, g_lp, g_H)
                 oracle[sem] = (loss.detach(), gr)
@@ -422,8 +526,11 @@ class Sweep:
                 p.backward(case, out)
                 _sync(self.dev)
             except Exception as e:
-                row.update(status="error", verdict="error",
-                           reason=f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+                row.update(
+                    status="error",
+                    verdict="error",
+                    reason=f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}",
+                )
                 case.zero_grads()
                 self.add(row)
                 continue
@@ -434,13 +541,18 @@ class Sweep:
                 case.zero_grads()
                 self.add(row)
                 continue
-            outs = dict(loss=(out.detach().reshape(()), loss_ref), dx=(dx[ref.tok_idx], gr["dx"]),
-                        dw=(dw[ref.voc_idx], gr["dw"]))
+            outs = dict(
+                loss=(out.detach().reshape(()), loss_ref),
+                dx=(dx[ref.tok_idx], gr["dx"]),
+                dw=(dw[ref.voc_idx], gr["dw"]),
+            )
             row["finite"] = dict(loss=_finite(out.detach()), dx=_finite(dx), dw=_finite(dw))
             row["err"] = {k: M.max_abs_err(o, r) for k, (o, r) in outs.items()}
             row["rel"] = {k: _rel(o, r) for k, (o, r) in outs.items()}
-            row["tol"] = {k: (ATOL[self.a.dtype] if k == "loss" else GRAD_ATOL[self.a.dtype] * float(r.abs().max()))
-                          for k, (o, r) in outs.items()}
+            row["tol"] = {
+                k: (ATOL[self.a.dtype] if k == "loss" else GRAD_ATOL[self.a.dtype] * float(r.abs().max()))
+                for k, (o, r) in outs.items()
+            }
             judge(row, eager)
             row["status"] = "ok"
             if impl == "eager-grpo":
@@ -513,14 +625,14 @@ def judge(row: dict, eager: Optional[dict]) -> None:
         row["verdict"] = "pass" if not fails else "FAIL"
 
 
-def summarize(rows: List[dict]) -> dict:
+def summarize(rows: list[dict]) -> dict:
     out = {"pass": 0, "FAIL": 0, "error": 0, "skipped": 0, "unavailable": 0, "backends": {}}
     for r in rows:
         v = r.get("verdict")
         if v in out:
             out[v] += 1
         b = r.get("backend")
-        if b and b != "reference" and r["impl"] == b:   # exact core rows decide a backend's status
+        if b and b != "reference" and r["impl"] == b:  # exact core rows decide a backend's status
             cur = out["backends"].get(b)
             rank = {"FAIL": 4, "error": 3, "pass": 2, "skipped": 1, "unavailable": 0}
             if cur is None or rank.get(v, 0) > rank.get(cur, 0):
@@ -533,8 +645,10 @@ def one_line(r: dict) -> str:
     head = f"[{r['regime']}] {r['part']:4s} {r['impl']:15s}"
     if r.get("status") != "ok":
         return f"{head} {r.get('status')}: {r.get('reason', '')}"
-    errs = " ".join(f"{k} {_fmt(e)}" + (f" (x{r['vs_eager'][k]:.2g})" if k in r.get("vs_eager", {}) else "")
-                    for k, e in r["err"].items())
+    errs = " ".join(
+        f"{k} {_fmt(e)}" + (f" (x{r['vs_eager'][k]:.2g})" if k in r.get("vs_eager", {}) else "")
+        for k, e in r["err"].items()
+    )
     tail = f" | {'; '.join(r['fails'])}" if r.get("fails") else ""
     return f"{head} {errs} -> {r['verdict']} ({r.get('seconds', 0):.1f} s){tail}"
 
@@ -543,15 +657,20 @@ def render(result: dict) -> str:
     """Markdown table of a sweep result (also of a cut-off run's JSON)."""
     m = result.get("meta", {})
     d = m.get("device", {})
-    lines = [f"### correctness sweep: {d.get('name')} {d.get('arch') or ''} | commit {m.get('describe')} | {m.get('date')}",
-             "", f"max |err| vs fp64 (x = ratio to eager {m.get('config', {}).get('dtype')}); "
-             f"verdict: {m.get('verdict')}", "",
-             "| case | part | impl | logp / loss | entropy | dx | dW | db | verdict | s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### correctness sweep: {d.get('name')} {d.get('arch') or ''} | commit {m.get('describe')} | {m.get('date')}",
+        "",
+        f"max |err| vs fp64 (x = ratio to eager {m.get('config', {}).get('dtype')}); verdict: {m.get('verdict')}",
+        "",
+        "| case | part | impl | logp / loss | entropy | dx | dW | db | verdict | s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result.get("rows", []):
         if r.get("status") != "ok":
-            lines.append(f"| {r['regime']} | {r['part']} | {r['impl']} | | | | | | {r.get('verdict')}: "
-                         f"{(r.get('reason') or '')[:120]} | |")
+            lines.append(
+                f"| {r['regime']} | {r['part']} | {r['impl']} | | | | | | {r.get('verdict')}: "
+                f"{(r.get('reason') or '')[:120]} | |"
+            )
             continue
 
         def cell(k):
@@ -560,20 +679,31 @@ def render(result: dict) -> str:
                 return "-"
             x = r.get("vs_eager", {}).get(k)
             return _fmt(e) + (f" (x{x:.2g})" if x is not None and not r["impl"].startswith("eager") else "")
+
         first = cell("logp") if "logp" in r["err"] else cell("loss")
         verdict = r["verdict"] + (": " + "; ".join(r["fails"]) if r.get("fails") else "")
-        lines.append(f"| {r['regime']} | {r['part']} | {r['impl']} | {first} | {cell('entropy')} | {cell('dx')} | "
-                     f"{cell('dw')} | {cell('db')} | {verdict} | {r.get('seconds', '')} |")
+        lines.append(
+            f"| {r['regime']} | {r['part']} | {r['impl']} | {first} | {cell('entropy')} | {cell('dx')} | "
+            f"{cell('dw')} | {cell('db')} | {verdict} | {r.get('seconds', '')} |"
+        )
     s = result.get("summary") or summarize(result.get("rows", []))
-    lines += ["", f"summary: {s['pass']} pass, {s['FAIL']} FAIL, {s['error']} error, {s['skipped']} skipped, "
-              f"{s['unavailable']} unavailable; per backend: {s['backends']}"
-              + ("" if m.get("complete", False) else "  (run incomplete: cut off or budget spent)")]
+    lines += [
+        "",
+        f"summary: {s['pass']} pass, {s['FAIL']} FAIL, {s['error']} error, {s['skipped']} skipped, "
+        f"{s['unavailable']} unavailable; per backend: {s['backends']}"
+        + ("" if m.get("complete", False) else "  (run incomplete: cut off or budget spent)"),
+    ]
     cases = result.get("cases", [])
     if cases:
-        lines.append("cases: " + "; ".join(f"{c['regime']} N={c['n']} mean entropy {c['mean_entropy']:.3f}"
-                                           + (f" alpha {c['alpha']:.3f}" if c.get("alpha") else "")
-                                           + (f" masked cols {c['masked_columns']}" if c.get("masked_columns") else "")
-                                           for c in cases))
+        lines.append(
+            "cases: "
+            + "; ".join(
+                f"{c['regime']} N={c['n']} mean entropy {c['mean_entropy']:.3f}"
+                + (f" alpha {c['alpha']:.3f}" if c.get("alpha") else "")
+                + (f" masked cols {c['masked_columns']}" if c.get("masked_columns") else "")
+                for c in cases
+            )
+        )
     return "\n".join(lines)
 
 
@@ -595,8 +725,8 @@ def one(args) -> int:
     n, h, v = args.n, args.h, args.v
     x = (torch.randn(n, h, generator=g) / h**0.25).to(dt).to(dev).requires_grad_(True)
     w = (torch.randn(v, h, generator=g) / h**0.25).to(dt).to(dev).requires_grad_(True)
-    b = (0.5 * torch.randn(v, generator=g))
-    b[-max(1, v // 50):] = float("-inf")
+    b = 0.5 * torch.randn(v, generator=g)
+    b[-max(1, v // 50) :] = float("-inf")
     b = b.to(dt).to(dev).requires_grad_(True)
     t = torch.randint(0, v - max(1, v // 50), (n,), generator=g).to(dev)
     g_lp, g_H = torch.randn(n, generator=g).to(dev), torch.randn(n, generator=g).to(dev)
@@ -604,7 +734,9 @@ def one(args) -> int:
     for eps in (0.0, torch.finfo(dt).eps / 32):
         if eps and args.one == "torch":
             continue
-        lp, ent = fusedrl.linear_logprob_entropy(x, w, t, bias=b, temperature=0.7, backend=args.one, grad_filter_eps=eps)
+        lp, ent = fusedrl.linear_logprob_entropy(
+            x, w, t, bias=b, temperature=0.7, backend=args.one, grad_filter_eps=eps
+        )
         torch.autograd.backward([lp, ent], [g_lp, g_H])
         _sync(dev)
         for name, tt in (("logp", lp), ("entropy", ent), ("dx", x.grad), ("dW", w.grad), ("db", b.grad)):
@@ -615,15 +747,25 @@ def one(args) -> int:
     B = n // T
     cfg = fusedrl.PolicyLossConfig(entropy_coeff=1e-3)
     mask = torch.ones(B, T, device=dev)
-    loss, _ = fusedrl.fused_policy_loss(x[: B * T].reshape(B, T, h), w, t[: B * T].reshape(B, T),
-                                        -torch.rand(B, T, device=dev), torch.randn(B, device=dev), mask,
-                                        config=cfg, backend=args.one)
+    loss, _ = fusedrl.fused_policy_loss(
+        x[: B * T].reshape(B, T, h),
+        w,
+        t[: B * T].reshape(B, T),
+        -torch.rand(B, T, device=dev),
+        torch.randn(B, device=dev),
+        mask,
+        config=cfg,
+        backend=args.one,
+    )
     loss.backward()
     _sync(dev)
     if not (bool(torch.isfinite(loss)) and bool(torch.isfinite(x.grad).all()) and bool(torch.isfinite(w.grad).all())):
         bad.append("fused_policy_loss")
-    print(f"--one {args.one} on {dev} N={n} H={h} V={v} {args.dtype}: "
-          + ("all outputs finite" if not bad else f"NON-FINITE: {', '.join(bad)}"), flush=True)
+    print(
+        f"--one {args.one} on {dev} N={n} H={h} V={v} {args.dtype}: "
+        + ("all outputs finite" if not bad else f"NON-FINITE: {', '.join(bad)}"),
+        flush=True,
+    )
     return 1 if bad else 0
 
 
@@ -649,12 +791,17 @@ def auto_entry(bench_json: str, sweep_json: Optional[str], source: Optional[str]
         if sarch and sarch != arch:
             raise SystemExit(f"sweep ran on {sarch}, bench on {arch}: pair runs from the same device")
         verdicts = summarize(sw.get("rows", []))["backends"]
-    times: Dict[str, Dict[str, float]] = {}
+    times: dict[str, dict[str, float]] = {}
     for r in res.get("rows", []):
         p = r.get("provider", "")
-        if (r.get("task") == "core" and r.get("mode") == "train" and r.get("status") == "ok"
-                and p.startswith("fusedrl-") and "+" not in p):
-            times.setdefault(p[len("fusedrl-"):], {})[r["regime"]] = float(r["total"]["median"])
+        if (
+            r.get("task") == "core"
+            and r.get("mode") == "train"
+            and r.get("status") == "ok"
+            and p.startswith("fusedrl-")
+            and "+" not in p
+        ):
+            times.setdefault(p[len("fusedrl-") :], {})[r["regime"]] = float(r["total"]["median"])
     if not times:
         raise SystemExit(f"{bench_json}: no successful fusedrl core training rows to rank")
     for b in list(times):
@@ -672,12 +819,19 @@ def auto_entry(bench_json: str, sweep_json: Optional[str], source: Optional[str]
     src = source or os.path.relpath(os.path.abspath(bench_json), ROOT)
     if sweep_json and not source:
         src += " + " + os.path.relpath(os.path.abspath(sweep_json), ROOT)
-    entry = dict(order=order, source=src, device=dev.get("name"), date=meta.get("date"),
-                 commit=meta.get("fusedrl_commit") or meta.get("commit"),
-                 metric=(f"median fwd+bwd ms of the core op (exact), N={cfg.get('n')} H={cfg.get('h')} V={cfg.get('v')} "
-                         f"{cfg.get('dtype')}, summed over regimes {regimes}"),
-                 measured_ms={b: round(score[b], 3) for b in order},
-                 correctness=("bench/sweep.py verdicts: " + json.dumps(verdicts)) if sweep_json else "not checked")
+    entry = dict(
+        order=order,
+        source=src,
+        device=dev.get("name"),
+        date=meta.get("date"),
+        commit=meta.get("fusedrl_commit") or meta.get("commit"),
+        metric=(
+            f"median fwd+bwd ms of the core op (exact), N={cfg.get('n')} H={cfg.get('h')} V={cfg.get('v')} "
+            f"{cfg.get('dtype')}, summed over regimes {regimes}"
+        ),
+        measured_ms={b: round(score[b], 3) for b in order},
+        correctness=("bench/sweep.py verdicts: " + json.dumps(verdicts)) if sweep_json else "not checked",
+    )
     if excluded:
         entry["excluded"] = excluded
     return {"arch": arch, "entry": entry}
@@ -722,8 +876,11 @@ def finalize(d: str) -> int:
         m = r.setdefault("meta", {})
         c = os.environ.get("FUSEDRL_COMMIT", "").split()
         if c and not m.get("fusedrl_commit"):
-            m.update(fusedrl_commit=c[0], fusedrl_describe=c[-1] if len(c) > 1 else c[0][:7],
-                     commit_source="FUSEDRL_COMMIT / .whl/COMMIT (no .git on the machine that ran it)")
+            m.update(
+                fusedrl_commit=c[0],
+                fusedrl_describe=c[-1] if len(c) > 1 else c[0][:7],
+                commit_source="FUSEDRL_COMMIT / .whl/COMMIT (no .git on the machine that ran it)",
+            )
             with open(rj + ".tmp", "w") as f:
                 json.dump(r, f, indent=1, default=str)
             os.replace(rj + ".tmp", rj)
@@ -755,8 +912,9 @@ def finalize(d: str) -> int:
 # CLI
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     ap.add_argument("--dry", action="store_true", help=f"tiny shapes {DRY} (CPU dry run of the whole flow)")
     ap.add_argument("--n", type=int, default=None)
@@ -772,14 +930,22 @@ def parse_args(argv=None):
     ap.add_argument("--seq-len", type=int, default=None, help="loss rows: tokens per sequence (default 1024; dry 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budget-seconds", type=float, default=None, help="skip rows that would start after this")
-    ap.add_argument("--poison-gib", type=float, default=16.0, help="NaN-fill this much of the CUDA cache before each run")
+    ap.add_argument(
+        "--poison-gib", type=float, default=16.0, help="NaN-fill this much of the CUDA cache before each run"
+    )
     ap.add_argument("--out", default=None, help="JSON file (rewritten after every row)")
     ap.add_argument("--one", default=None, metavar="BACKEND", help="one small case (sanitizer / ncu driver)")
     ap.add_argument("--render", default=None, metavar="SWEEP_JSON", help="print the table of a sweep JSON")
     ap.add_argument("--finalize", default=None, metavar="DIR", help="bench/gpu_check.sh's last step on its folder")
-    ap.add_argument("--auto-entry", default=None, metavar="BENCH_RESULTS_JSON",
-                    help="print the measured auto-table entry from a GPU bench run (with --sweep)")
-    ap.add_argument("--sweep", default=None, metavar="SWEEP_JSON", help="--auto-entry: sweep verdicts of the same device")
+    ap.add_argument(
+        "--auto-entry",
+        default=None,
+        metavar="BENCH_RESULTS_JSON",
+        help="print the measured auto-table entry from a GPU bench run (with --sweep)",
+    )
+    ap.add_argument(
+        "--sweep", default=None, metavar="SWEEP_JSON", help="--auto-entry: sweep verdicts of the same device"
+    )
     ap.add_argument("--source", default=None, help="--auto-entry: 'source' text (default: the JSON paths)")
     ap.add_argument("--write", default=None, metavar="TABLE_JSON", help="--auto-entry: merge the entry into this table")
     a = ap.parse_args(argv)
@@ -824,8 +990,11 @@ def main(argv=None) -> int:
         return one(a)
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch.cuda.is_available() is False (use --dry on a CPU)")
-    print(f"bench.sweep on {a.device}: N={a.n} H={a.h} V={a.v} {a.dtype}, regimes {a.regimes}, "
-          f"backends {a.backends}, out {a.out}", flush=True)
+    print(
+        f"bench.sweep on {a.device}: N={a.n} H={a.h} V={a.v} {a.dtype}, regimes {a.regimes}, "
+        f"backends {a.backends}, out {a.out}",
+        flush=True,
+    )
     res = Sweep(a).run()
     return 0 if res["summary"]["FAIL"] == 0 and res["summary"]["error"] == 0 else 1
 

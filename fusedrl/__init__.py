@@ -4,6 +4,7 @@ Layers: :mod:`fusedrl.reference` (eager oracle) -> :mod:`fusedrl.backends` (one 
 kernels + launchers) -> :mod:`fusedrl.ops` (custom ops, autograd, public core ops) ->
 :mod:`fusedrl.loss` (policy-loss head) -> :mod:`fusedrl.fused` (one-call fused loss, nn.Module).
 """
+
 from .backends import BackendUnavailable, available_backends
 from .ops import linear_logprob_entropy, logprob_entropy
 
@@ -22,8 +23,8 @@ __all__ = [
 ]
 
 try:  # the loss head lands in its own modules
+    from .fused import FusedPolicyLoss, fused_policy_loss
     from .loss import PolicyLossConfig, policy_loss
     from .rollout import RolloutCorrection
-    from .fused import FusedPolicyLoss, fused_policy_loss
 except ImportError:  # pragma: no cover - only while the package is being assembled
     pass

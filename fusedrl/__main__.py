@@ -14,6 +14,7 @@ Exit status 0 when fusedrl agrees with the oracle (its error is within eager-in-
 error plus a small tolerance, the CCE test idiom), 1 otherwise. The full comparison with peers and
 the GEMM floor is ``python -m bench`` (repository checkout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,9 @@ def step_factory(impl: str, backend: str, n: int, h: int, v: int, dtype: str, se
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m fusedrl", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     ap.add_argument("--n", type=int, default=None, help="tokens")
     ap.add_argument("--h", type=int, default=None, help="hidden size")
@@ -85,8 +87,11 @@ def parse(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = torch.device(a.device).type == "cuda"
-    defaults = dict(n=8192, h=4096, v=151936, dtype="bf16", repeats=10, warmup=3) if cuda else \
-        dict(n=1024, h=512, v=32000, dtype="fp32", repeats=3, warmup=1)
+    defaults = (
+        dict(n=8192, h=4096, v=151936, dtype="bf16", repeats=10, warmup=3)
+        if cuda
+        else dict(n=1024, h=512, v=32000, dtype="fp32", repeats=3, warmup=1)
+    )
     for k, val in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, val)
@@ -108,8 +113,10 @@ def main(argv=None) -> int:
 
     backend = resolve(a.backend, dev)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"fusedrl {fusedrl.__version__} on {name}: N={a.n} H={a.h} V={a.v} {a.dtype}; "
-          f"backend {a.backend!r} -> {backend!r}; available here: {fusedrl.available_backends(dev)}")
+    print(
+        f"fusedrl {fusedrl.__version__} on {name}: N={a.n} H={a.h} V={a.v} {a.dtype}; "
+        f"backend {a.backend!r} -> {backend!r}; available here: {fusedrl.available_backends(dev)}"
+    )
     x, w, t, g_lp, g_H = build(a.n, a.h, a.v, a.dtype, a.device, a.seed)
     ref = M.reference64(x.detach(), w.detach(), t)
     rg = M.reference64_grads(ref, x.detach(), w.detach(), t, g_lp, g_H)
@@ -121,8 +128,12 @@ def main(argv=None) -> int:
             x.grad = w.grad = None
             logp, ent = _forward(impl, backend, x, w, t)
             torch.autograd.backward([logp, ent], [g_lp, g_H])
-            err = dict(logp=M.max_abs_err(logp, ref.logp), entropy=M.max_abs_err(ent, ref.entropy),
-                       dx=M.max_abs_err(x.grad[ref.tok_idx], rg["dx"]), dw=M.max_abs_err(w.grad[ref.voc_idx], rg["dw"]))
+            err = dict(
+                logp=M.max_abs_err(logp, ref.logp),
+                entropy=M.max_abs_err(ent, ref.entropy),
+                dx=M.max_abs_err(x.grad[ref.tok_idx], rg["dx"]),
+                dw=M.max_abs_err(w.grad[ref.voc_idx], rg["dw"]),
+            )
             del logp, ent
             x.grad = w.grad = None
             box = {}
@@ -143,14 +154,19 @@ def main(argv=None) -> int:
             mem = None
             if not a.no_memory:
                 if dev.type == "cuda":
+
                     def one():
                         lp, en = _forward(impl, backend, x, w, t)
                         torch.autograd.backward([lp, en], [g_lp, g_H])
+
                     r = M.peak_memory(one, dev)
                 else:
-                    r = M.peak_memory(None, dev, factory="fusedrl.__main__:step_factory",
-                                      kwargs=dict(impl=impl, backend=backend, n=a.n, h=a.h, v=a.v, dtype=a.dtype,
-                                                  seed=a.seed))
+                    r = M.peak_memory(
+                        None,
+                        dev,
+                        factory="fusedrl.__main__:step_factory",
+                        kwargs=dict(impl=impl, backend=backend, n=a.n, h=a.h, v=a.v, dtype=a.dtype, seed=a.seed),
+                    )
                 x.grad = w.grad = None
                 mem = r.get("peak_bytes") if r.get("ok") else None
                 if not r.get("ok"):
@@ -162,8 +178,10 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             results[impl] = dict(label=label, failed=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
-    hdr = (f"{'':<18}{'fwd+bwd ms (IQR)':>24}{'fwd ms':>9}{'bwd ms':>9}{'score ms':>10}{'peak MiB':>10}"
-           f"{'err logp':>10}{'err ent':>9}{'err dx':>9}{'err dW':>9}")
+    hdr = (
+        f"{'':<18}{'fwd+bwd ms (IQR)':>24}{'fwd ms':>9}{'bwd ms':>9}{'score ms':>10}{'peak MiB':>10}"
+        f"{'err logp':>10}{'err ent':>9}{'err dx':>9}{'err dW':>9}"
+    )
     print(hdr)
     for impl in ("eager", "fusedrl"):
         r = results[impl]
@@ -172,9 +190,11 @@ def main(argv=None) -> int:
             continue
         tt = r["total"]
         e = r["err"]
-        print(f"{r['label']:<18}{f'{tt.median:.4g} ({tt.q1:.4g}-{tt.q3:.4g})':>24}{r['fwd'].median:>9.4g}"
-              f"{r['bwd'].median:>9.4g}{r['score'].median:>10.4g}{M.fmt_bytes(r['mem']):>10}"
-              f"{_fmt_e(e['logp']):>10}{_fmt_e(e['entropy']):>9}{_fmt_e(e['dx']):>9}{_fmt_e(e['dw']):>9}")
+        print(
+            f"{r['label']:<18}{f'{tt.median:.4g} ({tt.q1:.4g}-{tt.q3:.4g})':>24}{r['fwd'].median:>9.4g}"
+            f"{r['bwd'].median:>9.4g}{r['score'].median:>10.4g}{M.fmt_bytes(r['mem']):>10}"
+            f"{_fmt_e(e['logp']):>10}{_fmt_e(e['entropy']):>9}{_fmt_e(e['dx']):>9}{_fmt_e(e['dw']):>9}"
+        )
     ok = True
     fr, er = results["fusedrl"], results["eager"]
     if "failed" not in fr and "failed" not in er:
@@ -194,8 +214,11 @@ def main(argv=None) -> int:
             if not (fr["err"][k] <= bound):
                 bad.append(f"{k} {fr['err'][k]:.2e} > {bound:.2e}")
         ok = not bad
-        print("agreement with fp64 oracle: " + ("OK" if ok else "FAILED: " + "; ".join(bad))
-              + " (dx on 256 tokens, dW on 512 vocabulary rows)")
+        print(
+            "agreement with fp64 oracle: "
+            + ("OK" if ok else "FAILED: " + "; ".join(bad))
+            + " (dx on 256 tokens, dW on 512 vocabulary rows)"
+        )
     print(M.time_method(dev))
     if not a.no_memory:
         print(M.memory_method(dev))

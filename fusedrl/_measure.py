@@ -26,6 +26,7 @@ Not public API. Three things, each kept deliberately simple so the numbers can b
   tokens (one fp64 GEMM), dx on a token subset, dW (and db) on a vocabulary subset - which is what
   makes it affordable at N=8192, V=151936.
 """
+
 from __future__ import annotations
 
 import gc
@@ -34,8 +35,9 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -53,11 +55,15 @@ CUDA_MEMORY_METHOD = (
     "memory_allocated() before the run (inputs already resident; outputs and gradients count)."
 )
 CPU_TIME_METHOD = "CPU time: time.perf_counter (wall clock) per phase, warm-up repeats discarded; median and IQR."
-CPU_PROCESS_TIME_METHOD = ("CPU time: time.process_time (CPU seconds used by this process, all threads) per phase, "
-                           "warm-up repeats discarded; median and IQR. Unlike wall time it is not inflated by other "
-                           "processes competing for the cores; with one torch thread it equals compute time.")
-CUDA_TIME_METHOD = ("CUDA time: torch.cuda.Event per phase on the current stream, one synchronize per repeat, "
-                    "warm-up repeats discarded; median and IQR.")
+CPU_PROCESS_TIME_METHOD = (
+    "CPU time: time.process_time (CPU seconds used by this process, all threads) per phase, "
+    "warm-up repeats discarded; median and IQR. Unlike wall time it is not inflated by other "
+    "processes competing for the cores; with one torch thread it equals compute time."
+)
+CUDA_TIME_METHOD = (
+    "CUDA time: torch.cuda.Event per phase on the current stream, one synchronize per repeat, "
+    "warm-up repeats discarded; median and IQR."
+)
 
 
 def memory_method(device) -> str:
@@ -82,7 +88,7 @@ class Timing:
     q3: float
     min: float
     repeats: int
-    samples: List[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)
 
     @property
     def iqr(self) -> float:
@@ -122,7 +128,7 @@ def time_phases(
     repeats: int = 5,
     max_seconds: Optional[float] = None,
     clock: str = "wall",
-) -> List[Timing]:
+) -> list[Timing]:
     """Time consecutive phases of one step.
 
     Each repeat: ``state = setup()`` (untimed; None when no setup), then ``phase_i(state)`` for each
@@ -137,8 +143,8 @@ def time_phases(
     now = time.process_time if clock == "process" else time.perf_counter
     device = torch.device(device)
     cuda = device.type == "cuda"
-    per_phase: List[List[float]] = [[] for _ in phases]
-    total: List[float] = []
+    per_phase: list[list[float]] = [[] for _ in phases]
+    total: list[float] = []
     t_start = time.perf_counter()
     for it in range(warmup + repeats):
         state = setup() if setup is not None else None
@@ -171,11 +177,19 @@ def time_phases(
     return out
 
 
-def time_fn(fn: Callable[[], object], device, *, warmup: int = 1, repeats: int = 5,
-            max_seconds: Optional[float] = None, clock: str = "wall") -> Timing:
+def time_fn(
+    fn: Callable[[], object],
+    device,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    max_seconds: Optional[float] = None,
+    clock: str = "wall",
+) -> Timing:
     """Median/IQR time of a zero-argument callable."""
-    return time_phases([lambda _s: fn()], device, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
-                       clock=clock)[0]
+    return time_phases([lambda _s: fn()], device, warmup=warmup, repeats=repeats, max_seconds=max_seconds, clock=clock)[
+        0
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -273,8 +287,15 @@ def _cpu_peak_child(conn, factory: str, kwargs: dict, threads: int, warmup: bool
         with _RssSampler(interval_s) as s:
             out = run()
         del out
-        conn.send({"ok": True, "peak_bytes": int(s.peak - base), "baseline_rss": int(base),
-                   "ru_maxrss_minus_baseline": int(_ru_maxrss() - base), "samples": s.samples})
+        conn.send(
+            {
+                "ok": True,
+                "peak_bytes": int(s.peak - base),
+                "baseline_rss": int(base),
+                "ru_maxrss_minus_baseline": int(_ru_maxrss() - base),
+                "samples": s.samples,
+            }
+        )
     except BaseException as e:  # report, never hang the parent
         import traceback
 
@@ -283,8 +304,15 @@ def _cpu_peak_child(conn, factory: str, kwargs: dict, threads: int, warmup: bool
         conn.close()
 
 
-def peak_memory_cpu(factory: str, kwargs: dict, *, threads: Optional[int] = None, warmup: bool = True,
-                    interval_s: float = 0.001, timeout_s: float = 900.0) -> dict:
+def peak_memory_cpu(
+    factory: str,
+    kwargs: dict,
+    *,
+    threads: Optional[int] = None,
+    warmup: bool = True,
+    interval_s: float = 0.001,
+    timeout_s: float = 900.0,
+) -> dict:
     """Peak RSS above the inputs of one run, measured in a spawned child (see module docstring).
 
     ``factory`` is ``"package.module:function"``; ``function(**kwargs)`` must build the inputs
@@ -300,8 +328,10 @@ def peak_memory_cpu(factory: str, kwargs: dict, *, threads: Optional[int] = None
     saved = {k: os.environ.get(k) for k in env_keys}
     os.environ.update(env_keys)
     try:
-        p = ctx.Process(target=_cpu_peak_child,
-                        args=(child, factory, kwargs, threads or torch.get_num_threads(), warmup, interval_s))
+        p = ctx.Process(
+            target=_cpu_peak_child,
+            args=(child, factory, kwargs, threads or torch.get_num_threads(), warmup, interval_s),
+        )
         p.start()
     finally:
         for k, v in saved.items():
@@ -325,8 +355,14 @@ def peak_memory_cpu(factory: str, kwargs: dict, *, threads: Optional[int] = None
     return res
 
 
-def peak_memory(fn: Optional[Callable[[], object]], device, *, factory: Optional[str] = None,
-                kwargs: Optional[dict] = None, **cpu_opts) -> dict:
+def peak_memory(
+    fn: Optional[Callable[[], object]],
+    device,
+    *,
+    factory: Optional[str] = None,
+    kwargs: Optional[dict] = None,
+    **cpu_opts,
+) -> dict:
     """Device-appropriate peak memory above inputs: CUDA in process (``fn``), CPU in a child (``factory``)."""
     device = torch.device(device)
     if device.type == "cuda":
@@ -343,7 +379,7 @@ def peak_memory(fn: Optional[Callable[[], object]], device, *, factory: Optional
 # --------------------------------------------------------------------------------------------------
 # the eager baseline
 # --------------------------------------------------------------------------------------------------
-def eager_logp_entropy(x: Tensor, w: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+def eager_logp_entropy(x: Tensor, w: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """What a trainer does today: logits in the input dtype, upcast to fp32 (as HF models do),
     log_softmax, gather, entropy = -sum p log p. Materialises several [N, V] fp32 tensors."""
     logits = (x @ w.t()).float()
@@ -381,16 +417,26 @@ def pick_subset(n: int, k: int, device, seed: int = 1234, must: Optional[Tensor]
 class Reference64:
     """fp64 per-token statistics for all tokens and the subsets the gradient oracle uses."""
 
-    logp: Tensor          # [N] fp64
-    entropy: Tensor       # [N] fp64
-    lse: Tensor           # [N] fp64
-    tok_idx: Tensor       # token subset for dx
-    voc_idx: Tensor       # vocab subset for dW / db
+    logp: Tensor  # [N] fp64
+    entropy: Tensor  # [N] fp64
+    lse: Tensor  # [N] fp64
+    tok_idx: Tensor  # token subset for dx
+    voc_idx: Tensor  # vocab subset for dW / db
 
 
-def reference64(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor] = None, temperature: float = 1.0,
-                softcap: Optional[float] = None, *, tok_subset: int = 256, voc_subset: int = 512,
-                chunk_elems: int = 2**25, seed: int = 1234) -> Reference64:
+def reference64(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    *,
+    tok_subset: int = 256,
+    voc_subset: int = 512,
+    chunk_elems: int = 2**25,
+    seed: int = 1234,
+) -> Reference64:
     """fp64 logp / entropy / LSE for every token (token-chunked: one fp64 GEMM, bounded workspace)."""
     n, h = x.shape
     v = w.shape[0]
@@ -415,9 +461,18 @@ def reference64(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor] = 
     return Reference64(logp, ent, lse, tok, voc)
 
 
-def reference64_grads(ref: Reference64, x: Tensor, w: Tensor, targets: Tensor, g_lp: Optional[Tensor],
-                      g_H: Optional[Tensor], bias: Optional[Tensor] = None, temperature: float = 1.0,
-                      softcap: Optional[float] = None, chunk_elems: int = 2**25) -> Dict[str, Tensor]:
+def reference64_grads(
+    ref: Reference64,
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    g_lp: Optional[Tensor],
+    g_H: Optional[Tensor],
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    softcap: Optional[float] = None,
+    chunk_elems: int = 2**25,
+) -> dict[str, Tensor]:
     """fp64 dx on ``ref.tok_idx`` rows, dW (and db) on ``ref.voc_idx`` rows, for upstream grads
     ``g_lp`` / ``g_H`` of logp / entropy (either may be None = 0)."""
     n, h = x.shape
@@ -439,7 +494,7 @@ def reference64_grads(ref: Reference64, x: Tensor, w: Tensor, targets: Tensor, g
     t = ref.tok_idx
     x_t = x[t].double()
     dx = torch.zeros(t.numel(), h, dtype=torch.float64, device=dev)
-    vstep = max(1, min(16384, chunk_elems // max(t.numel(), 1)))   # bounds the fp64 weight slice too
+    vstep = max(1, min(16384, chunk_elems // max(t.numel(), 1)))  # bounds the fp64 weight slice too
     for v0 in range(0, v, vstep):
         v1 = min(v, v0 + vstep)
         w_c = w[v0:v1].double()

@@ -3,6 +3,7 @@
 Checks that need a host sync (target range on an accelerator) are behind ``check_inputs``: on by
 default for CPU tensors (no sync cost there), off on accelerators unless FUSEDRL_CHECK_INPUTS=1.
 """
+
 from __future__ import annotations
 
 import math

@@ -41,12 +41,13 @@ dropped). Caveat: if you reshard so that one rank keeps its local size while ano
 the ranks disagree about whether to fetch the layout (mismatched collectives): call
 :func:`clear_vocab_layout_cache` on every rank after resharding, or set ``FUSEDRL_TP_LAYOUT_CACHE=0``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import weakref
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -69,7 +70,7 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # shard layout
 # ------------------------------------------------------------------------------------------------
-_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # group -> {V_local: sizes}
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # group -> {V_local: sizes}
 _LAYOUT_LOCK = threading.Lock()
 
 
@@ -77,7 +78,7 @@ def _group_key(group):
     return dist.group.WORLD if group is None else group
 
 
-def _rank_and_size(group) -> Tuple[int, int]:
+def _rank_and_size(group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("process_group was given but torch.distributed is not initialised")
     rank = dist.get_rank(group)
@@ -106,7 +107,7 @@ def clear_vocab_layout_cache(group=None) -> None:
             _LAYOUTS.pop(_group_key(group), None)
 
 
-def vocab_layout(weight_or_rows, group) -> Tuple[Tuple[int, ...], int]:
+def vocab_layout(weight_or_rows, group) -> tuple[tuple[int, ...], int]:
     """``(sizes, rank)``: the shard size ``V_r`` of every rank of ``group`` (rank order) and this
     process's rank. Collective on a cache miss (all ranks must call it together)."""
     v_local = int(weight_or_rows.shape[0]) if isinstance(weight_or_rows, Tensor) else int(weight_or_rows)
@@ -142,7 +143,7 @@ def global_vocab_size(weight, group) -> int:
     return sum(sizes)
 
 
-def vocab_shard_range(weight, group) -> Tuple[int, int]:
+def vocab_shard_range(weight, group) -> tuple[int, int]:
     """``(start, end)``: the global rows held by this rank."""
     sizes, rank = vocab_layout(weight, group)
     start = sum(sizes[:rank])
@@ -199,8 +200,23 @@ class _ReferenceShard:
         return lse, zt, ent
 
     @staticmethod
-    def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
-                 need_dx=True, need_dw=True, need_db=True, **opts):
+    def backward(
+        x,
+        w,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        lse,
+        ent,
+        g_lp,
+        g_H,
+        vocab_start=0,
+        need_dx=True,
+        need_dw=True,
+        need_db=True,
+        **opts,
+    ):
         v = w.shape[0]
         need_db = need_db and bias is not None
         with torch.enable_grad():
@@ -215,8 +231,11 @@ class _ReferenceShard:
                 dz = dz - (g_H.to(z.dtype)[:, None] * p) * (zl + ent.to(z.dtype)[:, None])
             loc = targets - vocab_start
             hit = (loc >= 0) & (loc < v)
-            dz = dz.scatter_add(1, loc.clamp(0, v - 1)[:, None],
-                                torch.where(hit, g_lp.to(z.dtype), torch.zeros_like(lse, dtype=z.dtype))[:, None])
+            dz = dz.scatter_add(
+                1,
+                loc.clamp(0, v - 1)[:, None],
+                torch.where(hit, g_lp.to(z.dtype), torch.zeros_like(lse, dtype=z.dtype))[:, None],
+            )
             inputs = [t for t, need in ((xd, need_dx), (wd, need_dw), (bd, need_db)) if need]
             grads = list(torch.autograd.grad(z, inputs, dz)) if inputs else []
         dx = grads.pop(0) if need_dx else None
@@ -229,13 +248,14 @@ def _backend_module(name: str, device: torch.device):
     if name == "reference":
         return _ReferenceShard
     from .backends import get_backend
+
     return get_backend(name, device)
 
 
 # ------------------------------------------------------------------------------------------------
 # merge of per-shard statistics
 # ------------------------------------------------------------------------------------------------
-def merge_shard_stats(lse: Tensor, zt: Tensor, ent: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def merge_shard_stats(lse: Tensor, zt: Tensor, ent: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Merge per-shard statistics ``[W, N]`` (rank order) into global ``(LSE, logp, H)`` ``[N]``.
 
     ``LSE = M + log sum_r e^(lse_r - M)``, ``logp = sum_r zt_r - LSE``,
@@ -252,29 +272,30 @@ def merge_shard_stats(lse: Tensor, zt: Tensor, ent: Optional[Tensor]) -> Tuple[T
     return LSE, logp, H
 
 
-def _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank,
-                opts):
+def _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank, opts):
     """Local backend forward + one all_gather + merge. Returns (logp, H|None, LSE)."""
     n = x.shape[0]
     world = len(sizes)
-    lse, zt, ent = mod.forward(x, w, targets, bias, temperature, softcap, return_entropy,
-                               vocab_start=vocab_start, **opts)
+    lse, zt, ent = mod.forward(
+        x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=vocab_start, **opts
+    )
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     k = 3 if return_entropy else 2
     buf = torch.empty(k * n + 2, dtype=cdt, device=x.device)
     buf[0:n] = lse
-    buf[n:2 * n] = zt
+    buf[n : 2 * n] = zt
     if return_entropy:
-        buf[2 * n:3 * n] = ent
+        buf[2 * n : 3 * n] = ent
     buf[k * n] = float(vocab_start)
     buf[k * n + 1] = float(w.shape[0])
     gathered = _all_gather(buf, world, group)
-    LSE, logp, H = merge_shard_stats(gathered[:, 0:n], gathered[:, n:2 * n],
-                                     gathered[:, 2 * n:3 * n] if return_entropy else None)
+    LSE, logp, H = merge_shard_stats(
+        gathered[:, 0:n], gathered[:, n : 2 * n], gathered[:, 2 * n : 3 * n] if return_entropy else None
+    )
     # Layout check (no extra collective): rank r assumed start_r; consistent iff start_r == sum_{q<r} V_q.
     starts, rows = gathered[:, k * n], gathered[:, k * n + 1]
     expect = torch.cumsum(rows, 0) - rows
-    if sum(sizes) < 2 ** 24 or cdt == torch.float64:  # the scalars are exact in the stats dtype
+    if sum(sizes) < 2**24 or cdt == torch.float64:  # the scalars are exact in the stats dtype
         bad = (starts != expect).any()
         if want_checks(None, x.device):
             if bool(bad):
@@ -282,7 +303,8 @@ def _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, 
                 raise RuntimeError(
                     "fusedrl: the vocab-shard layout cached for this process group is stale (shards were "
                     f"resized: ranks hold {[int(r) for r in rows.tolist()]} rows); call "
-                    "fusedrl.distributed.clear_vocab_layout_cache() on every rank after resharding")
+                    "fusedrl.distributed.clear_vocab_layout_cache() on every rank after resharding"
+                )
         else:  # no host sync: poison the outputs instead of raising
             nan = torch.full_like(LSE, float("nan"))
             logp = torch.where(bad, nan, logp)
@@ -292,11 +314,27 @@ def _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, 
 
 class _TPLinearLogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, targets, bias, temperature, softcap, return_entropy, backend, group, opts,
-                vocab_start, sizes, rank, reduce_dx):
+    def forward(
+        ctx,
+        x,
+        w,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        return_entropy,
+        backend,
+        group,
+        opts,
+        vocab_start,
+        sizes,
+        rank,
+        reduce_dx,
+    ):
         mod = _backend_module(backend, x.device)
-        logp, H, LSE = _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, group,
-                                   vocab_start, sizes, rank, opts)
+        logp, H, LSE = _tp_forward(
+            x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank, opts
+        )
         ctx.save_for_backward(x, w, targets, bias, LSE, H)
         ctx.args = (temperature, softcap, backend, group, opts, vocab_start, reduce_dx, return_entropy)
         if H is None:
@@ -317,14 +355,42 @@ class _TPLinearLogprobEntropy(torch.autograd.Function):
         if return_entropy and g_ent is not None and g_ent.numel():
             g_H = g_ent.to(LSE.dtype).contiguous()
         mod = _backend_module(backend, x.device)
-        dx, dw, db = mod.backward(x, w, targets, bias, temperature, softcap, LSE, H if g_H is not None else None,
-                                  g_lp, g_H, vocab_start=vocab_start, need_dx=need_dx, need_dw=need_dw,
-                                  need_db=need_db, **opts)
+        dx, dw, db = mod.backward(
+            x,
+            w,
+            targets,
+            bias,
+            temperature,
+            softcap,
+            LSE,
+            H if g_H is not None else None,
+            g_lp,
+            g_H,
+            vocab_start=vocab_start,
+            need_dx=need_dx,
+            need_dw=need_dw,
+            need_db=need_db,
+            **opts,
+        )
         if need_dx and reduce_dx:
             dx = dx.contiguous()
             dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=group)
-        return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None,
-                None, None, None, None, None, None, None, None, None, None)
+        return (
+            dx if need_dx else None,
+            dw if need_dw else None,
+            None,
+            db if need_db else None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 @torch.compiler.disable  # eager collectives; runs as a graph break under torch.compile
@@ -342,7 +408,7 @@ def tp_linear_logprob_entropy(
     grad_filter_eps: float = 0.0,
     deterministic: bool = True,
     reduce_dx: Optional[bool] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Optional[Tensor]]:
     """Vocab-parallel :func:`fusedrl.linear_logprob_entropy` (inputs already validated).
 
     Args:
@@ -370,11 +436,25 @@ def tp_linear_logprob_entropy(
     return_entropy = bool(return_entropy)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if needs_grad:
-        logp, ent = _TPLinearLogprobEntropy.apply(x, w, t, b, temperature, softcap, return_entropy, backend_name,
-                                                  process_group, opts, vocab_start, sizes, rank,
-                                                  _want_reduce_dx(reduce_dx))
+        logp, ent = _TPLinearLogprobEntropy.apply(
+            x,
+            w,
+            t,
+            b,
+            temperature,
+            softcap,
+            return_entropy,
+            backend_name,
+            process_group,
+            opts,
+            vocab_start,
+            sizes,
+            rank,
+            _want_reduce_dx(reduce_dx),
+        )
     else:  # scoring (no_grad / frozen weights): forward only, nothing saved
         mod = _backend_module(backend_name, x.device)
-        logp, ent, _ = _tp_forward(x, w, t, b, temperature, softcap, return_entropy, mod, process_group,
-                                   vocab_start, sizes, rank, opts)
+        logp, ent, _ = _tp_forward(
+            x, w, t, b, temperature, softcap, return_entropy, mod, process_group, vocab_start, sizes, rank, opts
+        )
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

@@ -5,9 +5,10 @@ materialised) followed by :func:`fusedrl.policy_loss` (O(N) loss head). Autograd
 head's backward produces the per-token upstream gradients ``g_lp`` and ``g_H`` and the core op's
 single vocabulary-scale backward consumes both, so entropy regularisation costs no extra pass.
 """
+
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -15,7 +16,6 @@ from torch import nn
 from .loss import Normaliser, PolicyLossConfig, policy_loss
 
 __all__ = ["fused_policy_loss", "FusedPolicyLoss"]
-
 
 
 def _core_op():
@@ -51,7 +51,7 @@ def fused_policy_loss(
     rollout_logp: Optional[torch.Tensor] = None,
     rollout_is_weights: Optional[torch.Tensor] = None,
     **core_kwargs,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RL policy loss straight from the last hidden states, without materialising logits.
 
     Shapes (padded ``[B, T]`` or packed ``[N]`` with ``cu_seqlens``):
@@ -108,30 +108,89 @@ def fused_policy_loss(
     # padding ids (-100, pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
     temperature = _per_token_temperature(temperature, targets, cu_seqlens)
-    sched = _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, softcap, cfg, backend,
-                               process_group, schedule, memory_budget_mb, global_num_tokens, global_num_seqs, norm_len, check_inputs)
+    sched = _one_pass_schedule(
+        hidden,
+        weight,
+        bias,
+        targets,
+        cu_seqlens,
+        temperature,
+        softcap,
+        cfg,
+        backend,
+        process_group,
+        schedule,
+        memory_budget_mb,
+        global_num_tokens,
+        global_num_seqs,
+        norm_len,
+        check_inputs,
+    )
     if sched is not None:
         from . import onepass
 
         name, cfg, budget, checks, temperature, softcap = sched
-        return onepass.one_pass_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias,
-                                            cu_seqlens, temperature, softcap, cfg, name, budget, want_entropy,
-                                            checks, rollout_logp, rollout_is_weights)
+        return onepass.one_pass_policy_loss(
+            hidden,
+            weight,
+            targets,
+            old_logp,
+            advantages,
+            mask,
+            ref_logp,
+            bias,
+            cu_seqlens,
+            temperature,
+            softcap,
+            cfg,
+            name,
+            budget,
+            want_entropy,
+            checks,
+            rollout_logp,
+            rollout_is_weights,
+        )
     logp, entropy = _core_op()(
-        hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
-        return_entropy=want_entropy, backend=backend, process_group=process_group, check_inputs=check_inputs,
-        **core_kwargs)
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        return_entropy=want_entropy,
+        backend=backend,
+        process_group=process_group,
+        check_inputs=check_inputs,
+        **core_kwargs,
+    )
     return policy_loss(
-        logp, old_logp, advantages, mask, entropy=entropy, ref_logp=ref_logp, cu_seqlens=cu_seqlens,
-        config=cfg, global_num_tokens=global_num_tokens, global_num_seqs=global_num_seqs, norm_len=norm_len,
-        check_inputs=check_inputs, rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        entropy=entropy,
+        ref_logp=ref_logp,
+        cu_seqlens=cu_seqlens,
+        config=cfg,
+        global_num_tokens=global_num_tokens,
+        global_num_seqs=global_num_seqs,
+        norm_len=norm_len,
+        check_inputs=check_inputs,
+        rollout_logp=rollout_logp,
+        rollout_is_weights=rollout_is_weights,
+    )
 
 
 def _per_token_temperature(temperature, targets: torch.Tensor, cu_seqlens: Optional[torch.Tensor]):
     """Packed inputs with per-sequence temperatures ``[B]``: one per token (tokens after the last
     sequence get 1.0). Everything else passes through (the core op checks and broadcasts it)."""
-    if (not isinstance(temperature, torch.Tensor) or cu_seqlens is None or temperature.dim() != 1
-            or temperature.shape[0] != cu_seqlens.numel() - 1 or temperature.shape[0] == targets.numel()):
+    if (
+        not isinstance(temperature, torch.Tensor)
+        or cu_seqlens is None
+        or temperature.dim() != 1
+        or temperature.shape[0] != cu_seqlens.numel() - 1
+        or temperature.shape[0] == targets.numel()
+    ):
         return temperature
     n = targets.numel()
     if temperature.shape[0] == 0:
@@ -139,12 +198,29 @@ def _per_token_temperature(temperature, targets: torch.Tensor, cu_seqlens: Optio
     pos = torch.arange(n, device=targets.device)
     ids = torch.searchsorted(cu_seqlens[1:].to(torch.long).contiguous(), pos, right=True)
     t = temperature.to(targets.device)
-    return torch.where(ids < t.shape[0], t[ids.clamp(max=t.shape[0] - 1)], torch.ones((), dtype=t.dtype,
-                                                                                         device=t.device))
+    return torch.where(
+        ids < t.shape[0], t[ids.clamp(max=t.shape[0] - 1)], torch.ones((), dtype=t.dtype, device=t.device)
+    )
 
 
-def _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, softcap, cfg, backend, process_group,
-                       schedule, memory_budget_mb, global_num_tokens, global_num_seqs, norm_len, check_inputs):
+def _one_pass_schedule(
+    hidden,
+    weight,
+    bias,
+    targets,
+    cu_seqlens,
+    temperature,
+    softcap,
+    cfg,
+    backend,
+    process_group,
+    schedule,
+    memory_budget_mb,
+    global_num_tokens,
+    global_num_seqs,
+    norm_len,
+    check_inputs,
+):
     """``(backend, config, budget bytes, checks, temperature, softcap)`` (validated: the temperature a float or
     per-token fp32 ``[N]``) when the one-pass schedule (or its two-pass form) runs, None for the recompute
     schedule. Validates the core op's inputs as the core op would."""
@@ -155,15 +231,17 @@ def _one_pass_schedule(hidden, weight, bias, targets, cu_seqlens, temperature, s
 
     if not isinstance(schedule, str) or schedule not in onepass.SCHEDULES:
         raise ValueError(f"schedule must be one of {onepass.SCHEDULES}, got {schedule!r}")
-    if memory_budget_mb is not None and not (isinstance(memory_budget_mb, (int, float))
-                                             and not isinstance(memory_budget_mb, bool) and memory_budget_mb > 0):
+    if memory_budget_mb is not None and not (
+        isinstance(memory_budget_mb, (int, float)) and not isinstance(memory_budget_mb, bool) and memory_budget_mb > 0
+    ):
         raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
     if not isinstance(backend, str) or backend not in ALL_NAMES:
         raise ValueError(f"backend must be one of {ALL_NAMES}, got {backend!r}")
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         return None  # the core op raises the clear error
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad))
+    need_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     name = backend if backend in ("reference",) else None
     if name is None and schedule != "recompute" and process_group is None:
         name = resolve(backend, hidden.device)
@@ -221,8 +299,11 @@ class FusedPolicyLoss(nn.Module):
 
         if not isinstance(schedule, str) or schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if memory_budget_mb is not None and not (isinstance(memory_budget_mb, (int, float))
-                                                 and not isinstance(memory_budget_mb, bool) and memory_budget_mb > 0):
+        if memory_budget_mb is not None and not (
+            isinstance(memory_budget_mb, (int, float))
+            and not isinstance(memory_budget_mb, bool)
+            and memory_budget_mb > 0
+        ):
             raise ValueError(f"memory_budget_mb must be a positive number, got {memory_budget_mb!r}")
         self.schedule = schedule
         self.memory_budget_mb = memory_budget_mb
@@ -241,7 +322,7 @@ class FusedPolicyLoss(nn.Module):
         cu_seqlens: Optional[torch.Tensor] = None,
         rollout_logp: Optional[torch.Tensor] = None,
         **overrides,
-    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Same tensor arguments and shapes as :func:`fused_policy_loss`; ``overrides`` may carry the
         per-step normalisers (``global_num_tokens``, ``global_num_seqs``, ``norm_len``) or core-op
         keyword arguments."""
@@ -255,9 +336,22 @@ class FusedPolicyLoss(nn.Module):
         kwargs.setdefault("config", self.config)
         kwargs.setdefault("schedule", self.schedule)
         kwargs.setdefault("memory_budget_mb", self.memory_budget_mb)
-        return fused_policy_loss(hidden, weight, targets, old_logp, advantages, mask, ref_logp=ref_logp,
-                                 bias=bias, cu_seqlens=cu_seqlens, rollout_logp=rollout_logp, **kwargs)
+        return fused_policy_loss(
+            hidden,
+            weight,
+            targets,
+            old_logp,
+            advantages,
+            mask,
+            ref_logp=ref_logp,
+            bias=bias,
+            cu_seqlens=cu_seqlens,
+            rollout_logp=rollout_logp,
+            **kwargs,
+        )
 
     def extra_repr(self) -> str:
-        return (f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, "
-                f"backend={self.backend!r}, schedule={self.schedule!r}")
+        return (
+            f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, "
+            f"backend={self.backend!r}, schedule={self.schedule!r}"
+        )

@@ -26,6 +26,7 @@ Masked positions. ``mask`` is read as a boolean (non-zero = valid). Values at ma
 replaced by 0 with ``torch.where`` before any arithmetic, so NaN/inf sitting in padding can never
 leak into the loss or its gradient (no ``0 * inf``), and masked positions receive exactly zero grad.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 
@@ -57,8 +58,22 @@ __all__ = [
 Number = Union[int, float]
 Normaliser = Union[int, float, torch.Tensor, None]
 
-LOSS_MODES = ("vanilla", "gspo", "clip_cov", "kl_cov", "gpg", "cispo",
-              "sapo", "geo_mean", "dppo_kl", "dppo_tv", "dro", "bypass_mode", "luspo", "vespo")
+LOSS_MODES = (
+    "vanilla",
+    "gspo",
+    "clip_cov",
+    "kl_cov",
+    "gpg",
+    "cispo",
+    "sapo",
+    "geo_mean",
+    "dppo_kl",
+    "dppo_tv",
+    "dro",
+    "bypass_mode",
+    "luspo",
+    "vespo",
+)
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 #: TRL's ``importance_sampling_level``: the ratio of the ratio-based modes per token or per sequence
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -77,6 +92,8 @@ _DRO_BETA_DEFAULT = 0.1
 # modes that accept `delta` (INTELLECT-2 two-sided clip) and importance_sampling_level="sequence"
 _DELTA_MODES = ("vanilla", "gspo", "luspo", "bypass_mode")
 _SEQ_LEVEL_MODES = ("vanilla", "luspo", "cispo", "sapo")
+
+
 def canonical_kl_type(name: str) -> str:
     """Map a verl KL name or alias to ``"k1" | "abs" | "k2" | "k3"`` (plus an optional ``"+"``)."""
     plus = name.endswith("+")
@@ -207,13 +224,22 @@ class PolicyLossConfig:
         if not isinstance(self.kl_loss_type, str):
             raise ValueError(f"kl_loss_type must be a string, got {self.kl_loss_type!r}")
         canonical_kl_type(self.kl_loss_type)  # raises ValueError naming kl_loss_type
-        for name in ("clip_ratio_low", "clip_ratio_high", "entropy_coeff", "kl_loss_coef",
-                     "clip_cov_ratio", "kl_cov_ratio", "ppo_kl_coef"):
+        for name in (
+            "clip_ratio_low",
+            "clip_ratio_high",
+            "entropy_coeff",
+            "kl_loss_coef",
+            "clip_cov_ratio",
+            "kl_cov_ratio",
+            "ppo_kl_coef",
+        ):
             v = getattr(self, name)
             if name == "clip_ratio_high" and self.loss_mode == "cispo":
                 if not _is_real(v) or math.isnan(v) or math.isinf(v) or not v > -1:
-                    raise ValueError(f"clip_ratio_high must be a finite number > -1 for cispo (the cap is "
-                                     f"1 + clip_ratio_high), got {v!r}")
+                    raise ValueError(
+                        f"clip_ratio_high must be a finite number > -1 for cispo (the cap is "
+                        f"1 + clip_ratio_high), got {v!r}"
+                    )
                 continue
             if not _is_real(v) or math.isnan(v) or math.isinf(v) or v < 0:
                 raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
@@ -227,8 +253,8 @@ class PolicyLossConfig:
                 raise ValueError(f"{name} must be a number, got {v!r}")
         if not self.clip_cov_lb < self.clip_cov_ub:
             raise ValueError(
-                f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={self.clip_cov_lb}, "
-                f"clip_cov_ub={self.clip_cov_ub}")
+                f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={self.clip_cov_lb}, clip_cov_ub={self.clip_cov_ub}"
+            )
         for name in ("global_num_tokens", "global_num_seqs", "norm_len"):
             _check_normaliser(name, getattr(self, name))
         if self.generator is not None and not isinstance(self.generator, torch.Generator):
@@ -248,14 +274,19 @@ class PolicyLossConfig:
             if not finite(self.delta) or not self.delta > 0:
                 raise ValueError(f"delta must be a finite positive number or None, got {self.delta!r}")
             if self.loss_mode not in _DELTA_MODES:
-                raise ValueError(f"delta (two-sided clipping) applies to loss_mode {_DELTA_MODES}, "
-                                 f"not {self.loss_mode!r}")
+                raise ValueError(
+                    f"delta (two-sided clipping) applies to loss_mode {_DELTA_MODES}, not {self.loss_mode!r}"
+                )
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-            raise ValueError(f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
-                             f"got {self.importance_sampling_level!r}")
+            raise ValueError(
+                f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+                f"got {self.importance_sampling_level!r}"
+            )
         if self.importance_sampling_level == "sequence" and self.loss_mode not in _SEQ_LEVEL_MODES:
-            raise ValueError(f"importance_sampling_level='sequence' applies to loss_mode {_SEQ_LEVEL_MODES} "
-                             f"(gspo, geo_mean and vespo are sequence-level already), not {self.loss_mode!r}")
+            raise ValueError(
+                f"importance_sampling_level='sequence' applies to loss_mode {_SEQ_LEVEL_MODES} "
+                f"(gspo, geo_mean and vespo are sequence-level already), not {self.loss_mode!r}"
+            )
         q = self.top_entropy_quantile
         if not _is_real(q) or math.isnan(q) or not 0.0 <= q <= 1.0:
             raise ValueError(f"top_entropy_quantile must be in [0, 1], got {q!r}")
@@ -270,14 +301,17 @@ class PolicyLossConfig:
         self.rollout_correction = as_rollout_correction(self.rollout_correction)
         rc = self.rollout_correction
         if rc is not None and rc.rollout_is == "sequence" and self.loss_mode == "vespo":
-            raise ValueError("vespo folds token-level IS weights into its sequence weight (as TRL): "
-                             "rollout_correction.rollout_is must be 'token' or None")
+            raise ValueError(
+                "vespo folds token-level IS weights into its sequence weight (as TRL): "
+                "rollout_correction.rollout_is must be 'token' or None"
+            )
         g = self.stats_group
         if g is not None:
             dist = torch.distributed
             if not dist.is_available() or not isinstance(g, dist.ProcessGroup):
-                raise ValueError(f"stats_group must be a torch.distributed ProcessGroup or None, "
-                                 f"got {type(g).__name__}")
+                raise ValueError(
+                    f"stats_group must be a torch.distributed ProcessGroup or None, got {type(g).__name__}"
+                )
 
     @property
     def kl_type(self) -> str:
@@ -291,7 +325,7 @@ class PolicyLossConfig:
             return RolloutCorrection()
         return self.rollout_correction
 
-    def replace(self, **changes) -> "PolicyLossConfig":
+    def replace(self, **changes) -> PolicyLossConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -320,12 +354,17 @@ class _Segments:
     deterministic there) for per-sequence sums.
     """
 
-    def __init__(self, num_seqs: int, seq_len: Optional[int] = None, seq_ids: Optional[torch.Tensor] = None,
-                 lengths: Optional[torch.Tensor] = None):
+    def __init__(
+        self,
+        num_seqs: int,
+        seq_len: Optional[int] = None,
+        seq_ids: Optional[torch.Tensor] = None,
+        lengths: Optional[torch.Tensor] = None,
+    ):
         self.B = num_seqs
-        self.T = seq_len          # padded layout when not None
-        self.seq_ids = seq_ids    # packed layout: [N] int64 in [0, B-1] (clamped; see valid mask)
-        self.lengths = lengths    # packed layout: [B] sequence lengths
+        self.T = seq_len  # padded layout when not None
+        self.seq_ids = seq_ids  # packed layout: [N] int64 in [0, B-1] (clamped; see valid mask)
+        self.lengths = lengths  # packed layout: [B] sequence lengths
 
     @property
     def padded(self) -> bool:
@@ -388,8 +427,10 @@ def _check_mask_values(mask: torch.Tensor) -> None:
         return
     bad = (mask != 0) & (mask != 1)
     if bool(bad.any()):
-        raise ValueError(f"mask must hold only 0 and 1 (or be bool; non-zero = valid token), found "
-                         f"{mask[bad].reshape(-1)[0].item()}; per-token loss weights are not supported")
+        raise ValueError(
+            f"mask must hold only 0 and 1 (or be bool; non-zero = valid token), found "
+            f"{mask[bad].reshape(-1)[0].item()}; per-token loss weights are not supported"
+        )
 
 
 def _check_cu_seqlens_values(cu: torch.Tensor, n: int) -> None:
@@ -400,38 +441,77 @@ def _check_cu_seqlens_values(cu: torch.Tensor, n: int) -> None:
     dec = (c[1:] < c[:-1]).nonzero()
     if dec.numel():
         i = dec[0, 0].item()
-        raise ValueError(f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {c[i].item()} > "
-                         f"cu_seqlens[{i + 1}] = {c[i + 1].item()}")
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got cu_seqlens[{i}] = {c[i].item()} > "
+            f"cu_seqlens[{i + 1}] = {c[i + 1].item()}"
+        )
     if c[-1].item() > n:
-        raise ValueError(f"cu_seqlens must end at <= N = {n} (the packed token count; tokens after "
-                         f"cu_seqlens[-1] are ignored), got cu_seqlens[-1] = {c[-1].item()}")
+        raise ValueError(
+            f"cu_seqlens must end at <= N = {n} (the packed token count; tokens after "
+            f"cu_seqlens[-1] are ignored), got cu_seqlens[-1] = {c[-1].item()}"
+        )
 
 
-def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs=None,
-                    rollout_logp=None, rollout_is_weights=None):
+def _flatten_inputs(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    entropy,
+    ref_logp,
+    cu_seqlens,
+    check_inputs=None,
+    rollout_logp=None,
+    rollout_is_weights=None,
+):
     """Check shapes, build the segment map and return flat [N] views plus the per-token valid mask:
     ``(seg, valid, logp, old_logp, adv, entropy, ref_logp, rollout_logp, rollout_is_weights)``."""
     for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("mask", mask)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    for name, t in (("entropy", entropy), ("ref_logp", ref_logp), ("cu_seqlens", cu_seqlens),
-                    ("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights)):
+    for name, t in (
+        ("entropy", entropy),
+        ("ref_logp", ref_logp),
+        ("cu_seqlens", cu_seqlens),
+        ("rollout_logp", rollout_logp),
+        ("rollout_is_weights", rollout_is_weights),
+    ):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    for name, t in (("logp", logp), ("old_logp", old_logp), ("advantages", advantages), ("entropy", entropy),
-                    ("ref_logp", ref_logp), ("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights)):
+    for name, t in (
+        ("logp", logp),
+        ("old_logp", old_logp),
+        ("advantages", advantages),
+        ("entropy", entropy),
+        ("ref_logp", ref_logp),
+        ("rollout_logp", rollout_logp),
+        ("rollout_is_weights", rollout_is_weights),
+    ):
         if t is not None and not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     _check_mask_dtype(mask)
     shape = tuple(logp.shape)
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("entropy", entropy), ("ref_logp", ref_logp),
-                    ("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights)):
+    for name, t in (
+        ("old_logp", old_logp),
+        ("mask", mask),
+        ("entropy", entropy),
+        ("ref_logp", ref_logp),
+        ("rollout_logp", rollout_logp),
+        ("rollout_is_weights", rollout_is_weights),
+    ):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have the shape of logp {shape}, got {tuple(t.shape)}")
     device = logp.device
-    for name, t in (("old_logp", old_logp), ("advantages", advantages), ("mask", mask),
-                    ("entropy", entropy), ("ref_logp", ref_logp), ("cu_seqlens", cu_seqlens),
-                    ("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights)):
+    for name, t in (
+        ("old_logp", old_logp),
+        ("advantages", advantages),
+        ("mask", mask),
+        ("entropy", entropy),
+        ("ref_logp", ref_logp),
+        ("cu_seqlens", cu_seqlens),
+        ("rollout_logp", rollout_logp),
+        ("rollout_is_weights", rollout_is_weights),
+    ):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but logp is on {device}")
 
@@ -459,8 +539,10 @@ def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seql
         elif advantages.shape == torch.Size([b]):
             adv = seg.expand(advantages)
         else:
-            raise ValueError(f"packed advantages must be [N]={n} (per token) or [B]={b} (per sequence), "
-                             f"got {tuple(advantages.shape)}")
+            raise ValueError(
+                f"packed advantages must be [N]={n} (per token) or [B]={b} (per sequence), "
+                f"got {tuple(advantages.shape)}"
+            )
     else:
         if logp.dim() == 1:
             b, t = 1, shape[0]
@@ -478,14 +560,24 @@ def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seql
             try:
                 adv = advantages.broadcast_to(shape)
             except RuntimeError:
-                raise ValueError(f"advantages must be [B, T] or [B] for logp of shape {shape}, "
-                                 f"got {tuple(advantages.shape)}") from None
+                raise ValueError(
+                    f"advantages must be [B, T] or [B] for logp of shape {shape}, got {tuple(advantages.shape)}"
+                ) from None
     valid = (mask != 0).reshape(-1)
     if in_seq is not None:
         valid = valid & in_seq
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
-    return (seg, valid, flat(logp), flat(old_logp), adv.reshape(-1), flat(entropy), flat(ref_logp),
-            flat(rollout_logp), flat(rollout_is_weights))
+    return (
+        seg,
+        valid,
+        flat(logp),
+        flat(old_logp),
+        adv.reshape(-1),
+        flat(entropy),
+        flat(ref_logp),
+        flat(rollout_logp),
+        flat(rollout_is_weights),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -496,11 +588,11 @@ def _flatten_inputs(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seql
 class _Tokens(NamedTuple):
     """Flat, sanitised per-token tensors (zeros at masked positions) in the compute dtype."""
 
-    valid: torch.Tensor      # [N] bool
-    n_valid: torch.Tensor    # 0-dim int64 count of valid tokens
-    logp: torch.Tensor       # [N] differentiable
-    old_logp: torch.Tensor   # [N] detached
-    adv: torch.Tensor        # [N] detached
+    valid: torch.Tensor  # [N] bool
+    n_valid: torch.Tensor  # 0-dim int64 count of valid tokens
+    logp: torch.Tensor  # [N] differentiable
+    old_logp: torch.Tensor  # [N] detached
+    adv: torch.Tensor  # [N] detached
     log_ratio: torch.Tensor  # [N] logp - old_logp (raw, differentiable)
     seg: _Segments
 
@@ -520,10 +612,10 @@ class _Tokens(NamedTuple):
 class _PG(NamedTuple):
     """What one loss mode returns: per-token loss and its metrics."""
 
-    loss: torch.Tensor                                # [N] per-token loss (masked positions are ignored)
-    clipfrac: torch.Tensor                            # 0-dim fp32
-    clipfrac_lower: torch.Tensor                      # 0-dim fp32
-    ppo_kl: torch.Tensor                              # 0-dim fp32
+    loss: torch.Tensor  # [N] per-token loss (masked positions are ignored)
+    clipfrac: torch.Tensor  # 0-dim fp32
+    clipfrac_lower: torch.Tensor  # 0-dim fp32
+    ppo_kl: torch.Tensor  # 0-dim fp32
     cov_selected_frac: Optional[torch.Tensor] = None  # 0-dim fp32 (covariance modes)
 
 
@@ -548,8 +640,9 @@ def _is_ratio(tok: _Tokens, cfg) -> torch.Tensor:
     return _ratio(tok)
 
 
-def _clipped_surrogate(adv: torch.Tensor, ratio: torch.Tensor, cfg: PolicyLossConfig,
-                       unclipped: Optional[torch.Tensor] = None):
+def _clipped_surrogate(
+    adv: torch.Tensor, ratio: torch.Tensor, cfg: PolicyLossConfig, unclipped: Optional[torch.Tensor] = None
+):
     """``L1 = -A r``, ``L2 = -A clip(r, 1-low, 1+high)`` and ``max(L1, L2)``; ``unclipped`` replaces ``r`` in
     ``L1`` (INTELLECT-2's ``min(r, delta)``)."""
     l1 = -adv * (ratio if unclipped is None else unclipped)
@@ -576,7 +669,7 @@ def _group_sum(t: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _group_gather(x: torch.Tensor, group, pad) -> Tuple[torch.Tensor, int, int]:
+def _group_gather(x: torch.Tensor, group, pad) -> tuple[torch.Tensor, int, int]:
     """``x`` [N] of every rank, each padded with ``pad`` to the longest, concatenated in rank order:
     ``(gathered [W * N_max], offset of this rank's values, total real length)``. The ranks' lengths are
     exchanged first; reading them is the one host sync of ``stats_group`` (shapes, not values)."""
@@ -607,8 +700,9 @@ def _gather_pair(key: torch.Tensor, eligible: torch.Tensor, group):
 # --------------------------------------------------------------------------------------------------
 
 
-def _covariance(tok: _Tokens, clip: Optional[Tuple[float, float, float, float]] = None, group=None
-                ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _covariance(
+    tok: _Tokens, clip: Optional[tuple[float, float, float, float]] = None, group=None
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Detached ``(A - mean_m A) * (logp - mean_m logp)`` over the batch's valid tokens ([N]), and,
     when the cuda head serves it (``FUSEDRL_HEAD``), Clip-Cov's candidate mask from the same launch
     (``clip = (clip_low, clip_high, lb, ub)``); otherwise ``(cov, None)``. With ``group`` the means run
@@ -617,21 +711,23 @@ def _covariance(tok: _Tokens, clip: Optional[Tuple[float, float, float, float]] 
         lp = tok.logp.detach()
         if group is None:
             denom = tok.count()
-            mean_a = tok.adv.sum() / denom        # masked positions hold 0
+            mean_a = tok.adv.sum() / denom  # masked positions hold 0
             mean_lp = lp.sum() / denom
         else:
             s = _group_sum(torch.stack([tok.adv.sum(), lp.sum(), tok.n_valid.to(lp.dtype)]), group)
             mean_a, mean_lp = s[0] / s[2].clamp_min(1), s[1] / s[2].clamp_min(1)
         if os.environ.get(_HEAD_ENV, "torch") != "torch":
             from .backends import _head
+
             fused = _head.cov_terms(tok, mean_a, mean_lp, clip)
             if fused is not None:
                 return fused
         return (tok.adv - mean_a) * (lp - mean_lp), None
 
 
-def _num_to_select(tok: _Tokens, ratio: float, n: Optional[int] = None, n_valid: Optional[torch.Tensor] = None
-                   ) -> Tuple[torch.Tensor, int]:
+def _num_to_select(
+    tok: _Tokens, ratio: float, n: Optional[int] = None, n_valid: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, int]:
     """``k = max(1, int(ratio * n_valid))`` as a device tensor, and a host upper bound of it (``n``, ``n_valid``:
     the group's token and valid-token counts; default: the local ones)."""
     n = tok.valid.numel() if n is None else n
@@ -655,10 +751,10 @@ def _select_top_k(key: torch.Tensor, eligible: torch.Tensor, k: torch.Tensor, k_
     neg_inf = torch.full_like(key, -math.inf)
     k_eff = key.detach().where(eligible, neg_inf)
     top_vals = torch.topk(k_eff, k_max, largest=True, sorted=True).values
-    kth = top_vals.gather(0, (k - 1).reshape(1))                  # [1], the k-th largest value
+    kth = top_vals.gather(0, (k - 1).reshape(1))  # [1], the k-th largest value
     above = eligible & (k_eff > kth)
     tied = eligible & (k_eff == kth)
-    need = k - above.sum()                                        # how many tied tokens to take
+    need = k - above.sum()  # how many tied tokens to take
     return above | (tied & (torch.cumsum(tied.long(), 0) <= need))
 
 
@@ -673,7 +769,7 @@ def _select(tok: _Tokens, key: torch.Tensor, eligible: torch.Tensor, ratio: floa
     keys, elig, off, total = _gather_pair(key, eligible, group)
     k, k_max = _num_to_select(tok, ratio, n=total, n_valid=n_valid)
     picked = _select_top_k(keys, elig, k, min(k_max, keys.numel()))
-    return picked[off:off + key.numel()]
+    return picked[off : off + key.numel()]
 
 
 def _entropy_keep(ent: torch.Tensor, valid: torch.Tensor, q: float, group) -> torch.Tensor:
@@ -690,7 +786,7 @@ def _entropy_keep(ent: torch.Tensor, valid: torch.Tensor, q: float, group) -> to
         if group is not None:
             pool, _, _ = _group_gather(pool, group, math.inf)
         srt = pool.sort().values
-        n = (srt != math.inf).sum()                   # entropies are finite: +inf marks masked / padding
+        n = (srt != math.inf).sum()  # entropies are finite: +inf marks masked / padding
         ranks = torch.tensor(1.0 - q, dtype=qdt, device=vals.device) * (n - 1).to(qdt)
         last = srt.numel() - 1
         below = ranks.to(torch.long).clamp(0, last)
@@ -732,6 +828,7 @@ def _loss_vanilla(tok: _Tokens, cfg: PolicyLossConfig, ctx: _Ctx = _NO_CTX, dual
     extended = getattr(cfg, "delta", None) is not None or getattr(cfg, "importance_sampling_level", "token") != "token"
     if not extended and dual and os.environ.get(_HEAD_ENV, "torch") != "torch":  # opt-in fused Triton / CUDA launch
         from .backends import _head
+
         pg = _head.vanilla_pg(tok, cfg)
         if pg is not None:  # None: fp64, or no kernel here under FUSEDRL_HEAD=auto
             return pg
@@ -761,7 +858,7 @@ def _loss_gspo(tok: _Tokens, cfg: PolicyLossConfig, ctx: _Ctx = _NO_CTX) -> _PG:
     the unclipped ratio."""
     seg = tok.seg
     n_tok = seg.seq_sum(tok.valid.to(tok.logp.dtype)).clamp_min(1)
-    log_seq_ratio = (seg.seq_sum(tok.log_ratio) / n_tok).detach()      # masked positions hold 0
+    log_seq_ratio = (seg.seq_sum(tok.log_ratio) / n_tok).detach()  # masked positions hold 0
     log_s = tok.logp - tok.logp.detach() + seg.expand(log_seq_ratio)  # verl's order (precision)
     s = torch.exp(log_s.clamp(max=_GSPO_LOG_RATIO_MAX))
     l1, l2, loss = _clipped_surrogate(tok.adv, s, cfg, _delta_cap(s, cfg))
@@ -782,8 +879,9 @@ def _select_clip_cov(tok: _Tokens, cfg: PolicyLossConfig, keys: Optional[torch.T
     group = getattr(cfg, "stats_group", None)
     with torch.no_grad():
         l1, l2, _ = _clipped_surrogate(tok.adv, _ratio(tok), cfg)
-        cov, candidates = _covariance(tok, (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_cov_lb, cfg.clip_cov_ub),
-                                      group)
+        cov, candidates = _covariance(
+            tok, (cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_cov_lb, cfg.clip_cov_ub), group
+        )
         if candidates is None:
             candidates = tok.valid & ~(l2 > l1) & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
         if keys is None:
@@ -872,8 +970,12 @@ def _loss_geo_mean(tok: _Tokens, cfg: PolicyLossConfig, ctx: _Ctx = _NO_CTX) -> 
         log_w = torch.where(tok.valid, torch.log(ctx.is_w + 1e-10), torch.zeros_like(ctx.is_w))
         loss = loss * torch.exp(seg.seq_sum(log_w) / n)
     clipped = (d != d_clamp).detach()
-    return _PG(seg.expand(loss), tok.masked_mean(clipped & (tok.adv > 0)), tok.masked_mean(clipped & (tok.adv < 0)),
-               tok.masked_mean(-d))
+    return _PG(
+        seg.expand(loss),
+        tok.masked_mean(clipped & (tok.adv > 0)),
+        tok.masked_mean(clipped & (tok.adv < 0)),
+        tok.masked_mean(-d),
+    )
 
 
 def _dppo_valid(tok: _Tokens, cfg: PolicyLossConfig, binary_kl: bool) -> torch.Tensor:
@@ -943,8 +1045,9 @@ def _loss_vespo(tok: _Tokens, cfg: PolicyLossConfig, ctx: _Ctx = _NO_CTX) -> _PG
     seg = tok.seg
     lower = math.log(1e-8)
     with torch.no_grad():
-        d = torch.where(tok.valid, tok.log_ratio.detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP),
-                        torch.zeros_like(tok.logp))
+        d = torch.where(
+            tok.valid, tok.log_ratio.detach().clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP), torch.zeros_like(tok.logp)
+        )
         log_seq = seg.seq_sum(d)
         if ctx.is_w is not None:
             log_is = torch.where(tok.valid, torch.log(ctx.is_w).clamp(lower, _LOG_RATIO_CLAMP), torch.zeros_like(d))
@@ -952,15 +1055,16 @@ def _loss_vespo(tok: _Tokens, cfg: PolicyLossConfig, ctx: _Ctx = _NO_CTX) -> _PG
         log_w = seg.expand(log_seq.clamp(lower, _LOG_RATIO_CLAMP))
         nonneg = tok.adv >= 0
         k = torch.where(nonneg, torch.full_like(d, cfg.vespo_k_pos), torch.full_like(d, cfg.vespo_k_neg))
-        lam = torch.where(nonneg, torch.full_like(d, cfg.vespo_lambda_pos),
-                          torch.full_like(d, cfg.vespo_lambda_neg)).clamp(min=1e-4)
+        lam = torch.where(
+            nonneg, torch.full_like(d, cfg.vespo_lambda_pos), torch.full_like(d, cfg.vespo_lambda_neg)
+        ).clamp(min=1e-4)
         phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
     zero = tok.zero_metric()
     ppo_kl = tok.masked_mean(-tok.log_ratio.clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP))
     return _PG(-phi * tok.adv * tok.logp, zero, zero, ppo_kl)
 
 
-_MODES: Dict[str, Callable[..., _PG]] = {
+_MODES: dict[str, Callable[..., _PG]] = {
     "vanilla": _loss_vanilla,
     "gspo": _loss_gspo,
     "clip_cov": _loss_clip_cov,
@@ -1040,10 +1144,12 @@ def _denominators(tok: _Tokens, cfg: PolicyLossConfig) -> _Denominators:
     like = tok.logp
     seg = tok.seg
     per_seq = seg.seq_sum(tok.valid.to(like.dtype))
-    tokens = (_as_denominator(cfg.global_num_tokens, like) if cfg.global_num_tokens is not None
-              else tok.count())
-    seqs = (_as_denominator(cfg.global_num_seqs, like) if cfg.global_num_seqs is not None
-            else (per_seq > 0).sum().to(like.dtype).clamp_min(1))
+    tokens = _as_denominator(cfg.global_num_tokens, like) if cfg.global_num_tokens is not None else tok.count()
+    seqs = (
+        _as_denominator(cfg.global_num_seqs, like)
+        if cfg.global_num_seqs is not None
+        else (per_seq > 0).sum().to(like.dtype).clamp_min(1)
+    )
     default_len = seg.default_norm_len(like)
     norm_len = _as_denominator(cfg.norm_len if cfg.norm_len is not None else default_len, like)
     return _Denominators(tokens, seqs, norm_len, per_seq.clamp_min(1))
@@ -1086,7 +1192,7 @@ def policy_loss(
     check_inputs: Optional[bool] = None,
     rollout_logp: Optional[torch.Tensor] = None,
     rollout_is_weights: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """RL policy loss from per-token log-probs (differentiable in ``logp`` and ``entropy``).
 
     Args:
@@ -1153,23 +1259,48 @@ def policy_loss(
     ties in their key by the lower flat index (deterministic).
     """
     cfg = _with_normalisers(config, global_num_tokens, global_num_seqs, norm_len)
-    _check_optional_inputs(cfg, entropy is not None, ref_logp is not None, rollout_logp is not None,
-                           has_is_weights=rollout_is_weights is not None)
-    loss, metrics, _ = _evaluate(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, cfg, check_inputs,
-                                 rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
+    _check_optional_inputs(
+        cfg,
+        entropy is not None,
+        ref_logp is not None,
+        rollout_logp is not None,
+        has_is_weights=rollout_is_weights is not None,
+    )
+    loss, metrics, _ = _evaluate(
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        entropy,
+        ref_logp,
+        cu_seqlens,
+        cfg,
+        check_inputs,
+        rollout_logp=rollout_logp,
+        rollout_is_weights=rollout_is_weights,
+    )
     return loss, metrics
 
 
-def _check_optional_inputs(cfg: PolicyLossConfig, has_entropy: bool, has_ref: bool, has_rollout: bool,
-                           entropy_known: bool = True, has_is_weights: bool = False) -> None:
+def _check_optional_inputs(
+    cfg: PolicyLossConfig,
+    has_entropy: bool,
+    has_ref: bool,
+    has_rollout: bool,
+    entropy_known: bool = True,
+    has_is_weights: bool = False,
+) -> None:
     """The optional inputs a config needs (or must not get), as clear errors."""
     if has_is_weights:
         if cfg.loss_mode == "bypass_mode":
-            raise ValueError("loss_mode='bypass_mode' computes its IS weights from the current policy: "
-                             "do not pass rollout_is_weights (verl's bypass ignores them too)")
+            raise ValueError(
+                "loss_mode='bypass_mode' computes its IS weights from the current policy: "
+                "do not pass rollout_is_weights (verl's bypass ignores them too)"
+            )
         if cfg.rollout_correction is not None and cfg.rollout_correction.is_enabled:
-            raise ValueError("rollout_is_weights and rollout_correction.rollout_is both give IS weights: "
-                             "pass one of them")
+            raise ValueError(
+                "rollout_is_weights and rollout_correction.rollout_is both give IS weights: pass one of them"
+            )
     if cfg.entropy_coeff != 0 and entropy_known and not has_entropy:
         raise ValueError("entropy_coeff > 0 needs the per-token entropy (pass entropy=...)")
     if cfg.top_entropy_quantile < 1 and entropy_known and not has_entropy:
@@ -1178,24 +1309,39 @@ def _check_optional_inputs(cfg: PolicyLossConfig, has_entropy: bool, has_ref: bo
         raise ValueError("kl_loss_coef > 0 needs the reference log-probs (pass ref_logp=...)")
     if cfg.loss_mode == "bypass_mode":
         if has_rollout:
-            raise ValueError("loss_mode='bypass_mode' reads the rollout's log-probs from old_logp: do not pass "
-                             "rollout_logp")
+            raise ValueError(
+                "loss_mode='bypass_mode' reads the rollout's log-probs from old_logp: do not pass rollout_logp"
+            )
     elif cfg.rollout_correction is not None and not has_rollout:
-        raise ValueError("rollout_correction needs the inference engine's log-probs (pass rollout_logp=...), "
-                         "or use loss_mode='bypass_mode' when old_logp is the rollout's")
+        raise ValueError(
+            "rollout_correction needs the inference engine's log-probs (pass rollout_logp=...), "
+            "or use loss_mode='bypass_mode' when old_logp is the rollout's"
+        )
     elif has_rollout and cfg.rollout_correction is None and cfg.off_policy_mask_threshold is None:
-        raise ValueError("rollout_logp is given but nothing reads it: set rollout_correction and/or "
-                         "off_policy_mask_threshold")
+        raise ValueError(
+            "rollout_logp is given but nothing reads it: set rollout_correction and/or off_policy_mask_threshold"
+        )
 
 
-def _with_normalisers(config: Optional[PolicyLossConfig], global_num_tokens: Normaliser = None,
-                      global_num_seqs: Normaliser = None, norm_len: Normaliser = None) -> PolicyLossConfig:
+def _with_normalisers(
+    config: Optional[PolicyLossConfig],
+    global_num_tokens: Normaliser = None,
+    global_num_seqs: Normaliser = None,
+    norm_len: Normaliser = None,
+) -> PolicyLossConfig:
     """The config (default: PolicyLossConfig()) with per-call normaliser overrides applied."""
     cfg = config if config is not None else PolicyLossConfig()
     if not isinstance(cfg, PolicyLossConfig):
         raise TypeError(f"config must be a PolicyLossConfig, got {type(cfg).__name__}")
-    overrides = {k: v for k, v in (("global_num_tokens", global_num_tokens),
-                                   ("global_num_seqs", global_num_seqs), ("norm_len", norm_len)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("global_num_tokens", global_num_tokens),
+            ("global_num_seqs", global_num_seqs),
+            ("norm_len", norm_len),
+        )
+        if v is not None
+    }
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
@@ -1203,20 +1349,23 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _make_tokens(seg: Optional[_Segments], valid: torch.Tensor, lp: torch.Tensor, old: torch.Tensor,
-                 adv: torch.Tensor) -> _Tokens:
+def _make_tokens(
+    seg: Optional[_Segments], valid: torch.Tensor, lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor
+) -> _Tokens:
     """Sanitised per-token context: values at masked positions become 0 (no NaN/inf from padding)."""
     dtype = lp.dtype
     zeros = torch.zeros(lp.shape, dtype=dtype, device=lp.device)
     clean = lambda x: torch.where(valid, x.to(dtype), zeros)  # noqa: E731
     lp = clean(lp)
     old = clean(old.detach())
-    return _Tokens(valid=valid, n_valid=valid.sum(), logp=lp, old_logp=old, adv=clean(adv.detach()),
-                   log_ratio=lp - old, seg=seg)
+    return _Tokens(
+        valid=valid, n_valid=valid.sum(), logp=lp, old_logp=old, adv=clean(adv.detach()), log_ratio=lp - old, seg=seg
+    )
 
 
-def _pg_terms(tok: _Tokens, cfg: PolicyLossConfig, picked: Optional[torch.Tensor] = None, keys=None,
-              ctx: _Ctx = _NO_CTX) -> Tuple[_PG, Optional[torch.Tensor]]:
+def _pg_terms(
+    tok: _Tokens, cfg: PolicyLossConfig, picked: Optional[torch.Tensor] = None, keys=None, ctx: _Ctx = _NO_CTX
+) -> tuple[_PG, Optional[torch.Tensor]]:
     """The configured mode's per-token loss and metrics, and the covariance pick (or None). With
     ``picked`` given, the covariance modes skip their selection and use it."""
     if cfg.loss_mode == "clip_cov":
@@ -1228,8 +1377,9 @@ def _pg_terms(tok: _Tokens, cfg: PolicyLossConfig, picked: Optional[torch.Tensor
     return _MODES[cfg.loss_mode](tok, cfg, ctx), None
 
 
-def _pg_factors(loss: torch.Tensor, cfg: PolicyLossConfig, is_w: Optional[torch.Tensor],
-                keep: Optional[torch.Tensor]) -> torch.Tensor:
+def _pg_factors(
+    loss: torch.Tensor, cfg: PolicyLossConfig, is_w: Optional[torch.Tensor], keep: Optional[torch.Tensor]
+) -> torch.Tensor:
     """The per-token policy loss times the rollout IS weights (for the modes that do not take them
     themselves) and zeroed outside ``keep`` (entropy / OPSM masks)."""
     if is_w is not None and cfg.loss_mode not in _IS_INSIDE_MODES:
@@ -1249,12 +1399,19 @@ class _Rollout(NamedTuple):
     valid: torch.Tensor
     is_w: Optional[torch.Tensor]
     sampling: torch.Tensor
-    metrics: Dict[str, torch.Tensor]
+    metrics: dict[str, torch.Tensor]
 
 
-def _rollout_stage(cfg: PolicyLossConfig, seg: _Segments, valid: torch.Tensor, lp: Optional[torch.Tensor],
-                   old: torch.Tensor, rollout: Optional[torch.Tensor], with_metrics: bool,
-                   is_weights: Optional[torch.Tensor] = None) -> _Rollout:
+def _rollout_stage(
+    cfg: PolicyLossConfig,
+    seg: _Segments,
+    valid: torch.Tensor,
+    lp: Optional[torch.Tensor],
+    old: torch.Tensor,
+    rollout: Optional[torch.Tensor],
+    with_metrics: bool,
+    is_weights: Optional[torch.Tensor] = None,
+) -> _Rollout:
     """Rollout correction of the batch (verl ``compute_rollout_correction_and_rejection_mask``):
     decoupled from ``old - rollout`` or, in bypass mode, from ``logp - old`` (``lp`` detached; None: the
     current policy is not known yet). ``old`` / ``rollout`` are clean (0 at masked positions);
@@ -1285,15 +1442,26 @@ def _kl_terms(tok: _Tokens, cfg: PolicyLossConfig, ref: torch.Tensor) -> torch.T
     return kl
 
 
-def _evaluate(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, cfg: PolicyLossConfig,
-              check_inputs: Optional[bool] = None, keys: Optional[torch.Tensor] = None,
-              rollout_logp: Optional[torch.Tensor] = None, picked: Optional[torch.Tensor] = None,
-              rollout_is_weights: Optional[torch.Tensor] = None):
+def _evaluate(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    entropy,
+    ref_logp,
+    cu_seqlens,
+    cfg: PolicyLossConfig,
+    check_inputs: Optional[bool] = None,
+    keys: Optional[torch.Tensor] = None,
+    rollout_logp: Optional[torch.Tensor] = None,
+    picked: Optional[torch.Tensor] = None,
+    rollout_is_weights: Optional[torch.Tensor] = None,
+):
     """policy_loss's body: ``(loss, metrics, picked)``, ``picked`` being the covariance modes' selection
     (given: used instead of selecting)."""
     seg, valid0, lp, old, adv, ent, ref, ro, isw = _flatten_inputs(
-        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs, rollout_logp,
-        rollout_is_weights)
+        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, check_inputs, rollout_logp, rollout_is_weights
+    )
     dtype = _compute_dtype(logp)
     lp = lp.to(dtype)
     zeros = torch.zeros(lp.shape, dtype=dtype, device=lp.device)
@@ -1301,8 +1469,16 @@ def _evaluate(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, c
         stage = _Rollout(valid0, None, zeros, {})  # the plain path: nothing to clean up front
     else:
         clean0 = lambda x: torch.where(valid0, x.detach().to(dtype), zeros)  # noqa: E731
-        stage = _rollout_stage(cfg, seg, valid0, clean0(lp), clean0(old), None if ro is None else clean0(ro),
-                               with_metrics=True, is_weights=None if isw is None else clean0(isw))
+        stage = _rollout_stage(
+            cfg,
+            seg,
+            valid0,
+            clean0(lp),
+            clean0(old),
+            None if ro is None else clean0(ro),
+            with_metrics=True,
+            is_weights=None if isw is None else clean0(isw),
+        )
     valid = stage.valid
     tok = _make_tokens(seg, valid, lp, old, adv)
     clean = lambda x: torch.where(valid, x.to(dtype), torch.zeros_like(tok.logp))  # noqa: E731
@@ -1338,7 +1514,7 @@ def _evaluate(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, c
     return loss, metrics, picked
 
 
-def metric_names(config: PolicyLossConfig, has_entropy: bool, has_ref: bool) -> Tuple[str, ...]:
+def metric_names(config: PolicyLossConfig, has_entropy: bool, has_ref: bool) -> tuple[str, ...]:
     """The keys of ``policy_loss``'s metrics dict, in order, for a config and the optional inputs."""
     names = ["pg_loss", "pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"]
     if has_entropy:
@@ -1368,7 +1544,7 @@ SEQUENCE_MODES = ("gspo", "geo_mean", "vespo")
 #: modes that need a statistic of the whole batch's logp / entropy before any gradient. No mode needs
 #: one by itself: options do (``top_entropy_quantile < 1``; bypass mode with rejection sampling or IS
 #: batch normalisation; selection modes with a sequence option). :func:`head_kind` classifies a config.
-BATCH_MODES: Tuple[str, ...] = ()
+BATCH_MODES: tuple[str, ...] = ()
 #: what :func:`head_kind` returns
 HEAD_KINDS = ("token", "selection", "sequence", "batch")
 
@@ -1388,8 +1564,11 @@ def head_kind(cfg: PolicyLossConfig) -> str:
     """
     mode = cfg.loss_mode
     batch = cfg.top_entropy_quantile < 1
-    seq = (mode in SEQUENCE_MODES or cfg.importance_sampling_level == "sequence"
-           or cfg.off_policy_mask_threshold is not None)
+    seq = (
+        mode in SEQUENCE_MODES
+        or cfg.importance_sampling_level == "sequence"
+        or cfg.off_policy_mask_threshold is not None
+    )
     if mode == "bypass_mode":
         rc = cfg.effective_rollout_correction
         uses_w = rc.is_enabled and rc.loss_type == "reinforce"
@@ -1407,13 +1586,19 @@ def head_kind(cfg: PolicyLossConfig) -> str:
 def kernel_head_ok(cfg: PolicyLossConfig) -> bool:
     """Whether the fused one-pass epilogue kernels (Triton / CUDA, docs/one-pass.md head codes) compute
     this config: the modes they know, without any option of the 2026 loss menu."""
-    return (cfg.loss_mode in ("vanilla", "clip_cov", "kl_cov", "gpg", "cispo") and cfg.delta is None
-            and cfg.importance_sampling_level == "token" and cfg.rollout_correction is None
-            and cfg.top_entropy_quantile >= 1 and cfg.off_policy_mask_threshold is None
-            and not cfg.use_bias_correction_kl and cfg.clip_ratio_high >= 0)
+    return (
+        cfg.loss_mode in ("vanilla", "clip_cov", "kl_cov", "gpg", "cispo")
+        and cfg.delta is None
+        and cfg.importance_sampling_level == "token"
+        and cfg.rollout_correction is None
+        and cfg.top_entropy_quantile >= 1
+        and cfg.off_policy_mask_threshold is None
+        and not cfg.use_bias_correction_kl
+        and cfg.clip_ratio_high >= 0
+    )
 
 
-def _grad(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def _grad(fn: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Gradients of the scalar ``fn(*args)`` w.r.t. ``args`` by autograd, also where the caller runs below
     the Autograd dispatch key (inside a ``torch.library.custom_op`` implementation, eager or compiled)."""
     keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
@@ -1442,27 +1627,60 @@ class TokenHead:
     ``policy_loss`` itself with the same batch statistics and the same Clip-Cov keys).
     """
 
-    def __init__(self, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                 ref_logp: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], cfg: PolicyLossConfig,
-                 need_entropy: bool, dtype: torch.dtype = torch.float32, check_inputs: Optional[bool] = None,
-                 rollout_logp: Optional[torch.Tensor] = None, rollout_is_weights: Optional[torch.Tensor] = None):
-        _check_optional_inputs(cfg, True, ref_logp is not None, rollout_logp is not None, entropy_known=False,
-                               has_is_weights=rollout_is_weights is not None)
+    def __init__(
+        self,
+        old_logp: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        ref_logp: Optional[torch.Tensor],
+        cu_seqlens: Optional[torch.Tensor],
+        cfg: PolicyLossConfig,
+        need_entropy: bool,
+        dtype: torch.dtype = torch.float32,
+        check_inputs: Optional[bool] = None,
+        rollout_logp: Optional[torch.Tensor] = None,
+        rollout_is_weights: Optional[torch.Tensor] = None,
+    ):
+        _check_optional_inputs(
+            cfg,
+            True,
+            ref_logp is not None,
+            rollout_logp is not None,
+            entropy_known=False,
+            has_is_weights=rollout_is_weights is not None,
+        )
         self.cfg = cfg
         self.kind = head_kind(cfg)
         self.inputs = (old_logp, advantages, mask, ref_logp, cu_seqlens)
         self.rollout_in, self.is_weights_in = rollout_logp, rollout_is_weights
         seg, valid0, _, old, adv, _, ref, ro, isw = _flatten_inputs(
-            old_logp, old_logp, advantages, mask, None, ref_logp, cu_seqlens, check_inputs, rollout_logp,
-            rollout_is_weights)
+            old_logp,
+            old_logp,
+            advantages,
+            mask,
+            None,
+            ref_logp,
+            cu_seqlens,
+            check_inputs,
+            rollout_logp,
+            rollout_is_weights,
+        )
         self.dtype = dtype  # the compute dtype of the log-probs the schedule produces
         self.seg = seg
         self.old, self.adv = old.detach().to(self.dtype), adv.detach().to(self.dtype)
         self.ref = None if ref is None else ref.detach().to(self.dtype)
         zeros = torch.zeros(self.old.shape, dtype=self.dtype, device=self.old.device)
         clean0 = lambda x: torch.where(valid0, x.detach().to(self.dtype), zeros)  # noqa: E731
-        stage = _rollout_stage(cfg, seg, valid0, None, clean0(old), None if ro is None else clean0(ro),
-                               with_metrics=False, is_weights=None if isw is None else clean0(isw))
+        stage = _rollout_stage(
+            cfg,
+            seg,
+            valid0,
+            None,
+            clean0(old),
+            None if ro is None else clean0(ro),
+            with_metrics=False,
+            is_weights=None if isw is None else clean0(isw),
+        )
         self.valid0, self.valid, self.is_w, self.sampling = valid0, stage.valid, stage.is_w, stage.sampling
         self.need_entropy = bool(need_entropy)
         self._keys: Optional[torch.Tensor] = None
@@ -1496,18 +1714,28 @@ class TokenHead:
             total = self._n_total
         return min(n, max(1, int(ratio * total)))
 
-    def chunk_segments(self, start: int, stop: int, seqs: Optional[Tuple[int, int]]) -> Optional[_Segments]:
+    def chunk_segments(self, start: int, stop: int, seqs: Optional[tuple[int, int]]) -> Optional[_Segments]:
         """Segments of tokens ``[start, stop)`` holding whole sequences ``seqs = (s0, s1)`` (sequence modes)."""
         if seqs is None:
             return None
         s0, s1 = seqs
         if self.seg.padded:
             return _Segments(s1 - s0, seq_len=self.seg.T)
-        return _Segments(s1 - s0, seq_ids=(self.seg.seq_ids[start:stop] - s0).clamp(0, max(s1 - s0 - 1, 0)),
-                         lengths=self.seg.lengths[s0:s1])
+        return _Segments(
+            s1 - s0,
+            seq_ids=(self.seg.seq_ids[start:stop] - s0).clamp(0, max(s1 - s0 - 1, 0)),
+            lengths=self.seg.lengths[s0:s1],
+        )
 
-    def _objective(self, idx, lp: torch.Tensor, ent: Optional[torch.Tensor], seg: Optional[_Segments],
-                   picked: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _objective(
+        self,
+        idx,
+        lp: torch.Tensor,
+        ent: Optional[torch.Tensor],
+        seg: Optional[_Segments],
+        picked: Optional[torch.Tensor],
+        valid: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``sum_t w_t (pg_t - ent_coef H_t + kl_coef kl_t)`` over the tokens ``idx`` (a slice or indices)."""
         cfg = self.cfg
         valid = self.valid[idx] if valid is None else valid
@@ -1533,9 +1761,15 @@ class TokenHead:
         w = self.weights[idx]
         return torch.where(valid, w * per_tok, torch.zeros_like(per_tok)).sum()
 
-    def grads(self, start: int, stop: int, logp: torch.Tensor, entropy: Optional[torch.Tensor],
-              seqs: Optional[Tuple[int, int]] = None, picked: Optional[torch.Tensor] = None
-              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def grads(
+        self,
+        start: int,
+        stop: int,
+        logp: torch.Tensor,
+        entropy: Optional[torch.Tensor],
+        seqs: Optional[tuple[int, int]] = None,
+        picked: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """``(g_lp, g_H)``: d loss / d logp and d loss / d entropy for tokens ``[start, stop)`` (fp32/fp64;
         ``g_H`` None when the loss has no entropy term). Selection modes get their unselected terms.
         ``seqs``: the whole sequences the chunk holds (sequence kind; not needed for the whole batch).
@@ -1546,13 +1780,17 @@ class TokenHead:
         lp = logp.detach().to(self.dtype)
         if self.kind == "batch":
             if not whole:
-                raise ValueError(f"this loss config needs a statistic of the whole batch (head_kind 'batch'): "
-                                 f"grads must cover tokens [0, {n}), got [{start}, {stop}) (two-pass schedule)")
+                raise ValueError(
+                    f"this loss config needs a statistic of the whole batch (head_kind 'batch'): "
+                    f"grads must cover tokens [0, {n}), got [{start}, {stop}) (two-pass schedule)"
+                )
             return self._batch_grads(lp, entropy, picked)
         if self.kind == "sequence" and seqs is None:
             if not whole:
-                raise ValueError(f"this loss config has sequence-level terms (head_kind 'sequence'): chunks must "
-                                 f"hold whole sequences (pass seqs=) or the whole batch, got [{start}, {stop})")
+                raise ValueError(
+                    f"this loss config has sequence-level terms (head_kind 'sequence'): chunks must "
+                    f"hold whole sequences (pass seqs=) or the whole batch, got [{start}, {stop})"
+                )
             seqs = (0, self.seg.B)
         idx, seg = slice(start, stop), self.chunk_segments(start, stop, seqs)
         if not self.entropy_has_grad:
@@ -1573,9 +1811,20 @@ class TokenHead:
         ent = None if entropy is None else entropy.detach().to(self.dtype)
 
         def loss(a, b=ent):
-            return _evaluate(a.reshape(shape), old, adv, mask, None if b is None else b.reshape(shape), ref, cu, cfg,
-                             check_inputs=False, rollout_logp=self.rollout_in, picked=picked,
-                             rollout_is_weights=self.is_weights_in)[0]
+            return _evaluate(
+                a.reshape(shape),
+                old,
+                adv,
+                mask,
+                None if b is None else b.reshape(shape),
+                ref,
+                cu,
+                cfg,
+                check_inputs=False,
+                rollout_logp=self.rollout_in,
+                picked=picked,
+                rollout_is_weights=self.is_weights_in,
+            )[0]
 
         if not self.entropy_has_grad:
             return _grad(loss, lp)[0], None
@@ -1588,8 +1837,20 @@ class TokenHead:
         self._keys = keys
         with torch.no_grad():
             ent = None if entropy is None else entropy.reshape(shape)
-            out = _evaluate(logp.reshape(shape), old, adv, mask, ent, ref, cu, self.cfg, check_inputs=False,
-                            keys=keys, rollout_logp=self.rollout_in, rollout_is_weights=self.is_weights_in)
+            out = _evaluate(
+                logp.reshape(shape),
+                old,
+                adv,
+                mask,
+                ent,
+                ref,
+                cu,
+                self.cfg,
+                check_inputs=False,
+                keys=keys,
+                rollout_logp=self.rollout_in,
+                rollout_is_weights=self.is_weights_in,
+            )
         self._picked = out[2]
         return out
 
@@ -1598,6 +1859,8 @@ class TokenHead:
         ``picked_sel`` (0 for tokens not picked): the correction the one-pass schedule applies to them."""
         valid = self.valid[idx] & picked_sel
         on, off = torch.ones_like(valid), torch.zeros_like(valid)
-        delta = lambda a: (self._objective(idx, a, None, None, on, valid)  # noqa: E731
-                           - self._objective(idx, a, None, None, off, valid))
+        delta = lambda a: (
+            self._objective(idx, a, None, None, on, valid)  # noqa: E731
+            - self._objective(idx, a, None, None, off, valid)
+        )
         return _grad(delta, logp_sel.detach().to(self.dtype))[0]

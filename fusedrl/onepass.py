@@ -26,6 +26,7 @@ plus fp32 accumulators), ``FUSEDRL_ONEPASS_EPILOGUE`` = ``auto`` (default: the b
 when it has one for the mode) | ``torch`` | ``triton`` | ``cuda`` (force one; an unavailable one raises),
 ``FUSEDRL_SCHEDULE`` (default of ``schedule="auto"``'s choice: ``auto`` | ``one_pass`` | ``recompute``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,16 +37,16 @@ import math
 import os
 import threading
 import warnings
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 
 from .backends import torch_backend
 from .backends._device import usable_memory
 from .backends._onepass import OnePassHead
+from .loss import PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok, metric_names
 from .ops import _split_temperature
-from .loss import (PolicyLossConfig, TokenHead, _random_keys, head_kind, kernel_head_ok,
-                   metric_names)
 
 Tensor = torch.Tensor
 
@@ -94,8 +95,8 @@ def default_budget_bytes(device: torch.device) -> int:
 
 
 class Plan(NamedTuple):
-    schedule: str                                          # "one_pass" | "two_pass" | "recompute"
-    chunks: Tuple[Tuple[int, int, Optional[Tuple[int, int]]], ...]  # (start, stop, whole sequences)
+    schedule: str  # "one_pass" | "two_pass" | "recompute"
+    chunks: tuple[tuple[int, int, Optional[tuple[int, int]]], ...]  # (start, stop, whole sequences)
     reason: str
 
 
@@ -111,15 +112,17 @@ def _fixed_bytes(n: int, h: int, v: int, low_precision: bool) -> int:
     return ((v + n) * h * 4 if low_precision else 0) + v * 4
 
 
-def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[List[int]]):
+def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[list[int]]):
     """Chunks of whole sequences with at most ``rows`` tokens each, or None when one does not fit."""
     if seq_len is not None:  # padded [B, T]
         if seq_len > rows:
             return None
         per = max(1, rows // seq_len) * seq_len
         b = n // max(seq_len, 1)
-        return tuple((s * seq_len, min(n, s * seq_len + per), (s, min(b, s + per // seq_len)))
-                     for s in range(0, b, per // seq_len))
+        return tuple(
+            (s * seq_len, min(n, s * seq_len + per), (s, min(b, s + per // seq_len)))
+            for s in range(0, b, per // seq_len)
+        )
     out, s0 = [], 0
     nseq = len(cu) - 1
     while s0 < nseq:
@@ -142,12 +145,23 @@ def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[Lis
 # the forward, at loss scale 1, so the per-token weights of a mean over many tokens (1/N) push most of it
 # below fp16's normal range before a GradScaler's scale can reach it (the backward only scales the
 # stored gradients). The recompute schedule forms du in the backward, from the scaled upstream gradient.
-_FP16_WHY = ("fp16 gradients formed in the forward would underflow before a GradScaler's loss scale reaches "
-             "them; the recompute schedule forms them from the scaled upstream gradient")
+_FP16_WHY = (
+    "fp16 gradients formed in the forward would underflow before a GradScaler's loss scale reaches "
+    "them; the recompute schedule forms them from the scaled upstream gradient"
+)
 
 
-def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, schedule: str, budget: int,
-         seq_len: Optional[int] = None, cu_host: Optional[List[int]] = None) -> Plan:
+def plan(
+    n: int,
+    h: int,
+    v: int,
+    x_dtype: torch.dtype,
+    cfg: PolicyLossConfig,
+    schedule: str,
+    budget: int,
+    seq_len: Optional[int] = None,
+    cu_host: Optional[list[int]] = None,
+) -> Plan:
     """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``)
     and its token chunks, by the loss head's kind (:func:`fusedrl.loss.head_kind`): token-local and
     selection losses chunk freely; sequence-level losses take chunks of whole sequences (``seq_len`` of
@@ -165,8 +179,11 @@ def plan(n: int, h: int, v: int, x_dtype: torch.dtype, cfg: PolicyLossConfig, sc
     rows = max(1, min(n, room // per_row)) if room > 0 else 1
     fits = room > 0 and rows >= min(n, _MIN_ROWS)
     if schedule == "auto" and not fits:
-        return Plan("recompute", (), f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the "
-                                     f"{budget / _MIB:.0f} MiB budget")
+        return Plan(
+            "recompute",
+            (),
+            f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the {budget / _MIB:.0f} MiB budget",
+        )
     kind = head_kind(cfg)
     if kind == "batch":  # a statistic of the whole batch first (entropy quantile, ...): always two passes
         return Plan("two_pass", (), "the loss needs whole-batch statistics of logp / entropy first")
@@ -208,8 +225,11 @@ def _fp32_gemm_16bit(kind: str, fn, fallback):
             raise
         except (RuntimeError, TypeError, NotImplementedError) as e:
             _OUT_DTYPE_OK[kind] = False
-            log.warning("fusedrl: torch.%s with 16-bit operands and fp32 output is unavailable (%s); "
-                        "upcasting operands", kind, e)
+            log.warning(
+                "fusedrl: torch.%s with 16-bit operands and fp32 output is unavailable (%s); upcasting operands",
+                kind,
+                e,
+            )
     return fallback()
 
 
@@ -217,8 +237,11 @@ def _mm_f32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a @ b`` with ``out`` fp32 (fp64 for fp64 operands)."""
     if _low(a):
         if a.is_cuda:
-            return _fp32_gemm_16bit("mm", lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
-                                    lambda: torch.mm(a.float(), b.float(), out=out))
+            return _fp32_gemm_16bit(
+                "mm",
+                lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
+                lambda: torch.mm(a.float(), b.float(), out=out),
+            )
         return torch.mm(a.float(), b.float(), out=out)  # CPU: no 16-bit -> fp32 GEMM
     return torch.mm(a, b, out=out)
 
@@ -227,8 +250,11 @@ def _addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a @ b`` with an fp32 accumulator and operands of any float dtype."""
     if _low(a):
         if a.is_cuda:
-            _fp32_gemm_16bit("addmm", lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
-                             lambda: acc.addmm_(a.float(), b.float()))
+            _fp32_gemm_16bit(
+                "addmm",
+                lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
+                lambda: acc.addmm_(a.float(), b.float()),
+            )
             return
         a, b = a.float(), b.float()
     acc.addmm_(a, b)
@@ -244,11 +270,17 @@ def _kernel_head_scalars(cfg: PolicyLossConfig) -> Optional[dict]:
     if not kernel_head_ok(cfg):
         return None
     kl = cfg.kl_type
-    return dict(mode=_MODE_CODES[cfg.loss_mode], clip_lo=1.0 - cfg.clip_ratio_low, clip_hi=1.0 + cfg.clip_ratio_high,
-                clip_c=float(cfg.clip_ratio_c) if cfg.clip_ratio_c is not None else 1.0,
-                dual=cfg.loss_mode == "vanilla" and cfg.clip_ratio_c is not None,
-                ent_coef=float(cfg.entropy_coeff), kl_coef=float(cfg.kl_loss_coef),
-                kl_type=_KL_CODES[kl.rstrip("+")], kl_st=kl.endswith("+"))
+    return dict(
+        mode=_MODE_CODES[cfg.loss_mode],
+        clip_lo=1.0 - cfg.clip_ratio_low,
+        clip_hi=1.0 + cfg.clip_ratio_high,
+        clip_c=float(cfg.clip_ratio_c) if cfg.clip_ratio_c is not None else 1.0,
+        dual=cfg.loss_mode == "vanilla" and cfg.clip_ratio_c is not None,
+        ent_coef=float(cfg.entropy_coeff),
+        kl_coef=float(cfg.kl_loss_coef),
+        kl_type=_KL_CODES[kl.rstrip("+")],
+        kl_st=kl.endswith("+"),
+    )
 
 
 def _kernel_epilogue(backend: str, device: torch.device, x_dtype: torch.dtype, cfg: PolicyLossConfig):
@@ -272,11 +304,14 @@ def _kernel_epilogue(backend: str, device: torch.device, x_dtype: torch.dtype, c
         ok, why = availability(kind, device)
     if want != "auto":
         if not ok:
-            raise RuntimeError(f"{EPILOGUE_ENV}={want} but that epilogue is not available on {device}: "
-                               f"{why or 'no onepass_epilogue'}")
+            raise RuntimeError(
+                f"{EPILOGUE_ENV}={want} but that epilogue is not available on {device}: {why or 'no onepass_epilogue'}"
+            )
         if scalars is None:
-            raise RuntimeError(f"{EPILOGUE_ENV}={want}: this loss config (loss_mode {cfg.loss_mode!r} and its "
-                               f"options) has no kernel head")
+            raise RuntimeError(
+                f"{EPILOGUE_ENV}={want}: this loss config (loss_mode {cfg.loss_mode!r} and its "
+                f"options) has no kernel head"
+            )
     if not ok or scalars is None:
         return None, None
     return mod, scalars
@@ -299,9 +334,22 @@ def _gemm_logits(xc: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor, sca
     return out
 
 
-def _correct_selection(head: TokenHead, picked: Tensor, k_max: int, x: Tensor, w: Tensor, targets: Tensor,
-                       bias: Optional[Tensor], temperature: float, softcap: Optional[float], logp: Tensor,
-                       lse: Tensor, dx: Optional[Tensor], dw32: Optional[Tensor], db32: Optional[Tensor]) -> None:
+def _correct_selection(
+    head: TokenHead,
+    picked: Tensor,
+    k_max: int,
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    softcap: Optional[float],
+    logp: Tensor,
+    lse: Tensor,
+    dx: Optional[Tensor],
+    dw32: Optional[Tensor],
+    db32: Optional[Tensor],
+) -> None:
     """Rank-k correction of Clip-Cov / KL-Cov: recompute the logit rows of the (at most k_max) picked
     tokens and add ``du_corr = dg (onehot - p) dz/du`` into dx, dW, db. No host sync: the k_max rows
     are the picked tokens plus unpicked filler whose correction is exactly 0."""
@@ -339,7 +387,7 @@ def release_workspace() -> None:
     _tls.__dict__.pop("buf", None)
 
 
-def _buffers(device: torch.device, specs: Sequence[Tuple[Tuple[int, ...], torch.dtype]]) -> List[Tensor]:
+def _buffers(device: torch.device, specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
     """Uninitialised tensors of the given shapes. On CPU they are carved from one buffer kept between
     calls (per thread; ``FUSEDRL_CPU_WORKSPACE_CACHE=0`` turns this off, :func:`release_workspace` frees
     it): a fresh multi-GB allocation costs page faults worth about 10% of the GEMMs there. CUDA has
@@ -355,14 +403,27 @@ def _buffers(device: torch.device, specs: Sequence[Tuple[Tuple[int, ...], torch.
     out, off = [], 0
     for (shape, dt), size in zip(specs, sizes):
         nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
-        out.append(buf[off:off + nbytes].view(dt).view(shape))
+        out.append(buf[off : off + nbytes].view(dt).view(shape))
         off += size
     return out
 
 
-def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: TokenHead, pln: Plan,
-         temperature: float, softcap: Optional[float], backend: str, keys: Optional[Tensor], need_dx: bool,
-         need_dw: bool, need_db: bool, want_entropy: bool):
+def _run(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    head: TokenHead,
+    pln: Plan,
+    temperature: float,
+    softcap: Optional[float],
+    backend: str,
+    keys: Optional[Tensor],
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    want_entropy: bool,
+):
     """The one-pass loop. Returns ``(loss, metrics dict, dx, dW, db)`` (gradients None when not asked)."""
     n, h = x.shape
     v = w.shape[0]
@@ -406,22 +467,38 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         tr = temperature[a:b].to(cdt) if per_token else temperature
         if kmod is not None:
             kh = OnePassHead(
-                old=head.old[a:b].float(), adv=head.adv[a:b].float(), weight=wt[a:b],
-                ref=None if head.ref is None else head.ref[a:b].float(), need_ent=need_ent, **kscalars)
-            lp_c, ent_c, lse_c, _, _ = kmod.onepass_epilogue(u, tc, bias, tr, softcap, kh,
-                                                             du16[:nc] if du16 is not None else None)
+                old=head.old[a:b].float(),
+                adv=head.adv[a:b].float(),
+                weight=wt[a:b],
+                ref=None if head.ref is None else head.ref[a:b].float(),
+                need_ent=need_ent,
+                **kscalars,
+            )
+            lp_c, ent_c, lse_c, _, _ = kmod.onepass_epilogue(
+                u, tc, bias, tr, softcap, kh, du16[:nc] if du16 is not None else None
+            )
             du = u
             dug = du16[:nc] if du16 is not None else du
         else:
-            st = torch_backend.onepass_stats(u, tc, tr, softcap, need_ent, scratch[:nc], tmp[:nc],
-                                             is_scaled=scale != 1.0, may_have_neg_inf=bias is not None)
+            st = torch_backend.onepass_stats(
+                u,
+                tc,
+                tr,
+                softcap,
+                need_ent,
+                scratch[:nc],
+                tmp[:nc],
+                is_scaled=scale != 1.0,
+                may_have_neg_inf=bias is not None,
+            )
             lse_c, ent_c = st.lse, st.ent
             lp_c = st.zt - st.lse
             du = dug = None
             if grads:
                 g_lp, g_H = head.grads(a, b, lp_c, ent_c, seqs)
-                du = torch_backend.onepass_du(u, st, tc, tr, softcap, g_lp.to(cdt),
-                                              None if g_H is None else g_H.to(cdt), tmp[:nc])
+                du = torch_backend.onepass_du(
+                    u, st, tc, tr, softcap, g_lp.to(cdt), None if g_H is None else g_H.to(cdt), tmp[:nc]
+                )
                 dug = du16[:nc].copy_(du) if du16 is not None else du
         logp[a:b] = lp_c
         lse_all[a:b] = lse_c
@@ -445,13 +522,28 @@ def _run(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], head: To
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if picked is not None and grads:
-        _correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp, lse_all,
-                           dx, dw32 if need_dw else None, db32)
+        _correct_selection(
+            head,
+            picked,
+            head.selection_bound(),
+            x,
+            w,
+            targets,
+            bias,
+            temperature,
+            softcap,
+            logp,
+            lse_all,
+            dx,
+            dw32 if need_dw else None,
+            db32,
+        )
     return loss, metrics, dx, dw32 if need_dw else None, db32
 
 
-def _run_two_pass(x, w, targets, bias, head: TokenHead, temperature, softcap, backend, keys, need_dx, need_dw,
-                  need_db, want_entropy):
+def _run_two_pass(
+    x, w, targets, bias, head: TokenHead, temperature, softcap, backend, keys, need_dx, need_dw, need_db, want_entropy
+):
     """Sequences that do not fit the workspace: a scoring forward (one GEMM), the head's gradients over
     the whole batch, then the backend's recompute backward (three GEMMs), all inside the forward."""
     from .backends import get_backend
@@ -466,9 +558,21 @@ def _run_two_pass(x, w, targets, bias, head: TokenHead, temperature, softcap, ba
     if need_dx or need_dw or need_db:
         segs = (0, head.seg.B)
         g_lp, g_H = head.grads(0, x.shape[0], logp, ent, segs)
-        dx, dw, db = mod.backward(x, w, targets, bias, temperature, softcap, lse, ent if g_H is not None else None,
-                                  g_lp.contiguous(), None if g_H is None else g_H.contiguous(),
-                                  need_dx=need_dx, need_dw=need_dw, need_db=need_db)
+        dx, dw, db = mod.backward(
+            x,
+            w,
+            targets,
+            bias,
+            temperature,
+            softcap,
+            lse,
+            ent if g_H is not None else None,
+            g_lp.contiguous(),
+            None if g_H is None else g_H.contiguous(),
+            need_dx=need_dx,
+            need_dw=need_dw,
+            need_db=need_db,
+        )
         # kept in the compute dtype like the one-pass gradients (_run): the op's outputs have one dtype
         dx, dw, db = (None if t is None else t.to(cdt) for t in (dx, dw, db))
     return loss, metrics, dx, dw, db
@@ -515,17 +619,48 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _one_pass_impl(
-    x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], old_logp: Tensor, advantages: Tensor,
-    mask: Tensor, ref_logp: Optional[Tensor], cu_seqlens: Optional[Tensor], keys: Optional[Tensor],
-    n_tok: Optional[Tensor], n_seq: Optional[Tensor], norm_len: Optional[Tensor], rollout_logp: Optional[Tensor],
-    rollout_is_weights: Optional[Tensor], temperature: float, temp_vec: Optional[Tensor],
-    softcap: Optional[float], cfg_json: str, backend: str, budget: int, need_dx: bool,
-    need_dw: bool, need_db: bool, want_entropy: bool, check_inputs: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    keys: Optional[Tensor],
+    n_tok: Optional[Tensor],
+    n_seq: Optional[Tensor],
+    norm_len: Optional[Tensor],
+    rollout_logp: Optional[Tensor],
+    rollout_is_weights: Optional[Tensor],
+    temperature: float,
+    temp_vec: Optional[Tensor],
+    softcap: Optional[float],
+    cfg_json: str,
+    backend: str,
+    budget: int,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    want_entropy: bool,
+    check_inputs: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     cfg = _cfg_from_json(cfg_json, (n_tok, n_seq, norm_len))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    head = TokenHead(old_logp, advantages, mask, ref_logp, cu_seqlens, cfg, want_entropy, cdt, check_inputs,
-                     rollout_logp=rollout_logp, rollout_is_weights=rollout_is_weights)
+    head = TokenHead(
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        cu_seqlens,
+        cfg,
+        want_entropy,
+        cdt,
+        check_inputs,
+        rollout_logp=rollout_logp,
+        rollout_is_weights=rollout_is_weights,
+    )
     n, h = x.shape
     seq_len = cu_host = None
     if head.kind == "sequence":
@@ -542,27 +677,63 @@ def _one_pass_impl(
     if pln.schedule == "two_pass":
         loss, metrics, dx, dw, db = _run_two_pass(*args)
     else:
-        loss, metrics, dx, dw, db = _run(x, w, targets, bias, head, pln, temperature, softcap, backend, keys,
-                                         need_dx, need_dw, need_db, want_entropy)
+        loss, metrics, dx, dw, db = _run(
+            x, w, targets, bias, head, pln, temperature, softcap, backend, keys, need_dx, need_dw, need_db, want_entropy
+        )
     names = metric_names(cfg, want_entropy, ref_logp is not None)
     mvec = torch.stack([metrics[k].float() for k in names])
-    return (loss.detach(), mvec, dx if dx is not None else _empty(x), dw if dw is not None else _empty(w),
-            db if db is not None else _empty(x if bias is None else bias))
+    return (
+        loss.detach(),
+        mvec,
+        dx if dx is not None else _empty(x),
+        dw if dw is not None else _empty(w),
+        db if db is not None else _empty(x if bias is None else bias),
+    )
 
 
 _one_pass_op = torch.library.custom_op("fusedrl::policy_loss_one_pass", mutates_args=())(_one_pass_impl)
 
 
 @_one_pass_op.register_fake
-def _(x, w, targets, bias, old_logp, advantages, mask, ref_logp, cu_seqlens, keys, n_tok, n_seq, norm_len,
-      rollout_logp, rollout_is_weights, temperature, temp_vec, softcap, cfg_json, backend, budget, need_dx, need_dw,
-      need_db, want_entropy, check_inputs):
+def _(
+    x,
+    w,
+    targets,
+    bias,
+    old_logp,
+    advantages,
+    mask,
+    ref_logp,
+    cu_seqlens,
+    keys,
+    n_tok,
+    n_seq,
+    norm_len,
+    rollout_logp,
+    rollout_is_weights,
+    temperature,
+    temp_vec,
+    softcap,
+    cfg_json,
+    backend,
+    budget,
+    need_dx,
+    need_dw,
+    need_db,
+    want_entropy,
+    check_inputs,
+):
     m = len(metric_names(_cfg_from_json(cfg_json), want_entropy, ref_logp is not None))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.new_empty((), dtype=cdt), x.new_empty(m, dtype=torch.float32),
-            x.new_empty(x.shape, dtype=cdt) if need_dx else _empty(x), w.new_empty(w.shape, dtype=cdt) if need_dw
-            else _empty(w), bias.new_empty(bias.shape, dtype=cdt) if (need_db and bias is not None)
-            else _empty(x if bias is None else bias))
+    return (
+        x.new_empty((), dtype=cdt),
+        x.new_empty(m, dtype=torch.float32),
+        x.new_empty(x.shape, dtype=cdt) if need_dx else _empty(x),
+        w.new_empty(w.shape, dtype=cdt) if need_dw else _empty(w),
+        bias.new_empty(bias.shape, dtype=cdt)
+        if (need_db and bias is not None)
+        else _empty(x if bias is None else bias),
+    )
 
 
 _ARGS = tuple(inspect.signature(_one_pass_impl).parameters)
@@ -573,7 +744,7 @@ def _setup(ctx, inputs, output):
     _, _, dx, dw, db = output
     ctx.save_for_backward(dx, dw, db)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (inputs[0], inputs[1], inputs[3]))
-    ctx.formed = inputs[_NEED:_NEED + 3]  # need_dx, need_dw, need_db: which gradients the forward formed
+    ctx.formed = inputs[_NEED : _NEED + 3]  # need_dx, need_dw, need_db: which gradients the forward formed
     ctx.mark_non_differentiable(output[1], dx, dw, db)
 
 
@@ -597,11 +768,16 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
     gradient and round once to the inputs' dtypes."""
     # an upstream gradient of exactly 1 (loss.backward()) skips the multiply; the check is free on CPU only
     # (a GPU value check would synchronise, and the multiply there is cheap)
-    unit = (type(g_loss) is torch.Tensor and not torch.compiler.is_compiling() and g_loss.device.type == "cpu"
-            and bool(g_loss == 1))  # traced backwards (fake / functional tensors) always multiply
+    unit = (
+        type(g_loss) is torch.Tensor
+        and not torch.compiler.is_compiling()
+        and g_loss.device.type == "cpu"
+        and bool(g_loss == 1)
+    )  # traced backwards (fake / functional tensors) always multiply
     grads = []
-    for t, dtype, formed, wanted in zip(ctx.saved_tensors, ctx.dtypes, ctx.formed,
-                                        (ctx.needs_input_grad[i] for i in (0, 1, 3))):
+    for t, dtype, formed, wanted in zip(
+        ctx.saved_tensors, ctx.dtypes, ctx.formed, (ctx.needs_input_grad[i] for i in (0, 1, 3))
+    ):
         grads.append(_scaled(t, g_loss, dtype, unit) if (formed and wanted) else None)
     gx, gw, gb = grads
     return (gx, gw, None, gb) + (None,) * (len(_ARGS) - 4)
@@ -610,12 +786,26 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
 _one_pass_op.register_autograd(_backward, setup_context=_setup)
 
 
-def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_logp: Tensor, advantages: Tensor,
-                         mask: Tensor, ref_logp: Optional[Tensor], bias: Optional[Tensor],
-                         cu_seqlens: Optional[Tensor], temperature, softcap: Optional[float],
-                         cfg: PolicyLossConfig, backend: str, budget: int, want_entropy: bool,
-                         check_inputs: bool = False, rollout_logp: Optional[Tensor] = None,
-                         rollout_is_weights: Optional[Tensor] = None):
+def one_pass_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logp: Optional[Tensor],
+    bias: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    temperature,
+    softcap: Optional[float],
+    cfg: PolicyLossConfig,
+    backend: str,
+    budget: int,
+    want_entropy: bool,
+    check_inputs: bool = False,
+    rollout_logp: Optional[Tensor] = None,
+    rollout_is_weights: Optional[Tensor] = None,
+):
     """The one-pass (or two-pass) schedule as one differentiable call. Inputs are validated by the
     caller (``fused_policy_loss``); ``targets`` already hold 0 at masked positions. Returns
     ``(loss, metrics)`` as ``policy_loss``."""
@@ -632,18 +822,39 @@ def one_pass_policy_loss(hidden: Tensor, weight: Tensor, targets: Tensor, old_lo
         val = getattr(cfg, name)
         norms.append(val if isinstance(val, torch.Tensor) else None)
     loss, mvec, _, _, _ = _one_pass_op(
-        x.contiguous(), weight.contiguous(), targets.reshape(-1).long().contiguous(),
-        None if bias is None else bias.contiguous(), old_logp, advantages, mask, ref_logp, cu_seqlens, keys,
-        norms[0], norms[1], norms[2], rollout_logp, rollout_is_weights, *_split_temperature(temperature),
+        x.contiguous(),
+        weight.contiguous(),
+        targets.reshape(-1).long().contiguous(),
+        None if bias is None else bias.contiguous(),
+        old_logp,
+        advantages,
+        mask,
+        ref_logp,
+        cu_seqlens,
+        keys,
+        norms[0],
+        norms[1],
+        norms[2],
+        rollout_logp,
+        rollout_is_weights,
+        *_split_temperature(temperature),
         None if softcap is None else float(softcap),
-        _cfg_to_json(cfg), backend, int(budget), need_dx, need_dw, need_db, bool(want_entropy),
-        bool(check_inputs))
+        _cfg_to_json(cfg),
+        backend,
+        int(budget),
+        need_dx,
+        need_dw,
+        need_db,
+        bool(want_entropy),
+        bool(check_inputs),
+    )
     names = metric_names(cfg, want_entropy or cfg.top_entropy_quantile < 1, ref_logp is not None)
     return loss, {k: mvec[i] for i, k in enumerate(names)}
 
 
-def auto_takes_one_pass(hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Optional[Tensor],
-                       cfg: PolicyLossConfig, budget: int) -> bool:
+def auto_takes_one_pass(
+    hidden: Tensor, weight: Tensor, targets: Tensor, cu_seqlens: Optional[Tensor], cfg: PolicyLossConfig, budget: int
+) -> bool:
     """``schedule="auto"``: does the one-pass schedule fit (workspace, and whole sequences for sequence
     modes)? Packed sequence modes read ``cu_seqlens`` on the host (free when it lives on the CPU); under
     ``torch.compile`` they take the recompute schedule instead."""

@@ -6,9 +6,10 @@ registered autograd) so ``torch.compile(fullgraph=True)`` can trace them, and ex
 public entry points. The backend name travels as a string argument of the op; it is resolved
 before the op is called, so the op itself never looks at environment variables.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
@@ -34,7 +35,7 @@ def _temp(temperature: float, temp_vec: Optional[Tensor]):
     return temperature if temp_vec is None else temp_vec
 
 
-def _split_temperature(temperature) -> Tuple[float, Optional[Tensor]]:
+def _split_temperature(temperature) -> tuple[float, Optional[Tensor]]:
     """(float, per-token tensor or None) for the custom ops, whose schema has a float and an optional tensor."""
     if isinstance(temperature, torch.Tensor):
         return 1.0, temperature
@@ -46,20 +47,38 @@ def _split_temperature(temperature) -> Tuple[float, Optional[Tensor]]:
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fusedrl::linear_logprob_entropy_fwd", mutates_args=())
 def _lle_fwd(
-    x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
-    softcap: Optional[float], return_entropy: bool, backend: str, grad_filter_eps: float,
-    deterministic: bool, temp_vec: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    softcap: Optional[float],
+    return_entropy: bool,
+    backend: str,
+    grad_filter_eps: float,
+    deterministic: bool,
+    temp_vec: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, x.device)
-    lse, zt, ent = mod.forward(x, w, targets, bias, _temp(temperature, temp_vec), softcap, return_entropy,
-                               grad_filter_eps=grad_filter_eps, deterministic=deterministic)
+    lse, zt, ent = mod.forward(
+        x,
+        w,
+        targets,
+        bias,
+        _temp(temperature, temp_vec),
+        softcap,
+        return_entropy,
+        grad_filter_eps=grad_filter_eps,
+        deterministic=deterministic,
+    )
     logp = zt - lse
     return logp, (ent if ent is not None else _empty(logp)), lse
 
 
 @_lle_fwd.register_fake
-def _(x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_filter_eps, deterministic,
-      temp_vec=None):
+def _(
+    x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_filter_eps, deterministic, temp_vec=None
+):
     n = x.shape[0]
     dt = _out_dtype(x)
     return x.new_empty(n, dtype=dt), x.new_empty(n if return_entropy else 0, dtype=dt), x.new_empty(n, dtype=dt)
@@ -67,24 +86,74 @@ def _(x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_f
 
 @torch.library.custom_op("fusedrl::linear_logprob_entropy_bwd", mutates_args=())
 def _lle_bwd(
-    x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
-    softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor],
-    need_dx: bool, need_dw: bool, need_db: bool, backend: str, grad_filter_eps: float, deterministic: bool,
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    softcap: Optional[float],
+    lse: Tensor,
+    ent: Optional[Tensor],
+    g_lp: Tensor,
+    g_H: Optional[Tensor],
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+    grad_filter_eps: float,
+    deterministic: bool,
     temp_vec: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, x.device)
-    dx, dw, db = mod.backward(x, w, targets, bias, _temp(temperature, temp_vec), softcap, lse, ent, g_lp, g_H,
-                              need_dx=need_dx, need_dw=need_dw, need_db=need_db,
-                              grad_filter_eps=grad_filter_eps, deterministic=deterministic)
-    return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(w),
-            db if db is not None else _empty(x if bias is None else bias))
+    dx, dw, db = mod.backward(
+        x,
+        w,
+        targets,
+        bias,
+        _temp(temperature, temp_vec),
+        softcap,
+        lse,
+        ent,
+        g_lp,
+        g_H,
+        need_dx=need_dx,
+        need_dw=need_dw,
+        need_db=need_db,
+        grad_filter_eps=grad_filter_eps,
+        deterministic=deterministic,
+    )
+    return (
+        dx if dx is not None else _empty(x),
+        dw if dw is not None else _empty(w),
+        db if db is not None else _empty(x if bias is None else bias),
+    )
 
 
 @_lle_bwd.register_fake
-def _(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, need_dx, need_dw, need_db,
-      backend, grad_filter_eps, deterministic, temp_vec=None):
-    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(w) if need_dw else _empty(w),
-            torch.empty_like(bias) if (need_db and bias is not None) else _empty(x if bias is None else bias))
+def _(
+    x,
+    w,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    lse,
+    ent,
+    g_lp,
+    g_H,
+    need_dx,
+    need_dw,
+    need_db,
+    backend,
+    grad_filter_eps,
+    deterministic,
+    temp_vec=None,
+):
+    return (
+        torch.empty_like(x) if need_dx else _empty(x),
+        torch.empty_like(w) if need_dw else _empty(w),
+        torch.empty_like(bias) if (need_db and bias is not None) else _empty(x if bias is None else bias),
+    )
 
 
 def _lle_setup(ctx, inputs, output):
@@ -104,9 +173,25 @@ def _lle_backward(ctx, g_logp, g_ent, g_lse):
         return (None,) * 11
     g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
     g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
-    dx, dw, db = _lle_bwd(x, w, targets, bias, temperature, softcap, lse, ent if g_H is not None else None,
-                          g_lp.contiguous(), None if g_H is None else g_H.contiguous(),
-                          need_dx, need_dw, need_db, backend, eps, det, temp_vec)
+    dx, dw, db = _lle_bwd(
+        x,
+        w,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        lse,
+        ent if g_H is not None else None,
+        g_lp.contiguous(),
+        None if g_H is None else g_H.contiguous(),
+        need_dx,
+        need_dw,
+        need_db,
+        backend,
+        eps,
+        det,
+        temp_vec,
+    )
     return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None) + (None,) * 7
 
 
@@ -117,8 +202,15 @@ _lle_fwd.register_autograd(_lle_backward, setup_context=_lle_setup)
 # custom op: given logits
 # --------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fusedrl::logprob_entropy_fwd", mutates_args=())
-def _le_fwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float],
-            return_entropy: bool, backend: str, temp_vec: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+def _le_fwd(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    return_entropy: bool,
+    backend: str,
+    temp_vec: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, logits.device)
     lse, zt, ent = mod.logits_forward(logits, targets, _temp(temperature, temp_vec), softcap, return_entropy)
     logp = zt - lse
@@ -129,17 +221,30 @@ def _le_fwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Option
 def _(logits, targets, temperature, softcap, return_entropy, backend, temp_vec=None):
     n = logits.shape[0]
     dt = _out_dtype(logits)
-    return (logits.new_empty(n, dtype=dt), logits.new_empty(n if return_entropy else 0, dtype=dt),
-            logits.new_empty(n, dtype=dt))
+    return (
+        logits.new_empty(n, dtype=dt),
+        logits.new_empty(n if return_entropy else 0, dtype=dt),
+        logits.new_empty(n, dtype=dt),
+    )
 
 
 @torch.library.custom_op("fusedrl::logprob_entropy_bwd", mutates_args=())
-def _le_bwd(logits: Tensor, targets: Tensor, temperature: float, softcap: Optional[float], lse: Tensor,
-            ent: Optional[Tensor], g_lp: Tensor, g_H: Optional[Tensor], backend: str,
-            temp_vec: Optional[Tensor] = None) -> Tensor:
+def _le_bwd(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: float,
+    softcap: Optional[float],
+    lse: Tensor,
+    ent: Optional[Tensor],
+    g_lp: Tensor,
+    g_H: Optional[Tensor],
+    backend: str,
+    temp_vec: Optional[Tensor] = None,
+) -> Tensor:
     mod = get_backend(backend, logits.device)
-    return mod.logits_backward(logits, targets, _temp(temperature, temp_vec), softcap, lse, ent, g_lp, g_H,
-                               inplace=False)
+    return mod.logits_backward(
+        logits, targets, _temp(temperature, temp_vec), softcap, lse, ent, g_lp, g_H, inplace=False
+    )
 
 
 @_le_bwd.register_fake
@@ -160,8 +265,18 @@ def _le_backward(ctx, g_logp, g_ent, g_lse):
     temperature, softcap, backend = ctx.args
     g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
     g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
-    d = _le_bwd(logits, targets, temperature, softcap, lse, ent if g_H is not None else None,
-                g_lp.contiguous(), None if g_H is None else g_H.contiguous(), backend, temp_vec)
+    d = _le_bwd(
+        logits,
+        targets,
+        temperature,
+        softcap,
+        lse,
+        ent if g_H is not None else None,
+        g_lp.contiguous(),
+        None if g_H is None else g_H.contiguous(),
+        backend,
+        temp_vec,
+    )
     return d, None, None, None, None, None, None
 
 
@@ -186,8 +301,17 @@ class _InplaceLogprobEntropy(torch.autograd.Function):
         mod = get_backend(backend, logits.device)
         g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
         g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
-        d = mod.logits_backward(logits.detach(), targets, temperature, softcap, lse, ent if g_H is not None else None,
-                                g_lp.contiguous(), None if g_H is None else g_H.contiguous(), inplace=True)
+        d = mod.logits_backward(
+            logits.detach(),
+            targets,
+            temperature,
+            softcap,
+            lse,
+            ent if g_H is not None else None,
+            g_lp.contiguous(),
+            None if g_H is None else g_H.contiguous(),
+            inplace=True,
+        )
         return d, None, None, None, None, None
 
 
@@ -197,6 +321,7 @@ class _InplaceLogprobEntropy(torch.autograd.Function):
 def _grad_filter_eps(value: Optional[float]) -> float:
     if value is None:
         import os
+
         value = float(os.environ.get("FUSEDRL_GRAD_FILTER_EPS", "0") or 0)
     value = float(value)
     if value < 0 or value != value:
@@ -219,7 +344,7 @@ def linear_logprob_entropy(
     deterministic: Optional[bool] = None,
     check_inputs: Optional[bool] = None,
     tp_reduce_dx: Optional[bool] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(z)``, ``z = softcap(hidden @ weight.T + bias) / T``,
     without materialising the ``[tokens, vocab]`` logits.
 
@@ -250,9 +375,11 @@ def linear_logprob_entropy(
     vocab_total = None
     if process_group is not None:
         from .distributed import global_vocab_size
+
         vocab_total = global_vocab_size(weight, process_group)
-    temperature, softcap, dev = check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs,
-                                           vocab_total=vocab_total)
+    temperature, softcap, dev = check_core(
+        hidden, weight, targets, bias, temperature, softcap, check_inputs, vocab_total=vocab_total
+    )
     if targets.requires_grad:
         raise ValueError("targets must not require grad")
     eps = _grad_filter_eps(grad_filter_eps)
@@ -261,17 +388,39 @@ def linear_logprob_entropy(
     lead = hidden.shape[:-1]
     if process_group is not None:
         from .distributed import tp_linear_logprob_entropy
-        logp, ent = tp_linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy,
-                                              name, process_group, grad_filter_eps=eps, deterministic=det,
-                                              reduce_dx=tp_reduce_dx)
+
+        logp, ent = tp_linear_logprob_entropy(
+            hidden,
+            weight,
+            targets,
+            bias,
+            temperature,
+            softcap,
+            return_entropy,
+            name,
+            process_group,
+            grad_filter_eps=eps,
+            deterministic=det,
+            reduce_dx=tp_reduce_dx,
+        )
         return logp, ent
     if name == "reference":
         return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy)
     x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
     t_float, t_vec = _split_temperature(temperature)
-    logp, ent, _ = _lle_fwd(x, weight.contiguous(), targets.reshape(-1).long().contiguous(),
-                            None if bias is None else bias.contiguous(), t_float, softcap,
-                            bool(return_entropy), name, eps, det, t_vec)
+    logp, ent, _ = _lle_fwd(
+        x,
+        weight.contiguous(),
+        targets.reshape(-1).long().contiguous(),
+        None if bias is None else bias.contiguous(),
+        t_float,
+        softcap,
+        bool(return_entropy),
+        name,
+        eps,
+        det,
+        t_vec,
+    )
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
 
 
@@ -285,7 +434,7 @@ def logprob_entropy(
     *,
     inplace_backward: bool = False,
     check_inputs: Optional[bool] = None,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Optional[Tensor]]:
     """Same outputs as :func:`linear_logprob_entropy` when the model already produced logits.
 
     Args:

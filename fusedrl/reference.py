@@ -4,9 +4,10 @@ It materialises the full ``[N, V]`` logits in fp32 (or fp64 when the inputs are 
 torch autograd do the backward. It is what every backend is tested against; it is never the default
 backend because it is exactly the memory problem fusedrl exists to solve.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
@@ -62,7 +63,7 @@ def logprob_entropy(
     temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(softcap(logits) / T)``.
 
     logits: [..., V]; targets: [...] int -> (logp [...], entropy [...] or None), fp32 (fp64 for fp64).
@@ -79,7 +80,7 @@ def linear_logprob_entropy(
     temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Reference of :func:`fusedrl.linear_logprob_entropy` (materialises the logits).
 
     hidden: [..., H]; weight: [V, H]; targets: [...]; bias: [V] -> (logp [...], entropy [...] or None)

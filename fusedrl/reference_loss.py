@@ -10,10 +10,11 @@ float64 computation.
 Batch-level statistics are over the sequences with at least one valid token (verl's "rows"), as
 documented in ``fusedrl/rollout.py``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -26,12 +27,12 @@ __all__ = ["reference_policy_loss", "reference_kl_penalty", "split_sequences", "
 class _Seq:
     """The valid tokens of one sequence (float64 1-D tensors) and where they sit in the flat input."""
 
-    def __init__(self, positions: List[int], length: int):
+    def __init__(self, positions: list[int], length: int):
         self.positions = positions  # flat indices into logp.reshape(-1)
-        self.length = length        # full length of the sequence (valid or not)
+        self.length = length  # full length of the sequence (valid or not)
         self.logp = self.old = self.adv = self.ent = self.ref = self.ro = None
 
-    def subset(self, keep: List[bool]) -> "_Seq":
+    def subset(self, keep: list[bool]) -> _Seq:
         """The same sequence restricted to the tokens flagged in ``keep``."""
         out = _Seq([p for p, k in zip(self.positions, keep) if k], self.length)
         idx = torch.tensor([j for j, k in enumerate(keep) if k], dtype=torch.long)
@@ -41,11 +42,12 @@ class _Seq:
         return out
 
 
-def split_sequences(logp, old_logp, advantages, mask, entropy=None, ref_logp=None, cu_seqlens=None,
-                    rollout_logp=None) -> Tuple[List[_Seq], int]:
+def split_sequences(
+    logp, old_logp, advantages, mask, entropy=None, ref_logp=None, cu_seqlens=None, rollout_logp=None
+) -> tuple[list[_Seq], int]:
     """Cut the batch into sequences. Returns (sequences, default norm_len)."""
     flat_mask = mask.reshape(-1)
-    seqs: List[_Seq] = []
+    seqs: list[_Seq] = []
     per_seq_adv = False
     if cu_seqlens is not None:
         bounds = [int(v) for v in cu_seqlens.tolist()]
@@ -78,8 +80,9 @@ def split_sequences(logp, old_logp, advantages, mask, entropy=None, ref_logp=Non
         s.logp = take(logp, s.positions)
         s.old = take(old_logp, s.positions).detach()
         if per_seq_adv:
-            s.adv = torch.full((len(s.positions),), float(advantages[i].item()), dtype=torch.float64,
-                               device=logp.device)
+            s.adv = torch.full(
+                (len(s.positions),), float(advantages[i].item()), dtype=torch.float64, device=logp.device
+            )
         else:
             s.adv = take(adv_full, s.positions).detach()
         s.ent = take(entropy, s.positions)
@@ -112,7 +115,7 @@ def reference_kl_penalty(logp: torch.Tensor, ref: torch.Tensor, kl_type: str) ->
     return value
 
 
-def reference_quantile(values: List[float], q: float) -> float:
+def reference_quantile(values: list[float], q: float) -> float:
     """``torch.quantile(values, q)`` (linear interpolation) written out for Python floats (float64)."""
     v = sorted(values)
     pos = q * (len(v) - 1)
@@ -124,7 +127,7 @@ def reference_quantile(values: List[float], q: float) -> float:
     return a + w * (b - a) if w < 0.5 else b - (b - a) * (1 - w)
 
 
-def _mean(values: List[float]) -> float:
+def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
@@ -142,14 +145,14 @@ def _clamp(x: float, lo: float, hi: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-def _verl_std(vals: List[float]) -> float:
+def _verl_std(vals: list[float]) -> float:
     """verl's ``sqrt(max(E[x^2] - E[x]^2, 0))``, each mean dividing by ``count + 1e-8``; 0 below 2 values."""
     n = len(vals) + 1e-8
     var = sum(v * v for v in vals) / n - (sum(vals) / n) ** 2
     return math.sqrt(max(var, 0.0)) if len(vals) > 1 else 0.0
 
 
-def _seq_summary(metrics: Dict[str, float], p: str, vals: List[float], centre: float) -> None:
+def _seq_summary(metrics: dict[str, float], p: str, vals: list[float], centre: float) -> None:
     """Mean, sample std (n - 1), max, min and max |v - centre| of per-sequence values (0 when empty)."""
     n = len(vals)
     m = _mean(vals)
@@ -160,9 +163,9 @@ def _seq_summary(metrics: Dict[str, float], p: str, vals: List[float], centre: f
     metrics[p + "seq_max_deviation"] = max(abs(v - centre) for v in vals) if vals else 0.0
 
 
-def _rs_options(rc: RolloutCorrection) -> List[Tuple[str, Optional[float], float]]:
+def _rs_options(rc: RolloutCorrection) -> list[tuple[str, Optional[float], float]]:
     """(option, lower log bound or None, upper bound) from verl's string syntax."""
-    names: List[str] = []
+    names: list[str] = []
     for o in rc.rollout_rs.split(","):
         o = o.strip()
         if o and o not in names:
@@ -185,8 +188,13 @@ def _rs_options(rc: RolloutCorrection) -> List[Tuple[str, Optional[float], float
     return out
 
 
-def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List[float]], roll: List[List[float]],
-                       metrics: Dict[str, float]) -> Tuple[Optional[List[List[float]]], List[List[bool]]]:
+def _rollout_reference(
+    rc: RolloutCorrection,
+    seqs: list[_Seq],
+    train: list[list[float]],
+    roll: list[list[float]],
+    metrics: dict[str, float],
+) -> tuple[Optional[list[list[float]]], list[list[bool]]]:
     """IS weights and keep flags per sequence and token; metrics (without prefix) into ``metrics``."""
     lrs = [[a - b for a, b in zip(t, r)] for t, r in zip(train, roll)]
     nonempty = [i for i, lr in enumerate(lrs) if lr]
@@ -241,12 +249,26 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
             metrics["rollout_is_seq_fraction_high"] = _mean([float(x > thr) for x in rsm])
             metrics["rollout_is_seq_fraction_low"] = _mean([float(x < lo_m) for x in rsm])
             if rc.rollout_is_mode == "mask":
-                metrics["rollout_is_oob_ratio"] = _mean([float(x > thr or (lower is not None and x < lower))
-                                                         for x in flat])
+                metrics["rollout_is_oob_ratio"] = _mean(
+                    [float(x > thr or (lower is not None and x < lower)) for x in flat]
+                )
         else:
-            for k in ("mean", "max", "min", "ratio_fraction_high", "ratio_fraction_low", "std", "eff_sample_size",
-                      "seq_mean", "seq_std", "seq_max", "seq_min", "seq_max_deviation", "seq_fraction_high",
-                      "seq_fraction_low") + (("oob_ratio",) if rc.rollout_is_mode == "mask" else ()):
+            for k in (
+                "mean",
+                "max",
+                "min",
+                "ratio_fraction_high",
+                "ratio_fraction_low",
+                "std",
+                "eff_sample_size",
+                "seq_mean",
+                "seq_std",
+                "seq_max",
+                "seq_min",
+                "seq_max_deviation",
+                "seq_fraction_high",
+                "seq_fraction_low",
+            ) + (("oob_ratio",) if rc.rollout_is_mode == "mask" else ()):
                 metrics["rollout_is_" + k] = 0.0
         if rc.rollout_is_batch_normalize:
             if rc.rollout_is == "token":
@@ -259,6 +281,7 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
             metrics["rollout_is_batch_norm_factor"] = factor if pool else 0.0
     keep = [[True] * len(lr) for lr in lrs]
     if rc.rollout_rs is not None:
+
         def stat(x, k):
             x = _clamp(x, -20, 20)
             return {"k1": -x, "k2": 0.5 * x * x, "k3": math.exp(x) - 1 - x}[k]
@@ -291,8 +314,11 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
             metrics[p + "fraction_low"] = _mean([float(lower is not None and v < lower) for v in pool])
             lo_c = lower if lower is not None else 0.0
             metrics[p + "std"] = _verl_std([_clamp(v, lo_c, upper) for v in flat])
-            sv = ([sum(tok_stats[i]) / (len(tok_stats[i]) + 1e-8) for i in nonempty] if seq_stats is None
-                  else [seq_stats[i] for i in nonempty])
+            sv = (
+                [sum(tok_stats[i]) / (len(tok_stats[i]) + 1e-8) for i in nonempty]
+                if seq_stats is None
+                else [seq_stats[i] for i in nonempty]
+            )
             _seq_summary(metrics, p, sv, 0.0)
             metrics[p + "seq_fraction_high"] = _mean([float(v > upper) for v in sv])
             if lower is not None:
@@ -319,8 +345,21 @@ def _rollout_reference(rc: RolloutCorrection, seqs: List[_Seq], train: List[List
         metrics["chi2_token"] = _mean([math.exp(_clamp(x, -20, 20)) ** 2 for x in all_tok]) - 1.0
         metrics["chi2_seq"] = _mean([math.exp(2 * _clamp(sum(lrs[i]), -20, 20)) for i in nonempty]) - 1.0
     else:
-        for k in ("kl", "k3_kl", "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl", "log_ppl_diff",
-                  "log_ppl_abs_diff", "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio", "chi2_token", "chi2_seq"):
+        for k in (
+            "kl",
+            "k3_kl",
+            "training_ppl",
+            "training_log_ppl",
+            "rollout_ppl",
+            "rollout_log_ppl",
+            "log_ppl_diff",
+            "log_ppl_abs_diff",
+            "log_ppl_diff_max",
+            "log_ppl_diff_min",
+            "ppl_ratio",
+            "chi2_token",
+            "chi2_seq",
+        ):
             metrics[k] = 0.0
     return weights, keep
 
@@ -345,7 +384,7 @@ def reference_policy_loss(
     norm_len=None,
     rollout_logp: Optional[torch.Tensor] = None,
     rollout_is_weights: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Same contract as :func:`fusedrl.policy_loss`; float64 loss, float32 metrics.
 
     Clip-Cov draws ``torch.rand(logp.numel(), generator=config.generator)`` on logp's device (the
@@ -356,8 +395,9 @@ def reference_policy_loss(
     gnt = global_num_tokens if global_num_tokens is not None else cfg.global_num_tokens
     gns = global_num_seqs if global_num_seqs is not None else cfg.global_num_seqs
     nlen = norm_len if norm_len is not None else cfg.norm_len
-    seqs, default_norm_len = split_sequences(logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens,
-                                             rollout_logp)
+    seqs, default_norm_len = split_sequences(
+        logp, old_logp, advantages, mask, entropy, ref_logp, cu_seqlens, rollout_logp
+    )
     given_w = None
     if rollout_is_weights is not None:  # verl's precomputed weights, per sequence and valid token
         flat_w = rollout_is_weights.reshape(-1).tolist()
@@ -371,8 +411,8 @@ def reference_policy_loss(
     rc = cfg.rollout_correction
     if rc is None and mode == "bypass_mode":
         rc = RolloutCorrection()
-    rc_metrics: Dict[str, float] = {}
-    is_w: Optional[List[List[float]]] = given_w
+    rc_metrics: dict[str, float] = {}
+    is_w: Optional[list[list[float]]] = given_w
     if rc is not None and rollout_logp is None and mode != "bypass_mode":
         rc = None  # precomputed weights only: nothing to reject or report
     if rc is not None:
@@ -391,7 +431,7 @@ def reference_policy_loss(
     tokens = [(si, j) for si, s in enumerate(seqs) for j in range(len(s.positions))]
     n_valid = len(tokens)
     clipfrac, clipfrac_lower, ppo_kl, selected_frac = 0.0, 0.0, 0.0, None
-    per_seq_losses: List[torch.Tensor] = []
+    per_seq_losses: list[torch.Tensor] = []
 
     # ---- per-token factors of the policy term: entropy quantile mask (TRL), OPSM (TRL / DeepSeek-V3.2)
     pg_keep = [[True] * len(s.positions) for s in seqs]
@@ -426,8 +466,7 @@ def reference_policy_loss(
             order = sorted(range(n_valid), key=lambda i: (-cov[i], flat_pos[i]))
             chosen = set(order[:k]) if n_valid else set()
         else:
-            keys = torch.rand(logp.numel(), generator=cfg.generator, device=logp.device,
-                              dtype=torch.float32).tolist()
+            keys = torch.rand(logp.numel(), generator=cfg.generator, device=logp.device, dtype=torch.float32).tolist()
             ratio_all = torch.exp(torch.clamp(all_d, -20, 20)).tolist()
             adv_all = all_adv.tolist()
             candidates = []
@@ -560,7 +599,7 @@ def reference_policy_loss(
             token_loss = torch.stack(pieces)
         elif mode == "dro":
             beta = 0.1 if cfg.dro_beta is None else cfg.dro_beta
-            token_loss = -s.adv * s.logp + 0.5 * beta * d ** 2
+            token_loss = -s.adv * s.logp + 0.5 * beta * d**2
         elif mode == "vespo":
             lo = math.log(1e-8)
             lw = sum(_clamp(x, -20, 20) for x in d.detach().tolist())
@@ -586,10 +625,12 @@ def reference_policy_loss(
 
     if n_valid:
         if mode in ("vanilla", "gspo", "cispo", "luspo", "dppo_kl", "dppo_tv", "geo_mean") or (
-                mode == "bypass_mode" and rc_loss_type == "ppo_clip"):
+            mode == "bypass_mode" and rc_loss_type == "ppo_clip"
+        ):
             clipfrac = clipped_count / n_valid
         if mode in ("vanilla", "dppo_kl", "dppo_tv", "geo_mean") or (
-                mode == "bypass_mode" and rc_loss_type == "ppo_clip"):
+            mode == "bypass_mode" and rc_loss_type == "ppo_clip"
+        ):
             clipfrac_lower = lower_count / n_valid
         if mode == "clip_cov":
             clipfrac = selected_frac
@@ -600,7 +641,7 @@ def reference_policy_loss(
         else:
             ppo_kl = (-torch.clamp(all_d, -20, 20)).mean().item()
 
-    def aggregate(seq_values: List[torch.Tensor]) -> torch.Tensor:
+    def aggregate(seq_values: list[torch.Tensor]) -> torch.Tensor:
         """verl agg_loss over per-sequence token-loss vectors, with fusedrl's normalisers."""
         lengths = [len(s.positions) for s in seqs]
         sums = [v.sum() for v in seq_values]
@@ -633,8 +674,12 @@ def reference_policy_loss(
 
     pg_loss = aggregate(per_seq_losses)
     loss = pg_loss
-    metrics = {"pg_loss": f32(pg_loss.item()), "pg_clipfrac": f32(clipfrac),
-               "pg_clipfrac_lower": f32(clipfrac_lower), "ppo_kl": f32(ppo_kl)}
+    metrics = {
+        "pg_loss": f32(pg_loss.item()),
+        "pg_clipfrac": f32(clipfrac),
+        "pg_clipfrac_lower": f32(clipfrac_lower),
+        "ppo_kl": f32(ppo_kl),
+    }
     if entropy is not None:
         metrics["entropy"] = f32(_mean([v for s in seqs for v in s.ent.tolist()]))
         if cfg.entropy_coeff != 0:

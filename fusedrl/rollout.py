@@ -14,12 +14,13 @@ with at least one valid token: identical on batches without fully masked rows, a
 packed inputs. Two options beyond verl express TRL's vLLM correction (``rollout_is_threshold_lower``,
 ``rollout_is_mode``); see :class:`RolloutCorrection`.
 """
+
 from __future__ import annotations
 
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -31,23 +32,72 @@ ROLLOUT_IS_LEVELS = ("token", "sequence")
 ROLLOUT_IS_MODES = ("truncate", "mask")
 ROLLOUT_LOSS_TYPES = ("ppo_clip", "reinforce")
 #: verl's rejection-sampling options (``rollout_rs``, comma separated for a chain: every one must pass)
-RS_OPTIONS = ("token_k1", "token_k2", "token_k3", "seq_sum_k1", "seq_sum_k2", "seq_sum_k3",
-              "seq_mean_k1", "seq_mean_k2", "seq_mean_k3", "seq_max_k2", "seq_max_k3")
+RS_OPTIONS = (
+    "token_k1",
+    "token_k2",
+    "token_k3",
+    "seq_sum_k1",
+    "seq_sum_k2",
+    "seq_sum_k3",
+    "seq_mean_k1",
+    "seq_mean_k2",
+    "seq_mean_k3",
+    "seq_max_k2",
+    "seq_max_k3",
+)
 _TOKEN_RS = ("token_k1", "token_k2", "token_k3")
 #: IS metrics: ``mean`` / ``max`` / ``min`` / ``std`` / ``eff_sample_size`` / ``seq_*`` of the applied weights (after
 #: truncation or masking, before batch normalisation); ``ratio_fraction_*`` / ``seq_fraction_*`` of the raw ones
 #: (verl's ``compute_is_metrics``; sequence level: ``max`` / ``min`` / ``ratio_fraction_*`` from the log ratio)
-_IS_METRICS = ("rollout_is_mean", "rollout_is_max", "rollout_is_min", "rollout_is_std",
-               "rollout_is_eff_sample_size", "rollout_is_ratio_fraction_high", "rollout_is_ratio_fraction_low",
-               "rollout_is_seq_mean", "rollout_is_seq_std", "rollout_is_seq_max", "rollout_is_seq_min",
-               "rollout_is_seq_max_deviation", "rollout_is_seq_fraction_high", "rollout_is_seq_fraction_low")
+_IS_METRICS = (
+    "rollout_is_mean",
+    "rollout_is_max",
+    "rollout_is_min",
+    "rollout_is_std",
+    "rollout_is_eff_sample_size",
+    "rollout_is_ratio_fraction_high",
+    "rollout_is_ratio_fraction_low",
+    "rollout_is_seq_mean",
+    "rollout_is_seq_std",
+    "rollout_is_seq_max",
+    "rollout_is_seq_min",
+    "rollout_is_seq_max_deviation",
+    "rollout_is_seq_fraction_high",
+    "rollout_is_seq_fraction_low",
+)
 #: per rejection option (verl's ``compute_rs_metrics``; ``seq_fraction_low`` only for the k1 options)
-_RS_OPTION_METRICS = ("mean", "max", "min", "fraction_high", "fraction_low", "std", "seq_mean", "seq_std", "seq_max",
-                      "seq_min", "seq_max_deviation", "seq_fraction_high", "seq_fraction_low", "masked_fraction",
-                      "seq_masked_fraction")
-_OFFPOLICY_METRICS = ("kl", "k3_kl", "training_ppl", "training_log_ppl", "rollout_ppl", "rollout_log_ppl",
-                      "log_ppl_diff", "log_ppl_abs_diff", "log_ppl_diff_max", "log_ppl_diff_min", "ppl_ratio",
-                      "chi2_token", "chi2_seq")
+_RS_OPTION_METRICS = (
+    "mean",
+    "max",
+    "min",
+    "fraction_high",
+    "fraction_low",
+    "std",
+    "seq_mean",
+    "seq_std",
+    "seq_max",
+    "seq_min",
+    "seq_max_deviation",
+    "seq_fraction_high",
+    "seq_fraction_low",
+    "masked_fraction",
+    "seq_masked_fraction",
+)
+_OFFPOLICY_METRICS = (
+    "kl",
+    "k3_kl",
+    "training_ppl",
+    "training_log_ppl",
+    "rollout_ppl",
+    "rollout_log_ppl",
+    "log_ppl_diff",
+    "log_ppl_abs_diff",
+    "log_ppl_diff_max",
+    "log_ppl_diff_min",
+    "ppl_ratio",
+    "chi2_token",
+    "chi2_seq",
+)
 PREFIX = "rollout_corr/"
 
 
@@ -67,7 +117,7 @@ class _RSSpec:
         return f"_RSSpec({self.name!r}, {self.lower!r}, {self.upper!r})"
 
 
-def _parse_rs(options: Optional[str], spec) -> Tuple[_RSSpec, ...]:
+def _parse_rs(options: Optional[str], spec) -> tuple[_RSSpec, ...]:
     """verl's ``rollout_rs`` / ``rollout_rs_threshold`` syntax: options ``"token_k1,seq_mean_k3"``; one
     threshold shared by all options or one per option (``"0.5_2.0,0.1"``); k1 options take
     ``lower_upper`` ratio bounds (a single value ``u`` means ``1/u _ u``), the others one upper bound."""
@@ -77,7 +127,7 @@ def _parse_rs(options: Optional[str], spec) -> Tuple[_RSSpec, ...]:
         return ()
     if not isinstance(options, str):
         raise ValueError(f"rollout_rs must be None or a comma separated string of {RS_OPTIONS}, got {options!r}")
-    names: List[str] = []
+    names: list[str] = []
     for opt in (o.strip() for o in options.split(",")):
         if not opt:
             continue
@@ -96,8 +146,10 @@ def _parse_rs(options: Optional[str], spec) -> Tuple[_RSSpec, ...]:
     else:
         raise ValueError(f"rollout_rs_threshold must be a string or a number, got {spec!r}")
     if len(raw) not in (1, len(names)):
-        raise ValueError(f"rollout_rs_threshold needs one threshold for all options or one per option "
-                         f"({len(names)} for {names}), got {spec!r}")
+        raise ValueError(
+            f"rollout_rs_threshold needs one threshold for all options or one per option "
+            f"({len(names)} for {names}), got {spec!r}"
+        )
     raw = raw * len(names) if len(raw) == 1 else raw
     out = []
     for name, s in zip(names, raw):
@@ -209,8 +261,9 @@ class RolloutCorrection:
             raise ValueError(f"rollout_is must be None or one of {ROLLOUT_IS_LEVELS}, got {self.rollout_is!r}")
         thr = self.rollout_is_threshold
         if thr is not None and (not _is_real(thr) or math.isnan(thr) or not thr > 0):
-            raise ValueError(f"rollout_is_threshold must be a positive number (math.inf: no upper bound) or None, "
-                             f"got {thr!r}")
+            raise ValueError(
+                f"rollout_is_threshold must be a positive number (math.inf: no upper bound) or None, got {thr!r}"
+            )
         lo = self.rollout_is_threshold_lower
         if lo is not None:
             if not _is_real(lo) or math.isnan(lo) or math.isinf(lo) or lo < 0:
@@ -232,7 +285,7 @@ class RolloutCorrection:
         return self.rollout_is is not None and self.rollout_is_threshold is not None
 
     @property
-    def rs_specs(self) -> Tuple[_RSSpec, ...]:
+    def rs_specs(self) -> tuple[_RSSpec, ...]:
         return self._rs
 
     @property
@@ -240,9 +293,9 @@ class RolloutCorrection:
         """Every weight and rejection decision depends on its own token only."""
         return (not self.is_enabled or self.rollout_is == "token") and all(s.name in _TOKEN_RS for s in self._rs)
 
-    def metric_names(self) -> Tuple[str, ...]:
+    def metric_names(self) -> tuple[str, ...]:
         """The ``rollout_corr/...`` metric keys, in order."""
-        names: List[str] = []
+        names: list[str] = []
         if self.is_enabled:
             names += _IS_METRICS
             if self.rollout_is_mode == "mask":  # verl: IcePop's share of zeroed weights
@@ -251,8 +304,11 @@ class RolloutCorrection:
                 names.append("rollout_is_batch_norm_factor")
         if self._rs:
             for s in self._rs:
-                names += [f"rollout_rs_{s.name}_{m}" for m in _RS_OPTION_METRICS
-                          if m != "seq_fraction_low" or s.name.endswith("k1")]
+                names += [
+                    f"rollout_rs_{s.name}_{m}"
+                    for m in _RS_OPTION_METRICS
+                    if m != "seq_fraction_low" or s.name.endswith("k1")
+                ]
             names += ["rollout_rs_masked_fraction", "rollout_rs_seq_masked_fraction"]
         names += _OFFPOLICY_METRICS
         return tuple(PREFIX + n for n in names)
@@ -264,8 +320,10 @@ def as_rollout_correction(value) -> Optional[RolloutCorrection]:
         return value
     if isinstance(value, dict):
         return RolloutCorrection(**value)
-    raise ValueError(f"rollout_correction must be a fusedrl.RolloutCorrection (or a dict of its fields) or None, "
-                     f"got {type(value).__name__}")
+    raise ValueError(
+        f"rollout_correction must be a fusedrl.RolloutCorrection (or a dict of its fields) or None, "
+        f"got {type(value).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +371,7 @@ def _pop_std(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     return torch.where(m.sum() > 1, var.sqrt(), torch.zeros_like(var))
 
 
-def _seq_summary(metrics: Dict[str, torch.Tensor], p: str, x: torch.Tensor, m: torch.Tensor, centre: float) -> None:
+def _seq_summary(metrics: dict[str, torch.Tensor], p: str, x: torch.Tensor, m: torch.Tensor, centre: float) -> None:
     """``{p}seq_mean / seq_std / seq_max / seq_min / seq_max_deviation`` of per-sequence values ``x`` over ``m``
     (deviation: ``max |x - centre|``)."""
     metrics[p + "seq_mean"] = _mean(x, m)
@@ -333,8 +391,15 @@ class RolloutTerms:
         self.weights, self.keep, self.metrics = weights, keep, metrics
 
 
-def rollout_terms(rc: RolloutCorrection, train_lp: torch.Tensor, rollout_lp: torch.Tensor, valid: torch.Tensor,
-                  seg, with_metrics: bool, reduce: Optional[Reduce] = None) -> RolloutTerms:
+def rollout_terms(
+    rc: RolloutCorrection,
+    train_lp: torch.Tensor,
+    rollout_lp: torch.Tensor,
+    valid: torch.Tensor,
+    seg,
+    with_metrics: bool,
+    reduce: Optional[Reduce] = None,
+) -> RolloutTerms:
     """IS weights, rejection mask and metrics from ``log ratio = train_lp - rollout_lp`` (detached, 0 at
     invalid positions). ``seg``: per-sequence reductions of the batch; ``reduce``: all-reduce (sum) of a
     small tensor over ``stats_group`` (batch normalisation), identity when None."""
@@ -343,9 +408,9 @@ def rollout_terms(rc: RolloutCorrection, train_lp: torch.Tensor, rollout_lp: tor
         lr = _where0(valid, train_lp - rollout_lp)
         lr_c = lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)
         vf = valid.to(dt)
-        n_tok = seg.seq_sum(vf)                      # [B] valid tokens per sequence
+        n_tok = seg.seq_sum(vf)  # [B] valid tokens per sequence
         seq_valid = n_tok > 0
-        metrics: Dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
         weights = keep = None
         if rc.is_enabled:
             weights = _is_weights(rc, lr, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_metrics, reduce)
@@ -353,7 +418,7 @@ def rollout_terms(rc: RolloutCorrection, train_lp: torch.Tensor, rollout_lp: tor
             keep = _rs_keep(rc, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_metrics)
         if with_metrics:
             _offpolicy_metrics(train_lp, rollout_lp, lr, lr_c, valid, n_tok, seq_valid, seg, metrics)
-            metrics = {name: metrics[name[len(PREFIX):]].float() for name in rc.metric_names()}
+            metrics = {name: metrics[name[len(PREFIX) :]].float() for name in rc.metric_names()}
         return RolloutTerms(weights, keep, metrics)
 
 
@@ -375,8 +440,7 @@ def _is_weights(rc, lr, lr_c, valid, vf, n_tok, seq_valid, seg, metrics, with_me
         w = _where0(~out, raw)
     w = _where0(valid, w)
     if with_metrics:
-        _is_metrics(rc, raw, w, log_seq if rc.rollout_is == "sequence" else None, valid, n_tok, seq_valid, seg,
-                    metrics)
+        _is_metrics(rc, raw, w, log_seq if rc.rollout_is == "sequence" else None, valid, n_tok, seq_valid, seg, metrics)
     if rc.rollout_is_batch_normalize:
         if rc.rollout_is == "token":
             s = torch.stack([w.sum(), vf.sum()])
@@ -408,10 +472,10 @@ def _is_metrics(rc, raw, w, log_seq, valid, n_tok, seq_valid, seg, metrics):
         metrics["rollout_is_ratio_fraction_high"] = _mean((raw > thr).to(dt), valid)
         metrics["rollout_is_ratio_fraction_low"] = _mean((raw < lo_m).to(dt), valid)
     else:  # verl: from the sequence log ratios (max / min unclamped but for exp's overflow)
-        metrics["rollout_is_max"] = torch.where(seq_valid.any(), torch.exp(_max(log_seq, seq_valid).clamp(
-            max=SAFETY_BOUND)), raw.new_zeros(()))
-        metrics["rollout_is_min"] = torch.where(seq_valid.any(), torch.exp(_min(log_seq, seq_valid)),
-                                                raw.new_zeros(()))
+        metrics["rollout_is_max"] = torch.where(
+            seq_valid.any(), torch.exp(_max(log_seq, seq_valid).clamp(max=SAFETY_BOUND)), raw.new_zeros(())
+        )
+        metrics["rollout_is_min"] = torch.where(seq_valid.any(), torch.exp(_min(log_seq, seq_valid)), raw.new_zeros(()))
         metrics["rollout_is_ratio_fraction_high"] = _mean((log_seq > math.log(thr)).to(dt), seq_valid)
         low_log = math.log(lo_m) if lo_m > 0 else -math.inf
         metrics["rollout_is_ratio_fraction_low"] = _mean((log_seq < low_log).to(dt), seq_valid)
@@ -419,8 +483,9 @@ def _is_metrics(rc, raw, w, log_seq, valid, n_tok, seq_valid, seg, metrics):
     metrics["rollout_is_std"] = _pop_std(w, valid)
     q = _mean((w / (_mean(w, valid) + 1e-8)).square(), valid)
     # no weight left (empty batch, or every one masked to 0): 0, where verl divides by 0
-    metrics["rollout_is_eff_sample_size"] = torch.where(q > 0, 1.0 / torch.where(q > 0, q, torch.ones_like(q)),
-                                                        torch.zeros_like(q))
+    metrics["rollout_is_eff_sample_size"] = torch.where(
+        q > 0, 1.0 / torch.where(q > 0, q, torch.ones_like(q)), torch.zeros_like(q)
+    )
     _seq_summary(metrics, "rollout_is_", seg.seq_sum(w) / (n_tok + 1e-8), seq_valid, 1.0)
     raw_seq = seg.seq_sum(raw) / (n_tok + 1e-8)  # raw per-sequence means: the truncated ones never exceed C_max
     metrics["rollout_is_seq_fraction_high"] = _mean((raw_seq > thr).to(dt), seq_valid)

@@ -5,6 +5,7 @@ rather than a "free" TCP port (a port found free can be taken by another process
 it, which turns into a hang instead of an error); a timeout on ``init_process_group`` and a wall-clock
 bound on each launch. A child's assertion error travels back to pytest with its traceback.
 """
+
 import datetime
 import os
 import socket
@@ -24,8 +25,7 @@ def launch(fn, world: int, *args, timeout: float = LAUNCH_TIMEOUT_S) -> None:
     """Run ``fn(rank, world, init_method, *args)`` in ``world`` spawned processes, bounded in time."""
     with tempfile.TemporaryDirectory(prefix="fusedrl-dist-") as tmp:
         init_method = "file://" + os.path.join(tmp, "store")
-        ctx = mp.start_processes(fn, args=(world, init_method) + args, nprocs=world, join=False,
-                                 start_method="spawn")
+        ctx = mp.start_processes(fn, args=(world, init_method) + args, nprocs=world, join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=max(0.05, deadline - time.monotonic())):
@@ -46,8 +46,9 @@ def init(rank: int, world: int, init_method: str) -> None:
     if "lo" in {name for _, name in socket.if_nameindex()}:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     torch.set_num_threads(1)  # 2-3 processes share 2 cores
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo", init_method=init_method, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S)
+    )
 
 
 def finish() -> None:

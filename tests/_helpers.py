@@ -3,6 +3,7 @@
 A kernel's error against an fp64 computation on the same (upcast) inputs must not exceed the error
 of eager PyTorch computing in the input dtype, plus a small absolute tolerance.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -3,6 +3,7 @@
 Without a GPU the triton backend runs in the interpreter: TRITON_INTERPRET must be set before any
 module imports triton, which is why it happens here, at collection time.
 """
+
 import os
 
 import torch

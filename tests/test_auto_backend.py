@@ -3,6 +3,7 @@
 CPU only: the device capability and each backend's availability are mocked, so these run in CI and
 pin the selection logic itself (fusedrl/backends/__init__.py, fusedrl/backends/auto_table.json).
 """
+
 import json
 
 import pytest
@@ -53,19 +54,26 @@ def _table(tmp_path, entries, raw=None):
     return str(p)
 
 
-ENTRY = {"order": ["triton", "cuda", "torch"], "source": "bench/results/gpu-test/results.json",
-         "device": "NVIDIA H200", "date": "2026-01-01"}
+ENTRY = {
+    "order": ["triton", "cuda", "torch"],
+    "source": "bench/results/gpu-test/results.json",
+    "device": "NVIDIA H200",
+    "date": "2026-01-01",
+}
 
 
 # --------------------------------------------------------------------------------------------------
 # static order (no measurement)
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("available, want", [
-    (ALL, "cuda"),                  # cuBLAS-backed schedule first
-    (("torch", "triton"), "triton"),  # extension not built
-    (("torch",), "torch"),
-    ((), "torch"),                  # nothing available: the portable name (resolve never fails for auto)
-])
+@pytest.mark.parametrize(
+    "available, want",
+    [
+        (ALL, "cuda"),  # cuBLAS-backed schedule first
+        (("torch", "triton"), "triton"),  # extension not built
+        (("torch",), "torch"),
+        ((), "torch"),  # nothing available: the portable name (resolve never fails for auto)
+    ],
+)
 def test_static_order_without_table_entry(monkeypatch, tmp_path, available, want):
     monkeypatch.setenv(B.AUTO_TABLE_ENV, _table(tmp_path, {}))
     _mock(monkeypatch, (9, 0), available)
@@ -104,7 +112,7 @@ def test_measured_entry_for_the_arch_wins(monkeypatch, tmp_path):
 
 
 def test_measured_entry_falls_through_unavailable_and_appends_unlisted(monkeypatch, tmp_path):
-    entry = dict(ENTRY, order=["triton"])   # only one backend measured: the rest follow in static order
+    entry = dict(ENTRY, order=["triton"])  # only one backend measured: the rest follow in static order
     monkeypatch.setenv(B.AUTO_TABLE_ENV, _table(tmp_path, {"sm_90": entry}))
     _mock(monkeypatch, (9, 0), ("torch", "cuda"))
     assert B.auto_order(CUDA)[0] == ("triton", "cuda", "torch")
@@ -125,26 +133,29 @@ def test_env_override_beats_the_table(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSEDRL_BACKEND", "torch")
     assert B.resolve("auto", CUDA) == "torch"
     assert B.auto_choice(CUDA)["env_override"] == "torch"
-    monkeypatch.setenv("FUSEDRL_BACKEND", "cuda")   # an explicit choice is checked: no quiet fallback
+    monkeypatch.setenv("FUSEDRL_BACKEND", "cuda")  # an explicit choice is checked: no quiet fallback
     with pytest.raises(B.BackendUnavailable, match="cuda"):
         B.resolve("auto", CUDA)
     assert B.auto_choice(CUDA)["choice"].startswith("error:")
-    monkeypatch.setenv("FUSEDRL_BACKEND", "auto")   # 'auto' in the variable means: no override
+    monkeypatch.setenv("FUSEDRL_BACKEND", "auto")  # 'auto' in the variable means: no override
     assert B.resolve("auto", CUDA) == "triton"
 
 
-@pytest.mark.parametrize("raw, entries, needle", [
-    ("{not json", None, "cannot read"),
-    (None, {"sm_90": dict(ENTRY, order=["triton", "flash"])}, "unknown backend"),
-    (None, {"sm_90": dict(ENTRY, order=[])}, "non-empty list"),
-    (None, {"sm_90": {"order": ["triton"]}}, "'source'"),
-    (None, {"hopper": ENTRY}, "compute capability"),
-    (None, {"sm_90": dict(ENTRY, order=["triton", "triton"])}, "repeats"),
-])
+@pytest.mark.parametrize(
+    "raw, entries, needle",
+    [
+        ("{not json", None, "cannot read"),
+        (None, {"sm_90": dict(ENTRY, order=["triton", "flash"])}, "unknown backend"),
+        (None, {"sm_90": dict(ENTRY, order=[])}, "non-empty list"),
+        (None, {"sm_90": {"order": ["triton"]}}, "'source'"),
+        (None, {"hopper": ENTRY}, "compute capability"),
+        (None, {"sm_90": dict(ENTRY, order=["triton", "triton"])}, "repeats"),
+    ],
+)
 def test_bad_table_is_ignored_with_the_reason(monkeypatch, tmp_path, raw, entries, needle):
     monkeypatch.setenv(B.AUTO_TABLE_ENV, _table(tmp_path, entries, raw))
     _mock(monkeypatch, (9, 0), ALL)
-    assert B.resolve("auto", CUDA) == "cuda"      # never raises: the static order stands
+    assert B.resolve("auto", CUDA) == "cuda"  # never raises: the static order stands
     order, src = B.auto_order(CUDA)
     assert order == B.STATIC_AUTO_ORDER["cuda"] and needle in src
 
@@ -163,7 +174,7 @@ def test_resolve_is_cheap_after_the_first_call(monkeypatch, tmp_path):
     calls = _mock(monkeypatch, (9, 0), ALL)
     for _ in range(5):
         assert B.resolve("auto", CUDA) == "triton"
-    assert len(calls) == 1     # one driver query per device, then the cached order
+    assert len(calls) == 1  # one driver query per device, then the cached order
     assert len(B._tables) == 1
 
 
@@ -185,14 +196,15 @@ def test_resolve_auto_under_torch_compile(monkeypatch, tmp_path):
     monkeypatch.setenv(B.AUTO_TABLE_ENV, _table(tmp_path, {"sm_90": ENTRY}))
 
     def f(x):
-        name = B.resolve("auto", x.device)   # file read + availability checks run at trace time only
+        name = B.resolve("auto", x.device)  # file read + availability checks run at trace time only
         return x * (2.0 if name == "torch" else 3.0)
 
     x = torch.randn(4)
     out = torch.compile(f, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(out, x * 2.0)
-    lp, _ = torch.compile(lambda h, w, t: fusedrl.linear_logprob_entropy(h, w, t), backend="eager",
-                          fullgraph=True)(torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 5, 10]))
+    lp, _ = torch.compile(lambda h, w, t: fusedrl.linear_logprob_entropy(h, w, t), backend="eager", fullgraph=True)(
+        torch.randn(3, 8), torch.randn(11, 8), torch.tensor([0, 5, 10])
+    )
     assert lp.shape == (3,) and torch.isfinite(lp).all()
 
 
@@ -204,13 +216,30 @@ def _bench_json(tmp_path, capability="9.0", ms=None):
     rows = []
     for regime in ("random", "peaked"):
         for b, t in ms.items():
-            rows.append(dict(provider=f"fusedrl-{b}", task="core", mode="train", status="ok", regime=regime,
-                             total={"median": t}))
-        rows.append(dict(provider="fusedrl-triton+filter", task="core", mode="train", status="ok", regime=regime,
-                         total={"median": 1.0}))   # filtered rows never rank
-    res = dict(meta=dict(device=dict(type="cuda", name="NVIDIA H200", capability=capability),
-                         date="2026-12-01T00:00:00+00:00", fusedrl_commit="abc",
-                         config=dict(n=[8192], h=4096, v=[151936], dtype="bf16")), rows=rows)
+            rows.append(
+                dict(
+                    provider=f"fusedrl-{b}", task="core", mode="train", status="ok", regime=regime, total={"median": t}
+                )
+            )
+        rows.append(
+            dict(
+                provider="fusedrl-triton+filter",
+                task="core",
+                mode="train",
+                status="ok",
+                regime=regime,
+                total={"median": 1.0},
+            )
+        )  # filtered rows never rank
+    res = dict(
+        meta=dict(
+            device=dict(type="cuda", name="NVIDIA H200", capability=capability),
+            date="2026-12-01T00:00:00+00:00",
+            fusedrl_commit="abc",
+            config=dict(n=[8192], h=4096, v=[151936], dtype="bf16"),
+        ),
+        rows=rows,
+    )
     p = tmp_path / "results.json"
     p.write_text(json.dumps(res))
     return str(p)
@@ -242,7 +271,7 @@ def test_auto_entry_ranks_passing_backends_and_round_trips(monkeypatch, tmp_path
     res = sweep.auto_entry(bench, sw, source="bench/results/gpu-test/results.json")
     assert res["arch"] == "sm_90"
     e = res["entry"]
-    assert e["order"] == ["cuda", "torch"]            # triton is faster but failed the sweep
+    assert e["order"] == ["cuda", "torch"]  # triton is faster but failed the sweep
     assert "triton" in e["excluded"] and e["measured_ms"]["cuda"] == 160.0
     table = tmp_path / "table.json"
     sweep.write_table(str(table), res["arch"], e)

@@ -4,6 +4,7 @@ fullgraph=True turns any graph break (a host sync such as ``.item()``, an untrac
 data-dependent Python branch) into an error, so these tests also prove the traced paths are sync-free.
 Shapes are tiny: the cost is compilation (inductor's C++ codegen on CPU), a few seconds per test.
 """
+
 import pytest
 import torch
 
@@ -43,8 +44,8 @@ def _assert_same(eager, compiled, atol=1e-5, rtol=1e-4):
 
 def _case(b=2, t=7, h=24, v=131, bias=False, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, t, h, generator=g) / h ** 0.25
-    w = torch.randn(v, h, generator=g) / h ** 0.25
+    x = torch.randn(b, t, h, generator=g) / h**0.25
+    w = torch.randn(v, h, generator=g) / h**0.25
     bb = torch.randn(v, generator=g) * 0.3 if bias else None
     tg = torch.randint(0, v, (b, t), generator=g)
     return x, w, bb, tg
@@ -61,8 +62,9 @@ def test_linear_logprob_entropy_compiles(variant):
     c_h = torch.randn(t.shape, generator=g)
 
     def f(x, w, b, t):
-        lp, ent = fusedrl.linear_logprob_entropy(x, w, t, bias=b, temperature=temperature, softcap=softcap,
-                                                 return_entropy=want_ent, backend="torch")
+        lp, ent = fusedrl.linear_logprob_entropy(
+            x, w, t, bias=b, temperature=temperature, softcap=softcap, return_entropy=want_ent, backend="torch"
+        )
         out = (lp * c_lp).sum()
         if want_ent:
             out = out + (ent * c_h).sum()
@@ -107,12 +109,18 @@ def _rl_batch(b=3, t=6, seed=4):
 
 
 _LOSS_CASES = {
-    "vanilla": dict(loss_mode="vanilla", loss_agg_mode="token-mean", clip_ratio_high=0.28, entropy_coeff=0.01,
-                    kl_loss_coef=0.05),
+    "vanilla": dict(
+        loss_mode="vanilla", loss_agg_mode="token-mean", clip_ratio_high=0.28, entropy_coeff=0.01, kl_loss_coef=0.05
+    ),
     "gspo": dict(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=3e-4, clip_ratio_high=4e-4),
     # ratio 1: every candidate is picked, so the (RNG-dependent) random pick is deterministic
-    "clip_cov": dict(loss_mode="clip_cov", loss_agg_mode="seq-mean-token-sum-norm", clip_cov_ratio=1.0,
-                     clip_cov_lb=-0.05, clip_cov_ub=0.05),
+    "clip_cov": dict(
+        loss_mode="clip_cov",
+        loss_agg_mode="seq-mean-token-sum-norm",
+        clip_cov_ratio=1.0,
+        clip_cov_lb=-0.05,
+        clip_cov_ub=0.05,
+    ),
     "kl_cov": dict(loss_mode="kl_cov", loss_agg_mode="seq-mean-token-sum", kl_cov_ratio=0.2),
 }
 
@@ -129,8 +137,20 @@ def test_fused_policy_loss_compiles(name):
     cfg = fusedrl.PolicyLossConfig(**cfg_kw)
 
     def f(x, w, b, t, old, adv, mask, ref):  # grads w.r.t. x, w, b
-        loss, metrics = fusedrl.fused_policy_loss(x, w, t, old, adv, mask, ref_logp=ref, bias=b, temperature=0.8,
-                                                  config=cfg, backend="torch", return_entropy=True)
+        loss, metrics = fusedrl.fused_policy_loss(
+            x,
+            w,
+            t,
+            old,
+            adv,
+            mask,
+            ref_logp=ref,
+            bias=b,
+            temperature=0.8,
+            config=cfg,
+            backend="torch",
+            return_entropy=True,
+        )
         return loss + 0.0 * metrics["pg_clipfrac"]
 
     rest = (old, adv, mask, ref)
@@ -144,8 +164,9 @@ def test_fused_policy_loss_metrics_compile():
     cfg = fusedrl.PolicyLossConfig(loss_mode="vanilla", loss_agg_mode="seq-mean-token-mean", kl_loss_coef=0.1)
 
     def f(x, w, t, old, adv, mask, ref):
-        return fusedrl.fused_policy_loss(x, w, t, old, adv, mask, ref_logp=ref, config=cfg, backend="torch",
-                                         return_entropy=True)
+        return fusedrl.fused_policy_loss(
+            x, w, t, old, adv, mask, ref_logp=ref, config=cfg, backend="torch", return_entropy=True
+        )
 
     le, me = f(x, w, t, old, adv, mask, ref)
     lc, mc = _compile(f)(x, w, t, old, adv, mask, ref)
@@ -166,8 +187,13 @@ def test_fused_policy_loss_packed_compiles():
     old = -torch.rand(11, generator=g) * 3 - 1
     adv = torch.randn(3, generator=g)
     mask = torch.ones(11)
-    cfg = fusedrl.PolicyLossConfig(loss_mode="gspo", loss_agg_mode="seq-mean-token-mean", clip_ratio_low=0.05,
-                                   clip_ratio_high=0.08, entropy_coeff=0.01)
+    cfg = fusedrl.PolicyLossConfig(
+        loss_mode="gspo",
+        loss_agg_mode="seq-mean-token-mean",
+        clip_ratio_low=0.05,
+        clip_ratio_high=0.08,
+        entropy_coeff=0.01,
+    )
 
     def f(x, w, t, cu, old, adv, mask):
         return fusedrl.fused_policy_loss(x, w, t, old, adv, mask, cu_seqlens=cu, config=cfg, backend="torch")[0]

@@ -3,14 +3,14 @@
 Every registry backend available here is compared too (the triton interpreter has its own, smaller
 shape list in test_triton_backend.py, so it is excluded from the large shapes here).
 """
+
 import pytest
 import torch
+from _helpers import DTYPES, GRAD_ATOL, assert_cce, eager_lowprec, err, make_case, ref64
 
 import fusedrl
 from fusedrl import reference
 from fusedrl.backends import BackendUnavailable
-
-from _helpers import DTYPES, GRAD_ATOL, assert_cce, eager_lowprec, err, make_case, ref64
 
 SHAPES = [(1, 24, 507), (37, 123, 1003), (300, 24, 1003), (37, 24, 32000), (300, 123, 507)]
 OPTIONS = [

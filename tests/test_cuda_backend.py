@@ -5,19 +5,18 @@ list its ops and archs, and answer its CPU-side planning functions; the backend 
 unavailable with a reason. With a GPU (@pytest.mark.gpu): forward / backward / logits_* against the
 fp64 reference in the CCE idiom of tests/_helpers.py.
 """
+
 import math
 import os
 
 import pytest
 import torch
+from _helpers import ATOL, DTYPES, GRAD_ATOL, assert_cce, eager_lowprec, make_case, ref64
 
 import fusedrl
 from fusedrl import reference
-from fusedrl.backends import BackendUnavailable, availability, resolve
-from fusedrl.backends import _device
+from fusedrl.backends import BackendUnavailable, _device, availability, resolve
 from fusedrl.backends import cuda_backend as cb
-
-from _helpers import ATOL, DTYPES, GRAD_ATOL, assert_cce, eager_lowprec, make_case, ref64
 
 F32, F16, BF16 = 0, 1, 2
 
@@ -39,10 +38,22 @@ def _ext_or_skip():
 # --------------------------------------------------------------------------------------------
 def test_extension_lists_ops_and_archs():
     C = _ext_or_skip()
-    assert set(C.ops()) == {"linear_forward", "linear_backward", "logits_forward", "logits_backward",
-                            "head_vanilla", "head_cov", "onepass_epilogue"}
-    assert set(C.host_lanes()) == {"row_stats_host", "dz_host", "onepass_epilogue_host", "head_vanilla_host",
-                                   "head_cov_host"}
+    assert set(C.ops()) == {
+        "linear_forward",
+        "linear_backward",
+        "logits_forward",
+        "logits_backward",
+        "head_vanilla",
+        "head_cov",
+        "onepass_epilogue",
+    }
+    assert set(C.host_lanes()) == {
+        "row_stats_host",
+        "dz_host",
+        "onepass_epilogue_host",
+        "head_vanilla_host",
+        "head_cov_host",
+    }
     for name in C.host_lanes():  # the kernels' CPU lanes (tests/test_cuda_host_lanes.py)
         assert callable(getattr(C, name))
     for name in C.ops():
@@ -82,18 +93,28 @@ def test_workspace_layouts():
     # fp32: accumulate straight into dx / dw -> only the logits chunk
     assert C.bwd_workspace_bytes(n, h, v, nc, vc, F32, 0, False, True, True, 0, False) == chunk
     # bf16 vocab-outer: + 16-bit du + [Vc, H] dw chunk acc + full [N, H] dx acc
-    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, True, 0, False) == \
-        chunk + nc * vc * 2 + vc * h * 4 + n * h * 4
+    assert (
+        C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, True, 0, False)
+        == chunk + nc * vc * 2 + vc * h * 4 + n * h * 4
+    )
     # lean: the [N, H] dx accumulator disappears (dx accumulates in bf16)
-    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, True, True, True, 0, False) == chunk + nc * vc * 2 + vc * h * 4
+    assert (
+        C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, True, True, True, 0, False) == chunk + nc * vc * 2 + vc * h * 4
+    )
     # token-outer: [Nc, H] dx chunk acc + full [V, H] dw acc
-    assert C.bwd_workspace_bytes(n, h, v, nc, vc, F16, 1, False, True, True, 0, False) == \
-        chunk + nc * vc * 2 + nc * h * 4 + v * h * 4
+    assert (
+        C.bwd_workspace_bytes(n, h, v, nc, vc, F16, 1, False, True, True, 0, False)
+        == chunk + nc * vc * 2 + nc * h * 4 + v * h * 4
+    )
     # nothing but dx
-    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, False, 0, False) == chunk + nc * vc * 2 + n * h * 4
+    assert (
+        C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, False, 0, False) == chunk + nc * vc * 2 + n * h * 4
+    )
     # overlap double-buffers the logits and du chunks
-    assert C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, True, 0, True) == \
-        2 * (chunk + nc * vc * 2) + vc * h * 4 + n * h * 4
+    assert (
+        C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 0, False, True, True, 0, True)
+        == 2 * (chunk + nc * vc * 2) + vc * h * 4 + n * h * 4
+    )
     assert C.bwd_workspace_bytes(n, h, v, nc, vc, F32, 0, False, True, True, 0, True) == 2 * chunk
     with pytest.raises(ValueError):
         C.bwd_workspace_bytes(n, h, v, nc, vc, BF16, 2, False, True, True, 0, False)
@@ -101,8 +122,10 @@ def test_workspace_layouts():
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("backward", [False, True])
-@pytest.mark.parametrize("n,h,v,es", [(8192, 4096, 151936, 2), (37, 123, 1003, 4), (65537, 24, 507, 2),
-                                       (1, 8192, 262144, 2), (100000, 16384, 32000, 4)])
+@pytest.mark.parametrize(
+    "n,h,v,es",
+    [(8192, 4096, 151936, 2), (37, 123, 1003, 4), (65537, 24, 507, 2), (1, 8192, 262144, 2), (100000, 16384, 32000, 4)],
+)
 def test_plan_respects_budget(n, h, v, es, backward, overlap):
     nc, vc = cb.plan(n, h, v, es, backward=backward, order=0, overlap=overlap)
     assert 1 <= nc <= n and vc % 8 == 0 and vc >= min(v, 8)
@@ -124,14 +147,14 @@ def _mock_free_memory(monkeypatch, free, reserved=0, allocated=0):
 def test_default_budget_from_free_memory(monkeypatch):
     mib, gib = 2**20, 2**30
     assert cb.default_budget(None) == cb.BUDGET_UNKNOWN_MB * mib
-    assert cb.default_budget(70 * gib) == cb.BUDGET_MAX_MB * mib        # big GPU, idle: capped
-    assert cb.default_budget(1 * gib) == 128 * mib                      # 1/8 of what is free
-    assert cb.default_budget(10 * mib) == cb.BUDGET_MIN_MB * mib        # nearly full: floor
+    assert cb.default_budget(70 * gib) == cb.BUDGET_MAX_MB * mib  # big GPU, idle: capped
+    assert cb.default_budget(1 * gib) == 128 * mib  # 1/8 of what is free
+    assert cb.default_budget(10 * mib) == cb.BUDGET_MIN_MB * mib  # nearly full: floor
     _mock_free_memory(monkeypatch, 512 * mib, reserved=1536 * mib, allocated=512 * mib)
-    assert cb._budget(0) == (512 + 1024) * mib // 8                      # torch's cached, unused bytes count
+    assert cb._budget(0) == (512 + 1024) * mib // 8  # torch's cached, unused bytes count
     monkeypatch.setenv("FUSEDRL_CUDA_WORKSPACE_MB", "40")
-    assert cb._budget(0) == 40 * mib                                     # the env var wins
-    assert cb._budget(0, dict(workspace_mb=8)) == 8 * mib                # and the option wins over it
+    assert cb._budget(0) == 40 * mib  # the env var wins
+    assert cb._budget(0, dict(workspace_mb=8)) == 8 * mib  # and the option wins over it
     monkeypatch.delenv("FUSEDRL_CUDA_WORKSPACE_MB")
     # read once per process: the allocator's cache growing later does not change the plan (same bits)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda idx=None: 0)
@@ -238,8 +261,12 @@ OPTIONS = [
     dict(bias=True, temperature=1.3, softcap=30.0),
 ]
 OPT_IDS = ["plain", "bias-T0.7", "bias-T1.3-softcap30"]
-CHUNKS = [dict(), dict(chunk_tokens=16, chunk_vocab=136), dict(chunk_tokens=7, chunk_vocab=64, order="token"),
-          dict(chunk_tokens=16, chunk_vocab=136, overlap=False)]
+CHUNKS = [
+    dict(),
+    dict(chunk_tokens=16, chunk_vocab=136),
+    dict(chunk_tokens=7, chunk_vocab=64, order="token"),
+    dict(chunk_tokens=16, chunk_vocab=136, overlap=False),
+]
 CHUNK_IDS = ["default", "small", "small-token-outer", "small-no-overlap"]
 
 
@@ -257,8 +284,11 @@ def _upstream(n, seed=1):
 
 def _ref_grads(x, w, t, b, T, c, g_lp, g_H, dtype64=True):
     """(dx, dw, db) of sum(g_lp logp + g_H H) via autograd: fp64 reference, or eager in the input dtype."""
-    leaves = [p.detach().clone().double().requires_grad_() if dtype64 else p.detach().clone().requires_grad_()
-              for p in (x, w, b) if p is not None]
+    leaves = [
+        p.detach().clone().double().requires_grad_() if dtype64 else p.detach().clone().requires_grad_()
+        for p in (x, w, b)
+        if p is not None
+    ]
     bb = leaves[2] if b is not None else None
     if dtype64:
         lp, ent = reference.linear_logprob_entropy(leaves[0], leaves[1], t, bb, T, c)
@@ -318,8 +348,22 @@ def test_lean_accumulation(dtype):
     lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True)
     g_lp, g_H = _upstream(n)
     for order in ("vocab", "token"):
-        got = cb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, chunk_tokens=128, chunk_vocab=512,
-                          order=order, lean_accumulation=True)
+        got = cb.backward(
+            x,
+            w,
+            t,
+            b,
+            1.0,
+            None,
+            lse,
+            ent,
+            g_lp,
+            g_H,
+            chunk_tokens=128,
+            chunk_vocab=512,
+            order=order,
+            lean_accumulation=True,
+        )
         _check_grads(got, x, w, t, b, 1.0, None, g_lp, g_H, dtype)
 
 
@@ -380,8 +424,20 @@ def test_vocab_parallel_shards(dtype, opt):
     x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=opt["bias"], scale=4.0)
     T, c = opt["temperature"], opt["softcap"]
     shards = [(0, slice(0, cut)), (cut, slice(cut, v))]
-    parts = [cb.forward(x, w[s].contiguous(), t, None if b is None else b[s].contiguous(), T, c, True,
-                        vocab_start=v0, chunk_vocab=128) for v0, s in shards]
+    parts = [
+        cb.forward(
+            x,
+            w[s].contiguous(),
+            t,
+            None if b is None else b[s].contiguous(),
+            T,
+            c,
+            True,
+            vocab_start=v0,
+            chunk_vocab=128,
+        )
+        for v0, s in shards
+    ]
     for (v0, s), (_, zt_k, _) in zip(shards, parts):
         outside = ~((t >= v0) & (t < v0 + (s.stop - s.start)))
         assert torch.all(zt_k[outside] == 0)
@@ -391,8 +447,23 @@ def test_vocab_parallel_shards(dtype, opt):
     assert_cce("logp", lp, r_lp, lo_lp, dtype)
     assert_cce("entropy", ent, r_ent, lo_ent, dtype)
     g_lp, g_H = _upstream(n)
-    outs = [cb.backward(x, w[s].contiguous(), t, None if b is None else b[s].contiguous(), T, c, lse, ent, g_lp,
-                        g_H, vocab_start=v0, chunk_vocab=128) for v0, s in shards]
+    outs = [
+        cb.backward(
+            x,
+            w[s].contiguous(),
+            t,
+            None if b is None else b[s].contiguous(),
+            T,
+            c,
+            lse,
+            ent,
+            g_lp,
+            g_H,
+            vocab_start=v0,
+            chunk_vocab=128,
+        )
+        for v0, s in shards
+    ]
     dx = sum(o[0].float() for o in outs).to(dtype)
     dw = torch.cat([o[1] for o in outs])
     db = torch.cat([o[2] for o in outs]) if b is not None else None
@@ -484,8 +555,9 @@ def test_deterministic_and_side_stream():
 
     def run():
         lse, zt, ent = cb.forward(x, w, t, b, 1.0, None, True, chunk_tokens=64, chunk_vocab=256)
-        return (lse, zt, ent) + tuple(cb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, chunk_tokens=64,
-                                                  chunk_vocab=256))
+        return (lse, zt, ent) + tuple(
+            cb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, chunk_tokens=64, chunk_vocab=256)
+        )
 
     a = run()
     with pytest.MonkeyPatch.context() as mp:
@@ -509,8 +581,9 @@ def test_public_api_autograd(dtype):
     n, h, v = 37, 123, 1003
     x, w, b, t = make_case(n, h, v, dtype, device=DEV, bias=True, scale=4.0)
     leaves = [p.clone().requires_grad_() for p in (x, w, b)]
-    lp, ent = fusedrl.linear_logprob_entropy(leaves[0], leaves[1], t, leaves[2], temperature=0.9, softcap=20.0,
-                                             backend="cuda")
+    lp, ent = fusedrl.linear_logprob_entropy(
+        leaves[0], leaves[1], t, leaves[2], temperature=0.9, softcap=20.0, backend="cuda"
+    )
     r_lp, r_ent = ref64(x, w, t, b, 0.9, 20.0)
     lo_lp, lo_ent = eager_lowprec(x, w, t, b, 0.9, 20.0)
     assert_cce("logp", lp, r_lp, lo_lp, dtype)
@@ -542,8 +615,18 @@ def test_temperature_argument_forms():
     T = torch.tensor([0.5, 1.0, 1.5, 0.25, 2.0], dtype=torch.float64)
     s, rows = cb.check_temperature(T[None, :][0], 5, torch.device("cpu"), "f")
     assert s == 1.0 and rows.dtype == torch.float32 and rows.is_contiguous() and torch.equal(rows, T.float())
-    for bad in (torch.ones(4), torch.ones(5, 1), torch.ones(()), torch.ones(5, dtype=torch.bool),
-                torch.ones(5, device="meta"), "x", None, 0.0, -2.0, float("nan")):
+    for bad in (
+        torch.ones(4),
+        torch.ones(5, 1),
+        torch.ones(()),
+        torch.ones(5, dtype=torch.bool),
+        torch.ones(5, device="meta"),
+        "x",
+        None,
+        0.0,
+        -2.0,
+        float("nan"),
+    ):
         with pytest.raises(ValueError, match="temperature"):
             cb.check_temperature(bad, 5, torch.device("cpu"), "f")
 
@@ -610,8 +693,12 @@ def _neginf_bias(v, dtype, masked=(3, 136, 137)):
     return b.to(dtype).to(DEV)
 
 
-PT_OPTIONS = [dict(bias=None, softcap=None), dict(bias="rand", softcap=30.0), dict(bias="-inf", softcap=None),
-              dict(bias="-inf", softcap=5.0)]
+PT_OPTIONS = [
+    dict(bias=None, softcap=None),
+    dict(bias="rand", softcap=30.0),
+    dict(bias="-inf", softcap=None),
+    dict(bias="-inf", softcap=5.0),
+]
 PT_OPT_IDS = ["plain", "bias-softcap30", "neginf", "neginf-softcap5"]
 
 
@@ -626,8 +713,7 @@ def _pt_case(n, h, v, dtype, bias):
 @gpu
 @pytest.mark.parametrize("chunks", CHUNKS, ids=CHUNK_IDS)
 @pytest.mark.parametrize("opt", PT_OPTIONS, ids=PT_OPT_IDS)
-@pytest.mark.parametrize("shape", [(37, 123, 1003), (300, 24, 1003), (5, 64, 151936)],
-                         ids=lambda s: "N%d-H%d-V%d" % s)
+@pytest.mark.parametrize("shape", [(37, 123, 1003), (300, 24, 1003), (5, 64, 151936)], ids=lambda s: "N%d-H%d-V%d" % s)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_per_token_temperature_forward_backward(dtype, shape, opt, chunks):
     _skip_unless_cuda_backend()
@@ -660,16 +746,20 @@ def test_per_token_temperature_all_equal_is_scalar_bitwise(dtype):
         for p, q in zip(fs, fv):
             assert torch.equal(p, q)
         lse, _, ent = fs
-        for p, q in zip(cb.backward(x, w, t, b, 0.7, 5.0, lse, ent, g_lp, g_H, **kw),
-                        cb.backward(x, w, t, b, vec, 5.0, lse, ent, g_lp, g_H, **kw)):
+        for p, q in zip(
+            cb.backward(x, w, t, b, 0.7, 5.0, lse, ent, g_lp, g_H, **kw),
+            cb.backward(x, w, t, b, vec, 5.0, lse, ent, g_lp, g_H, **kw),
+        ):
             assert torch.equal(p, q)
     logits = (x @ w.t()).contiguous()
     fs, fv = cb.logits_forward(logits, t, 0.7, 5.0, True), cb.logits_forward(logits, t, vec, 5.0, True)
     for p, q in zip(fs, fv):
         assert torch.equal(p, q)
     lse, _, ent = fs
-    assert torch.equal(cb.logits_backward(logits, t, 0.7, 5.0, lse, ent, g_lp, g_H),
-                       cb.logits_backward(logits, t, vec, 5.0, lse, ent, g_lp, g_H))
+    assert torch.equal(
+        cb.logits_backward(logits, t, 0.7, 5.0, lse, ent, g_lp, g_H),
+        cb.logits_backward(logits, t, vec, 5.0, lse, ent, g_lp, g_H),
+    )
 
 
 @gpu
@@ -703,8 +793,9 @@ def test_per_token_temperature_logits(dtype, v, opt, inplace):
     for dtype64 in (True, False):
         leaf = logits.detach().clone().requires_grad_()
         a, e = _pt_lp_ent(_pt_z(leaf, None, T, c, dtype64), t)
-        grads.append(torch.autograd.grad((a.double() * g_lp.double()).sum() + (e.double() * g_H.double()).sum(),
-                                         [leaf])[0])
+        grads.append(
+            torch.autograd.grad((a.double() * g_lp.double()).sum() + (e.double() * g_H.double()).sum(), [leaf])[0]
+        )
     want, low = grads
     assert_cce("dlogits", dl, want, low, dtype, atol=GRAD_ATOL[dtype] * (want.abs().max().item() + 1e-6))
 
@@ -718,8 +809,9 @@ def test_per_token_temperature_vocab_parallel_shards(dtype):
     T, c = _temps(n), 30.0
     shards = [(0, slice(0, cut)), (cut, slice(cut, v))]
     kw = dict(chunk_tokens=16, chunk_vocab=128)
-    parts = [cb.forward(x, w[s].contiguous(), t, b[s].contiguous(), T, c, True, vocab_start=v0, **kw)
-             for v0, s in shards]
+    parts = [
+        cb.forward(x, w[s].contiguous(), t, b[s].contiguous(), T, c, True, vocab_start=v0, **kw) for v0, s in shards
+    ]
     # combined in fp64: at T = 0.3 the fp32 combination's own cancellation (lse - sum p z) exceeds the bound
     lse, lp, ent = _combine_shards([tuple(p.double() for p in part) for part in parts])
     r_lp, r_ent = _pt_linear(x, w, t, b, T, c, True)
@@ -727,11 +819,14 @@ def test_per_token_temperature_vocab_parallel_shards(dtype):
     assert_cce("logp", lp, r_lp, lo_lp, dtype)
     assert_cce("entropy", ent, r_ent, lo_ent, dtype)
     g_lp, g_H = _upstream(n)
-    outs = [cb.backward(x, w[s].contiguous(), t, b[s].contiguous(), T, c, lse, ent, g_lp, g_H, vocab_start=v0, **kw)
-            for v0, s in shards]
+    outs = [
+        cb.backward(x, w[s].contiguous(), t, b[s].contiguous(), T, c, lse, ent, g_lp, g_H, vocab_start=v0, **kw)
+        for v0, s in shards
+    ]
     dx = sum(o[0].float() for o in outs).to(dtype)
-    _pt_check_grads((dx, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])), x, w, t, b, T, c, g_lp,
-                    g_H, dtype)
+    _pt_check_grads(
+        (dx, torch.cat([o[1] for o in outs]), torch.cat([o[2] for o in outs])), x, w, t, b, T, c, g_lp, g_H, dtype
+    )
 
 
 @gpu

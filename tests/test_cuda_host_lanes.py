@@ -12,18 +12,19 @@ runs, against fp64 torch:
   softcap, bias with a ``-inf`` column, masked tokens with NaN in their inputs, odd shapes;
 * with a GPU (``@pytest.mark.gpu``): the kernels against these host loops.
 """
+
 import math
 
 import pytest
 import torch
+from _helpers import make_case
 
 from fusedrl import reference
 from fusedrl.backends import cuda_backend as cb
 
-from _helpers import make_case
-
 C = cb.extension()
 pytestmark = pytest.mark.skipif(C is None, reason="CUDA extension not built (test_cuda_backend.py reports why)")
+
 
 def _cap(softcap):
     return 0.0 if softcap is None else float(softcap)
@@ -51,13 +52,30 @@ def host_forward(x, w, t, b, T, c, nc, vc, vocab_start=0):
     b32 = None if b is None else b.float().contiguous()
     for n0 in range(0, n, nc):
         m = min(nc, n - n0)
-        tg = t[n0:n0 + m].contiguous()
+        tg = t[n0 : n0 + m].contiguous()
         for v0 in range(0, v, vc):
             k = min(vc, v - v0)
-            L = (x[n0:n0 + m].float() @ w[v0:v0 + k].float().t()).contiguous()
-            C.row_stats_host(L.data_ptr(), k, m, k, 0 if b32 is None else b32[v0:].data_ptr(), tg.data_ptr(),
-                             vocab_start + v0, vocab_start, v, *_temp_args(T, n0), _cap(c), run.data_ptr(), nc,
-                             v0 == 0, v0 + k >= v, lse[n0:].data_ptr(), zt[n0:].data_ptr(), ent[n0:].data_ptr())
+            L = (x[n0 : n0 + m].float() @ w[v0 : v0 + k].float().t()).contiguous()
+            C.row_stats_host(
+                L.data_ptr(),
+                k,
+                m,
+                k,
+                0 if b32 is None else b32[v0:].data_ptr(),
+                tg.data_ptr(),
+                vocab_start + v0,
+                vocab_start,
+                v,
+                *_temp_args(T, n0),
+                _cap(c),
+                run.data_ptr(),
+                nc,
+                v0 == 0,
+                v0 + k >= v,
+                lse[n0:].data_ptr(),
+                zt[n0:].data_ptr(),
+                ent[n0:].data_ptr(),
+            )
     return lse, zt, ent
 
 
@@ -68,18 +86,31 @@ def host_backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, nc, vc):
     b32 = None if b is None else b.float().contiguous()
     for n0 in range(0, n, nc):
         m = min(nc, n - n0)
-        tg = t[n0:n0 + m].contiguous()
-        xc = x[n0:n0 + m].float()
+        tg = t[n0 : n0 + m].contiguous()
+        xc = x[n0 : n0 + m].float()
         for v0 in range(0, v, vc):
             k = min(vc, v - v0)
-            L = (xc @ w[v0:v0 + k].float().t()).contiguous()
-            C.dz_host(L.data_ptr(), k, L.data_ptr(), k, m, k, 0 if b32 is None else b32[v0:].data_ptr(),
-                      tg.data_ptr(), v0, *_temp_args(T, n0), _cap(c), lse[n0:].data_ptr(),
-                      0 if ent is None else ent[n0:].data_ptr(), g_lp[n0:].data_ptr(),
-                      0 if g_H is None else g_H[n0:].data_ptr())
-            dx[n0:n0 + m] += L @ w[v0:v0 + k].float()
-            dw[v0:v0 + k] += L.t() @ xc
-            db[v0:v0 + k] += L.sum(0)
+            L = (xc @ w[v0 : v0 + k].float().t()).contiguous()
+            C.dz_host(
+                L.data_ptr(),
+                k,
+                L.data_ptr(),
+                k,
+                m,
+                k,
+                0 if b32 is None else b32[v0:].data_ptr(),
+                tg.data_ptr(),
+                v0,
+                *_temp_args(T, n0),
+                _cap(c),
+                lse[n0:].data_ptr(),
+                0 if ent is None else ent[n0:].data_ptr(),
+                g_lp[n0:].data_ptr(),
+                0 if g_H is None else g_H[n0:].data_ptr(),
+            )
+            dx[n0 : n0 + m] += L @ w[v0 : v0 + k].float()
+            dw[v0 : v0 + k] += L.t() @ xc
+            db[v0 : v0 + k] += L.sum(0)
     return dx, dw, db
 
 
@@ -124,8 +155,9 @@ def _check_recompute_lanes(x, w, t, b, T, c, nc, vc, ref_fn, stat_tol):
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf"])
-@pytest.mark.parametrize("n,h,v,nc,vc", [(4, 16, 1003, 4, 1003), (4, 16, 1003, 2, 136)],
-                         ids=["one-vocab-chunk", "vocab-chunks"])
+@pytest.mark.parametrize(
+    "n,h,v,nc,vc", [(4, 16, 1003, 4, 1003), (4, 16, 1003, 2, 136)], ids=["one-vocab-chunk", "vocab-chunks"]
+)
 def test_recompute_host_lanes_non_finite_column_poisons_rows(n, h, v, nc, vc, bad):
     """A NaN (or +inf) weight row makes every token's LSE and entropy NaN, as in torch: the partial that holds
     it must not be dropped by the merge (it was, with ``s > 0``: NaN > 0 is false, so ~V/256 columns went
@@ -144,16 +176,19 @@ RECOMPUTE_OPTS = [
     dict(bias=None, T=1.0, c=None),
     dict(bias="rand", T=0.7, c=None),
     dict(bias="rand", T=1.3, c=30.0),
-    dict(bias="-inf", T=1.0, c=None),   # masked vocabulary columns, entropy gradient on: the NaN bug
+    dict(bias="-inf", T=1.0, c=None),  # masked vocabulary columns, entropy gradient on: the NaN bug
     dict(bias="-inf", T=0.7, c=None),
-    dict(bias="-inf", T=1.3, c=5.0),    # softcap maps -inf to -c/T: finite, dz/du = 0
+    dict(bias="-inf", T=1.3, c=5.0),  # softcap maps -inf to -c/T: finite, dz/du = 0
 ]
 RECOMPUTE_IDS = ["plain", "bias-T0.7", "bias-T1.3-cap30", "neginf", "neginf-T0.7", "neginf-T1.3-cap5"]
 
 
 @pytest.mark.parametrize("opt", RECOMPUTE_OPTS, ids=RECOMPUTE_IDS)
-@pytest.mark.parametrize("n,h,v,nc,vc", [(37, 24, 1003, 16, 136), (5, 24, 507, 8, 512), (1, 16, 507, 4, 64)],
-                         ids=["N37-V1003-chunked", "N5-V507-one-chunk", "N1-V507"])
+@pytest.mark.parametrize(
+    "n,h,v,nc,vc",
+    [(37, 24, 1003, 16, 136), (5, 24, 507, 8, 512), (1, 16, 507, 4, 64)],
+    ids=["N37-V1003-chunked", "N5-V507-one-chunk", "N1-V507"],
+)
 def test_recompute_host_lanes_match_fp64(n, h, v, nc, vc, opt):
     x, w, _, t = make_case(n, h, v, torch.float32, scale=4.0)
     b = None
@@ -177,12 +212,47 @@ def test_dz_minus_inf_logit_with_entropy_gradient():
     u[:, [0, 5, v - 1]] = -math.inf
     t = torch.tensor([1, 2, 3])
     lse, zt, ent = torch.empty(n), torch.empty(n), torch.empty(n)
-    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0, 0.0, 0, 0, True, True, lse.data_ptr(),
-                     zt.data_ptr(), ent.data_ptr())
+    C.row_stats_host(
+        u.data_ptr(),
+        v,
+        n,
+        v,
+        0,
+        t.data_ptr(),
+        0,
+        0,
+        v,
+        1.0,
+        0,
+        0.0,
+        0,
+        0,
+        True,
+        True,
+        lse.data_ptr(),
+        zt.data_ptr(),
+        ent.data_ptr(),
+    )
     g_lp, g_H = torch.tensor([0.5, -1.0, 0.0]), torch.tensor([0.7, -0.3, 0.0])  # row 2: g_H = 0, still given
     du = torch.empty_like(u)
-    C.dz_host(u.data_ptr(), v, du.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 1.0, 0, 0.0, lse.data_ptr(), ent.data_ptr(),
-              g_lp.data_ptr(), g_H.data_ptr())
+    C.dz_host(
+        u.data_ptr(),
+        v,
+        du.data_ptr(),
+        v,
+        n,
+        v,
+        0,
+        t.data_ptr(),
+        0,
+        1.0,
+        0,
+        0.0,
+        lse.data_ptr(),
+        ent.data_ptr(),
+        g_lp.data_ptr(),
+        g_H.data_ptr(),
+    )
     assert torch.isfinite(du).all(), "du has NaN at -inf logits"
     assert torch.all(du[:, [0, 5, v - 1]] == 0)
     u64 = u.double().requires_grad_()
@@ -204,9 +274,28 @@ def test_row_stats_merge_is_chunking_invariant():
         run = torch.empty(3 * n)
         for v0 in range(0, v, vc):
             k = min(vc, v - v0)
-            chunk = u[:, v0:v0 + k].contiguous()
-            C.row_stats_host(chunk.data_ptr(), k, n, k, 0, t.data_ptr(), v0, 0, v, 1.0, 0, 0.0, run.data_ptr(), n,
-                             v0 == 0, v0 + k >= v, lse.data_ptr(), zt.data_ptr(), ent.data_ptr())
+            chunk = u[:, v0 : v0 + k].contiguous()
+            C.row_stats_host(
+                chunk.data_ptr(),
+                k,
+                n,
+                k,
+                0,
+                t.data_ptr(),
+                v0,
+                0,
+                v,
+                1.0,
+                0,
+                0.0,
+                run.data_ptr(),
+                n,
+                v0 == 0,
+                v0 + k >= v,
+                lse.data_ptr(),
+                zt.data_ptr(),
+                ent.data_ptr(),
+            )
         out[vc] = (lse, zt, ent)
     r_lp, r_ent = reference.logprob_entropy(u.double(), t)
     for lse, zt, ent in out.values():
@@ -216,8 +305,27 @@ def test_row_stats_merge_is_chunking_invariant():
     wide = torch.full((n, v + 5), float("nan"))
     wide[:, :v] = u
     lse, zt, ent = torch.empty(n), torch.empty(n), torch.empty(n)
-    C.row_stats_host(wide.data_ptr(), v + 5, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0, 0.0, 0, 0, True, True,
-                     lse.data_ptr(), zt.data_ptr(), ent.data_ptr())
+    C.row_stats_host(
+        wide.data_ptr(),
+        v + 5,
+        n,
+        v,
+        0,
+        t.data_ptr(),
+        0,
+        0,
+        v,
+        1.0,
+        0,
+        0.0,
+        0,
+        0,
+        True,
+        True,
+        lse.data_ptr(),
+        zt.data_ptr(),
+        ent.data_ptr(),
+    )
     assert torch.equal(lse, out[v][0]) and torch.equal(ent, out[v][2])
 
 
@@ -226,8 +334,27 @@ def test_row_stats_target_outside_shard_reads_zero():
     u = torch.randn(n, v)
     t = torch.tensor([0, 63, 64, 200])  # last two: another vocab shard's ids
     lse, zt, ent = torch.empty(n), torch.full((n,), 7.0), torch.empty(n)
-    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, 0, 0.0, 0, 0, True, True, lse.data_ptr(),
-                     zt.data_ptr(), ent.data_ptr())
+    C.row_stats_host(
+        u.data_ptr(),
+        v,
+        n,
+        v,
+        0,
+        t.data_ptr(),
+        0,
+        0,
+        v,
+        1.0,
+        0,
+        0.0,
+        0,
+        0,
+        True,
+        True,
+        lse.data_ptr(),
+        zt.data_ptr(),
+        ent.data_ptr(),
+    )
     assert zt[2] == 0 and zt[3] == 0
     assert zt[0] == u[0, 0] and zt[1] == u[1, 63]
 
@@ -297,8 +424,9 @@ def onepass_reference(u, t, bias, T, c, head, mode_name, kl_name):
     idx = valid.nonzero()[:, 0]
     w = head.weight.double()[idx]
     ref = head.ref.double()[idx] if head.ref is not None else None
-    loss, kl = _head_losses(lp_leaf[idx], head.old.double()[idx], head.adv.double()[idx], ref, mode_name, head.dual,
-                            kl_name, head.kl_st)
+    loss, kl = _head_losses(
+        lp_leaf[idx], head.old.double()[idx], head.adv.double()[idx], ref, mode_name, head.dual, kl_name, head.kl_st
+    )
     total = (w * loss).sum() - head.ent_coef * (w * ent_leaf[idx]).sum()
     if kl is not None:
         total = total + head.kl_coef * (w * kl).sum()
@@ -309,8 +437,21 @@ def onepass_reference(u, t, bias, T, c, head, mode_name, kl_name):
     return logp.detach(), ent.detach(), lse.detach(), g_lp, g_H, du
 
 
-def make_onepass_case(n, v, mode="clipped", kl=None, ent_coef=0.01, bias="rand", T=1.0, c=None, masked=(),
-                      dual=True, kl_st=False, seed=0, need_ent=True):
+def make_onepass_case(
+    n,
+    v,
+    mode="clipped",
+    kl=None,
+    ent_coef=0.01,
+    bias="rand",
+    T=1.0,
+    c=None,
+    masked=(),
+    dual=True,
+    kl_st=False,
+    seed=0,
+    need_ent=True,
+):
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(n, v, generator=g) * 3
     t = torch.randint(0, v, (n,), generator=g)
@@ -336,9 +477,22 @@ def make_onepass_case(n, v, mode="clipped", kl=None, ent_coef=0.01, bias="rand",
     adv[m] = float("nan")
     if ref is not None:
         ref[m] = float("nan")
-    head = cb.OnePassHead(mode=MODES[mode], clip_lo=LO, clip_hi=HI, clip_c=CLIP_C, dual=dual, ent_coef=ent_coef,
-                          kl_coef=0.0 if kl is None else 0.3, kl_type=KLS[kl or "k1"], kl_st=kl_st, old=old,
-                          adv=adv, weight=weight, ref=ref, need_ent=need_ent)
+    head = cb.OnePassHead(
+        mode=MODES[mode],
+        clip_lo=LO,
+        clip_hi=HI,
+        clip_c=CLIP_C,
+        dual=dual,
+        ent_coef=ent_coef,
+        kl_coef=0.0 if kl is None else 0.3,
+        kl_type=KLS[kl or "k1"],
+        kl_st=kl_st,
+        old=old,
+        adv=adv,
+        weight=weight,
+        ref=ref,
+        need_ent=need_ent,
+    )
     return u, t, b, head
 
 
@@ -378,26 +532,45 @@ def _check_onepass(u, t, b, T, c, head, mode, kl, du16_dtype=None, rtol=1e-5):
 
 
 @pytest.mark.parametrize("kl", [None, "k1", "abs", "k2", "k3", "k3+", "k1+"])
-@pytest.mark.parametrize("mode,dual", [("clipped", True), ("clipped", False), ("gpg", False), ("cispo", False),
-                                       ("unclipped", False)], ids=["clipped-dual", "clipped", "gpg", "cispo",
-                                                                   "unclipped"])
+@pytest.mark.parametrize(
+    "mode,dual",
+    [("clipped", True), ("clipped", False), ("gpg", False), ("cispo", False), ("unclipped", False)],
+    ids=["clipped-dual", "clipped", "gpg", "cispo", "unclipped"],
+)
 def test_onepass_modes_and_kl(mode, dual, kl):
     st = kl is not None and kl.endswith("+")
     kl_base = kl.rstrip("+") if kl else None
-    u, t, b, head = make_onepass_case(37, 1003, mode=mode, kl=kl_base, dual=dual, kl_st=st, masked=(0, 5, 36),
-                                      bias="-inf", T=0.7)
+    u, t, b, head = make_onepass_case(
+        37, 1003, mode=mode, kl=kl_base, dual=dual, kl_st=st, masked=(0, 5, 36), bias="-inf", T=0.7
+    )
     _check_onepass(u, t, b, 0.7, None, head, mode, kl_base)
 
 
 @pytest.mark.parametrize("ent_coef", [0.0, 0.05], ids=["no-entropy", "entropy"])
-@pytest.mark.parametrize("opt", [dict(bias=None, T=1.0, c=None), dict(bias="rand", T=1.3, c=None),
-                                 dict(bias="rand", T=0.7, c=30.0), dict(bias="-inf", T=1.0, c=None),
-                                 dict(bias="-inf", T=1.3, c=5.0)],
-                         ids=["plain", "bias-T1.3", "bias-T0.7-cap30", "neginf", "neginf-T1.3-cap5"])
+@pytest.mark.parametrize(
+    "opt",
+    [
+        dict(bias=None, T=1.0, c=None),
+        dict(bias="rand", T=1.3, c=None),
+        dict(bias="rand", T=0.7, c=30.0),
+        dict(bias="-inf", T=1.0, c=None),
+        dict(bias="-inf", T=1.3, c=5.0),
+    ],
+    ids=["plain", "bias-T1.3", "bias-T0.7-cap30", "neginf", "neginf-T1.3-cap5"],
+)
 @pytest.mark.parametrize("n,v", [(37, 1003), (5, 507), (1, 507)])
 def test_onepass_options_and_shapes(n, v, opt, ent_coef):
-    u, t, b, head = make_onepass_case(n, v, mode="clipped", kl="k3", ent_coef=ent_coef, bias=opt["bias"],
-                                      T=opt["T"], c=opt["c"], masked=(1,) if n > 1 else ())
+    u, t, b, head = make_onepass_case(
+        n,
+        v,
+        mode="clipped",
+        kl="k3",
+        ent_coef=ent_coef,
+        bias=opt["bias"],
+        T=opt["T"],
+        c=opt["c"],
+        masked=(1,) if n > 1 else (),
+    )
     _check_onepass(u, t, b, opt["T"], opt["c"], head, "clipped", "k3")
 
 
@@ -557,12 +730,47 @@ def test_dz_per_token_temperature_minus_inf_logit():
     t = torch.tensor([1, 2, 3, 4])
     T = torch.tensor([0.3, 2.0, 1.0, 0.77])
     lse, zt, ent = torch.empty(n), torch.empty(n), torch.empty(n)
-    C.row_stats_host(u.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 0, v, 1.0, T.data_ptr(), 0.0, 0, 0, True, True,
-                     lse.data_ptr(), zt.data_ptr(), ent.data_ptr())
+    C.row_stats_host(
+        u.data_ptr(),
+        v,
+        n,
+        v,
+        0,
+        t.data_ptr(),
+        0,
+        0,
+        v,
+        1.0,
+        T.data_ptr(),
+        0.0,
+        0,
+        0,
+        True,
+        True,
+        lse.data_ptr(),
+        zt.data_ptr(),
+        ent.data_ptr(),
+    )
     g_lp, g_H = torch.tensor([0.5, -1.0, 0.0, 2.0]), torch.tensor([0.7, -0.3, 0.0, 1.1])
     du = torch.empty_like(u)
-    C.dz_host(u.data_ptr(), v, du.data_ptr(), v, n, v, 0, t.data_ptr(), 0, 1.0, T.data_ptr(), 0.0, lse.data_ptr(),
-              ent.data_ptr(), g_lp.data_ptr(), g_H.data_ptr())
+    C.dz_host(
+        u.data_ptr(),
+        v,
+        du.data_ptr(),
+        v,
+        n,
+        v,
+        0,
+        t.data_ptr(),
+        0,
+        1.0,
+        T.data_ptr(),
+        0.0,
+        lse.data_ptr(),
+        ent.data_ptr(),
+        g_lp.data_ptr(),
+        g_H.data_ptr(),
+    )
     assert torch.isfinite(du).all() and torch.all(du[:, [0, 5, v - 1]] == 0)
     u64 = u.double().requires_grad_()
     z = _z64(u64, None, T, None)
@@ -577,14 +785,27 @@ def test_dz_per_token_temperature_minus_inf_logit():
 
 
 @pytest.mark.parametrize("ent_coef", [0.0, 0.05], ids=["no-entropy", "entropy"])
-@pytest.mark.parametrize("opt", [dict(bias=None, c=None), dict(bias="rand", c=30.0), dict(bias="-inf", c=None),
-                                 dict(bias="-inf", c=5.0)], ids=PT_IDS)
+@pytest.mark.parametrize(
+    "opt",
+    [dict(bias=None, c=None), dict(bias="rand", c=30.0), dict(bias="-inf", c=None), dict(bias="-inf", c=5.0)],
+    ids=PT_IDS,
+)
 @pytest.mark.parametrize("mode,kl", [("clipped", "k3"), ("cispo", "abs"), ("gpg", None), ("unclipped", "k2")])
 @pytest.mark.parametrize("n,v", [(37, 1003), (5, 507), (1, 257)])
 def test_onepass_per_token_temperature(n, v, mode, kl, opt, ent_coef):
     T = _rand_temps(n, seed=n)
-    u, t, b, head = make_onepass_case(n, v, mode=mode, kl=kl, ent_coef=ent_coef, bias=opt["bias"], T=T, c=opt["c"],
-                                      dual=mode == "clipped", masked=(1,) if n > 1 else ())
+    u, t, b, head = make_onepass_case(
+        n,
+        v,
+        mode=mode,
+        kl=kl,
+        ent_coef=ent_coef,
+        bias=opt["bias"],
+        T=T,
+        c=opt["c"],
+        dual=mode == "clipped",
+        masked=(1,) if n > 1 else (),
+    )
     _check_onepass(u, t, b, T, opt["c"], head, mode, kl)
 
 
@@ -615,8 +836,10 @@ def test_per_token_temperature_all_equal_is_scalar_bitwise(T, c):
     g = torch.Generator().manual_seed(1)
     g_lp, g_H = torch.randn(n, generator=g), torch.randn(n, generator=g)
     lse, _, ent = fs
-    for a, bb in zip(host_backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, nc, vc),
-                     host_backward(x, w, t, b, vec, c, lse, ent, g_lp, g_H, nc, vc)):
+    for a, bb in zip(
+        host_backward(x, w, t, b, T, c, lse, ent, g_lp, g_H, nc, vc),
+        host_backward(x, w, t, b, vec, c, lse, ent, g_lp, g_H, nc, vc),
+    ):
         assert torch.equal(a, bb)
     u, tt, bo, head = make_onepass_case(n, v, kl="k3", bias="-inf", T=T, c=c, masked=(0, 9))
     outs = []
@@ -643,8 +866,19 @@ def test_per_token_temperature_tensor_forms():
 def test_per_token_temperature_bad_arguments():
     n, v = 5, 507
     u, t, b, head = make_onepass_case(n, v)
-    bad = [torch.ones(n + 1), torch.ones(n, 1), torch.ones(1, n), torch.ones(()), torch.ones(n, dtype=torch.bool),
-           torch.ones(n, device="meta"), "hot", None, -1.0, 0.0, float("nan")]
+    bad = [
+        torch.ones(n + 1),
+        torch.ones(n, 1),
+        torch.ones(1, n),
+        torch.ones(()),
+        torch.ones(n, dtype=torch.bool),
+        torch.ones(n, device="meta"),
+        "hot",
+        None,
+        -1.0,
+        0.0,
+        float("nan"),
+    ]
     for T in bad:
         with pytest.raises(ValueError, match="temperature"):
             cb.onepass_epilogue(u.clone(), t, b, T, None, head)
@@ -675,14 +909,16 @@ def _gpu_or_skip():
 
 
 def _head_to(head, dev):
-    return head._replace(**{k: getattr(head, k).to(dev) for k in ("old", "adv", "weight", "ref")
-                            if getattr(head, k) is not None})
+    return head._replace(
+        **{k: getattr(head, k).to(dev) for k in ("old", "adv", "weight", "ref") if getattr(head, k) is not None}
+    )
 
 
 @gpu
 @pytest.mark.parametrize("du16", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("mode,kl,c", [("clipped", "k3", None), ("cispo", "abs", 30.0), ("unclipped", "k2", None),
-                                       ("gpg", None, 5.0)])
+@pytest.mark.parametrize(
+    "mode,kl,c", [("clipped", "k3", None), ("cispo", "abs", 30.0), ("unclipped", "k2", None), ("gpg", None, 5.0)]
+)
 def test_gpu_onepass_kernel_matches_host_lane(mode, kl, c, du16):
     _gpu_or_skip()
     u, t, b, head = make_onepass_case(300, 1003, mode=mode, kl=kl, bias="-inf", T=0.9, c=c, masked=(0, 17, 299))

@@ -9,15 +9,15 @@ lets the triton backend use its fused fp32-atomic backward: same accuracy, but r
 differences on a GPU (in the CPU interpreter programs run one at a time, so it happens to be
 reproducible there; only its accuracy is tested on CPU).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import err, make_case
 
 import fusedrl
 from fusedrl import PolicyLossConfig, fused_policy_loss, reference
-
-from _helpers import err, make_case
 
 CPU_BACKENDS = [b for b in fusedrl.available_backends("cpu") if b in ("torch", "triton")]
 
@@ -37,14 +37,15 @@ def shape_for(device, backend):
     if device == "cuda":
         return 2053, 256, 32003  # several token blocks, vocab chunks and splits; atomics would show
     if backend == "triton":
-        return 70, 40, 600       # > 1 block in N and V for the interpreter's block sizes
+        return 70, 40, 600  # > 1 block in N and V for the interpreter's block sizes
     return 300, 64, 5003
 
 
 def run_core(x, w, b, t, backend, **kw):
     leaves = [p.detach().clone().requires_grad_() for p in (x, w, b)]
-    lp, ent = fusedrl.linear_logprob_entropy(*leaves[:2], t, leaves[2], temperature=0.8, softcap=25.0,
-                                             backend=backend, **kw)
+    lp, ent = fusedrl.linear_logprob_entropy(
+        *leaves[:2], t, leaves[2], temperature=0.8, softcap=25.0, backend=backend, **kw
+    )
     g = torch.Generator(device="cpu").manual_seed(1)
     g_lp = torch.randn(lp.shape, generator=g).to(lp.device)
     g_H = torch.randn(lp.shape, generator=g).to(lp.device)
@@ -120,11 +121,18 @@ def test_fused_policy_loss_is_bitwise_reproducible(device, backend, mode, layout
         cu[-1] = B * T
 
     def once():
-        cfg = PolicyLossConfig(loss_mode=mode, entropy_coeff=0.01, clip_cov_ratio=0.2, clip_cov_lb=-1.0,
-                               kl_cov_ratio=0.2, generator=torch.Generator(device=device).manual_seed(7))
+        cfg = PolicyLossConfig(
+            loss_mode=mode,
+            entropy_coeff=0.01,
+            clip_cov_ratio=0.2,
+            clip_cov_lb=-1.0,
+            kl_cov_ratio=0.2,
+            generator=torch.Generator(device=device).manual_seed(7),
+        )
         leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-        loss, metrics = fused_policy_loss(leaves[0], leaves[1], targets, old, adv, mask, cu_seqlens=cu, config=cfg,
-                                          backend=backend)
+        loss, metrics = fused_policy_loss(
+            leaves[0], leaves[1], targets, old, adv, mask, cu_seqlens=cu, config=cfg, backend=backend
+        )
         grads = torch.autograd.grad(loss, leaves)
         return [loss.detach(), *[metrics[k] for k in sorted(metrics)], *grads]
 
@@ -145,8 +153,10 @@ def test_nondeterministic_fast_path_is_accurate(device, backend):
         return
     # on a GPU, the atomic path may differ run to run; only report, never require either way
     again = run_core(x, w, b, t, backend, deterministic=False)
-    print("triton deterministic=False bitwise reproducible this time:",
-          all(torch.equal(a, c) for a, c in zip(fast, again)))
+    print(
+        "triton deterministic=False bitwise reproducible this time:",
+        all(torch.equal(a, c) for a, c in zip(fast, again)),
+    )
 
 
 def test_deterministic_env_default(monkeypatch):
@@ -157,7 +167,9 @@ def test_deterministic_env_default(monkeypatch):
     real = ops._lle_fwd
 
     def spy(*args):
-        seen.append(args[9])  # (x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, deterministic, ...)
+        seen.append(
+            args[9]
+        )  # (x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, deterministic, ...)
         return real(*args)
 
     monkeypatch.setattr(ops, "_lle_fwd", spy)

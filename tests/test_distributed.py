@@ -6,6 +6,7 @@ and checks, inside each child, that the distributed result equals the single-pro
 computed in that same child from the same seeded data. A child's assertion error travels back to
 pytest with its traceback.
 """
+
 import datetime
 import os
 import tempfile
@@ -17,12 +18,11 @@ if not torch.cuda.is_available():  # before anything imports triton (children in
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _dist import PG_TIMEOUT_S, finish, init, launch  # noqa: E402
 
 import fusedrl  # noqa: E402
 from fusedrl import distributed as fdist  # noqa: E402
 from fusedrl.backends import availability  # noqa: E402
-
-from _dist import PG_TIMEOUT_S, finish, init, launch  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 
@@ -93,8 +93,18 @@ def _run(x, w, b, t, c, backend, g_lp, g_h, group=None, **kw):
     xx = x.clone().requires_grad_()
     ww = w.clone().requires_grad_()
     bb = None if b is None else b.clone().requires_grad_()
-    lp, ent = fusedrl.linear_logprob_entropy(xx, ww, t, bb, temperature=c["temperature"], softcap=c["softcap"],
-                                             return_entropy=c["ent"], backend=backend, process_group=group, **kw)
+    lp, ent = fusedrl.linear_logprob_entropy(
+        xx,
+        ww,
+        t,
+        bb,
+        temperature=c["temperature"],
+        softcap=c["softcap"],
+        return_entropy=c["ent"],
+        backend=backend,
+        process_group=group,
+        **kw,
+    )
     loss = (lp.double() * g_lp).sum() + ((ent.double() * g_h).sum() if c["ent"] else 0.0)
     loss.backward()
     return lp, ent, xx.grad, ww.grad, (None if bb is None else bb.grad)
@@ -133,8 +143,9 @@ def _tp_backend(rank, world, backend):
         gather = fdist._all_gather = _Count(fdist._all_gather)
         reduce = dist.all_reduce = _Count(dist.all_reduce)
         try:
-            lp, en, dx, dw, db = _run(x, w[start:end], None if b is None else b[start:end], t, c, backend,
-                                      g_lp, g_h, group)
+            lp, en, dx, dw, db = _run(
+                x, w[start:end], None if b is None else b[start:end], t, c, backend, g_lp, g_h, group
+            )
         finally:
             fdist._all_gather, dist.all_reduce = gather.fn, reduce.fn
         assert gather.n == 1, f"{tag} forward used {gather.n} all_gathers (layout cached: expected 1)"
@@ -163,12 +174,23 @@ def _tp_backend(rank, world, backend):
         # (backend-independent logic: skipped in the slow triton interpreter)
         if backend != "triton":
             with fdist.partial_dx():
-                lpp, _, dxp, dwp, _ = _run(x, w[start:end], None if b is None else b[start:end], t, c, backend,
-                                           g_lp, g_h, group)
+                lpp, _, dxp, dwp, _ = _run(
+                    x, w[start:end], None if b is None else b[start:end], t, c, backend, g_lp, g_h, group
+                )
             assert torch.equal(lpp, lp) and torch.equal(dwp, dw)
             # the same through the keyword argument of the public op
-            _, _, dxk, _, _ = _run(x, w[start:end], None if b is None else b[start:end], t, c, backend,
-                                   g_lp, g_h, group, tp_reduce_dx=False)
+            _, _, dxk, _, _ = _run(
+                x,
+                w[start:end],
+                None if b is None else b[start:end],
+                t,
+                c,
+                backend,
+                g_lp,
+                g_h,
+                group,
+                tp_reduce_dx=False,
+            )
             assert torch.equal(dxk, dxp)
             dxs = dxp.clone()
             dist.all_reduce(dxs)
@@ -177,10 +199,17 @@ def _tp_backend(rank, world, backend):
                 assert not torch.allclose(dxp.double(), dx1.double(), atol=atol, rtol=rtol), f"{tag} dx not partial"
         # scoring: forward only, same numbers
         with torch.no_grad():
-            lps, ens = fusedrl.linear_logprob_entropy(x, w[start:end], t, None if b is None else b[start:end],
-                                                      temperature=c["temperature"], softcap=c["softcap"],
-                                                      return_entropy=c["ent"], backend=backend,
-                                                      process_group=group)
+            lps, ens = fusedrl.linear_logprob_entropy(
+                x,
+                w[start:end],
+                t,
+                None if b is None else b[start:end],
+                temperature=c["temperature"],
+                softcap=c["softcap"],
+                return_entropy=c["ent"],
+                backend=backend,
+                process_group=group,
+            )
         assert torch.equal(lps, lp) and (ens is None or torch.equal(ens, en))
     if backend == "torch":
         _check_fused_policy_loss(rank, world, group, start, end)
@@ -207,9 +236,20 @@ def _check_fused_policy_loss(rank, world, group, start, end):
         xx = x.clone().requires_grad_()
         ww = w[shard].clone().requires_grad_()
         bb = b[shard].clone().requires_grad_()
-        loss, metrics = fusedrl.fused_policy_loss(xx, ww, t, old, adv, mask, ref_logp=ref, bias=bb,
-                                                  temperature=c["temperature"], config=cfg, backend="torch",
-                                                  process_group=pg)
+        loss, metrics = fusedrl.fused_policy_loss(
+            xx,
+            ww,
+            t,
+            old,
+            adv,
+            mask,
+            ref_logp=ref,
+            bias=bb,
+            temperature=c["temperature"],
+            config=cfg,
+            backend="torch",
+            process_group=pg,
+        )
         loss.backward()
         out.append((loss.detach(), metrics, xx.grad, ww.grad, bb.grad))
     (l1, m1, dx1, dw1, db1), (l2, m2, dx2, dw2, db2) = out
@@ -233,15 +273,16 @@ def _check_stale_layout(rank, group):
     def call(sizes):
         s = sum(sizes[:rank])
         w = torch.randn(sum(sizes), H, generator=torch.Generator().manual_seed(3))
-        return fusedrl.linear_logprob_entropy(x, w[s:s + sizes[rank]], t, backend="torch", process_group=group)
+        return fusedrl.linear_logprob_entropy(x, w[s : s + sizes[rank]], t, backend="torch", process_group=group)
 
     call([6, 7])  # cached: rank0 {6: (6, 7)}, rank1 {7: (6, 7)}
     call([7, 6])  # both miss:  rank0 {7: (7, 6)}, rank1 {6: (7, 6)}
     with pytest.raises(RuntimeError, match="stale"):
         call([6, 6])  # both hit; rank1 would assume start 7: caught by the forward's own gather
     lp, _ = call([6, 6])  # the stale entries were dropped on every rank: refetched, correct
-    ref, _ = fusedrl.linear_logprob_entropy(x, torch.randn(12, H, generator=torch.Generator().manual_seed(3)), t,
-                                            backend="torch")
+    ref, _ = fusedrl.linear_logprob_entropy(
+        x, torch.randn(12, H, generator=torch.Generator().manual_seed(3)), t, backend="torch"
+    )
     _close(lp, ref, "after refetch", 2e-5)
     fdist.clear_vocab_layout_cache()
 
@@ -275,8 +316,9 @@ class _TinyPolicy(torch.nn.Module):
         hidden = torch.tanh(self.body(x))
         # the fused loss is called inside the wrapped module's forward, where FSDP2 has unsharded
         # lm_head.weight into a plain tensor
-        return fusedrl.fused_policy_loss(hidden, self.lm_head.weight, targets, old, adv, mask, config=cfg,
-                                         backend="torch", **normalisers)
+        return fusedrl.fused_policy_loss(
+            hidden, self.lm_head.weight, targets, old, adv, mask, config=cfg, backend="torch", **normalisers
+        )
 
 
 def _dp_batch():
@@ -319,6 +361,7 @@ def _dp_check(rank, world, wrapper):
     else:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
     half = x.shape[0] // world
     mine = slice(rank * half, (rank + 1) * half)
@@ -358,6 +401,7 @@ def test_data_parallel_global_normalisers():
     wrappers = ["ddp"]
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401  (availability probe)
+
         wrappers.append("fsdp2")
     except ImportError:  # older torch: DDP only
         pass
@@ -374,8 +418,13 @@ def test_tp_nccl_world1():
     if dist.is_initialized():
         pytest.skip("a default process group already exists in this process")
     tmp = tempfile.TemporaryDirectory(prefix="fusedrl-nccl-")
-    dist.init_process_group("nccl", init_method="file://" + os.path.join(tmp.name, "store"), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+    dist.init_process_group(
+        "nccl",
+        init_method="file://" + os.path.join(tmp.name, "store"),
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
+    )
     try:
         group = dist.group.WORLD
         dev = torch.device("cuda")

@@ -1,4 +1,5 @@
 """fused_policy_loss == policy_loss(linear_logprob_entropy(...)) for every mode and backend."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,8 @@ FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]
 
 def make_case(B=3, T=7, H=16, V=37, seed=0, dtype=torch.float32, packed=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(B, T, H, generator=g) / H ** 0.25).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dtype)
+    hidden = (torch.randn(B, T, H, generator=g) / H**0.25).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.25).to(dtype)
     bias = (torch.randn(V, generator=g) * 0.3).to(dtype)
     targets = torch.randint(0, V, (B, T), generator=g)
     lengths = torch.tensor([T, 3, 5])[:B]
@@ -32,14 +33,20 @@ def make_case(B=3, T=7, H=16, V=37, seed=0, dtype=torch.float32, packed=False, d
     old = lp + 0.3 * torch.randn(B, T, generator=g)
     ref = lp + 0.2 * torch.randn(B, T, generator=g)
     adv = torch.randn(B, generator=g) * 2
-    case = dict(hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=adv, mask=mask,
-                ref_logp=ref, bias=bias)
+    case = dict(
+        hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=adv, mask=mask, ref_logp=ref, bias=bias
+    )
     if packed:
         idx = torch.cat([torch.arange(i * T, i * T + int(n)) for i, n in enumerate(lengths)])
         flat = lambda x: x.reshape(B * T, *x.shape[2:])[idx]  # noqa: E731
-        case.update(hidden=flat(hidden), targets=flat(targets), old_logp=flat(old), mask=flat(mask),
-                    ref_logp=flat(ref),
-                    cu_seqlens=torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32))
+        case.update(
+            hidden=flat(hidden),
+            targets=flat(targets),
+            old_logp=flat(old),
+            mask=flat(mask),
+            ref_logp=flat(ref),
+            cu_seqlens=torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32),
+        )
     return {k: v.to(device) for k, v in case.items()}
 
 
@@ -53,10 +60,19 @@ def leaf(case):
 def unfused(case, cfg, backend="reference", **kw):
     tgt = torch.where(case["mask"], case["targets"], torch.zeros_like(case["targets"]))
     need_ent = cfg.entropy_coeff != 0 or kw.pop("return_entropy", False)
-    lp, ent = reference.linear_logprob_entropy(case["hidden"], case["weight"], tgt, case["bias"],
-                                               kw.pop("temperature", 1.0), kw.pop("softcap", None), need_ent)
-    return policy_loss(lp, case["old_logp"], case["advantages"], case["mask"], entropy=ent,
-                       ref_logp=case["ref_logp"], cu_seqlens=case.get("cu_seqlens"), config=cfg)
+    lp, ent = reference.linear_logprob_entropy(
+        case["hidden"], case["weight"], tgt, case["bias"], kw.pop("temperature", 1.0), kw.pop("softcap", None), need_ent
+    )
+    return policy_loss(
+        lp,
+        case["old_logp"],
+        case["advantages"],
+        case["mask"],
+        entropy=ent,
+        ref_logp=case["ref_logp"],
+        cu_seqlens=case.get("cu_seqlens"),
+        config=cfg,
+    )
 
 
 def grads(loss, case):
@@ -66,8 +82,13 @@ def grads(loss, case):
 def check(case, cfg, backend, atol=2e-5, **kw):
     a, b = leaf(case), leaf(case)
     dev = case["hidden"].device
-    fresh = lambda: None if cfg.generator is None else cfg.replace(  # noqa: E731
-        generator=torch.Generator(device=dev).manual_seed(cfg.generator.initial_seed()))
+    fresh = lambda: (
+        None
+        if cfg.generator is None
+        else cfg.replace(  # noqa: E731
+            generator=torch.Generator(device=dev).manual_seed(cfg.generator.initial_seed())
+        )
+    )
     cfg_a = fresh() or cfg
     cfg_b = fresh() or cfg
     la, ma = fused_policy_loss(**a, config=cfg_a, backend=backend, **kw)
@@ -86,9 +107,16 @@ def check(case, cfg, backend, atol=2e-5, **kw):
 @pytest.mark.parametrize("mode", LOSS_MODES)
 def test_fused_matches_unfused(mode, layout, backend):
     case = make_case(packed=layout == "packed", seed=LOSS_MODES.index(mode))
-    cfg = PolicyLossConfig(loss_mode=mode, loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.02,
-                           kl_loss_coef=0.1, clip_cov_ratio=0.2, clip_cov_lb=0.1, kl_cov_ratio=0.2,
-                           generator=torch.Generator().manual_seed(3))
+    cfg = PolicyLossConfig(
+        loss_mode=mode,
+        loss_agg_mode="seq-mean-token-mean",
+        entropy_coeff=0.02,
+        kl_loss_coef=0.1,
+        clip_cov_ratio=0.2,
+        clip_cov_lb=0.1,
+        kl_cov_ratio=0.2,
+        generator=torch.Generator().manual_seed(3),
+    )
     check(case, cfg, backend)
 
 
@@ -160,8 +188,15 @@ def test_errors():
 def test_fused_on_cuda_every_backend(mode):
     from fusedrl.backends import available_backends as avail
 
-    cfg = PolicyLossConfig(loss_mode=mode, loss_agg_mode="token-mean", entropy_coeff=0.02, kl_loss_coef=0.1,
-                           clip_cov_ratio=1.0, clip_cov_lb=0.1, kl_cov_ratio=0.2)
+    cfg = PolicyLossConfig(
+        loss_mode=mode,
+        loss_agg_mode="token-mean",
+        entropy_coeff=0.02,
+        kl_loss_coef=0.1,
+        clip_cov_ratio=1.0,
+        clip_cov_lb=0.1,
+        kl_cov_ratio=0.2,
+    )
     for packed in (False, True):
         case = make_case(B=3, T=40, H=64, V=1003, seed=1, packed=packed, device="cuda")
         for backend in ["reference"] + avail("cuda"):

@@ -9,6 +9,7 @@
 CI-bounded: derandomize=True (the same examples on every run), database=None, deadline=None and a
 fixed max_examples per test; the triton interpreter gets few, tiny examples.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
+from _helpers import ATOL, GRAD_ATOL, assert_cce, eager_lowprec, err  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -25,15 +27,19 @@ from fusedrl import fused_policy_loss, reference  # noqa: E402
 from fusedrl.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig, policy_loss  # noqa: E402
 from fusedrl.reference_loss import reference_policy_loss  # noqa: E402
 
-from _helpers import ATOL, GRAD_ATOL, assert_cce, eager_lowprec, err  # noqa: E402
-
 CPU_BACKENDS = [b for b in fusedrl.available_backends("cpu") if b in ("torch", "triton")]
 HAS_TRITON = "triton" in CPU_BACKENDS
 
 
 def fuzz_settings(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -53,8 +59,18 @@ def core_cases(draw, max_n=40, max_h=48, max_v=300):
     bias = draw(st.booleans())
     scale = draw(st.floats(0.25, 4.0))
     seed = draw(st.integers(0, 2**31 - 1))
-    return dict(lead=lead, n=n, h=h, v=v, dtype=dtype, temperature=temperature, softcap=softcap, bias=bias,
-                scale=scale, seed=seed)
+    return dict(
+        lead=lead,
+        n=n,
+        h=h,
+        v=v,
+        dtype=dtype,
+        temperature=temperature,
+        softcap=softcap,
+        bias=bias,
+        scale=scale,
+        seed=seed,
+    )
 
 
 def materialise(c):
@@ -78,8 +94,7 @@ def check_core(c, backend):
     T, cap, dt = c["temperature"], c["softcap"], c["dtype"]
     leaves = [p.clone().requires_grad_() for p in (x, w, b) if p is not None]
     xb = leaves[2] if b is not None else None
-    lp, ent = fusedrl.linear_logprob_entropy(leaves[0], leaves[1], t, xb, temperature=T, softcap=cap,
-                                             backend=backend)
+    lp, ent = fusedrl.linear_logprob_entropy(leaves[0], leaves[1], t, xb, temperature=T, softcap=cap, backend=backend)
     assert lp.shape == t.shape and ent.shape == t.shape and lp.dtype == torch.float32
     g = torch.Generator().manual_seed(c["seed"] + 1)
     g_lp = torch.randn(t.shape, generator=g, dtype=torch.float64)
@@ -118,10 +133,15 @@ def test_fuzz_core_triton_interpreter(c):
 def logits_cases(draw, max_n=30, max_v=400):
     n = draw(st.integers(0, max_n))
     v = draw(st.integers(1, max_v))
-    return dict(n=n, v=v, dtype=draw(st.sampled_from(DTYPES)),
-                temperature=draw(st.sampled_from([1.0]) | st.floats(0.1, 10.0)),
-                softcap=draw(st.none() | st.floats(1.0, 50.0)), scale=draw(st.floats(0.5, 20.0)),
-                seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        n=n,
+        v=v,
+        dtype=draw(st.sampled_from(DTYPES)),
+        temperature=draw(st.sampled_from([1.0]) | st.floats(0.1, 10.0)),
+        softcap=draw(st.none() | st.floats(1.0, 50.0)),
+        scale=draw(st.floats(0.5, 20.0)),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def check_logits(c, backend):
@@ -171,21 +191,34 @@ def loss_cases(draw):
     density = draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
     per_seq_adv = draw(st.booleans())
     cfg = dict(
-        loss_mode=mode, loss_agg_mode=agg,
-        clip_ratio_low=draw(st.sampled_from([0.2, 0.1])), clip_ratio_high=draw(st.sampled_from([0.2, 0.28])),
+        loss_mode=mode,
+        loss_agg_mode=agg,
+        clip_ratio_low=draw(st.sampled_from([0.2, 0.1])),
+        clip_ratio_high=draw(st.sampled_from([0.2, 0.28])),
         clip_ratio_c=draw(st.sampled_from([3.0, None, 1.5])),
         entropy_coeff=draw(st.sampled_from([0.0, 0.01])),
-        kl_loss_coef=draw(st.sampled_from([0.0, 0.1])), kl_loss_type=draw(st.sampled_from(KL_LOSS_TYPES)),
+        kl_loss_coef=draw(st.sampled_from([0.0, 0.1])),
+        kl_loss_type=draw(st.sampled_from(KL_LOSS_TYPES)),
         # covariance modes: ratio 1 makes the selection independent of near-ties in the key
-        clip_cov_ratio=draw(st.sampled_from([1.0, 0.3])), clip_cov_lb=draw(st.sampled_from([-1.0, 0.0])),
-        clip_cov_ub=draw(st.sampled_from([5.0, 0.5])), kl_cov_ratio=draw(st.sampled_from([1.0, 0.2, 2e-4])),
+        clip_cov_ratio=draw(st.sampled_from([1.0, 0.3])),
+        clip_cov_lb=draw(st.sampled_from([-1.0, 0.0])),
+        clip_cov_ub=draw(st.sampled_from([5.0, 0.5])),
+        kl_cov_ratio=draw(st.sampled_from([1.0, 0.2, 2e-4])),
         ppo_kl_coef=draw(st.sampled_from([1.0, 0.5])),
         global_num_tokens=draw(st.none() | st.sampled_from([7, 100.0])),
         global_num_seqs=draw(st.none() | st.sampled_from([3, 8.0])),
         norm_len=draw(st.none() | st.sampled_from([16])),
     )
-    return dict(B=B, T=T, packed=packed, density=density, per_seq_adv=per_seq_adv, cfg=cfg,
-                log_ratio_scale=draw(st.sampled_from([0.05, 0.3, 1.0])), seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        B=B,
+        T=T,
+        packed=packed,
+        density=density,
+        per_seq_adv=per_seq_adv,
+        cfg=cfg,
+        log_ratio_scale=draw(st.sampled_from([0.05, 0.3, 1.0])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def loss_inputs(c):
@@ -242,12 +275,21 @@ def test_fuzz_policy_loss_vs_reference(c):
 # --------------------------------------------------------------------------------------------------
 @st.composite
 def fused_cases(draw, backends):
-    return dict(backend=draw(st.sampled_from(backends)), mode=draw(st.sampled_from(LOSS_MODES)),
-                agg=draw(st.sampled_from(LOSS_AGG_MODES)), packed=draw(st.booleans()),
-                B=draw(st.integers(1, 3)), T=draw(st.integers(1, 6)), H=draw(st.integers(1, 20)),
-                V=draw(st.integers(1, 90)), temperature=draw(st.sampled_from([1.0, 0.6])),
-                softcap=draw(st.sampled_from([None, 10.0])), bias=draw(st.booleans()),
-                entropy_coeff=draw(st.sampled_from([0.0, 0.02])), seed=draw(st.integers(0, 2**31 - 1)))
+    return dict(
+        backend=draw(st.sampled_from(backends)),
+        mode=draw(st.sampled_from(LOSS_MODES)),
+        agg=draw(st.sampled_from(LOSS_AGG_MODES)),
+        packed=draw(st.booleans()),
+        B=draw(st.integers(1, 3)),
+        T=draw(st.integers(1, 6)),
+        H=draw(st.integers(1, 20)),
+        V=draw(st.integers(1, 90)),
+        temperature=draw(st.sampled_from([1.0, 0.6])),
+        softcap=draw(st.sampled_from([None, 10.0])),
+        bias=draw(st.booleans()),
+        entropy_coeff=draw(st.sampled_from([0.0, 0.02])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
 
 
 def check_fused(c):
@@ -265,16 +307,23 @@ def check_fused(c):
     if c["packed"]:
         hidden, targets, old, mask = (q.reshape(B * T, *q.shape[2:]) for q in (hidden, targets, old, mask))
         cu = torch.tensor([0] + [T * (i + 1) for i in range(B)])
-    cfg = PolicyLossConfig(loss_mode=c["mode"], loss_agg_mode=c["agg"], entropy_coeff=c["entropy_coeff"],
-                           clip_cov_ratio=1.0, kl_cov_ratio=1.0)
+    cfg = PolicyLossConfig(
+        loss_mode=c["mode"],
+        loss_agg_mode=c["agg"],
+        entropy_coeff=c["entropy_coeff"],
+        clip_cov_ratio=1.0,
+        kl_cov_ratio=1.0,
+    )
     kw = dict(temperature=c["temperature"], softcap=c["softcap"])
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    loss, metrics = fused_policy_loss(leaves[0], leaves[1], targets, old, adv, mask, bias=bias, cu_seqlens=cu,
-                                      config=cfg, backend=c["backend"], **kw)
+    loss, metrics = fused_policy_loss(
+        leaves[0], leaves[1], targets, old, adv, mask, bias=bias, cu_seqlens=cu, config=cfg, backend=c["backend"], **kw
+    )
     got = torch.autograd.grad(loss, leaves, allow_unused=True)
     r_leaves = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
-    lp, ent = reference.linear_logprob_entropy(r_leaves[0], r_leaves[1], targets.masked_fill(~mask, 0),
-                                               None if bias is None else bias.double(), **kw)
+    lp, ent = reference.linear_logprob_entropy(
+        r_leaves[0], r_leaves[1], targets.masked_fill(~mask, 0), None if bias is None else bias.double(), **kw
+    )
     want, r_metrics = policy_loss(lp, old.double(), adv.double(), mask, entropy=ent, cu_seqlens=cu, config=cfg)
     ref_grads = torch.autograd.grad(want, r_leaves, allow_unused=True)
     assert abs(loss.item() - want.item()) <= 1e-5 * (1 + abs(want.item()))
@@ -311,10 +360,12 @@ def test_fuzz_core_cuda(c, backend):
     x, w, b, t = materialise(c)
     x, w, t = x.cuda(), w.cuda(), t.cuda()
     b = None if b is None else b.cuda()
-    lp, ent = fusedrl.linear_logprob_entropy(x, w, t, b, temperature=c["temperature"], softcap=c["softcap"],
-                                             backend=backend)
-    r_lp, r_ent = reference.linear_logprob_entropy(x.double(), w.double(), t, None if b is None else b.double(),
-                                                   c["temperature"], c["softcap"])
+    lp, ent = fusedrl.linear_logprob_entropy(
+        x, w, t, b, temperature=c["temperature"], softcap=c["softcap"], backend=backend
+    )
+    r_lp, r_ent = reference.linear_logprob_entropy(
+        x.double(), w.double(), t, None if b is None else b.double(), c["temperature"], c["softcap"]
+    )
     lo_lp, lo_ent = eager_lowprec(x, w, t, b, c["temperature"], c["softcap"])
     assert_cce("logp", lp, r_lp, lo_lp, c["dtype"])
     assert_cce("entropy", ent, r_ent, lo_ent, c["dtype"])

@@ -29,6 +29,7 @@ The compiles run in 2 worker processes (this file run as a script), each with a 
 TRITON_CACHE_DIR and TRITON_ALWAYS_COMPILE=1: nothing is cached between runs. ``-s`` prints the case
 count and a table of the cases. Skips cleanly without triton / its CUDA backend / nvcc.
 """
+
 from __future__ import annotations
 
 import collections
@@ -60,19 +61,29 @@ REGS_RE = re.compile(r"Used (\d+) registers")
 # Worker side (runs without TRITON_INTERPRET: the kernels are JITFunctions)
 # =================================================================================================
 
-_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
-                "int8": "i8", "uint8": "u8", "bool": "i1"}
+_DTYPE_NAMES = {
+    "float32": "fp32",
+    "float16": "fp16",
+    "bfloat16": "bf16",
+    "int64": "i64",
+    "int32": "i32",
+    "int8": "i8",
+    "uint8": "u8",
+    "bool": "i1",
+}
 
 
 def _kernel_modules():
     from fusedrl.backends import triton_backend as tb
     from fusedrl.backends import triton_head as th
+
     return {"triton_backend": tb, "triton_head": th}
 
 
 def _all_kernels():
     """{(module, name)} of every JIT kernel (name ending in _kernel) the Triton modules define."""
     from triton.runtime.jit import JITFunction
+
     out = set()
     for mname, mod in _kernel_modules().items():
         for name, obj in vars(mod).items():
@@ -90,12 +101,14 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.log.append((self.module, self.name, self.fn, args, kwargs))
+
         return launch
 
 
 def _spec(fn, args, kwargs):
     """(signature, constexprs, divisibility-hinted arg indices) the way the JIT specialises a launch."""
     import torch
+
     names = fn.arg_names
     params = getattr(fn, "params", None)
     meta = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
@@ -118,7 +131,7 @@ def _spec(fn, args, kwargs):
             if a == 1 and not no_spec:
                 sig[name], consts[name] = "constexpr", 1
             else:
-                sig[name] = "i32" if -2**31 <= a < 2**31 else "i64"
+                sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
                 if a % 16 == 0 and not no_spec:
                     hints.append(i)
         elif isinstance(a, float):
@@ -132,6 +145,7 @@ def _scenarios(tb, th, dtype):
     """Call every launcher on meta tensors: the launches they make are recorded. Yields (shape tag,
     call) or (shape tag, call, False) for scenarios whose launches get no autotune expansion."""
     import torch
+
     meta = torch.device("meta")
     f32 = torch.float32
     E = lambda *shape, dt=dtype: torch.empty(*shape, dtype=dt, device=meta)  # noqa: E731
@@ -143,14 +157,18 @@ def _scenarios(tb, th, dtype):
         lse, ent, g = E(n, dt=f32), E(n, dt=f32), E(n, dt=f32)
         yield tag, lambda: tb.forward(x, w, t, b, 0.7, 30.0, True)
         yield tag, lambda: tb.forward(x, w, t, None, 1.0, None, False, vocab_splits=1)
-        for opts in (dict(), dict(grad_filter_eps=1e-3), dict(workspace_mb=1, memory_budget_mb=64),
-                     dict(workspace_mb=1, memory_budget_mb=64, grad_filter_eps=1e-3),
-                     dict(memory_budget_mb=0), dict(memory_budget_mb=0, grad_filter_eps=1e-3)):
+        for opts in (
+            dict(),
+            dict(grad_filter_eps=1e-3),
+            dict(workspace_mb=1, memory_budget_mb=64),
+            dict(workspace_mb=1, memory_budget_mb=64, grad_filter_eps=1e-3),
+            dict(memory_budget_mb=0),
+            dict(memory_budget_mb=0, grad_filter_eps=1e-3),
+        ):
             yield tag, lambda o=opts: tb.backward(x, w, t, b, 0.7, 30.0, lse, ent, g, g, **o)
         yield tag, lambda: tb.backward(x, w, t, None, 1.0, None, lse, None, g, None)
         yield tag, lambda: tb.backward(x, w, t, b, 0.7, 30.0, lse, ent, g, g, deterministic=False)
-        yield tag, lambda: tb.backward(x, w, t, b, 1.0, None, lse, ent, g, g, deterministic=False,
-                                       grad_filter_eps=1e-3)
+        yield tag, lambda: tb.backward(x, w, t, b, 1.0, None, lse, ent, g, g, deterministic=False, grad_filter_eps=1e-3)
         lg = E(n, v)
         yield tag, lambda: tb.logits_forward(lg, t, 0.7, 30.0, True)
         yield tag, lambda: tb.logits_backward(lg, t, 0.7, 30.0, lse, ent, g, g, inplace=True)
@@ -158,9 +176,22 @@ def _scenarios(tb, th, dtype):
         u = E(n, v, dt=f32)
         du16 = None if dtype == f32 else E(n, v)
         for bias, cap, ent_c, kl in ((b, 30.0, 0.01, 0.1), (None, None, 0.0, 0.0)):
-            head = tb.OnePassHead(mode=0, clip_lo=0.8, clip_hi=1.28, clip_c=3.0, dual=True, ent_coef=ent_c,
-                                  kl_coef=kl, kl_type=3, kl_st=False, old=g, adv=g, weight=g,
-                                  ref=g if kl else None, need_ent=bool(ent_c))
+            head = tb.OnePassHead(
+                mode=0,
+                clip_lo=0.8,
+                clip_hi=1.28,
+                clip_c=3.0,
+                dual=True,
+                ent_coef=ent_c,
+                kl_coef=kl,
+                kl_type=3,
+                kl_st=False,
+                old=g,
+                adv=g,
+                weight=g,
+                ref=g if kl else None,
+                need_ent=bool(ent_c),
+            )
             yield tag, lambda bb=bias, cc=cap, hh=head: tb.onepass_epilogue(u, t, bb, 0.7, cc, hh, du16=du16)
         if tag == "aligned" and dtype != torch.float16:
             # per-token temperature (fp32 [N]): the HAS_TEMP_VEC variants, pinned configs only
@@ -171,8 +202,22 @@ def _scenarios(tb, th, dtype):
                 yield tag, lambda: tb.backward(x, w, t, b, tv, 30.0, lse, ent, g, g, deterministic=False), False
                 yield tag, lambda: tb.logits_forward(lg, t, tv, 30.0, True), False
                 yield tag, lambda: tb.logits_backward(lg, t, tv, 30.0, lse, ent, g, g, inplace=True), False
-            head = tb.OnePassHead(mode=0, clip_lo=0.8, clip_hi=1.28, clip_c=3.0, dual=True, ent_coef=0.01,
-                                  kl_coef=0.1, kl_type=3, kl_st=False, old=g, adv=g, weight=g, ref=g, need_ent=True)
+            head = tb.OnePassHead(
+                mode=0,
+                clip_lo=0.8,
+                clip_hi=1.28,
+                clip_c=3.0,
+                dual=True,
+                ent_coef=0.01,
+                kl_coef=0.1,
+                kl_type=3,
+                kl_st=False,
+                old=g,
+                adv=g,
+                weight=g,
+                ref=g,
+                need_ent=True,
+            )
             yield tag, lambda: tb.onepass_epilogue(u, t, b, tv, 30.0, head, du16=du16), False
     # the standalone vanilla head (per-token, shape-free)
     lp = torch.empty(8192, dtype=dtype, device=meta)
@@ -212,14 +257,26 @@ def _case_key(case):
     else:
         consts = case["consts"]
     sig = {k: v for k, v in case["sig"].items() if v.startswith("*")}  # pointer dtypes
-    return json.dumps(dict(arch=case["arch"], kernel=case["kernel"], module=case["module"], consts=consts, sig=sig,
-                           nw=case["num_warps"], ns=case["num_stages"], shape=case["shape"], cfg=case["config"]),
-                      sort_keys=True)
+    return json.dumps(
+        dict(
+            arch=case["arch"],
+            kernel=case["kernel"],
+            module=case["module"],
+            consts=consts,
+            sig=sig,
+            nw=case["num_warps"],
+            ns=case["num_stages"],
+            shape=case["shape"],
+            cfg=case["config"],
+        ),
+        sort_keys=True,
+    )
 
 
 def collect_cases():
     """Every distinct (arch, kernel, signature, constexprs, hints, warps, stages) the launchers make."""
     import torch
+
     mods = _kernel_modules()
     tb, th = mods["triton_backend"], mods["triton_head"]
     kernels = sorted(_all_kernels())
@@ -250,9 +307,19 @@ def collect_cases():
                             variants += [("tune", kw) for kw in _expand_tune(tb, rec, family, dtype == torch.float32)]
                         for cfg_tag, kw in variants:
                             sig, consts, hints = _spec(fn, args, kw)
-                            case = dict(arch=arch, module=mname, kernel=kname, sig=sig, consts=consts, hints=hints,
-                                        num_warps=kw.get("num_warps", 4), num_stages=kw.get("num_stages", 3),
-                                        dtype=dname, shape=tag, config=cfg_tag)
+                            case = dict(
+                                arch=arch,
+                                module=mname,
+                                kernel=kname,
+                                sig=sig,
+                                consts=consts,
+                                hints=hints,
+                                num_warps=kw.get("num_warps", 4),
+                                num_stages=kw.get("num_stages", 3),
+                                dtype=dname,
+                                shape=tag,
+                                config=cfg_tag,
+                            )
                             key = _case_key(case)
                             if key not in cases:
                                 case["key"] = key
@@ -269,12 +336,14 @@ def _ptxas_path(arch=90):
     """The ptxas triton itself uses for `arch` (the wheel carries more than one), else the wheel's bin/ptxas."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
+
         try:
             return get_ptxas(arch).path
         except TypeError:  # older signature: get_ptxas()
             return get_ptxas().path
     except Exception:  # noqa: BLE001 - fall back to the file in the wheel
         import triton.backends.nvidia as nv
+
         return os.path.join(os.path.dirname(nv.__file__), "bin", "ptxas")
 
 
@@ -282,12 +351,15 @@ def compile_case(case):
     """Compile one case; returns its result dict (error text instead of a crash)."""
     import triton
     from triton.backends.compiler import GPUTarget
+
     mod = _kernel_modules()[case["module"]]
     fn = getattr(mod, case["kernel"])
     target = GPUTarget("cuda", case["arch"], 32)
     backend = triton.compiler.make_backend(target)
-    attrs = {(i,): backend.parse_attr("D") if hasattr(backend, "parse_attr") else [["tt.divisibility", 16]]
-             for i in case["hints"]}
+    attrs = {
+        (i,): backend.parse_attr("D") if hasattr(backend, "parse_attr") else [["tt.divisibility", 16]]
+        for i in case["hints"]
+    }
     src = triton.compiler.ASTSource(fn=fn, signature=dict(case["sig"]), constexprs=dict(case["consts"]), attrs=attrs)
     options = backend.parse_options(dict(num_warps=case["num_warps"], num_stages=case["num_stages"]))
     out = dict(key=case["key"])
@@ -307,8 +379,11 @@ def compile_case(case):
             p = os.path.join(d, "k.ptx")
             with open(p, "w") as f:
                 f.write(ptx)
-            r = subprocess.run([_ptxas_path(case["arch"]), "-v", f"--gpu-name={arch}", p, "-o", p + ".o"],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [_ptxas_path(case["arch"]), "-v", f"--gpu-name={arch}", p, "-o", p + ".o"],
+                capture_output=True,
+                text=True,
+            )
             log = r.stdout + r.stderr
     spills = [(int(a), int(b)) for a, b in SPILL_RE.findall(log)]
     out.update(
@@ -348,8 +423,8 @@ import pytest  # noqa: E402
 def _triton_cuda_reason():
     try:
         import triton  # noqa: F401
-        from triton.backends.compiler import GPUTarget  # noqa: F401
         import triton.backends.nvidia  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return f"triton with its CUDA backend is not importable: {type(e).__name__}: {e}"
     if not os.path.exists(_ptxas_path()):  # noqa: SIM102
@@ -366,16 +441,30 @@ def gate():
     try:
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET", None)
-        env.update(TRITON_CACHE_DIR=os.path.join(tmp, "cache"), TRITON_ALWAYS_COMPILE="1",
-                   TRITON_DUMP_PTXAS_LOG="1", TRITON_DEFAULT_FP_FUSION=env.get("TRITON_DEFAULT_FP_FUSION", "1"),
-                   PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+        env.update(
+            TRITON_CACHE_DIR=os.path.join(tmp, "cache"),
+            TRITON_ALWAYS_COMPILE="1",
+            TRITON_DUMP_PTXAS_LOG="1",
+            TRITON_DEFAULT_FP_FUSION=env.get("TRITON_DEFAULT_FP_FUSION", "1"),
+            PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+        )
         t0 = time.time()
         procs = []
         for i in range(N_WORKERS):
             out = os.path.join(tmp, f"shard{i}.json")
-            procs.append((out, subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", str(i),
-                                                 str(N_WORKERS), out], env=env, cwd=ROOT,
-                                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+            procs.append(
+                (
+                    out,
+                    subprocess.Popen(
+                        [sys.executable, os.path.abspath(__file__), "--worker", str(i), str(N_WORKERS), out],
+                        env=env,
+                        cwd=ROOT,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
+                    ),
+                )
+            )
         shards = []
         for out, p in procs:
             try:
@@ -400,8 +489,10 @@ def gate():
 
 def _name(r):
     kw = {k: v for k, v in r["consts"].items() if k.startswith("BLOCK_") or v is True}
-    return (f"sm_{r['arch']} {r['kernel']} {r['dtype']} {r['shape']} {r['config']} w{r['num_warps']} "
-            f"s{r['num_stages']} {kw}")
+    return (
+        f"sm_{r['arch']} {r['kernel']} {r['dtype']} {r['shape']} {r['config']} w{r['num_warps']} "
+        f"s{r['num_stages']} {kw}"
+    )
 
 
 def _ok(gate):
@@ -412,13 +503,17 @@ def test_aot_summary(gate):
     """Case count and per-kernel table (run with -s to see it)."""
     rs = gate["results"]
     by = collections.Counter((r["arch"], r["kernel"]) for r in rs)
-    print(f"\nAOT gate: {len(rs)} Triton compile cases ({len(_ok(gate))} compiled) in {gate['wall']:.0f} s "
-          f"on {N_WORKERS} workers")
+    print(
+        f"\nAOT gate: {len(rs)} Triton compile cases ({len(_ok(gate))} compiled) in {gate['wall']:.0f} s "
+        f"on {N_WORKERS} workers"
+    )
     for (arch, k), cnt in sorted(by.items()):
         sel = [r for r in _ok(gate) if r["arch"] == arch and r["kernel"] == k]
-        print(f"  sm_{arch} {k:22s} {cnt:3d} cases, max smem {max([r['shared'] for r in sel], default=0):6d} B, "
-              f"max regs {max([r['regs'] for r in sel], default=0):3d}, "
-              f"spilling {sum(r['spill_stores'] > 0 or r['spill_loads'] > 0 for r in sel)}")
+        print(
+            f"  sm_{arch} {k:22s} {cnt:3d} cases, max smem {max([r['shared'] for r in sel], default=0):6d} B, "
+            f"max regs {max([r['regs'] for r in sel], default=0):3d}, "
+            f"spilling {sum(r['spill_stores'] > 0 or r['spill_loads'] > 0 for r in sel)}"
+        )
     assert len(rs) > 0
 
 
@@ -435,8 +530,11 @@ def test_compiles(gate):
 
 
 def test_shared_memory_within_arch_limit(gate):
-    over = [f"{_name(r)}: {r['shared']} B > {SMEM_LIMIT[r['arch']]} B" for r in _ok(gate)
-            if r["shared"] > SMEM_LIMIT[r["arch"]]]
+    over = [
+        f"{_name(r)}: {r['shared']} B > {SMEM_LIMIT[r['arch']]} B"
+        for r in _ok(gate)
+        if r["shared"] > SMEM_LIMIT[r["arch"]]
+    ]
     assert not over, "\n".join(over)
 
 
@@ -447,13 +545,15 @@ def test_no_register_spills_16bit(gate):
     rs = [r for r in _ok(gate) if r["dtype"] in ("bf16", "fp16")]
     assert all(r["spill_stores"] >= 0 for r in rs), "ptxas -v output had no spill line"
     odd = [r for r in rs if r["shape"] == "odd" and (r["spill_stores"] or r["spill_loads"])]
-    print(f"\nodd-shape (unaligned) 16-bit cases that spill: {len(odd)} of "
-          f"{sum(r['shape'] == 'odd' for r in rs)}")
+    print(f"\nodd-shape (unaligned) 16-bit cases that spill: {len(odd)} of {sum(r['shape'] == 'odd' for r in rs)}")
     for r in odd:
         print(f"  {_name(r)}: {r['spill_stores']} B stores / {r['spill_loads']} B loads")
     rs = [r for r in rs if r["shape"] == "aligned"]
-    bad = [f"{_name(r)}: {r['spill_stores']} B stores / {r['spill_loads']} B loads, {r['regs']} regs"
-           for r in rs if r["spill_stores"] > 0 or r["spill_loads"] > 0]
+    bad = [
+        f"{_name(r)}: {r['spill_stores']} B stores / {r['spill_loads']} B loads, {r['regs']} regs"
+        for r in rs
+        if r["spill_stores"] > 0 or r["spill_loads"] > 0
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -470,8 +570,11 @@ def test_dot_lowered_to_tensor_cores(gate):
 
 def test_async_copies_in_gemm_kernels(gate):
     """Software-pipelined K loops (cp.async) at the aligned shape, gradient-filtered GEMMs included."""
-    rs = [r for r in _ok(gate) if r["kernel"] in ASYNC_KERNELS and r["shape"] == "aligned"
-          and not r["consts"].get("IS_LOGITS")]
+    rs = [
+        r
+        for r in _ok(gate)
+        if r["kernel"] in ASYNC_KERNELS and r["shape"] == "aligned" and not r["consts"].get("IS_LOGITS")
+    ]
     assert any(r["kernel"] == "_gemm_kernel" and r["consts"].get("HAS_FLAGS") for r in rs)
     bad = [f"{_name(r)}: {r['cp_async']} cp.async" for r in rs if r["cp_async"] == 0]
     assert not bad, "\n".join(bad)
@@ -495,13 +598,27 @@ def test_csrc_nvcc_no_spills():
         pytest.skip("no csrc/*.cu")
     jobs = [(s, a) for s in srcs for a in ("sm_80", "sm_90a")]
     with tempfile.TemporaryDirectory() as d:
+
         def build(job):
             src, arch = job
             obj = os.path.join(d, f"{os.path.basename(src)}.{arch}.o")
-            cmd = [nvcc, "-O3", "-std=c++17", f"-arch={arch}", "-Xptxas", "-v", "-c", src,
-                   "-I", os.path.join(ROOT, "csrc"), "-o", obj]
+            cmd = [
+                nvcc,
+                "-O3",
+                "-std=c++17",
+                f"-arch={arch}",
+                "-Xptxas",
+                "-v",
+                "-c",
+                src,
+                "-I",
+                os.path.join(ROOT, "csrc"),
+                "-o",
+                obj,
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             return job, r.returncode, r.stdout + r.stderr
+
         with ThreadPoolExecutor(N_WORKERS) as ex:
             outs = list(ex.map(build, jobs))
     errors, spills, n_funcs = [], [], 0

@@ -3,6 +3,7 @@
 Everything runs on CPU with tiny randomly initialised models built from configs (no downloads).
 ``transformers`` is needed for the model tests; TRL / verl tests are skipped when they are missing.
 """
+
 import copy
 import subprocess
 import sys
@@ -26,9 +27,19 @@ def _transformers():
 def llama(tie: bool, seed: int = 0, eos_bias: float = 0.0):
     tf = _transformers()
     torch.manual_seed(seed)
-    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=tie, bos_token_id=None, eos_token_id=V - 1, pad_token_id=V - 1)
+    cfg = tf.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        bos_token_id=None,
+        eos_token_id=V - 1,
+        pad_token_id=V - 1,
+    )
     m = tf.LlamaForCausalLM(cfg)
     if eos_bias:  # make EOS likely so sampled completions have different lengths
         with torch.no_grad():
@@ -42,9 +53,18 @@ def gemma2(softcap: float = 0.3, seed: int = 0):
     if not hasattr(tf, "Gemma2Config"):
         pytest.skip("transformers without Gemma-2")
     torch.manual_seed(seed)
-    cfg = tf.Gemma2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                          sliding_window=16, final_logit_softcapping=softcap)
+    cfg = tf.Gemma2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=16,
+        final_logit_softcapping=softcap,
+    )
     return tf.Gemma2ForCausalLM(cfg)
 
 
@@ -66,7 +86,7 @@ def rollout_batch(B=4, P=5, K=7, seed=0):
 
 
 def eager_logp_entropy(model, input_ids, attention_mask, K, temperature):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -K - 1:-1].float() / temperature
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -K - 1 : -1].float() / temperature
     lsm = logits.log_softmax(-1)
     logp = lsm.gather(-1, input_ids[:, -K:, None]).squeeze(-1)
     ent = -(lsm.exp() * lsm).sum(-1)
@@ -137,9 +157,16 @@ def test_grpo_steps_match_eager(tie, opt):
     old = old.detach()
     # perturb old so ratios are off 1 and some tokens clip
     old = old + 0.15 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
-    cfg = fusedrl.PolicyLossConfig(loss_mode="vanilla", clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
-                                   loss_agg_mode="seq-mean-token-mean", entropy_coeff=0.01, kl_loss_coef=0.04,
-                                   kl_loss_type="low_var_kl")
+    cfg = fusedrl.PolicyLossConfig(
+        loss_mode="vanilla",
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=3.0,
+        loss_agg_mode="seq-mean-token-mean",
+        entropy_coeff=0.01,
+        kl_loss_coef=0.04,
+        kl_loss_type="low_var_kl",
+    )
 
     def make_opt(model):
         if opt == "sgd":
@@ -148,8 +175,9 @@ def test_grpo_steps_match_eager(tie, opt):
 
     o_f, o_e = make_opt(m_fused), make_opt(m_eager)
     for step in range(steps):
-        loss_f, metrics = hf.hf_fused_policy_loss(m_fused, ids, am, rmask, old, adv, ref, temperature=T, config=cfg,
-                                                  backend="torch")
+        loss_f, metrics = hf.hf_fused_policy_loss(
+            m_fused, ids, am, rmask, old, adv, ref, temperature=T, config=cfg, backend="torch"
+        )
         o_f.zero_grad()
         loss_f.backward()
         logp_e, ent_e = eager_logp_entropy(m_eager, ids, am, rmask.shape[1], T)
@@ -265,8 +293,20 @@ def test_response_alignment_errors():
 # --------------------------------------------------------------------------------------------------
 # TRL mapping (no TRL needed): fusedrl config vs TRL's loss formulas written out
 # --------------------------------------------------------------------------------------------------
-def trl_reference_loss(logp, old, adv, mask, loss_type, level="token", eps_low=0.2, eps_high=0.28, delta=None,
-                       max_len=None, num_items=None, tau=(1.0, 1.05)):
+def trl_reference_loss(
+    logp,
+    old,
+    adv,
+    mask,
+    loss_type,
+    level="token",
+    eps_low=0.2,
+    eps_high=0.28,
+    delta=None,
+    max_len=None,
+    num_items=None,
+    tau=(1.0, 1.05),
+):
     """TRL 1.16's policy term written out (GRPOTrainer._compute_loss, no KL / masks)."""
     A = adv[:, None]
     log_ratio = logp - old
@@ -295,14 +335,27 @@ def trl_reference_loss(logp, old, adv, mask, loss_type, level="token", eps_low=0
     return (per_tok * mask).sum() / num_items
 
 
-@pytest.mark.parametrize("loss_type,level,extra", [
-    ("grpo", "token", {}), ("bnpo", "token", {}), ("dr_grpo", "token", {}), ("dapo", "token", {}),
-    ("grpo", "sequence", {}), ("dapo", "sequence", {}), ("dapo", "token", {"delta": 1.5}),
-    ("dapo", "token", {"delta": 1.1}), ("grpo", "sequence", {"delta": 1.2}),
-    ("cispo", "token", {"eps_high": 1.1}), ("cispo", "token", {"eps_high": 0.2}),
-    ("cispo", "sequence", {"eps_high": 2.0}),
-    ("sapo", "token", {}), ("sapo", "sequence", {}), ("luspo", "sequence", {}), ("luspo", "token", {"delta": 1.3}),
-])
+@pytest.mark.parametrize(
+    "loss_type,level,extra",
+    [
+        ("grpo", "token", {}),
+        ("bnpo", "token", {}),
+        ("dr_grpo", "token", {}),
+        ("dapo", "token", {}),
+        ("grpo", "sequence", {}),
+        ("dapo", "sequence", {}),
+        ("dapo", "token", {"delta": 1.5}),
+        ("dapo", "token", {"delta": 1.1}),
+        ("grpo", "sequence", {"delta": 1.2}),
+        ("cispo", "token", {"eps_high": 1.1}),
+        ("cispo", "token", {"eps_high": 0.2}),
+        ("cispo", "sequence", {"eps_high": 2.0}),
+        ("sapo", "token", {}),
+        ("sapo", "sequence", {}),
+        ("luspo", "sequence", {}),
+        ("luspo", "token", {"delta": 1.3}),
+    ],
+)
 def test_trl_loss_type_mapping(loss_type, level, extra):
     """grpo_policy_loss_config + fusedrl.policy_loss == TRL's policy term (the direct API, no TRL needed)."""
     g = torch.Generator().manual_seed(11)
@@ -314,14 +367,31 @@ def test_trl_loss_type_mapping(loss_type, level, extra):
     adv = torch.randn(B, generator=g)
     eps_high = extra.get("eps_high", 0.28)
     num_items = torch.tensor(37.0)
-    cfg, norms = fr_trl.grpo_policy_loss_config(loss_type, epsilon_low=0.2, epsilon_high=eps_high,
-                                                importance_sampling_level=level, delta=extra.get("delta"),
-                                                batch_size=B, max_completion_length=K + 2, num_items=num_items)
+    cfg, norms = fr_trl.grpo_policy_loss_config(
+        loss_type,
+        epsilon_low=0.2,
+        epsilon_high=eps_high,
+        importance_sampling_level=level,
+        delta=extra.get("delta"),
+        batch_size=B,
+        max_completion_length=K + 2,
+        num_items=num_items,
+    )
     a = logp0.clone().requires_grad_()
     b = logp0.clone().requires_grad_()
     loss, _ = fusedrl.policy_loss(a, old, adv, mask, config=cfg, **norms)
-    ref = trl_reference_loss(b, old, adv, mask, loss_type, level, eps_high=eps_high, delta=extra.get("delta"),
-                             max_len=K + 2, num_items=num_items)
+    ref = trl_reference_loss(
+        b,
+        old,
+        adv,
+        mask,
+        loss_type,
+        level,
+        eps_high=eps_high,
+        delta=extra.get("delta"),
+        max_len=K + 2,
+        num_items=num_items,
+    )
     loss.backward()
     ref.backward()
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
@@ -335,8 +405,14 @@ def test_trl_mapping_rejects_unmapped():
         fr_trl.grpo_policy_loss_config("vespo", importance_sampling_level="sequence", beta=0.1)
     # what used to fall back is mapped now
     for lt in fr_trl.TRL_LOSS_TYPES:
-        fr_trl.grpo_policy_loss_config(lt, batch_size=4, max_completion_length=8, top_entropy_quantile=0.2,
-                                       off_policy_mask_threshold=0.5, vllm_importance_sampling_mode="token_mask")
+        fr_trl.grpo_policy_loss_config(
+            lt,
+            batch_size=4,
+            max_completion_length=8,
+            top_entropy_quantile=0.2,
+            off_policy_mask_threshold=0.5,
+            vllm_importance_sampling_mode="token_mask",
+        )
     cfg, _ = fr_trl.grpo_policy_loss_config("cispo")  # TRL's default epsilon_high (= epsilon = 0.2) caps at 0.2
     assert (cfg.clip_ratio_low, cfg.clip_ratio_high) == (1.0, pytest.approx(-0.8))
 
@@ -352,18 +428,35 @@ class _FakeAccelerator:
 
     def autocast(self):
         import contextlib
+
         return contextlib.nullcontext()
 
 
 def _fake_trainer(model, **kw):
     from collections import defaultdict
-    args = types.SimpleNamespace(use_bias_correction_kl=kw.pop("bias_corr", True), delta=None, steps_per_generation=2,
-                                 gradient_accumulation_steps=2, entropy_coef=kw.pop("entropy_coef", 0.0))
-    t = types.SimpleNamespace(model=model, args=args, accelerator=_FakeAccelerator(), loss_type="grpo",
-                              importance_sampling_level="token", beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
-                              temperature=0.9, max_completion_length=7, current_gradient_accumulation_steps=2,
-                              top_entropy_quantile=1.0,
-                              _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+
+    args = types.SimpleNamespace(
+        use_bias_correction_kl=kw.pop("bias_corr", True),
+        delta=None,
+        steps_per_generation=2,
+        gradient_accumulation_steps=2,
+        entropy_coef=kw.pop("entropy_coef", 0.0),
+    )
+    t = types.SimpleNamespace(
+        model=model,
+        args=args,
+        accelerator=_FakeAccelerator(),
+        loss_type="grpo",
+        importance_sampling_level="token",
+        beta=0.04,
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        temperature=0.9,
+        max_completion_length=7,
+        current_gradient_accumulation_steps=2,
+        top_entropy_quantile=1.0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+    )
     for k, v in kw.items():
         setattr(t, k, v)
     return t
@@ -379,9 +472,16 @@ def test_fused_grpo_loss_hook_matches_trl_formula(loss_type, level):
         old, _ = eager_logp_entropy(m2, ids, am, K, 0.9)
         old = old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(5))
         ref = old - 0.1
-    inputs = dict(prompt_ids=ids[:, :P], prompt_mask=am[:, :P], completion_ids=ids[:, P:], completion_mask=am[:, P:],
-                  advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
-                  num_items_in_batch=rmask.sum() * 2)
+    inputs = dict(
+        prompt_ids=ids[:, :P],
+        prompt_mask=am[:, :P],
+        completion_ids=ids[:, P:],
+        completion_mask=am[:, P:],
+        advantages=adv,
+        old_per_token_logps=old,
+        ref_per_token_logps=ref,
+        num_items_in_batch=rmask.sum() * 2,
+    )
     m1.train()
     tr = _fake_trainer(m1, loss_type=loss_type, importance_sampling_level=level, entropy_coef=0.02)
     loss = fr_trl.fused_grpo_loss(tr, m1, inputs, backend="torch")
@@ -433,9 +533,11 @@ class _FakeGRPOBase:
 
     def __init__(self, model=None, **kw):
         from collections import defaultdict
+
         self.model = model
-        self.args = types.SimpleNamespace(delta=None, use_bias_correction_kl=True, steps_per_generation=1,
-                                          gradient_accumulation_steps=1)
+        self.args = types.SimpleNamespace(
+            delta=None, use_bias_correction_kl=True, steps_per_generation=1, gradient_accumulation_steps=1
+        )
         self.accelerator = _FakeAccelerator()
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self.loss_type, self.importance_sampling_level, self.beta = "dapo", "token", 0.0
@@ -464,6 +566,7 @@ def test_trl_entropy_coeff_with_fallback_checked_at_construction():
     assert "is not covered" not in msgs[0] and "not mapped" not in msgs[0]  # the old garbled text
     assert (tr.entropy_coef, tr._entropy_bonus_enabled) == (0.05, True)
     import warnings as _w
+
     with _w.catch_warnings():
         _w.simplefilter("error")  # warned once already: the step itself is silent
         tr._compute_loss(tr.model, {})
@@ -480,24 +583,28 @@ def test_trl_fallback_warning_text():
         fr_trl.fused_grpo_loss(tr, tr.model, {})
     assert e.value.reason == "loss_type='no_such_loss'"
     cls = fr_trl.make_fused_grpo_trainer_class(_FakeGRPOBase)
-    with pytest.warns(UserWarning, match=r"^fusedrl: the fused loss does not cover loss_type='no_such_loss'; "
-                                         r"TRL's own loss is used"):
+    with pytest.warns(
+        UserWarning,
+        match=r"^fusedrl: the fused loss does not cover loss_type='no_such_loss'; "
+        r"TRL's own loss is used",
+    ):
         t = cls(model=llama(False))
         t.loss_type = "no_such_loss"
         t._compute_loss(t.model, {})
 
 
 def test_integrations_import_without_frameworks():
-    code = ("import sys; sys.modules['trl'] = None; sys.modules['verl'] = None; sys.modules['transformers'] = None\n"
-            "import fusedrl.integrations.trl as t, fusedrl.integrations.verl as v, fusedrl.integrations.hf as h\n"
-            "assert hasattr(t, 'FusedGRPOMixin') and hasattr(v, 'FusedLinearForPPO')\n"
-            "try:\n    t.FusedGRPOTrainer\nexcept ImportError:\n    print('ok')\n")
+    code = (
+        "import sys; sys.modules['trl'] = None; sys.modules['verl'] = None; sys.modules['transformers'] = None\n"
+        "import fusedrl.integrations.trl as t, fusedrl.integrations.verl as v, fusedrl.integrations.hf as h\n"
+        "assert hasattr(t, 'FusedGRPOMixin') and hasattr(v, 'FusedLinearForPPO')\n"
+        "try:\n    t.FusedGRPOTrainer\nexcept ImportError:\n    print('ok')\n"
+    )
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=root)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=root)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -530,10 +637,14 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("loss_type,extra", [
-    ("dr_grpo", {}),
-    ("grpo", {"importance_sampling_level": "sequence", "entropy_coef": 0.05}),
-], ids=["dr_grpo", "grpo-sequence-entropy"])
+@pytest.mark.parametrize(
+    "loss_type,extra",
+    [
+        ("dr_grpo", {}),
+        ("grpo", {"importance_sampling_level": "sequence", "entropy_coef": 0.05}),
+    ],
+    ids=["dr_grpo", "grpo-sequence-entropy"],
+)
 def test_trl_grpo_trainer_matches_trl(tmp_path, tiny_model_dir, monkeypatch, loss_type, extra):
     pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
@@ -550,12 +661,28 @@ def test_trl_grpo_trainer_matches_trl(tmp_path, tiny_model_dir, monkeypatch, los
     def run(cls, **kw):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
         ds = datasets.Dataset.from_dict({"prompt": ["hello", "abc", "xyz q", "rl!"] * 4})
-        args = GRPOConfig(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4, num_generations=4,
-                          max_completion_length=8, max_steps=4, learning_rate=3e-3, logging_steps=1, report_to=[],
-                          use_cpu=True, seed=0, num_iterations=2, loss_type=loss_type, beta=0.04, save_strategy="no",
-                          disable_dropout=True, bf16=False, **extra)  # bf16 autocast: TRL runs its head in bf16
-        tr = cls(model=model, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=_byte_tokenizer(),
-                 **kw)
+        args = GRPOConfig(
+            output_dir=str(tmp_path / cls.__name__),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=8,
+            max_steps=4,
+            learning_rate=3e-3,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            num_iterations=2,
+            loss_type=loss_type,
+            beta=0.04,
+            save_strategy="no",
+            disable_dropout=True,
+            bf16=False,
+            **extra,
+        )  # bf16 autocast: TRL runs its head in bf16
+        tr = cls(
+            model=model, reward_funcs=_reward, args=args, train_dataset=ds, processing_class=_byte_tokenizer(), **kw
+        )
         tr.train()
         return tr, [h for h in tr.state.log_history if "loss" in h], dict(model.named_parameters())
 
@@ -578,10 +705,19 @@ def test_trl_grpo_trainer_matches_trl(tmp_path, tiny_model_dir, monkeypatch, los
 # verl (optional)
 # --------------------------------------------------------------------------------------------------
 def test_verl_config_mapping_without_verl():
-    cfg = {"clip_ratio": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": 10.0, "loss_agg_mode": "seq-mean-token-mean",
-           "policy_loss": {"loss_mode": "fusedrl_vanilla"},
-           "global_batch_info": {"dp_size": 4, "batch_num_tokens": 400, "global_batch_size": 32,
-                                 "loss_scale_factor": None}}
+    cfg = {
+        "clip_ratio": 0.2,
+        "clip_ratio_high": 0.28,
+        "clip_ratio_c": 10.0,
+        "loss_agg_mode": "seq-mean-token-mean",
+        "policy_loss": {"loss_mode": "fusedrl_vanilla"},
+        "global_batch_info": {
+            "dp_size": 4,
+            "batch_num_tokens": 400,
+            "global_batch_size": 32,
+            "loss_scale_factor": None,
+        },
+    }
     pc, norms = fr_verl.policy_loss_config_from_verl(cfg)
     assert (pc.loss_mode, pc.clip_ratio_low, pc.clip_ratio_high, pc.clip_ratio_c) == ("vanilla", 0.2, 0.28, 10.0)
     assert pc.loss_agg_mode == "seq-mean-token-mean" and pc.ppo_kl_coef == 0.1
@@ -591,8 +727,9 @@ def test_verl_config_mapping_without_verl():
     assert pc.clip_ratio_c == 20.0
     with pytest.raises(ValueError, match="dro_beta"):
         fr_verl.policy_loss_config_from_verl({"policy_loss": {"loss_mode": "dro"}})
-    pc, _ = fr_verl.policy_loss_config_from_verl({"policy_loss": {"loss_mode": "sapo"}, "tau_neg": 2.0,
-                                                  "loss_agg_mode": "token-mean"})
+    pc, _ = fr_verl.policy_loss_config_from_verl(
+        {"policy_loss": {"loss_mode": "sapo"}, "tau_neg": 2.0, "loss_agg_mode": "token-mean"}
+    )
     assert (pc.loss_agg_mode, pc.tau_pos, pc.tau_neg) == ("seq-mean-token-mean", 1.0, 2.0)
 
 
@@ -612,13 +749,20 @@ def test_verl_ppo_kl_coef_null_means_one():
     mask = torch.ones(3, 5)
     cfg = {**base, "policy_loss": {"loss_mode": "kl_cov", "ppo_kl_coef": None, "kl_cov_ratio": 0.2}}
     loss, _ = fn(old, lp, adv, mask, "token-mean", cfg)
-    ref, _ = fusedrl.policy_loss(lp, old, adv, mask, config=fusedrl.PolicyLossConfig(
-        loss_mode="kl_cov", kl_cov_ratio=0.2, ppo_kl_coef=1.0))
+    ref, _ = fusedrl.policy_loss(
+        lp, old, adv, mask, config=fusedrl.PolicyLossConfig(loss_mode="kl_cov", kl_cov_ratio=0.2, ppo_kl_coef=1.0)
+    )
     torch.testing.assert_close(loss, ref)
 
 
-@pytest.mark.parametrize("agg,needs", [("token-mean", "batch_num_tokens"), ("seq-mean-token-mean", "global_batch_size"),
-                                       ("seq-mean-token-sum-norm", "global_batch_size")])
+@pytest.mark.parametrize(
+    "agg,needs",
+    [
+        ("token-mean", "batch_num_tokens"),
+        ("seq-mean-token-mean", "global_batch_size"),
+        ("seq-mean-token-sum-norm", "global_batch_size"),
+    ],
+)
 def test_verl_dp_without_global_counts_raises(agg, needs):
     """As verl's agg_loss: dp_size > 1 without the global count raises instead of normalising locally."""
     cfg = {"loss_agg_mode": agg, "policy_loss": {"loss_mode": "vanilla"}, "global_batch_info": {"dp_size": 2}}
@@ -651,13 +795,23 @@ def test_verl_token_sum_scales_by_dp():
 def _fake_verl_modules(monkeypatch):
     """A stand-in verl package: the kernel module, the torch FusedLinearForPPO and Megatron's fused forwards
     (which bind linear_cross_entropy at import), enough for patch_verl without verl or Megatron."""
+
     def kernel_lce(*a, **k):
         return "verl-kernel"
 
     mods = {}
-    for name in ("verl", "verl.utils", "verl.utils.experimental", "verl.utils.experimental.torch_functional",
-                 "verl.utils.kernel", "verl.utils.kernel.linear_cross_entropy", "verl.models", "verl.models.mcore",
-                 "verl.models.mcore.model_forward_fused", "verl.models.mcore.model_forward_1f1b_overlap"):
+    for name in (
+        "verl",
+        "verl.utils",
+        "verl.utils.experimental",
+        "verl.utils.experimental.torch_functional",
+        "verl.utils.kernel",
+        "verl.utils.kernel.linear_cross_entropy",
+        "verl.models",
+        "verl.models.mcore",
+        "verl.models.mcore.model_forward_fused",
+        "verl.models.mcore.model_forward_1f1b_overlap",
+    ):
         mods[name] = types.ModuleType(name)
         monkeypatch.setitem(sys.modules, name, mods[name])
     mods["verl.utils.experimental.torch_functional"].FusedLinearForPPO = type("FusedLinearForPPO", (), {})

@@ -9,6 +9,7 @@ the CUDA head's per-token C++ code runs as a host loop over CPU tensors (the ker
 a GPU: on one, DEV is cuda and the same tests launch them). ``exp`` differs by at most 1 ulp between
 numpy / libm and torch's CPU exp, hence rtol ~1e-6 on values; flags are compared exactly.
 """
+
 import inspect
 import os
 from types import SimpleNamespace
@@ -32,6 +33,7 @@ def _head_module(kind):
     if kind == "triton":
         pytest.importorskip("triton")
     from fusedrl.backends import cuda_head, triton_head
+
     mod = triton_head if kind == "triton" else cuda_head
     ok, why = mod.is_available(torch.device(DEV))
     if not ok:
@@ -76,8 +78,9 @@ def _torch_path(logp, old, adv, mask, low, high, c):
     zeros = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
     clean = lambda x: torch.where(valid, x.reshape(-1).to(dtype), zeros)  # noqa: E731
     lp, o = clean(logp), clean(old.detach())
-    tok = loss_mod._Tokens(valid=valid, n_valid=valid.sum(), logp=lp, old_logp=o, adv=clean(adv.detach()),
-                           log_ratio=lp - o, seg=None)
+    tok = loss_mod._Tokens(
+        valid=valid, n_valid=valid.sum(), logp=lp, old_logp=o, adv=clean(adv.detach()), log_ratio=lp - o, seg=None
+    )
     cfg = SimpleNamespace(clip_ratio_low=low, clip_ratio_high=high, clip_ratio_c=c)  # no config validation
     return tok, loss_mod._loss_vanilla(tok, cfg)
 
@@ -108,8 +111,9 @@ def _check(H, logp, old, adv, mask, low=0.2, high=0.2, c=3.0, seed=1):
     valid = tok.valid
     L_flat = L.reshape(-1)
     # values: same per-token loss on valid tokens, exact 0 on masked ones
-    torch.testing.assert_close(torch.where(valid, L_flat, 0.0), torch.where(valid, pg.loss.detach(), 0.0),
-                               rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(
+        torch.where(valid, L_flat, 0.0), torch.where(valid, pg.loss.detach(), 0.0), rtol=RTOL, atol=ATOL
+    )
     assert (L_flat[~valid] == 0).all()
     fc, fl, fn = _flags(tok, low, high, c)
     assert torch.equal(clipped.reshape(-1), fc)
@@ -220,8 +224,11 @@ def test_custom_op_registration(H):
     logp, old, adv, mask = _case(37, seed=8)
     logp = logp.detach().requires_grad_(True)
     for c in (3.0, None):
-        torch.library.opcheck(H._vanilla_op, (logp, old, adv, mask, 0.2, 0.28, c),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(
+            H._vanilla_op,
+            (logp, old, adv, mask, 0.2, 0.28, c),
+            test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+        )
 
 
 def test_compile_fullgraph(H):
@@ -272,11 +279,11 @@ def test_cuda_cov_terms_bitwise(n):
     tok, mean_a, mean_lp, cov_ref, cand_ref = _cov_reference(logp, old, adv, mask, low, high, lb, ub)
     cov, cand = ch.cov_terms(tok.logp, tok.old_logp, tok.adv, tok.valid, mean_a, mean_lp, (low, high, lb, ub))
     assert cov.dtype == torch.float32 and cand.dtype == torch.bool
-    assert torch.equal(cov, cov_ref)            # same fp32 operations in the same order: bitwise
+    assert torch.equal(cov, cov_ref)  # same fp32 operations in the same order: bitwise
     assert torch.equal(cand, cand_ref)
     if n >= 70:
         assert cand.any() and not cand.all()
-    cov2, none = ch.cov_terms(tok.logp, tok.old_logp, tok.adv, None, mean_a, mean_lp)   # KL-Cov: no candidates
+    cov2, none = ch.cov_terms(tok.logp, tok.old_logp, tok.adv, None, mean_a, mean_lp)  # KL-Cov: no candidates
     assert none is None and cov2.shape == cov.shape
     # padded [B, T] inputs and raw (uncleaned) inputs: masked tokens are read as 0 like loss.py's
     if n == 1000:
@@ -289,9 +296,12 @@ def test_cuda_cov_op_registration_and_errors():
     ch = _head_module("cuda")
     logp, old, adv, mask = _case(37, seed=21)
     means = torch.tensor([0.1, -1.5], device=DEV)
-    torch.library.opcheck(ch._cov_op, (logp, old, adv, mask, means, [0.2, 0.28, -1.0, 5.0]),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(ch._cov_op, (logp, old, adv, None, means, None), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        ch._cov_op, (logp, old, adv, mask, means, [0.2, 0.28, -1.0, 5.0]), test_utils=("test_schema", "test_faketensor")
+    )
+    torch.library.opcheck(
+        ch._cov_op, (logp, old, adv, None, means, None), test_utils=("test_schema", "test_faketensor")
+    )
     with pytest.raises(ValueError, match="mask"):
         ch.cov_terms(logp, old, adv, mask[:-1], means[0], means[1])
 
@@ -323,6 +333,7 @@ def test_head_kind_modes(monkeypatch, kind):
 
 def test_head_kind_unavailable_is_an_error(monkeypatch):
     from fusedrl.backends import cuda_head
+
     monkeypatch.setattr(cuda_head, "is_available", lambda device: (False, "not built: test"))
     monkeypatch.setenv(_head.HEAD_ENV, "cuda")
     with pytest.raises(RuntimeError, match="cuda head is not available.*not built: test"):
@@ -384,9 +395,15 @@ def test_policy_loss_cuda_head_covariance_modes(monkeypatch, mode, agg):
     logp, old, adv, mask = _case(400, seed=30, shape=(8, 50))
 
     def cfg():  # a fresh generator per run: Clip-Cov's random pick must be the same draw
-        return fusedrl.PolicyLossConfig(loss_mode=mode, loss_agg_mode=agg, clip_cov_ratio=0.05, clip_cov_lb=-0.5,
-                                        clip_cov_ub=3.0, kl_cov_ratio=0.05,
-                                        generator=torch.Generator(device=DEV).manual_seed(7))
+        return fusedrl.PolicyLossConfig(
+            loss_mode=mode,
+            loss_agg_mode=agg,
+            clip_cov_ratio=0.05,
+            clip_cov_lb=-0.5,
+            clip_cov_ub=3.0,
+            kl_cov_ratio=0.05,
+            generator=torch.Generator(device=DEV).manual_seed(7),
+        )
 
     ref_run = _policy(monkeypatch, "torch", logp, old, adv, mask, config=cfg())
     assert not calls

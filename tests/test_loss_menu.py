@@ -7,6 +7,7 @@ formulas). Values, gradients w.r.t. logp and entropy, and metrics are compared; 
 an empty row and NaN / inf garbage at masked positions. Optional checks against verl (when importable)
 and TRL's own static helpers (installed here).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,9 +18,20 @@ import pytest
 import torch
 
 from fusedrl import RolloutCorrection
-from fusedrl.loss import (BATCH_MODES, LOSS_AGG_MODES, LOSS_MODES, SELECTION_MODES, SEQUENCE_MODES,
-                          TOKEN_LOCAL_MODES, PolicyLossConfig, TokenHead, head_kind, kernel_head_ok, metric_names,
-                          policy_loss)
+from fusedrl.loss import (
+    BATCH_MODES,
+    LOSS_AGG_MODES,
+    LOSS_MODES,
+    SELECTION_MODES,
+    SEQUENCE_MODES,
+    TOKEN_LOCAL_MODES,
+    PolicyLossConfig,
+    TokenHead,
+    head_kind,
+    kernel_head_ok,
+    metric_names,
+    policy_loss,
+)
 from fusedrl.reference_loss import reference_policy_loss, reference_quantile
 from fusedrl.rollout import RS_OPTIONS
 
@@ -60,8 +72,9 @@ class Batch:
         self.ref = ref.masked_fill(bad, float("nan")).to(dtype)
 
     def padded(self, rollout=True):
-        out = dict(logp=self.logp, old_logp=self.old, advantages=self.adv, mask=self.mask, entropy=self.ent,
-                   ref_logp=self.ref)
+        out = dict(
+            logp=self.logp, old_logp=self.old, advantages=self.adv, mask=self.mask, entropy=self.ent, ref_logp=self.ref
+        )
         if rollout:
             out["rollout_logp"] = self.ro
         return out
@@ -75,9 +88,15 @@ class Batch:
             v = x.reshape(-1)[idx]
             return torch.cat([v, torch.full((tail,), fill, dtype=v.dtype)])
 
-        out = dict(logp=pk(self.logp.detach(), 1.0).requires_grad_(), old_logp=pk(self.old, -3.0),
-                   advantages=self.adv if self.adv.dim() == 1 else pk(self.adv, 5.0), mask=pk(self.mask, True),
-                   entropy=pk(self.ent.detach(), 1.0).requires_grad_(), ref_logp=pk(self.ref, 0.5), cu_seqlens=cu)
+        out = dict(
+            logp=pk(self.logp.detach(), 1.0).requires_grad_(),
+            old_logp=pk(self.old, -3.0),
+            advantages=self.adv if self.adv.dim() == 1 else pk(self.adv, 5.0),
+            mask=pk(self.mask, True),
+            entropy=pk(self.ent.detach(), 1.0).requires_grad_(),
+            ref_logp=pk(self.ref, 0.5),
+            cu_seqlens=cu,
+        )
         if rollout:
             out["rollout_logp"] = pk(self.ro, -1.0)
         return out
@@ -108,15 +127,24 @@ def assert_same(a, b, atol=1e-10, rtol=1e-9, metric_atol=1e-6):
 
 
 def config(mode="vanilla", agg="seq-mean-token-mean", **kw):
-    base = dict(loss_mode=mode, loss_agg_mode=agg, entropy_coeff=0.01, kl_loss_coef=0.05, clip_cov_ratio=0.2,
-                clip_cov_lb=0.1, kl_cov_ratio=0.2, generator=torch.Generator().manual_seed(11))
+    base = dict(
+        loss_mode=mode,
+        loss_agg_mode=agg,
+        entropy_coeff=0.01,
+        kl_loss_coef=0.05,
+        clip_cov_ratio=0.2,
+        clip_cov_lb=0.1,
+        kl_cov_ratio=0.2,
+        generator=torch.Generator().manual_seed(11),
+    )
     base.update(kw)
     return PolicyLossConfig(**base)
 
 
 def uses_rollout(cfg):
-    return cfg.loss_mode != "bypass_mode" and (cfg.rollout_correction is not None
-                                               or cfg.off_policy_mask_threshold is not None)
+    return cfg.loss_mode != "bypass_mode" and (
+        cfg.rollout_correction is not None or cfg.off_policy_mask_threshold is not None
+    )
 
 
 def check(cfg, layout="padded", seed=0, **batch_kw):
@@ -146,29 +174,49 @@ MODE_CASES = {
     "luspo_seq": dict(loss_mode="luspo", importance_sampling_level="sequence", loss_agg_mode="seq-mean-token-sum"),
     "luspo_delta": dict(loss_mode="luspo", importance_sampling_level="sequence", delta=1.1),
     "vespo": dict(loss_mode="vespo"),
-    "vespo_params": dict(loss_mode="vespo", vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=4.0,
-                         vespo_lambda_neg=3.0),
+    "vespo_params": dict(
+        loss_mode="vespo", vespo_k_pos=1.5, vespo_lambda_pos=0.5, vespo_k_neg=4.0, vespo_lambda_neg=3.0
+    ),
     "vanilla_delta": dict(loss_mode="vanilla", delta=1.05, clip_ratio_c=None),
     "vanilla_delta_dual": dict(loss_mode="vanilla", delta=1.15),
     "vanilla_seq": dict(loss_mode="vanilla", importance_sampling_level="sequence", clip_ratio_c=None),
     "vanilla_seq_delta": dict(loss_mode="vanilla", importance_sampling_level="sequence", delta=1.02, clip_ratio_c=None),
     "gspo_delta": dict(loss_mode="gspo", delta=1.05),
     "cispo_trl_cap": dict(loss_mode="cispo", clip_ratio_low=1.0, clip_ratio_high=-0.2),  # TRL eps_high = 0.8
-    "cispo_seq": dict(loss_mode="cispo", importance_sampling_level="sequence", clip_ratio_low=1.0,
-                      clip_ratio_high=0.1),
+    "cispo_seq": dict(loss_mode="cispo", importance_sampling_level="sequence", clip_ratio_low=1.0, clip_ratio_high=0.1),
     "bypass_ppo": dict(loss_mode="bypass_mode"),
-    "bypass_reinforce": dict(loss_mode="bypass_mode", rollout_correction=RolloutCorrection(
-        rollout_is="token", rollout_is_threshold=1.3, loss_type="reinforce")),
-    "bypass_reinforce_seq": dict(loss_mode="bypass_mode", rollout_correction=RolloutCorrection(
-        rollout_is="sequence", rollout_is_threshold=3.0, loss_type="reinforce")),
-    "bypass_ppo_rs": dict(loss_mode="bypass_mode", rollout_correction=RolloutCorrection(
-        rollout_is="token", rollout_rs="token_k1,seq_mean_k2", rollout_rs_threshold="0.8_1.25,0.02")),
-    "bypass_reinforce_all": dict(loss_mode="bypass_mode", rollout_correction=RolloutCorrection(
-        rollout_is="sequence", rollout_is_batch_normalize=True, rollout_rs="seq_max_k3", rollout_rs_threshold=0.1,
-        loss_type="reinforce")),
+    "bypass_reinforce": dict(
+        loss_mode="bypass_mode",
+        rollout_correction=RolloutCorrection(rollout_is="token", rollout_is_threshold=1.3, loss_type="reinforce"),
+    ),
+    "bypass_reinforce_seq": dict(
+        loss_mode="bypass_mode",
+        rollout_correction=RolloutCorrection(rollout_is="sequence", rollout_is_threshold=3.0, loss_type="reinforce"),
+    ),
+    "bypass_ppo_rs": dict(
+        loss_mode="bypass_mode",
+        rollout_correction=RolloutCorrection(
+            rollout_is="token", rollout_rs="token_k1,seq_mean_k2", rollout_rs_threshold="0.8_1.25,0.02"
+        ),
+    ),
+    "bypass_reinforce_all": dict(
+        loss_mode="bypass_mode",
+        rollout_correction=RolloutCorrection(
+            rollout_is="sequence",
+            rollout_is_batch_normalize=True,
+            rollout_rs="seq_max_k3",
+            rollout_rs_threshold=0.1,
+            loss_type="reinforce",
+        ),
+    ),
     "kl_bias_token": dict(loss_mode="vanilla", use_bias_correction_kl=True, kl_loss_coef=0.3),
-    "kl_bias_seq_k3plus": dict(loss_mode="vanilla", use_bias_correction_kl=True, kl_loss_coef=0.3,
-                               kl_loss_type="k3+", importance_sampling_level="sequence"),
+    "kl_bias_seq_k3plus": dict(
+        loss_mode="vanilla",
+        use_bias_correction_kl=True,
+        kl_loss_coef=0.3,
+        kl_loss_type="k3+",
+        importance_sampling_level="sequence",
+    ),
     "token_sum": dict(loss_mode="sapo", loss_agg_mode="token-sum"),
     "geo_mean_token_mean": dict(loss_mode="geo_mean", loss_agg_mode="token-mean"),
 }
@@ -188,6 +236,7 @@ def test_new_modes_every_aggregation_per_sequence_advantages(mode, agg):
 
 def test_hand_computed_values():
     """One token per case against the formulas written out by hand."""
+
     def one(cfg, d, a, lp=-1.0):
         logp = torch.tensor([[lp]], dtype=F64, requires_grad=True)
         loss, _ = policy_loss(logp, logp.detach() - d, torch.tensor([[a]], dtype=F64), torch.ones(1, 1), config=cfg)
@@ -214,8 +263,13 @@ def test_hand_computed_values():
     assert loss == 0.0 and g == 0.0
     # token-sum: no normaliser
     logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], dtype=F64)
-    loss, _ = policy_loss(logp, logp, torch.ones(2, 2, dtype=F64), torch.tensor([[1, 1], [1, 0]]),
-                          config=PolicyLossConfig(loss_mode="gpg", loss_agg_mode="token-sum"))
+    loss, _ = policy_loss(
+        logp,
+        logp,
+        torch.ones(2, 2, dtype=F64),
+        torch.tensor([[1, 1], [1, 0]]),
+        config=PolicyLossConfig(loss_mode="gpg", loss_agg_mode="token-sum"),
+    )
     assert loss.item() == pytest.approx(3.5)
 
 
@@ -239,31 +293,52 @@ def test_bias_corrected_kl_is_trl_term():
 # rollout correction: every option, chained rejection, both threshold forms
 # --------------------------------------------------------------------------------------------------
 
-RS_THRESHOLD = {"token_k1": "0.7_1.4", "token_k2": 0.02, "token_k3": 0.03, "seq_sum_k1": "0.5_1.5",
-                "seq_sum_k2": 0.1, "seq_sum_k3": 0.1, "seq_mean_k1": 1.04, "seq_mean_k2": 0.03,
-                "seq_mean_k3": 0.03, "seq_max_k2": 0.1, "seq_max_k3": 0.1}
+RS_THRESHOLD = {
+    "token_k1": "0.7_1.4",
+    "token_k2": 0.02,
+    "token_k3": 0.03,
+    "seq_sum_k1": "0.5_1.5",
+    "seq_sum_k2": 0.1,
+    "seq_sum_k3": 0.1,
+    "seq_mean_k1": 1.04,
+    "seq_mean_k2": 0.03,
+    "seq_mean_k3": 0.03,
+    "seq_max_k2": 0.1,
+    "seq_max_k3": 0.1,
+}
 RC_CASES = {
     "is_token": RolloutCorrection(rollout_is="token"),
     "is_token_thr1.1": RolloutCorrection(rollout_is="token", rollout_is_threshold=1.1),
     "is_sequence": RolloutCorrection(rollout_is="sequence", rollout_is_threshold=1.5),
     "is_token_normalize": RolloutCorrection(rollout_is="token", rollout_is_batch_normalize=True),
-    "is_sequence_normalize": RolloutCorrection(rollout_is="sequence", rollout_is_threshold=3.0,
-                                               rollout_is_batch_normalize=True),
-    "is_token_truncate_lower": RolloutCorrection(rollout_is="token", rollout_is_threshold=1.2,
-                                                 rollout_is_threshold_lower=0.9),
-    "is_token_mask": RolloutCorrection(rollout_is="token", rollout_is_threshold=1.25, rollout_is_threshold_lower=0.8,
-                                       rollout_is_mode="mask"),
+    "is_sequence_normalize": RolloutCorrection(
+        rollout_is="sequence", rollout_is_threshold=3.0, rollout_is_batch_normalize=True
+    ),
+    "is_token_truncate_lower": RolloutCorrection(
+        rollout_is="token", rollout_is_threshold=1.2, rollout_is_threshold_lower=0.9
+    ),
+    "is_token_mask": RolloutCorrection(
+        rollout_is="token", rollout_is_threshold=1.25, rollout_is_threshold_lower=0.8, rollout_is_mode="mask"
+    ),
     "is_sequence_mask": RolloutCorrection(rollout_is="sequence", rollout_is_threshold=1.5, rollout_is_mode="mask"),
-    "is_sequence_mask_no_upper": RolloutCorrection(rollout_is="sequence", rollout_is_threshold=math.inf,
-                                                   rollout_is_threshold_lower=0.7, rollout_is_mode="mask"),
-    "is_off_rs_on": RolloutCorrection(rollout_is="token", rollout_is_threshold=None, rollout_rs="token_k2",
-                                      rollout_rs_threshold=0.03),
-    "rs_chain_per_option": RolloutCorrection(rollout_rs="token_k1,seq_mean_k3,seq_max_k2",
-                                             rollout_rs_threshold="0.6_1.6,0.02,0.15"),
+    "is_sequence_mask_no_upper": RolloutCorrection(
+        rollout_is="sequence", rollout_is_threshold=math.inf, rollout_is_threshold_lower=0.7, rollout_is_mode="mask"
+    ),
+    "is_off_rs_on": RolloutCorrection(
+        rollout_is="token", rollout_is_threshold=None, rollout_rs="token_k2", rollout_rs_threshold=0.03
+    ),
+    "rs_chain_per_option": RolloutCorrection(
+        rollout_rs="token_k1,seq_mean_k3,seq_max_k2", rollout_rs_threshold="0.6_1.6,0.02,0.15"
+    ),
     "rs_chain_shared_k1": RolloutCorrection(rollout_rs="seq_sum_k1, token_k1", rollout_rs_threshold="1.15"),
     "rs_chain_shared_number": RolloutCorrection(rollout_rs="token_k2,seq_sum_k3,token_k2", rollout_rs_threshold=0.05),
-    "is_and_rs": RolloutCorrection(rollout_is="sequence", rollout_is_threshold=2.0, rollout_is_batch_normalize=True,
-                                   rollout_rs="token_k3,seq_mean_k1", rollout_rs_threshold="0.03,0.9_1.1"),
+    "is_and_rs": RolloutCorrection(
+        rollout_is="sequence",
+        rollout_is_threshold=2.0,
+        rollout_is_batch_normalize=True,
+        rollout_rs="token_k3,seq_mean_k1",
+        rollout_rs_threshold="0.03,0.9_1.1",
+    ),
     "metrics_only": RolloutCorrection(),
 }
 
@@ -289,14 +364,16 @@ def test_each_rejection_option(option):
 def test_rollout_is_weights_in_every_kind_of_mode(mode):
     """GMPO takes the geometric mean of the weights, VESPO folds them into its sequence weight (TRL),
     the others multiply the per-token loss (verl)."""
-    rc = RolloutCorrection(rollout_is="token", rollout_is_threshold=1.3, rollout_rs="seq_mean_k2",
-                           rollout_rs_threshold=0.05)
+    rc = RolloutCorrection(
+        rollout_is="token", rollout_is_threshold=1.3, rollout_rs="seq_mean_k2", rollout_rs_threshold=0.05
+    )
     check(config(mode, rollout_correction=rc), "padded", seed=LOSS_MODES.index(mode))
 
 
 def test_vespo_with_masked_is_weights():
-    rc = RolloutCorrection(rollout_is="token", rollout_is_threshold=1.2, rollout_is_threshold_lower=0.85,
-                           rollout_is_mode="mask")
+    rc = RolloutCorrection(
+        rollout_is="token", rollout_is_threshold=1.2, rollout_is_threshold_lower=0.85, rollout_is_mode="mask"
+    )
     check(config("vespo", rollout_correction=rc), "packed", seed=2)
 
 
@@ -323,29 +400,44 @@ def _is_batch(ratios):
     lr = torch.zeros(len(ratios), T, dtype=F64)
     mask = torch.zeros(len(ratios), T, dtype=torch.bool)
     for i, r in enumerate(ratios):
-        lr[i, :len(r)] = torch.tensor(r, dtype=F64).log()
-        mask[i, :len(r)] = True
+        lr[i, : len(r)] = torch.tensor(r, dtype=F64).log()
+        mask[i, : len(r)] = True
     ro = torch.full_like(lr, -2.0)
-    return dict(logp=ro.clone(), old_logp=ro + lr, advantages=torch.ones(len(ratios), dtype=F64), mask=mask,
-                rollout_logp=ro)
+    return dict(
+        logp=ro.clone(), old_logp=ro + lr, advantages=torch.ones(len(ratios), dtype=F64), mask=mask, rollout_logp=ro
+    )
 
 
 def test_is_metrics_use_the_applied_weights():
     """verl's compute_is_metrics, by hand: mean / max / min / std / ESS / seq_* of the applied weights (IcePop:
     zeroed outside [0.8, 2]), ratio_fraction_* / seq_fraction_* / oob_ratio of the raw ones."""
-    rc = RolloutCorrection(rollout_is="token", rollout_is_threshold=2.0, rollout_is_threshold_lower=0.8,
-                           rollout_is_mode="mask")
-    _, m = policy_loss(**_is_batch([[0.5, 1.0, 1.5, 3.0], [0.25, 1.0]]), config=PolicyLossConfig(
-        rollout_correction=rc))
-    m = {k[len("rollout_corr/rollout_is_"):]: v.item() for k, v in m.items() if k.startswith("rollout_corr/rollout_is")}
+    rc = RolloutCorrection(
+        rollout_is="token", rollout_is_threshold=2.0, rollout_is_threshold_lower=0.8, rollout_is_mode="mask"
+    )
+    _, m = policy_loss(**_is_batch([[0.5, 1.0, 1.5, 3.0], [0.25, 1.0]]), config=PolicyLossConfig(rollout_correction=rc))
+    m = {
+        k[len("rollout_corr/rollout_is_") :]: v.item() for k, v in m.items() if k.startswith("rollout_corr/rollout_is")
+    }
     w = [0.0, 1.0, 1.5, 0.0, 0.0, 1.0]
     mw = sum(w) / 6
     seq = [2.5 / 4, 1.0 / 2]
-    want = dict(mean=mw, max=1.5, min=0.0, std=math.sqrt(sum(x * x for x in w) / 6 - mw * mw),
-                eff_sample_size=mw * mw / (sum(x * x for x in w) / 6), ratio_fraction_high=1 / 6,
-                ratio_fraction_low=2 / 6, seq_mean=sum(seq) / 2, seq_std=abs(seq[0] - seq[1]) / math.sqrt(2),
-                seq_max=seq[0], seq_min=seq[1], seq_max_deviation=0.5, seq_fraction_high=0.0,
-                seq_fraction_low=0.5, oob_ratio=3 / 6)
+    want = dict(
+        mean=mw,
+        max=1.5,
+        min=0.0,
+        std=math.sqrt(sum(x * x for x in w) / 6 - mw * mw),
+        eff_sample_size=mw * mw / (sum(x * x for x in w) / 6),
+        ratio_fraction_high=1 / 6,
+        ratio_fraction_low=2 / 6,
+        seq_mean=sum(seq) / 2,
+        seq_std=abs(seq[0] - seq[1]) / math.sqrt(2),
+        seq_max=seq[0],
+        seq_min=seq[1],
+        seq_max_deviation=0.5,
+        seq_fraction_high=0.0,
+        seq_fraction_low=0.5,
+        oob_ratio=3 / 6,
+    )
     assert set(m) == set(want)
     for k, v in want.items():
         assert m[k] == pytest.approx(v, rel=1e-6, abs=1e-7), k
@@ -371,8 +463,10 @@ def test_threshold_syntax():
     from fusedrl.rollout import _parse_rs
 
     specs = _parse_rs("token_k1,seq_mean_k3", "0.5_2.0,0.1")
-    assert [(s.name, s.lower, s.upper) for s in specs] == [("token_k1", math.log(0.5), math.log(2.0)),
-                                                           ("seq_mean_k3", None, 0.1)]
+    assert [(s.name, s.lower, s.upper) for s in specs] == [
+        ("token_k1", math.log(0.5), math.log(2.0)),
+        ("seq_mean_k3", None, 0.1),
+    ]
     specs = _parse_rs("seq_sum_k1,token_k2", 4.0)  # one shared threshold; a lone k1 value u means 1/u_u
     assert (specs[0].lower, specs[0].upper) == (math.log(0.25), math.log(4.0)) and specs[1].upper == 4.0
     assert [s.name for s in _parse_rs(" token_k2 , token_k2,seq_max_k3 ", "1")] == ["token_k2", "seq_max_k3"]
@@ -437,15 +531,20 @@ def test_opsm_matches_reference(threshold, with_rollout):
 def test_opsm_is_trls():
     """Against TRL's own GRPOTrainer.get_off_policy_mask (static) on a [B, T] batch."""
     grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-    from fusedrl.loss import _Segments, _make_tokens, _opsm_keep
+    from fusedrl.loss import _make_tokens, _opsm_keep, _Segments
 
     b = Batch(seed=4, ro_scale=0.4, per_seq_adv=True, empty_row=False)
     lp = torch.where(b.mask, b.logp.detach(), 0.0)
     ro = torch.where(b.mask, b.ro, 0.0)
     for thr in (0.0, 0.02, 0.1):
         want = grpo.GRPOTrainer.get_off_policy_mask(b.adv[:, None], lp, ro, b.mask.double(), thr)
-        tok = _make_tokens(_Segments(b.B, seq_len=b.T), b.mask.reshape(-1), lp.reshape(-1), b.old.reshape(-1),
-                           b.adv[:, None].expand(b.B, b.T).reshape(-1))
+        tok = _make_tokens(
+            _Segments(b.B, seq_len=b.T),
+            b.mask.reshape(-1),
+            lp.reshape(-1),
+            b.old.reshape(-1),
+            b.adv[:, None].expand(b.B, b.T).reshape(-1),
+        )
         got = _opsm_keep(tok, ro.reshape(-1), thr).reshape(b.B, b.T)
         assert torch.equal(got[b.mask], want.bool().expand(b.B, b.T)[b.mask]), thr
 
@@ -457,8 +556,14 @@ def test_vespo_phi_is_trls():
     rc = RolloutCorrection(rollout_is="token", rollout_is_threshold=1.5)
     cfg = PolicyLossConfig(loss_mode="vespo", rollout_correction=rc, loss_agg_mode="token-sum")
     inputs = b.padded()
-    loss, _ = policy_loss(inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["mask"], config=cfg,
-                          rollout_logp=inputs["rollout_logp"])
+    loss, _ = policy_loss(
+        inputs["logp"],
+        inputs["old_logp"],
+        inputs["advantages"],
+        inputs["mask"],
+        config=cfg,
+        rollout_logp=inputs["rollout_logp"],
+    )
     (g,) = torch.autograd.grad(loss, inputs["logp"])
     m = b.mask.double()
     lr = torch.where(b.mask, b.logp.detach() - b.old, 0.0)
@@ -505,8 +610,17 @@ def test_empty_tensors_and_empty_sequences(name):
     cfg = config(**EDGE_CONFIGS[name])
     ro = torch.zeros(0) if uses_rollout(cfg) else None
     logp = torch.zeros(0, requires_grad=True)
-    loss, m = policy_loss(logp, torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0),
-                          torch.zeros(0), cu_seqlens=torch.zeros(1, dtype=torch.int64), config=cfg, rollout_logp=ro)
+    loss, m = policy_loss(
+        logp,
+        torch.zeros(0),
+        torch.zeros(0),
+        torch.zeros(0, dtype=torch.bool),
+        torch.zeros(0),
+        torch.zeros(0),
+        cu_seqlens=torch.zeros(1, dtype=torch.int64),
+        config=cfg,
+        rollout_logp=ro,
+    )
     loss.backward()
     assert loss.item() == 0.0 and all(v.item() == 0.0 for v in m.values())
     # empty sequences in the middle of a packed batch drop out of everything
@@ -555,8 +669,10 @@ def test_metric_names_list_the_keys_in_order(name):
 @pytest.mark.parametrize("name", list(EDGE_CONFIGS) + ["clip_cov_entropy", "kl_cov_group_free"])
 def test_no_host_sync_meta(name):
     """On the meta device any .item() / bool(tensor) / .tolist() raises: the head never syncs."""
-    kw = {"clip_cov_entropy": dict(loss_mode="clip_cov", top_entropy_quantile=0.3),
-          "kl_cov_group_free": dict(loss_mode="kl_cov", rollout_correction=RC_CASES["rs_chain_per_option"])}
+    kw = {
+        "clip_cov_entropy": dict(loss_mode="clip_cov", top_entropy_quantile=0.3),
+        "kl_cov_group_free": dict(loss_mode="kl_cov", rollout_correction=RC_CASES["rs_chain_per_option"]),
+    }
     cfg = config(**(EDGE_CONFIGS.get(name) or kw[name]), generator=None)
     for packed in (False, True):
         shape = (23,) if packed else (4, 6)
@@ -565,8 +681,17 @@ def test_no_host_sync_meta(name):
         ent = torch.randn(shape, device="meta", requires_grad=True)
         cu = torch.tensor([0, 5, 12, 20], device="meta", dtype=torch.int32) if packed else None
         adv = torch.randn(3 if packed else 4, device="meta")
-        loss, metrics = policy_loss(lp, meta(), adv, torch.ones(shape, device="meta", dtype=torch.bool), ent, meta(),
-                                    cu_seqlens=cu, config=cfg, rollout_logp=meta() if uses_rollout(cfg) else None)
+        loss, metrics = policy_loss(
+            lp,
+            meta(),
+            adv,
+            torch.ones(shape, device="meta", dtype=torch.bool),
+            ent,
+            meta(),
+            cu_seqlens=cu,
+            config=cfg,
+            rollout_logp=meta() if uses_rollout(cfg) else None,
+        )
         loss.backward()
         assert lp.grad is not None and loss.shape == ()
 
@@ -574,8 +699,13 @@ def test_no_host_sync_meta(name):
 @pytest.mark.gpu
 def test_no_host_sync_cuda_menu():
     b = Batch(seed=0, dtype=torch.float32)
-    cfg = config("gspo", top_entropy_quantile=0.2, off_policy_mask_threshold=0.01,
-                 rollout_correction=RC_CASES["is_and_rs"], generator=None)
+    cfg = config(
+        "gspo",
+        top_entropy_quantile=0.2,
+        off_policy_mask_threshold=0.01,
+        rollout_correction=RC_CASES["is_and_rs"],
+        generator=None,
+    )
     inputs = {k: (v.detach().cuda().requires_grad_(k in ("logp", "entropy"))) for k, v in b.packed().items()}
     policy_loss(**inputs, config=cfg)
     torch.cuda.synchronize()
@@ -607,8 +737,12 @@ def test_fp32_and_bf16_inputs():
 HEAD_CASES = {  # name: (config kwargs, expected head_kind)
     **{m: (dict(loss_mode=m), "sequence" if m in SEQUENCE_MODES else "token") for m in NEW_MODES},
     "decoupled_rc": (dict(rollout_correction=RC_CASES["is_and_rs"]), "token"),
-    "decoupled_rc_cispo_cap": (dict(loss_mode="cispo", clip_ratio_low=1.0, clip_ratio_high=-0.5,
-                                    rollout_correction=RC_CASES["is_sequence_mask"]), "token"),
+    "decoupled_rc_cispo_cap": (
+        dict(
+            loss_mode="cispo", clip_ratio_low=1.0, clip_ratio_high=-0.5, rollout_correction=RC_CASES["is_sequence_mask"]
+        ),
+        "token",
+    ),
     "kl_cov_rc": (dict(loss_mode="kl_cov", rollout_correction=RC_CASES["rs_chain_per_option"]), "selection"),
     "clip_cov_rc": (dict(loss_mode="clip_cov", rollout_correction=RC_CASES["is_token_normalize"]), "selection"),
     "vanilla_seq_delta": (MODE_CASES["vanilla_seq_delta"], "sequence"),
@@ -621,8 +755,10 @@ HEAD_CASES = {  # name: (config kwargs, expected head_kind)
     "entropy_mask": (dict(top_entropy_quantile=0.3), "batch"),
     "kl_cov_entropy": (dict(loss_mode="kl_cov", top_entropy_quantile=0.3), "batch"),
     "clip_cov_opsm": (dict(loss_mode="clip_cov", off_policy_mask_threshold=0.01), "batch"),
-    "vespo_rc_entropy": (dict(loss_mode="vespo", rollout_correction=RC_CASES["is_token"], entropy_coeff=0.0,
-                              top_entropy_quantile=0.5), "batch"),
+    "vespo_rc_entropy": (
+        dict(loss_mode="vespo", rollout_correction=RC_CASES["is_token"], entropy_coeff=0.0, top_entropy_quantile=0.5),
+        "batch",
+    ),
 }
 
 
@@ -640,9 +776,18 @@ def _check_head(cfg, b, inputs, kind):
     """Chunked TokenHead gradients (+ the selection correction, as the one-pass schedule applies it) equal
     autograd through policy_loss; evaluate() equals policy_loss."""
     loss, metrics, (g_lp, g_ent) = run(policy_loss, inputs, cfg)
-    head = TokenHead(inputs["old_logp"], inputs["advantages"], inputs["mask"], inputs["ref_logp"], None,
-                     cfg.replace(generator=None), True, F64, rollout_logp=inputs.get("rollout_logp"),
-                     rollout_is_weights=inputs.get("rollout_is_weights"))
+    head = TokenHead(
+        inputs["old_logp"],
+        inputs["advantages"],
+        inputs["mask"],
+        inputs["ref_logp"],
+        None,
+        cfg.replace(generator=None),
+        True,
+        F64,
+        rollout_logp=inputs.get("rollout_logp"),
+        rollout_is_weights=inputs.get("rollout_is_weights"),
+    )
     assert head.kind == kind
     lp = torch.where(b.mask, b.logp.detach(), 0.0).reshape(-1)
     ent = torch.where(b.mask, b.ent.detach(), 0.0).reshape(-1)
@@ -677,12 +822,15 @@ def test_token_head_grads_equal_policy_loss(name):
 
 def test_token_head_refuses_wrong_chunks():
     b = Batch(seed=2)
-    for kw, msg in ((dict(off_policy_mask_threshold=0.0), "whole sequences"),
-                    (dict(top_entropy_quantile=0.5), "whole batch")):
+    for kw, msg in (
+        (dict(off_policy_mask_threshold=0.0), "whole sequences"),
+        (dict(top_entropy_quantile=0.5), "whole batch"),
+    ):
         cfg = config(**kw)
         inputs = b.padded(rollout=False)
-        head = TokenHead(inputs["old_logp"], inputs["advantages"], inputs["mask"], inputs["ref_logp"], None, cfg, True,
-                         F64)
+        head = TokenHead(
+            inputs["old_logp"], inputs["advantages"], inputs["mask"], inputs["ref_logp"], None, cfg, True, F64
+        )
         lp = torch.where(b.mask, b.logp.detach(), 0.0).reshape(-1)
         with pytest.raises(ValueError, match=msg):
             head.grads(0, 5, lp[:5], lp[:5])
@@ -709,14 +857,20 @@ def test_mode_classification_is_complete():
 # --------------------------------------------------------------------------------------------------
 
 BAD = [
-    (dict(tau_pos=0.0), "tau_pos"), (dict(tau_neg=float("inf")), "tau_neg"), (dict(dro_beta=-1.0), "dro_beta"),
-    (dict(delta=0.0), "delta"), (dict(delta=2.0, loss_mode="sapo"), "delta"),
+    (dict(tau_pos=0.0), "tau_pos"),
+    (dict(tau_neg=float("inf")), "tau_neg"),
+    (dict(dro_beta=-1.0), "dro_beta"),
+    (dict(delta=0.0), "delta"),
+    (dict(delta=2.0, loss_mode="sapo"), "delta"),
     (dict(importance_sampling_level="seq"), "importance_sampling_level"),
     (dict(importance_sampling_level="sequence", loss_mode="gspo"), "importance_sampling_level"),
-    (dict(top_entropy_quantile=1.5), "top_entropy_quantile"), (dict(top_entropy_quantile=-0.1), "top_entropy_quantile"),
+    (dict(top_entropy_quantile=1.5), "top_entropy_quantile"),
+    (dict(top_entropy_quantile=-0.1), "top_entropy_quantile"),
     (dict(off_policy_mask_threshold=float("nan")), "off_policy_mask_threshold"),
-    (dict(use_bias_correction_kl=1), "use_bias_correction_kl"), (dict(vespo_k_pos=float("nan")), "vespo_k_pos"),
-    (dict(stats_group="world"), "stats_group"), (dict(rollout_correction="token"), "rollout_correction"),
+    (dict(use_bias_correction_kl=1), "use_bias_correction_kl"),
+    (dict(vespo_k_pos=float("nan")), "vespo_k_pos"),
+    (dict(stats_group="world"), "stats_group"),
+    (dict(rollout_correction="token"), "rollout_correction"),
     (dict(loss_mode="cispo", clip_ratio_high=-1.0), "clip_ratio_high"),
     (dict(loss_mode="vanilla", clip_ratio_high=-0.1), "clip_ratio_high"),
     (dict(loss_mode="vespo", rollout_correction=RolloutCorrection(rollout_is="sequence")), "vespo"),
@@ -730,13 +884,16 @@ def test_config_validation(kw, field):
 
 
 BAD_RC = [
-    (dict(rollout_is="tok"), "rollout_is"), (dict(rollout_is_threshold=0.0), "rollout_is_threshold"),
+    (dict(rollout_is="tok"), "rollout_is"),
+    (dict(rollout_is_threshold=0.0), "rollout_is_threshold"),
     (dict(rollout_is_threshold=float("nan")), "rollout_is_threshold"),
     (dict(rollout_is_threshold_lower=3.0), "rollout_is_threshold_lower"),
-    (dict(rollout_is_batch_normalize=1), "rollout_is_batch_normalize"), (dict(loss_type="ppo"), "loss_type"),
+    (dict(rollout_is_batch_normalize=1), "rollout_is_batch_normalize"),
+    (dict(loss_type="ppo"), "loss_type"),
     (dict(rollout_is_mode="clip"), "rollout_is_mode"),
     (dict(rollout_rs="token_k4", rollout_rs_threshold=1.0), "token_k4"),
-    (dict(rollout_rs="token_k1"), "rollout_rs_threshold"), (dict(rollout_rs_threshold=1.0), "rollout_rs"),
+    (dict(rollout_rs="token_k1"), "rollout_rs_threshold"),
+    (dict(rollout_rs_threshold=1.0), "rollout_rs"),
     (dict(rollout_rs="token_k1,token_k2", rollout_rs_threshold="1,2,3"), "rollout_rs_threshold"),
     (dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2"), "one upper bound"),
     (dict(rollout_rs="token_k2", rollout_rs_threshold="abc"), "invalid number"),
@@ -755,8 +912,15 @@ def test_json_round_trip_and_metric_names():
     """The one-pass op sends the config as JSON: a RolloutCorrection travels as a dict of its fields."""
     rc = RC_CASES["is_and_rs"]
     cfg = PolicyLossConfig(loss_mode="sapo", rollout_correction=rc, top_entropy_quantile=0.2, delta=None)
-    blob = {f.name: (dataclasses.asdict(getattr(cfg, f.name)) if dataclasses.is_dataclass(getattr(cfg, f.name))
-                     else getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.name != "generator"}
+    blob = {
+        f.name: (
+            dataclasses.asdict(getattr(cfg, f.name))
+            if dataclasses.is_dataclass(getattr(cfg, f.name))
+            else getattr(cfg, f.name)
+        )
+        for f in dataclasses.fields(cfg)
+        if f.name != "generator"
+    }
     back = PolicyLossConfig(**json.loads(json.dumps(blob)))
     assert back == cfg and back.rollout_correction == rc
     names = metric_names(cfg, True, False)
@@ -775,8 +939,9 @@ def test_input_errors():
     with pytest.raises(ValueError, match="nothing reads it"):
         policy_loss(**inputs, config=config())
     with pytest.raises(ValueError, match="entropy"):
-        policy_loss(**dict(b.padded(rollout=False), entropy=None), config=config(top_entropy_quantile=0.5,
-                                                                                  entropy_coeff=0.0))
+        policy_loss(
+            **dict(b.padded(rollout=False), entropy=None), config=config(top_entropy_quantile=0.5, entropy_coeff=0.0)
+        )
     with pytest.raises(ValueError, match="rollout_logp must have the shape"):
         policy_loss(**dict(inputs, rollout_logp=b.ro[:, :3]), config=config(rollout_correction=RolloutCorrection()))
 
@@ -806,25 +971,40 @@ def test_rollout_correction_against_verl_if_installed():
 
     lp, old, ro, adv, mask = _verl_batch()
     m = mask.double()
-    vcfg = OmegaConf.create(dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0,
-                                 global_batch_info={}))
+    vcfg = OmegaConf.create(
+        dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, global_batch_info={})
+    )
     for name in ("is_token", "is_sequence", "is_token_normalize", "rs_chain_per_option", "is_and_rs"):
         rc = RC_CASES[name]
         w_proto, new_mask, vmetrics = helper.compute_rollout_correction_and_rejection_mask(
-            old, ro, m, rc.rollout_is, rc.rollout_is_threshold, rc.rollout_is_batch_normalize, rc.rollout_rs,
-            rc.rollout_rs_threshold)
+            old,
+            ro,
+            m,
+            rc.rollout_is,
+            rc.rollout_is_threshold,
+            rc.rollout_is_batch_normalize,
+            rc.rollout_rs,
+            rc.rollout_rs_threshold,
+        )
         w = None if w_proto is None else w_proto.batch["rollout_is_weights"]
         lp_v = lp.clone().requires_grad_()
         try:
-            want, _ = core_algos.compute_policy_loss_vanilla(old_log_prob=old, log_prob=lp_v, advantages=adv,
-                                                             response_mask=new_mask, loss_agg_mode="token-mean",
-                                                             config=vcfg, rollout_is_weights=w)
+            want, _ = core_algos.compute_policy_loss_vanilla(
+                old_log_prob=old,
+                log_prob=lp_v,
+                advantages=adv,
+                response_mask=new_mask,
+                loss_agg_mode="token-mean",
+                config=vcfg,
+                rollout_is_weights=w,
+            )
         except (AssertionError, TypeError, AttributeError) as exc:
             pytest.skip(f"this verl version wants another config: {exc}")
         (g_v,) = torch.autograd.grad(want, lp_v)
         lp_f = lp.clone().requires_grad_()
-        got, metrics = policy_loss(lp_f, old, adv, mask, config=PolicyLossConfig(rollout_correction=rc),
-                                   rollout_logp=ro)
+        got, metrics = policy_loss(
+            lp_f, old, adv, mask, config=PolicyLossConfig(rollout_correction=rc), rollout_logp=ro
+        )
         (g_f,) = torch.autograd.grad(got, lp_f)
         torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-6, msg=name)
         torch.testing.assert_close(g_f, g_v, atol=1e-8, rtol=1e-6, msg=name)
@@ -839,30 +1019,50 @@ def test_new_modes_against_verl_if_installed():
     try:
         from verl.workers.config import ActorConfig
 
-        actor = ActorConfig(strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=1, rollout_n=1,
-                            clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+        actor = ActorConfig(
+            strategy="fsdp",
+            ppo_mini_batch_size=4,
+            ppo_micro_batch_size_per_gpu=1,
+            rollout_n=1,
+            clip_ratio=0.2,
+            clip_ratio_low=0.2,
+            clip_ratio_high=0.28,
+            clip_ratio_c=3.0,
+        )
     except Exception as exc:  # noqa: BLE001 - the constructor differs between verl versions
         pytest.skip(f"cannot build this verl version's ActorConfig here: {exc}")
     lp, old, _, adv, mask = _verl_batch()
     m = mask.double()
     compared = 0
-    for mode, agg in (("sapo", "seq-mean-token-mean"), ("geo_mean", "seq-mean-token-mean"), ("dppo_kl", "token-mean"),
-                      ("dppo_tv", "token-mean"), ("dro", "token-mean"), ("bypass_mode", "token-mean")):
+    for mode, agg in (
+        ("sapo", "seq-mean-token-mean"),
+        ("geo_mean", "seq-mean-token-mean"),
+        ("dppo_kl", "token-mean"),
+        ("dppo_tv", "token-mean"),
+        ("dro", "token-mean"),
+        ("bypass_mode", "token-mean"),
+    ):
         try:
             fn = core_algos.get_policy_loss_fn(mode)
         except ValueError:
             continue
         lp_v = lp.clone().requires_grad_()
         try:
-            want, vmetrics = fn(old_log_prob=old, log_prob=lp_v, advantages=adv, response_mask=m, loss_agg_mode=agg,
-                                config=actor)
+            want, vmetrics = fn(
+                old_log_prob=old, log_prob=lp_v, advantages=adv, response_mask=m, loss_agg_mode=agg, config=actor
+            )
         except (AssertionError, TypeError, AttributeError, KeyError, ValueError):
             continue
         (g_v,) = torch.autograd.grad(want, lp_v)
-        ours = PolicyLossConfig(loss_mode=mode, loss_agg_mode=agg, clip_ratio_high=0.28,
-                                dro_beta=getattr(actor, "dro_beta", None), tau_pos=getattr(actor, "tau_pos", 1.0),
-                                tau_neg=getattr(actor, "tau_neg", 1.05),
-                                global_num_seqs=mask.shape[0] if mode == "geo_mean" else None)
+        ours = PolicyLossConfig(
+            loss_mode=mode,
+            loss_agg_mode=agg,
+            clip_ratio_high=0.28,
+            dro_beta=getattr(actor, "dro_beta", None),
+            tau_pos=getattr(actor, "tau_pos", 1.0),
+            tau_neg=getattr(actor, "tau_neg", 1.05),
+            global_num_seqs=mask.shape[0] if mode == "geo_mean" else None,
+        )
         lp_f = lp.clone().requires_grad_()
         got, metrics = policy_loss(lp_f, old, adv, mask, config=ours)
         (g_f,) = torch.autograd.grad(got, lp_f)
@@ -900,8 +1100,10 @@ def test_precomputed_is_weights(mode):
     # with rejection sampling from the correction, the weights from the argument
     rs = RolloutCorrection(rollout_rs="token_k2", rollout_rs_threshold=0.02)
     both = dict(b.padded(), rollout_is_weights=w)
-    assert_same(run(policy_loss, both, config(mode, rollout_correction=rs)),
-                run(reference_policy_loss, both, config(mode, rollout_correction=rs)))
+    assert_same(
+        run(policy_loss, both, config(mode, rollout_correction=rs)),
+        run(reference_policy_loss, both, config(mode, rollout_correction=rs)),
+    )
     cfg = config(mode, rollout_correction=rs)
     _check_head(cfg, b, both, head_kind(cfg))
 

@@ -5,19 +5,19 @@ gradients of hidden, weight and bias: every loss mode and aggregation, entropy b
 reference, packed and padded inputs, masked rows, an all-masked batch, temperature, softcap, bias;
 on the torch epilogue (CPU), the Triton epilogue (interpreter) and the CUDA epilogue's host lane.
 """
+
 from __future__ import annotations
 
 import logging
 
 import pytest
 import torch
+from _helpers import GRAD_ATOL
 
 import fusedrl
 from fusedrl import onepass
 from fusedrl.fused import FusedPolicyLoss, fused_policy_loss
 from fusedrl.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig
-
-from _helpers import GRAD_ATOL
 
 # a budget of a few KiB forces several token chunks at these shapes
 TINY_BUDGET_MB = 0.05
@@ -25,26 +25,34 @@ TINY_BUDGET_MB = 0.05
 
 def make_case(B=3, T=7, H=24, V=507, dtype=torch.float64, packed=False, seed=0, bias=True):
     g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(B, T, H, generator=g) / H ** 0.25).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dtype)
+    hidden = (torch.randn(B, T, H, generator=g) / H**0.25).to(dtype)
+    weight = (torch.randn(V, H, generator=g) / H**0.25).to(dtype)
     b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
     targets = torch.randint(0, V, (B, T), generator=g)
     lengths = torch.tensor([T, 3, 5, 6, 2][:B])
     mask = (torch.arange(T)[None] < lengths[:, None]) & (torch.rand(B, T, generator=g) > 0.15)
     targets = targets.masked_fill(~mask, -100)
     with torch.no_grad():
-        lp, _ = fusedrl.reference.linear_logprob_entropy(hidden.double(), weight.double(), targets.clamp_min(0),
-                                                         None if b is None else b.double())
+        lp, _ = fusedrl.reference.linear_logprob_entropy(
+            hidden.double(), weight.double(), targets.clamp_min(0), None if b is None else b.double()
+        )
     old = (lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
     ref = (lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
     adv = torch.randn(B, generator=g) * 2
-    case = dict(hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=adv, mask=mask,
-                ref_logp=ref, bias=b)
+    case = dict(
+        hidden=hidden, weight=weight, targets=targets, old_logp=old, advantages=adv, mask=mask, ref_logp=ref, bias=b
+    )
     if packed:
         idx = torch.cat([torch.arange(i * T, i * T + int(n)) for i, n in enumerate(lengths)])
         flat = lambda x: x.reshape(B * T, *x.shape[2:])[idx]  # noqa: E731
-        case.update(hidden=flat(hidden), targets=flat(targets), old_logp=flat(old), mask=flat(mask),
-                    ref_logp=flat(ref), cu_seqlens=torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32))
+        case.update(
+            hidden=flat(hidden),
+            targets=flat(targets),
+            old_logp=flat(old),
+            mask=flat(mask),
+            ref_logp=flat(ref),
+            cu_seqlens=torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32),
+        )
     return case
 
 
@@ -75,9 +83,17 @@ def assert_same(a, b, atol, rtol=1e-5):
 
 
 def config(mode, agg="token-mean", **kw):
-    base = dict(loss_mode=mode, loss_agg_mode=agg, entropy_coeff=0.01, kl_loss_coef=0.1,
-                clip_cov_ratio=0.2, kl_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0,
-                generator=torch.Generator().manual_seed(7))
+    base = dict(
+        loss_mode=mode,
+        loss_agg_mode=agg,
+        entropy_coeff=0.01,
+        kl_loss_coef=0.1,
+        clip_cov_ratio=0.2,
+        kl_cov_ratio=0.2,
+        clip_cov_lb=-5.0,
+        clip_cov_ub=5.0,
+        generator=torch.Generator().manual_seed(7),
+    )
     base.update(kw)
     return PolicyLossConfig(**base)
 
@@ -151,8 +167,16 @@ def test_one_pass_empty_batch():
     w = torch.randn(11, 8, requires_grad=True)
     hidden = torch.zeros(0, 5, 8, requires_grad=True)
     z = torch.zeros(0, 5)
-    loss, _ = fused_policy_loss(hidden, w, torch.zeros(0, 5, dtype=torch.long), z, torch.zeros(0), z.bool(),
-                                config=PolicyLossConfig(entropy_coeff=0.1), schedule="one_pass")
+    loss, _ = fused_policy_loss(
+        hidden,
+        w,
+        torch.zeros(0, 5, dtype=torch.long),
+        z,
+        torch.zeros(0),
+        z.bool(),
+        config=PolicyLossConfig(entropy_coeff=0.1),
+        schedule="one_pass",
+    )
     loss.backward()
     assert loss.item() == 0.0 and hidden.grad.shape == hidden.shape and (w.grad == 0).all()
 
@@ -188,8 +212,14 @@ def test_one_pass_epilogues_fp32(monkeypatch, epilogue, mode):
     cfg = config(mode, clip_ratio_high=0.28)
     backend = "triton" if epilogue == "triton" else "torch"
     got = run(case, cfg, "one_pass", backend=backend, temperature=0.8, memory_budget_mb=0.01)
-    case64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() and k in
-                  ("hidden", "weight", "bias") else v) for k, v in case.items()}
+    case64 = {
+        k: (
+            v.double()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and k in ("hidden", "weight", "bias")
+            else v
+        )
+        for k, v in case.items()
+    }
     want = run(case64, cfg, "recompute", backend="reference", temperature=0.8)
     torch.testing.assert_close(got[0].double(), want[0], atol=1e-5, rtol=1e-5)
     for k in want[1]:
@@ -217,8 +247,11 @@ def test_one_pass_low_precision(dtype):
 
 
 @pytest.mark.filterwarnings("ignore:fusedrl. schedule='one_pass' with fp16")
-@pytest.mark.parametrize("dtype, upstream", [(torch.bfloat16, 1 / 3), (torch.float16, 2.0**16)],
-                         ids=["bf16-one-third", "fp16-gradscaler-2^16"])
+@pytest.mark.parametrize(
+    "dtype, upstream",
+    [(torch.bfloat16, 1 / 3), (torch.float16, 2.0**16)],
+    ids=["bf16-one-third", "fp16-gradscaler-2^16"],
+)
 def test_backward_scales_in_fp32_and_rounds_once(dtype, upstream):
     """The backward multiplies the stored (fp32) gradients by the upstream gradient in fp32 and rounds once:
     rounding the upstream gradient to the input dtype first made 2^16 (GradScaler's initial scale) inf in fp16
@@ -228,8 +261,13 @@ def test_backward_scales_in_fp32_and_rounds_once(dtype, upstream):
 
     def grads(scale):
         leaves = [case[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")]
-        loss, _ = fused_policy_loss(**dict(case, hidden=leaves[0], weight=leaves[1], bias=leaves[2]), config=cfg,
-                                    schedule="one_pass", backend="torch", memory_budget_mb=0.05)
+        loss, _ = fused_policy_loss(
+            **dict(case, hidden=leaves[0], weight=leaves[1], bias=leaves[2]),
+            config=cfg,
+            schedule="one_pass",
+            backend="torch",
+            memory_budget_mb=0.05,
+        )
         (loss * scale).backward()
         return [t.grad for t in leaves]
 
@@ -253,8 +291,9 @@ def test_fp16_auto_takes_recompute_where_one_pass_underflows():
 
     def scaled_grads(schedule, backend="torch", c=case):
         leaves = [c["hidden"].detach().clone().requires_grad_(), c["weight"].detach().clone().requires_grad_()]
-        loss, _ = fused_policy_loss(**dict(c, hidden=leaves[0], weight=leaves[1]), config=cfg, schedule=schedule,
-                                    backend=backend)
+        loss, _ = fused_policy_loss(
+            **dict(c, hidden=leaves[0], weight=leaves[1]), config=cfg, schedule=schedule, backend=backend
+        )
         (loss * 2.0**16).backward()  # what GradScaler does
         return [t.grad.double() / 2.0**16 for t in leaves]
 
@@ -346,8 +385,7 @@ def test_nothing_formed_without_grad(monkeypatch):
 
     def spy(x, w, targets, bias, head, pln, temperature, softcap, backend, keys, need_dx, need_dw, need_db, we):
         flags.append((need_dx, need_dw, need_db))
-        return real(x, w, targets, bias, head, pln, temperature, softcap, backend, keys, need_dx, need_dw,
-                    need_db, we)
+        return real(x, w, targets, bias, head, pln, temperature, softcap, backend, keys, need_dx, need_dw, need_db, we)
 
     monkeypatch.setattr(onepass, "_run", spy)
     case = make_case(seed=1)
@@ -371,8 +409,9 @@ def test_grad_accumulation_over_micro_batches():
     for half in (slice(0, 2), slice(2, 4)):
         part = {k: (v[half] if isinstance(v, torch.Tensor) and k not in ("weight",) else v) for k, v in case.items()}
         part["weight"] = w
-        loss, _ = fused_policy_loss(**part, config=cfg, schedule="one_pass", global_num_tokens=n_tok,
-                                    memory_budget_mb=TINY_BUDGET_MB)
+        loss, _ = fused_policy_loss(
+            **part, config=cfg, schedule="one_pass", global_num_tokens=n_tok, memory_budget_mb=TINY_BUDGET_MB
+        )
         loss.backward()
     whole = run(case, cfg, "recompute")
     torch.testing.assert_close(w.grad, whole[2][1], atol=1e-12, rtol=1e-9)
@@ -395,9 +434,20 @@ def test_one_pass_compiles_fullgraph(mode):
     cfg = config(mode, generator=None)
 
     def f(hidden, weight, bias):
-        loss, metrics = fused_policy_loss(hidden, weight, case["targets"], case["old_logp"], case["advantages"],
-                                          case["mask"], ref_logp=case["ref_logp"], bias=bias, config=cfg,
-                                          schedule="one_pass", backend="torch", memory_budget_mb=TINY_BUDGET_MB)
+        loss, metrics = fused_policy_loss(
+            hidden,
+            weight,
+            case["targets"],
+            case["old_logp"],
+            case["advantages"],
+            case["mask"],
+            ref_logp=case["ref_logp"],
+            bias=bias,
+            config=cfg,
+            schedule="one_pass",
+            backend="torch",
+            memory_budget_mb=TINY_BUDGET_MB,
+        )
         return loss, metrics["pg_clipfrac"]
 
     leaves = [case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
@@ -450,8 +500,11 @@ def test_schedule_validation():
     with pytest.raises(ValueError, match="memory_budget_mb"):
         fused_policy_loss(**case, memory_budget_mb=-1)
     with pytest.raises(ValueError, match="one_pass"):
-        fused_policy_loss(**{k: (v.requires_grad_() if k == "hidden" else v) for k, v in make_case().items()},
-                          schedule="one_pass", backend="reference")
+        fused_policy_loss(
+            **{k: (v.requires_grad_() if k == "hidden" else v) for k, v in make_case().items()},
+            schedule="one_pass",
+            backend="reference",
+        )
     with pytest.raises(ValueError, match="schedule"):
         FusedPolicyLoss(schedule="x")
     with pytest.raises(ValueError, match="memory_budget_mb"):
@@ -463,8 +516,16 @@ def test_module_schedule():
     cfg = config("vanilla", generator=None)
     mod = FusedPolicyLoss(cfg, schedule="one_pass", memory_budget_mb=TINY_BUDGET_MB)
     c = {k: (v.clone().requires_grad_() if k in ("hidden", "weight", "bias") else v) for k, v in case.items()}
-    loss, _ = mod(c["hidden"], c["weight"], c["targets"], c["old_logp"], c["advantages"], c["mask"],
-                  ref_logp=c["ref_logp"], bias=c["bias"])
+    loss, _ = mod(
+        c["hidden"],
+        c["weight"],
+        c["targets"],
+        c["old_logp"],
+        c["advantages"],
+        c["mask"],
+        ref_logp=c["ref_logp"],
+        bias=c["bias"],
+    )
     loss.backward()
     want = run(case, cfg, "recompute")
     torch.testing.assert_close(c["weight"].grad, want[2][1], atol=1e-10, rtol=1e-9)
@@ -508,8 +569,9 @@ def test_gpu_one_pass_memory_within_budget():
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss, _ = fused_policy_loss(**args, config=config("vanilla", generator=None), schedule="one_pass",
-                                memory_budget_mb=budget_mb)
+    loss, _ = fused_policy_loss(
+        **args, config=config("vanilla", generator=None), schedule="one_pass", memory_budget_mb=budget_mb
+    )
     loss.backward()
     torch.cuda.synchronize()
     grads = sum(t.grad.numel() * t.grad.element_size() for t in leaves.values())
@@ -525,15 +587,24 @@ def test_gpu_one_pass_memory_within_budget():
 
 _MENU = {
     "tis": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_is="token", rollout_is_threshold=2.0)),
-    "mis-seq": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_is="sequence", rollout_is_mode="mask",
-                                                                 rollout_is_threshold=3.0)),
-    "rs-chain": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_rs="token_k1,seq_mean_k3",
-                                                                  rollout_rs_threshold="0.5_2.0,0.1")),
-    "icepop": dict(rollout_correction=fusedrl.RolloutCorrection(rollout_is="token", rollout_is_mode="mask",
-                                                                rollout_is_threshold_lower=0.5,
-                                                                rollout_is_threshold=5.0)),
-    "bypass-reinforce": dict(loss_mode="bypass_mode", rollout_correction=fusedrl.RolloutCorrection(
-        rollout_is="token", loss_type="reinforce")),
+    "mis-seq": dict(
+        rollout_correction=fusedrl.RolloutCorrection(
+            rollout_is="sequence", rollout_is_mode="mask", rollout_is_threshold=3.0
+        )
+    ),
+    "rs-chain": dict(
+        rollout_correction=fusedrl.RolloutCorrection(
+            rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.5_2.0,0.1"
+        )
+    ),
+    "icepop": dict(
+        rollout_correction=fusedrl.RolloutCorrection(
+            rollout_is="token", rollout_is_mode="mask", rollout_is_threshold_lower=0.5, rollout_is_threshold=5.0
+        )
+    ),
+    "bypass-reinforce": dict(
+        loss_mode="bypass_mode", rollout_correction=fusedrl.RolloutCorrection(rollout_is="token", loss_type="reinforce")
+    ),
     "entropy-80-20": dict(top_entropy_quantile=0.2),
     "opsm": dict(off_policy_mask_threshold=0.05),
     "delta": dict(delta=1.5),

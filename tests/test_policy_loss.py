@@ -1,4 +1,5 @@
 """policy_loss (fusedrl/loss.py) against the eager oracle (fusedrl/reference_loss.py) and verl semantics."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,15 @@ import math
 import pytest
 import torch
 
-from fusedrl.loss import (KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig, _select_top_k,
-                          canonical_kl_type, policy_loss)
+from fusedrl.loss import (
+    KL_LOSS_TYPES,
+    LOSS_AGG_MODES,
+    LOSS_MODES,
+    PolicyLossConfig,
+    _select_top_k,
+    canonical_kl_type,
+    policy_loss,
+)
 from fusedrl.reference_loss import reference_policy_loss
 from fusedrl.rollout import RolloutCorrection
 
@@ -56,8 +64,9 @@ class Batch:
         self.ref = ref.to(dtype)
 
     def padded(self):
-        return dict(logp=self.logp, old_logp=self.old, advantages=self.adv, mask=self.mask, entropy=self.ent,
-                    ref_logp=self.ref)
+        return dict(
+            logp=self.logp, old_logp=self.old, advantages=self.adv, mask=self.mask, entropy=self.ent, ref_logp=self.ref
+        )
 
     def packed(self, tail=0):
         """Concatenate row i[:len_i] (len_i >= last valid position) into [N] + cu_seqlens; `tail`
@@ -77,13 +86,28 @@ class Batch:
         ent = pk(self.ent.detach(), 1.0).requires_grad_()
         adv = self.adv if self.adv.dim() == 1 else pk(self.adv, 5.0)
         mask = pk(self.mask, True)
-        return dict(logp=lp, old_logp=pk(self.old, -3.0), advantages=adv, mask=mask, entropy=ent,
-                    ref_logp=pk(self.ref, 0.5), cu_seqlens=cu)
+        return dict(
+            logp=lp,
+            old_logp=pk(self.old, -3.0),
+            advantages=adv,
+            mask=mask,
+            entropy=ent,
+            ref_logp=pk(self.ref, 0.5),
+            cu_seqlens=cu,
+        )
 
 
 def cfg_for(mode, agg, **kw):
-    base = dict(loss_mode=mode, loss_agg_mode=agg, entropy_coeff=0.01, kl_loss_coef=0.05,
-                clip_cov_ratio=0.1, clip_cov_lb=0.2, kl_cov_ratio=0.1, generator=torch.Generator().manual_seed(123))
+    base = dict(
+        loss_mode=mode,
+        loss_agg_mode=agg,
+        entropy_coeff=0.01,
+        kl_loss_coef=0.05,
+        clip_cov_ratio=0.1,
+        clip_cov_lb=0.2,
+        kl_cov_ratio=0.1,
+        generator=torch.Generator().manual_seed(123),
+    )
     base.update(kw)
     return PolicyLossConfig(**base)
 
@@ -160,8 +184,12 @@ def test_kl_aliases_and_k3_clamp():
     ref = torch.tensor([[-1.0, -1.0, -30.0]], dtype=F64)
     mask = torch.ones(1, 3, dtype=torch.bool)
     zero = torch.zeros(1, 3, dtype=F64)
-    for name, expect in (("k3", [10.0, 0.0, 29 - 1 + math.exp(-29)]), ("k1", [-24.0, 0.0, 29.0]),
-                         ("abs", [24.0, 0.0, 29.0]), ("k2", [288.0, 0.0, 420.5])):
+    for name, expect in (
+        ("k3", [10.0, 0.0, 29 - 1 + math.exp(-29)]),
+        ("k1", [-24.0, 0.0, 29.0]),
+        ("abs", [24.0, 0.0, 29.0]),
+        ("k2", [288.0, 0.0, 420.5]),
+    ):
         cfg = PolicyLossConfig(loss_mode="gpg", kl_loss_type=name, kl_loss_coef=1.0)
         _, m = policy_loss(logp, logp.detach(), zero, mask, ref_logp=ref, config=cfg)
         # k3: x = ref - logp = 24 -> exp(24) - 25 clamps to 10; x = -29 -> e^-29 + 28 clamps to 10
@@ -172,10 +200,22 @@ def test_kl_aliases_and_k3_clamp():
     ref2 = torch.tensor([[-1.0, -1.0]], dtype=F64)
     m2 = torch.ones(1, 2, dtype=torch.bool)
     z2 = torch.zeros(1, 2, dtype=F64)
-    loss_p, _ = policy_loss(logp2, logp2.detach(), z2, m2, ref_logp=ref2,
-                            config=PolicyLossConfig(loss_mode="gpg", kl_loss_type="k3+", kl_loss_coef=1.0))
-    loss_3, _ = policy_loss(logp2, logp2.detach(), z2, m2, ref_logp=ref2,
-                            config=PolicyLossConfig(loss_mode="gpg", kl_loss_type="k3", kl_loss_coef=1.0))
+    loss_p, _ = policy_loss(
+        logp2,
+        logp2.detach(),
+        z2,
+        m2,
+        ref_logp=ref2,
+        config=PolicyLossConfig(loss_mode="gpg", kl_loss_type="k3+", kl_loss_coef=1.0),
+    )
+    loss_3, _ = policy_loss(
+        logp2,
+        logp2.detach(),
+        z2,
+        m2,
+        ref_logp=ref2,
+        config=PolicyLossConfig(loss_mode="gpg", kl_loss_type="k3", kl_loss_coef=1.0),
+    )
     torch.testing.assert_close(loss_p, loss_3)
     (g,) = torch.autograd.grad(loss_p, logp2)
     torch.testing.assert_close(g, (logp2 - ref2).detach() / 2)
@@ -197,12 +237,12 @@ def test_vanilla_hand_computed():
     lo, hi, c = 0.2, 0.28, 3.0
     cfg = PolicyLossConfig(clip_ratio_low=lo, clip_ratio_high=hi, clip_ratio_c=c)
     cases = [  # (log ratio, advantage, expected loss, expected d loss / d logp)
-        (math.log(1.1), 1.0, -1.1, -1.1),               # inside the trust region
-        (math.log(1.5), 1.0, -(1 + hi), 0.0),           # clipped above (A > 0)
-        (math.log(0.5), 1.0, -0.5, -0.5),               # A > 0, ratio low: unclipped branch is the max
-        (math.log(0.5), -1.0, 1 - lo, 0.0),             # clipped below (A < 0)
-        (math.log(5.0), -1.0, c * 1.0, 0.0),            # dual clip: min(5, 3) = 3
-        (math.log(2.0), -1.0, 2.0, 2.0),                # A < 0, below the dual-clip bound
+        (math.log(1.1), 1.0, -1.1, -1.1),  # inside the trust region
+        (math.log(1.5), 1.0, -(1 + hi), 0.0),  # clipped above (A > 0)
+        (math.log(0.5), 1.0, -0.5, -0.5),  # A > 0, ratio low: unclipped branch is the max
+        (math.log(0.5), -1.0, 1 - lo, 0.0),  # clipped below (A < 0)
+        (math.log(5.0), -1.0, c * 1.0, 0.0),  # dual clip: min(5, 3) = 3
+        (math.log(2.0), -1.0, 2.0, 2.0),  # A < 0, below the dual-clip bound
     ]
     for d, a, want, want_g in cases:
         logp = torch.tensor([[-1.0]], dtype=F64, requires_grad=True)
@@ -271,8 +311,10 @@ def test_one_dim_without_cu_seqlens_is_one_sequence():
     b = Batch(B=1, T=13, seed=4, empty_row=False)
     cfg = cfg_for("gspo", "seq-mean-token-mean")
     one = {k: (v.detach()[0].requires_grad_() if k in ("logp", "entropy") else v[0]) for k, v in b.padded().items()}
-    assert_same(run(policy_loss, b.padded(), cfg), [*run(policy_loss, one, cfg)[:2],
-                                                      [g[None] for g in run(policy_loss, one, cfg)[2]]])
+    assert_same(
+        run(policy_loss, b.padded(), cfg),
+        [*run(policy_loss, one, cfg)[:2], [g[None] for g in run(policy_loss, one, cfg)[2]]],
+    )
 
 
 def test_mask_dtypes():
@@ -293,8 +335,9 @@ def test_empty_sequences_drop_out_of_seq_mean(agg):
     b = Batch(seed=12, empty_row=False)
     cfg = cfg_for("vanilla", agg)
     base, _, _ = run(policy_loss, b.padded(), cfg)
-    more = {k: torch.cat([v.detach(), torch.full_like(v[:2], float("nan"))]) for k, v in b.padded().items()
-            if k != "mask"}
+    more = {
+        k: torch.cat([v.detach(), torch.full_like(v[:2], float("nan"))]) for k, v in b.padded().items() if k != "mask"
+    }
     more["mask"] = torch.cat([b.mask, torch.zeros_like(b.mask[:2])])
     more["logp"].requires_grad_()
     more["entropy"].requires_grad_()
@@ -335,13 +378,25 @@ def test_empty_tensors():
         for agg in LOSS_AGG_MODES:
             logp = torch.zeros(0, requires_grad=True)
             cfg = cfg_for(mode, agg)
-            loss, m = policy_loss(logp, torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool),
-                                  torch.zeros(0), torch.zeros(0), cu_seqlens=torch.zeros(1, dtype=torch.int64),
-                                  config=cfg)
+            loss, m = policy_loss(
+                logp,
+                torch.zeros(0),
+                torch.zeros(0),
+                torch.zeros(0, dtype=torch.bool),
+                torch.zeros(0),
+                torch.zeros(0),
+                cu_seqlens=torch.zeros(1, dtype=torch.int64),
+                config=cfg,
+            )
             loss.backward()
             assert loss.item() == 0.0 and all(v.item() == 0.0 for v in m.values())
-            loss2, _ = policy_loss(torch.zeros(0, 4, requires_grad=True), torch.zeros(0, 4), torch.zeros(0),
-                                   torch.zeros(0, 4), config=cfg.replace(entropy_coeff=0, kl_loss_coef=0))
+            loss2, _ = policy_loss(
+                torch.zeros(0, 4, requires_grad=True),
+                torch.zeros(0, 4),
+                torch.zeros(0),
+                torch.zeros(0, 4),
+                config=cfg.replace(entropy_coeff=0, kl_loss_coef=0),
+            )
             assert loss2.item() == 0.0
 
 
@@ -392,8 +447,9 @@ def _clip_cov_case(seed=0, B=6, T=40):
     logp = (-torch.rand(B, T, generator=g, dtype=F64) * 5).requires_grad_()
     adv = torch.randn(B, T, generator=g, dtype=F64) * 2
     # half the tokens far off-policy (some get PPO-clipped), half exactly on-policy
-    shift = torch.where(torch.rand(B, T, generator=g) > 0.5, 0.0, 1.0).to(F64) * torch.randn(B, T, generator=g,
-                                                                                               dtype=F64)
+    shift = torch.where(torch.rand(B, T, generator=g) > 0.5, 0.0, 1.0).to(F64) * torch.randn(
+        B, T, generator=g, dtype=F64
+    )
     old = logp.detach() - shift
     return logp, old, adv, mask
 
@@ -413,8 +469,7 @@ def test_clip_cov_picks_exactly_k_from_candidates():
     cov = _cov(adv, logp.detach(), mask)
     n_valid = int(mask.sum())
     for ratio in (2e-4, 0.01, 0.03):
-        cfg = PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=ratio,
-                               generator=torch.Generator().manual_seed(5))
+        cfg = PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=ratio, generator=torch.Generator().manual_seed(5))
         picked, clipped, m = _clip_cov_picks(logp, old, adv, mask, cfg)
         candidates = mask & ~clipped & (cov > cfg.clip_cov_lb) & (cov < cfg.clip_cov_ub)
         k = max(1, int(ratio * n_valid))
@@ -437,9 +492,11 @@ def test_clip_cov_fewer_candidates_than_k_takes_all():
 
 def test_clip_cov_same_seed_same_picks_and_uniform():
     logp, old, adv, mask = _clip_cov_case(seed=4)
+
     def picks(seed):
         cfg = PolicyLossConfig(loss_mode="clip_cov", clip_cov_ratio=0.01, generator=torch.Generator().manual_seed(seed))
         return _clip_cov_picks(logp, old, adv, mask, cfg)[0]
+
     assert torch.equal(picks(17), picks(17))
     assert not all(torch.equal(picks(17), picks(s)) for s in range(18, 22))
     # uniform among candidates: every candidate is picked sometimes, none far too often
@@ -462,6 +519,7 @@ def _kl_cov_picks(logp, old, adv, mask, ratio):
         cfg = PolicyLossConfig(loss_mode="kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=coef)
         loss, m = policy_loss(logp, old, adv, mask, config=cfg)
         return torch.autograd.grad(loss, logp)[0], m
+
     g1, m = grad(1.0)
     g0, _ = grad(0.0)
     return (g1 - g0).abs() > 0, m
@@ -489,8 +547,9 @@ def test_kl_cov_exact_top_k():
 def test_kl_cov_ties_broken_by_lower_index():
     # 12 valid tokens; tokens 2, 5, 7, 9 share the largest covariance exactly
     adv = torch.tensor([[0.0, 0.1, 3.0, -0.2, 0.3, 3.0, 0.0, 3.0, 0.1, 3.0, -0.1, -0.3]], dtype=F64)
-    logp = torch.tensor([[-2.0, -2.1, -0.5, -2.2, -1.9, -0.5, -2.0, -0.5, -2.0, -0.5, -2.1, -1.8]],
-                        dtype=F64, requires_grad=True)
+    logp = torch.tensor(
+        [[-2.0, -2.1, -0.5, -2.2, -1.9, -0.5, -2.0, -0.5, -2.0, -0.5, -2.1, -1.8]], dtype=F64, requires_grad=True
+    )
     old = logp.detach() - 0.05
     mask = torch.ones_like(adv, dtype=torch.bool)
     for ratio, want in ((0.1, [2]), (0.2, [2, 5]), (0.25, [2, 5, 7])):
@@ -577,19 +636,34 @@ def test_metrics_contract(mode):
     assert set(m) == keys
     for k, v in m.items():
         assert v.dtype == torch.float32 and v.dim() == 0 and not v.requires_grad, k
-    _, m2 = policy_loss(inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["mask"],
-                        config=cfg.replace(entropy_coeff=0.0))
+    _, m2 = policy_loss(
+        inputs["logp"], inputs["old_logp"], inputs["advantages"], inputs["mask"], config=cfg.replace(entropy_coeff=0.0)
+    )
     assert "entropy" not in m2 and "kl" not in m2
     valid = b.mask
     assert m["entropy"].item() == pytest.approx(b.ent.detach()[valid].mean().item(), rel=1e-6)
 
 
 BAD_CONFIGS = [
-    ("loss_mode", "ppo"), ("loss_agg_mode", "seq-sum"), ("kl_loss_type", "k4"), ("kl_loss_type", "k2+"),
-    ("clip_ratio_c", 1.0), ("clip_ratio_c", 0.5), ("clip_ratio_low", -0.1), ("clip_ratio_high", -1.0),
-    ("entropy_coeff", -0.01), ("kl_loss_coef", -1.0), ("clip_cov_ratio", -2e-4), ("kl_cov_ratio", -1.0),
-    ("ppo_kl_coef", -1.0), ("clip_ratio_low", float("nan")), ("global_num_tokens", 0),
-    ("global_num_seqs", -3), ("norm_len", 0.0), ("clip_cov_lb", 6.0), ("generator", 3),
+    ("loss_mode", "ppo"),
+    ("loss_agg_mode", "seq-sum"),
+    ("kl_loss_type", "k4"),
+    ("kl_loss_type", "k2+"),
+    ("clip_ratio_c", 1.0),
+    ("clip_ratio_c", 0.5),
+    ("clip_ratio_low", -0.1),
+    ("clip_ratio_high", -1.0),
+    ("entropy_coeff", -0.01),
+    ("kl_loss_coef", -1.0),
+    ("clip_cov_ratio", -2e-4),
+    ("kl_cov_ratio", -1.0),
+    ("ppo_kl_coef", -1.0),
+    ("clip_ratio_low", float("nan")),
+    ("global_num_tokens", 0),
+    ("global_num_seqs", -3),
+    ("norm_len", 0.0),
+    ("clip_cov_lb", 6.0),
+    ("generator", 3),
 ]
 
 
@@ -618,11 +692,9 @@ def test_input_errors():
     with pytest.raises(ValueError, match="advantages"):
         policy_loss(x, x, torch.zeros(3), x)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        policy_loss(torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.ones(5),
-                    cu_seqlens=torch.tensor([0, 3, 2]))
+        policy_loss(torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.ones(5), cu_seqlens=torch.tensor([0, 3, 2]))
     with pytest.raises(ValueError, match="packed advantages"):
-        policy_loss(torch.zeros(5), torch.zeros(5), torch.zeros(4), torch.ones(5),
-                    cu_seqlens=torch.tensor([0, 3, 5]))
+        policy_loss(torch.zeros(5), torch.zeros(5), torch.zeros(4), torch.ones(5), cu_seqlens=torch.tensor([0, 3, 5]))
 
 
 @pytest.mark.parametrize("mode", LOSS_MODES)
@@ -635,11 +707,23 @@ def test_no_host_sync_meta(mode):
             ent = torch.randn(shape, device="meta", requires_grad=True)
             cu = torch.tensor([0, 5, 12, 20], device="meta", dtype=torch.int32) if packed else None
             adv = torch.randn(3 if packed else 4, device="meta")
-            cfg = PolicyLossConfig(loss_mode=mode, loss_agg_mode=agg, entropy_coeff=0.1, kl_loss_coef=0.1,
-                                   global_num_tokens=torch.tensor(7.0, device="meta") if agg == "token-mean" else None)
-            loss, metrics = policy_loss(lp, torch.randn(shape, device="meta"), adv,
-                                        torch.ones(shape, device="meta", dtype=torch.bool), ent,
-                                        torch.randn(shape, device="meta"), cu_seqlens=cu, config=cfg)
+            cfg = PolicyLossConfig(
+                loss_mode=mode,
+                loss_agg_mode=agg,
+                entropy_coeff=0.1,
+                kl_loss_coef=0.1,
+                global_num_tokens=torch.tensor(7.0, device="meta") if agg == "token-mean" else None,
+            )
+            loss, metrics = policy_loss(
+                lp,
+                torch.randn(shape, device="meta"),
+                adv,
+                torch.ones(shape, device="meta", dtype=torch.bool),
+                ent,
+                torch.randn(shape, device="meta"),
+                cu_seqlens=cu,
+                config=cfg,
+            )
             loss.backward()
             assert lp.grad is not None and loss.shape == ()
 
@@ -689,13 +773,22 @@ def _verl_configs(ratio):
     from omegaconf import OmegaConf
 
     clip = dict(clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28)
-    dict_cfg = OmegaConf.create(dict(clip, clip_ratio_c=3.0, global_batch_info={}, policy_loss=dict(
-        kl_cov_ratio=ratio, clip_cov_ratio=ratio, ppo_kl_coef=1.0, clip_cov_lb=1.0, clip_cov_ub=5.0)))
+    dict_cfg = OmegaConf.create(
+        dict(
+            clip,
+            clip_ratio_c=3.0,
+            global_batch_info={},
+            policy_loss=dict(
+                kl_cov_ratio=ratio, clip_cov_ratio=ratio, ppo_kl_coef=1.0, clip_cov_lb=1.0, clip_cov_ub=5.0
+            ),
+        )
+    )
     try:
         from verl.workers.config import ActorConfig
 
-        actor_cfg = ActorConfig(strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=1,
-                                rollout_n=1, **clip)
+        actor_cfg = ActorConfig(
+            strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=1, rollout_n=1, **clip
+        )
     except Exception:  # older / newer verl: constructor differs
         actor_cfg = None
     return dict_cfg, actor_cfg
@@ -717,8 +810,9 @@ def test_against_verl_if_installed():
 
     for agg in LOSS_AGG_MODES:  # agg_loss through gpg on a unit advantage: per-token loss = -logp
         want = core_algos.agg_loss(loss_mat=-lp, loss_mask=m, loss_agg_mode=agg)
-        got, _ = policy_loss(lp, old, torch.ones_like(adv), mask,
-                             config=PolicyLossConfig(loss_mode="gpg", loss_agg_mode=agg))
+        got, _ = policy_loss(
+            lp, old, torch.ones_like(adv), mask, config=PolicyLossConfig(loss_mode="gpg", loss_agg_mode=agg)
+        )
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     for kl_type in ("kl", "abs", "mse", "low_var_kl"):
         want = core_algos.kl_penalty(lp, ref, kl_type)
@@ -727,8 +821,15 @@ def test_against_verl_if_installed():
 
     compared = 0
     # clip_cov with ratio 1 picks every candidate, so verl's randperm does not matter
-    for mode, ratio in (("vanilla", 0.05), ("gspo", 0.05), ("cispo", 0.05), ("gpg", 0.05), ("kl_cov", 0.05),
-                        ("kl_cov", 2e-4), ("clip_cov", 1.0)):
+    for mode, ratio in (
+        ("vanilla", 0.05),
+        ("gspo", 0.05),
+        ("cispo", 0.05),
+        ("gpg", 0.05),
+        ("kl_cov", 0.05),
+        ("kl_cov", 2e-4),
+        ("clip_cov", 1.0),
+    ):
         dict_cfg, actor_cfg = _verl_configs(ratio)
         cfg = actor_cfg if mode in ("gspo", "cispo") else dict_cfg
         if cfg is None:
@@ -737,14 +838,16 @@ def test_against_verl_if_installed():
             lp_v = lp.clone().requires_grad_()
             fn = getattr(core_algos, f"compute_policy_loss_{mode}")
             try:
-                out = fn(old_log_prob=old, log_prob=lp_v, advantages=adv, response_mask=m, loss_agg_mode=agg,
-                         config=cfg)
+                out = fn(
+                    old_log_prob=old, log_prob=lp_v, advantages=adv, response_mask=m, loss_agg_mode=agg, config=cfg
+                )
             except (AssertionError, TypeError, AttributeError):  # this verl version wants another config
                 continue
             (g_v,) = torch.autograd.grad(out[0], lp_v)
             lp_f = lp.clone().requires_grad_()
-            ours = PolicyLossConfig(loss_mode=mode, loss_agg_mode=agg, clip_ratio_high=0.28, kl_cov_ratio=ratio,
-                                    clip_cov_ratio=ratio)
+            ours = PolicyLossConfig(
+                loss_mode=mode, loss_agg_mode=agg, clip_ratio_high=0.28, kl_cov_ratio=ratio, clip_cov_ratio=ratio
+            )
             got, metrics = policy_loss(lp_f, old, adv, mask, config=ours)
             (g_f,) = torch.autograd.grad(got, lp_f)
             msg = f"{mode} {agg}"

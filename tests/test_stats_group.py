@@ -7,6 +7,7 @@ batch normalisation; with global normalisers the ranks' losses sum to the single
 rank's gradients are its slice of the single-process gradients. Plumbing as tests/test_distributed.py
 (FileStore rendezvous in a fresh directory, timeouts, loopback Gloo).
 """
+
 import os
 
 import torch
@@ -16,11 +17,11 @@ if not torch.cuda.is_available():  # before anything imports triton (children in
 
 import pytest  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from _dist import finish, init, launch  # noqa: E402
 
 from fusedrl import RolloutCorrection  # noqa: E402
 from fusedrl.loss import PolicyLossConfig, _entropy_keep, _evaluate, policy_loss  # noqa: E402
 
-from _dist import finish, init, launch  # noqa: E402
 F64 = torch.float64
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
@@ -51,7 +52,7 @@ def _part(full, seqs):
     a, b = int(full["cu"][s0]), int(full["cu"][s1])
     part = {k: full[k][a:b] for k in ("mask", "lp", "old", "ro", "ent", "keys")}
     part["adv"] = full["adv"][s0:s1]
-    part["cu"] = full["cu"][s0:s1 + 1] - a
+    part["cu"] = full["cu"][s0 : s1 + 1] - a
     return part, slice(a, b)
 
 
@@ -59,9 +60,18 @@ def _run(d, cfg, group_sum_n=None):
     """policy_loss on one batch: (loss, grad wrt logp, grad wrt entropy, covariance pick)."""
     lp = d["lp"].clone().requires_grad_()
     ent = d["ent"].clone().requires_grad_()
-    loss, _, picked = _evaluate(lp, d["old"], d["adv"], d["mask"], ent, None, d["cu"], cfg,
-                                keys=d["keys"] if cfg.loss_mode == "clip_cov" else None,
-                                rollout_logp=d["ro"] if cfg.rollout_correction is not None else None)
+    loss, _, picked = _evaluate(
+        lp,
+        d["old"],
+        d["adv"],
+        d["mask"],
+        ent,
+        None,
+        d["cu"],
+        cfg,
+        keys=d["keys"] if cfg.loss_mode == "clip_cov" else None,
+        rollout_logp=d["ro"] if cfg.rollout_correction is not None else None,
+    )
     g_lp, g_ent = torch.autograd.grad(loss, [lp, ent], allow_unused=True)
     g_ent = torch.zeros_like(ent) if g_ent is None else g_ent
     return loss.detach(), g_lp, g_ent, picked
@@ -72,10 +82,15 @@ CONFIGS = {
     "clip_cov": dict(loss_mode="clip_cov", clip_cov_ratio=0.2, clip_cov_lb=-5.0, clip_cov_ub=5.0),
     "entropy_quantile": dict(loss_mode="vanilla", top_entropy_quantile=0.3, entropy_coeff=0.01),
     "kl_cov_entropy": dict(loss_mode="kl_cov", kl_cov_ratio=0.3, top_entropy_quantile=0.5),
-    "is_normalize_token": dict(rollout_correction=RolloutCorrection(rollout_is="token",
-                                                                    rollout_is_batch_normalize=True)),
-    "is_normalize_seq": dict(loss_mode="sapo", rollout_correction=RolloutCorrection(
-        rollout_is="sequence", rollout_is_threshold=3.0, rollout_is_batch_normalize=True)),
+    "is_normalize_token": dict(
+        rollout_correction=RolloutCorrection(rollout_is="token", rollout_is_batch_normalize=True)
+    ),
+    "is_normalize_seq": dict(
+        loss_mode="sapo",
+        rollout_correction=RolloutCorrection(
+            rollout_is="sequence", rollout_is_threshold=3.0, rollout_is_batch_normalize=True
+        ),
+    ),
 }
 
 
@@ -100,8 +115,9 @@ def _child(rank: int, world: int, init_method: str) -> None:
                 assert torch.equal(mine[3], one[3][sl]), f"{name}: rank {rank} picked other tokens"
             # without the group, the local statistics differ (the test would be vacuous otherwise)
             local = _run(part, base)
-            differs = (local[3] is not None and not torch.equal(local[3], one[3][sl])) or \
-                not torch.allclose(local[1], one[1][sl])
+            differs = (local[3] is not None and not torch.equal(local[3], one[3][sl])) or not torch.allclose(
+                local[1], one[1][sl]
+            )
             flag = torch.tensor([float(differs)])
             dist.all_reduce(flag)  # every rank takes part in every collective, in the same order
             assert flag.item() > 0, f"{name}: the group statistics changed nothing"

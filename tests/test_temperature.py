@@ -1,14 +1,14 @@
 """Per-token temperature (a float, or one value per token / per sequence) through the core op, the
 logits op and the fused loss, forward and backward, on every backend, against the reference."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import make_case
 
 import fusedrl
 from fusedrl import PolicyLossConfig, fused_policy_loss, reference
-
-from _helpers import make_case
 
 # the triton backend runs in the interpreter on CPU (slow): small shapes
 BACKENDS = ["torch"] + [b for b in ("triton",) if b in fusedrl.available_backends("cpu")]
@@ -97,12 +97,25 @@ def test_fused_loss_per_token_temperature(schedule, layout, kind):
         temp = seq_t if kind == "sequence" else tok_t
     cfg = PolicyLossConfig(entropy_coeff=0.01)
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    loss, _ = fused_policy_loss(leaves[0], leaves[1], targets, old, adv, mask, temperature=temp, config=cfg,
-                                schedule=schedule, backend="torch", memory_budget_mb=0.01, **extra)
+    loss, _ = fused_policy_loss(
+        leaves[0],
+        leaves[1],
+        targets,
+        old,
+        adv,
+        mask,
+        temperature=temp,
+        config=cfg,
+        schedule=schedule,
+        backend="torch",
+        memory_budget_mb=0.01,
+        **extra,
+    )
     got = torch.autograd.grad(loss, leaves)
     ref_leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
-    lp, ent = reference.linear_logprob_entropy(ref_leaves[0], ref_leaves[1], targets, None,
-                                               tok_t.reshape(targets.shape), None)
+    lp, ent = reference.linear_logprob_entropy(
+        ref_leaves[0], ref_leaves[1], targets, None, tok_t.reshape(targets.shape), None
+    )
     want_loss, _ = fusedrl.policy_loss(lp, old, adv, mask, entropy=ent, config=cfg, **extra)
     want = torch.autograd.grad(want_loss, ref_leaves)
     torch.testing.assert_close(loss, want_loss, atol=1e-10, rtol=1e-9)

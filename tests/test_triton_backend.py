@@ -7,6 +7,7 @@ vocab / H blocks, vocab splits and workspace chunks on the same tiny shapes. Tol
 CCE idiom (tests/_helpers.py): the kernel's error against fp64 must not exceed eager PyTorch's error
 in the input dtype plus a small atol. CUDA-only large shapes are marked @pytest.mark.gpu.
 """
+
 import os
 
 import torch
@@ -18,27 +19,38 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+from _helpers import ATOL, GRAD_ATOL, assert_cce, eager_lowprec, err, make_case, ref64  # noqa: E402
+
 from fusedrl import reference  # noqa: E402
 from fusedrl.backends import triton_backend as tb  # noqa: E402
 
-from _helpers import ATOL, GRAD_ATOL, assert_cce, eager_lowprec, err, make_case, ref64  # noqa: E402
-
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-pytestmark = pytest.mark.skipif(not tb.is_available(torch.device(DEV))[0],
-                                reason=f"triton backend unavailable: {tb.is_available(torch.device(DEV))[1]}")
+pytestmark = pytest.mark.skipif(
+    not tb.is_available(torch.device(DEV))[0],
+    reason=f"triton backend unavailable: {tb.is_available(torch.device(DEV))[1]}",
+)
 
 # Many small blocks: 3 token blocks at N=40, 16 vocab blocks at V=1003, 4 uneven H steps at H=123.
-SMALL = dict(fwd=(16, 64, 32, 4, 2), du=(16, 64, 32, 4, 2), gemm=(16, 16, 64, 4, 2),
-             atomic=(16, 64, 32, 32, 4, 2), group=2)
+SMALL = dict(
+    fwd=(16, 64, 32, 4, 2), du=(16, 64, 32, 4, 2), gemm=(16, 16, 64, 4, 2), atomic=(16, 64, 32, 32, 4, 2), group=2
+)
 
 CASES = {
     # name: (N, H, V, bias, temperature, softcap, return_entropy, extra opts)
     "N37-H123-V1003-bias-T0.7-cap30": (37, 123, 1003, True, 0.7, 30.0, True, {}),
     "N1-H24-V507-plain": (1, 24, 507, False, 1.0, None, True, {}),
     "N37-H24-V507-bias-T0.7-noent": (37, 24, 507, True, 0.7, None, False, {}),
-    "N40-H123-V1003-smallblocks-chunks": (40, 123, 1003, True, 1.0, 30.0, True,
-                                          dict(triton_config=SMALL, vocab_splits=3, workspace_mb=0.07)),
+    "N40-H123-V1003-smallblocks-chunks": (
+        40,
+        123,
+        1003,
+        True,
+        1.0,
+        30.0,
+        True,
+        dict(triton_config=SMALL, vocab_splits=3, workspace_mb=0.07),
+    ),
 }
 
 
@@ -104,8 +116,9 @@ def test_forward_backward_matches_reference(dtype, case):
         assert got[2] is None
     else:
         assert got[2].dtype == dtype
-    want, low = _ref_and_low_grads(x.cpu(), w.cpu(), None if b is None else b.cpu(), t.cpu(), T, c,
-                                   g_lp.cpu(), None if g_H is None else g_H.cpu())
+    want, low = _ref_and_low_grads(
+        x.cpu(), w.cpu(), None if b is None else b.cpu(), t.cpu(), T, c, g_lp.cpu(), None if g_H is None else g_H.cpu()
+    )
     _check_grads([p for p in got if p is not None], want, low, dtype)
 
 
@@ -166,9 +179,11 @@ def _h100(monkeypatch, free_gb=75.0, total_gb=80.0, sms=132):
     return tb._CONFIGS["hopper"]
 
 
-@pytest.mark.parametrize("major, smem_kib, family", [(8, 163, "ampere"), (8, 99, "ampere"), (9, 227, "hopper"),
-                                                     (10, 227, "hopper"), (12, 99, "ampere")],
-                         ids=["sm80", "sm86", "sm90", "sm100", "sm120"])
+@pytest.mark.parametrize(
+    "major, smem_kib, family",
+    [(8, 163, "ampere"), (8, 99, "ampere"), (9, 227, "hopper"), (10, 227, "hopper"), (12, 99, "ampere")],
+    ids=["sm80", "sm86", "sm90", "sm100", "sm120"],
+)
 def test_block_family_follows_shared_memory(monkeypatch, major, smem_kib, family):
     """The hopper blocks need ~200 KiB of shared memory per block: consumer Blackwell (sm_120, 99 KiB) gets
     the ampere ones (they fit in 96 KiB), not the ones its major version suggests."""
@@ -220,8 +235,9 @@ def test_plan_budget_tracks_free_memory(monkeypatch):
     assert tb._default_budget(8192, 75 * 2**30) == 512 * 2**20
     monkeypatch.delenv("FUSEDRL_TRITON_BUDGET_CAP_MB")
     _h100(monkeypatch)
-    vc, single, nc = tb._plan(n, h, v, torch.bfloat16, True, True, cfg, dict(memory_budget_mb=128 + n / 1024),
-                              torch.device("cuda"))
+    vc, single, nc = tb._plan(
+        n, h, v, torch.bfloat16, True, True, cfg, dict(memory_budget_mb=128 + n / 1024), torch.device("cuda")
+    )
     assert not single  # the DESIGN.md lean budget, asked for explicitly
     # no device facts (CPU / interpreter): the lean floor, as before
     assert tb._default_budget(n, None) == 128 * 2**20 + 1024 * n
@@ -241,7 +257,7 @@ def test_vocab_shard(dtype):
     lse_parts, zt_sum = [], torch.zeros(n, dtype=torch.float64)
     for vs, ws, bs in shards:
         lse_s, zt_s, ent_s = tb.forward(x, ws, t, bs, T, c, True, vocab_start=vs)
-        z = z_full[:, vs:vs + ws.shape[0]]
+        z = z_full[:, vs : vs + ws.shape[0]]
         assert err(lse_s.cpu(), torch.logsumexp(z, -1)) < 10 * ATOL[dtype] + 1e-5
         loc = t.cpu() - vs
         inside = (loc >= 0) & (loc < ws.shape[0])
@@ -296,8 +312,7 @@ def test_grad_filter(dtype):
     assert ent.mean().item() < 1.0  # peaked
     g_lp, g_H = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
     # token blocks of 16 so that filtering is per few tokens (the interpreter default is 64)
-    opts = dict(triton_config=dict(du=(16, 128, 128, 4, 2), gemm=(16, 16, 128, 4, 2),
-                                   atomic=(16, 128, 128, 128, 4, 2)))
+    opts = dict(triton_config=dict(du=(16, 128, 128, 4, 2), gemm=(16, 16, 128, 4, 2), atomic=(16, 128, 128, 128, 4, 2)))
     exact = tb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, **opts)
     eps = 2.0**-12
     # the filter flags: most tiles are skipped on this peaked softmax
@@ -305,14 +320,12 @@ def test_grad_filter(dtype):
     bn, bv = cfg["du"][:2]
     ws = torch.empty(n, v, dtype=dtype, device=DEV)
     flags = torch.empty(-(-n // bn), -(-v // bv), dtype=torch.int8, device=DEV)
-    tb._launch_du(x, w, b, t, lse, ent, g_lp, g_H, ws, flags, None, 0, n, 0, v, h, 0, 1.0, None, eps,
-                  False, cfg)
+    tb._launch_du(x, w, b, t, lse, ent, g_lp, g_H, ws, flags, None, 0, n, 0, v, h, 0, 1.0, None, eps, False, cfg)
     live = flags.float().mean().item()
     assert 0.0 < live < 0.5, live
     want, low = _ref_and_low_grads(x.cpu(), w.cpu(), b.cpu(), t.cpu(), 1.0, None, g_lp.cpu(), g_H.cpu())
     for det in (True, False):
-        got = tb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, grad_filter_eps=eps,
-                          deterministic=det, **opts)
+        got = tb.backward(x, w, t, b, 1.0, None, lse, ent, g_lp, g_H, grad_filter_eps=eps, deterministic=det, **opts)
         _check_grads(got, want, low, dtype)
         for g, e in zip(got, exact):  # filtered - exact: bounded by what was skipped
             assert err(g.cpu(), e.cpu()) <= 0.01 * e.abs().max().item()
@@ -346,8 +359,9 @@ def test_filtered_gemm_is_dense_gemm_on_zeroed_tiles(dtype):
     w = torch.randn(v, h, generator=g).to(dtype).to(DEV)
     x = torch.randn(n, h, generator=g).to(dtype).to(DEV)
     for a, b_, live, blocks, m, k, out_shape in (
-            ((du, (du.stride(0), 1)), w, tb._live_lists(f), (bn, bv), n, v, (n, h)),         # dx
-            ((du, (1, du.stride(0))), x, tb._live_lists(f.t()), (bv, bn), v, n, (v, h))):    # dW
+        ((du, (du.stride(0), 1)), w, tb._live_lists(f), (bn, bv), n, v, (n, h)),  # dx
+        ((du, (1, du.stride(0))), x, tb._live_lists(f.t()), (bv, bn), v, n, (v, h)),
+    ):  # dW
         got = torch.empty(out_shape, dtype=dtype, device=DEV)
         want = torch.empty_like(got)
         tb._launch_gemm(a[0], a[1], b_, got, live, blocks, m, k, h, cfg)
@@ -387,15 +401,17 @@ def test_softcap_saturation_and_large_logits():
 def test_fp32_large_vocab_precision():
     """DESIGN.md section 5: fp32 logp within 1e-5 of fp64 at V = 151936 (many splits merged)."""
     x, w, _, t = _to(*make_case(4, 32, 151936, torch.float32, scale=2.0, seed=8))
-    lp, H, _ = _fwd(x, w, t, None, 1.0, None, True, vocab_splits=5,
-                    triton_config=dict(fwd=(16, 4096, 32, 8, 2)))  # few, wide tiles (interpreter time)
+    lp, H, _ = _fwd(
+        x, w, t, None, 1.0, None, True, vocab_splits=5, triton_config=dict(fwd=(16, 4096, 32, 8, 2))
+    )  # few, wide tiles (interpreter time)
     r_lp, r_ent = ref64(x.cpu(), w.cpu(), t.cpu(), None, 1.0, None)
     assert err(lp.cpu(), r_lp) < 1e-5 and err(H.cpu(), r_ent) < 1e-4
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opt", [(1.0, None, True), (0.7, 30.0, True), (0.7, None, False)],
-                         ids=["plain", "T0.7-cap30", "T0.7-noent"])
+@pytest.mark.parametrize(
+    "opt", [(1.0, None, True), (0.7, 30.0, True), (0.7, None, False)], ids=["plain", "T0.7-cap30", "T0.7-noent"]
+)
 def test_logits_forward_backward(dtype, opt):
     T, c, ent_on = opt
     n, v = 37, 1003
@@ -418,8 +434,9 @@ def test_logits_forward_backward(dtype, opt):
     (want,) = _grads(r_lp, r_ent, [leaf], g_lp.cpu(), None if g_H is None else g_H.cpu())
     out = tb.logits_backward(logits, t, T, c, lse, H, g_lp, g_H, inplace=False)
     assert out.dtype == dtype and out.data_ptr() != logits.data_ptr()
-    tol = GRAD_ATOL[dtype] * want.abs().max().item() + (0.0 if dtype == torch.float32 else
-                                                         2.0 ** -7 * want.abs().max().item())
+    tol = GRAD_ATOL[dtype] * want.abs().max().item() + (
+        0.0 if dtype == torch.float32 else 2.0**-7 * want.abs().max().item()
+    )
     assert err(out.cpu(), want) <= tol
     buf = logits.clone()
     out2 = tb.logits_backward(buf, t, T, c, lse, H, g_lp, g_H, inplace=True)
@@ -536,21 +553,28 @@ def test_per_token_temperature_equal_vector_is_scalar_bitwise(cap):
     n, h, v = 40, 123, 1003
     x, w, b, t = _to(*_ninf_case(n, h, v, torch.bfloat16, seed=24))
     T, vec = 0.75, torch.full((n,), 0.75, device=DEV)
-    fs, fv = tb.forward(x, w, t, b, T, cap, True, vocab_splits=3), tb.forward(x, w, t, b, vec, cap, True, vocab_splits=3)
+    fs, fv = (
+        tb.forward(x, w, t, b, T, cap, True, vocab_splits=3),
+        tb.forward(x, w, t, b, vec, cap, True, vocab_splits=3),
+    )
     for a, e in zip(fs, fv):
         assert torch.equal(a, e)
     lse, _, ent = fs
     g_lp, g_H = torch.randn(n, device=DEV), torch.randn(n, device=DEV)
     for opts in (dict(), dict(triton_config=SMALL, workspace_mb=0.05, memory_budget_mb=0), dict(deterministic=False)):
-        for a, e in zip(tb.backward(x, w, t, b, T, cap, lse, ent, g_lp, g_H, **opts),
-                        tb.backward(x, w, t, b, vec, cap, lse, ent, g_lp, g_H, **opts)):
+        for a, e in zip(
+            tb.backward(x, w, t, b, T, cap, lse, ent, g_lp, g_H, **opts),
+            tb.backward(x, w, t, b, vec, cap, lse, ent, g_lp, g_H, **opts),
+        ):
             assert torch.equal(a, e), opts
     logits = (torch.randn(n, v) * 4).to(DEV)
     ls, lv = tb.logits_forward(logits, t, T, cap, True), tb.logits_forward(logits, t, vec, cap, True)
     for a, e in zip(ls, lv):
         assert torch.equal(a, e)
-    assert torch.equal(tb.logits_backward(logits, t, T, cap, ls[0], ls[2], g_lp, g_H),
-                       tb.logits_backward(logits, t, vec, cap, ls[0], ls[2], g_lp, g_H))
+    assert torch.equal(
+        tb.logits_backward(logits, t, T, cap, ls[0], ls[2], g_lp, g_H),
+        tb.logits_backward(logits, t, vec, cap, ls[0], ls[2], g_lp, g_H),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -571,7 +595,7 @@ def test_logits_per_token_temperature(cap, dtype):
     g_lp, g_H = torch.randn(n, generator=g).to(DEV), torch.randn(n, generator=g).to(DEV)
     (want,) = _grads(r_lp, r_ent, [leaf], g_lp.cpu(), g_H.cpu())
     out = tb.logits_backward(logits, t, temp, cap, lse, H, g_lp, g_H)
-    tol = (1e-5 if dtype == torch.float32 else 2.0 ** -7) * want.abs().max().item()
+    tol = (1e-5 if dtype == torch.float32 else 2.0**-7) * want.abs().max().item()
     assert out.dtype == dtype and err(out.cpu(), want) <= tol
     buf = logits.clone()
     assert torch.equal(tb.logits_backward(buf, t, temp, cap, lse, H, g_lp, g_H, inplace=True), out)
@@ -583,15 +607,27 @@ def test_temperature_argument_validation():
     x, w, b, t = _to(*make_case(n, 24, 507, torch.float32, bias=True))
     e = torch.zeros(n, device=DEV)
     logits = torch.randn(n, 507, device=DEV)
-    bad = [torch.ones(n + 1), torch.ones(n, 1), torch.ones(()), torch.ones(n, dtype=torch.bool),
-           torch.ones(n, device="meta"), "hot", None, 0.0, -1.0, float("nan")]
+    bad = [
+        torch.ones(n + 1),
+        torch.ones(n, 1),
+        torch.ones(()),
+        torch.ones(n, dtype=torch.bool),
+        torch.ones(n, device="meta"),
+        "hot",
+        None,
+        0.0,
+        -1.0,
+        float("nan"),
+    ]
     for T in bad:
         T = T.to(DEV) if isinstance(T, torch.Tensor) and T.device.type != "meta" else T
-        calls = (lambda: tb.forward(x, w, t, b, T, None, True),
-                 lambda: tb.backward(x, w, t, b, T, None, e, e, e, e),
-                 lambda: tb.backward(x, w, t, b, T, None, e, e, e, e, deterministic=False),
-                 lambda: tb.logits_forward(logits, t, T, None, True),
-                 lambda: tb.logits_backward(logits, t, T, None, e, e, e, e))
+        calls = (
+            lambda: tb.forward(x, w, t, b, T, None, True),
+            lambda: tb.backward(x, w, t, b, T, None, e, e, e, e),
+            lambda: tb.backward(x, w, t, b, T, None, e, e, e, e, deterministic=False),
+            lambda: tb.logits_forward(logits, t, T, None, True),
+            lambda: tb.logits_backward(logits, t, T, None, e, e, e, e),
+        )
         for call in calls:
             with pytest.raises(ValueError, match="temperature"):
                 call()

@@ -7,6 +7,7 @@ token weights; ``g_lp``, ``g_H`` and ``du = dL/du`` come from ``torch.autograd``
 kernel runs in the triton interpreter on CPU tensors (tiny odd shapes, a small BLOCK_V so rows span
 several blocks with a ragged tail). fp32 kernel vs fp64 oracle: ~1e-5 relative.
 """
+
 import math
 import os
 
@@ -23,8 +24,10 @@ from fusedrl import loss as loss_mod  # noqa: E402
 from fusedrl.backends import triton_backend as tb  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not tb.is_available(torch.device(DEV))[0],
-                                reason=f"triton backend unavailable: {tb.is_available(torch.device(DEV))[1]}")
+pytestmark = pytest.mark.skipif(
+    not tb.is_available(torch.device(DEV))[0],
+    reason=f"triton backend unavailable: {tb.is_available(torch.device(DEV))[1]}",
+)
 
 # Interpreter: rows of 1003 columns span 4 blocks (the last one ragged), 507 -> 2; 8 rows per program
 # (37 rows: a ragged last program) keeps the interpreter quick. The GPU config (one row per program)
@@ -115,11 +118,11 @@ def _make(n, v, seed=0, bias=True, ninf_cols=(), extreme=False, masked=True, sca
     for j in ninf_cols:
         b[j] = -math.inf
     if extreme and n >= 3:
-        u[0] *= 300.0       # |z| ~ 1e3: peaked row, exact LSE
-        u[1] = 0.0          # flat row: H = log V
-        u[2, 7] = 80.0      # one dominant logit
+        u[0] *= 300.0  # |z| ~ 1e3: peaked row, exact LSE
+        u[1] = 0.0  # flat row: H = log V
+        u[2, 7] = 80.0  # one dominant logit
     t = torch.randint(0, v, (n,), generator=g)
-    for i in range(n):      # tokens never target a masked column (a live one's logp would be -inf)
+    for i in range(n):  # tokens never target a masked column (a live one's logp would be -inf)
         while int(t[i]) in ninf_cols:
             t[i] = (t[i] + 1) % v
     # old log-probs near the current ones (ratios near the clip bounds), a few |d| > 20 tokens
@@ -135,20 +138,47 @@ def _make(n, v, seed=0, bias=True, ninf_cols=(), extreme=False, masked=True, sca
         adv[6] = 0.0
     ref = lp + torch.randn(n, generator=g) * 0.5
     if n >= 9:
-        ref[8] = lp[8] + 40.0   # k3 out of its clamp ranges
+        ref[8] = lp[8] + 40.0  # k3 out of its clamp ranges
     w = torch.rand(n, generator=g) + 0.1
     if masked and n >= 12:
         for i in (3, 10, 11):
             w[i] = 0.0
-            old[i], adv[i], ref[i] = math.nan, math.nan, math.inf   # never read
+            old[i], adv[i], ref[i] = math.nan, math.nan, math.inf  # never read
     return u, t, b, old, adv, ref, w
 
 
-def _head(old, adv, ref, w, mode=0, dual=True, ent_coef=0.01, kl_coef=0.1, kl_type=3, kl_st=False,
-          need_ent=True, low=0.2, high=0.28, c=3.0):
-    return tb.OnePassHead(mode=mode, clip_lo=1.0 - low, clip_hi=1.0 + high, clip_c=c if dual else None,
-                          dual=dual, ent_coef=ent_coef, kl_coef=kl_coef, kl_type=kl_type, kl_st=kl_st,
-                          old=old, adv=adv, weight=w, ref=ref if kl_coef else None, need_ent=need_ent)
+def _head(
+    old,
+    adv,
+    ref,
+    w,
+    mode=0,
+    dual=True,
+    ent_coef=0.01,
+    kl_coef=0.1,
+    kl_type=3,
+    kl_st=False,
+    need_ent=True,
+    low=0.2,
+    high=0.28,
+    c=3.0,
+):
+    return tb.OnePassHead(
+        mode=mode,
+        clip_lo=1.0 - low,
+        clip_hi=1.0 + high,
+        clip_c=c if dual else None,
+        dual=dual,
+        ent_coef=ent_coef,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        kl_st=kl_st,
+        old=old,
+        adv=adv,
+        weight=w,
+        ref=ref if kl_coef else None,
+        need_ent=need_ent,
+    )
 
 
 def _close(name, got, want, rtol=1e-5):
@@ -157,17 +187,28 @@ def _close(name, got, want, rtol=1e-5):
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
     tol = rtol * (1.0 + want.abs())
     bad = (got - want).abs() > tol
-    assert not bad.any(), f"{name}: max err {(got - want).abs().max().item():.3e}, first bad {bad.nonzero()[:3].tolist()}"
+    assert not bad.any(), (
+        f"{name}: max err {(got - want).abs().max().item():.3e}, first bad {bad.nonzero()[:3].tolist()}"
+    )
 
 
 def _check(u, t, b, T, c, head, du16_dtype=None, rtol=1e-5, opts=None):
     ws = u.clone().to(DEV)
     du16 = torch.full(ws.shape, 7.0, dtype=du16_dtype, device=DEV) if du16_dtype else None
-    dev_head = head._replace(**{k: getattr(head, k).to(DEV) for k in ("old", "adv", "weight", "ref")
-                                if getattr(head, k) is not None})
+    dev_head = head._replace(
+        **{k: getattr(head, k).to(DEV) for k in ("old", "adv", "weight", "ref") if getattr(head, k) is not None}
+    )
     temp = T.to(DEV) if isinstance(T, torch.Tensor) else T
-    logp, ent, lse, g_lp, g_h = tb.onepass_epilogue(ws, t.to(DEV), None if b is None else b.to(DEV), temp, c,
-                                                    dev_head, du16=du16, **(OPTS if opts is None else opts))
+    logp, ent, lse, g_lp, g_h = tb.onepass_epilogue(
+        ws,
+        t.to(DEV),
+        None if b is None else b.to(DEV),
+        temp,
+        c,
+        dev_head,
+        du16=du16,
+        **(OPTS if opts is None else opts),
+    )
     r_lp, r_ent, r_lse, r_glp, r_gh, r_du = _oracle(u, t, b, T, c, head)
     for out in (logp, lse, g_lp):
         assert out.dtype == torch.float32 and out.shape == (u.shape[0],)
@@ -189,8 +230,9 @@ def _check(u, t, b, T, c, head, du16_dtype=None, rtol=1e-5, opts=None):
             assert torch.equal(du16, ws.to(du16_dtype))
         else:  # the interpreter's fp32 -> bf16 conversion truncates instead of rounding: 1 ulp apart
             bf16 = du16_dtype == torch.bfloat16
-            torch.testing.assert_close(du16.float(), ws, rtol=2.0**-7 if bf16 else 2.0**-10,
-                                       atol=0.0 if bf16 else 2.0**-24)  # fp16 subnormal step
+            torch.testing.assert_close(
+                du16.float(), ws, rtol=2.0**-7 if bf16 else 2.0**-10, atol=0.0 if bf16 else 2.0**-24
+            )  # fp16 subnormal step
     return ws, (logp, ent, lse, g_lp, g_h)
 
 
@@ -199,8 +241,11 @@ def _check(u, t, b, T, c, head, du16_dtype=None, rtol=1e-5, opts=None):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,dual", [(0, True), (0, False), (1, False), (2, False), (3, False)],
-                         ids=["clipped-dual", "clipped", "gpg", "cispo", "unclipped"])
+@pytest.mark.parametrize(
+    "mode,dual",
+    [(0, True), (0, False), (1, False), (2, False), (3, False)],
+    ids=["clipped-dual", "clipped", "gpg", "cispo", "unclipped"],
+)
 @pytest.mark.parametrize("shape", [(37, 1003), (1, 507)], ids=["N37-V1003", "N1-V507"])
 def test_modes(mode, dual, shape):
     """Every mode, with bias, temperature, softcap, entropy bonus and a k3 KL term."""
@@ -222,8 +267,14 @@ def test_kl_types(kl_type, kl_st):
     if kl_st and kl_type == 2:
         pytest.skip("k2+ is not a kl type (k2 is its own straight-through)")
     u, t, b, old, adv, ref, w = _make(37, 507, seed=10 + kl_type, bias=False)
-    _check(u, t, None, 1.0, None, _head(old, adv, ref, w, mode=1, kl_coef=0.3, kl_type=kl_type, kl_st=kl_st,
-                                        ent_coef=0.0, need_ent=False))
+    _check(
+        u,
+        t,
+        None,
+        1.0,
+        None,
+        _head(old, adv, ref, w, mode=1, kl_coef=0.3, kl_type=kl_type, kl_st=kl_st, ent_coef=0.0, need_ent=False),
+    )
 
 
 def test_kl_grad_matches_loss_py():
@@ -240,8 +291,9 @@ def test_kl_grad_matches_loss_py():
         torch.testing.assert_close(torch.autograd.grad(mine.sum(), lp)[0], torch.autograd.grad(theirs.sum(), lp)[0])
 
 
-@pytest.mark.parametrize("ent_coef,need_ent", [(0.0, False), (0.0, True), (0.05, False)],
-                         ids=["no-ent", "ent-metric", "ent-bonus"])
+@pytest.mark.parametrize(
+    "ent_coef,need_ent", [(0.0, False), (0.0, True), (0.05, False)], ids=["no-ent", "ent-metric", "ent-bonus"]
+)
 def test_entropy_options(ent_coef, need_ent):
     u, t, b, old, adv, ref, w = _make(37, 1003, seed=20)
     _check(u, t, b, 1.3, None, _head(old, adv, ref, w, ent_coef=ent_coef, need_ent=need_ent, kl_coef=0.0))
@@ -288,23 +340,49 @@ def test_head_names_all_masked_and_empty():
     u, t, b, old, adv, ref, w = _make(12, 507, seed=60)
     head = _head(old, adv, ref, w, mode="cispo", dual=False, kl_type="k2")
     coded = _head(old, adv, ref, w, mode=2, dual=False, kl_type=2)
-    a = tb.onepass_epilogue(u.clone().to(DEV), t.to(DEV), b.to(DEV), 1.0, None,
-                            head._replace(old=old.to(DEV), adv=adv.to(DEV), weight=w.to(DEV), ref=ref.to(DEV)), **OPTS)
-    e = tb.onepass_epilogue(u.clone().to(DEV), t.to(DEV), b.to(DEV), 1.0, None,
-                            coded._replace(old=old.to(DEV), adv=adv.to(DEV), weight=w.to(DEV), ref=ref.to(DEV)), **OPTS)
+    a = tb.onepass_epilogue(
+        u.clone().to(DEV),
+        t.to(DEV),
+        b.to(DEV),
+        1.0,
+        None,
+        head._replace(old=old.to(DEV), adv=adv.to(DEV), weight=w.to(DEV), ref=ref.to(DEV)),
+        **OPTS,
+    )
+    e = tb.onepass_epilogue(
+        u.clone().to(DEV),
+        t.to(DEV),
+        b.to(DEV),
+        1.0,
+        None,
+        coded._replace(old=old.to(DEV), adv=adv.to(DEV), weight=w.to(DEV), ref=ref.to(DEV)),
+        **OPTS,
+    )
     for x, y in zip(a, e):
         assert torch.equal(x, y)
     # all-masked chunk: zero gradients everywhere, finite statistics
     zero = torch.zeros_like(w)
     ws = u.clone().to(DEV)
     logp, ent, lse, g_lp, g_h = tb.onepass_epilogue(
-        ws, t.to(DEV), b.to(DEV), 1.0, None,
-        head._replace(old=old.to(DEV), adv=adv.to(DEV), weight=zero.to(DEV), ref=ref.to(DEV)), **OPTS)
+        ws,
+        t.to(DEV),
+        b.to(DEV),
+        1.0,
+        None,
+        head._replace(old=old.to(DEV), adv=adv.to(DEV), weight=zero.to(DEV), ref=ref.to(DEV)),
+        **OPTS,
+    )
     assert not ws.any() and not g_lp.any() and not g_h.any() and torch.isfinite(logp).all()
     # zero rows
     e0 = torch.empty(0, device=DEV)
-    out = tb.onepass_epilogue(torch.empty(0, 507, device=DEV), torch.empty(0, dtype=torch.long, device=DEV), None,
-                              1.0, None, _head(e0, e0, e0, e0))
+    out = tb.onepass_epilogue(
+        torch.empty(0, 507, device=DEV),
+        torch.empty(0, dtype=torch.long, device=DEV),
+        None,
+        1.0,
+        None,
+        _head(e0, e0, e0, e0),
+    )
     assert all(o is None or o.shape == (0,) for o in out)
 
 
@@ -336,8 +414,15 @@ def test_bad_inputs_raise():
         tb.onepass_epilogue(u, t.float(), b, 1.0, None, head)
     with pytest.raises(ValueError, match="softcap"):
         tb.onepass_epilogue(u, t, b, 1.0, 0.0, head)
-    for T in (0.0, -1.0, None, torch.ones(5, device=DEV), torch.ones(4, 1, device=DEV),
-              torch.ones(4, dtype=torch.bool, device=DEV), torch.ones(4, device="meta")):
+    for T in (
+        0.0,
+        -1.0,
+        None,
+        torch.ones(5, device=DEV),
+        torch.ones(4, 1, device=DEV),
+        torch.ones(4, dtype=torch.bool, device=DEV),
+        torch.ones(4, device="meta"),
+    ):
         with pytest.raises(ValueError, match="temperature"):
             tb.onepass_epilogue(u.clone(), t, b, T, None, head)
 
@@ -345,7 +430,8 @@ def test_bad_inputs_raise():
 def test_head_is_shared_with_the_cuda_backend():
     """One definition of the head and its code tables (fusedrl/backends/_onepass.py), re-exported by
     both kernel backends; a head of the other backend's (or any object with the fields) is accepted."""
-    from fusedrl.backends import _onepass, cuda_backend as cb
+    from fusedrl.backends import _onepass
+    from fusedrl.backends import cuda_backend as cb
 
     assert tb.OnePassHead is cb.OnePassHead is _onepass.OnePassHead
     assert tb.HEAD_MODES is cb.HEAD_MODES and tb.KL_TYPES is cb.KL_TYPES
@@ -361,8 +447,9 @@ def test_head_is_shared_with_the_cuda_backend():
 
 
 def _to_dev(head):
-    return head._replace(**{k: getattr(head, k).to(DEV) for k in ("old", "adv", "weight", "ref")
-                            if getattr(head, k) is not None})
+    return head._replace(
+        **{k: getattr(head, k).to(DEV) for k in ("old", "adv", "weight", "ref") if getattr(head, k) is not None}
+    )
 
 
 def _temps(n, seed):
@@ -376,8 +463,16 @@ def test_per_token_temperature(rows, cap):
     an entropy bonus, a KL term and masked rows, against the fp64 oracle; both block configs."""
     u, t, b, old, adv, ref, w = _make(37, 1003, seed=72, ninf_cols=(0, 5, 1002))
     T = _temps(37, 73)
-    ws, _ = _check(u, t, b, T, cap, _head(old, adv, ref, w, ent_coef=0.05), du16_dtype=torch.bfloat16,
-                   opts=OPTS if rows == "rows8" else ROW_OPTS)
+    ws, _ = _check(
+        u,
+        t,
+        b,
+        T,
+        cap,
+        _head(old, adv, ref, w, ent_coef=0.05),
+        du16_dtype=torch.bfloat16,
+        opts=OPTS if rows == "rows8" else ROW_OPTS,
+    )
     if cap is None:
         assert (ws.cpu()[:, [0, 5, 1002]] == 0).all()
 
@@ -403,13 +498,19 @@ def test_tie_rules_match_torch_fp32():
     u, t, b, old, adv, ref, w = _make(37, 507, seed=80, masked=True)
     head = _head(old, adv, ref, w, kl_coef=0.3, kl_type=1, ent_coef=0.0, need_ent=False)
     run = lambda h: tb.onepass_epilogue(  # noqa: E731
-        u.clone().to(DEV), t.to(DEV), b.to(DEV), 1.0, None,
-        h._replace(old=h.old.to(DEV), adv=h.adv.to(DEV), weight=h.weight.to(DEV), ref=h.ref.to(DEV)), **OPTS)
+        u.clone().to(DEV),
+        t.to(DEV),
+        b.to(DEV),
+        1.0,
+        None,
+        h._replace(old=h.old.to(DEV), adv=h.adv.to(DEV), weight=h.weight.to(DEV), ref=h.ref.to(DEV)),
+        **OPTS,
+    )
     lp = run(head)[0].cpu()
     ref2 = ref.clone()
-    ref2[1] = lp[1]                               # delta = 0 exactly
+    ref2[1] = lp[1]  # delta = 0 exactly
     old2, adv2 = old.clone(), adv.clone()
-    old2[0], adv2[0] = lp[0] - 0.1, -1.5        # r = e^0.1 inside [lo, hi], A < 0
+    old2[0], adv2[0] = lp[0] - 0.1, -1.5  # r = e^0.1 inside [lo, hi], A < 0
     c = float(torch.exp((lp[0] - old2[0]).clamp(-20, 20)))  # fp32 r: -A r == -A c exactly
     assert c > 1.0
     head = head._replace(old=old2, adv=adv2, ref=ref2, clip_c=c)

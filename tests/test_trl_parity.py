@@ -6,6 +6,7 @@ batches, TRL's ``GRPOTrainer._compute_loss`` with :func:`fusedrl.integrations.tr
 every parameter gradient (lm_head included) and the logged metrics. One test trains two steps end to end with
 both trainers. Skipped without TRL / transformers / datasets.
 """
+
 import math
 from collections import defaultdict
 
@@ -24,10 +25,19 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "lusp
 
 def _llama(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=V - 1,
-                                   pad_token_id=V - 1)
+    cfg = transformers.LlamaConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=V - 1,
+        pad_token_id=V - 1,
+    )
     m = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():  # spread the entropies (a fresh head is near uniform): the 80/20 threshold stays clear
         m.lm_head.weight.mul_(25.0)
@@ -42,8 +52,9 @@ def _tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>",
-                                                padding_side="left")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>", padding_side="left"
+    )
 
 
 def _reward(completions, **kwargs):
@@ -53,25 +64,61 @@ def _reward(completions, **kwargs):
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory):
     """One plain TRL GRPOTrainer; each test sets the loss-shaping attributes it needs."""
-    args = trl.GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=B,
-                          num_generations=B, max_completion_length=K + 2, report_to=[], use_cpu=True, bf16=False,
-                          save_strategy="no", disable_dropout=True)
-    tr = trl.GRPOTrainer(model=_llama(), reward_funcs=_reward, args=args,
-                         train_dataset=datasets.Dataset.from_dict({"prompt": ["a", "b"] * B}),
-                         processing_class=_tokenizer())
+    args = trl.GRPOConfig(
+        output_dir=str(tmp_path_factory.mktemp("trl")),
+        per_device_train_batch_size=B,
+        num_generations=B,
+        max_completion_length=K + 2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        save_strategy="no",
+        disable_dropout=True,
+    )
+    tr = trl.GRPOTrainer(
+        model=_llama(),
+        reward_funcs=_reward,
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": ["a", "b"] * B}),
+        processing_class=_tokenizer(),
+    )
     tr.model.train()
     return tr
 
 
-_DEFAULTS = dict(loss_type="dapo", beta=0.0, epsilon_low=0.2, epsilon_high=0.2, importance_sampling_level="token",
-                 top_entropy_quantile=1.0, off_policy_mask_threshold=None, use_vllm=False,
-                 vllm_importance_sampling_correction=False, vllm_importance_sampling_mode="sequence_mask",
-                 vllm_importance_sampling_clip_min=None, vllm_importance_sampling_clip_max=3.0, entropy_coef=0.0,
-                 _entropy_bonus_enabled=False, use_adaptive_entropy=False, current_gradient_accumulation_steps=2)
-_ARG_DEFAULTS = dict(delta=None, use_bias_correction_kl=True, steps_per_generation=4, sapo_temperature_pos=1.0,
-                     sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                     vespo_lambda_neg=2.0, entropy_target=0.2, entropy_coef_delta=0.005, entropy_coef_min=0.0,
-                     entropy_coef_max=1.0)
+_DEFAULTS = dict(
+    loss_type="dapo",
+    beta=0.0,
+    epsilon_low=0.2,
+    epsilon_high=0.2,
+    importance_sampling_level="token",
+    top_entropy_quantile=1.0,
+    off_policy_mask_threshold=None,
+    use_vllm=False,
+    vllm_importance_sampling_correction=False,
+    vllm_importance_sampling_mode="sequence_mask",
+    vllm_importance_sampling_clip_min=None,
+    vllm_importance_sampling_clip_max=3.0,
+    entropy_coef=0.0,
+    _entropy_bonus_enabled=False,
+    use_adaptive_entropy=False,
+    current_gradient_accumulation_steps=2,
+)
+_ARG_DEFAULTS = dict(
+    delta=None,
+    use_bias_correction_kl=True,
+    steps_per_generation=4,
+    sapo_temperature_pos=1.0,
+    sapo_temperature_neg=1.05,
+    vespo_k_pos=2.0,
+    vespo_lambda_pos=3.0,
+    vespo_k_neg=3.0,
+    vespo_lambda_neg=2.0,
+    entropy_target=0.2,
+    entropy_coef_delta=0.005,
+    entropy_coef_min=0.0,
+    entropy_coef_max=1.0,
+)
 
 
 def _configure(tr, **kw):
@@ -109,21 +156,31 @@ def _batch(tr, seed=0, spread=0.3, far=False):
     prompt = torch.where(p_mask.bool(), prompt, torch.full_like(prompt, V - 1))
     comp = torch.where(c_mask.bool(), comp, torch.full_like(comp, V - 1))
     with torch.no_grad():
-        logits = tr.model(input_ids=torch.cat([prompt, comp], 1),
-                          attention_mask=torch.cat([p_mask, c_mask], 1)).logits[:, P - 1:-1].float()
+        logits = (
+            tr.model(input_ids=torch.cat([prompt, comp], 1), attention_mask=torch.cat([p_mask, c_mask], 1))
+            .logits[:, P - 1 : -1]
+            .float()
+        )
         cur = logits.log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
     old = cur + spread * torch.randn(B, K, generator=g)
     sampling = old + spread * torch.randn(B, K, generator=g)
     if far:  # |log ratio| = 30 where both sides agree (fusedrl clamps log-ratios at 20, TRL does not)
-        old[0, 1] = cur[0, 1] + 30.0        # ratio e^-30 (TRL) vs e^-20: both ~0
-        sampling[5, 2] = old[5, 2] - 30.0   # IS ratio e^30: truncated at the cap either way
-        sampling[3, 0] = old[3, 0] + 30.0   # IS ratio ~0
+        old[0, 1] = cur[0, 1] + 30.0  # ratio e^-30 (TRL) vs e^-20: both ~0
+        sampling[5, 2] = old[5, 2] - 30.0  # IS ratio e^30: truncated at the cap either way
+        sampling[3, 0] = old[3, 0] + 30.0  # IS ratio ~0
     adv = torch.randn(B, generator=g)
     adv[1] = -abs(adv[1]) - 0.5
-    inputs = dict(prompt_ids=prompt, prompt_mask=p_mask, completion_ids=comp, completion_mask=c_mask,
-                  advantages=adv, old_per_token_logps=old,
-                  ref_per_token_logps=cur - 0.2 * torch.rand(B, K, generator=g),
-                  sampling_per_token_logps=sampling, num_items_in_batch=c_mask.sum() * 3)
+    inputs = dict(
+        prompt_ids=prompt,
+        prompt_mask=p_mask,
+        completion_ids=comp,
+        completion_mask=c_mask,
+        advantages=adv,
+        old_per_token_logps=old,
+        ref_per_token_logps=cur - 0.2 * torch.rand(B, K, generator=g),
+        sampling_per_token_logps=sampling,
+        num_items_in_batch=c_mask.sum() * 3,
+    )
     if tr.use_vllm and tr.vllm_importance_sampling_correction:
         inputs["importance_sampling_ratio"] = _trl_is_ratio(tr, old, sampling, c_mask)
     return inputs
@@ -176,8 +233,12 @@ def test_loss_type_matches_trl(trainer, loss_type, variant):
         mode = variant[3:] if variant.startswith("is-") else "token_mask"
         if loss_type == "vespo" and mode.startswith("sequence"):
             mode = "token_" + mode.split("_")[1]  # TRL: vespo takes token-level IS only
-        kw.update(use_vllm=True, vllm_importance_sampling_correction=True, vllm_importance_sampling_mode=mode,
-                  vllm_importance_sampling_clip_min=0.5 if variant == "all" else None)
+        kw.update(
+            use_vllm=True,
+            vllm_importance_sampling_correction=True,
+            vllm_importance_sampling_mode=mode,
+            vllm_importance_sampling_clip_min=0.5 if variant == "all" else None,
+        )
     if variant in ("opsm", "all"):
         kw["off_policy_mask_threshold"] = 0.05
     if variant == "all":
@@ -190,9 +251,15 @@ def test_loss_type_matches_trl(trainer, loss_type, variant):
 @pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
 @pytest.mark.parametrize("caps", [(None, 3.0), (0.5, 2.0), (0.8, None)], ids=["max", "min-max", "min"])
 def test_vllm_importance_sampling_modes(trainer, mode, caps):
-    _configure(trainer, loss_type="grpo", use_vllm=True, vllm_importance_sampling_correction=True,
-               vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=caps[0],
-               vllm_importance_sampling_clip_max=caps[1])
+    _configure(
+        trainer,
+        loss_type="grpo",
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=caps[0],
+        vllm_importance_sampling_clip_max=caps[1],
+    )
     _check(trainer, _batch(trainer, seed=3, spread=0.4), f"{mode} {caps}")
 
 
@@ -200,8 +267,15 @@ def test_vllm_importance_sampling_modes(trainer, mode, caps):
 def test_sequence_level_and_delta(trainer, loss_type):
     """importance_sampling_level='sequence' with INTELLECT-2's delta, the 80/20 mask and the k3 bias correction."""
     for delta in (None, 1.5, 1.1):
-        _configure(trainer, loss_type=loss_type, importance_sampling_level="sequence", beta=0.04, delta=delta,
-                   epsilon_high=0.28 if loss_type != "cispo" else 1.2, top_entropy_quantile=0.5)
+        _configure(
+            trainer,
+            loss_type=loss_type,
+            importance_sampling_level="sequence",
+            beta=0.04,
+            delta=delta,
+            epsilon_high=0.28 if loss_type != "cispo" else 1.2,
+            top_entropy_quantile=0.5,
+        )
         _check(trainer, _batch(trainer, seed=5, spread=0.2), f"{loss_type} sequence delta={delta}")
 
 
@@ -211,9 +285,15 @@ def test_direct_api_rollout_correction_is_trl_ratio(trainer, mode):
     recomputes TRL's importance-sampling ratio: same loss and gradient as TRL's precomputed ratio."""
     import fusedrl
 
-    _configure(trainer, loss_type="dapo", use_vllm=True, vllm_importance_sampling_correction=True,
-               vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.6,
-               vllm_importance_sampling_clip_max=1.8)
+    _configure(
+        trainer,
+        loss_type="dapo",
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode=mode,
+        vllm_importance_sampling_clip_min=0.6,
+        vllm_importance_sampling_clip_max=1.8,
+    )
     x = _batch(trainer, seed=23, spread=0.4)
     mask, n = x["completion_mask"], torch.tensor(31.0)
     g = torch.Generator().manual_seed(1)
@@ -222,10 +302,24 @@ def test_direct_api_rollout_correction_is_trl_ratio(trainer, mode):
     cfg, norms = fr_trl.grpo_policy_loss_config("dapo", vllm_importance_sampling_mode=mode, **kw)
     plain, _ = fr_trl.grpo_policy_loss_config("dapo", **kw)
     a, b = logp0.clone().requires_grad_(), logp0.clone().requires_grad_()
-    la, _ = fusedrl.policy_loss(a, x["old_per_token_logps"], x["advantages"], mask, config=cfg,
-                                rollout_logp=x["sampling_per_token_logps"], **norms)
-    lb, _ = fusedrl.policy_loss(b, x["old_per_token_logps"], x["advantages"], mask, config=plain,
-                                rollout_is_weights=x["importance_sampling_ratio"].expand(mask.shape), **norms)
+    la, _ = fusedrl.policy_loss(
+        a,
+        x["old_per_token_logps"],
+        x["advantages"],
+        mask,
+        config=cfg,
+        rollout_logp=x["sampling_per_token_logps"],
+        **norms,
+    )
+    lb, _ = fusedrl.policy_loss(
+        b,
+        x["old_per_token_logps"],
+        x["advantages"],
+        mask,
+        config=plain,
+        rollout_is_weights=x["importance_sampling_ratio"].expand(mask.shape),
+        **norms,
+    )
     la.backward()
     lb.backward()
     torch.testing.assert_close(la, lb, atol=1e-6, rtol=1e-5)
@@ -250,8 +344,9 @@ def test_cispo_any_epsilon_high(trainer, eps_high):
 @pytest.mark.parametrize("bias_correction", [True, False])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_kl_bias_correction(trainer, bias_correction, level):
-    _configure(trainer, loss_type="bnpo", beta=0.1, use_bias_correction_kl=bias_correction,
-               importance_sampling_level=level)
+    _configure(
+        trainer, loss_type="bnpo", beta=0.1, use_bias_correction_kl=bias_correction, importance_sampling_level=level
+    )
     _check(trainer, _batch(trainer, seed=11), f"bias_correction={bias_correction} {level}")
 
 
@@ -272,8 +367,15 @@ def test_adaptive_entropy_control(trainer):
 
 def test_far_off_policy_and_eval_mode(trainer):
     """|log-ratio| = 30 (old and sampling), and eval mode (no accumulation division)."""
-    _configure(trainer, loss_type="dapo", beta=0.04, use_vllm=True, vllm_importance_sampling_correction=True,
-               vllm_importance_sampling_mode="token_truncate", off_policy_mask_threshold=0.1)
+    _configure(
+        trainer,
+        loss_type="dapo",
+        beta=0.04,
+        use_vllm=True,
+        vllm_importance_sampling_correction=True,
+        vllm_importance_sampling_mode="token_truncate",
+        off_policy_mask_threshold=0.1,
+    )
     _check(trainer, _batch(trainer, seed=19, far=True), "far")
     trainer.model.eval()
     try:
@@ -286,9 +388,16 @@ def test_far_off_policy_and_eval_mode(trainer):
 def test_no_fallback_for_loss_settings(trainer):
     """Every loss-shaping GRPOConfig option is fused: only TRL_FALLBACKS remain."""
     for loss_type in LOSS_TYPES:
-        _configure(trainer, loss_type=loss_type, top_entropy_quantile=0.2, off_policy_mask_threshold=0.1,
-                   use_vllm=True, vllm_importance_sampling_correction=True, use_adaptive_entropy=True,
-                   vllm_importance_sampling_mode="token_mask" if loss_type == "vespo" else "sequence_truncate")
+        _configure(
+            trainer,
+            loss_type=loss_type,
+            top_entropy_quantile=0.2,
+            off_policy_mask_threshold=0.1,
+            use_vllm=True,
+            vllm_importance_sampling_correction=True,
+            use_adaptive_entropy=True,
+            vllm_importance_sampling_mode="token_mask" if loss_type == "vespo" else "sequence_truncate",
+        )
         assert fr_trl._static_unsupported_reason(trainer) is None, loss_type
     assert len(fr_trl.TRL_FALLBACKS) == 2
 
@@ -305,13 +414,35 @@ def test_trainers_step_alike(tmp_path):
 
     def run(cls, **kw):
         model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        args = trl.GRPOConfig(output_dir=str(tmp_path / cls.__name__), per_device_train_batch_size=4,
-                              num_generations=4, max_completion_length=6, max_steps=2, learning_rate=3e-3,
-                              logging_steps=1, report_to=[], use_cpu=True, seed=0, num_iterations=2, loss_type="sapo",
-                              beta=0.04, top_entropy_quantile=0.5, off_policy_mask_threshold=0.01, entropy_coef=0.02,
-                              save_strategy="no", disable_dropout=True, bf16=False)
-        tr = cls(model=model, reward_funcs=_reward, args=args, processing_class=_tokenizer(),
-                 train_dataset=datasets.Dataset.from_dict({"prompt": ["hello", "abc", "xyz q", "rl!"] * 2}), **kw)
+        args = trl.GRPOConfig(
+            output_dir=str(tmp_path / cls.__name__),
+            per_device_train_batch_size=4,
+            num_generations=4,
+            max_completion_length=6,
+            max_steps=2,
+            learning_rate=3e-3,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            num_iterations=2,
+            loss_type="sapo",
+            beta=0.04,
+            top_entropy_quantile=0.5,
+            off_policy_mask_threshold=0.01,
+            entropy_coef=0.02,
+            save_strategy="no",
+            disable_dropout=True,
+            bf16=False,
+        )
+        tr = cls(
+            model=model,
+            reward_funcs=_reward,
+            args=args,
+            processing_class=_tokenizer(),
+            train_dataset=datasets.Dataset.from_dict({"prompt": ["hello", "abc", "xyz q", "rl!"] * 2}),
+            **kw,
+        )
         tr.train()
         return [h for h in tr.state.log_history if "loss" in h], dict(model.named_parameters())
 

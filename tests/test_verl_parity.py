@@ -6,6 +6,7 @@ Values, gradients w.r.t. the log-probs and verl's metrics, for every registered 
 (``token-sum`` included), with and without ``rollout_is_weights`` and data-parallel ``global_batch_info``, on a
 batch with a fully masked row and log-ratios of +-30.
 """
+
 import math
 
 import pytest
@@ -36,8 +37,15 @@ def _actor_config(mode, agg="token-mean", gbi=None, rc=None, **pl):
         from verl.trainer.config.algorithm import RolloutCorrectionConfig
 
         pl_kw["rollout_correction"] = RolloutCorrectionConfig(**rc)
-    cfg = ActorConfig(strategy="fsdp", ppo_micro_batch_size_per_gpu=1, rollout_n=1, clip_ratio_low=0.2,
-                      clip_ratio_high=0.28, loss_agg_mode=agg, policy_loss=VerlPolicyLossConfig(**pl_kw))
+    cfg = ActorConfig(
+        strategy="fsdp",
+        ppo_micro_batch_size_per_gpu=1,
+        rollout_n=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        loss_agg_mode=agg,
+        policy_loss=VerlPolicyLossConfig(**pl_kw),
+    )
     cfg.global_batch_info.update(gbi or {})
     return cfg
 
@@ -81,14 +89,17 @@ MODES = ["vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl
 
 def test_every_verl_mode_is_registered():
     assert set(fr_verl.FUSEDRL_VERL_LOSS_MODES) == set(core_algos.POLICY_LOSS_REGISTRY) - {
-        k for k in core_algos.POLICY_LOSS_REGISTRY if k.startswith("fusedrl_")}
+        k for k in core_algos.POLICY_LOSS_REGISTRY if k.startswith("fusedrl_")
+    }
     for mode in fr_verl.FUSEDRL_VERL_LOSS_MODES:
         assert getattr(core_algos.get_policy_loss_fn(f"fusedrl_{mode}"), "_fusedrl", False)
 
 
 # fusedrl/loss.py clamps every log-ratio to [-20, 20] before exponentiating; verl's kl_cov does not
-_FAR_XFAIL = {"kl_cov": "documented difference (README, Differences from verl: ratio clamp everywhere): fusedrl "
-                         "clamps kl_cov's log-ratio at +-20 before exp, verl does not"}
+_FAR_XFAIL = {
+    "kl_cov": "documented difference (README, Differences from verl: ratio clamp everywhere): fusedrl "
+    "clamps kl_cov's log-ratio at +-20 before exp, verl does not"
+}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -103,8 +114,13 @@ def test_mode_matches_verl(mode):
             _compare(mode, f"fusedrl_{mode}", lp, kw, f"{mode} {agg} {gbi}")
 
 
-@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_FAR_XFAIL[m]))
-                                  if m in _FAR_XFAIL else m for m in MODES])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        pytest.param(m, marks=pytest.mark.xfail(strict=True, reason=_FAR_XFAIL[m])) if m in _FAR_XFAIL else m
+        for m in MODES
+    ],
+)
 def test_far_off_policy_matches_verl(mode):
     """|logp - old| = 30 on two tokens."""
     lp, old, adv, mask = _batch(far=True)
@@ -125,8 +141,14 @@ def test_rollout_is_weights_honoured(mode):
     for agg in ("token-mean", "seq-mean-token-mean", "token-sum"):
         for gbi in GBI:
             cfg = _actor_config(mode, agg, gbi)
-            kw = dict(old_log_prob=old, advantages=adv, response_mask=mask, loss_agg_mode=agg, config=cfg,
-                      rollout_is_weights=w)
+            kw = dict(
+                old_log_prob=old,
+                advantages=adv,
+                response_mask=mask,
+                loss_agg_mode=agg,
+                config=cfg,
+                rollout_is_weights=w,
+            )
             _compare(mode, fused, lp, kw, f"{mode} {agg} {gbi}")
 
 
@@ -135,8 +157,7 @@ def test_bool_response_mask():
     lp, old, adv, mask = _batch()
     for mode in ("vanilla", "geo_mean", "sapo"):
         cfg = _actor_config(mode)
-        kw = dict(old_log_prob=old, advantages=adv, response_mask=mask.bool(), loss_agg_mode="token-mean",
-                  config=cfg)
+        kw = dict(old_log_prob=old, advantages=adv, response_mask=mask.bool(), loss_agg_mode="token-mean", config=cfg)
         _compare(mode, f"fusedrl_{mode}", lp, kw, mode)
 
 
@@ -144,8 +165,13 @@ BYPASS = [
     dict(loss_type="ppo_clip", rollout_is="token", rollout_is_threshold=2.0),
     dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold=2.0),
     dict(loss_type="reinforce", rollout_is="sequence", rollout_is_threshold=5.0, rollout_is_batch_normalize=True),
-    dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold="0.5_2.0", rollout_rs="token_k1,seq_mean_k3",
-         rollout_rs_threshold="0.6_1.5,0.05"),
+    dict(
+        loss_type="reinforce",
+        rollout_is="token",
+        rollout_is_threshold="0.5_2.0",
+        rollout_rs="token_k1,seq_mean_k3",
+        rollout_rs_threshold="0.6_1.5,0.05",
+    ),
     dict(loss_type="ppo_clip", rollout_is=None, rollout_rs="seq_max_k2", rollout_rs_threshold=0.3),
     dict(loss_type="reinforce", rollout_is=None, rollout_rs=None),
 ]
@@ -164,8 +190,9 @@ def _check_rollout_metrics(fused: dict, ref: dict, msg: str):
             assert v == pytest.approx(ref[k], rel=1e-4, abs=1e-6), f"{k} {msg}"
 
 
-@pytest.mark.parametrize("rc", BYPASS,
-                         ids=lambda rc: f"{rc['loss_type']}-{rc.get('rollout_is')}-{rc.get('rollout_rs')}")
+@pytest.mark.parametrize(
+    "rc", BYPASS, ids=lambda rc: f"{rc['loss_type']}-{rc.get('rollout_is')}-{rc.get('rollout_rs')}"
+)
 def test_bypass_mode_matches_verl(rc):
     lp, old, adv, mask = _batch(seed=3, far=False)
     for agg, gbi in (("token-mean", {}), ("seq-mean-token-mean", GBI[1]), ("token-sum", {})):
@@ -187,19 +214,24 @@ def test_bypass_mode_matches_verl(rc):
 RC = [
     dict(rollout_is="token", rollout_is_threshold=2.0),
     dict(rollout_is="sequence", rollout_is_threshold=5.0),
-    dict(rollout_is="token", rollout_is_threshold="0.5_2.0"),                      # IcePop
+    dict(rollout_is="token", rollout_is_threshold="0.5_2.0"),  # IcePop
     dict(rollout_is="sequence", rollout_is_threshold="0.2_8.0"),
     dict(rollout_is="token", rollout_is_threshold=2.0, rollout_is_batch_normalize=True),
     dict(rollout_is="sequence", rollout_is_threshold=3.0, rollout_is_batch_normalize=True),
     dict(rollout_rs="token_k1", rollout_rs_threshold="0.5_2.0"),
-    dict(rollout_rs="token_k1", rollout_rs_threshold=1.5),                          # lower bound = 1 / upper
-    dict(rollout_rs="token_k2,token_k3", rollout_rs_threshold="0.05"),              # one threshold, two options
+    dict(rollout_rs="token_k1", rollout_rs_threshold=1.5),  # lower bound = 1 / upper
+    dict(rollout_rs="token_k2,token_k3", rollout_rs_threshold="0.05"),  # one threshold, two options
     dict(rollout_rs="seq_sum_k1,seq_mean_k3", rollout_rs_threshold="0.3_3.0,0.05"),  # chained, both forms
     dict(rollout_rs="seq_sum_k2,seq_sum_k3,seq_mean_k1,seq_mean_k2", rollout_rs_threshold="0.4,0.4,0.7_1.4,0.04"),
     dict(rollout_rs="seq_max_k2,seq_max_k3", rollout_rs_threshold=0.2),
     dict(rollout_is="token", rollout_is_threshold=2.0, rollout_rs="seq_mean_k1", rollout_rs_threshold=2.0),
-    dict(rollout_is="sequence", rollout_is_threshold="0.5_4.0", rollout_rs="token_k1,seq_max_k3",
-         rollout_rs_threshold="0.5_2.0,0.3", rollout_is_batch_normalize=True),
+    dict(
+        rollout_is="sequence",
+        rollout_is_threshold="0.5_4.0",
+        rollout_rs="token_k1,seq_max_k3",
+        rollout_rs_threshold="0.5_2.0,0.3",
+        rollout_is_batch_normalize=True,
+    ),
 ]
 
 
@@ -214,13 +246,20 @@ def _rollout_batch(seed=5, far=True):
 
 
 def _rc_id(rc):
-    return (f"{rc.get('rollout_is')}-{rc.get('rollout_is_threshold')}-{rc.get('rollout_rs')}-"
-            f"{rc.get('rollout_is_batch_normalize')}")
+    return (
+        f"{rc.get('rollout_is')}-{rc.get('rollout_is_threshold')}-{rc.get('rollout_rs')}-"
+        f"{rc.get('rollout_is_batch_normalize')}"
+    )
 
 
 def _verl_rc(rc):
-    full = dict(rollout_is=None, rollout_is_threshold=2.0, rollout_is_batch_normalize=False, rollout_rs=None,
-                rollout_rs_threshold=None)
+    full = dict(
+        rollout_is=None,
+        rollout_is_threshold=2.0,
+        rollout_is_batch_normalize=False,
+        rollout_rs=None,
+        rollout_rs_threshold=None,
+    )
     full.update(rc)
     return full
 
@@ -232,13 +271,20 @@ def test_rollout_correction_matches_verl(rc, agg):
     lp, old, rollout, adv, mask = _rollout_batch()
     full = _verl_rc(rc)
     w_proto, new_mask, _ = rch.compute_rollout_correction_and_rejection_mask(
-        old_log_prob=old, rollout_log_prob=rollout, response_mask=mask, **full)
+        old_log_prob=old, rollout_log_prob=rollout, response_mask=mask, **full
+    )
     weights = None if w_proto is None else w_proto.batch["rollout_is_weights"]
     cfg = _actor_config("vanilla", agg)
     x1 = lp.clone().requires_grad_()
-    l1, m1 = core_algos.get_policy_loss_fn("vanilla")(old_log_prob=old, log_prob=x1, advantages=adv,
-                                                      response_mask=new_mask, loss_agg_mode=agg, config=cfg,
-                                                      rollout_is_weights=weights)
+    l1, m1 = core_algos.get_policy_loss_fn("vanilla")(
+        old_log_prob=old,
+        log_prob=x1,
+        advantages=adv,
+        response_mask=new_mask,
+        loss_agg_mode=agg,
+        config=cfg,
+        rollout_is_weights=weights,
+    )
     l1.backward()
 
     pc, norms = fr_verl.policy_loss_config_from_verl(cfg, "vanilla", agg, mask)
@@ -262,7 +308,8 @@ def test_rollout_correction_metrics_match_verl(rc, dtype):
     mask[2] = 1.0
     full = _verl_rc(rc)
     _, _, ref = rch.compute_rollout_correction_and_rejection_mask(
-        old_log_prob=old, rollout_log_prob=rollout, response_mask=mask, **full)
+        old_log_prob=old, rollout_log_prob=rollout, response_mask=mask, **full
+    )
     pc = fusedrl.PolicyLossConfig(rollout_correction=fr_verl.rollout_correction_from_verl(full))
     _, m2 = fusedrl.policy_loss(lp, old, adv, mask, config=pc, rollout_logp=rollout)
     _check_rollout_metrics(m2, ref, _rc_id(rc))
@@ -270,10 +317,12 @@ def test_rollout_correction_metrics_match_verl(rc, dtype):
 
 def test_rollout_correction_threshold_errors_match_verl():
     """Threshold specs verl rejects are rejected when the config is built."""
-    for bad in (dict(rollout_is="token", rollout_is_threshold="2.0_0.5"),
-                dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2"),
-                dict(rollout_rs="token_k9", rollout_rs_threshold=0.1),
-                dict(rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.5_2,0.1,0.2"),
-                dict(rollout_rs="token_k1", rollout_rs_threshold=None)):
+    for bad in (
+        dict(rollout_is="token", rollout_is_threshold="2.0_0.5"),
+        dict(rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2"),
+        dict(rollout_rs="token_k9", rollout_rs_threshold=0.1),
+        dict(rollout_rs="token_k1,seq_mean_k3", rollout_rs_threshold="0.5_2,0.1,0.2"),
+        dict(rollout_rs="token_k1", rollout_rs_threshold=None),
+    ):
         with pytest.raises(ValueError):
             fr_verl.rollout_correction_from_verl(bad)

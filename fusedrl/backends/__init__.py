@@ -10,6 +10,7 @@ That order comes from ``auto_table.json`` beside this file when it has a measure
 device's compute capability (key ``"sm_90"``, ...), else from :data:`STATIC_AUTO_ORDER`, which is an
 unmeasured order derived from reading the code. Elsewhere ``auto`` is ``torch``.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-BACKENDS: Dict[str, str] = {
+BACKENDS: dict[str, str] = {
     "torch": "fusedrl.backends.torch_backend",
     "triton": "fusedrl.backends.triton_backend",
     "cuda": "fusedrl.backends.cuda_backend",
@@ -39,11 +40,11 @@ ALL_NAMES = ("auto", "reference") + tuple(BACKENDS)
 #              backward at large N. Its upside (gradient filtering, no fp32 chunk) is unproven.
 #   3. torch:  upcasts every tile to fp32 and runs fp32 GEMMs (no tensor cores unless TF32 is
 #              allowed), about an order of magnitude below the bf16 rate: the portable fallback.
-STATIC_AUTO_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch")}
+STATIC_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch")}
 AUTO_ORDER = STATIC_AUTO_ORDER  # older name, kept for callers that read it
 AUTO_DEFAULT = ("torch",)
 AUTO_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-AUTO_TABLE_ENV = "FUSEDRL_AUTO_TABLE"   # another table file; "off" / "none" / "0": static order only
+AUTO_TABLE_ENV = "FUSEDRL_AUTO_TABLE"  # another table file; "off" / "none" / "0": static order only
 _ARCH_RE = re.compile(r"^sm_\d{2,3}[a-z]?$")
 
 
@@ -51,10 +52,10 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 
-_modules: Dict[str, ModuleType] = {}
+_modules: dict[str, ModuleType] = {}
 
 
-def _load(name: str) -> Tuple[ModuleType | None, str]:
+def _load(name: str) -> tuple[ModuleType | None, str]:
     if name in _modules:
         return _modules[name], ""
     try:
@@ -65,7 +66,7 @@ def _load(name: str) -> Tuple[ModuleType | None, str]:
     return mod, ""
 
 
-def availability(name: str, device: torch.device) -> Tuple[bool, str]:
+def availability(name: str, device: torch.device) -> tuple[bool, str]:
     """(available, reason) for backend `name` on `device`."""
     if name == "reference":
         return True, ""
@@ -77,7 +78,7 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
     return mod.is_available(device)
 
 
-def available_backends(device: torch.device | str = "cpu") -> List[str]:
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the registry backends that can run on `device` (``reference`` not included)."""
     device = torch.device(device)
     return [n for n in BACKENDS if availability(n, device)[0]]
@@ -118,7 +119,7 @@ def validate_table_entry(arch: str, entry) -> str:
     return ""
 
 
-_tables: Dict[Tuple[str, float], Tuple[Dict[str, dict], str]] = {}
+_tables: dict[tuple[str, float], tuple[dict[str, dict], str]] = {}
 
 
 def auto_table_path() -> Optional[str]:
@@ -130,7 +131,7 @@ def auto_table_path() -> Optional[str]:
     return env or AUTO_TABLE_PATH
 
 
-def load_auto_table(path: Optional[str] = None) -> Tuple[Dict[str, dict], str]:
+def load_auto_table(path: Optional[str] = None) -> tuple[dict[str, dict], str]:
     """(entries by arch, problems) of a table file; cached per (path, mtime). A missing, unreadable or
     malformed file gives no entries and the reason, never an exception (``auto`` must not fail)."""
     path = auto_table_path() if path is None else path
@@ -142,8 +143,8 @@ def load_auto_table(path: Optional[str] = None) -> Tuple[Dict[str, dict], str]:
         return {}, f"no table at {path}"
     if key in _tables:
         return _tables[key]
-    entries: Dict[str, dict] = {}
-    problems: List[str] = []
+    entries: dict[str, dict] = {}
+    problems: list[str] = []
     try:
         with open(path) as f:
             data = json.load(f)
@@ -162,7 +163,7 @@ def load_auto_table(path: Optional[str] = None) -> Tuple[Dict[str, dict], str]:
     return _tables[key]
 
 
-_auto_cache: Dict[tuple, Tuple[Tuple[str, ...], str]] = {}
+_auto_cache: dict[tuple, tuple[tuple[str, ...], str]] = {}
 
 
 def clear_auto_cache() -> None:
@@ -171,7 +172,7 @@ def clear_auto_cache() -> None:
     _tables.clear()
 
 
-def auto_order(device: torch.device) -> Tuple[Tuple[str, ...], str]:
+def auto_order(device: torch.device) -> tuple[tuple[str, ...], str]:
     """(candidate order, where it comes from) for ``auto`` on ``device``.
 
     CUDA: the measured order of the table entry for the device's ``sm_XY`` when there is one (backends
@@ -201,8 +202,10 @@ def auto_order(device: torch.device) -> Tuple[Tuple[str, ...], str]:
         src = f"measured ({arch}): {entry['source']}"
     else:
         order = static
-        src = (f"unmeasured static order (no measured entry for {arch or 'this device'} in "
-               f"{path or 'no table'}{'; ' + problems if problems else ''})")
+        src = (
+            f"unmeasured static order (no measured entry for {arch or 'this device'} in "
+            f"{path or 'no table'}{'; ' + problems if problems else ''})"
+        )
     _auto_cache[ck] = (order, src)
     return order, src
 
@@ -224,9 +227,17 @@ def auto_choice(device: torch.device | str) -> dict:
         resolved = resolve("auto", device)
     except (ValueError, BackendUnavailable) as e:  # a bad FUSEDRL_BACKEND: report it, do not raise
         resolved = f"error: {e}"
-    return {"device": str(device), "arch": arch_key(device), "order": list(order), "source": src,
-            "measured": src.startswith("measured"), "env_override": env or None,
-            "candidates": cands, "first_available": choice or "torch", "choice": resolved}
+    return {
+        "device": str(device),
+        "arch": arch_key(device),
+        "order": list(order),
+        "source": src,
+        "measured": src.startswith("measured"),
+        "env_override": env or None,
+        "candidates": cands,
+        "first_available": choice or "torch",
+        "choice": resolved,
+    }
 
 
 @torch.compiler.assume_constant_result  # torch.compile: evaluated at trace time, not traced (imports, driver queries)

@@ -10,17 +10,18 @@
   the vocabulary chunking (and dx's summation order) from step to step. An explicit budget
   (``memory_budget_mb``, ``FUSEDRL_MEMORY_BUDGET_MB``, ...) also pins the plan across runs.
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import threading
-from typing import Callable, ContextManager, Dict, Optional, Tuple, TypeVar
+from typing import Callable, ContextManager, Optional, TypeVar
 
 import torch
 
 _lock = threading.Lock()
-_memory: Dict[int, Optional[Tuple[int, int]]] = {}
+_memory: dict[int, Optional[tuple[int, int]]] = {}
 
 
 def on_device(t: torch.Tensor) -> ContextManager:
@@ -33,14 +34,16 @@ F = TypeVar("F", bound=Callable)
 
 def launches_on_first_arg_device(fn: F) -> F:
     """Decorator: run ``fn(t, ...)`` with ``t``'s CUDA device current (see :func:`on_device`)."""
+
     @functools.wraps(fn)
     def wrapper(t, *args, **kwargs):
         with on_device(t):
             return fn(t, *args, **kwargs)
+
     return wrapper  # type: ignore[return-value]
 
 
-def usable_memory(device: torch.device) -> Optional[Tuple[int, int]]:
+def usable_memory(device: torch.device) -> Optional[tuple[int, int]]:
     """(bytes torch can still use, total bytes) of a CUDA device, as read at this process's first call
     for the device; None when it cannot be read (no driver, not a CUDA device)."""
     if device.type != "cuda":

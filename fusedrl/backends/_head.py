@@ -16,10 +16,11 @@ devices: triton, else cuda, else torch; elsewhere torch). ``cuda`` runs the comp
 ``fusedrl._C``: its CUDA kernels on CUDA tensors, and the same per-token C++ code as a host loop on
 CPU tensors (that is how CI without a GPU tests it). Naming a head that is not available is an error.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional
 
 import torch
 
@@ -31,7 +32,7 @@ HEAD_MODES = ("torch", "triton", "cuda", "auto")
 # log-ratio clamp (loss.py's _LOG_RATIO_CLAMP, verl's clamp(log_prob - old_log_prob, -20, 20))
 LOG_RATIO_CLAMP = 20.0
 
-VanillaOut = Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
+VanillaOut = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def check_inputs(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor]) -> None:
@@ -69,13 +70,24 @@ def make_vanilla_op(qualname: str, launch: Callable[..., VanillaOut]):
     in ``logp``'s shape (bool flags), differentiable in ``logp`` only."""
 
     @torch.library.custom_op(qualname, mutates_args=())
-    def op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
-           clip_low: float, clip_high: float, clip_c: Optional[float]
-           ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def op(
+        logp: Tensor,
+        old_logp: Tensor,
+        advantages: Tensor,
+        mask: Optional[Tensor],
+        clip_low: float,
+        clip_high: float,
+        clip_c: Optional[float],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         loss, clipped, lower, neg_d, coef = launch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c)
         shape = logp.shape
-        return (loss.reshape(shape), clipped.view(torch.bool).reshape(shape), lower.view(torch.bool).reshape(shape),
-                neg_d.reshape(shape), coef.reshape(shape))
+        return (
+            loss.reshape(shape),
+            clipped.view(torch.bool).reshape(shape),
+            lower.view(torch.bool).reshape(shape),
+            neg_d.reshape(shape),
+            coef.reshape(shape),
+        )
 
     @op.register_fake
     def _(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c):
@@ -125,16 +137,31 @@ def vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, c
     return loss, clipped, lower, neg_d
 
 
-def vanilla_token_terms(op, available: bool, logp: Tensor, old_logp: Tensor, advantages: Tensor,
-                        mask: Optional[Tensor], clip_low: float, clip_high: float, clip_c: Optional[float]
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def vanilla_token_terms(
+    op,
+    available: bool,
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    clip_low: float,
+    clip_high: float,
+    clip_c: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The public ``vanilla_token_terms`` of a head module: checks, then ``op`` (or the torch formulas
     for fp64 inputs / where the kernel is not available)."""
     check_inputs(logp, old_logp, advantages, mask)
     if logp.dtype == torch.float64 or not available:
         return vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c)
-    loss, clipped, lower, neg_d, _ = op(logp, old_logp.detach(), advantages.detach(), mask,
-                                        float(clip_low), float(clip_high), None if clip_c is None else float(clip_c))
+    loss, clipped, lower, neg_d, _ = op(
+        logp,
+        old_logp.detach(),
+        advantages.detach(),
+        mask,
+        float(clip_low),
+        float(clip_high),
+        None if clip_c is None else float(clip_c),
+    )
     return loss, clipped, lower, neg_d
 
 
@@ -185,13 +212,15 @@ def vanilla_pg(tok, cfg):
     from ..loss import _PG  # lazy: loss.py imports this module lazily too
 
     loss, clipped, lower, neg_d = _module(kind).vanilla_token_terms(
-        tok.logp, tok.old_logp, tok.adv, tok.valid, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c)
+        tok.logp, tok.old_logp, tok.adv, tok.valid, cfg.clip_ratio_low, cfg.clip_ratio_high, cfg.clip_ratio_c
+    )
     clipfrac_lower = tok.zero_metric() if cfg.clip_ratio_c is None else tok.masked_mean(lower)
     return _PG(loss, tok.masked_mean(clipped), clipfrac_lower, tok.masked_mean(neg_d))
 
 
-def cov_terms(tok, mean_a: Tensor, mean_lp: Tensor, clip: Optional[Tuple[float, float, float, float]]
-              ) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
+def cov_terms(
+    tok, mean_a: Tensor, mean_lp: Tensor, clip: Optional[tuple[float, float, float, float]]
+) -> Optional[tuple[Tensor, Optional[Tensor]]]:
     """Drop-in for loss.py's covariance statistic: ``(cov, candidates)`` from one launch of the cuda
     head (``candidates`` only when ``clip = (clip_low, clip_high, lb, ub)`` is given, i.e. Clip-Cov),
     or None when the torch path should run. The triton head has no covariance kernel: under

@@ -9,9 +9,10 @@ specific: devices, block configs, the launch itself.
 :func:`check_temperature` is the backend contract's ``temperature`` argument (a float > 0, or one fp32
 value per row), used by every Triton launcher as well.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -58,34 +59,34 @@ class OnePassHead(NamedTuple):
 class EpilogueArgs(NamedTuple):
     """:func:`check_epilogue`'s normalised arguments (every tensor contiguous, on u's device)."""
 
-    n: int                          # rows Nc
-    v: int                          # columns V
-    targets: Tensor                 # int64 [n]
-    bias: Optional[Tensor]          # [v], fp32 (or its own dtype with bias_dtype=None)
-    temperature: float              # the scalar T (1.0 when per-token)
-    temp_vec: Optional[Tensor]      # fp32 [n] per-token T, or None
+    n: int  # rows Nc
+    v: int  # columns V
+    targets: Tensor  # int64 [n]
+    bias: Optional[Tensor]  # [v], fp32 (or its own dtype with bias_dtype=None)
+    temperature: float  # the scalar T (1.0 when per-token)
+    temp_vec: Optional[Tensor]  # fp32 [n] per-token T, or None
     softcap: Optional[float]
-    mode: int                       # HEAD_MODES code
+    mode: int  # HEAD_MODES code
     clip_lo: float
     clip_hi: float
-    clip_c: float                   # the bound when dual, else 1.0 (never read)
+    clip_c: float  # the bound when dual, else 1.0 (never read)
     dual: bool
     ent_coef: float
     kl_coef: float
-    kl_type: int                    # KL_TYPES code
+    kl_type: int  # KL_TYPES code
     kl_st: bool
-    old: Tensor                     # fp32 [n]
-    adv: Tensor                     # fp32 [n]
-    weight: Tensor                  # fp32 [n]
-    ref: Optional[Tensor]           # fp32 [n] iff kl_coef != 0
-    has_ent: bool                   # entropy computed and returned (need_ent or an entropy bonus)
-    du16: Optional[Tensor]          # as given (bf16 / fp16 [n, v], unit column stride)
+    old: Tensor  # fp32 [n]
+    adv: Tensor  # fp32 [n]
+    weight: Tensor  # fp32 [n]
+    ref: Optional[Tensor]  # fp32 [n] iff kl_coef != 0
+    has_ent: bool  # entropy computed and returned (need_ent or an entropy bonus)
+    du16: Optional[Tensor]  # as given (bf16 / fp16 [n, v], unit column stride)
 
 
 _WHERE = "onepass_epilogue"
 
 
-def check_temperature(temperature, n: int, device: torch.device, where: str) -> Tuple[float, Optional[Tensor]]:
+def check_temperature(temperature, n: int, device: torch.device, where: str) -> tuple[float, Optional[Tensor]]:
     """``(scalar, per_row)`` of a backend ``temperature`` argument: a number > 0 gives ``(T, None)``; a
     tensor (one temperature per row: 1-D, length ``n``, on ``device``, a real dtype) gives
     ``(1.0, its detached fp32 contiguous copy)``. Per-row values are not checked for > 0 here (that
@@ -95,16 +96,18 @@ def check_temperature(temperature, n: int, device: torch.device, where: str) -> 
         if t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"{where}: temperature tensor must be real (fp32), got {t.dtype}")
         if t.dim() != 1 or t.shape[0] != n:
-            raise ValueError(f"{where}: per-token temperature must have shape [{n}] (one per row), "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"{where}: per-token temperature must have shape [{n}] (one per row), got {tuple(t.shape)}"
+            )
         if t.device != device:
             raise ValueError(f"{where}: temperature is on {t.device}, the rows on {device}")
         return 1.0, t.detach().to(torch.float32).contiguous()
     try:
         v = float(temperature)
     except (TypeError, ValueError):
-        raise ValueError(f"{where}: temperature must be a float > 0 or a tensor of shape [{n}], got "
-                         f"{type(temperature).__name__}") from None
+        raise ValueError(
+            f"{where}: temperature must be a float > 0 or a tensor of shape [{n}], got {type(temperature).__name__}"
+        ) from None
     if not v > 0:
         raise ValueError(f"{where}: temperature must be > 0, got {temperature!r}")
     return v, None
@@ -134,16 +137,25 @@ def _vec(name: str, t, n: int, dev: torch.device, dtype: torch.dtype, keep_dtype
     return t.detach().contiguous() if keep_dtype else t.detach().to(dtype).contiguous()
 
 
-def check_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature, softcap: Optional[float],
-                   head, du16: Optional[Tensor] = None, bias_dtype: Optional[torch.dtype] = torch.float32
-                   ) -> EpilogueArgs:
+def check_epilogue(
+    u: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature,
+    softcap: Optional[float],
+    head,
+    du16: Optional[Tensor] = None,
+    bias_dtype: Optional[torch.dtype] = torch.float32,
+) -> EpilogueArgs:
     """Validate the one-pass epilogue's arguments (docs/one-pass.md, "The row epilogue contract") and
     return them normalised. Bad input raises TypeError (wrong type / dtype) or ValueError (shape, device,
     value), naming the argument. ``head``: an :class:`OnePassHead` or any object with its fields.
     ``bias_dtype``: the returned bias's dtype; None keeps the caller's (a kernel that upcasts on load)."""
     if not isinstance(u, Tensor) or u.dtype != torch.float32 or u.dim() != 2:
-        raise TypeError(f"{_WHERE}: u must be a 2-D float32 tensor, got "
-                        f"{getattr(u, 'dtype', type(u).__name__)} of shape {tuple(getattr(u, 'shape', ()))}")
+        raise TypeError(
+            f"{_WHERE}: u must be a 2-D float32 tensor, got "
+            f"{getattr(u, 'dtype', type(u).__name__)} of shape {tuple(getattr(u, 'shape', ()))}"
+        )
     n, v = u.shape
     if v == 0:
         raise ValueError(f"{_WHERE}: u must have at least one column (V > 0)")
@@ -155,8 +167,10 @@ def check_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperatu
         raise ValueError(f"{_WHERE}: softcap must be > 0 or None, got {softcap!r}")
     missing = [f for f in OnePassHead._fields if not hasattr(head, f)]
     if missing:
-        raise TypeError(f"{_WHERE}: head must be an OnePassHead (fusedrl.backends._onepass), got "
-                        f"{type(head).__name__} lacking fields {missing}")
+        raise TypeError(
+            f"{_WHERE}: head must be an OnePassHead (fusedrl.backends._onepass), got "
+            f"{type(head).__name__} lacking fields {missing}"
+        )
     mode = head_code(head.mode, HEAD_MODES, "mode")
     kl_type = head_code(head.kl_type, KL_TYPES, "kl_type")
     dual = bool(head.dual)
@@ -168,18 +182,42 @@ def check_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperatu
     tg = _vec("targets", targets, n, dev, torch.int64)
     old, adv, weight = (_vec(f"head.{k}", getattr(head, k), n, dev, torch.float32) for k in ("old", "adv", "weight"))
     ref = _vec("head.ref", head.ref, n, dev, torch.float32) if kl_coef != 0.0 else None
-    b = _vec("bias", bias, v, dev, bias_dtype or torch.float32, keep_dtype=bias_dtype is None) if bias is not None else None
+    b = (
+        _vec("bias", bias, v, dev, bias_dtype or torch.float32, keep_dtype=bias_dtype is None)
+        if bias is not None
+        else None
+    )
     if du16 is not None:
         if not isinstance(du16, Tensor) or du16.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"{_WHERE}: du16 must be a float16 or bfloat16 tensor, got "
-                            f"{getattr(du16, 'dtype', type(du16).__name__)}")
+            raise TypeError(
+                f"{_WHERE}: du16 must be a float16 or bfloat16 tensor, got "
+                f"{getattr(du16, 'dtype', type(du16).__name__)}"
+            )
         if tuple(du16.shape) != (n, v) or du16.device != dev:
             raise ValueError(f"{_WHERE}: du16 must be [{n}, {v}] on {dev}, got {tuple(du16.shape)} on {du16.device}")
         if n > 0 and v > 1 and du16.stride(1) != 1:
             raise ValueError(f"{_WHERE}: du16 must have unit column stride, got strides {tuple(du16.stride())}")
     return EpilogueArgs(
-        n=n, v=v, targets=tg, bias=b, temperature=t_scalar, temp_vec=t_vec,
-        softcap=float(softcap) if softcap is not None else None, mode=mode, clip_lo=float(head.clip_lo),
-        clip_hi=float(head.clip_hi), clip_c=float(head.clip_c) if dual else 1.0, dual=dual, ent_coef=ent_coef,
-        kl_coef=kl_coef, kl_type=kl_type, kl_st=bool(head.kl_st), old=old, adv=adv, weight=weight, ref=ref,
-        has_ent=bool(head.need_ent) or ent_coef != 0.0, du16=du16)
+        n=n,
+        v=v,
+        targets=tg,
+        bias=b,
+        temperature=t_scalar,
+        temp_vec=t_vec,
+        softcap=float(softcap) if softcap is not None else None,
+        mode=mode,
+        clip_lo=float(head.clip_lo),
+        clip_hi=float(head.clip_hi),
+        clip_c=float(head.clip_c) if dual else 1.0,
+        dual=dual,
+        ent_coef=ent_coef,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        kl_st=bool(head.kl_st),
+        old=old,
+        adv=adv,
+        weight=weight,
+        ref=ref,
+        has_ent=bool(head.need_ent) or ent_coef != 0.0,
+        du16=du16,
+    )

@@ -34,6 +34,7 @@ Options (``**opts`` of forward/backward, or environment variables):
                                              chunk buffers, same budget); 0 = everything on the caller's stream.
   grad_filter_eps                            accepted and ignored: this backend is always exact.
 """
+
 from __future__ import annotations
 
 import glob
@@ -41,7 +42,7 @@ import json
 import os
 import sys
 import threading
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Optional, Union
 
 import torch
 
@@ -82,16 +83,16 @@ def extension():
 # availability
 # ----------------------------------------------------------------------------------------------
 _lock = threading.Lock()
-_device_ok: Dict[int, Tuple[bool, str]] = {}
+_device_ok: dict[int, tuple[bool, str]] = {}
 _cublas_err: Optional[str] = None
 
 
-def _cublas_candidates() -> List[str]:
+def _cublas_candidates() -> list[str]:
     """Paths where a cuBLAS shared library may live (tried after the plain sonames)."""
     roots = list(dict.fromkeys(p for p in sys.path if p and os.path.isdir(p)))
     roots.append(os.path.dirname(os.path.dirname(torch.__file__)))
     subs = ("nvidia/cu13/lib", "nvidia/cublas/lib", "nvidia/cu12/lib", "torch/lib")
-    out: List[str] = []
+    out: list[str] = []
     for r in roots:
         for s in subs:
             out += sorted(glob.glob(os.path.join(r, s, "libcublas.so*")), reverse=True)
@@ -119,7 +120,7 @@ def _ensure_cublas() -> str:
     return _cublas_err
 
 
-def is_available(device: torch.device) -> Tuple[bool, str]:
+def is_available(device: torch.device) -> tuple[bool, str]:
     device = torch.device(device)
     if _C is None:
         return False, _NOT_BUILT
@@ -210,8 +211,18 @@ def _cublas_ws_bytes(idx: int) -> int:
     return (32 if major >= 9 else 4) * 2**20
 
 
-def _chunk_bytes(nc: int, vc: int, h: int, es: int, backward: bool, order: int, need_dx: bool, need_dw: bool,
-                 lean: bool, overlap: bool = False) -> int:
+def _chunk_bytes(
+    nc: int,
+    vc: int,
+    h: int,
+    es: int,
+    backward: bool,
+    order: int,
+    need_dx: bool,
+    need_dw: bool,
+    lean: bool,
+    overlap: bool = False,
+) -> int:
     """Bytes of the chunk-sized buffers (what the budget bounds; full-size accumulators excluded)."""
     nbuf = 2 if overlap else 1
     b = nbuf * nc * vc * 4
@@ -224,9 +235,20 @@ def _chunk_bytes(nc: int, vc: int, h: int, es: int, backward: bool, order: int, 
     return b
 
 
-def plan(n: int, h: int, v: int, es: int, backward: bool = False, order: int = 0, need_dx: bool = True,
-         need_dw: bool = True, lean: bool = False, opts: Optional[dict] = None,
-         overlap: bool = False, budget: Optional[int] = None) -> Tuple[int, int]:
+def plan(
+    n: int,
+    h: int,
+    v: int,
+    es: int,
+    backward: bool = False,
+    order: int = 0,
+    need_dx: bool = True,
+    need_dw: bool = True,
+    lean: bool = False,
+    opts: Optional[dict] = None,
+    overlap: bool = False,
+    budget: Optional[int] = None,
+) -> tuple[int, int]:
     """(chunk_tokens, chunk_vocab) for a chunk-buffer ``budget`` in bytes (default :func:`_budget`).
 
     Starts at min(N, 4096) x min(V, 4096) and halves the larger side until the chunk buffers fit, so
@@ -308,13 +330,23 @@ def _tf32(dtype: torch.dtype) -> bool:
 # ----------------------------------------------------------------------------------------------
 # backend contract
 # ----------------------------------------------------------------------------------------------
-def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
-            softcap: Optional[float], return_entropy: bool, vocab_start: int = 0, **opts):
+def forward(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    return_entropy: bool,
+    vocab_start: int = 0,
+    **opts,
+):
     t_scalar, t_rows = check_temperature(temperature, x.shape[0], x.device, "cuda backend forward")
     idx = _require(x.device)
     if x.dtype not in _DTYPE_CODE:  # fp64: no cuBLAS fp32-accumulating path worth having; be exact
-        return _fallback().forward(x, w, targets, bias, temperature, softcap, return_entropy,
-                                   vocab_start=vocab_start, **opts)
+        return _fallback().forward(
+            x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=vocab_start, **opts
+        )
     n, h = x.shape
     v = w.shape[0]
     dev = x.device
@@ -332,23 +364,72 @@ def forward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], tempe
     nc, vc = plan(n, h, v, es, backward=False, opts=opts, overlap=overlap, budget=_budget(idx, opts))
     cws = _cublas_ws_bytes(idx)
     ws = torch.empty(_C.fwd_workspace_bytes(nc, vc, cws, overlap), dtype=torch.uint8, device=dev)
-    _C.linear_forward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
-                      _DTYPE_CODE[x.dtype], int(vocab_start), t_scalar, _ptr(t_rows),
-                      float(softcap) if softcap is not None else 0.0, lse.data_ptr(), zt.data_ptr(), _ptr(ent),
-                      ws.data_ptr(), ws.numel(), nc, vc, cws, _tf32(x.dtype), overlap)
+    _C.linear_forward(
+        idx,
+        _stream(idx),
+        x.data_ptr(),
+        w.data_ptr(),
+        _ptr(b),
+        tg.data_ptr(),
+        n,
+        h,
+        v,
+        _DTYPE_CODE[x.dtype],
+        int(vocab_start),
+        t_scalar,
+        _ptr(t_rows),
+        float(softcap) if softcap is not None else 0.0,
+        lse.data_ptr(),
+        zt.data_ptr(),
+        _ptr(ent),
+        ws.data_ptr(),
+        ws.numel(),
+        nc,
+        vc,
+        cws,
+        _tf32(x.dtype),
+        overlap,
+    )
     return lse, zt, ent
 
 
-def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
-             softcap: Optional[float], lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor],
-             g_H: Optional[Tensor], vocab_start: int = 0, need_dx: bool = True, need_dw: bool = True,
-             need_db: bool = True, **opts):
+def backward(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    lse: Tensor,
+    ent: Optional[Tensor],
+    g_lp: Optional[Tensor],
+    g_H: Optional[Tensor],
+    vocab_start: int = 0,
+    need_dx: bool = True,
+    need_dw: bool = True,
+    need_db: bool = True,
+    **opts,
+):
     t_scalar, t_rows = check_temperature(temperature, x.shape[0], x.device, "cuda backend backward")
     idx = _require(x.device)
     if x.dtype not in _DTYPE_CODE:
-        return _fallback().backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H,
-                                    vocab_start=vocab_start, need_dx=need_dx, need_dw=need_dw,
-                                    need_db=need_db, **opts)
+        return _fallback().backward(
+            x,
+            w,
+            targets,
+            bias,
+            temperature,
+            softcap,
+            lse,
+            ent,
+            g_lp,
+            g_H,
+            vocab_start=vocab_start,
+            need_dx=need_dx,
+            need_dw=need_dw,
+            need_db=need_db,
+            **opts,
+        )
     if g_H is not None and ent is None:
         raise ValueError("cuda backend: g_H needs the entropy `ent`")
     n, h = x.shape
@@ -376,25 +457,64 @@ def backward(x: Tensor, w: Tensor, targets: Tensor, bias: Optional[Tensor], temp
     order = _order(n, v, opts)
     lean = bool(opts.get("lean_accumulation", _env_flag("FUSEDRL_CUDA_LEAN_ACCUM")))
     overlap = _overlap(opts)
-    nc, vc = plan(n, h, v, es, backward=True, order=order, need_dx=need_dx, need_dw=need_dw, lean=lean, opts=opts,
-                  overlap=overlap, budget=_budget(idx, opts))
+    nc, vc = plan(
+        n,
+        h,
+        v,
+        es,
+        backward=True,
+        order=order,
+        need_dx=need_dx,
+        need_dw=need_dw,
+        lean=lean,
+        opts=opts,
+        overlap=overlap,
+        budget=_budget(idx, opts),
+    )
     cws = _cublas_ws_bytes(idx)
-    nbytes = _C.bwd_workspace_bytes(n, h, v, nc, vc, _DTYPE_CODE[x.dtype], order, lean, need_dx, need_dw, cws,
-                                    overlap)
+    nbytes = _C.bwd_workspace_bytes(n, h, v, nc, vc, _DTYPE_CODE[x.dtype], order, lean, need_dx, need_dw, cws, overlap)
     ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    _C.linear_backward(idx, _stream(idx), x.data_ptr(), w.data_ptr(), _ptr(b), tg.data_ptr(), n, h, v,
-                       _DTYPE_CODE[x.dtype], int(vocab_start), t_scalar, _ptr(t_rows),
-                       float(softcap) if softcap is not None else 0.0, lse32.data_ptr(), _ptr(ent32), _ptr(glp32),
-                       _ptr(gh32), _ptr(dx), _ptr(dw), _ptr(db32), ws.data_ptr(), ws.numel(), nc, vc, order, lean,
-                       cws, _tf32(x.dtype), overlap)
+    _C.linear_backward(
+        idx,
+        _stream(idx),
+        x.data_ptr(),
+        w.data_ptr(),
+        _ptr(b),
+        tg.data_ptr(),
+        n,
+        h,
+        v,
+        _DTYPE_CODE[x.dtype],
+        int(vocab_start),
+        t_scalar,
+        _ptr(t_rows),
+        float(softcap) if softcap is not None else 0.0,
+        lse32.data_ptr(),
+        _ptr(ent32),
+        _ptr(glp32),
+        _ptr(gh32),
+        _ptr(dx),
+        _ptr(dw),
+        _ptr(db32),
+        ws.data_ptr(),
+        ws.numel(),
+        nc,
+        vc,
+        order,
+        lean,
+        cws,
+        _tf32(x.dtype),
+        overlap,
+    )
     db = None
     if need_db:
         db = db32 if bias.dtype == torch.float32 else db32.to(bias.dtype)
     return dx, (dw.to(w_dtype) if need_dw else None), db
 
 
-def logits_forward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],
-                   return_entropy: bool):
+def logits_forward(
+    logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float], return_entropy: bool
+):
     t_scalar, t_rows = check_temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_forward")
     idx = _require(logits.device)
     if logits.dtype not in _DTYPE_CODE:
@@ -408,20 +528,39 @@ def logits_forward(logits: Tensor, targets: Tensor, temperature: Union[float, Te
         return lse, zt, ent
     lg = logits.detach().contiguous()
     tg = targets.detach().to(torch.int64).contiguous()
-    _C.logits_forward(idx, _stream(idx), lg.data_ptr(), n, v, _DTYPE_CODE[lg.dtype], t_scalar, _ptr(t_rows),
-                      float(softcap) if softcap is not None else 0.0, tg.data_ptr(), lse.data_ptr(), zt.data_ptr(),
-                      _ptr(ent))
+    _C.logits_forward(
+        idx,
+        _stream(idx),
+        lg.data_ptr(),
+        n,
+        v,
+        _DTYPE_CODE[lg.dtype],
+        t_scalar,
+        _ptr(t_rows),
+        float(softcap) if softcap is not None else 0.0,
+        tg.data_ptr(),
+        lse.data_ptr(),
+        zt.data_ptr(),
+        _ptr(ent),
+    )
     return lse, zt, ent
 
 
-def logits_backward(logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float],
-                    lse: Tensor, ent: Optional[Tensor], g_lp: Optional[Tensor], g_H: Optional[Tensor],
-                    inplace: bool = False):
+def logits_backward(
+    logits: Tensor,
+    targets: Tensor,
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    lse: Tensor,
+    ent: Optional[Tensor],
+    g_lp: Optional[Tensor],
+    g_H: Optional[Tensor],
+    inplace: bool = False,
+):
     t_scalar, t_rows = check_temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_backward")
     idx = _require(logits.device)
     if logits.dtype not in _DTYPE_CODE:
-        return _fallback().logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H,
-                                           inplace=inplace)
+        return _fallback().logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=inplace)
     if g_H is not None and ent is None:
         raise ValueError("cuda backend: g_H needs the entropy `ent`")
     n, v = logits.shape
@@ -433,9 +572,23 @@ def logits_backward(logits: Tensor, targets: Tensor, temperature: Union[float, T
     if n > 0:
         tg = targets.detach().to(torch.int64).contiguous()
         lse32, ent32, glp32, gh32 = _f32(lse), _f32(ent), _f32(g_lp), _f32(g_H)
-        _C.logits_backward(idx, _stream(idx), src.data_ptr(), out.data_ptr(), n, v, _DTYPE_CODE[src.dtype],
-                           t_scalar, _ptr(t_rows), float(softcap) if softcap is not None else 0.0, tg.data_ptr(),
-                           lse32.data_ptr(), _ptr(ent32), _ptr(glp32), _ptr(gh32))
+        _C.logits_backward(
+            idx,
+            _stream(idx),
+            src.data_ptr(),
+            out.data_ptr(),
+            n,
+            v,
+            _DTYPE_CODE[src.dtype],
+            t_scalar,
+            _ptr(t_rows),
+            float(softcap) if softcap is not None else 0.0,
+            tg.data_ptr(),
+            lse32.data_ptr(),
+            _ptr(ent32),
+            _ptr(glp32),
+            _ptr(gh32),
+        )
     if inplace and not contiguous:
         logits.copy_(out)
         return logits
@@ -449,7 +602,7 @@ def logits_backward(logits: Tensor, targets: Tensor, temperature: Union[float, T
 # (fusedrl/backends/_onepass.py); re-exported here (fusedrl/onepass.py builds ``kmod.OnePassHead``).
 
 
-_onepass_dev_ok: Dict[int, Tuple[bool, str]] = {}
+_onepass_dev_ok: dict[int, tuple[bool, str]] = {}
 
 
 def _onepass_device(t: Tensor) -> int:
@@ -467,8 +620,16 @@ def _onepass_device(t: Tensor) -> int:
     return idx
 
 
-def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
-                     softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts):
+def onepass_epilogue(
+    u: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    head: OnePassHead,
+    du16: Optional[Tensor] = None,
+    **opts,
+):
     """The one-pass row epilogue over one token chunk: ONE kernel (CUDA tensors, current stream) or its
     host loop (CPU tensors; the same C++ row functions).
 
@@ -502,11 +663,38 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
     if nc == 0:
         return logp, ent, lse, g_lp, g_H
     # Python floats become fp32 arguments: the rounding of torch ops with a Python scalar on fp32 tensors
-    args = (u.data_ptr(), u.stride(0) if nc > 1 else v, nc, v, a.targets.data_ptr(), _ptr(a.bias), a.temperature,
-            _ptr(a.temp_vec), a.softcap if a.softcap is not None else 0.0, a.old.data_ptr(), a.adv.data_ptr(),
-            a.weight.data_ptr(), _ptr(a.ref), a.mode, a.clip_lo, a.clip_hi, a.clip_c, a.dual, a.ent_coef, a.kl_coef,
-            a.kl_type, a.kl_st, logp.data_ptr(), _ptr(ent), lse.data_ptr(), g_lp.data_ptr(), g_H.data_ptr(),
-            _ptr(du16), (du16.stride(0) if nc > 1 else v) if du16 is not None else 0, du16_code)
+    args = (
+        u.data_ptr(),
+        u.stride(0) if nc > 1 else v,
+        nc,
+        v,
+        a.targets.data_ptr(),
+        _ptr(a.bias),
+        a.temperature,
+        _ptr(a.temp_vec),
+        a.softcap if a.softcap is not None else 0.0,
+        a.old.data_ptr(),
+        a.adv.data_ptr(),
+        a.weight.data_ptr(),
+        _ptr(a.ref),
+        a.mode,
+        a.clip_lo,
+        a.clip_hi,
+        a.clip_c,
+        a.dual,
+        a.ent_coef,
+        a.kl_coef,
+        a.kl_type,
+        a.kl_st,
+        logp.data_ptr(),
+        _ptr(ent),
+        lse.data_ptr(),
+        g_lp.data_ptr(),
+        g_H.data_ptr(),
+        _ptr(du16),
+        (du16.stride(0) if nc > 1 else v) if du16 is not None else 0,
+        du16_code,
+    )
     if dev.type == "cuda":
         idx = _onepass_device(u)
         _C.onepass_epilogue(idx, _stream(idx), *args)

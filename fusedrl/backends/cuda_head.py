@@ -18,14 +18,16 @@ tensors the kernels run on the caller's current stream. On CPU tensors the same 
 functions run as a host loop (``head_*_host``): that is what CI without a GPU checks, and it serves
 ``FUSEDRL_HEAD=cuda`` on CPU. Everything needs the extension built (``setup.py``, nvcc).
 """
+
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional
 
 import torch
 
 from . import _head
-from .cuda_backend import extension, is_available as _backend_available
+from .cuda_backend import extension
+from .cuda_backend import is_available as _backend_available
 
 Tensor = torch.Tensor
 
@@ -35,7 +37,7 @@ Tensor = torch.Tensor
 # =====================================================================================
 
 
-def is_available(device: torch.device) -> Tuple[bool, str]:
+def is_available(device: torch.device) -> tuple[bool, str]:
     """(available, reason): CUDA devices where the extension has a kernel image, and CPU (host loop)
     wherever the extension is built. cuBLAS is not needed by the head."""
     device = torch.device(device)
@@ -61,13 +63,20 @@ def _ptr(t: Optional[Tensor]) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _device_args(t: Tensor) -> Tuple[int, int]:
+def _device_args(t: Tensor) -> tuple[int, int]:
     idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
     return idx, torch.cuda.current_stream(idx).cuda_stream
 
 
-def _launch_vanilla(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
-                    clip_low: float, clip_high: float, clip_c: Optional[float]):
+def _launch_vanilla(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    clip_low: float,
+    clip_high: float,
+    clip_c: Optional[float],
+):
     """Flat (loss, clipped u8, lower u8, neg_d, coef) of ``head_vanilla`` over ``logp.numel()`` tokens."""
     C = extension()
     lp, old, adv = _f32(logp), _f32(old_logp), _f32(advantages)
@@ -88,22 +97,43 @@ def _launch_vanilla(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Op
     return out
 
 
-def _launch_cov(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], means: Tensor,
-                clip: Optional[List[float]]) -> Tuple[Tensor, Tensor]:
+def _launch_cov(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    means: Tensor,
+    clip: Optional[list[float]],
+) -> tuple[Tensor, Tensor]:
     """Flat (cov fp32, candidates u8) of ``head_cov``; candidates are all 0 without ``clip``."""
     C = extension()
     lp, old, adv = _f32(logp), _f32(old_logp), _f32(advantages)
     n = lp.numel()
     cov = torch.empty(n, dtype=torch.float32, device=lp.device)
-    cand = torch.zeros(n, dtype=torch.uint8, device=lp.device) if clip is None else \
-        torch.empty(n, dtype=torch.uint8, device=lp.device)
+    cand = (
+        torch.zeros(n, dtype=torch.uint8, device=lp.device)
+        if clip is None
+        else torch.empty(n, dtype=torch.uint8, device=lp.device)
+    )
     if n == 0:
         return cov, cand
     m = _head.flat_mask(mask)
     means = means.reshape(2).to(torch.float32).contiguous()
     low, high, lb, ub = clip if clip is not None else (0.0, 0.0, 0.0, 0.0)
-    args = (_ptr(lp), _ptr(old), _ptr(adv), _ptr(m), _ptr(means), n, 1.0 - float(low), 1.0 + float(high),
-            float(lb), float(ub), _ptr(cov), 0 if clip is None else _ptr(cand))
+    args = (
+        _ptr(lp),
+        _ptr(old),
+        _ptr(adv),
+        _ptr(m),
+        _ptr(means),
+        n,
+        1.0 - float(low),
+        1.0 + float(high),
+        float(lb),
+        float(ub),
+        _ptr(cov),
+        0 if clip is None else _ptr(cand),
+    )
     if lp.is_cuda:
         C.head_cov(*_device_args(lp), *args)
     else:
@@ -119,16 +149,24 @@ _vanilla_op = _head.make_vanilla_op("fusedrl::cuda_vanilla_token_terms", _launch
 
 
 @torch.library.custom_op("fusedrl::cuda_cov_terms", mutates_args=())
-def _cov_op(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], means: Tensor,
-            clip: Optional[List[float]] = None) -> Tuple[Tensor, Tensor]:
+def _cov_op(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    means: Tensor,
+    clip: Optional[list[float]] = None,
+) -> tuple[Tensor, Tensor]:
     cov, cand = _launch_cov(logp, old_logp, advantages, mask, means, clip)
     return cov.reshape(logp.shape), cand.view(torch.bool).reshape(logp.shape)
 
 
 @_cov_op.register_fake
 def _(logp, old_logp, advantages, mask, means, clip=None):
-    return (torch.empty_like(logp, dtype=torch.float32, memory_format=torch.contiguous_format),
-            torch.empty_like(logp, dtype=torch.bool, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(logp, dtype=torch.float32, memory_format=torch.contiguous_format),
+        torch.empty_like(logp, dtype=torch.bool, memory_format=torch.contiguous_format),
+    )
 
 
 # =====================================================================================
@@ -136,9 +174,15 @@ def _(logp, old_logp, advantages, mask, means, clip=None):
 # =====================================================================================
 
 
-def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
-                        clip_low: float, clip_high: float, clip_c: Optional[float]
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def vanilla_token_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    clip_low: float,
+    clip_high: float,
+    clip_c: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token vanilla PPO terms ``(L, clipped, clipped_lower, neg_d)`` from one ``head_vanilla`` launch.
 
     Same contract as :func:`fusedrl.backends.triton_head.vanilla_token_terms`: ``logp`` any shape
@@ -146,13 +190,20 @@ def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
     differentiable input; ``old_logp``, ``advantages``, ``mask`` of the same shape; masked tokens give
     0 / False and zero gradient; ``clip_c`` None disables the dual clip. Outputs in ``logp``'s shape.
     """
-    return _head.vanilla_token_terms(_vanilla_op, is_available(logp.device)[0], logp, old_logp, advantages, mask,
-                                     clip_low, clip_high, clip_c)
+    return _head.vanilla_token_terms(
+        _vanilla_op, is_available(logp.device)[0], logp, old_logp, advantages, mask, clip_low, clip_high, clip_c
+    )
 
 
-def cov_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor], mean_a: Tensor,
-              mean_lp: Tensor, clip: Optional[Tuple[float, float, float, float]] = None
-              ) -> Tuple[Tensor, Optional[Tensor]]:
+def cov_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    mean_a: Tensor,
+    mean_lp: Tensor,
+    clip: Optional[tuple[float, float, float, float]] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
     """Covariance statistic per token, and Clip-Cov candidates, from one ``head_cov`` launch.
 
     Args:

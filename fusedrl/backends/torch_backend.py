@@ -7,10 +7,11 @@ The tile size comes from a memory budget (FUSEDRL_TORCH_WORKSPACE_MB, default 64
 Logits are computed in fp32 (fp64 for fp64 inputs) from upcast tiles: a bf16 GEMM output would
 round the logits themselves to bf16, which is the precision loss fusedrl exists to avoid.
 """
+
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -20,7 +21,7 @@ Tensor = torch.Tensor
 _TEMPS_PER_ELEM = 3
 
 
-def is_available(device: torch.device) -> Tuple[bool, str]:
+def is_available(device: torch.device) -> tuple[bool, str]:
     """Everywhere torch itself can run on ``device`` (so not on CUDA when torch has no usable GPU)."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -36,7 +37,7 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def tile_plan(n: int, v: int, elem_bytes: int = 4) -> Tuple[int, int]:
+def tile_plan(n: int, v: int, elem_bytes: int = 4) -> tuple[int, int]:
     """(token tile, vocab tile) whose fp32 temporaries fit the workspace budget."""
     elems = max(1, _budget_bytes() // (elem_bytes * _TEMPS_PER_ELEM))
     vt = min(v, 8192, elems)
@@ -80,7 +81,7 @@ def _logits_tile(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature, soft
     return t * (softcap / temperature), t
 
 
-def _target_in_tile(targets: Tensor, lo: int, width: int) -> Tuple[Tensor, Tensor]:
+def _target_in_tile(targets: Tensor, lo: int, width: int) -> tuple[Tensor, Tensor]:
     local = targets - lo
     hit = (local >= 0) & (local < width)
     return local.clamp(0, max(width - 1, 0)), hit
@@ -115,8 +116,9 @@ def _merge(M, S, B, m, s, b):
     if B is not None:
         # sum (z - new) e^(z - new) = a (B + (M - new) S) for each part
         zero = torch.zeros_like(S)
-        B2 = (a_old * (B + torch.where(S > 0, (M - ref) * S, zero))
-              + a_new * (b + torch.where(s > 0, (m - ref) * s, zero)))
+        B2 = a_old * (B + torch.where(S > 0, (M - ref) * S, zero)) + a_new * (
+            b + torch.where(s > 0, (m - ref) * s, zero)
+        )
     return new, S2, B2
 
 
@@ -173,8 +175,23 @@ def _du_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
     return du
 
 
-def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
-             need_dx=True, need_dw=True, need_db=True, **opts):
+def backward(
+    x,
+    w,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    lse,
+    ent,
+    g_lp,
+    g_H,
+    vocab_start=0,
+    need_dx=True,
+    need_dw=True,
+    need_db=True,
+    **opts,
+):
     n, h = x.shape
     v = w.shape[0]
     cdt = _compute_dtype(x)
@@ -201,8 +218,18 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
             tr = _rows(temperature, n0, n1, cdt)
             z, t = _logits_tile(xc, wc, bc, tr, softcap)
             loc, hit = _target_in_tile(tgt_all[n0:n1], v0, v1 - v0)
-            du = _du_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
-                          g_lp[n0:n1], None if g_H is None else g_H[n0:n1], tr, softcap)
+            du = _du_tile(
+                z,
+                t,
+                loc,
+                hit,
+                lse[n0:n1],
+                None if g_H is None else ent[n0:n1],
+                g_lp[n0:n1],
+                None if g_H is None else g_H[n0:n1],
+                tr,
+                softcap,
+            )
             if need_dx:
                 dx[n0:n1].addmm_(du, wc)
             if need_dw:
@@ -267,8 +294,18 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
         tr = _rows(temperature, n0, n1, cdt)
         z, t = _logits_rows(logits, n0, n1, tr, softcap)
         loc, hit = _target_in_tile(targets[n0:n1], 0, v)
-        du = _du_tile(z, t, loc, hit, lse[n0:n1], None if g_H is None else ent[n0:n1],
-                      g_lp[n0:n1], None if g_H is None else g_H[n0:n1], tr, softcap)
+        du = _du_tile(
+            z,
+            t,
+            loc,
+            hit,
+            lse[n0:n1],
+            None if g_H is None else ent[n0:n1],
+            g_lp[n0:n1],
+            None if g_H is None else g_H[n0:n1],
+            tr,
+            softcap,
+        )
         out[n0:n1] = du
     return out
 
@@ -284,18 +321,26 @@ _B_BLOCK = 8192  # columns per block of the entropy sum (bounds its temporary)
 
 
 class RowStats(NamedTuple):
-    lse: Tensor    # [rows]
-    zt: Tensor     # [rows] target logit z_t
+    lse: Tensor  # [rows]
+    zt: Tensor  # [rows] target logit z_t
     ent: Optional[Tensor]
-    m: Tensor      # [rows] finite row max (0 for an all -inf row)
-    s: Tensor      # [rows] sum e^(z - m)
+    m: Tensor  # [rows] finite row max (0 for an all -inf row)
+    s: Tensor  # [rows] sum e^(z - m)
     log_s: Tensor  # [rows]
-    e: Tensor      # [rows, V] e^(z - m) (the scratch buffer)
+    e: Tensor  # [rows, V] e^(z - m) (the scratch buffer)
 
 
-def onepass_stats(u: Tensor, targets: Tensor, temperature, softcap: Optional[float], need_ent: bool,
-                  scratch: Tensor, tmp: Optional[Tensor] = None, is_scaled: bool = False,
-                  may_have_neg_inf: bool = True) -> RowStats:
+def onepass_stats(
+    u: Tensor,
+    targets: Tensor,
+    temperature,
+    softcap: Optional[float],
+    need_ent: bool,
+    scratch: Tensor,
+    tmp: Optional[Tensor] = None,
+    is_scaled: bool = False,
+    may_have_neg_inf: bool = True,
+) -> RowStats:
     """Row statistics of a workspace of raw logits ``u`` (bias included) for the one-pass schedule.
 
     ``u`` is overwritten with ``d = z - M`` (clamped at -1e4 when entropy is needed, so a -inf column
@@ -324,7 +369,7 @@ def onepass_stats(u: Tensor, targets: Tensor, temperature, softcap: Optional[flo
             u.clamp_(min=-1e4)  # e == 0 exactly there: the clamp changes no product but -inf * 0
         b = torch.zeros_like(s)
         for c0, c1 in _col_blocks(u.shape[1], tmp):  # torch's cascaded sum keeps fp32 accurate at V ~ 1e5
-            prod = torch.mul(u[:, c0:c1], e[:, c0:c1], out=None if tmp is None else tmp[:, :c1 - c0])
+            prod = torch.mul(u[:, c0:c1], e[:, c0:c1], out=None if tmp is None else tmp[:, : c1 - c0])
             b += prod.sum(1)
         ent = log_s - b / s
     return RowStats(lse, zt, ent, m, s, log_s, e)
@@ -335,8 +380,16 @@ def _col_blocks(v: int, tmp: Optional[Tensor]):
     return [(c, min(v, c + width)) for c in range(0, v, width)]
 
 
-def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature, softcap: Optional[float],
-               g_lp: Tensor, g_H: Optional[Tensor], tmp: Optional[Tensor] = None) -> Tensor:
+def onepass_du(
+    u: Tensor,
+    st: RowStats,
+    targets: Tensor,
+    temperature,
+    softcap: Optional[float],
+    g_lp: Tensor,
+    g_H: Optional[Tensor],
+    tmp: Optional[Tensor] = None,
+) -> Tensor:
     """du = dL/du over the workspace after :func:`onepass_stats` (DESIGN.md section 3), formed in place:
     ``p (a + c (z - LSE)) = e (alpha + beta d)`` with ``a = -(g_lp + g_H H)/T``, ``c = -g_H/T``, plus the
     one-hot term ``g_lp/T``, times ``1 - tanh^2`` under softcap. Returns the buffer holding du (``u`` when
@@ -348,7 +401,7 @@ def onepass_du(u: Tensor, st: RowStats, targets: Tensor, temperature, softcap: O
     if softcap is not None:  # z = d + m = tanh(u/c) c/T  ->  1 - tanh^2 = 1 - (z T/c)^2
         k = temperature / softcap
         for c0, c1 in _col_blocks(u.shape[1], tmp):
-            f = torch.add(u[:, c0:c1], st.m[:, None], out=None if tmp is None else tmp[:, :c1 - c0])
+            f = torch.add(u[:, c0:c1], st.m[:, None], out=None if tmp is None else tmp[:, : c1 - c0])
             e[:, c0:c1].mul_(f.mul_(_col(k)).square_().neg_().add_(1.0))
         onehot = onehot * (1.0 - (st.zt * k).square())
     if g_H is None:

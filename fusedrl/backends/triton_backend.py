@@ -108,10 +108,11 @@ Portability
     (transform, online statistics, dz, the loss head, the dot) lives once in ``triton_math.py``.
     Written for triton >= 3.6.
 """
+
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -171,12 +172,30 @@ if triton is not None:
         return inv_row, inv_tile
 
     @triton.jit
-    def _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                     inv_temp, softcap,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IS_LOGITS: tl.constexpr,
-                     IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                     IS_INTERPRET: tl.constexpr):
+    def _logits_tile(
+        X,
+        W,
+        BIAS,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        H,
+        stride_xn,
+        stride_wv,
+        inv_temp,
+        softcap,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        IS_LOGITS: tl.constexpr,
+        IS_EVEN_H: tl.constexpr,
+        IS_FP32: tl.constexpr,
+        IS_IEEE: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """z = softcap(x W^T + b) / T for a [BLOCK_N, BLOCK_V] tile (fp32) and t = tanh(u / c).
 
         inv_temp: the scalar 1/T or a [BLOCK_N, 1] column of per-row 1/T (``_row_inv_temp``).
@@ -184,8 +203,9 @@ if triton is not None:
         Invalid rows/columns hold finite garbage (0-filled loads); callers mask them.
         """
         if IS_LOGITS:
-            u = tl.load(X + rows[:, None] * stride_xn + cols[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+            u = tl.load(
+                X + rows[:, None] * stride_xn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0
+            ).to(tl.float32)
         else:
             offs_h = tl.arange(0, BLOCK_H).to(tl.int64)
             x_ptrs = X + rows[:, None] * stride_xn + offs_h[None, :]
@@ -208,15 +228,43 @@ if triton is not None:
         return z, t
 
     @triton.jit
-    def _fwd_kernel(X, W, BIAS, TARGETS, INV_TEMP, LSE, ENT, ZT, PART_M, PART_S, PART_B,
-                    N, V, H, vocab_start, v_per_split, n_splits, stride_xn, stride_wv,
-                    inv_temp, softcap,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_GROUP: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                    HAS_SPLITS: tl.constexpr, HAS_TEMP_VEC: tl.constexpr, IS_LOGITS: tl.constexpr,
-                    IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                    IS_INTERPRET: tl.constexpr):
+    def _fwd_kernel(
+        X,
+        W,
+        BIAS,
+        TARGETS,
+        INV_TEMP,
+        LSE,
+        ENT,
+        ZT,
+        PART_M,
+        PART_S,
+        PART_B,
+        N,
+        V,
+        H,
+        vocab_start,
+        v_per_split,
+        n_splits,
+        stride_xn,
+        stride_wv,
+        inv_temp,
+        softcap,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+        HAS_SPLITS: tl.constexpr,
+        HAS_TEMP_VEC: tl.constexpr,
+        IS_LOGITS: tl.constexpr,
+        IS_EVEN_H: tl.constexpr,
+        IS_FP32: tl.constexpr,
+        IS_IEEE: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """Online (M, S, B') and target logit over one vocab split for one token block
         (HAS_TEMP_VEC: per-token 1/T from INV_TEMP [N], else the scalar inv_temp)."""
         pid_n, pid_s = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, BLOCK_GROUP)
@@ -234,9 +282,30 @@ if triton is not None:
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < v_hi
-            z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                                inv_t, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
-                                IS_LOGITS, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
+            z, t = _logits_tile(
+                X,
+                W,
+                BIAS,
+                rows,
+                cols,
+                row_mask,
+                col_mask,
+                H,
+                stride_xn,
+                stride_wv,
+                inv_t,
+                softcap,
+                BLOCK_N,
+                BLOCK_V,
+                BLOCK_H,
+                HAS_BIAS,
+                HAS_SOFTCAP,
+                IS_LOGITS,
+                IS_EVEN_H,
+                IS_FP32,
+                IS_IEEE,
+                IS_INTERPRET,
+            )
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
             hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
             zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
@@ -257,8 +326,7 @@ if triton is not None:
                 tl.store(ENT + rows, ent, mask=row_mask)
 
     @triton.jit
-    def _merge_kernel(PART_M, PART_S, PART_B, LSE, ENT, N, n_splits,
-                      BLOCK_N: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    def _merge_kernel(PART_M, PART_S, PART_B, LSE, ENT, N, n_splits, BLOCK_N: tl.constexpr, HAS_ENTROPY: tl.constexpr):
         """Merge the per-split (M, S, B') partials ([splits, N] fp32) into LSE and entropy."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
@@ -286,8 +354,22 @@ if triton is not None:
             tl.store(ENT + rows, ent, mask=row_mask)
 
     @triton.jit
-    def _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_temp,
-                 HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    def _du_tile(
+        z,
+        t,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        tgt,
+        LSE,
+        ENT,
+        G_LP,
+        G_H,
+        inv_temp,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+    ):
         """(du, dz) of a tile (tm.dz_du) with the per-token LSE, H, g_lp, g_H loaded from memory
         (inv_temp: scalar or [BLOCK_N, 1])."""
         valid = row_mask[:, None] & col_mask[None, :]
@@ -303,15 +385,48 @@ if triton is not None:
         return tm.dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP, HAS_ENTROPY)
 
     @triton.jit
-    def _du_kernel(X, W, BIAS, TARGETS, INV_TEMP, LSE, ENT, G_LP, G_H, DU, FLAGS, DB_PART,
-                   n0, n_rows, v0, n_cols, H, vocab_start, stride_xn, stride_wv, stride_du,
-                   stride_flag, inv_temp, softcap, filter_eps,
-                   BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                   BLOCK_GROUP: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                   HAS_FILTER: tl.constexpr, HAS_DB: tl.constexpr, HAS_TEMP_VEC: tl.constexpr,
-                   IS_LOGITS: tl.constexpr, IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr,
-                   IS_IEEE: tl.constexpr, IS_INTERPRET: tl.constexpr):
+    def _du_kernel(
+        X,
+        W,
+        BIAS,
+        TARGETS,
+        INV_TEMP,
+        LSE,
+        ENT,
+        G_LP,
+        G_H,
+        DU,
+        FLAGS,
+        DB_PART,
+        n0,
+        n_rows,
+        v0,
+        n_cols,
+        H,
+        vocab_start,
+        stride_xn,
+        stride_wv,
+        stride_du,
+        stride_flag,
+        inv_temp,
+        softcap,
+        filter_eps,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+        HAS_FILTER: tl.constexpr,
+        HAS_DB: tl.constexpr,
+        HAS_TEMP_VEC: tl.constexpr,
+        IS_LOGITS: tl.constexpr,
+        IS_EVEN_H: tl.constexpr,
+        IS_FP32: tl.constexpr,
+        IS_IEEE: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """du for the chunk rows [n0, n0+n_rows) x cols [v0, v0+n_cols) -> DU[local row, local col].
 
         Per-row inputs (TARGETS, LSE, ..., INV_TEMP when HAS_TEMP_VEC) are indexed by the global row
@@ -319,8 +434,7 @@ if triton is not None:
         HAS_FILTER: FLAGS[token block, vocab block] = max|dz| >= eps (tile not stored when 0).
         HAS_DB: DB_PART[token block, local col] = sum over the block's rows of du (fp32).
         """
-        pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_V),
-                                BLOCK_GROUP)
+        pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(n_rows, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), BLOCK_GROUP)
         lrows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         lcols = pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
         row_mask = lrows < n_rows
@@ -328,12 +442,34 @@ if triton is not None:
         rows = n0 + lrows
         cols = v0 + lcols
         _, inv_t = _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC)
-        z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                            inv_t, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
-                            IS_LOGITS, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
+        z, t = _logits_tile(
+            X,
+            W,
+            BIAS,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            H,
+            stride_xn,
+            stride_wv,
+            inv_t,
+            softcap,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            IS_LOGITS,
+            IS_EVEN_H,
+            IS_FP32,
+            IS_IEEE,
+            IS_INTERPRET,
+        )
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
-        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_t,
-                          HAS_SOFTCAP, HAS_ENTROPY)
+        du, dz = _du_tile(
+            z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_t, HAS_SOFTCAP, HAS_ENTROPY
+        )
         if HAS_DB:
             tl.store(DB_PART + pid_n.to(tl.int64) * stride_du + lcols, tl.sum(du, axis=0), mask=col_mask)
         out_mask = row_mask[:, None] & col_mask[None, :]
@@ -342,18 +478,39 @@ if triton is not None:
             dz_max = tl.max(tl.max(adz, axis=1), axis=0)
             tl.store(FLAGS + pid_n.to(tl.int64) * stride_flag + pid_v, (dz_max >= filter_eps).to(tl.int8))
             out_mask = out_mask & ((adz * 0.0 + dz_max) >= filter_eps)  # tile-wide (broadcast) keep
-        tl.store(DU + lrows[:, None] * stride_du + lcols[None, :], du.to(DU.dtype.element_ty),
-                 mask=out_mask)
+        tl.store(DU + lrows[:, None] * stride_du + lcols[None, :], du.to(DU.dtype.element_ty), mask=out_mask)
 
     @triton.jit
-    def _gemm_kernel(A, B, C, C_LO, LIVE, LIVE_CNT, M, K, D,
-                     stride_am, stride_ak, stride_bk, stride_bd, stride_cm, stride_live,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_FLAG_M: tl.constexpr, BLOCK_FLAG_K: tl.constexpr,
-                     BLOCK_GROUP: tl.constexpr,
-                     HAS_FLAGS: tl.constexpr, HAS_ACC: tl.constexpr, HAS_LO_IN: tl.constexpr,
-                     HAS_LO_OUT: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                     IS_INTERPRET: tl.constexpr):
+    def _gemm_kernel(
+        A,
+        B,
+        C,
+        C_LO,
+        LIVE,
+        LIVE_CNT,
+        M,
+        K,
+        D,
+        stride_am,
+        stride_ak,
+        stride_bk,
+        stride_bd,
+        stride_cm,
+        stride_live,
+        BLOCK_M: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_FLAG_M: tl.constexpr,
+        BLOCK_FLAG_K: tl.constexpr,
+        BLOCK_GROUP: tl.constexpr,
+        HAS_FLAGS: tl.constexpr,
+        HAS_ACC: tl.constexpr,
+        HAS_LO_IN: tl.constexpr,
+        HAS_LO_OUT: tl.constexpr,
+        IS_FP32: tl.constexpr,
+        IS_IEEE: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """C[M, D] (+)= A[M, K] @ B[K, D] with fp32 accumulation, cast at the store.
 
         HAS_FLAGS: A is block-sparse in (BLOCK_FLAG_M x BLOCK_FLAG_K) tiles (BLOCK_M | BLOCK_FLAG_M,
@@ -383,10 +540,16 @@ if triton is not None:
                 k0 = tile * BLOCK_FLAG_K + (i % (BLOCK_FLAG_K // BLOCK_K)) * BLOCK_K
                 ks = k0 + offs_k
                 k_mask = ks < K
-                a = tl.load(A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
-                            mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-                b = tl.load(B + ks[:, None] * stride_bk + offs_d[None, :] * stride_bd,
-                            mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+                a = tl.load(
+                    A + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                )
+                b = tl.load(
+                    B + ks[:, None] * stride_bk + offs_d[None, :] * stride_bd,
+                    mask=k_mask[:, None] & d_mask[None, :],
+                    other=0.0,
+                )
                 acc = tm.mma(a, b, acc, IS_FP32, IS_IEEE, IS_INTERPRET)
         else:
             a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
@@ -410,15 +573,46 @@ if triton is not None:
             tl.store(C_LO + c_off, (acc - hi.to(tl.float32)).to(C_LO.dtype.element_ty), mask=c_mask)
 
     @triton.jit
-    def _bwd_atomic_kernel(X, W, BIAS, TARGETS, INV_TEMP, LSE, ENT, G_LP, G_H, DX, DW, DB,
-                           N, V, H, vocab_start, stride_xn, stride_wv, inv_temp, softcap, filter_eps,
-                           BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_GROUP: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                           HAS_ENTROPY: tl.constexpr, HAS_FILTER: tl.constexpr, HAS_DX: tl.constexpr,
-                           HAS_DW: tl.constexpr, HAS_DB: tl.constexpr, HAS_TEMP_VEC: tl.constexpr,
-                           IS_EVEN_H: tl.constexpr, IS_FP32: tl.constexpr, IS_IEEE: tl.constexpr,
-                           IS_INTERPRET: tl.constexpr):
+    def _bwd_atomic_kernel(
+        X,
+        W,
+        BIAS,
+        TARGETS,
+        INV_TEMP,
+        LSE,
+        ENT,
+        G_LP,
+        G_H,
+        DX,
+        DW,
+        DB,
+        N,
+        V,
+        H,
+        vocab_start,
+        stride_xn,
+        stride_wv,
+        inv_temp,
+        softcap,
+        filter_eps,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_GROUP: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+        HAS_FILTER: tl.constexpr,
+        HAS_DX: tl.constexpr,
+        HAS_DW: tl.constexpr,
+        HAS_DB: tl.constexpr,
+        HAS_TEMP_VEC: tl.constexpr,
+        IS_EVEN_H: tl.constexpr,
+        IS_FP32: tl.constexpr,
+        IS_IEEE: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """Fully fused, nondeterministic backward: one (token block, vocab block) tile per program,
         fp32 atomic_add of its dx / dW / db contributions (DX, DW, DB are fp32, H-contiguous)."""
         pid_n, pid_v = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(V, BLOCK_V), BLOCK_GROUP)
@@ -427,12 +621,34 @@ if triton is not None:
         row_mask = rows < N
         col_mask = cols < V
         _, inv_t = _row_inv_temp(INV_TEMP, rows, row_mask, inv_temp, HAS_TEMP_VEC)
-        z, t = _logits_tile(X, W, BIAS, rows, cols, row_mask, col_mask, H, stride_xn, stride_wv,
-                            inv_t, softcap, BLOCK_N, BLOCK_V, BLOCK_H, HAS_BIAS, HAS_SOFTCAP,
-                            False, IS_EVEN_H, IS_FP32, IS_IEEE, IS_INTERPRET)
+        z, t = _logits_tile(
+            X,
+            W,
+            BIAS,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            H,
+            stride_xn,
+            stride_wv,
+            inv_t,
+            softcap,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            HAS_BIAS,
+            HAS_SOFTCAP,
+            False,
+            IS_EVEN_H,
+            IS_FP32,
+            IS_IEEE,
+            IS_INTERPRET,
+        )
         tgt = tl.load(TARGETS + rows, mask=row_mask, other=-1).to(tl.int64) - vocab_start
-        du, dz = _du_tile(z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_t,
-                          HAS_SOFTCAP, HAS_ENTROPY)
+        du, dz = _du_tile(
+            z, t, rows, cols, row_mask, col_mask, tgt, LSE, ENT, G_LP, G_H, inv_t, HAS_SOFTCAP, HAS_ENTROPY
+        )
         if HAS_DB:
             tl.atomic_add(DB + cols, tl.sum(du, axis=0), mask=col_mask)
         if HAS_FILTER:
@@ -447,30 +663,81 @@ if triton is not None:
             for d0 in range(0, H, BLOCK_D):
                 d_mask = (d0 + offs_d) < H
                 if HAS_DX:
-                    wt = tl.load(W + cols[:, None] * stride_wv + (d0 + offs_d)[None, :],
-                                 mask=col_mask[:, None] & d_mask[None, :], other=0.0)
-                    part = tm.mma(du_op, wt, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32),
-                                  IS_FP32, IS_IEEE, IS_INTERPRET)
-                    tl.atomic_add(DX + rows[:, None] * H + (d0 + offs_d)[None, :], part,
-                                  mask=row_mask[:, None] & d_mask[None, :])
+                    wt = tl.load(
+                        W + cols[:, None] * stride_wv + (d0 + offs_d)[None, :],
+                        mask=col_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    )
+                    part = tm.mma(
+                        du_op, wt, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IS_FP32, IS_IEEE, IS_INTERPRET
+                    )
+                    tl.atomic_add(
+                        DX + rows[:, None] * H + (d0 + offs_d)[None, :], part, mask=row_mask[:, None] & d_mask[None, :]
+                    )
                 if HAS_DW:
-                    xt = tl.load(X + rows[:, None] * stride_xn + (d0 + offs_d)[None, :],
-                                 mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-                    part_w = tm.mma(tl.trans(du_op), xt, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
-                                    IS_FP32, IS_IEEE, IS_INTERPRET)
-                    tl.atomic_add(DW + cols[:, None] * H + (d0 + offs_d)[None, :], part_w,
-                                  mask=col_mask[:, None] & d_mask[None, :])
+                    xt = tl.load(
+                        X + rows[:, None] * stride_xn + (d0 + offs_d)[None, :],
+                        mask=row_mask[:, None] & d_mask[None, :],
+                        other=0.0,
+                    )
+                    part_w = tm.mma(
+                        tl.trans(du_op),
+                        xt,
+                        tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
+                        IS_FP32,
+                        IS_IEEE,
+                        IS_INTERPRET,
+                    )
+                    tl.atomic_add(
+                        DW + cols[:, None] * H + (d0 + offs_d)[None, :],
+                        part_w,
+                        mask=col_mask[:, None] & d_mask[None, :],
+                    )
 
     # the head codes are runtime values: no recompilation per loss config (an int equal to 1 would
     # otherwise be specialised into a constant)
     @triton.jit(do_not_specialize=["mode", "dual", "kl_type", "kl_st"])
-    def _onepass_kernel(U, TARGETS, BIAS, INV_TEMP, OLD, ADV, WEIGHT, REF, DU16, LOGP, ENT, LSE, G_LP, G_H,
-                        n_rows, V, stride_u, stride_du16, inv_temp, softcap,
-                        mode, clip_lo, clip_hi, clip_c, dual, ent_coef, kl_coef, kl_type, kl_st,
-                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr,
-                        HAS_ENT_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_DU16: tl.constexpr,
-                        HAS_TEMP_VEC: tl.constexpr, IS_INTERPRET: tl.constexpr):
+    def _onepass_kernel(
+        U,
+        TARGETS,
+        BIAS,
+        INV_TEMP,
+        OLD,
+        ADV,
+        WEIGHT,
+        REF,
+        DU16,
+        LOGP,
+        ENT,
+        LSE,
+        G_LP,
+        G_H,
+        n_rows,
+        V,
+        stride_u,
+        stride_du16,
+        inv_temp,
+        softcap,
+        mode,
+        clip_lo,
+        clip_hi,
+        clip_c,
+        dual,
+        ent_coef,
+        kl_coef,
+        kl_type,
+        kl_st,
+        BLOCK_N: tl.constexpr,
+        BLOCK_V: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_SOFTCAP: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+        HAS_ENT_GRAD: tl.constexpr,
+        HAS_KL: tl.constexpr,
+        HAS_DU16: tl.constexpr,
+        HAS_TEMP_VEC: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """One-pass row epilogue (docs/one-pass.md) for BLOCK_N rows of the fp32 logits workspace U.
 
         Pass 1: online (M, S, B') over the row in BLOCK_V blocks -> LSE, H; the target logit by one
@@ -557,15 +824,33 @@ if triton is not None:
 # kernel's [128, 128] epilogue needs 16 warps for that), and every config fits shared memory
 # (fp32 spills a little at the pinned tiles: the gate reports it).
 _CONFIGS = {
-    "hopper": dict(fwd=(128, 128, 64, 8, 3), du=(128, 128, 64, 16, 3), gemm=(128, 64, 128, 8, 4),
-                   atomic=(128, 128, 64, 64, 8, 3), epilogue=(1, 4096, 8, 1), group=8),
+    "hopper": dict(
+        fwd=(128, 128, 64, 8, 3),
+        du=(128, 128, 64, 16, 3),
+        gemm=(128, 64, 128, 8, 4),
+        atomic=(128, 128, 64, 64, 8, 3),
+        epilogue=(1, 4096, 8, 1),
+        group=8,
+    ),
     "hopper_fp32": dict(gemm=(128, 32, 128, 8, 4), du=(128, 128, 64, 8, 3), atomic=(128, 128, 32, 32, 8, 3)),
-    "ampere": dict(fwd=(128, 128, 32, 8, 3), du=(128, 128, 32, 16, 3), gemm=(128, 32, 128, 8, 4),
-                   atomic=(64, 128, 32, 32, 8, 3), epilogue=(1, 4096, 8, 1), group=8),
+    "ampere": dict(
+        fwd=(128, 128, 32, 8, 3),
+        du=(128, 128, 32, 16, 3),
+        gemm=(128, 32, 128, 8, 4),
+        atomic=(64, 128, 32, 32, 8, 3),
+        epilogue=(1, 4096, 8, 1),
+        group=8,
+    ),
     "ampere_fp32": dict(du=(128, 128, 32, 8, 3), atomic=(64, 64, 32, 32, 4, 3)),
     # interpreter: big blocks = few (sequentially run) programs; test shapes are tiny.
-    "interpret": dict(fwd=(64, 256, 128, 1, 1), du=(64, 256, 128, 1, 1), gemm=(64, 64, 128, 1, 1),
-                      atomic=(64, 256, 128, 128, 1, 1), epilogue=(1, 1024, 1, 1), group=4),
+    "interpret": dict(
+        fwd=(64, 256, 128, 1, 1),
+        du=(64, 256, 128, 1, 1),
+        gemm=(64, 64, 128, 1, 1),
+        atomic=(64, 256, 128, 128, 1, 1),
+        epilogue=(1, 1024, 1, 1),
+        group=4,
+    ),
 }
 
 
@@ -645,7 +930,7 @@ def _default_budget(n: int, free: Optional[int]) -> float:
 # =====================================================================================
 
 
-def is_available(device: torch.device) -> Tuple[bool, str]:
+def is_available(device: torch.device) -> tuple[bool, str]:
     if triton is None:
         return False, f"triton is not importable ({_TRITON_ERROR})"
     device = torch.device(device)
@@ -657,8 +942,10 @@ def is_available(device: torch.device) -> Tuple[bool, str]:
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
             return False, "on CPU the triton backend needs TRITON_INTERPRET=1 (the triton interpreter)"
         if not _INTERPRET:
-            return False, ("TRITON_INTERPRET=1 was set after fusedrl.backends.triton_backend was imported; "
-                           "set it before importing triton")
+            return False, (
+                "TRITON_INTERPRET=1 was set after fusedrl.backends.triton_backend was imported; "
+                "set it before importing triton"
+            )
         return True, ""
     return False, f"triton does not run on device type {device.type!r}"
 
@@ -701,8 +988,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap, return_entropy,
-                is_logits, opts):
+def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap, return_entropy, is_logits, opts):
     dev = x.device
     cfg = _config(dev, opts, x.dtype)
     bn, bv, bh, nw, ns = cfg["fwd"]
@@ -724,24 +1010,53 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
         pm, ps, pb = part[0], part[1], part[2]
     else:
         pm = ps = pb = lse
-    args = (x, w if w is not None else x, bias if bias is not None else lse, targets,
-            tp.inv_vec if tp.inv_vec is not None else lse, lse, ent if ent is not None else lse, zt, pm, ps, pb,
-            n, v, h, int(vocab_start), v_per, splits, x.stride(0), w.stride(0) if w is not None else 0,
-            tp.inv, _cap(softcap))
-    meta = dict(BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-                HAS_ENTROPY=bool(return_entropy), HAS_SPLITS=splits > 1, HAS_TEMP_VEC=tp.inv_vec is not None,
-                IS_LOGITS=is_logits,
-                IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg), IS_INTERPRET=_INTERPRET)
+    args = (
+        x,
+        w if w is not None else x,
+        bias if bias is not None else lse,
+        targets,
+        tp.inv_vec if tp.inv_vec is not None else lse,
+        lse,
+        ent if ent is not None else lse,
+        zt,
+        pm,
+        ps,
+        pb,
+        n,
+        v,
+        h,
+        int(vocab_start),
+        v_per,
+        splits,
+        x.stride(0),
+        w.stride(0) if w is not None else 0,
+        tp.inv,
+        _cap(softcap),
+    )
+    meta = dict(
+        BLOCK_GROUP=cfg["group"],
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_ENTROPY=bool(return_entropy),
+        HAS_SPLITS=splits > 1,
+        HAS_TEMP_VEC=tp.inv_vec is not None,
+        IS_LOGITS=is_logits,
+        IS_FP32=x.dtype == torch.float32,
+        IS_IEEE=_is_ieee(x, cfg),
+        IS_INTERPRET=_INTERPRET,
+    )
     if _AUTOTUNE:
         grid = lambda META: (_cdiv(n, META["BLOCK_N"]) * splits,)  # noqa: E731
         _tuned("fwd", dev, x.dtype == torch.float32)[grid](*args, IS_EVEN_H=False, **meta)
     else:
-        _fwd_kernel[(ntb * splits,)](*args, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh,
-                                      IS_EVEN_H=(h % bh == 0), num_warps=nw, num_stages=ns, **meta)
+        _fwd_kernel[(ntb * splits,)](
+            *args, BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, IS_EVEN_H=(h % bh == 0), num_warps=nw, num_stages=ns, **meta
+        )
     if splits > 1:
         mb = 64 if _INTERPRET else 256
-        _merge_kernel[(_cdiv(n, mb),)](pm, ps, pb, lse, ent if ent is not None else lse, n, splits,
-                                       BLOCK_N=mb, HAS_ENTROPY=bool(return_entropy))
+        _merge_kernel[(_cdiv(n, mb),)](
+            pm, ps, pb, lse, ent if ent is not None else lse, n, splits, BLOCK_N=mb, HAS_ENTROPY=bool(return_entropy)
+        )
     return lse, zt, ent
 
 
@@ -752,8 +1067,9 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
     x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     n, h = x.shape
-    return _launch_fwd(x, w, bias, targets, n, w.shape[0], h, vocab_start, temperature, softcap,
-                       return_entropy, False, opts)
+    return _launch_fwd(
+        x, w, bias, targets, n, w.shape[0], h, vocab_start, temperature, softcap, return_entropy, False, opts
+    )
 
 
 @launches_on_first_arg_device
@@ -761,37 +1077,89 @@ def logits_forward(logits, targets, temperature, softcap, return_entropy, **opts
     _check_dtype(logits)
     logits, targets = logits.contiguous(), targets.contiguous()
     n, v = logits.shape
-    return _launch_fwd(logits, None, None, targets, n, v, 0, 0, temperature, softcap, return_entropy,
-                       True, opts)
+    return _launch_fwd(logits, None, None, targets, n, v, 0, 0, temperature, softcap, return_entropy, True, opts)
 
 
-def _launch_du(x, w, bias, targets, lse, ent, g_lp, g_H, du, flags, db_part, n0, n_rows, v0, n_cols,
-               h, vocab_start, temperature, softcap, eps, is_logits, cfg):
+def _launch_du(
+    x,
+    w,
+    bias,
+    targets,
+    lse,
+    ent,
+    g_lp,
+    g_H,
+    du,
+    flags,
+    db_part,
+    n0,
+    n_rows,
+    v0,
+    n_cols,
+    h,
+    vocab_start,
+    temperature,
+    softcap,
+    eps,
+    is_logits,
+    cfg,
+):
     bn, bv, bh, nw, ns = cfg["du"]
     # per-token 1/T is indexed by global row (n0 + local row): the full [N] vector for every chunk
     tp = _temp(temperature, x.shape[0], x.device, "logits_backward" if is_logits else "backward")
     grid = (_cdiv(n_rows, bn) * _cdiv(n_cols, bv),)
     dummy = lse
-    args = (x, w if w is not None else x, bias if bias is not None else dummy, targets,
-            tp.inv_vec if tp.inv_vec is not None else dummy, lse,
-            ent if ent is not None else dummy, g_lp, g_H if g_H is not None else dummy, du,
-            flags if flags is not None else dummy, db_part if db_part is not None else dummy,
-            n0, n_rows, v0, n_cols, h, int(vocab_start), x.stride(0),
-            w.stride(0) if w is not None else 0, du.stride(0),
-            flags.stride(0) if flags is not None else 0, tp.inv, _cap(softcap), float(eps))
-    meta = dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_GROUP=cfg["group"], HAS_BIAS=bias is not None,
-                HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
-                HAS_FILTER=flags is not None, HAS_DB=db_part is not None,
-                HAS_TEMP_VEC=tp.inv_vec is not None, IS_LOGITS=is_logits,
-                IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg), IS_INTERPRET=_INTERPRET)
+    args = (
+        x,
+        w if w is not None else x,
+        bias if bias is not None else dummy,
+        targets,
+        tp.inv_vec if tp.inv_vec is not None else dummy,
+        lse,
+        ent if ent is not None else dummy,
+        g_lp,
+        g_H if g_H is not None else dummy,
+        du,
+        flags if flags is not None else dummy,
+        db_part if db_part is not None else dummy,
+        n0,
+        n_rows,
+        v0,
+        n_cols,
+        h,
+        int(vocab_start),
+        x.stride(0),
+        w.stride(0) if w is not None else 0,
+        du.stride(0),
+        flags.stride(0) if flags is not None else 0,
+        tp.inv,
+        _cap(softcap),
+        float(eps),
+    )
+    meta = dict(
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        BLOCK_GROUP=cfg["group"],
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_ENTROPY=g_H is not None,
+        HAS_FILTER=flags is not None,
+        HAS_DB=db_part is not None,
+        HAS_TEMP_VEC=tp.inv_vec is not None,
+        IS_LOGITS=is_logits,
+        IS_FP32=x.dtype == torch.float32,
+        IS_IEEE=_is_ieee(x, cfg),
+        IS_INTERPRET=_INTERPRET,
+    )
     if _AUTOTUNE and not is_logits:
         _tuned("du", x.device, x.dtype == torch.float32)[grid](*args, IS_EVEN_H=False, **meta)
     else:
-        _du_kernel[grid](*args, BLOCK_H=bh, IS_EVEN_H=(h % bh == 0) if not is_logits else True,
-                         num_warps=nw, num_stages=ns, **meta)
+        _du_kernel[grid](
+            *args, BLOCK_H=bh, IS_EVEN_H=(h % bh == 0) if not is_logits else True, num_warps=nw, num_stages=ns, **meta
+        )
 
 
-def _live_lists(flags: Tensor) -> Tuple[Tensor, Tensor]:
+def _live_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
     """(LIVE, LIVE_CNT) of a [flag rows, flag cols] int8 tile-flag view (any strides): per row, the
     indices of its live columns in ascending order first (int32, [rows, cols]), and their count."""
     live = flags != 0
@@ -800,21 +1168,44 @@ def _live_lists(flags: Tensor) -> Tuple[Tensor, Tensor]:
     return idx.contiguous(), cnt.contiguous()
 
 
-def _launch_gemm(a, a_strides, b, c, live, flag_blocks, m, k, d, cfg,
-                 acc=False, lo=None, lo_in=False, lo_out=False):
+def _launch_gemm(a, a_strides, b, c, live, flag_blocks, m, k, d, cfg, acc=False, lo=None, lo_in=False, lo_out=False):
     """c[:m, :d] (+)= A @ B, A given as (tensor, (stride_m, stride_k)); live: (LIVE, LIVE_CNT) of
     ``_live_lists`` (A block-sparse in flag_blocks tiles) or None (dense); see _gemm_kernel."""
     if m == 0 or d == 0:
         return
     bm, bk, bd, nw, ns = cfg["gemm"]
-    meta = dict(BLOCK_M=bm, BLOCK_K=bk, BLOCK_FLAG_M=flag_blocks[0], BLOCK_FLAG_K=flag_blocks[1],
-                BLOCK_GROUP=cfg["group"], HAS_FLAGS=live is not None, HAS_ACC=acc,
-                HAS_LO_IN=lo_in, HAS_LO_OUT=lo_out, IS_FP32=a.dtype == torch.float32,
-                IS_IEEE=_is_ieee(a, cfg), IS_INTERPRET=_INTERPRET)
+    meta = dict(
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        BLOCK_FLAG_M=flag_blocks[0],
+        BLOCK_FLAG_K=flag_blocks[1],
+        BLOCK_GROUP=cfg["group"],
+        HAS_FLAGS=live is not None,
+        HAS_ACC=acc,
+        HAS_LO_IN=lo_in,
+        HAS_LO_OUT=lo_out,
+        IS_FP32=a.dtype == torch.float32,
+        IS_IEEE=_is_ieee(a, cfg),
+        IS_INTERPRET=_INTERPRET,
+    )
     idx, cnt = live if live is not None else (c, c)
-    args = (a, b, c, lo if lo is not None else c, idx, cnt, m, k, d,
-            a_strides[0], a_strides[1], b.stride(0), b.stride(1), c.stride(0),
-            idx.stride(0) if live is not None else 0)
+    args = (
+        a,
+        b,
+        c,
+        lo if lo is not None else c,
+        idx,
+        cnt,
+        m,
+        k,
+        d,
+        a_strides[0],
+        a_strides[1],
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        idx.stride(0) if live is not None else 0,
+    )
     if _AUTOTUNE:
         grid = lambda META: (_cdiv(m, bm) * _cdiv(d, META["BLOCK_D"]),)  # noqa: E731
         _tuned("gemm", a.device, a.dtype == torch.float32)[grid](*args, **meta)
@@ -822,8 +1213,7 @@ def _launch_gemm(a, a_strides, b, c, live, flag_blocks, m, k, d, cfg,
         # the list-driven (filtered) loop spends one pipeline stage on the tile-index load: one more
         # stage keeps as many operand buffers in flight (sm_90: 3 instead of 2 at the pinned 4)
         stages = ns + 1 if live is not None else ns
-        _gemm_kernel[(_cdiv(m, bm) * _cdiv(d, bd),)](*args, BLOCK_D=bd, num_warps=nw, num_stages=stages,
-                                                      **meta)
+        _gemm_kernel[(_cdiv(m, bm) * _cdiv(d, bd),)](*args, BLOCK_D=bd, num_warps=nw, num_stages=stages, **meta)
 
 
 def _zero_grads(x, w, bias, need_dx, need_dw, need_db):
@@ -835,8 +1225,23 @@ def _zero_grads(x, w, bias, need_dx, need_dw, need_db):
 
 
 @launches_on_first_arg_device
-def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
-             need_dx=True, need_dw=True, need_db=True, **opts):
+def backward(
+    x,
+    w,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    lse,
+    ent,
+    g_lp,
+    g_H,
+    vocab_start=0,
+    need_dx=True,
+    need_dw=True,
+    need_db=True,
+    **opts,
+):
     """(dx, dw, db). opts: deterministic (True), grad_filter_eps (0.0 = exact),
     memory_budget_mb (default: from the free device memory, see _default_budget), workspace_mb
     (cap of the workspace; FUSEDRL_TRITON_WORKSPACE_MB), fp32_precision ("tf32x3" | "ieee"),
@@ -856,8 +1261,25 @@ def backward(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, voc
         ent = ent.float().contiguous()
     eps = float(opts.get("grad_filter_eps") or 0.0)
     cfg = _config(x.device, opts, x.dtype)
-    args = (x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
-            need_dx, need_dw, need_db, eps, cfg, opts)
+    args = (
+        x,
+        w,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        lse,
+        ent,
+        g_lp,
+        g_H,
+        vocab_start,
+        need_dx,
+        need_dw,
+        need_db,
+        eps,
+        cfg,
+        opts,
+    )
     if opts.get("deterministic", True):
         return _backward_workspace(*args)
     return _backward_atomic(*args)
@@ -907,8 +1329,25 @@ def _plan(n, h, v, x_dtype, need_dx, vocab_pass, cfg, opts, device):
     return vc, single, nc
 
 
-def _backward_workspace(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
-                        need_dx, need_dw, need_db, eps, cfg, opts):
+def _backward_workspace(
+    x,
+    w,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    lse,
+    ent,
+    g_lp,
+    g_H,
+    vocab_start,
+    need_dx,
+    need_dw,
+    need_db,
+    eps,
+    cfg,
+    opts,
+):
     n, h = x.shape
     v = w.shape[0]
     dev = x.device
@@ -940,16 +1379,39 @@ def _backward_workspace(x, w, targets, bias, temperature, softcap, lse, ent, g_l
             vcc = min(vc, v - v0)
             _launch_du(*du_args, ws, flags, db_part, 0, n, v0, vcc, *tail)
             if need_db:
-                db[v0:v0 + vcc] = db_part[:, :vcc].sum(0).to(db.dtype)
+                db[v0 : v0 + vcc] = db_part[:, :vcc].sum(0).to(db.dtype)
             # live-tile lists over this chunk's flag tiles (columns past vcc hold stale flags)
-            f = flags[:, :_cdiv(vcc, bv)] if filt else None
+            f = flags[:, : _cdiv(vcc, bv)] if filt else None
             if need_dw:  # dW[chunk] = du^T @ x  (A = du^T: m = vocab, k = tokens); complete, cast once
-                _launch_gemm(ws, (1, ws.stride(0)), x, dw[v0:v0 + vcc], _live_lists(f.t()) if filt else None,
-                             (bv, bn), vcc, n, h, cfg)
+                _launch_gemm(
+                    ws,
+                    (1, ws.stride(0)),
+                    x,
+                    dw[v0 : v0 + vcc],
+                    _live_lists(f.t()) if filt else None,
+                    (bv, bn),
+                    vcc,
+                    n,
+                    h,
+                    cfg,
+                )
             if need_dx and single:  # dx (+)= du @ W[chunk]  (m = tokens, k = vocab)
-                _launch_gemm(ws, (ws.stride(0), 1), w[v0:v0 + vcc], dx, _live_lists(f) if filt else None,
-                             (bn, bv), n, vcc, h, cfg, acc=ci > 0, lo=lo, lo_in=use_lo and ci > 0,
-                             lo_out=use_lo and ci < nchunks - 1)
+                _launch_gemm(
+                    ws,
+                    (ws.stride(0), 1),
+                    w[v0 : v0 + vcc],
+                    dx,
+                    _live_lists(f) if filt else None,
+                    (bn, bv),
+                    n,
+                    vcc,
+                    h,
+                    cfg,
+                    acc=ci > 0,
+                    lo=lo,
+                    lo_in=use_lo and ci > 0,
+                    lo_out=use_lo and ci < nchunks - 1,
+                )
         del ws, lo
 
     # ---- token-chunk pass (lean schedule): complete dx rows, no accumulator ----
@@ -960,13 +1422,30 @@ def _backward_workspace(x, w, targets, bias, temperature, softcap, lse, ent, g_l
         for n0 in range(0, n, nc):
             ncc = min(nc, n - n0)
             _launch_du(*du_args, ws, flags, None, n0, ncc, 0, v, *tail)
-            live = _live_lists(flags[:_cdiv(ncc, bn)]) if filt else None
-            _launch_gemm(ws, (ws.stride(0), 1), w, dx[n0:n0 + ncc], live, (bn, bv), ncc, v, h, cfg)
+            live = _live_lists(flags[: _cdiv(ncc, bn)]) if filt else None
+            _launch_gemm(ws, (ws.stride(0), 1), w, dx[n0 : n0 + ncc], live, (bn, bv), ncc, v, h, cfg)
     return dx, dw, db
 
 
-def _backward_atomic(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start,
-                     need_dx, need_dw, need_db, eps, cfg, opts):
+def _backward_atomic(
+    x,
+    w,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    lse,
+    ent,
+    g_lp,
+    g_H,
+    vocab_start,
+    need_dx,
+    need_dw,
+    need_db,
+    eps,
+    cfg,
+    opts,
+):
     n, h = x.shape
     v = w.shape[0]
     dev = x.device
@@ -979,18 +1458,47 @@ def _backward_atomic(x, w, targets, bias, temperature, softcap, lse, ent, g_lp, 
     tp = _temp(temperature, n, dev, "backward")
     grid = (_cdiv(n, bn) * _cdiv(v, bv),)
     _bwd_atomic_kernel[grid](
-        x, w, bias if bias is not None else dummy, targets, tp.inv_vec if tp.inv_vec is not None else dummy,
-        lse, ent if ent is not None else dummy,
-        g_lp, g_H if g_H is not None else dummy, dx if dx is not None else dummy,
-        dw if dw is not None else dummy, db if db is not None else dummy,
-        n, v, h, int(vocab_start), x.stride(0), w.stride(0), tp.inv, _cap(softcap), float(eps),
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, BLOCK_D=bd, BLOCK_GROUP=cfg["group"],
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_ENTROPY=g_H is not None,
-        HAS_FILTER=eps > 0.0, HAS_DX=need_dx, HAS_DW=need_dw, HAS_DB=need_db,
+        x,
+        w,
+        bias if bias is not None else dummy,
+        targets,
+        tp.inv_vec if tp.inv_vec is not None else dummy,
+        lse,
+        ent if ent is not None else dummy,
+        g_lp,
+        g_H if g_H is not None else dummy,
+        dx if dx is not None else dummy,
+        dw if dw is not None else dummy,
+        db if db is not None else dummy,
+        n,
+        v,
+        h,
+        int(vocab_start),
+        x.stride(0),
+        w.stride(0),
+        tp.inv,
+        _cap(softcap),
+        float(eps),
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        BLOCK_H=bh,
+        BLOCK_D=bd,
+        BLOCK_GROUP=cfg["group"],
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_ENTROPY=g_H is not None,
+        HAS_FILTER=eps > 0.0,
+        HAS_DX=need_dx,
+        HAS_DW=need_dw,
+        HAS_DB=need_db,
         HAS_TEMP_VEC=tp.inv_vec is not None,
-        IS_EVEN_H=(h % bh == 0), IS_FP32=x.dtype == torch.float32, IS_IEEE=_is_ieee(x, cfg),
+        IS_EVEN_H=(h % bh == 0),
+        IS_FP32=x.dtype == torch.float32,
+        IS_IEEE=_is_ieee(x, cfg),
         IS_INTERPRET=_INTERPRET,
-        num_warps=nw, num_stages=ns)
+        num_warps=nw,
+        num_stages=ns,
+    )
     return (
         dx.to(x.dtype) if need_dx else None,
         dw.to(w.dtype) if need_dw else None,
@@ -1017,8 +1525,30 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
         ent = ent.float().contiguous()
     cfg = _config(logits.device, opts, logits.dtype)
     # each program loads its logits tile before storing dlogits to the same tile: safe in place
-    _launch_du(logits, None, None, targets, lse, ent, g_lp, g_H, out, None, None, 0, n, 0, v, 0, 0,
-               temperature, softcap, 0.0, True, cfg)
+    _launch_du(
+        logits,
+        None,
+        None,
+        targets,
+        lse,
+        ent,
+        g_lp,
+        g_H,
+        out,
+        None,
+        None,
+        0,
+        n,
+        0,
+        v,
+        0,
+        0,
+        temperature,
+        softcap,
+        0.0,
+        True,
+        cfg,
+    )
     return out
 
 
@@ -1031,9 +1561,16 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
 
 
 @launches_on_first_arg_device
-def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: Union[float, Tensor],
-                     softcap: Optional[float], head: OnePassHead, du16: Optional[Tensor] = None, **opts
-                     ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
+def onepass_epilogue(
+    u: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    head: OnePassHead,
+    du16: Optional[Tensor] = None,
+    **opts,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor]]:
     """One-pass row epilogue over a token chunk (docs/one-pass.md, "The row epilogue contract").
 
     Args:
@@ -1069,15 +1606,48 @@ def onepass_epilogue(u: Tensor, targets: Tensor, bias: Optional[Tensor], tempera
     cfg = _config(dev, opts)
     bn, bv, nw, ns = cfg["epilogue"]
     _onepass_kernel[(_cdiv(n, bn),)](
-        u, a.targets, a.bias if a.bias is not None else u, tp.inv_vec if tp.inv_vec is not None else u,
-        a.old, a.adv, a.weight, a.ref if a.ref is not None else u,
-        du16 if du16 is not None else u, logp, ent if ent is not None else lse, lse, g_lp,
+        u,
+        a.targets,
+        a.bias if a.bias is not None else u,
+        tp.inv_vec if tp.inv_vec is not None else u,
+        a.old,
+        a.adv,
+        a.weight,
+        a.ref if a.ref is not None else u,
+        du16 if du16 is not None else u,
+        logp,
+        ent if ent is not None else lse,
+        lse,
+        g_lp,
         g_h if g_h is not None else lse,
-        n, v, u.stride(0), du16.stride(0) if du16 is not None else 0, tp.inv, _cap(a.softcap),
-        a.mode, a.clip_lo, a.clip_hi, a.clip_c, int(a.dual), a.ent_coef, a.kl_coef, a.kl_type, int(a.kl_st),
-        BLOCK_N=bn, BLOCK_V=bv, HAS_BIAS=a.bias is not None, HAS_SOFTCAP=a.softcap is not None,
-        HAS_ENTROPY=a.has_ent, HAS_ENT_GRAD=a.ent_coef != 0.0, HAS_KL=a.kl_coef != 0.0, HAS_DU16=du16 is not None,
-        HAS_TEMP_VEC=tp.inv_vec is not None, IS_INTERPRET=_INTERPRET, num_warps=nw, num_stages=ns)
+        n,
+        v,
+        u.stride(0),
+        du16.stride(0) if du16 is not None else 0,
+        tp.inv,
+        _cap(a.softcap),
+        a.mode,
+        a.clip_lo,
+        a.clip_hi,
+        a.clip_c,
+        int(a.dual),
+        a.ent_coef,
+        a.kl_coef,
+        a.kl_type,
+        int(a.kl_st),
+        BLOCK_N=bn,
+        BLOCK_V=bv,
+        HAS_BIAS=a.bias is not None,
+        HAS_SOFTCAP=a.softcap is not None,
+        HAS_ENTROPY=a.has_ent,
+        HAS_ENT_GRAD=a.ent_coef != 0.0,
+        HAS_KL=a.kl_coef != 0.0,
+        HAS_DU16=du16 is not None,
+        HAS_TEMP_VEC=tp.inv_vec is not None,
+        IS_INTERPRET=_INTERPRET,
+        num_warps=nw,
+        num_stages=ns,
+    )
     return logp, ent, lse, g_lp, g_h
 
 
@@ -1125,14 +1695,17 @@ def _tuned(kernel: str, device: torch.device, is_fp32: bool):  # pragma: no cove
     if key not in _TUNED:
         cfgs = _TUNE_CONFIGS[kernel][(fam, bool(is_fp32))]
         if kernel == "fwd":
-            configs = [triton.Config(dict(BLOCK_N=a, BLOCK_V=b, BLOCK_H=c), num_warps=w_, num_stages=s_)
-                       for (a, b, c, w_, s_) in cfgs]
+            configs = [
+                triton.Config(dict(BLOCK_N=a, BLOCK_V=b, BLOCK_H=c), num_warps=w_, num_stages=s_)
+                for (a, b, c, w_, s_) in cfgs
+            ]
             _TUNED[key] = triton.autotune(configs=configs, key=["H", "IS_FP32"])(_fwd_kernel)
         elif kernel == "du":
             configs = [triton.Config(dict(BLOCK_H=c), num_warps=w_, num_stages=s_) for (c, w_, s_) in cfgs]
             _TUNED[key] = triton.autotune(configs=configs, key=["H", "IS_FP32"])(_du_kernel)
         else:
             configs = [triton.Config(dict(BLOCK_D=d), num_warps=w_, num_stages=s_) for (d, w_, s_) in cfgs]
-            _TUNED[key] = triton.autotune(configs=configs, key=["D", "IS_FP32", "HAS_FLAGS"],
-                                          restore_value=["C", "C_LO"])(_gemm_kernel)
+            _TUNED[key] = triton.autotune(
+                configs=configs, key=["D", "IS_FP32", "HAS_FLAGS"], restore_value=["C", "C_LO"]
+            )(_gemm_kernel)
     return _TUNED[key]

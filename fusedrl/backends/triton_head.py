@@ -43,10 +43,11 @@ load/store masked (the interpreter has no bounds checks), NaN-propagating min/ma
 Wiring into loss.py: ``FUSEDRL_HEAD=triton`` (or ``auto`` on CUDA), see :mod:`fusedrl.backends._head`,
 which also holds the op registration, the torch fallback and the selection shared with ``cuda_head.py``.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -79,7 +80,6 @@ BLOCK_N = 32 if _INTERPRET else 1024
 _NUM_WARPS = 4
 
 
-
 # =====================================================================================
 # Kernel
 # =====================================================================================
@@ -87,10 +87,25 @@ _NUM_WARPS = 4
 if triton is not None:
 
     @triton.jit
-    def _vanilla_fwd_kernel(LOGP, OLD, ADV, MASK, LOSS, CLIPPED, LOWER, NEG_D, COEF,
-                            n, clip_lo, clip_hi, clip_c,
-                            BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DUAL_CLIP: tl.constexpr,
-                            IS_INTERPRET: tl.constexpr):
+    def _vanilla_fwd_kernel(
+        LOGP,
+        OLD,
+        ADV,
+        MASK,
+        LOSS,
+        CLIPPED,
+        LOWER,
+        NEG_D,
+        COEF,
+        n,
+        clip_lo,
+        clip_hi,
+        clip_c,
+        BLOCK_N: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HAS_DUAL_CLIP: tl.constexpr,
+        IS_INTERPRET: tl.constexpr,
+    ):
         """Per-token vanilla PPO loss, metric flags and dL/dlogp for BLOCK_N tokens (module docstring)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         inb = offs < n
@@ -120,7 +135,7 @@ if triton is not None:
 # =====================================================================================
 
 
-def is_available(device: torch.device) -> Tuple[bool, str]:
+def is_available(device: torch.device) -> tuple[bool, str]:
     """(available, reason): where the triton backend runs (CUDA, or CPU under the interpreter),
     plus libdevice on GPUs (the head uses libdevice ``exp`` to match torch's CUDA ``exp``)."""
     from .triton_backend import is_available as backend_available
@@ -135,8 +150,15 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
-            clip_low: float, clip_high: float, clip_c: Optional[float]):
+def _launch(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    clip_low: float,
+    clip_high: float,
+    clip_c: Optional[float],
+):
     """Flat fp32 outputs (loss, clipped u8, lower u8, neg_d, coef) of the kernel over logp.numel() tokens."""
     dev = logp.device
     lp = logp.reshape(-1).contiguous()
@@ -153,11 +175,26 @@ def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[T
     c = float(clip_c) if clip_c is not None else 1.0
     grid = (_cdiv(n, BLOCK_N),)
     with on_device(lp):
-        _vanilla_fwd_kernel[grid](lp, old, adv, m if m is not None else lp,
-                                  loss, clipped, lower, neg_d, coef,
-                                  n, lo, hi, c,
-                                  BLOCK_N=BLOCK_N, HAS_MASK=m is not None, HAS_DUAL_CLIP=clip_c is not None,
-                                  IS_INTERPRET=_INTERPRET, num_warps=_NUM_WARPS)
+        _vanilla_fwd_kernel[grid](
+            lp,
+            old,
+            adv,
+            m if m is not None else lp,
+            loss,
+            clipped,
+            lower,
+            neg_d,
+            coef,
+            n,
+            lo,
+            hi,
+            c,
+            BLOCK_N=BLOCK_N,
+            HAS_MASK=m is not None,
+            HAS_DUAL_CLIP=clip_c is not None,
+            IS_INTERPRET=_INTERPRET,
+            num_warps=_NUM_WARPS,
+        )
     return loss, clipped, lower, neg_d, coef
 
 
@@ -165,9 +202,15 @@ def _launch(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[T
 _vanilla_op = make_vanilla_op("fusedrl::vanilla_token_terms", _launch)
 
 
-def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Optional[Tensor],
-                        clip_low: float, clip_high: float, clip_c: Optional[float]
-                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def vanilla_token_terms(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Optional[Tensor],
+    clip_low: float,
+    clip_high: float,
+    clip_c: Optional[float],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-token vanilla PPO terms ``(L, clipped, clipped_lower, neg_d)`` in one kernel launch.
 
     Args:
@@ -183,5 +226,6 @@ def vanilla_token_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask
         ``L`` (fp32; fp64 for fp64 ``logp``), ``clipped`` and ``clipped_lower`` (bool) and
         ``neg_d = -clamp(logp - old_logp, -20, 20)`` (same dtype as ``L``), all of ``logp``'s shape.
     """
-    return _head.vanilla_token_terms(_vanilla_op, is_available(logp.device)[0], logp, old_logp, advantages, mask,
-                                     clip_low, clip_high, clip_c)
+    return _head.vanilla_token_terms(
+        _vanilla_op, is_available(logp.device)[0], logp, old_logp, advantages, mask, clip_low, clip_high, clip_c
+    )

@@ -21,6 +21,7 @@ Per-token head (DESIGN.md section 2, docs/one-pass.md "Head coefficients")
 
 Mode and KL-type codes are runtime integers (one compiled variant serves every head config).
 """
+
 from __future__ import annotations
 
 try:  # triton is optional: importers check their own availability
@@ -44,7 +45,6 @@ KL_K1, KL_ABS, KL_K2, KL_K3 = 0, 1, 2, 3
 
 
 if triton is not None:
-
     # ---------------------------------------------------------------------------------------------
     # Logit transform and softmax statistics
     # ---------------------------------------------------------------------------------------------
@@ -56,8 +56,9 @@ if triton is not None:
         e = tl.exp(-2.0 * a)  # in (0, 1]: never overflows, -> 0 for large |y| (tanh -> +-1)
         big = (1.0 - e) / (1.0 + e)
         y2 = a * a
-        poly = 1.0 + y2 * (-1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (
-            62.0 / 2835.0 + y2 * (-1382.0 / 155925.0)))))
+        poly = 1.0 + y2 * (
+            -1.0 / 3.0 + y2 * (2.0 / 15.0 + y2 * (-17.0 / 315.0 + y2 * (62.0 / 2835.0 + y2 * (-1382.0 / 155925.0))))
+        )
         t = tl.where(a < 0.25, a * poly, big)
         return tl.where(y < 0, -t, t)
 
@@ -99,8 +100,7 @@ if triton is not None:
         return m + log_s, log_s - b / s
 
     @triton.jit
-    def dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp,
-              HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
+    def dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
         """(du, dz) of a [rows, cols] tile; lse, ent, g_lp, g_h are [rows] (ent, g_h read iff HAS_ENTROPY);
         inv_temp the scalar 1/T or a [rows, 1] column of per-row 1/T.
 
@@ -151,8 +151,7 @@ if triton is not None:
     @triton.jit
     def clamp_nan(x, lo, hi):
         """torch.clamp(x, lo, hi) = min(max(x, lo), hi) with NaN propagation."""
-        return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
-                          propagate_nan=tl.PropagateNan.ALL)
+        return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
     @triton.jit
     def log_ratio(lp, old, IS_INTERPRET: tl.constexpr):

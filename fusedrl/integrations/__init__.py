@@ -3,6 +3,7 @@
 Each submodule imports its framework lazily: ``import fusedrl.integrations.trl`` works without TRL
 installed (the classes / functions that need it import it when first used).
 """
+
 from __future__ import annotations
 
 import importlib

@@ -20,13 +20,14 @@ original forward, so ``generate`` and ordinary logits are unchanged).
 
 Only ``torch`` is imported here; ``transformers`` itself is never imported (duck typing).
 """
+
 from __future__ import annotations
 
 import functools
 import types
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -127,8 +128,7 @@ class LMHead:
     vocab_size: int
 
 
-def lm_head_params(model: nn.Module, logit_scale: Optional[float] = None,
-                   softcap: Optional[float] = None) -> LMHead:
+def lm_head_params(model: nn.Module, logit_scale: Optional[float] = None, softcap: Optional[float] = None) -> LMHead:
     """lm_head weight (tied or untied) and bias, the final-logit softcap (``config.final_logit_softcapping``,
     Gemma-2) and the logit scale of ``model``. ``logit_scale`` / ``softcap`` override the config.
 
@@ -161,8 +161,15 @@ def _body(inner: nn.Module) -> nn.Module:
     return body
 
 
-_HEAD_ONLY_KWARGS = ("labels", "shift_labels", "num_items_in_batch", "logits_to_keep", "num_logits_to_keep",
-                     "return_dict", "fused_lm_head")
+_HEAD_ONLY_KWARGS = (
+    "labels",
+    "shift_labels",
+    "num_items_in_batch",
+    "logits_to_keep",
+    "num_logits_to_keep",
+    "return_dict",
+    "fused_lm_head",
+)
 
 
 def _run_body(inner: nn.Module, *args, **kwargs):
@@ -204,8 +211,9 @@ def _hidden_of(out) -> Tensor:
     return h
 
 
-def last_hidden_state(model: nn.Module, input_ids: Optional[Tensor] = None,
-                      attention_mask: Optional[Tensor] = None, **model_kwargs) -> Tensor:
+def last_hidden_state(
+    model: nn.Module, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **model_kwargs
+) -> Tensor:
     """Run the model's body (no lm_head, no logits) and return the last hidden state ``[B, L, H]``
     (after the final norm). Extra keyword arguments go to the body (``position_ids``,
     ``pixel_values``, ...).
@@ -230,20 +238,23 @@ def _num_scored(input_ids: Tensor, mask: Optional[Tensor], logits_to_keep: Optio
     if not 1 <= k <= L - 1:
         raise ValueError(
             f"can score 1..L-1={L - 1} trailing tokens of input_ids [B, L={L}], got {k} (the first token has no "
-            f"prediction: a mask aligned with all of input_ids must drop its first column)")
+            f"prediction: a mask aligned with all of input_ids must drop its first column)"
+        )
     if mask is not None and tuple(mask.shape) != (input_ids.shape[0], k):
-        raise ValueError(f"response_mask must be [B, K]=({input_ids.shape[0]}, {k}) aligned with input_ids[:, -K:], "
-                         f"got {tuple(mask.shape)}")
+        raise ValueError(
+            f"response_mask must be [B, K]=({input_ids.shape[0]}, {k}) aligned with input_ids[:, -K:], "
+            f"got {tuple(mask.shape)}"
+        )
     return k
 
 
-def response_hidden_and_targets(hidden: Tensor, input_ids: Tensor, num_tokens: int) -> Tuple[Tensor, Tensor]:
+def response_hidden_and_targets(hidden: Tensor, input_ids: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
     """Shift: the hidden states that predict the last ``num_tokens`` tokens, and those tokens.
 
     ``hidden[:, L-K-1 : L-1]`` ([B, K, H]) and ``input_ids[:, L-K:]`` ([B, K])."""
     L = input_ids.shape[1]
     k = int(num_tokens)
-    return hidden[:, L - k - 1:L - 1], input_ids[:, L - k:]
+    return hidden[:, L - k - 1 : L - 1], input_ids[:, L - k :]
 
 
 def _head_inputs(h: Tensor, head: LMHead, head_dtype: Optional[torch.dtype]):
@@ -265,17 +276,34 @@ def _no_autocast(device: torch.device):
         return nullcontext()
 
 
-def head_logprob_entropy(hidden: Tensor, targets: Tensor, head: LMHead, *, temperature: Union[float, Tensor] = 1.0,
-                         return_entropy: bool = True, backend: str = "auto", head_dtype: Optional[torch.dtype] = None,
-                         **core_kwargs) -> Tuple[Tensor, Optional[Tensor]]:
+def head_logprob_entropy(
+    hidden: Tensor,
+    targets: Tensor,
+    head: LMHead,
+    *,
+    temperature: Union[float, Tensor] = 1.0,
+    return_entropy: bool = True,
+    backend: str = "auto",
+    head_dtype: Optional[torch.dtype] = None,
+    **core_kwargs,
+) -> tuple[Tensor, Optional[Tensor]]:
     """:func:`fusedrl.linear_logprob_entropy` with a model's :class:`LMHead` (scale, bias, softcap).
     Runs outside autocast, in ``head_dtype`` (default: the weight's dtype)."""
     from ..ops import linear_logprob_entropy
 
     with _no_autocast(hidden.device):
         h, w, b = _head_inputs(hidden, head, head_dtype)
-        return linear_logprob_entropy(h, w, targets, bias=b, temperature=temperature, softcap=head.softcap,
-                                      return_entropy=return_entropy, backend=backend, **core_kwargs)
+        return linear_logprob_entropy(
+            h,
+            w,
+            targets,
+            bias=b,
+            temperature=temperature,
+            softcap=head.softcap,
+            return_entropy=return_entropy,
+            backend=backend,
+            **core_kwargs,
+        )
 
 
 def hf_logprob_entropy(
@@ -291,9 +319,9 @@ def hf_logprob_entropy(
     logit_scale: Optional[float] = None,
     softcap: Optional[float] = None,
     head_dtype: Optional[torch.dtype] = None,
-    core_kwargs: Optional[Dict[str, Any]] = None,
+    core_kwargs: Optional[dict[str, Any]] = None,
     **model_kwargs,
-) -> Tuple[Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-probs and entropies of the last ``K`` tokens of ``input_ids`` under ``model``.
 
     Call under ``torch.no_grad()`` to score old / reference log-probs (forward only, nothing saved);
@@ -320,8 +348,16 @@ def hf_logprob_entropy(
     h, targets = response_hidden_and_targets(hidden, input_ids, k)
     if response_mask is not None:
         targets = torch.where(response_mask != 0, targets, torch.zeros_like(targets))
-    logp, ent = head_logprob_entropy(h, targets, head, temperature=temperature, return_entropy=return_entropy,
-                                     backend=backend, head_dtype=head_dtype, **(core_kwargs or {}))
+    logp, ent = head_logprob_entropy(
+        h,
+        targets,
+        head,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        backend=backend,
+        head_dtype=head_dtype,
+        **(core_kwargs or {}),
+    )
     if response_mask is not None:
         keep = response_mask != 0
         logp = torch.where(keep, logp, torch.zeros_like(logp))
@@ -350,9 +386,9 @@ def hf_fused_policy_loss(
     norm_len=None,
     rollout_logp: Optional[Tensor] = None,
     rollout_is_weights: Optional[Tensor] = None,
-    core_kwargs: Optional[Dict[str, Any]] = None,
+    core_kwargs: Optional[dict[str, Any]] = None,
     **model_kwargs,
-) -> Tuple[Tensor, Dict[str, Tensor]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """RL policy loss of a Hugging Face causal LM, straight from its last hidden state.
 
     Runs the body, shifts (hidden at ``t`` predicts ``input_ids[t+1]``), and calls
@@ -377,8 +413,9 @@ def hf_fused_policy_loss(
     """
     from ..fused import fused_policy_loss
 
-    rollout = {k: v for k, v in (("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights))
-               if v is not None}  # passed only when given
+    rollout = {
+        k: v for k, v in (("rollout_logp", rollout_logp), ("rollout_is_weights", rollout_is_weights)) if v is not None
+    }  # passed only when given
     k = _num_scored(input_ids, response_mask, None)
     head = lm_head_params(model, logit_scale=logit_scale, softcap=softcap)
     hidden = last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
@@ -386,7 +423,22 @@ def hf_fused_policy_loss(
     with _no_autocast(h.device):
         h, w, b = _head_inputs(h, head, head_dtype)
         return fused_policy_loss(
-            h, w, targets, old_logp, advantages, response_mask, ref_logp=ref_logp, bias=b,
-            temperature=temperature, softcap=head.softcap, config=config, backend=backend,
-            return_entropy=return_entropy, global_num_tokens=global_num_tokens,
-            global_num_seqs=global_num_seqs, norm_len=norm_len, **rollout, **(core_kwargs or {}))
+            h,
+            w,
+            targets,
+            old_logp,
+            advantages,
+            response_mask,
+            ref_logp=ref_logp,
+            bias=b,
+            temperature=temperature,
+            softcap=head.softcap,
+            config=config,
+            backend=backend,
+            return_entropy=return_entropy,
+            global_num_tokens=global_num_tokens,
+            global_num_seqs=global_num_seqs,
+            norm_len=norm_len,
+            **rollout,
+            **(core_kwargs or {}),
+        )

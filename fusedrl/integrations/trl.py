@@ -62,12 +62,13 @@ Precision: the vocabulary projection runs in the lm_head weight's dtype outside 
 weights -> fp32 logits in registers / tiles), whereas TRL under ``bf16=True`` autocast projects in
 bf16; with ``bf16=False`` both paths agree to float rounding (tests/test_trl_parity.py).
 """
+
 from __future__ import annotations
 
 import inspect
 import math
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional
 
 import torch
 
@@ -101,8 +102,18 @@ _TOKEN_NORMALISED = ("dapo", "cispo", "vespo")
 _CLIPPED = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 _VLLM_IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
-_MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "num_tiles",
-                    "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids", "num_images")
+_MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+    "num_images",
+)
 
 
 class FusedRLUnsupported(NotImplementedError):
@@ -121,16 +132,20 @@ def _arg(trainer, name: str, default=None):
     return getattr(args, name, default) if args is not None else default
 
 
-def vllm_rollout_correction(mode: str = "sequence_mask", clip_min: Optional[float] = None,
-                            clip_max: Optional[float] = 3.0) -> RolloutCorrection:
+def vllm_rollout_correction(
+    mode: str = "sequence_mask", clip_min: Optional[float] = None, clip_max: Optional[float] = 3.0
+) -> RolloutCorrection:
     """:class:`fusedrl.RolloutCorrection` for TRL's vLLM importance-sampling correction
     (``vllm_importance_sampling_mode``, ``vllm_importance_sampling_clip_min`` / ``_clip_max``)."""
     if mode not in _VLLM_IS_MODES:
         raise ValueError(f"vllm_importance_sampling_mode must be one of {_VLLM_IS_MODES}, got {mode!r}")
     level, how = mode.split("_")
-    return RolloutCorrection(rollout_is=level, rollout_is_mode=how,
-                             rollout_is_threshold=math.inf if clip_max is None else float(clip_max),
-                             rollout_is_threshold_lower=None if clip_min is None else float(clip_min))
+    return RolloutCorrection(
+        rollout_is=level,
+        rollout_is_mode=how,
+        rollout_is_threshold=math.inf if clip_max is None else float(clip_max),
+        rollout_is_threshold_lower=None if clip_min is None else float(clip_min),
+    )
 
 
 def grpo_policy_loss_config(
@@ -157,7 +172,7 @@ def grpo_policy_loss_config(
     vllm_importance_sampling_clip_min: Optional[float] = None,
     vllm_importance_sampling_clip_max: Optional[float] = 3.0,
     stats_group=None,
-) -> Tuple[PolicyLossConfig, Dict[str, Any]]:
+) -> tuple[PolicyLossConfig, dict[str, Any]]:
     """Map TRL 1.16 ``GRPOConfig`` loss options onto a :class:`fusedrl.PolicyLossConfig` (names as TRL's).
 
     Args:
@@ -187,32 +202,58 @@ def grpo_policy_loss_config(
     eps_high = epsilon_low if epsilon_high is None else epsilon_high
     level = importance_sampling_level
     bias_kl = bool(use_bias_correction_kl) and beta != 0.0
-    kw: Dict[str, Any] = dict(clip_ratio_low=float(epsilon_low), clip_ratio_high=float(eps_high), clip_ratio_c=None,
-                              kl_loss_coef=float(beta), kl_loss_type="k3", use_bias_correction_kl=bias_kl,
-                              top_entropy_quantile=float(top_entropy_quantile), stats_group=stats_group,
-                              off_policy_mask_threshold=off_policy_mask_threshold)
+    kw: dict[str, Any] = dict(
+        clip_ratio_low=float(epsilon_low),
+        clip_ratio_high=float(eps_high),
+        clip_ratio_c=None,
+        kl_loss_coef=float(beta),
+        kl_loss_type="k3",
+        use_bias_correction_kl=bias_kl,
+        top_entropy_quantile=float(top_entropy_quantile),
+        stats_group=stats_group,
+        off_policy_mask_threshold=off_policy_mask_threshold,
+    )
     if loss_type in _CLIPPED:
-        kw.update(loss_mode="luspo" if loss_type == "luspo" else "vanilla", importance_sampling_level=level,
-                  delta=None if delta is None else float(delta))
+        kw.update(
+            loss_mode="luspo" if loss_type == "luspo" else "vanilla",
+            importance_sampling_level=level,
+            delta=None if delta is None else float(delta),
+        )
     elif loss_type == "cispo":
         if not eps_high > 0:
             raise ValueError(f"cispo's epsilon_high caps the ratio and must be > 0, got {eps_high}")
         # TRL: -sg(min(r, epsilon_high)) A logp  ==  fusedrl cispo with bounds [0, epsilon_high]
-        kw.update(loss_mode="cispo", clip_ratio_low=1.0, clip_ratio_high=float(eps_high) - 1.0,
-                  importance_sampling_level=level)
+        kw.update(
+            loss_mode="cispo",
+            clip_ratio_low=1.0,
+            clip_ratio_high=float(eps_high) - 1.0,
+            importance_sampling_level=level,
+        )
     elif loss_type == "sapo":
-        kw.update(loss_mode="sapo", tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg),
-                  importance_sampling_level=level)
+        kw.update(
+            loss_mode="sapo",
+            tau_pos=float(sapo_temperature_pos),
+            tau_neg=float(sapo_temperature_neg),
+            importance_sampling_level=level,
+        )
     else:  # vespo: its sequence weight is built in; the level only reaches TRL's KL correction
         if level == "sequence" and bias_kl:
-            raise ValueError("vespo with importance_sampling_level='sequence': policy_loss's KL bias correction "
-                             "takes the token ratio for vespo (FusedGRPOTrainer computes TRL's KL itself)")
-        kw.update(loss_mode="vespo", vespo_k_pos=float(vespo_k_pos), vespo_lambda_pos=float(vespo_lambda_pos),
-                  vespo_k_neg=float(vespo_k_neg), vespo_lambda_neg=float(vespo_lambda_neg))
+            raise ValueError(
+                "vespo with importance_sampling_level='sequence': policy_loss's KL bias correction "
+                "takes the token ratio for vespo (FusedGRPOTrainer computes TRL's KL itself)"
+            )
+        kw.update(
+            loss_mode="vespo",
+            vespo_k_pos=float(vespo_k_pos),
+            vespo_lambda_pos=float(vespo_lambda_pos),
+            vespo_k_neg=float(vespo_k_neg),
+            vespo_lambda_neg=float(vespo_lambda_neg),
+        )
     if vllm_importance_sampling_mode is not None:
         kw["rollout_correction"] = vllm_rollout_correction(
-            vllm_importance_sampling_mode, vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max)
-    norms: Dict[str, Any] = {}
+            vllm_importance_sampling_mode, vllm_importance_sampling_clip_min, vllm_importance_sampling_clip_max
+        )
+    norms: dict[str, Any] = {}
     if loss_type in ("grpo", "sapo"):
         kw["loss_agg_mode"] = "seq-mean-token-mean"
         if batch_size is not None:
@@ -279,29 +320,40 @@ def _stats_group(trainer):
     return None
 
 
-def _trainer_config(trainer, batch_size: int, num_items) -> Tuple[PolicyLossConfig, Dict[str, Any]]:
+def _trainer_config(trainer, batch_size: int, num_items) -> tuple[PolicyLossConfig, dict[str, Any]]:
     """:func:`grpo_policy_loss_config` with the trainer's settings (``trainer`` attributes, then ``args``), for
     the policy term only: the trainer adds TRL's KL term itself (:func:`_trl_kl`) and hands TRL's own vLLM
     importance-sampling ratio to the loss as ``rollout_is_weights``."""
     a = lambda name, default: _arg(trainer, name, default)  # noqa: E731
     return grpo_policy_loss_config(
-        getattr(trainer, "loss_type", "grpo"), epsilon_low=getattr(trainer, "epsilon_low", 0.2),
-        epsilon_high=getattr(trainer, "epsilon_high", None), beta=0.0,
+        getattr(trainer, "loss_type", "grpo"),
+        epsilon_low=getattr(trainer, "epsilon_low", 0.2),
+        epsilon_high=getattr(trainer, "epsilon_high", None),
+        beta=0.0,
         importance_sampling_level=getattr(trainer, "importance_sampling_level", "token"),
-        delta=a("delta", None), batch_size=batch_size,
+        delta=a("delta", None),
+        batch_size=batch_size,
         max_completion_length=getattr(trainer, "max_completion_length", None) or a("max_completion_length", None),
-        num_items=num_items, use_bias_correction_kl=bool(a("use_bias_correction_kl", True)),
-        sapo_temperature_pos=a("sapo_temperature_pos", 1.0), sapo_temperature_neg=a("sapo_temperature_neg", 1.05),
-        vespo_k_pos=a("vespo_k_pos", 2.0), vespo_lambda_pos=a("vespo_lambda_pos", 3.0),
-        vespo_k_neg=a("vespo_k_neg", 3.0), vespo_lambda_neg=a("vespo_lambda_neg", 2.0),
+        num_items=num_items,
+        use_bias_correction_kl=bool(a("use_bias_correction_kl", True)),
+        sapo_temperature_pos=a("sapo_temperature_pos", 1.0),
+        sapo_temperature_neg=a("sapo_temperature_neg", 1.05),
+        vespo_k_pos=a("vespo_k_pos", 2.0),
+        vespo_lambda_pos=a("vespo_lambda_pos", 3.0),
+        vespo_k_neg=a("vespo_k_neg", 3.0),
+        vespo_lambda_neg=a("vespo_lambda_neg", 2.0),
         top_entropy_quantile=float(getattr(trainer, "top_entropy_quantile", 1.0)),
         off_policy_mask_threshold=getattr(trainer, "off_policy_mask_threshold", None),
-        stats_group=_stats_group(trainer))
+        stats_group=_stats_group(trainer),
+    )
 
 
 def _ga_steps(trainer) -> int:
-    return int(getattr(trainer, "current_gradient_accumulation_steps", None)
-               or _arg(trainer, "gradient_accumulation_steps", 1) or 1)
+    return int(
+        getattr(trainer, "current_gradient_accumulation_steps", None)
+        or _arg(trainer, "gradient_accumulation_steps", 1)
+        or 1
+    )
 
 
 def _autocast(trainer):
@@ -309,6 +361,7 @@ def _autocast(trainer):
     if acc is not None and hasattr(acc, "autocast"):
         return acc.autocast()
     from contextlib import nullcontext
+
     return nullcontext()
 
 
@@ -348,7 +401,7 @@ def _trl_is_weights(trainer, inputs, loss_type: str, mask: Tensor) -> Optional[T
     return ratio.detach().expand(mask.shape)
 
 
-def fused_grpo_loss(trainer, model, inputs: Dict[str, Any], *, backend: Optional[str] = None) -> Tensor:
+def fused_grpo_loss(trainer, model, inputs: dict[str, Any], *, backend: Optional[str] = None) -> Tensor:
     """TRL GRPOTrainer's loss computed with fusedrl (the body of ``_compute_loss``).
 
     ``trainer`` is a ``trl.GRPOTrainer`` (its loss settings, ``temperature``, ``max_completion_length``,
@@ -390,20 +443,42 @@ def fused_grpo_loss(trainer, model, inputs: Dict[str, Any], *, backend: Optional
 
     temperature = float(getattr(trainer, "temperature", None) or _arg(trainer, "temperature", 1.0) or 1.0)
     with _autocast(trainer):
-        logp, ent = hf.hf_logprob_entropy(model, input_ids, attention_mask, response_mask=mask, temperature=temperature,
-                                          return_entropy=True, backend=backend)
+        logp, ent = hf.hf_logprob_entropy(
+            model,
+            input_ids,
+            attention_mask,
+            response_mask=mask,
+            temperature=temperature,
+            return_entropy=True,
+            backend=backend,
+        )
 
     advantages = inputs["advantages"]
     old = inputs.get("old_per_token_logps")
     old = logp.detach() if old is None else old
     is_w = _trl_is_weights(trainer, inputs, loss_type, mask)
-    loss, metrics = policy_loss(logp, old, advantages, mask, entropy=ent, config=cfg,
-                                rollout_logp=_opsm_rollout_logp(cfg, inputs, logp), rollout_is_weights=is_w, **norms)
+    loss, metrics = policy_loss(
+        logp,
+        old,
+        advantages,
+        mask,
+        entropy=ent,
+        config=cfg,
+        rollout_logp=_opsm_rollout_logp(cfg, inputs, logp),
+        rollout_is_weights=is_w,
+        **norms,
+    )
     beta = float(getattr(trainer, "beta", 0.0))
     kl = None
     if beta != 0.0:
-        kl = _trl_kl(logp, old, inputs["ref_per_token_logps"], mask, bool(_arg(trainer, "use_bias_correction_kl", True)),
-                     getattr(trainer, "importance_sampling_level", "token"))
+        kl = _trl_kl(
+            logp,
+            old,
+            inputs["ref_per_token_logps"],
+            mask,
+            bool(_arg(trainer, "use_bias_correction_kl", True)),
+            getattr(trainer, "importance_sampling_level", "token"),
+        )
         loss = loss + beta * _aggregate_like(kl, mask, cfg, norms)
     policy_part = loss.detach()
     if loss_type not in _TOKEN_NORMALISED:
@@ -425,7 +500,7 @@ def _trl_kl(logp: Tensor, old: Tensor, ref: Tensor, mask: Tensor, bias_correctio
     return kl
 
 
-def _aggregate_like(values: Tensor, mask: Tensor, cfg: PolicyLossConfig, norms: Dict[str, Any]) -> Tensor:
+def _aggregate_like(values: Tensor, mask: Tensor, cfg: PolicyLossConfig, norms: dict[str, Any]) -> Tensor:
     """``values`` [B, K] (differentiable) aggregated exactly as the policy term: :func:`fusedrl.policy_loss` in
     ``gpg`` mode with ``A = -1`` is ``agg(values)`` (one aggregation implementation, the loss head's)."""
     agg = PolicyLossConfig(loss_mode="gpg", loss_agg_mode=cfg.loss_agg_mode)
@@ -433,8 +508,16 @@ def _aggregate_like(values: Tensor, mask: Tensor, cfg: PolicyLossConfig, norms: 
     return out
 
 
-def _entropy_bonus(trainer, loss: Tensor, ent: Tensor, mask: Tensor, cfg: PolicyLossConfig, training: bool, ga: int,
-                   policy_part: Tensor) -> Tensor:
+def _entropy_bonus(
+    trainer,
+    loss: Tensor,
+    ent: Tensor,
+    mask: Tensor,
+    cfg: PolicyLossConfig,
+    training: bool,
+    ga: int,
+    policy_part: Tensor,
+) -> Tensor:
     """TRL's entropy bonus: ``coef * mean(entropy)`` over the tokens the policy term trains on (the 80/20 mask
     applied), divided by the accumulation steps, with TRL's adaptive controller (gate from the previous
     optimizer step, window statistics reduced and the coefficient updated at the step boundary)."""
@@ -449,8 +532,9 @@ def _entropy_bonus(trainer, loss: Tensor, ent: Tensor, mask: Tensor, cfg: Policy
     if cfg.top_entropy_quantile < 1.0:
         from ..loss import _entropy_keep  # the 80/20 selection of the policy term (one implementation)
 
-        keep = _entropy_keep(ent.detach().reshape(-1), (mask != 0).reshape(-1), cfg.top_entropy_quantile,
-                             cfg.stats_group)
+        keep = _entropy_keep(
+            ent.detach().reshape(-1), (mask != 0).reshape(-1), cfg.top_entropy_quantile, cfg.stats_group
+        )
         m = keep.reshape(mask.shape).to(ent.dtype)
     entropy_loss = (ent * m).sum() / m.sum().clamp(min=1.0) / ga
     if adaptive:
@@ -584,12 +668,20 @@ class FusedGRPOMixin:
     reproduce warns (or raises, with ``fusedrl_fallback="error"``) there, not at the first step.
     """
 
-    def __init__(self, *args, fusedrl_backend: str = "auto", fusedrl_entropy_coeff: Optional[float] = None,
-                 fusedrl_fallback: str = "warn", fusedrl_score: bool = True, **kwargs):
+    def __init__(
+        self,
+        *args,
+        fusedrl_backend: str = "auto",
+        fusedrl_entropy_coeff: Optional[float] = None,
+        fusedrl_fallback: str = "warn",
+        fusedrl_score: bool = True,
+        **kwargs,
+    ):
         if fusedrl_fallback not in ("warn", "error"):
             raise ValueError(f"fusedrl_fallback must be 'warn' or 'error', got {fusedrl_fallback!r}")
-        if fusedrl_entropy_coeff is not None and not (isinstance(fusedrl_entropy_coeff, (int, float))
-                                                      and math.isfinite(fusedrl_entropy_coeff)):
+        if fusedrl_entropy_coeff is not None and not (
+            isinstance(fusedrl_entropy_coeff, (int, float)) and math.isfinite(fusedrl_entropy_coeff)
+        ):
             raise ValueError(f"fusedrl_entropy_coeff must be a finite number, got {fusedrl_entropy_coeff!r}")
         self._fusedrl_backend = fusedrl_backend
         self._fusedrl_entropy_coeff = fusedrl_entropy_coeff
@@ -615,16 +707,20 @@ class FusedGRPOMixin:
         if coeff != 0.0 and reason is not None:
             raise ValueError(
                 f"fusedrl_entropy_coeff={coeff} cannot be honoured: this configuration uses TRL's own loss "
-                f"({reason}), and this TRL version's GRPOTrainer has no entropy bonus (entropy_coef) to hand it to")
+                f"({reason}), and this TRL version's GRPOTrainer has no entropy bonus (entropy_coef) to hand it to"
+            )
 
     def _fusedrl_fall_back(self, reason: str, stacklevel: int = 4) -> None:
         if self._fusedrl_fallback == "error":
-            raise FusedRLUnsupported(reason, "fusedrl does not reproduce TRL's loss with this setting "
-                                             "(fusedrl_fallback='error')")
+            raise FusedRLUnsupported(
+                reason, "fusedrl does not reproduce TRL's loss with this setting (fusedrl_fallback='error')"
+            )
         if reason not in self._fusedrl_warned:
             self._fusedrl_warned.add(reason)
-            warnings.warn(f"fusedrl: the fused loss does not cover {reason}; TRL's own loss is used for the steps "
-                          "that need it", stacklevel=stacklevel)
+            warnings.warn(
+                f"fusedrl: the fused loss does not cover {reason}; TRL's own loss is used for the steps that need it",
+                stacklevel=stacklevel,
+            )
 
     def _compute_loss(self, model, inputs):
         try:
@@ -634,24 +730,33 @@ class FusedGRPOMixin:
             if self._fusedrl_entropy_coeff and not hasattr(self, "_entropy_bonus_enabled"):
                 raise ValueError(  # only for TRL versions without an entropy bonus of their own
                     f"fusedrl_entropy_coeff is set but this step needs TRL's own loss ({e.reason}), which has no "
-                    "entropy bonus in this TRL version") from None
+                    "entropy bonus in this TRL version"
+                ) from None
             return super()._compute_loss(model, inputs)
 
-    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
-                                           compute_entropy=False, *args, **kwargs):
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, *args, **kwargs
+    ):
         extra = any(v is not None and v is not False for v in kwargs.values()) or bool(args)
         if not self._fusedrl_score or extra:
-            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
-                                                              batch_size, compute_entropy, *args, **kwargs)
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
+            )
         batch_size = batch_size or input_ids.size(0)
         temperature = float(getattr(self, "temperature", 1.0) or 1.0)
         logps, ents = [], []
         for s in range(0, input_ids.size(0), batch_size):
-            ids, am = input_ids[s:s + batch_size], attention_mask[s:s + batch_size]
+            ids, am = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
             with _autocast(self):
-                lp, en = hf.hf_logprob_entropy(model, ids, am, response_mask=am[:, -logits_to_keep:],
-                                               temperature=temperature, return_entropy=compute_entropy,
-                                               backend=self._fusedrl_backend)
+                lp, en = hf.hf_logprob_entropy(
+                    model,
+                    ids,
+                    am,
+                    response_mask=am[:, -logits_to_keep:],
+                    temperature=temperature,
+                    return_entropy=compute_entropy,
+                    backend=self._fusedrl_backend,
+                )
             logps.append(lp)
             ents.append(en)
         logp = torch.cat(logps, 0)
@@ -675,7 +780,7 @@ def _returns_aux_loss(cls) -> bool:
     return False
 
 
-_CLASS_CACHE: Dict[Any, type] = {}
+_CLASS_CACHE: dict[Any, type] = {}
 
 
 def make_fused_grpo_trainer_class(base=None) -> type:
@@ -683,11 +788,15 @@ def make_fused_grpo_trainer_class(base=None) -> type:
     if base is None:
         from trl import GRPOTrainer as base  # noqa: N813
     if base not in _CLASS_CACHE:
-        _CLASS_CACHE[base] = type("FusedGRPOTrainer", (FusedGRPOMixin, base), {
-            "__doc__": f"``{base.__name__}`` whose loss (and old/ref scoring) runs on fusedrl; "
-                       "see fusedrl.integrations.trl.",
-            "__module__": __name__,
-        })
+        _CLASS_CACHE[base] = type(
+            "FusedGRPOTrainer",
+            (FusedGRPOMixin, base),
+            {
+                "__doc__": f"``{base.__name__}`` whose loss (and old/ref scoring) runs on fusedrl; "
+                "see fusedrl.integrations.trl.",
+                "__module__": __name__,
+            },
+        )
     return _CLASS_CACHE[base]
 
 

@@ -23,9 +23,10 @@ Both parts import verl lazily: this module imports without verl installed.
    ``linear_cross_entropy`` at import) so ``actor_rollout_ref.model.use_fused_kernels=True`` runs on fusedrl
    (any backend: both of verl's ``fused_kernel_options.impl_backend`` values are served).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -46,14 +47,36 @@ __all__ = [
 ]
 
 #: verl 0.9.1's policy-loss registry, all served by fusedrl (registered as ``fusedrl_<mode>``)
-FUSEDRL_VERL_LOSS_MODES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean",
-                           "dro", "cispo", "bypass_mode")
+FUSEDRL_VERL_LOSS_MODES = (
+    "vanilla",
+    "dppo_tv",
+    "dppo_kl",
+    "gspo",
+    "sapo",
+    "gpg",
+    "clip_cov",
+    "kl_cov",
+    "geo_mean",
+    "dro",
+    "cispo",
+    "bypass_mode",
+)
 _AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # the metric keys each verl loss returns (fusedrl's metric -> verl's key), so dashboards see the same names
 _CLIP3 = ("pg_clipfrac", "ppo_kl", "pg_clipfrac_lower")
-_VERL_METRICS = {"vanilla": _CLIP3, "dppo_tv": _CLIP3, "dppo_kl": _CLIP3, "gspo": _CLIP3, "sapo": _CLIP3,
-                 "geo_mean": _CLIP3, "cispo": _CLIP3, "gpg": (), "clip_cov": ("pg_clipfrac", "ppo_kl"),
-                 "kl_cov": ("ppo_kl",), "dro": ("ppo_kl",)}
+_VERL_METRICS = {
+    "vanilla": _CLIP3,
+    "dppo_tv": _CLIP3,
+    "dppo_kl": _CLIP3,
+    "gspo": _CLIP3,
+    "sapo": _CLIP3,
+    "geo_mean": _CLIP3,
+    "cispo": _CLIP3,
+    "gpg": (),
+    "clip_cov": ("pg_clipfrac", "ppo_kl"),
+    "kl_cov": ("ppo_kl",),
+    "dro": ("ppo_kl",),
+}
 _MISSING = object()
 
 
@@ -86,7 +109,7 @@ def _get_verl(cfg, name: str, field_default, null_default):
     return null_default if v is None else v
 
 
-def verl_normalisers(global_batch_info, loss_agg_mode: str, response_mask: Optional[Tensor] = None) -> Dict[str, Any]:
+def verl_normalisers(global_batch_info, loss_agg_mode: str, response_mask: Optional[Tensor] = None) -> dict[str, Any]:
     """fusedrl normalisers reproducing verl's ``agg_loss(..., **global_batch_info)`` for ``loss_agg_mode``.
 
     verl multiplies each data-parallel rank's loss by ``dp_size`` over the global counts; fusedrl divides
@@ -99,12 +122,14 @@ def verl_normalisers(global_batch_info, loss_agg_mode: str, response_mask: Optio
     dp = int(info.get("dp_size") or 1)
     tokens, seqs = info.get("batch_num_tokens"), info.get("global_batch_size")
     if dp > 1 and loss_agg_mode == "token-mean" and tokens is None:
-        raise ValueError("global_batch_info: (global) batch_num_tokens is required when dp_size > 1 "
-                         "(verl's agg_loss raises too)")
+        raise ValueError(
+            "global_batch_info: (global) batch_num_tokens is required when dp_size > 1 (verl's agg_loss raises too)"
+        )
     if dp > 1 and loss_agg_mode.startswith("seq-mean") and seqs is None:
-        raise ValueError("global_batch_info: global_batch_size is required when dp_size > 1 "
-                         "(verl's agg_loss raises too)")
-    norms: Dict[str, Any] = {}
+        raise ValueError(
+            "global_batch_info: global_batch_size is required when dp_size > 1 (verl's agg_loss raises too)"
+        )
+    norms: dict[str, Any] = {}
     if tokens is not None:
         norms["global_num_tokens"] = tokens / dp
     if seqs is not None:
@@ -149,14 +174,20 @@ def rollout_correction_from_verl(rc):
 
     upper, lower, mode = _is_threshold(_get_verl(rc, "rollout_is_threshold", 2.0, None))
     return RolloutCorrection(
-        rollout_is=_get(rc, "rollout_is", None), rollout_is_threshold=upper, rollout_is_threshold_lower=lower,
-        rollout_is_mode=mode, rollout_is_batch_normalize=bool(_get(rc, "rollout_is_batch_normalize", False)),
-        rollout_rs=_get(rc, "rollout_rs", None), rollout_rs_threshold=_get(rc, "rollout_rs_threshold", None),
-        loss_type=_get(rc, "loss_type", "ppo_clip"))
+        rollout_is=_get(rc, "rollout_is", None),
+        rollout_is_threshold=upper,
+        rollout_is_threshold_lower=lower,
+        rollout_is_mode=mode,
+        rollout_is_batch_normalize=bool(_get(rc, "rollout_is_batch_normalize", False)),
+        rollout_rs=_get(rc, "rollout_rs", None),
+        rollout_rs_threshold=_get(rc, "rollout_rs_threshold", None),
+        loss_type=_get(rc, "loss_type", "ppo_clip"),
+    )
 
 
-def policy_loss_config_from_verl(config, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None,
-                                 response_mask: Optional[Tensor] = None) -> Tuple[PolicyLossConfig, Dict[str, Any]]:
+def policy_loss_config_from_verl(
+    config, loss_mode: Optional[str] = None, loss_agg_mode: Optional[str] = None, response_mask: Optional[Tensor] = None
+) -> tuple[PolicyLossConfig, dict[str, Any]]:
     """:class:`fusedrl.PolicyLossConfig` + normalisers from a verl actor config, read as verl 0.9.1 reads it.
 
     ``loss_mode`` / ``loss_agg_mode`` default to the config's (``policy_loss.loss_mode`` without a
@@ -172,22 +203,24 @@ def policy_loss_config_from_verl(config, loss_mode: Optional[str] = None, loss_a
     pl = _get(config, "policy_loss")
     mode = loss_mode or _get(pl, "loss_mode", "vanilla")
     if mode.startswith("fusedrl_"):
-        mode = mode[len("fusedrl_"):]
+        mode = mode[len("fusedrl_") :]
     if mode not in FUSEDRL_VERL_LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {FUSEDRL_VERL_LOSS_MODES}, got {mode!r}")
     agg = loss_agg_mode or _get(config, "loss_agg_mode", "token-mean")
     if mode in ("sapo", "geo_mean"):  # verl aggregates these seq-mean-token-mean whatever loss_agg_mode says
         agg = "seq-mean-token-mean"
     clip = float(_get(config, "clip_ratio", 0.2))
-    kw: Dict[str, Any] = dict(
-        loss_mode=mode, loss_agg_mode=agg,
+    kw: dict[str, Any] = dict(
+        loss_mode=mode,
+        loss_agg_mode=agg,
         clip_ratio_low=float(_get(config, "clip_ratio_low", clip)),
         clip_ratio_high=float(_get(config, "clip_ratio_high", clip)),
         clip_cov_ratio=float(_get_verl(pl, "clip_cov_ratio", 2e-4, 2e-4)),
         clip_cov_lb=float(_get_verl(pl, "clip_cov_lb", 1.0, 1.0)),
         clip_cov_ub=float(_get_verl(pl, "clip_cov_ub", 5.0, 5.0)),
         kl_cov_ratio=float(_get_verl(pl, "kl_cov_ratio", 2e-4, 2e-4)),
-        ppo_kl_coef=float(_get_verl(pl, "ppo_kl_coef", 0.1, 1.0)))
+        ppo_kl_coef=float(_get_verl(pl, "ppo_kl_coef", 0.1, 1.0)),
+    )
     if mode in ("vanilla", "bypass_mode"):
         kw["clip_ratio_c"] = float(_get(config, "clip_ratio_c", 3.0))
     elif mode in ("dppo_tv", "dppo_kl"):
@@ -202,8 +235,10 @@ def policy_loss_config_from_verl(config, loss_mode: Optional[str] = None, loss_a
     if mode == "bypass_mode":
         rc = _get(pl, "rollout_correction", None)
         if rc is None:
-            raise ValueError("rollout_correction config not found in policy_loss. When using "
-                             "loss_mode='bypass_mode', ensure rollout_correction config is passed.")
+            raise ValueError(
+                "rollout_correction config not found in policy_loss. When using "
+                "loss_mode='bypass_mode', ensure rollout_correction config is passed."
+            )
         kw["rollout_correction"] = rollout_correction_from_verl(rc)
     if mode == "geo_mean":  # verl: torch.mean over the rows of the micro-batch, global_batch_info unused
         norms = {} if response_mask is None else {"global_num_seqs": max(int(response_mask.shape[0]), 1)}
@@ -216,7 +251,7 @@ def _as_float(t) -> float:
     return float(t.detach().item()) if isinstance(t, torch.Tensor) else float(t)
 
 
-def _verl_metric_keys(mode: str, cfg: PolicyLossConfig) -> Tuple[str, ...]:
+def _verl_metric_keys(mode: str, cfg: PolicyLossConfig) -> tuple[str, ...]:
     if mode == "bypass_mode":
         return ("ppo_kl",) if cfg.rollout_correction.loss_type == "reinforce" else _CLIP3
     return _VERL_METRICS[mode]
@@ -235,9 +270,15 @@ def make_verl_policy_loss(loss_mode: str, fallback: Optional[Callable] = None, *
     if loss_mode not in FUSEDRL_VERL_LOSS_MODES:
         raise ValueError(f"loss_mode must be one of {FUSEDRL_VERL_LOSS_MODES}, got {loss_mode!r}")
 
-    def fusedrl_policy_loss(old_log_prob: Tensor, log_prob: Tensor, advantages: Tensor, response_mask: Tensor,
-                            loss_agg_mode: str = "token-mean", config=None,
-                            rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Any]]:
+    def fusedrl_policy_loss(
+        old_log_prob: Tensor,
+        log_prob: Tensor,
+        advantages: Tensor,
+        response_mask: Tensor,
+        loss_agg_mode: str = "token-mean",
+        config=None,
+        rollout_is_weights: Optional[Tensor] = None,
+    ) -> tuple[Tensor, dict[str, Any]]:
         if loss_agg_mode not in _AGG_MODES:
             raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
         cfg, norms = policy_loss_config_from_verl(config, loss_mode, loss_agg_mode, response_mask)
@@ -245,7 +286,7 @@ def make_verl_policy_loss(loss_mode: str, fallback: Optional[Callable] = None, *
         if cfg.loss_agg_mode == "token-sum":
             dp = int((_get(config, "global_batch_info", {}) or {}).get("dp_size") or 1)
             scale = dp if dp > 1 else None  # verl: masked_sum * dp_size
-        extra: Dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if rollout_is_weights is not None and loss_mode != "bypass_mode":  # verl's bypass ignores them too
             extra["rollout_is_weights"] = rollout_is_weights
         loss, m = policy_loss(log_prob, old_log_prob, advantages, response_mask, config=cfg, **norms, **extra)
@@ -265,8 +306,9 @@ def make_verl_policy_loss(loss_mode: str, fallback: Optional[Callable] = None, *
     return fusedrl_policy_loss
 
 
-def register_verl_policy_losses(prefix: str = "fusedrl_", override: bool = False,
-                                modes=FUSEDRL_VERL_LOSS_MODES) -> List[str]:
+def register_verl_policy_losses(
+    prefix: str = "fusedrl_", override: bool = False, modes=FUSEDRL_VERL_LOSS_MODES
+) -> list[str]:
     """Register fusedrl's losses in verl's policy-loss registry; returns the registered names.
 
     Names are ``prefix + mode``; with ``override=True`` verl's own entries (``vanilla``, ``gspo``, ...)
@@ -286,7 +328,7 @@ def register_verl_policy_losses(prefix: str = "fusedrl_", override: bool = False
         fn = make_verl_policy_loss(mode)
         fn._fusedrl = True
         fn._fusedrl_original = original
-        for name in ([prefix + mode] + ([mode] if override else [])):
+        for name in [prefix + mode] + ([mode] if override else []):
             core_algos.register_policy_loss(name)(fn)
             names.append(name)
     return names
@@ -295,8 +337,16 @@ def register_verl_policy_losses(prefix: str = "fusedrl_", override: bool = False
 # --------------------------------------------------------------------------------------------------
 # fused log-prob / entropy for verl's actor
 # --------------------------------------------------------------------------------------------------
-def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0,
-                         *, backend: str = "auto", process_group=None, **core_kwargs) -> Tuple[Tensor, Tensor]:
+def fused_linear_for_ppo(
+    hidden_states: Tensor,
+    vocab_weights: Tensor,
+    input_ids: Tensor,
+    temperature: float = 1.0,
+    *,
+    backend: str = "auto",
+    process_group=None,
+    **core_kwargs,
+) -> tuple[Tensor, Tensor]:
     """verl's ``FusedLinearForPPO.forward`` contract on fusedrl: ``(log_probs, entropy)`` fp32, shaped like
     ``input_ids`` (labels, already rolled by verl). Labels < 0 (ignore index) give log-prob 0."""
     from ..ops import linear_logprob_entropy
@@ -305,8 +355,15 @@ def fused_linear_for_ppo(hidden_states: Tensor, vocab_weights: Tensor, input_ids
     ignore = labels < 0
     targets = torch.where(ignore, torch.zeros_like(labels), labels)
     h = hidden_states if hidden_states.dtype == vocab_weights.dtype else hidden_states.to(vocab_weights.dtype)
-    logp, ent = linear_logprob_entropy(h, vocab_weights, targets, temperature=float(temperature), backend=backend,
-                                       process_group=process_group, **core_kwargs)
+    logp, ent = linear_logprob_entropy(
+        h,
+        vocab_weights,
+        targets,
+        temperature=float(temperature),
+        backend=backend,
+        process_group=process_group,
+        **core_kwargs,
+    )
     logp = torch.where(ignore, torch.zeros_like(logp), logp)
     return logp, ent
 
@@ -321,13 +378,22 @@ class FusedLinearForPPO(nn.Module):
         self.impl_backend = impl_backend
         self.backend = backend
 
-    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
-                temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
+    def forward(
+        self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor, temperature: float = 1.0
+    ) -> tuple[Tensor, Tensor]:
         return fused_linear_for_ppo(hidden_states, vocab_weights, input_ids, temperature, backend=self.backend)
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
-                         reduction: str = "none", dist_process_group=None, *, backend: str = "auto"):
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "none",
+    dist_process_group=None,
+    *,
+    backend: str = "auto",
+):
     """Drop-in for ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy``: ``(log_probs, entropy)``.
 
     As verl's kernel, ``hidden`` (``[..., H]``) and ``labels`` are flattened to ``N`` tokens (their leading
@@ -338,10 +404,17 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     if red not in ("none", "sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'sum' or 'mean', got {reduction!r}")
     if hidden.shape[:-1].numel() != labels.numel():
-        raise ValueError(f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} hold different numbers "
-                         "of tokens")
-    logp, ent = fused_linear_for_ppo(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), temperature,
-                                     backend=backend, process_group=dist_process_group)
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} hold different numbers of tokens"
+        )
+    logp, ent = fused_linear_for_ppo(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        temperature,
+        backend=backend,
+        process_group=dist_process_group,
+    )
     if red == "none":
         return logp, ent
     if red == "sum":
@@ -349,7 +422,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, tempera
     return logp.mean(), ent.mean()
 
 
-_ORIGINALS: Dict[str, Any] = {}
+_ORIGINALS: dict[str, Any] = {}
 #: verl modules that bind ``linear_cross_entropy`` by name at import (``from ... import linear_cross_entropy``):
 #: Megatron's fused forwards. Those already imported get the name replaced; later imports bind fusedrl's.
 _LCE_MODULE = "verl.utils.kernel.linear_cross_entropy"
@@ -365,7 +438,7 @@ def _import_optional(name: str):
         return None
 
 
-def patch_verl(backend: str = "auto", losses: bool = True, kernels: bool = True) -> Dict[str, Any]:
+def patch_verl(backend: str = "auto", losses: bool = True, kernels: bool = True) -> dict[str, Any]:
     """Route verl through fusedrl: its fused-kernel forward (``use_fused_kernels=True``, both the torch
     and triton ``impl_backend``, FSDP and Megatron) and, with ``losses``, register the ``fusedrl_*`` policy
     losses. Besides ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` itself, the names that
@@ -375,7 +448,7 @@ def patch_verl(backend: str = "auto", losses: bool = True, kernels: bool = True)
     import importlib
     import sys
 
-    done: Dict[str, Any] = {}
+    done: dict[str, Any] = {}
     if kernels:
         tf = importlib.import_module("verl.utils.experimental.torch_functional")
         _ORIGINALS.setdefault("FusedLinearForPPO", tf.FusedLinearForPPO)
@@ -411,8 +484,9 @@ def unpatch_verl() -> None:
     import sys
 
     if "FusedLinearForPPO" in _ORIGINALS:
-        importlib.import_module("verl.utils.experimental.torch_functional").FusedLinearForPPO = \
-            _ORIGINALS.pop("FusedLinearForPPO")
+        importlib.import_module("verl.utils.experimental.torch_functional").FusedLinearForPPO = _ORIGINALS.pop(
+            "FusedLinearForPPO"
+        )
     original = _ORIGINALS.pop("linear_cross_entropy", None)
     if original is not None:
         for name in (_LCE_MODULE,) + _LCE_IMPORTERS:
