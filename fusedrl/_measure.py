@@ -41,6 +41,8 @@ from typing import Callable, Optional
 
 import torch
 
+from . import _config
+
 Tensor = torch.Tensor
 
 MIB = 2**20
@@ -324,21 +326,13 @@ def peak_memory_cpu(
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    env_keys = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    saved = {k: os.environ.get(k) for k in env_keys}
-    os.environ.update(env_keys)
-    try:
+    # the spawned child inherits the environment: glibc malloc told to mmap and trim eagerly
+    with _config.temporary_environ(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0"):
         p = ctx.Process(
             target=_cpu_peak_child,
             args=(child, factory, kwargs, threads or torch.get_num_threads(), warmup, interval_s),
         )
         p.start()
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     child.close()
     res = None
     try:

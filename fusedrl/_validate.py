@@ -1,27 +1,39 @@
 """Input checks shared by every public entry point.
 
 Checks that need a host sync (target range on an accelerator) are behind ``check_inputs``: on by
-default for CPU tensors (no sync cost there), off on accelerators unless FUSEDRL_CHECK_INPUTS=1.
+default for CPU tensors (no sync cost there), off on accelerators unless the environment turns them
+on (``fusedrl._config``).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import os
 from typing import Optional, Union
 
 import torch
+
+from . import _config
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
-def env_flag(name: str, default: bool = False) -> bool:
-    v = os.environ.get(name)
-    if v is None or v == "":
-        return default
-    return v.strip().lower() not in ("0", "false", "no", "off")
+def is_real(x) -> bool:
+    """A real number: Python int / float, numpy scalars (bool excluded)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
+
+
+def as_number(name: str, value):
+    """A Python number from a Python / numpy number or a one-element tensor (read on the host); other
+    values are returned as they are (the caller's check names them). bool is not a number."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            raise ValueError(f"{name} must be a number or a one-element real tensor, got shape {tuple(value.shape)}")
+        return value.item()
+    if is_real(value) and not isinstance(value, (int, float)):
+        return value.item() if hasattr(value, "item") else float(value)  # numpy scalar -> Python number
+    return value
 
 
 def want_checks(check_inputs: Optional[bool], device: torch.device) -> bool:
@@ -30,7 +42,7 @@ def want_checks(check_inputs: Optional[bool], device: torch.device) -> bool:
         return False
     if check_inputs is not None:
         return bool(check_inputs)
-    return device.type == "cpu" or env_flag("FUSEDRL_CHECK_INPUTS")
+    return device.type == "cpu" or bool(_config.get("check_inputs"))
 
 
 def require_tensor(name: str, t, *, float_ok: bool = True, int_ok: bool = False) -> torch.Tensor:
@@ -74,10 +86,13 @@ def check_scalar(name: str, value, *, allow_none: bool = False) -> Optional[floa
 Temperature = Union[float, torch.Tensor]
 
 
-def check_temperature(temperature, lead_shape, device: torch.device, checks: bool) -> Temperature:
+def check_temperature(
+    temperature, lead_shape, device: torch.device, checks: bool, dtype: torch.dtype = torch.float32
+) -> Temperature:
     """A float (as :func:`check_scalar`), or per-token temperatures: a tensor of the tokens' leading shape
     ``lead_shape`` (``[N]``, ``[B, T]``, ...) or, for ``[B, T]`` tokens, per sequence ``[B]``. Returns a
-    float or a contiguous fp32 ``[N]`` tensor on ``device``. Values must be finite and > 0 (checked with a
+    float or a contiguous ``[N]`` tensor on ``device`` in ``dtype`` (the compute dtype: fp32, fp64 for fp64
+    inputs). Values must be finite and > 0 (checked with a
     host read when ``checks``). A 0-dim tensor is a scalar."""
     if not isinstance(temperature, torch.Tensor) or temperature.dim() == 0:
         return check_scalar("temperature", temperature)
@@ -96,7 +111,7 @@ def check_temperature(temperature, lead_shape, device: torch.device, checks: boo
     else:
         want = f"{lead} (per token)" + (f" or {lead[:1]} (per sequence)" if len(lead) == 2 else "")
         raise ValueError(f"temperature must be a float or a tensor of shape {want}, got shape {tuple(t.shape)}")
-    flat = flat.to(torch.float32).contiguous()
+    flat = flat.to(dtype).contiguous()
     if checks and flat.numel():
         bad = ~(torch.isfinite(flat) & (flat > 0))
         if bool(bad.any()):
@@ -142,7 +157,8 @@ def check_core(hidden, weight, targets, bias, temperature, softcap, check_inputs
         raise ValueError(f"bias must have shape [V]=({weight.shape[0]},), got {tuple(bias.shape)}")
     dev = same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     checks = want_checks(check_inputs, dev)
-    temperature = check_temperature(temperature, targets.shape, dev, checks)
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    temperature = check_temperature(temperature, targets.shape, dev, checks, cdt)
     softcap = check_scalar("softcap", softcap, allow_none=True)
     check_targets_range(targets, vocab_total or weight.shape[0], checks)
     return temperature, softcap, dev
@@ -159,7 +175,8 @@ def check_logits(logits, targets, temperature, softcap, check_inputs):
         )
     dev = same_device(logits=logits, targets=targets)
     checks = want_checks(check_inputs, dev)
-    temperature = check_temperature(temperature, targets.shape, dev, checks)
+    cdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    temperature = check_temperature(temperature, targets.shape, dev, checks, cdt)
     softcap = check_scalar("softcap", softcap, allow_none=True)
     check_targets_range(targets, logits.shape[-1], checks)
     return temperature, softcap, dev

@@ -23,7 +23,7 @@ Collectives (per call):
   The full ``dx`` is the sum of the partials over the group. By default the op all-reduces (SUM)
   ``dx`` itself — one ``all_reduce`` of ``[N, H]`` in the input dtype — so that a plain user whose
   ``hidden`` is replicated on every rank gets ``hidden.grad`` = gradient of the global loss. With
-  ``reduce_dx=False`` (or ``FUSEDRL_TP_REDUCE_DX=0``, or inside :func:`partial_dx`) the op returns
+  ``reduce_dx=False`` (or inside :func:`partial_dx`) the op returns
   the partial ``dx`` and the caller's parallel layer must reduce it, as Megatron's
   ``copy_to_tensor_model_parallel_region`` (all-reduce in backward) or, with sequence parallelism,
   ``gather_from_sequence_parallel_region`` (reduce-scatter in backward) does.
@@ -39,7 +39,7 @@ free (each rank ships the start it assumed), so a stale layout is detected on *a
 (raise when input checks are on — the CPU default —, NaN outputs otherwise; the stale entry is
 dropped). Caveat: if you reshard so that one rank keeps its local size while another changes it,
 the ranks disagree about whether to fetch the layout (mismatched collectives): call
-:func:`clear_vocab_layout_cache` on every rank after resharding, or set ``FUSEDRL_TP_LAYOUT_CACHE=0``.
+:func:`clear_vocab_layout_cache` on every rank after resharding.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from . import reference
-from ._validate import env_flag, want_checks
+from ._validate import want_checks
 
 Tensor = torch.Tensor
 
@@ -113,12 +113,10 @@ def vocab_layout(weight_or_rows, group) -> tuple[tuple[int, ...], int]:
     v_local = int(weight_or_rows.shape[0]) if isinstance(weight_or_rows, Tensor) else int(weight_or_rows)
     rank, world = _rank_and_size(group)
     key = _group_key(group)
-    use_cache = env_flag("FUSEDRL_TP_LAYOUT_CACHE", True)
-    if use_cache:
-        with _LAYOUT_LOCK:
-            sizes = _LAYOUTS.get(key, {}).get(v_local)
-        if sizes is not None and len(sizes) == world:
-            return sizes, rank
+    with _LAYOUT_LOCK:
+        sizes = _LAYOUTS.get(key, {}).get(v_local)
+    if sizes is not None and len(sizes) == world:
+        return sizes, rank
     dev = weight_or_rows.device if isinstance(weight_or_rows, Tensor) else torch.device("cpu")
     if dev.type == "cpu" and dist.get_backend(group) == "nccl":
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -126,9 +124,8 @@ def vocab_layout(weight_or_rows, group) -> tuple[tuple[int, ...], int]:
     sizes = tuple(int(s) for s in out.reshape(-1).tolist())
     if sizes[rank] != v_local:  # pragma: no cover - collective library misbehaving
         raise RuntimeError(f"vocab layout exchange returned {sizes} but this rank holds {v_local} rows")
-    if use_cache:
-        with _LAYOUT_LOCK:
-            _LAYOUTS.setdefault(key, {})[v_local] = sizes
+    with _LAYOUT_LOCK:
+        _LAYOUTS.setdefault(key, {})[v_local] = sizes
     return sizes, rank
 
 
@@ -173,9 +170,7 @@ def _want_reduce_dx(reduce_dx: Optional[bool]) -> bool:
     if reduce_dx is not None:
         return bool(reduce_dx)
     partial = getattr(_DX_MODE, "partial", None)
-    if partial is not None:
-        return not partial
-    return env_flag("FUSEDRL_TP_REDUCE_DX", True)
+    return True if partial is None else not partial
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +403,7 @@ def tp_linear_logprob_entropy(
     grad_filter_eps: float = 0.0,
     deterministic: bool = True,
     reduce_dx: Optional[bool] = None,
+    workspace_mb: float = 0.0,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Vocab-parallel :func:`fusedrl.linear_logprob_entropy` (inputs already validated).
 
@@ -417,8 +413,8 @@ def tp_linear_logprob_entropy(
         targets: ``[...]`` global token ids. bias: ``[V_local]`` shard or None.
         backend_name: a resolved backend ("torch" | "triton" | "cuda" | "reference").
         process_group: the tensor-parallel group (None = the default group).
-        reduce_dx: all-reduce ``dx`` over the group inside the op (default True, or
-            ``FUSEDRL_TP_REDUCE_DX`` / :func:`partial_dx`); False returns this rank's partial ``dx``.
+        reduce_dx: all-reduce ``dx`` over the group inside the op (default True, or False inside
+            :func:`partial_dx`); False returns this rank's partial ``dx``.
 
     Returns:
         ``(logp, entropy)`` fp32 (fp64 for fp64) of shape ``[...]``, identical on every rank;
@@ -432,7 +428,11 @@ def tp_linear_logprob_entropy(
     b = None if bias is None else bias.contiguous()
     sizes, rank = vocab_layout(w, process_group)
     vocab_start = sum(sizes[:rank])
-    opts = {"grad_filter_eps": float(grad_filter_eps), "deterministic": bool(deterministic)}
+    opts = {
+        "grad_filter_eps": float(grad_filter_eps),
+        "deterministic": bool(deterministic),
+        "workspace_mb": float(workspace_mb) or None,
+    }
     return_entropy = bool(return_entropy)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if needs_grad:

@@ -4,18 +4,19 @@ Layering: each backend module (fusedrl/backends/*) holds kernels and launchers; 
 backend functions as ``torch.library.custom_op`` s (``fusedrl::*``, with fake implementations and
 registered autograd) so ``torch.compile(fullgraph=True)`` can trace them, and exposes the typed
 public entry points. The backend name travels as a string argument of the op; it is resolved
-before the op is called, so the op itself never looks at environment variables.
+before the op is called (defaults from the environment come from ``fusedrl._config``, read here, in the
+public functions), so the op itself never looks at environment variables.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 
-from . import reference
-from ._validate import check_core, check_logits, env_flag
-from .backends import get_backend, resolve
+from . import _config, reference
+from ._validate import check_core, check_logits
+from .backends import ALL_NAMES, get_backend, resolve
 
 Tensor = torch.Tensor
 
@@ -35,7 +36,12 @@ def _temp(temperature: float, temp_vec: Optional[Tensor]):
     return temperature if temp_vec is None else temp_vec
 
 
-def _split_temperature(temperature) -> tuple[float, Optional[Tensor]]:
+def _opts(grad_filter_eps: float, deterministic: bool, workspace_mb: float) -> dict:
+    """The backend options every backend reads (``workspace_mb`` 0: the backend's default budget)."""
+    return dict(grad_filter_eps=grad_filter_eps, deterministic=deterministic, workspace_mb=workspace_mb or None)
+
+
+def split_temperature(temperature) -> tuple[float, Optional[Tensor]]:
     """(float, per-token tensor or None) for the custom ops, whose schema has a float and an optional tensor."""
     if isinstance(temperature, torch.Tensor):
         return 1.0, temperature
@@ -57,6 +63,7 @@ def _lle_fwd(
     backend: str,
     grad_filter_eps: float,
     deterministic: bool,
+    workspace_mb: float,
     temp_vec: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, x.device)
@@ -68,8 +75,7 @@ def _lle_fwd(
         _temp(temperature, temp_vec),
         softcap,
         return_entropy,
-        grad_filter_eps=grad_filter_eps,
-        deterministic=deterministic,
+        **_opts(grad_filter_eps, deterministic, workspace_mb),
     )
     logp = zt - lse
     return logp, (ent if ent is not None else _empty(logp)), lse
@@ -77,7 +83,18 @@ def _lle_fwd(
 
 @_lle_fwd.register_fake
 def _(
-    x, w, targets, bias, temperature, softcap, return_entropy, backend, grad_filter_eps, deterministic, temp_vec=None
+    x,
+    w,
+    targets,
+    bias,
+    temperature,
+    softcap,
+    return_entropy,
+    backend,
+    grad_filter_eps,
+    deterministic,
+    workspace_mb,
+    temp_vec=None,
 ):
     n = x.shape[0]
     dt = _out_dtype(x)
@@ -102,6 +119,7 @@ def _lle_bwd(
     backend: str,
     grad_filter_eps: float,
     deterministic: bool,
+    workspace_mb: float,
     temp_vec: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     mod = get_backend(backend, x.device)
@@ -119,8 +137,7 @@ def _lle_bwd(
         need_dx=need_dx,
         need_dw=need_dw,
         need_db=need_db,
-        grad_filter_eps=grad_filter_eps,
-        deterministic=deterministic,
+        **_opts(grad_filter_eps, deterministic, workspace_mb),
     )
     return (
         dx if dx is not None else _empty(x),
@@ -147,6 +164,7 @@ def _(
     backend,
     grad_filter_eps,
     deterministic,
+    workspace_mb,
     temp_vec=None,
 ):
     return (
@@ -157,20 +175,20 @@ def _(
 
 
 def _lle_setup(ctx, inputs, output):
-    x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, det, temp_vec = inputs
+    x, w, targets, bias, temperature, softcap, return_entropy, backend, eps, det, ws, temp_vec = inputs
     logp, ent, lse = output
     ctx.save_for_backward(x, w, targets, bias, lse, ent if return_entropy else None, temp_vec)
-    ctx.args = (temperature, softcap, backend, eps, det)
+    ctx.args = (temperature, softcap, backend, eps, det, ws)
     ctx.mark_non_differentiable(lse)
 
 
 def _lle_backward(ctx, g_logp, g_ent, g_lse):
     x, w, targets, bias, lse, ent, temp_vec = ctx.saved_tensors
-    temperature, softcap, backend, eps, det = ctx.args
+    temperature, softcap, backend, eps, det, ws = ctx.args
     need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[3]
     if not (need_dx or need_dw or need_db):
-        return (None,) * 11
+        return (None,) * 12
     g_lp = g_logp if g_logp is not None else torch.zeros_like(lse)
     g_H = g_ent if (ent is not None and g_ent is not None and g_ent.numel()) else None
     dx, dw, db = _lle_bwd(
@@ -190,9 +208,10 @@ def _lle_backward(ctx, g_logp, g_ent, g_lse):
         backend,
         eps,
         det,
+        ws,
         temp_vec,
     )
-    return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None) + (None,) * 7
+    return (dx if need_dx else None, dw if need_dw else None, None, db if need_db else None) + (None,) * 8
 
 
 _lle_fwd.register_autograd(_lle_backward, setup_context=_lle_setup)
@@ -318,15 +337,128 @@ class _InplaceLogprobEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
-def _grad_filter_eps(value: Optional[float]) -> float:
-    if value is None:
-        import os
+def core_options(
+    grad_filter_eps: Optional[float], deterministic: Optional[bool], workspace_mb: Optional[float]
+) -> tuple[float, bool, float]:
+    """Checked backend options with the environment's defaults (``fusedrl._config``): ``(grad_filter_eps,
+    deterministic, workspace_mb)``; ``workspace_mb`` 0.0 means the backend's default budget."""
+    from ._validate import as_number, is_real
 
-        value = float(os.environ.get("FUSEDRL_GRAD_FILTER_EPS", "0") or 0)
-    value = float(value)
-    if value < 0 or value != value:
-        raise ValueError(f"grad_filter_eps must be >= 0, got {value}")
-    return value
+    eps = _config.get("grad_filter_eps") if grad_filter_eps is None else as_number("grad_filter_eps", grad_filter_eps)
+    if not is_real(eps) or not eps >= 0 or eps != eps:
+        raise ValueError(f"grad_filter_eps must be a number >= 0, got {grad_filter_eps!r}")
+    if deterministic is None:
+        det = bool(_config.get("deterministic"))
+    elif isinstance(deterministic, bool):
+        det = deterministic
+    else:
+        raise TypeError(f"deterministic must be a bool or None, got {type(deterministic).__name__}")
+    ws = 0.0
+    if workspace_mb is not None:
+        ws = as_number("workspace_mb", workspace_mb)
+        if not is_real(ws) or not ws > 0 or ws != ws:
+            raise ValueError(f"workspace_mb must be a positive number of MiB or None, got {workspace_mb!r}")
+    return float(eps), det, float(ws)
+
+
+class CoreCall(NamedTuple):
+    """The checked arguments of one core-op call (:func:`prepare_core`), shared by the fused loss so that
+    both take the same values and raise the same errors."""
+
+    hidden: Tensor  # as given ([..., H]), for autograd
+    weight: Tensor
+    targets: Tensor  # as given
+    bias: Optional[Tensor]
+    temperature: Union[float, Tensor]  # a float, or per-token [N] (fp32; fp64 for fp64 inputs)
+    softcap: Optional[float]
+    backend: str  # resolved ("reference" stays; vocab-parallel keeps the local backend's name)
+    grad_filter_eps: float
+    deterministic: bool
+    workspace_mb: float  # 0.0: the backend's default
+    process_group: Any
+    tp_reduce_dx: Optional[bool]
+    device: torch.device
+    lead: torch.Size  # the per-token shape
+
+
+def prepare_core(
+    hidden,
+    weight,
+    targets,
+    bias=None,
+    temperature=1.0,
+    softcap=None,
+    backend: str = "auto",
+    process_group=None,
+    grad_filter_eps: Optional[float] = None,
+    deterministic: Optional[bool] = None,
+    check_inputs: Optional[bool] = None,
+    tp_reduce_dx: Optional[bool] = None,
+    workspace_mb: Optional[float] = None,
+    resolve_backend: bool = True,
+) -> CoreCall:
+    """Validate the core op's arguments (errors name the argument) and resolve the backend."""
+    if not isinstance(backend, str) or backend not in ALL_NAMES:
+        raise ValueError(f"backend must be one of {ALL_NAMES}, got {backend!r}")
+    vocab_total = None
+    if process_group is not None:
+        from .distributed import global_vocab_size
+
+        vocab_total = global_vocab_size(weight, process_group)
+    temperature, softcap, dev = check_core(
+        hidden, weight, targets, bias, temperature, softcap, check_inputs, vocab_total=vocab_total
+    )
+    if targets.requires_grad:
+        raise ValueError("targets must not require grad")
+    if tp_reduce_dx is not None and not isinstance(tp_reduce_dx, bool):
+        raise TypeError(f"tp_reduce_dx must be a bool or None, got {type(tp_reduce_dx).__name__}")
+    eps, det, ws = core_options(grad_filter_eps, deterministic, workspace_mb)
+    name = resolve(backend, dev) if resolve_backend else backend
+    return CoreCall(hidden, weight, targets, bias, temperature, softcap, name, eps, det, ws, process_group,
+                    tp_reduce_dx, dev, hidden.shape[:-1])  # fmt: skip
+
+
+def run_core(c: CoreCall, return_entropy: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """The core op on checked arguments: ``(logp, entropy or None)`` in the per-token shape."""
+    if c.process_group is not None:
+        from .distributed import tp_linear_logprob_entropy
+
+        return tp_linear_logprob_entropy(
+            c.hidden,
+            c.weight,
+            c.targets,
+            c.bias,
+            c.temperature,
+            c.softcap,
+            return_entropy,
+            c.backend,
+            c.process_group,
+            grad_filter_eps=c.grad_filter_eps,
+            deterministic=c.deterministic,
+            reduce_dx=c.tp_reduce_dx,
+            workspace_mb=c.workspace_mb,
+        )
+    if c.backend == "reference":
+        return reference.linear_logprob_entropy(
+            c.hidden, c.weight, c.targets, c.bias, c.temperature, c.softcap, return_entropy
+        )
+    x = c.hidden.reshape(-1, c.hidden.shape[-1]).contiguous()
+    t_float, t_vec = split_temperature(c.temperature)
+    logp, ent, _ = _lle_fwd(
+        x,
+        c.weight.contiguous(),
+        c.targets.reshape(-1).long().contiguous(),
+        None if c.bias is None else c.bias.contiguous(),
+        t_float,
+        c.softcap,
+        bool(return_entropy),
+        c.backend,
+        c.grad_filter_eps,
+        c.deterministic,
+        c.workspace_mb,
+        t_vec,
+    )
+    return logp.reshape(c.lead), (ent.reshape(c.lead) if return_entropy else None)
 
 
 def linear_logprob_entropy(
@@ -344,6 +476,7 @@ def linear_logprob_entropy(
     deterministic: Optional[bool] = None,
     check_inputs: Optional[bool] = None,
     tp_reduce_dx: Optional[bool] = None,
+    workspace_mb: Optional[float] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-prob of ``targets`` and entropy of ``softmax(z)``, ``z = softcap(hidden @ weight.T + bias) / T``,
     without materialising the ``[tokens, vocab]`` logits.
@@ -353,75 +486,31 @@ def linear_logprob_entropy(
         weight: ``[V, H]`` lm_head weight, same dtype as ``hidden``. Under ``process_group`` this
             rank's vocabulary shard ``[V_local, H]``.
         targets: ``[...]`` integer token ids (same leading shape as ``hidden``), global ids in ``[0, V)``.
-        bias: optional ``[V]`` lm_head bias.
+        bias: optional ``[V]`` lm_head bias (any float dtype).
         temperature: float > 0 (the rollout temperature), or a tensor of per-token temperatures (shape of
             ``targets``) or, for ``[B, T]`` targets, per-sequence temperatures ``[B]``; values > 0.
         softcap: optional float c > 0: ``u -> c * tanh(u / c)`` before the temperature (Gemma-2 style).
         return_entropy: False skips all entropy work and returns ``None`` for it.
-        backend: ``"auto" | "triton" | "cuda" | "torch" | "reference"``; ``FUSEDRL_BACKEND`` overrides auto.
-        process_group: vocab-parallel group (weight is this rank's shard); see README "Scale-out".
+        backend: ``"auto" | "triton" | "cuda" | "torch" | "reference"``; the environment may override
+            ``auto`` (docs/robustness.md lists the variables).
+        process_group: vocab-parallel group (weight is this rank's shard); see docs/scale-out.md.
         grad_filter_eps: skip backward vocab tiles whose ``|dz| < eps`` for every token (0 = exact;
-            default from ``FUSEDRL_GRAD_FILTER_EPS``, else 0). Honoured by the triton backend.
+            default from the environment, else 0). Honoured by the triton backend.
         deterministic: bitwise-reproducible backward (default True; False may use atomics).
-        check_inputs: run host-syncing value checks (target range). Default: on for CPU tensors,
-            ``FUSEDRL_CHECK_INPUTS=1`` elsewhere.
-        tp_reduce_dx: under ``process_group``, all-reduce ``dx`` inside the op (default True, or
-            ``FUSEDRL_TP_REDUCE_DX``); False returns this rank's partial ``dx`` (Megatron style).
+        check_inputs: run host-syncing value checks (target range). Default: on for CPU tensors, off
+            elsewhere unless the environment turns them on.
+        tp_reduce_dx: under ``process_group``, all-reduce ``dx`` inside the op (default True); False
+            returns this rank's partial ``dx`` (Megatron style).
+        workspace_mb: the backend's working-memory budget in MiB (default: the backend's own, e.g. 64 MiB
+            for torch, sized from free memory on a GPU).
 
     Returns:
         ``(logp, entropy)``: fp32 (fp64 for fp64 inputs) tensors of shape ``[...]``; entropy is
         ``None`` when ``return_entropy=False``. Differentiable w.r.t. hidden, weight and bias.
     """
-    vocab_total = None
-    if process_group is not None:
-        from .distributed import global_vocab_size
-
-        vocab_total = global_vocab_size(weight, process_group)
-    temperature, softcap, dev = check_core(
-        hidden, weight, targets, bias, temperature, softcap, check_inputs, vocab_total=vocab_total
-    )
-    if targets.requires_grad:
-        raise ValueError("targets must not require grad")
-    eps = _grad_filter_eps(grad_filter_eps)
-    det = env_flag("FUSEDRL_DETERMINISTIC", True) if deterministic is None else bool(deterministic)
-    name = resolve(backend, dev)
-    lead = hidden.shape[:-1]
-    if process_group is not None:
-        from .distributed import tp_linear_logprob_entropy
-
-        logp, ent = tp_linear_logprob_entropy(
-            hidden,
-            weight,
-            targets,
-            bias,
-            temperature,
-            softcap,
-            return_entropy,
-            name,
-            process_group,
-            grad_filter_eps=eps,
-            deterministic=det,
-            reduce_dx=tp_reduce_dx,
-        )
-        return logp, ent
-    if name == "reference":
-        return reference.linear_logprob_entropy(hidden, weight, targets, bias, temperature, softcap, return_entropy)
-    x = hidden.reshape(-1, hidden.shape[-1]).contiguous()
-    t_float, t_vec = _split_temperature(temperature)
-    logp, ent, _ = _lle_fwd(
-        x,
-        weight.contiguous(),
-        targets.reshape(-1).long().contiguous(),
-        None if bias is None else bias.contiguous(),
-        t_float,
-        softcap,
-        bool(return_entropy),
-        name,
-        eps,
-        det,
-        t_vec,
-    )
-    return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
+    c = prepare_core(hidden, weight, targets, bias, temperature, softcap, backend, process_group, grad_filter_eps,
+                     deterministic, check_inputs, tp_reduce_dx, workspace_mb)  # fmt: skip
+    return run_core(c, return_entropy)
 
 
 def logprob_entropy(
@@ -463,6 +552,6 @@ def logprob_entropy(
             raise ValueError("inplace_backward needs contiguous logits (the buffer that will be overwritten)")
         logp, ent = _InplaceLogprobEntropy.apply(z, t, temperature, softcap, bool(return_entropy), name)
     else:
-        t_float, t_vec = _split_temperature(temperature)
+        t_float, t_vec = split_temperature(temperature)
         logp, ent, _ = _le_fwd(z, t, t_float, softcap, bool(return_entropy), name, t_vec)
     return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)

@@ -1,4 +1,4 @@
-"""Eager PyTorch oracle for the fused core (DESIGN.md section 3).
+"""Eager PyTorch oracle for the fused core (the core math of docs/design.md).
 
 It materialises the full ``[N, V]`` logits in fp32 (or fp64 when the inputs are fp64) and lets
 torch autograd do the backward. It is what every backend is tested against; it is never the default

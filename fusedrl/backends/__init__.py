@@ -1,8 +1,8 @@
 """Backend registry: one module per backend, chosen by name.
 
-Every backend module implements the same small contract (``is_available``, ``forward``,
-``backward``, ``logits_forward``, ``logits_backward``); see fusedrl/backends/torch_backend.py for
-the plainest implementation of it. ``reference`` is not in this registry: it is plain autograd over
+Every backend module implements the contract of :class:`fusedrl.backends.base.Backend` (core op
+forward / backward, the same over given logits, the one-pass row epilogue); torch_backend.py is the
+plainest implementation of it. ``reference`` is not in this registry: it is plain autograd over
 materialised logits (fusedrl/reference.py) and is dispatched by fusedrl/ops.py directly.
 
 ``auto`` (see :func:`auto_order`): on CUDA, the first available backend of a per-architecture order.
@@ -18,19 +18,21 @@ import json
 import os
 import re
 from types import ModuleType
-from typing import Dict, List, Optional, Tuple
+from typing import Optional
 
 import torch
 
+from .. import _config
+
 BACKENDS: dict[str, str] = {
     "torch": "fusedrl.backends.torch_backend",
-    "triton": "fusedrl.backends.triton_backend",
-    "cuda": "fusedrl.backends.cuda_backend",
+    "triton": "fusedrl.backends.triton",
+    "cuda": "fusedrl.backends.cuda",
 }
 ALL_NAMES = ("auto", "reference") + tuple(BACKENDS)
 
 # `auto` on CUDA when no measurement exists for the device's architecture. UNMEASURED: no kernel of
-# this package had run on a GPU when this order was chosen; it follows from the code (issue 15):
+# this package had run on a GPU when this order was chosen; it follows from the code:
 #   1. cuda:   cuBLAS GEMMs (vendor-tuned tensor-core kernels, wgmma on sm_90) on bounded chunks plus
 #              memory-bound CUDA epilogues overlapped on a side stream. Its extra cost over the
 #              3-GEMM floor is one recompute GEMM and fp32 chunk traffic through L2/HBM.
@@ -41,10 +43,8 @@ ALL_NAMES = ("auto", "reference") + tuple(BACKENDS)
 #   3. torch:  upcasts every tile to fp32 and runs fp32 GEMMs (no tensor cores unless TF32 is
 #              allowed), about an order of magnitude below the bf16 rate: the portable fallback.
 STATIC_AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "torch")}
-AUTO_ORDER = STATIC_AUTO_ORDER  # older name, kept for callers that read it
 AUTO_DEFAULT = ("torch",)
 AUTO_TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_table.json")
-AUTO_TABLE_ENV = "FUSEDRL_AUTO_TABLE"  # another table file; "off" / "none" / "0": static order only
 _ARCH_RE = re.compile(r"^sm_\d{2,3}[a-z]?$")
 
 
@@ -123,10 +123,10 @@ _tables: dict[tuple[str, float], tuple[dict[str, dict], str]] = {}
 
 
 def auto_table_path() -> Optional[str]:
-    """The table file ``auto`` reads: ``$FUSEDRL_AUTO_TABLE`` when set (None when it says off), else the
-    committed ``auto_table.json``."""
-    env = os.environ.get(AUTO_TABLE_ENV, "").strip()
-    if env.lower() in ("off", "none", "0", "false"):
+    """The table file ``auto`` reads: the one named in the environment (``fusedrl._config``; None when it
+    says off), else the committed ``auto_table.json``."""
+    env = _config.get("auto_table")
+    if env is not None and env.lower() in ("off", "none", "0", "false"):
         return None
     return env or AUTO_TABLE_PATH
 
@@ -136,7 +136,7 @@ def load_auto_table(path: Optional[str] = None) -> tuple[dict[str, dict], str]:
     malformed file gives no entries and the reason, never an exception (``auto`` must not fail)."""
     path = auto_table_path() if path is None else path
     if path is None:
-        return {}, f"{AUTO_TABLE_ENV} disables the table"
+        return {}, "the environment disables the table"
     try:
         key = (path, os.path.getmtime(path))
     except OSError:
@@ -212,10 +212,13 @@ def auto_order(device: torch.device) -> tuple[tuple[str, ...], str]:
 
 def auto_choice(device: torch.device | str) -> dict:
     """What ``auto`` resolves to on ``device`` and why (for logs and reports): arch, order, source,
-    the FUSEDRL_BACKEND override, each candidate's availability, and the choice."""
+    the environment's override, each candidate's availability, and the choice."""
     device = torch.device(device)
     order, src = auto_order(device)
-    env = os.environ.get("FUSEDRL_BACKEND", "").strip()
+    try:
+        env = _config.get("backend")
+    except ValueError as e:
+        env = f"error: {e}"
     cands = []
     choice = None
     for n in order:
@@ -225,7 +228,7 @@ def auto_choice(device: torch.device | str) -> dict:
             choice = n
     try:
         resolved = resolve("auto", device)
-    except (ValueError, BackendUnavailable) as e:  # a bad FUSEDRL_BACKEND: report it, do not raise
+    except (ValueError, BackendUnavailable) as e:  # a bad environment override: report it, do not raise
         resolved = f"error: {e}"
     return {
         "device": str(device),
@@ -244,16 +247,19 @@ def auto_choice(device: torch.device | str) -> dict:
 def resolve(name: str, device: torch.device) -> str:
     """Turn a requested backend name (or ``auto``) into a concrete available one.
 
-    ``auto``: ``FUSEDRL_BACKEND`` when set (checked like an explicit name), else the first available
-    backend of :func:`auto_order` (measured table entry for the device's arch, else the unmeasured
-    static order), else ``torch``.
+    ``auto``: the environment's override when set (``fusedrl._config``; checked like an explicit name,
+    errors name the variable), else the first available backend of :func:`auto_order` (measured table
+    entry for the device's arch, else the unmeasured static order), else ``torch``.
     """
     if not isinstance(name, str) or name not in ALL_NAMES:
         raise ValueError(f"backend must be one of {ALL_NAMES}, got {name!r}")
     if name == "auto":
-        env = os.environ.get("FUSEDRL_BACKEND", "").strip()
-        if env and env != "auto":
-            return resolve(env, device)
+        env = _config.get("backend")
+        if env is not None and env != "auto":
+            try:
+                return resolve(env, device)
+            except BackendUnavailable as e:
+                raise BackendUnavailable(f"environment variable {_config.name('backend')}={env!r}: {e}") from None
         for cand in auto_order(device)[0]:
             if availability(cand, device)[0]:
                 return cand

@@ -2,15 +2,14 @@
 
 Runs on any device torch runs on (the CPU default). Forward walks the vocabulary in tiles and keeps
 per-token running statistics (max M, S = sum e^(z-M), B = sum (z-M) e^(z-M)) so only LSE and entropy
-(8 bytes/token) survive; backward recomputes each tile's logits and applies DESIGN.md section 3.
-The tile size comes from a memory budget (FUSEDRL_TORCH_WORKSPACE_MB, default 64), not a count.
+(8 bytes/token) survive; backward recomputes each tile's logits and applies the core math (docs/design.md).
+The tile size comes from a memory budget (``workspace_mb``, default 64 MiB), not a count.
 Logits are computed in fp32 (fp64 for fp64 inputs) from upcast tiles: a bf16 GEMM output would
 round the logits themselves to bf16, which is the precision loss fusedrl exists to avoid.
 """
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -29,17 +28,20 @@ def is_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def _budget_bytes() -> int:
-    return int(float(os.environ.get("FUSEDRL_TORCH_WORKSPACE_MB", "64")) * 2**20)
+DEFAULT_WORKSPACE_MB = 64.0
+
+
+def _budget_bytes(workspace_mb: Optional[float] = None) -> int:
+    return int((workspace_mb or DEFAULT_WORKSPACE_MB) * 2**20)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def tile_plan(n: int, v: int, elem_bytes: int = 4) -> tuple[int, int]:
-    """(token tile, vocab tile) whose fp32 temporaries fit the workspace budget."""
-    elems = max(1, _budget_bytes() // (elem_bytes * _TEMPS_PER_ELEM))
+def tile_plan(n: int, v: int, elem_bytes: int = 4, workspace_mb: Optional[float] = None) -> tuple[int, int]:
+    """(token tile, vocab tile) whose fp32 temporaries fit the workspace budget (``workspace_mb``)."""
+    elems = max(1, _budget_bytes(workspace_mb) // (elem_bytes * _TEMPS_PER_ELEM))
     vt = min(v, 8192, elems)
     nt = max(1, min(n, elems // vt))
     if nt == n:  # few tokens: widen the vocab tile instead
@@ -128,7 +130,7 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
     lse = torch.empty(n, dtype=cdt, device=x.device)
     zt = torch.zeros(n, dtype=cdt, device=x.device)
     ent = torch.empty(n, dtype=cdt, device=x.device) if return_entropy else None
-    nt, vt = tile_plan(n, v)
+    nt, vt = tile_plan(n, v, workspace_mb=opts.get("workspace_mb"))
     zero = torch.zeros((), dtype=cdt, device=x.device)
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
@@ -154,7 +156,7 @@ def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_sta
 
 
 def _du_tile(z, t, loc, hit, lse, ent, g_lp, g_H, temperature, softcap):
-    """du = dz/du for one tile, formed in place over z (DESIGN.md section 3):
+    """du = dz/du for one tile, formed in place over z (docs/design.md, the core math):
     du = p * (a + c (z - LSE)) + (g_lp / T) 1[j = target], a = -(g_lp + g_H H) / T, c = -g_H / T,
     times (1 - tanh^2) under softcap."""
     inv_t = 1.0 / temperature  # a float, or this tile's per-row tensor
@@ -200,7 +202,7 @@ def backward(
     if g_H is not None:
         g_H, ent = g_H.to(cdt), ent.to(cdt)
     dev = x.device
-    nt, vt = tile_plan(n, v)
+    nt, vt = tile_plan(n, v, workspace_mb=opts.get("workspace_mb"))
     # Keep the big fp32 accumulator on the smaller side: vocab-outer needs a full dx, token-outer a full dW.
     vocab_outer = n <= v
     dx = torch.zeros(n, h, dtype=cdt, device=dev) if need_dx else None
@@ -257,17 +259,17 @@ def _logits_rows(logits: Tensor, n0: int, n1: int, temperature, softcap: Optiona
     return t * _col(softcap / temperature), t
 
 
-def _rows_per_chunk(n: int, v: int) -> int:
-    return max(1, min(n, _budget_bytes() // (4 * _TEMPS_PER_ELEM * v)))
+def _rows_per_chunk(n: int, v: int, workspace_mb: Optional[float] = None) -> int:
+    return max(1, min(n, _budget_bytes(workspace_mb) // (4 * _TEMPS_PER_ELEM * v)))
 
 
-def logits_forward(logits, targets, temperature, softcap, return_entropy):
+def logits_forward(logits, targets, temperature, softcap, return_entropy, **opts):
     n, v = logits.shape
     cdt = _compute_dtype(logits)
     lse = torch.empty(n, dtype=cdt, device=logits.device)
     zt = torch.empty(n, dtype=cdt, device=logits.device)
     ent = torch.empty(n, dtype=cdt, device=logits.device) if return_entropy else None
-    nt = _rows_per_chunk(n, v)
+    nt = _rows_per_chunk(n, v, opts.get("workspace_mb"))
     for n0 in range(0, n, nt):
         n1 = min(n, n0 + nt)
         z, _ = _logits_rows(logits, n0, n1, _rows(temperature, n0, n1, cdt), softcap)
@@ -281,11 +283,11 @@ def logits_forward(logits, targets, temperature, softcap, return_entropy):
     return lse, zt, ent
 
 
-def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False):
+def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False, **opts):
     n, v = logits.shape
     cdt = _compute_dtype(logits)
     out = logits if inplace else torch.empty_like(logits)
-    nt = _rows_per_chunk(n, v)
+    nt = _rows_per_chunk(n, v, opts.get("workspace_mb"))
     lse, g_lp = lse.to(cdt), g_lp.to(cdt)
     if g_H is not None:
         g_H, ent = g_H.to(cdt), ent.to(cdt)
@@ -355,7 +357,9 @@ def onepass_stats(
         u.div_(temperature[:, None])
     elif not is_scaled and temperature != 1.0:
         u.div_(temperature)
-    zt = u.gather(1, targets[:, None]).squeeze(1)
+    # an out-of-range id (possible only with the value checks off) reads a target logit of 0, in bounds
+    loc, hit = _target_in_tile(targets, 0, u.shape[1])
+    zt = torch.where(hit, u.gather(1, loc[:, None]).squeeze(1), torch.zeros((), dtype=u.dtype, device=u.device))
     m = u.amax(dim=1)
     m = torch.where(m == -torch.inf, torch.zeros_like(m), m)
     u.sub_(m[:, None])
@@ -390,7 +394,7 @@ def onepass_du(
     g_H: Optional[Tensor],
     tmp: Optional[Tensor] = None,
 ) -> Tensor:
-    """du = dL/du over the workspace after :func:`onepass_stats` (DESIGN.md section 3), formed in place:
+    """du = dL/du over the workspace after :func:`onepass_stats` (docs/design.md, the core math), formed in place:
     ``p (a + c (z - LSE)) = e (alpha + beta d)`` with ``a = -(g_lp + g_H H)/T``, ``c = -g_H/T``, plus the
     one-hot term ``g_lp/T``, times ``1 - tanh^2`` under softcap. Returns the buffer holding du (``u`` when
     there is an entropy gradient, else the scratch ``e``)."""
@@ -410,4 +414,59 @@ def onepass_du(
         c = -inv_t * g_H
         alpha = ((g_lp + g_H * st.ent).mul_(-inv_t) - c * st.log_s) * inv_s
         du = u.mul_((c * inv_s)[:, None]).add_(alpha[:, None]).mul_(e)
-    return du.scatter_add_(1, targets[:, None], onehot[:, None])
+    loc, hit = _target_in_tile(targets, 0, u.shape[1])
+    return du.scatter_add_(1, loc[:, None], torch.where(hit, onehot, torch.zeros_like(onehot))[:, None])
+
+
+def onepass_scratch_shapes(rows: int, v: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The torch epilogue's scratch buffers beyond the workspace: ``e = exp(z - M)`` ``[rows, V]`` and the
+    entropy sum's block temporary ``[rows, min(V, 8192)]`` (compute dtype)."""
+    return (rows, v), (rows, min(v, _B_BLOCK))
+
+
+def onepass_supports(head, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
+    """The torch epilogue serves every head (it differentiates the loss formulas themselves)."""
+    return (True, "") if head.grads is not None else (False, "no autograd head given")
+
+
+def onepass_epilogue(
+    u: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature,
+    softcap: Optional[float],
+    head,
+    du16: Optional[Tensor] = None,
+    *,
+    scratch: Optional[tuple[Tensor, Tensor]] = None,
+    prescaled: bool = False,
+    may_have_neg_inf: bool = True,
+):
+    """The torch row epilogue (the contract: :meth:`fusedrl.backends.base.Backend.onepass_epilogue`).
+
+    ``head.grads(logp, ent)`` gives the head's per-row gradients (autograd over the loss formulas);
+    ``None`` skips the gradient (forward statistics only). ``scratch``: the buffers of
+    :func:`onepass_scratch_shapes` (allocated when None). ``prescaled``: the schedule folded ``1/T`` into
+    the GEMM operand (no softcap), so ``u`` already holds ``z``. Works in the compute dtype of ``u``
+    (fp64 stays fp64)."""
+    from .base import EpilogueOut
+
+    if bias is not None:
+        u.add_(bias.to(u.dtype))
+    if scratch is None:
+        a, b = onepass_scratch_shapes(u.shape[0], u.shape[1])
+        scratch = (torch.empty(a, dtype=u.dtype, device=u.device), torch.empty(b, dtype=u.dtype, device=u.device))
+    e_buf, tmp = scratch
+    st = onepass_stats(
+        u, targets, temperature, softcap, head.need_ent, e_buf, tmp, is_scaled=prescaled,
+        may_have_neg_inf=may_have_neg_inf or bias is not None,
+    )
+    logp = st.zt - st.lse
+    if head.grads is None:
+        return EpilogueOut(logp, st.ent, st.lse, None, None, None)
+    g_lp, g_H = head.grads(logp, st.ent)
+    cdt = u.dtype
+    du = onepass_du(u, st, targets, temperature, softcap, g_lp.to(cdt), None if g_H is None else g_H.to(cdt), tmp)
+    if du16 is not None:
+        du16.copy_(du)
+    return EpilogueOut(logp, st.ent, st.lse, g_lp, g_H, du)

@@ -24,7 +24,10 @@ Only ``torch`` is imported here; ``transformers`` itself is never imported (duck
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 import types
+import weakref
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -36,6 +39,8 @@ Tensor = torch.Tensor
 
 __all__ = [
     "LMHead",
+    "UnsupportedHeadError",
+    "check_lm_head",
     "unwrap_model",
     "get_lm_head",
     "lm_head_params",
@@ -86,12 +91,87 @@ def _text_config(model: nn.Module):
     return cfg
 
 
+class UnsupportedHeadError(ValueError):
+    """The model computes its logits in a way fusedrl's head does not reproduce.
+
+    fusedrl's head is ``softcap(logit_scale * (h @ W.T + b) * row_scale) / T``, after any extra head layers it
+    knows (see :func:`lm_head_params`). Models that do something else raise this error rather than return
+    wrong log-probs."""
+
+
+# Models with layers between the body's last hidden state and the vocabulary projection: name of the model class
+# -> (the module applied to the hidden state first, the projection). They are the model's own modules, so running
+# them in the hidden-only forward reproduces the model's head exactly.
+_PRE_HEAD_LAYERS = {
+    "ModernBertDecoderForCausalLM": ("lm_head", "decoder"),  # prediction head (dense, act, norm), then decoder
+    "ElectraForCausalLM": ("generator_predictions", "generator_lm_head"),  # dense, act, norm
+    "ClvpForCausalLM": ("final_norm", "lm_head"),  # the model's LayerNorm runs inside its head
+}
+# Models whose head cannot be expressed as fusedrl's head: name of the model class -> what is unsupported.
+_UNSUPPORTED_HEADS = {
+    "ChameleonForConditionalGeneration": "masks the image-token columns of its logits to finfo.min",
+    "Gemma4AssistantForCausalLM": "is a drafter whose head projects through masked embeddings",
+    "Gemma4UnifiedAssistantForCausalLM": "is a drafter whose head projects through masked embeddings",
+    "ProphetNetForCausalLM": "predicts n-gram streams",
+}
+# Config fields that a model type carries but never applies to its logits.
+_UNUSED_HEAD_FIELDS = {"mpt": ("logit_scale",)}
+# Final-logit softcap, by config field: Gemma-2 family and most others / RecurrentGemma / xLSTM.
+_SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+
+
+def _class_entry(inner: nn.Module, table: dict):
+    for cls in type(inner).__mro__:
+        if cls.__name__ in table:
+            return cls.__name__, table[cls.__name__]
+    return None, None
+
+
+def _number(cfg, name: str) -> Optional[float]:
+    if cfg is None or name in _UNUSED_HEAD_FIELDS.get(getattr(cfg, "model_type", "") or "", ()):
+        return None
+    try:
+        v = getattr(cfg, name, None)
+    except Exception:  # some configs compute attributes and fail on partial configs
+        return None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _check_supported(inner: nn.Module) -> None:
+    name, why = _class_entry(inner, _UNSUPPORTED_HEADS)
+    if name is not None:
+        raise UnsupportedHeadError(
+            f"{type(inner).__name__}: fusedrl cannot compute this model's log-probs from its hidden states: "
+            f"{name} {why}"
+        )
+
+
+def _pre_head(inner: nn.Module) -> Optional[nn.Module]:
+    """The model's own layers between its body and the vocabulary projection (None for most models)."""
+    _, names = _class_entry(inner, _PRE_HEAD_LAYERS)
+    if names is None:
+        return None
+    pre = getattr(inner, names[0], None)
+    if not isinstance(pre, nn.Module):
+        raise UnsupportedHeadError(f"{type(inner).__name__}: expected its head layers in .{names[0]}, found none")
+    return pre
+
+
 def get_lm_head(model: nn.Module) -> nn.Module:
-    """The output projection (``model.get_output_embeddings()``, else ``model.lm_head``)."""
+    """The output projection (``model.get_output_embeddings()``, else ``model.lm_head``).
+
+    For models with extra head layers (ModernBertDecoder, Electra, CLVP) this is the final vocabulary projection;
+    the layers before it run with the body (:func:`last_hidden_state`)."""
     inner = unwrap_model(model)
+    _check_supported(inner)
     head = None
+    _, names = _class_entry(inner, _PRE_HEAD_LAYERS)
+    if names is not None:
+        head = getattr(inner, names[1], None)
     get = getattr(inner, "get_output_embeddings", None)
-    if callable(get):
+    if head is None and callable(get):
         head = get()
     if head is None:
         head = getattr(inner, "lm_head", None)
@@ -100,55 +180,123 @@ def get_lm_head(model: nn.Module) -> nn.Module:
     return head
 
 
+def _full(t: Tensor) -> Tensor:
+    # FSDP2 / tensor-parallel shards: gather once (differentiable)
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def _row_scale(inner: nn.Module, head: nn.Module) -> Optional[Tensor]:
+    """A per-vocabulary multiplier the output layer applies to its logits, or None for a plain projection.
+
+    Refuses output layers with their own ``forward`` that are not a known per-row scale (a PEFT adapter on the
+    output layer, a quantised layer, a custom head): reading only their ``weight`` would give wrong logits."""
+    fwd = getattr(type(head), "forward", None)
+    if fwd is nn.Linear.forward or fwd is nn.Embedding.forward:
+        return None
+    # Dory's DoryLMHead: an nn.Linear whose forward multiplies logit column v by logit_scale[v] * logit_scale_factor,
+    # i.e. a scale of weight row v (exact: no bias).
+    scale, factor = getattr(head, "logit_scale", None), getattr(head, "logit_scale_factor", None)
+    rows = head.weight.shape[0]
+    if (
+        isinstance(head, nn.Linear)
+        and getattr(head, "bias", None) is None
+        and isinstance(scale, torch.Tensor)
+        and tuple(scale.shape) == (rows,)
+        and isinstance(factor, (int, float))
+        and not isinstance(factor, bool)
+    ):
+        return _full(scale).float() * float(factor)
+    raise UnsupportedHeadError(
+        f"{type(inner).__name__}: its output layer is a {type(head).__module__}.{type(head).__name__}, which computes "
+        f"the logits with its own forward; fusedrl reads only the weight and bias of a plain nn.Linear output layer "
+        f"(leave the output layer out of PEFT's target_modules / modules_to_save, and do not quantise it)"
+    )
+
+
 def _logit_scale_from_config(cfg) -> float:
     """Multiplier the model applies to its logits before the softcap (1.0 for most models).
 
-    Cohere (``logit_scale``), Falcon-H1 (``lm_head_multiplier``), Granite (divides by ``logits_scaling``).
+    Cohere (``logit_scale``), MuseSpark (``output_multiplier``), Falcon-H1 (``lm_head_multiplier``), Granite
+    (divides by ``logits_scaling``; HyperCLOVAX multiplies), Inkling (divides the hidden state by
+    ``logits_mup_width_multiplier``, the same as dividing the logits since its lm_head has no bias).
     """
     if cfg is None:
         return 1.0
+    scale = 1.0
     for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return float(v)
-    v = getattr(cfg, "logits_scaling", None)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and v:
-        return float(v) if getattr(cfg, "model_type", "") == "hyperclovax" else 1.0 / float(v)
-    return 1.0
+        v = _number(cfg, name)
+        if v is not None:
+            scale = v
+            break
+    else:
+        v = _number(cfg, "logits_scaling")
+        if v:
+            scale = v if getattr(cfg, "model_type", "") == "hyperclovax" else 1.0 / v
+    m = _number(cfg, "logits_mup_width_multiplier")
+    if m:
+        scale /= m
+    return scale
+
+
+def _softcap_from_config(cfg) -> Optional[float]:
+    for name in _SOFTCAP_FIELDS:
+        v = _number(cfg, name)
+        if v:
+            return v
+    return None
 
 
 @dataclass
 class LMHead:
-    """What the fused head needs from a model: ``z = softcap(scale * (h @ weight.T + bias)) / T``."""
+    """What the fused head needs from a model: ``z = softcap(scale * (h @ weight.T + bias) * row_scale) / T``.
+
+    ``row_scale`` (``[vocab_size]`` or None) is a learned per-vocabulary multiplier (Dory), folded into the rows
+    of ``weight``. ``weight`` / ``bias`` hold only the ``vocab_size`` columns the model's logits keep (Inkling
+    slices its padded vocabulary to ``config.unpadded_vocab_size``)."""
 
     weight: Tensor
     bias: Optional[Tensor]
     softcap: Optional[float]
     logit_scale: float
     vocab_size: int
+    row_scale: Optional[Tensor] = None
 
 
 def lm_head_params(model: nn.Module, logit_scale: Optional[float] = None, softcap: Optional[float] = None) -> LMHead:
-    """lm_head weight (tied or untied) and bias, the final-logit softcap (``config.final_logit_softcapping``,
-    Gemma-2) and the logit scale of ``model``. ``logit_scale`` / ``softcap`` override the config.
+    """The model's output head as fusedrl computes it: lm_head weight (tied or untied) and bias, the logit scale,
+    the final-logit softcap and a per-vocabulary scale, read from the model and its (text) config.
 
-    A DTensor weight (FSDP2) is gathered with ``full_tensor()`` (differentiable)."""
+    Read from the config: ``logit_scale`` (Cohere), ``output_multiplier`` (MuseSpark), ``lm_head_multiplier``
+    (Falcon-H1), ``logits_scaling`` (Granite, MiniCPM3, HyperCLOVAX), ``logits_mup_width_multiplier`` and
+    ``unpadded_vocab_size`` (Inkling), and the softcap ``final_logit_softcapping`` (Gemma-2 and others),
+    ``logits_soft_cap`` (RecurrentGemma) or ``output_logit_soft_cap`` (xLSTM). ``logit_scale`` / ``softcap``
+    override the config. A DTensor weight (FSDP2) is gathered with ``full_tensor()`` (differentiable).
+
+    Raises:
+        UnsupportedHeadError: the model's head is one fusedrl cannot reproduce (Chameleon's image-token mask, a
+            PEFT adapter or quantised layer as output layer, ...).
+    """
+    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number, got {softcap!r}")
     inner = unwrap_model(model)
     head = get_lm_head(inner)
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if not isinstance(bias, torch.Tensor):
-        bias = None
-    if type(weight).__name__ == "DTensor":  # FSDP2 shards; gather once (differentiable)
-        weight = weight.full_tensor()
-        if bias is not None and type(bias).__name__ == "DTensor":
-            bias = bias.full_tensor()
+    weight, bias = _full(head.weight), getattr(head, "bias", None)
+    bias = _full(bias) if isinstance(bias, torch.Tensor) else None
+    row_scale = _row_scale(inner, head)
     cfg = _text_config(inner)
-    if softcap is None and cfg is not None:
-        sc = getattr(cfg, "final_logit_softcapping", None)
-        softcap = float(sc) if sc else None
+    if softcap is None:
+        softcap = _softcap_from_config(cfg)
     if logit_scale is None:
         logit_scale = _logit_scale_from_config(cfg)
-    return LMHead(weight, bias, softcap, float(logit_scale), weight.shape[0])
+    keep = _number(cfg, "unpadded_vocab_size")
+    if keep is not None and 0 < keep < weight.shape[0]:  # Inkling: logits[..., :unpadded_vocab_size]
+        keep = int(keep)
+        weight = weight[:keep]
+        bias = None if bias is None else bias[:keep]
+        row_scale = None if row_scale is None else row_scale[:keep]
+    return LMHead(weight, bias, softcap, float(logit_scale), weight.shape[0], row_scale)
 
 
 def _body(inner: nn.Module) -> nn.Module:
@@ -176,7 +324,10 @@ def _run_body(inner: nn.Module, *args, **kwargs):
     # wrappers (PEFT, ...) forward head-only arguments (labels=None, ...): the body takes none of them
     kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HEAD_ONLY_KWARGS}
     kwargs["use_cache"] = False
-    return _body(inner)(*args, **kwargs)
+    out = _body(inner)(*args, **kwargs)
+    pre = _pre_head(inner)
+    # models with head layers before the projection: run them here, inside the wrapper's forward
+    return out if pre is None else pre(_hidden_of(out))
 
 
 def _install_hidden_forward(inner: nn.Module) -> None:
@@ -215,8 +366,9 @@ def last_hidden_state(
     model: nn.Module, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None, **model_kwargs
 ) -> Tensor:
     """Run the model's body (no lm_head, no logits) and return the last hidden state ``[B, L, H]``
-    (after the final norm). Extra keyword arguments go to the body (``position_ids``,
-    ``pixel_values``, ...).
+    (after the final norm): the input of the vocabulary projection. For models with head layers before the
+    projection (ModernBertDecoder's prediction head, Electra's generator predictions, CLVP's final norm) those
+    layers have run too. Extra keyword arguments go to the body (``position_ids``, ``pixel_values``, ...).
 
     The call goes through ``model.__call__`` (and any wrapper: DDP, FSDP1/2 hooks, DeepSpeed, PEFT),
     with a small hook-in installed on the inner model's ``forward`` on first use."""
@@ -266,6 +418,10 @@ def _head_inputs(h: Tensor, head: LMHead, head_dtype: Optional[torch.dtype]):
     if head.logit_scale != 1.0:  # (h W^T + b) * s == (s h) W^T + s b
         h = h * head.logit_scale
         b = None if b is None else b * head.logit_scale
+    if head.row_scale is not None:  # column v of the logits times r[v] == row v of W (and b[v]) times r[v]
+        r = head.row_scale.to(dt)
+        w = w * r[:, None]
+        b = None if b is None else b * r
     return h, w, b
 
 
@@ -306,6 +462,177 @@ def head_logprob_entropy(
         )
 
 
+# Models whose config-derived head matched their own logits (-> the largest difference seen). Weak keys: a model
+# that is freed drops out; a copy of a model (e.g. a reference model) is checked on its own.
+_HEAD_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Model inputs sliced by row along with input_ids; any other tensor input makes the check use the whole batch.
+_PER_ROW_KWARGS = ("position_ids", "token_type_ids")
+
+
+def _describe(head: LMHead) -> str:
+    z = "h @ W.T" + (" + b" if head.bias is not None else "")
+    if head.logit_scale != 1.0:
+        z = f"{head.logit_scale:.6g} * ({z})"
+    if head.row_scale is not None:
+        z = f"({z}) * row_scale"
+    if head.softcap is not None:
+        z = f"softcap({z}, {head.softcap:g})"
+    return f"logits = {z}, W {tuple(head.weight.shape)}"
+
+
+def _eps(dtypes, device: torch.device) -> float:
+    """Relative precision of the least precise arithmetic the model's logits or fusedrl's head went through."""
+    eps = max(torch.finfo(d).eps for d in dtypes if d.is_floating_point)
+    try:
+        if torch.is_autocast_enabled(device.type):
+            eps = max(eps, torch.finfo(torch.get_autocast_dtype(device.type)).eps)
+    except (AttributeError, TypeError, RuntimeError):  # older torch: autocast queries without a device type
+        pass
+    if device.type == "cuda" and torch.float32 in dtypes:
+        if torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+            eps = max(eps, 2.0**-10)  # TF32 matmuls keep 10 mantissa bits
+    return eps
+
+
+def _entropy_of(lsm: Tensor) -> Tensor:
+    p = lsm.exp()
+    return -(p * lsm.masked_fill(p == 0, 0.0)).sum(-1)  # columns masked to -inf contribute 0, not nan
+
+
+def check_lm_head(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    num_positions: int = 4,
+    max_rows: int = 2,
+    **model_kwargs,
+) -> float:
+    """Check fusedrl's head for ``model`` (:func:`lm_head_params`) against the model's own logits.
+
+    Runs the model's own forward (``model(...)``, through any wrapper, in eval mode, under ``no_grad``) on the first
+    ``max_rows`` rows of ``input_ids``, keeping the logits of the last ``num_positions`` positions
+    (``logits_to_keep`` where the forward takes it), and the body on the same rows. The log-probs (of the next
+    token and of the most likely one) and the entropies of ``log_softmax(logits)`` must match fusedrl's head
+    within a tolerance scaled for the precision involved (dtypes, autocast, TF32). :func:`hf_logprob_entropy` and
+    :func:`hf_fused_policy_loss` run this once per model (``check_head=True``).
+
+    Args:
+        model: a Hugging Face causal LM, possibly wrapped. input_ids: ``[B, L]`` token ids, ``L >= 2``.
+        attention_mask: ``[B, L]`` or None. model_kwargs: further model inputs (``position_ids``, ...). With tensor
+            inputs other than ``position_ids`` / ``token_type_ids`` the check runs on all ``B`` rows.
+
+    Returns:
+        The largest absolute difference found (nan when the model's own log-probs were not finite anywhere).
+
+    Raises:
+        UnsupportedHeadError: the model's head is not one fusedrl reproduces (its logits differ in shape or value).
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer tensor [B, L], got {_shape_of(input_ids)}")
+    if input_ids.shape[1] < 2 or input_ids.shape[0] < 1:
+        raise ValueError(f"input_ids must hold at least one row of 2 tokens, got shape {tuple(input_ids.shape)}")
+    for name, v in (("num_positions", num_positions), ("max_rows", max_rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    inner = unwrap_model(model)
+    head = lm_head_params(inner)
+    B, L = input_ids.shape
+    n = min(num_positions, L - 1)
+    per_row = all(
+        not isinstance(v, torch.Tensor) or (k in _PER_ROW_KWARGS and v.shape[:1] == (B,))
+        for k, v in model_kwargs.items()
+    )
+    r = min(B, max_rows) if per_row else B
+    ids = input_ids[:r]
+    am = None if attention_mask is None else attention_mask[:r]
+    kw = {k: (v[:r] if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()} if r < B else model_kwargs
+    params = inspect.signature(type(inner).forward).parameters
+    extra: dict[str, Any] = {}
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            extra[name] = n + 1  # positions L-n-1 .. L-1; the last one predicts past the input
+            break
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # dropout or router noise would make the two forwards differ
+        with torch.no_grad():
+            try:
+                out = model(input_ids=ids, attention_mask=am, **kw, **extra)
+            except Exception as e:
+                raise RuntimeError(
+                    f"{type(inner).__name__}: checking fusedrl's head needs the model's own logits, and its forward "
+                    f"failed ({type(e).__name__}: {e}); pass check_head=False to skip the check"
+                ) from e
+            logits = getattr(out, "logits", None)
+            if logits is None:
+                logits = out[0]
+            hidden = last_hidden_state(model, ids, am, **kw)
+    finally:
+        for m, training in modes:
+            m.training = training
+    cls = type(inner).__name__
+    if logits.dim() != 3 or logits.shape[0] != r or logits.shape[1] < n + 1:
+        raise UnsupportedHeadError(
+            f"{cls}: its forward returned logits of shape {tuple(logits.shape)} for input_ids of shape "
+            f"{tuple(ids.shape)}; fusedrl expects one row of logits per input position"
+        )
+    z = logits[:, -(n + 1) : -1]
+    if z.shape[-1] != head.vocab_size:
+        raise UnsupportedHeadError(
+            f"{cls}: its logits have {z.shape[-1]} vocabulary columns, fusedrl's head has {head.vocab_size} "
+            f"({_describe(head)})"
+        )
+    lsm = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).log_softmax(-1)
+    top = lsm.argmax(-1)
+    nxt = ids[:, L - n :]
+    nxt = torch.where((nxt >= 0) & (nxt < head.vocab_size), nxt, top)
+    targets = torch.cat([nxt, top])
+    ref_lp = lsm.repeat(2, 1, 1).gather(-1, targets[..., None]).squeeze(-1)
+    ref_ent = _entropy_of(lsm).repeat(2, 1)
+    h = hidden[:, -(n + 1) : -1]
+    with torch.no_grad():
+        lp, ent = head_logprob_entropy(torch.cat([h, h]), targets, head, backend="torch")
+    ok = torch.isfinite(ref_lp) & torch.isfinite(ref_ent)
+    if not bool(ok.any()):
+        return float("nan")
+    diff = torch.maximum((lp - ref_lp).abs(), (ent - ref_ent).abs())[ok].max()
+    diff = float("inf") if not torch.isfinite(diff) else float(diff)
+    # rounding of a logit is relative to its size: the columns that carry probability, and the targets
+    live = torch.isfinite(z) & (lsm > -100)
+    mag = 1.0 + max(float(z.abs().masked_fill(~live, 0).max()), float(ref_lp[ok].abs().max()))
+    dtypes = {logits.dtype, hidden.dtype, head.weight.dtype}
+    tol = (4 * _eps(dtypes, logits.device) + 1e-5) * mag
+    if not diff <= tol:
+        raise UnsupportedHeadError(
+            f"{cls}: fusedrl's head does not reproduce this model's logits: log-probs / entropies differ by up to "
+            f"{diff:.3g} (tolerance {tol:.3g}). fusedrl computes {_describe(head)}; the model's forward does "
+            f"something else (a scale, softcap, mask or layer that fusedrl does not read from it). If you know the "
+            f"head, pass logit_scale= / softcap=; check_head=False skips this check."
+        )
+    return diff
+
+
+def _shape_of(x) -> str:
+    return f"a tensor of shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _ensure_head_checked(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap) -> None:
+    if not isinstance(check_head, bool):
+        raise ValueError(f"check_head must be a bool, got {check_head!r}")
+    # an explicit logit_scale / softcap is the caller's statement of the head: nothing to check it against
+    if not check_head or logit_scale is not None or softcap is not None:
+        return
+    inner = unwrap_model(model)
+    if inner in _HEAD_CHECKED:
+        return
+    diff = check_lm_head(model, input_ids, attention_mask, **model_kwargs)
+    if diff == diff:  # nan: nothing was comparable; check again next time
+        _HEAD_CHECKED[inner] = diff
+
+
 def hf_logprob_entropy(
     model: nn.Module,
     input_ids: Tensor,
@@ -320,6 +647,7 @@ def hf_logprob_entropy(
     softcap: Optional[float] = None,
     head_dtype: Optional[torch.dtype] = None,
     core_kwargs: Optional[dict[str, Any]] = None,
+    check_head: bool = True,
     **model_kwargs,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-probs and entropies of the last ``K`` tokens of ``input_ids`` under ``model``.
@@ -337,13 +665,19 @@ def hf_logprob_entropy(
             the scored tokens) or per sequence (``[B]``). logit_scale / softcap: override the config's.
         head_dtype: dtype of the head computation (default: the lm_head weight's).
         core_kwargs: extra keyword arguments of :func:`fusedrl.linear_logprob_entropy`.
+        check_head: on the first call for a model, check fusedrl's head against the model's own logits on a few
+            positions (:func:`check_lm_head`; skipped when ``logit_scale`` or ``softcap`` is given).
         model_kwargs: go to the model body (``position_ids``, ``pixel_values``, ...).
 
     Returns:
         ``(logp, entropy)``: fp32 ``[B, K]`` (``entropy`` None if not asked).
+
+    Raises:
+        UnsupportedHeadError: the model's head is one fusedrl cannot reproduce.
     """
     k = _num_scored(input_ids, response_mask, logits_to_keep)
     head = lm_head_params(model, logit_scale=logit_scale, softcap=softcap)
+    _ensure_head_checked(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap)
     hidden = last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
     h, targets = response_hidden_and_targets(hidden, input_ids, k)
     if response_mask is not None:
@@ -387,6 +721,7 @@ def hf_fused_policy_loss(
     rollout_logp: Optional[Tensor] = None,
     rollout_is_weights: Optional[Tensor] = None,
     core_kwargs: Optional[dict[str, Any]] = None,
+    check_head: bool = True,
     **model_kwargs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RL policy loss of a Hugging Face causal LM, straight from its last hidden state.
@@ -406,10 +741,14 @@ def hf_fused_policy_loss(
         rollout_is_weights: ``[B, K]`` precomputed rollout IS weights (verl's), detached.
         return_entropy: compute entropy (metric) even when ``config.entropy_coeff == 0``.
         core_kwargs: extra keyword arguments of the core op (``grad_filter_eps``, ...).
+        check_head: as in :func:`hf_logprob_entropy`.
         model_kwargs: go to the model body.
 
     Returns:
         ``(loss, metrics)`` as :func:`fusedrl.fused_policy_loss`.
+
+    Raises:
+        UnsupportedHeadError: the model's head is one fusedrl cannot reproduce.
     """
     from ..fused import fused_policy_loss
 
@@ -418,6 +757,7 @@ def hf_fused_policy_loss(
     }  # passed only when given
     k = _num_scored(input_ids, response_mask, None)
     head = lm_head_params(model, logit_scale=logit_scale, softcap=softcap)
+    _ensure_head_checked(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap)
     hidden = last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
     h, targets = response_hidden_and_targets(hidden, input_ids, k)
     with _no_autocast(h.device):

@@ -530,9 +530,9 @@ def _entropy_bonus(
         return loss
     m = mask.to(ent.dtype)
     if cfg.top_entropy_quantile < 1.0:
-        from ..loss import _entropy_keep  # the 80/20 selection of the policy term (one implementation)
+        from ..loss.selection import entropy_keep  # the 80/20 selection of the policy term (one implementation)
 
-        keep = _entropy_keep(
+        keep = entropy_keep(
             ent.detach().reshape(-1), (mask != 0).reshape(-1), cfg.top_entropy_quantile, cfg.stats_group
         )
         m = keep.reshape(mask.shape).to(ent.dtype)

@@ -1,0 +1,297 @@
+"""The loss head as a schedule that learns ``logp`` and entropy chunk by chunk sees it (the one-pass
+schedule, ``fusedrl.onepass``): :func:`head_kind` classifies a config, :class:`TokenHead` gives a
+chunk's per-token upstream gradients ``(g_lp, g_H)`` from the chunk alone, by autograd over the loss's
+own formulas (``fusedrl.loss.modes``: each formula lives once)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..backends.base import KL_TYPES, LOSS_MODE_HEADS, OnePassHead
+from .aggregate import aggregate, denominators
+from .config import PolicyLossConfig
+from .inputs import Batch, Segments, make_tokens
+from .modes import SELECTION_MODES, SEQUENCE_MODES
+from .policy import check_optional_inputs, evaluate, kl_terms, pg_factors, pg_terms, rollout_stage
+from .rollout import rollout_terms
+from .selection import group_sum, opsm_keep
+from .terms import Ctx
+
+Tensor = torch.Tensor
+
+#: what :func:`head_kind` returns
+HEAD_KINDS = ("token", "selection", "sequence", "batch")
+
+
+def head_kind(cfg: PolicyLossConfig) -> str:
+    """How the one-pass schedule can form this config's gradients:
+
+    * ``"token"``: a token's upstream gradient needs the token only (normalisers, rollout IS weights and
+      rejection of the decoupled mode are fixed up front from ``old_logp`` / ``rollout_logp``);
+    * ``"selection"``: Clip-Cov / KL-Cov: one pass with the unselected coefficients, then the rank-k
+      correction of the picked tokens;
+    * ``"sequence"``: chunks must hold whole sequences (GSPO, GMPO, VESPO, TRL's sequence-level ratio,
+      OPSM, sequence-level IS in bypass mode);
+    * ``"batch"``: a statistic of the whole batch's logp / entropy comes first (entropy quantile, bypass
+      rejection or IS batch normalisation, a selection mode with a sequence or batch option): the
+      two-pass schedule (scoring forward, then :meth:`TokenHead.grads` over the whole batch).
+    """
+    mode = cfg.loss_mode
+    batch = cfg.top_entropy_quantile < 1
+    seq = (
+        mode in SEQUENCE_MODES
+        or cfg.importance_sampling_level == "sequence"
+        or cfg.off_policy_mask_threshold is not None
+    )
+    if mode == "bypass_mode":
+        rc = cfg.effective_rollout_correction
+        uses_w = rc.is_enabled and rc.loss_type == "reinforce"
+        if rc.rs_specs or (uses_w and rc.rollout_is_batch_normalize):
+            batch = True  # the kept tokens (denominators) / the normaliser depend on the current policy
+        elif uses_w and rc.rollout_is == "sequence":
+            seq = True
+    if mode in SELECTION_MODES:
+        return "batch" if (batch or seq) else "selection"
+    if batch:
+        return "batch"
+    return "sequence" if seq else "token"
+
+
+def kernel_head_codes(cfg: PolicyLossConfig) -> Optional[dict]:
+    """The kernel formula set (:class:`fusedrl.backends.base.OnePassHead` scalars) of the config, or None
+    when the kernels do not express it (the modes they know, without any option of the 2026 loss menu)."""
+    ok = (
+        cfg.loss_mode in LOSS_MODE_HEADS
+        and cfg.delta is None
+        and cfg.importance_sampling_level == "token"
+        and cfg.rollout_correction is None
+        and cfg.top_entropy_quantile >= 1
+        and cfg.off_policy_mask_threshold is None
+        and not cfg.use_bias_correction_kl
+        and cfg.clip_ratio_high >= 0
+    )
+    if not ok:
+        return None
+    kl = cfg.kl_type
+    return dict(
+        mode=LOSS_MODE_HEADS[cfg.loss_mode],
+        clip_lo=1.0 - cfg.clip_ratio_low,
+        clip_hi=1.0 + cfg.clip_ratio_high,
+        clip_c=float(cfg.clip_ratio_c) if cfg.clip_ratio_c is not None else 1.0,
+        dual=cfg.loss_mode == "vanilla" and cfg.clip_ratio_c is not None,
+        ent_coef=float(cfg.entropy_coeff),
+        kl_coef=float(cfg.kl_loss_coef),
+        kl_type=KL_TYPES[kl.rstrip("+")],
+        kl_st=kl.endswith("+"),
+    )
+
+
+def autograd_grads(fn: Callable[..., Tensor], *args: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of the scalar ``fn(*args)`` w.r.t. ``args`` by autograd, also where the caller runs below
+    the Autograd dispatch key (inside a ``torch.library.custom_op`` implementation, eager or compiled)."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    for k in ("AutogradOther", "AutogradNestedTensor"):
+        keys = keys | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, k))
+    exclude = torch._C._dispatch_tls_local_exclude_set() - keys
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        leaves = [a.detach().requires_grad_(True) for a in args]
+        out = fn(*leaves)
+        return tuple(g.detach() for g in torch.autograd.grad(out, leaves, allow_unused=True, materialize_grads=True))
+
+
+class TokenHead:
+    """The policy-loss head for a schedule that learns ``logp`` and entropy chunk by chunk.
+
+    Built once per batch from everything but the log-probs (which the schedule produces), it fixes
+    the normalisers up front: the aggregation is then a weighted sum ``sum_t w_t L_t`` (``w`` from
+    autograd through :func:`fusedrl.loss.aggregate.aggregate` itself, so it is the aggregation's own
+    formula), and the per-token upstream gradients of a chunk follow from that chunk alone
+    (:meth:`grads`). The decoupled rollout correction (IS weights, rejection) depends on ``old_logp`` /
+    ``rollout_logp`` only and is fixed up front as well.
+
+    :attr:`kind` is :func:`head_kind` of the config: ``"sequence"`` chunks must hold whole sequences
+    (or be the whole batch); ``"batch"`` gradients come from the whole batch at once (the two-pass
+    schedule: call :meth:`evaluate` first, then ``grads(0, N, ...)``, which is the gradient of
+    ``policy_loss`` itself with the same batch statistics and the same Clip-Cov keys).
+    """
+
+    def __init__(self, batch: Batch, cfg: PolicyLossConfig, need_entropy: bool, dtype: torch.dtype = torch.float32):
+        check_optional_inputs(cfg, set(batch.side), entropy_known=False)
+        self.batch = batch
+        self.cfg = cfg
+        self.kind = head_kind(cfg)
+        self.dtype = dtype  # the compute dtype of the log-probs the schedule produces
+        self.seg = batch.seg
+        valid0 = batch.valid
+        self.old, self.adv = batch.old_logp.detach().to(dtype), batch.adv.detach().to(dtype)
+        zeros = torch.zeros(self.old.shape, dtype=dtype, device=self.old.device)
+
+        def clean0(x: Tensor) -> Tensor:
+            return torch.where(valid0, x.detach().to(dtype), zeros)
+
+        self.side = {k: clean0(v) for k, v in batch.side.items()}
+        ro, isw = self.side.get("rollout_logp"), self.side.get("rollout_is_weights")
+        stage = rollout_stage(cfg, self.seg, valid0, None, clean0(batch.old_logp), ro, with_metrics=False,
+                              is_weights=isw)  # fmt: skip
+        self.valid0, self.valid, self.is_w, self.sampling = valid0, stage.valid, stage.is_w, stage.sampling
+        self.ref = self.side.get("ref_logp")
+        self.need_entropy = bool(need_entropy)
+        self._picked: Optional[Tensor] = None
+        self._n_total: Optional[int] = None
+        self._weights: Optional[Tensor] = None
+
+    @property
+    def weights(self) -> Tensor:
+        """``[N]`` aggregation weights ``d loss / d L_t`` (formed when a gradient is first needed: a forward
+        alone, e.g. under ``torch.inference_mode``, never differentiates)."""
+        if self._weights is None:
+            cfg = self.cfg
+            tok = make_tokens(self.seg, self.valid, torch.zeros_like(self.old), self.old, self.adv)
+            den = denominators(tok, cfg)
+            zero = torch.zeros_like(self.old)
+            self._weights = autograd_grads(lambda v: aggregate(v, tok, den, cfg.loss_agg_mode), zero)[0]
+        return self._weights
+
+    @property
+    def entropy_has_grad(self) -> bool:
+        return self.cfg.entropy_coeff != 0
+
+    @property
+    def needs_entropy(self) -> bool:
+        """The head reads the entropy (its gradient term, or the entropy quantile mask)."""
+        return self.cfg.entropy_coeff != 0 or self.cfg.top_entropy_quantile < 1
+
+    def kernel_codes(self, start: int, stop: int, need_ent: bool) -> Optional[OnePassHead]:
+        """The chunk's head as the kernels' formula set, or None when the config has none."""
+        codes = kernel_head_codes(self.cfg)
+        if codes is None or self.kind not in ("token", "selection"):
+            return None
+        ref = None if self.ref is None else self.ref[start:stop].float()
+        return OnePassHead(old=self.old[start:stop].float(), adv=self.adv[start:stop].float(),
+                           weight=self.weights[start:stop].float(), ref=ref, need_ent=need_ent, **codes)  # fmt: skip
+
+    def selection_bound(self) -> int:
+        """Host bound on the number of tokens Clip-Cov / KL-Cov pick in this batch (the rank-k correction's
+        ``k_max``): ``min(N, max(1, int(ratio * N_total)))`` with ``N_total`` the group's token count under
+        ``stats_group`` (one all-reduce and host read, once) and the local ``N`` otherwise."""
+        cfg = self.cfg
+        frac = cfg.clip_cov_ratio if cfg.loss_mode == "clip_cov" else cfg.kl_cov_ratio
+        n = self.valid.numel()
+        total = n
+        if cfg.stats_group is not None:
+            if self._n_total is None:
+                t = torch.tensor([n], dtype=torch.int64, device=self.valid.device)
+                self._n_total = int(group_sum(t, cfg.stats_group).item())
+            total = self._n_total
+        return min(n, max(1, int(frac * total)))
+
+    def _objective(
+        self,
+        idx,
+        lp: Tensor,
+        ent: Optional[Tensor],
+        seg: Optional[Segments],
+        picked: Optional[Tensor],
+        valid: Optional[Tensor] = None,
+    ) -> Tensor:
+        """``sum_t w_t (pg_t - ent_coef H_t + kl_coef kl_t)`` over the tokens ``idx`` (a slice or indices)."""
+        cfg = self.cfg
+        valid = self.valid[idx] if valid is None else valid
+        tok = make_tokens(seg, valid, lp.to(self.dtype), self.old[idx], self.adv[idx])
+        is_w = None if self.is_w is None else self.is_w[idx]
+        keep = None
+        if cfg.loss_mode == "bypass_mode":  # IS weights of the current policy (token- or sequence-local here)
+            rc = cfg.effective_rollout_correction
+            if rc.is_enabled and rc.loss_type == "reinforce":
+                s = seg if seg is not None else Segments(1, seq_len=valid.numel())
+                is_w = rollout_terms(rc, tok.logp.detach(), tok.old_logp, valid, s, False).weights
+        if cfg.off_policy_mask_threshold is not None:
+            sampling = torch.where(valid, self.sampling[idx], torch.zeros_like(tok.logp))
+            keep = opsm_keep(tok, sampling, cfg.off_policy_mask_threshold)
+        if picked is None and cfg.loss_mode in SELECTION_MODES:
+            picked = torch.zeros_like(valid)
+        ent_c = None if ent is None else tok.clean(ent)
+        side = {k: v[idx] for k, v in self.side.items()}
+        pg, _ = pg_terms(tok, cfg, Ctx(is_w, ent_c, side), picked=picked)
+        per_tok = pg_factors(pg.loss, cfg, is_w, keep)
+        if cfg.entropy_coeff != 0 and ent is not None:
+            per_tok = per_tok - cfg.entropy_coeff * ent.to(self.dtype)
+        if cfg.kl_loss_coef != 0:
+            per_tok = per_tok + cfg.kl_loss_coef * kl_terms(tok, cfg, torch.where(valid, self.ref[idx], 0.0))
+        w = self.weights[idx]
+        return torch.where(valid, w * per_tok, torch.zeros_like(per_tok)).sum()
+
+    def grads(
+        self,
+        start: int,
+        stop: int,
+        logp: Tensor,
+        entropy: Optional[Tensor],
+        seqs: Optional[tuple[int, int]] = None,
+        picked: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``(g_lp, g_H)``: d loss / d logp and d loss / d entropy for tokens ``[start, stop)`` (fp32/fp64;
+        ``g_H`` None when the loss has no entropy term). Selection modes get their unselected terms.
+        ``seqs``: the whole sequences the chunk holds (sequence kind; not needed for the whole batch).
+        Batch kind: the whole batch only, the exact gradient of ``policy_loss`` (Clip-Cov: the pick
+        ``picked``, default the one of the last :meth:`evaluate`)."""
+        n = self.valid.numel()
+        whole = start == 0 and stop == n
+        lp = logp.detach().to(self.dtype)
+        if self.kind == "batch":
+            if not whole:
+                raise ValueError(
+                    f"this loss config needs a statistic of the whole batch (head_kind 'batch'): "
+                    f"grads must cover tokens [0, {n}), got [{start}, {stop}) (two-pass schedule)"
+                )
+            return self._batch_grads(lp, entropy, picked)
+        if self.kind == "sequence" and seqs is None:
+            if not whole:
+                raise ValueError(
+                    f"this loss config has sequence-level terms (head_kind 'sequence'): chunks must "
+                    f"hold whole sequences (pass seqs=) or the whole batch, got [{start}, {stop})"
+                )
+            seqs = (0, self.seg.B)
+        idx, seg = slice(start, stop), self.seg.chunk(start, stop, seqs)
+        if not self.entropy_has_grad:
+            ent = None if entropy is None else entropy.detach().to(self.dtype)
+            return autograd_grads(lambda a: self._objective(idx, a, ent, seg, None), lp)[0], None
+        ent = entropy.detach().to(self.dtype)
+        return autograd_grads(lambda a, b: self._objective(idx, a, b, seg, None), lp, ent)
+
+    def _batch_grads(self, lp: Tensor, entropy: Optional[Tensor], picked: Optional[Tensor]):
+        """The gradient of :func:`policy_loss` itself over the whole batch (same statistics, same pick)."""
+        cfg = self.cfg
+        picked = self._picked if picked is None else picked
+        if cfg.loss_mode == "clip_cov" and picked is None:
+            raise ValueError("Clip-Cov with a batch-level option: call evaluate() before grads() (same random pick)")
+        if self.needs_entropy and entropy is None:
+            raise ValueError("this loss config reads the entropy: pass entropy= (compute it in the forward)")
+        ent = None if entropy is None else entropy.detach().to(self.dtype)
+
+        def loss(a, b=ent):
+            return evaluate(self.batch, a, b, cfg, picked=picked)[0]
+
+        if not self.entropy_has_grad:
+            return autograd_grads(loss, lp)[0], None
+        return autograd_grads(loss, lp, ent)
+
+    def evaluate(self, logp: Tensor, entropy: Optional[Tensor], keys: Optional[Tensor] = None):
+        """The exact ``policy_loss`` value, metrics and covariance pick for the whole batch (no grad)."""
+        with torch.no_grad():
+            out = evaluate(self.batch, logp, entropy, self.cfg, keys=keys)
+        self._picked = out[2]
+        return out
+
+    def selection_delta(self, idx: Tensor, logp_sel: Tensor, picked_sel: Tensor) -> Tensor:
+        """Clip-Cov / KL-Cov: ``d(L_selected - L_unselected)/d logp`` for tokens ``idx`` whose pick flag is
+        ``picked_sel`` (0 for tokens not picked): the correction the one-pass schedule applies to them."""
+        valid = self.valid[idx] & picked_sel
+        on, off = torch.ones_like(valid), torch.zeros_like(valid)
+
+        def delta(a):
+            return self._objective(idx, a, None, None, on, valid) - self._objective(idx, a, None, None, off, valid)
+
+        return autograd_grads(delta, logp_sel.detach().to(self.dtype))[0]

@@ -1,0 +1,270 @@
+"""The one-pass loop (three GEMMs, the gradients formed in the forward), the rank-k selection correction
+of Clip-Cov / KL-Cov, and the two-pass form (scoring forward, then the backend's recompute backward) for
+losses that need the whole batch first. docs/one-pass.md describes the schedule.
+
+Per token chunk of ``Nc`` rows::
+
+    U    = x_c @ W^T              GEMM 1 (input dtype in, fp32 [Nc, V] workspace out)
+    row epilogue: M, S, B -> LSE, H, logp; head -> g_lp, g_H; du
+    dx_c = du @ W                 GEMM 2 (fp32 out)
+    dW  += du^T @ x_c             GEMM 3 (fp32 accumulator)
+
+The row epilogue is the backend's (``Backend.onepass_epilogue``: a fused Triton / CUDA kernel where the
+backend has one for the loss config, else the torch backend's, which serves every config on every
+device).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from .. import _config
+from ..backends import get_backend, torch_backend
+from ..backends.base import EpilogueHead
+from ..loss import TokenHead
+from .gemm import addmm_f32_, gemm_logits, is_low, mm_f32
+from .plan import Plan
+
+Tensor = torch.Tensor
+
+
+class Grads(NamedTuple):
+    """What a schedule run returns: the loss, metrics and the gradients it formed (compute dtype)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    dx: Optional[Tensor]
+    dw: Optional[Tensor]
+    db: Optional[Tensor]
+
+
+def epilogue_for(backend: str, device: torch.device, dtype: torch.dtype, head: EpilogueHead):
+    """The backend module whose row epilogue runs: ``backend``'s when it computes this head on this
+    device and dtype, else the torch backend's (every config, every device)."""
+    if backend not in ("torch", "reference"):
+        mod = get_backend(backend, device)
+        if mod.onepass_supports(head, device, dtype)[0]:
+            return mod
+    return torch_backend
+
+
+_tls = threading.local()
+
+
+def release_workspace() -> None:
+    """Free the CPU workspace the one-pass schedule keeps between calls (this thread's)."""
+    _tls.__dict__.pop("buf", None)
+
+
+def buffers(device: torch.device, specs: Sequence[tuple[tuple[int, ...], torch.dtype]]) -> list[Tensor]:
+    """Uninitialised tensors of the given shapes. On CPU they are carved from one buffer kept between
+    calls (per thread; the environment can turn this off, :func:`release_workspace` frees it): a fresh
+    multi-GB allocation costs page faults worth about 10% of the GEMMs there. CUDA has torch's caching
+    allocator."""
+    if device.type != "cpu" or not _config.get("cpu_workspace_cache"):
+        return [torch.empty(shape, dtype=dt, device=device) for shape, dt in specs]
+    sizes = [(math.prod(shape) * torch.empty((), dtype=dt).element_size() + 63) // 64 * 64 for shape, dt in specs]
+    total = sum(sizes)
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.numel() < total:
+        _tls.buf = None
+        buf = _tls.buf = torch.empty(total, dtype=torch.uint8)
+    out, off = [], 0
+    for (shape, dt), size in zip(specs, sizes):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dt).element_size()
+        out.append(buf[off : off + nbytes].view(dt).view(shape))
+        off += size
+    return out
+
+
+def correct_selection(
+    head: TokenHead,
+    picked: Tensor,
+    k_max: int,
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    logp: Tensor,
+    lse: Tensor,
+    dx: Optional[Tensor],
+    dw32: Optional[Tensor],
+    db32: Optional[Tensor],
+) -> None:
+    """Rank-k correction of Clip-Cov / KL-Cov: recompute the logit rows of the (at most k_max) picked
+    tokens and add ``du_corr = dg (onehot - p) dz/du`` into dx, dW, db. No host sync: the k_max rows
+    are the picked tokens plus unpicked filler whose correction is exactly 0."""
+    n = picked.numel()
+    k = min(k_max, n)
+    if k == 0:
+        return
+    idx = torch.topk(picked.to(torch.float32), k, sorted=False).indices  # picked first, then filler
+    dg = head.selection_delta(idx, logp[idx], picked[idx])
+    cdt = lse.dtype
+    xs = x.index_select(0, idx)
+    u = torch.empty(k, w.shape[0], dtype=cdt, device=x.device)
+    gemm_logits(xs, w, bias, u, 1.0)
+    # du_corr = dg (onehot - p) dz/du: the epilogue's du with g_lp = dg and no entropy term
+    tr = temperature[idx].to(cdt) if isinstance(temperature, Tensor) else temperature
+    st = torch_backend.onepass_stats(u, targets[idx], tr, softcap, False, torch.empty_like(u))
+    st = st._replace(s=torch.exp(st.lse - st.m), log_s=st.lse - st.m)  # exactly the pass's LSE
+    du = torch_backend.onepass_du(u, st, targets[idx], tr, softcap, dg.to(cdt), None)
+    dug = du.to(x.dtype) if is_low(x) else du
+    if dx is not None:
+        corr = torch.empty(k, x.shape[1], dtype=cdt, device=x.device)
+        mm_f32(dug, w, corr)
+        dx.index_add_(0, idx, corr)
+    if dw32 is not None:
+        addmm_f32_(dw32, dug.t(), xs)
+    if db32 is not None:
+        db32 += du.sum(0)
+
+
+def run_one_pass(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    head: TokenHead,
+    pln: Plan,
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    backend: str,
+    keys: Optional[Tensor],
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    want_entropy: bool,
+) -> Grads:
+    """The one-pass loop over ``pln.chunks`` (gradients None when not asked)."""
+    n, h = x.shape
+    v = w.shape[0]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dev = x.device
+    low = is_low(x)
+    grads = need_dx or need_dw or need_db
+    need_ent = want_entropy or head.entropy_has_grad
+    logp = torch.empty(n, dtype=cdt, device=dev)
+    ent = torch.empty(n, dtype=cdt, device=dev) if need_ent else None
+    lse_all = torch.empty(n, dtype=cdt, device=dev)
+    # the gradients are formed and kept in the compute dtype (fp32 for 16-bit inputs) until the backward,
+    # which scales them by the upstream gradient and rounds once to the input dtype (fusedrl.onepass.op)
+    dx = torch.empty(n, h, dtype=cdt, device=dev) if need_dx else None
+    dw32 = None
+    db32 = torch.zeros(v, dtype=cdt, device=dev) if (need_db and bias is not None) else None
+    # a kernel epilogue only where it computes this config (and gradients are formed: a forward alone
+    # takes the torch statistics, which never differentiate the head)
+    probe = EpilogueHead(head.kernel_codes(0, 0, need_ent) if grads else None, None, need_ent)
+    emod = epilogue_for(backend, dev, x.dtype, probe)
+    is_torch = emod is torch_backend
+    rows = max(b - a for a, b, _ in pln.chunks) if pln.chunks else 0
+    specs = [((rows, v), cdt)]
+    if is_torch:
+        specs += list((shape, cdt) for shape in torch_backend.onepass_scratch_shapes(rows, v))
+    if low and grads:
+        specs.append(((rows, v), x.dtype))
+    bufs = buffers(dev, specs)
+    ws = bufs[0]
+    scratch = (bufs[1], bufs[2]) if is_torch else None
+    du16 = bufs[-1] if (low and grads) else None
+    # the torch epilogue takes 1/T folded into the small x operand; kernels apply T themselves
+    per_token = isinstance(temperature, Tensor)
+    fold = is_torch and softcap is None and not low and not per_token and temperature != 1.0
+    scale = 1.0 / temperature if fold else 1.0
+    first = True
+    for a, b, seqs in pln.chunks:
+        nc = b - a
+        if nc == 0:
+            continue
+        xc = x[a:b]
+        u = gemm_logits(xc, w, bias if is_torch else None, ws[:nc], scale)
+        tc = targets[a:b]
+        tr = temperature[a:b].to(cdt) if per_token else temperature
+
+        def chunk_grads(lp, en, a=a, b=b, seqs=seqs):
+            return head.grads(a, b, lp, en, seqs)
+
+        ehead = EpilogueHead(
+            None if is_torch else head.kernel_codes(a, b, need_ent), chunk_grads if grads else None, need_ent
+        )
+        opts = dict(scratch=(scratch[0][:nc], scratch[1][:nc]), prescaled=scale != 1.0) if is_torch else {}
+        out = emod.onepass_epilogue(
+            u,
+            tc,
+            None if is_torch else bias,
+            tr,
+            softcap,
+            ehead,
+            du16[:nc] if du16 is not None else None,
+            **opts,
+        )
+        logp[a:b] = out.logp
+        lse_all[a:b] = out.lse
+        if ent is not None:
+            ent[a:b] = out.ent
+        if not grads:
+            continue
+        du = out.du
+        dug = du16[:nc] if du16 is not None else du
+        if need_dx:
+            mm_f32(dug, w, dx[a:b])
+        if need_dw:
+            if first:  # the first chunk writes the accumulator (no zero fill)
+                dw32 = torch.empty(v, h, dtype=cdt, device=dev)
+                mm_f32(dug.t(), xc, dw32)
+            else:
+                addmm_f32_(dw32, dug.t(), xc)
+        if db32 is not None:
+            db32 += du.sum(0)
+        first = False
+    del bufs, ws, scratch, du16
+    if need_dw and dw32 is None:  # no token at all
+        dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
+    loss, metrics, picked = head.evaluate(logp, ent, keys)
+    if picked is not None and grads:
+        correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp,
+                          lse_all, dx, dw32 if need_dw else None, db32)  # fmt: skip
+    return Grads(loss, metrics, dx, dw32 if need_dw else None, db32)
+
+
+def run_two_pass(
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    head: TokenHead,
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    backend: str,
+    keys: Optional[Tensor],
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    want_entropy: bool,
+    opts: dict,
+) -> Grads:
+    """Losses that need the whole batch first (and sequences that do not fit the workspace): a scoring
+    forward (one GEMM), the head's gradients over the whole batch, then the backend's recompute backward
+    (three GEMMs), all inside the forward."""
+    mod = get_backend("torch" if backend == "reference" else backend, x.device)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    need_ent = want_entropy or head.entropy_has_grad
+    lse, zt, ent = mod.forward(x, w, targets, bias, temperature, softcap, need_ent, **opts)
+    logp = zt - lse
+    loss, metrics, _ = head.evaluate(logp, ent, keys)
+    dx = dw = db = None
+    if need_dx or need_dw or need_db:
+        g_lp, g_H = head.grads(0, x.shape[0], logp, ent, (0, head.seg.B))
+        dx, dw, db = mod.backward(x, w, targets, bias, temperature, softcap, lse, ent if g_H is not None else None,
+                                  g_lp.contiguous(), None if g_H is None else g_H.contiguous(), need_dx=need_dx,
+                                  need_dw=need_dw, need_db=need_db, **opts)  # fmt: skip
+        # kept in the compute dtype like the one-pass gradients: the op's outputs have one dtype
+        dx, dw, db = (None if t is None else t.to(cdt) for t in (dx, dw, db))
+    return Grads(loss, metrics, dx, dw, db)
