@@ -14,6 +14,7 @@ The outcome (built / skipped / failed, and why) is written to fusedrl/_build_inf
 cuda backend reports when the extension is missing.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -29,14 +30,24 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
 
 
-def _flag(name):
-    v = os.environ.get(name, "").strip().lower()
-    return v not in ("", "0", "false", "no", "off")
+def _load_config():
+    """fusedrl/_config.py, the one module that reads environment variables (no torch import there)."""
+    spec = importlib.util.spec_from_file_location("_fusedrl_config", os.path.join(ROOT, "fusedrl", "_config.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_config = _load_config()
+
+
+def _flag(key):
+    return bool(_config.get(key))
 
 
 def _find_nvcc():
-    cands = [os.environ.get("CUDACXX", "")]
-    for home in (os.environ.get("CUDA_HOME", ""), os.environ.get("CUDA_PATH", "")):
+    cands = [_config.get("cudacxx") or ""]
+    for home in (_config.get("cuda_home") or "", _config.get("cuda_path") or ""):
         if home:
             cands.append(os.path.join(home, "bin", "nvcc"))
     cands += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
@@ -80,7 +91,7 @@ class CMakeBuild(build_ext):
 
     def _build_one(self, ext):
         info = {"built": False, "version": VERSION, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        if _flag("FUSEDRL_SKIP_CUDA_BUILD"):
+        if _flag("skip_cuda_build"):
             info["reason"] = "skipped at install time (FUSEDRL_SKIP_CUDA_BUILD=1)"
             info["skipped"] = True
             self._remove_stale(ext)
@@ -99,7 +110,7 @@ class CMakeBuild(build_ext):
             info["reason"] = missing
             self._remove_stale(ext)
             self._write_info(ext, info)
-            if _flag("FUSEDRL_REQUIRE_CUDA_BUILD"):
+            if _flag("require_cuda_build"):
                 raise RuntimeError("fusedrl: " + missing)
             print("fusedrl: building pure-Python: " + missing)
             return
@@ -110,7 +121,7 @@ class CMakeBuild(build_ext):
             info["reason"] = f"CUDA extension build failed: {e}"
             self._remove_stale(ext)
             self._write_info(ext, info)
-            if _flag("FUSEDRL_REQUIRE_CUDA_BUILD"):
+            if _flag("require_cuda_build"):
                 raise
             print("fusedrl: WARNING: " + info["reason"] + " -- installing without the cuda backend")
             return
@@ -122,9 +133,9 @@ class CMakeBuild(build_ext):
         outdir = os.path.dirname(os.path.abspath(self.get_ext_fullpath(ext.name)))
         os.makedirs(outdir, exist_ok=True)
         tag = f"{sys.implementation.cache_tag}-{sysconfig.get_platform()}"
-        build_dir = os.environ.get("FUSEDRL_CMAKE_BUILD_DIR") or os.path.join(ROOT, "build", f"cmake-{tag}")
+        build_dir = _config.get("cmake_build_dir") or os.path.join(ROOT, "build", f"cmake-{tag}")
         os.makedirs(build_dir, exist_ok=True)
-        archs = os.environ.get("FUSEDRL_CUDA_ARCHS", "").strip() or "80;90a"
+        archs = _config.get("cuda_archs")
         args = [
             cmake,
             "-S",
@@ -148,7 +159,7 @@ class CMakeBuild(build_ext):
         if not os.path.exists(cache):  # the generator cannot change on an existing build tree
             if shutil.which("ninja"):
                 args += ["-G", "Ninja"]
-        jobs = os.environ.get("FUSEDRL_BUILD_JOBS") or os.environ.get("MAX_JOBS") or str(os.cpu_count() or 2)
+        jobs = _config.get("build_jobs") or _config.get("max_jobs") or str(os.cpu_count() or 2)
         info.update(archs=archs, nvcc=nvcc, build_dir=build_dir)
         print("fusedrl: " + " ".join(args))
         self._run(args)
@@ -178,6 +189,7 @@ setup(
             "pytest",
             "pytest-benchmark",
             "hypothesis",
+            "ruff",
             "triton>=3.6; platform_system == 'Linux'",
             # integration tests: a tiny HF Llama built from a config, TRL's GRPOTrainer, a LoRA model
             "transformers",

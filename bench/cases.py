@@ -1,6 +1,6 @@
 """Benchmark inputs: deterministic random cases in two regimes, and the GRPO-style loss they feed.
 
-Regimes (DESIGN.md section 7):
+Regimes (docs/design.md, performance targets):
 
 * ``random``: hidden states and weight rows ~ N(0, 1) / H**0.25, so logits ~ N(0, 1): a near-uniform
   softmax (entropy close to log V). Targets uniform. The dense worst case for gradient filtering.

@@ -3,7 +3,7 @@
 # under 7 minutes), stages in priority order. Every stage writes as it goes, so a cut-off still returns
 # what ran. Full guide: docs/gpu-validation.md.
 #
-#   stage   cap (s)  writes (all flat in DEST: at most 8 files, the device tool's limit)
+#   stage   cap (s)  writes (all flat in DEST: at most 8 files)
 #   build     90     logs.txt      pip install -e . (CUDA extension for this GPU's arch only) + peers from .whl/
 #   tests    120     pytest.log    pytest -m gpu over tests/ (70 s), then the backend files on CUDA (the rest)
 #   sweep     90     sweep.json    python -m bench.sweep: every backend vs an fp64 oracle at N=8192 H=4096

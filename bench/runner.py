@@ -29,7 +29,7 @@ from .providers import GEMM_NAMES, Provider, select
 # presets
 # --------------------------------------------------------------------------------------------------
 PRESETS = {
-    # DESIGN.md section 7, CPU line: torch backend, fp32, N=4096, H=1024, V=32000
+    # docs/design.md targets, CPU line: torch backend, fp32, N=4096, H=1024, V=32000
     "cpu-target": dict(
         device="cpu",
         n=[4096],
@@ -41,7 +41,7 @@ PRESETS = {
         warmup=0,
         providers=["eager", "compile", "fusedrl", "verl-torch", "liger", "!compile-grpo"],
     ),
-    # DESIGN.md section 8, CPU line: the fused loss (one-pass schedule) vs the three-GEMM floor, eager, compile
+    # docs/design.md targets (fused loss), CPU line: the one-pass fused loss vs the three-GEMM floor, eager, compile
     "cpu-loss": dict(
         device="cpu",
         n=[4096],
@@ -54,11 +54,11 @@ PRESETS = {
         tasks=["loss"],
         providers=["eager-grpo", "compile-grpo", "fusedrl-grpo-torch", "fusedrl-klcov-torch", "fusedrl-clipcov-torch"],
     ),
-    # DESIGN.md section 8, GPU line: the fused loss on every backend with the peers, headline shape
+    # docs/design.md targets (fused loss), GPU line: the fused loss on every backend with the peers, headline shape
     "headline-loss": dict(
         device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10, warmup=3, tasks=["loss"]
     ),
-    # DESIGN.md section 7 headline: N=8192, H=4096, V=151936 (Qwen-7B head), bf16
+    # the headline shape of docs/design.md: N=8192, H=4096, V=151936 (Qwen-7B head), bf16
     "headline": dict(device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10, warmup=3),
 }
 QUICK = {
@@ -105,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--preset",
         choices=sorted(PRESETS),
         default=None,
-        help="cpu-target: DESIGN CPU shape; headline: DESIGN GPU shape",
+        help="cpu-target: the CPU target shape; headline: the GPU headline shape",
     )
     ap.add_argument("--n", type=_ints, default=None, help="comma list of token counts N")
     ap.add_argument("--h", type=int, default=None, help="hidden size H")

@@ -1,12 +1,12 @@
 """``python -m bench.sweep``: correctness sweep of every fusedrl backend against an fp64 oracle.
 
-One shape (default: the DESIGN.md headline, N=8192 H=4096 V=151936 bf16 on CUDA), three cases:
+One shape (default: the headline shape, N=8192 H=4096 V=151936 bf16 on CUDA), three cases:
 
 * ``random``: logits ~ N(0, 1), near-uniform softmax (bench/cases.py);
 * ``peaked``: LM-like softmax, mean entropy ~0.5 nats (bench/cases.py, alpha calibrated);
 * ``masked``: the random inputs (N capped by ``--masked-n``) plus a bias that is ``-inf`` on the
   padded vocabulary tail (Qwen pads 151665 real ids to 151936) and on scattered columns, with a
-  random bias elsewhere: the masked-vocabulary case of issue 15 (``0 * -inf`` must never appear).
+  random bias elsewhere: the masked-vocabulary case (``0 * -inf`` must never appear).
   Its oracle is the same problem restricted to the unmasked columns; dW and db rows of masked
   columns must be exactly 0.
 
@@ -16,7 +16,7 @@ registry backend (torch, triton, cuda) and ``triton`` with gradient filtering. T
 fused loss (bench/cases.py ``grpo_loss``, the bench's ``loss`` task) per backend against eager.
 Errors are max |a - ref| (and ||a - ref|| / ||ref||) against an fp64 oracle computed from the same
 upcast inputs (fusedrl/_measure.py): logp and entropy on all tokens, dx on 256 tokens, dW/db on 512
-vocabulary rows. Verdict (DESIGN.md section 5, the tests' idiom in tests/_helpers.py): every output
+vocabulary rows. Verdict (the numerical contract, the tests' idiom in tests/_factory.py): every output
 finite, and each error <= eager's error + ATOL (grads: + GRAD_ATOL * max|ref|). Before each run on
 CUDA the caching allocator is filled with NaN bytes, so an output element the kernels never write
 shows up as non-finite.
@@ -673,7 +673,7 @@ def render(result: dict) -> str:
             )
             continue
 
-        def cell(k):
+        def cell(k, r=r):
             e = r["err"].get(k)
             if e is None:
                 return "-"

@@ -1,4 +1,4 @@
-// fusedrl CUDA backend: the per-token policy-loss head kernels (DESIGN.md section 2).
+// fusedrl CUDA backend: the per-token policy-loss head kernels (docs/policy-losses.md).
 //
 //  * vanilla: ratio, clip-higher, dual clip, metric flags and dloss/dlogp for every token in one
 //    launch (the torch head records ~10 elementwise ops and their saved tensors for the same).

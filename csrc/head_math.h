@@ -1,4 +1,4 @@
-// fusedrl CUDA backend: per-token policy-loss head math (DESIGN.md section 2), shared by the CUDA
+// fusedrl CUDA backend: per-token policy-loss head math (docs/policy-losses.md), shared by the CUDA
 // kernels (head.cu, and the one-pass row epilogue of onepass.cu via row_math.h) and their host loops. One source for both, so the CPU test-suite checks the very
 // arithmetic the GPU runs (only the launch differs).
 //

@@ -1,4 +1,4 @@
-// fusedrl CUDA backend: epilogue kernels around the cuBLAS GEMMs (DESIGN.md section 3).
+// fusedrl CUDA backend: epilogue kernels around the cuBLAS GEMMs (docs/design.md, the core math).
 //
 //  * row_stats: per-token online log-sum-exp / entropy / target-logit over one logits chunk,
 //    merged into running per-token (M, S, B') statistics across vocab chunks.

@@ -1,4 +1,4 @@
-// fusedrl CUDA backend: the one-pass row epilogue (docs/one-pass.md, DESIGN.md section 8).
+// fusedrl CUDA backend: the one-pass row epilogue (docs/one-pass.md).
 //
 // ONE kernel per token chunk, after GEMM 1 (U = x_c W^T, fp32) and before the two gradient GEMMs.
 // A block per row, grid-stride over rows:

@@ -1,4 +1,4 @@
-// fusedrl CUDA backend: the element-wise and per-row math of every row kernel (DESIGN.md section 3,
+// fusedrl CUDA backend: the element-wise and per-row math of every row kernel (docs/design.md, the core math;
 // docs/one-pass.md), shared by the CUDA kernels (kernels.cu, onepass.cu) and their host loops
 // (host_lanes.cpp). One source for both, so the CPU test-suite runs the very arithmetic the GPU runs;
 // only the launch differs (a block of threads vs a loop over the same thread indices, and the

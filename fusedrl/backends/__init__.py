@@ -30,6 +30,11 @@ BACKENDS: dict[str, str] = {
     "cuda": "fusedrl.backends.cuda",
 }
 ALL_NAMES = ("auto", "reference") + tuple(BACKENDS)
+#: the backends with per-token loss-head kernels, and their modules
+HEADS: dict[str, str] = {
+    "triton": "fusedrl.backends.triton.head",
+    "cuda": "fusedrl.backends.cuda.head",
+}
 
 # `auto` on CUDA when no measurement exists for the device's architecture. UNMEASURED: no kernel of
 # this package had run on a GPU when this order was chosen; it follows from the code:
@@ -64,6 +69,18 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         return None, f"cannot import {BACKENDS[name]}: {type(e).__name__}: {e}"
     _modules[name] = mod
     return mod, ""
+
+
+def head_module(name: str) -> ModuleType:
+    """The loss-head kernel module of backend ``name`` (one of :data:`HEADS`). Import statements, not
+    ``importlib``: ``torch.compile`` traces through them."""
+    if name == "triton":
+        from .triton import head
+    elif name == "cuda":
+        from .cuda import head
+    else:
+        raise ValueError(f"no loss-head kernels for backend {name!r} (those with kernels: {tuple(HEADS)})")
+    return head
 
 
 def availability(name: str, device: torch.device) -> tuple[bool, str]:

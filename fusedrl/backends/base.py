@@ -271,8 +271,24 @@ class Backend(Protocol):
         """``(lse, z_target, entropy or None)`` per row, logits never stored. ``vocab_start``: this
         shard's first global id (vocab-parallel); targets outside the shard read a target logit of 0."""
 
-    def backward(self, x, w, targets, bias, temperature, softcap, lse, ent, g_lp, g_H, vocab_start=0,
-                 need_dx=True, need_dw=True, need_db=True, **opts):
+    def backward(
+        self,
+        x,
+        w,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        lse,
+        ent,
+        g_lp,
+        g_H,
+        vocab_start=0,
+        need_dx=True,
+        need_dw=True,
+        need_db=True,
+        **opts,
+    ):
         """``(dx, dw, db)`` (None where not needed) for upstream ``g_lp`` and ``g_H`` (None: no entropy
         term), logits recomputed."""
 
@@ -282,8 +298,9 @@ class Backend(Protocol):
     def logits_backward(self, logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False, **opts):
         """``dlogits`` (written over ``logits`` when ``inplace``)."""
 
-    def onepass_epilogue(self, u, targets, bias, temperature, softcap, head: EpilogueHead, du16=None,
-                         **opts) -> EpilogueOut:
+    def onepass_epilogue(
+        self, u, targets, bias, temperature, softcap, head: EpilogueHead, du16=None, **opts
+    ) -> EpilogueOut:
         """The one-pass row epilogue over the workspace ``u [Nc, V]`` of raw logits ``x_c W^T`` (plus
         ``bias`` when given; the schedule may fold the bias into the GEMM and pass None): row statistics,
         the head's per-row gradients and ``du`` (in ``EpilogueOut.du``, a buffer the backend owns for the

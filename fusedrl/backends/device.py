@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from typing import Callable, ContextManager, Optional, TypeVar
+from contextlib import AbstractContextManager
+from typing import Callable, Optional, TypeVar
 
 import torch
 
@@ -24,7 +25,7 @@ _lock = threading.Lock()
 _memory: dict[int, Optional[tuple[int, int]]] = {}
 
 
-def on_device(t: torch.Tensor) -> ContextManager:
+def on_device(t: torch.Tensor) -> AbstractContextManager:
     """``torch.cuda.device(t.device)`` for a CUDA tensor, a no-op otherwise."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 

@@ -5,7 +5,6 @@ is only a kernel, its launcher and its op:
   ``torch.compile``, traceable with ``fullgraph=True``) with its fake implementation and autograd:
   the launcher also returns ``coef = dL/dlogp``, so the backward is one multiply;
 * :func:`vanilla_terms_torch`: the torch formulas of the same op (fp64 inputs, no kernel available);
-* :func:`head_module`: the head module of a backend name, and whether it can run on a device.
 
 The kernels compute, per token and in fp32, what ``fusedrl.loss.modes`` computes with torch ops; which
 one runs is decided above them (``fusedrl.loss.heads``, by ``backend=``).
@@ -153,21 +152,3 @@ def vanilla_token_terms(
         None if clip_c is None else float(clip_c),
     )
     return loss, clipped, lower, neg_d
-
-
-# --------------------------------------------------------------------------------------------------
-# Which head module a backend has
-# --------------------------------------------------------------------------------------------------
-
-HEAD_BACKENDS = ("triton", "cuda")
-
-
-def head_module(kind: str):
-    """The loss-head kernel module of backend ``kind`` (``"triton"`` or ``"cuda"``)."""
-    if kind == "triton":
-        from .triton import head as m
-    elif kind == "cuda":
-        from .cuda import head as m
-    else:
-        raise ValueError(f"no loss-head kernels for backend {kind!r} (those with kernels: {HEAD_BACKENDS})")
-    return m

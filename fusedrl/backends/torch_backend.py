@@ -458,7 +458,14 @@ def onepass_epilogue(
         scratch = (torch.empty(a, dtype=u.dtype, device=u.device), torch.empty(b, dtype=u.dtype, device=u.device))
     e_buf, tmp = scratch
     st = onepass_stats(
-        u, targets, temperature, softcap, head.need_ent, e_buf, tmp, is_scaled=prescaled,
+        u,
+        targets,
+        temperature,
+        softcap,
+        head.need_ent,
+        e_buf,
+        tmp,
+        is_scaled=prescaled,
         may_have_neg_inf=may_have_neg_inf or bias is not None,
     )
     logp = st.zt - st.lse

@@ -300,13 +300,19 @@ def lm_head_params(model: nn.Module, logit_scale: Optional[float] = None, softca
 
 
 def _body(inner: nn.Module) -> nn.Module:
-    body = getattr(inner, "base_model", None)
-    if not isinstance(body, nn.Module) or body is inner:
-        get = getattr(inner, "get_decoder", None)
-        body = get() if callable(get) else getattr(inner, "model", None)
-    if not isinstance(body, nn.Module) or body is inner:
-        raise ValueError(f"cannot find the body (base model) of {type(inner).__name__}")
-    return body
+    # base_model, else get_decoder(), else .model: some classes return themselves from the first two (Llama-4's
+    # causal LM declares base_model_prefix "language_model" but keeps its body in .model)
+    get_decoder = getattr(inner, "get_decoder", None)
+    finders = (
+        lambda: getattr(inner, "base_model", None),
+        lambda: get_decoder() if callable(get_decoder) else None,
+        lambda: getattr(inner, "model", None),
+    )
+    for find in finders:
+        body = find()
+        if isinstance(body, nn.Module) and body is not inner:
+            return body
+    raise ValueError(f"cannot find the body (base model) of {type(inner).__name__}")
 
 
 _HEAD_ONLY_KWARGS = (
@@ -609,10 +615,20 @@ def check_lm_head(
         raise UnsupportedHeadError(
             f"{cls}: fusedrl's head does not reproduce this model's logits: log-probs / entropies differ by up to "
             f"{diff:.3g} (tolerance {tol:.3g}). fusedrl computes {_describe(head)}; the model's forward does "
-            f"something else (a scale, softcap, mask or layer that fusedrl does not read from it). If you know the "
-            f"head, pass logit_scale= / softcap=; check_head=False skips this check."
+            f"something else (a scale, softcap, mask or layer that fusedrl does not read from it).{_nesting(inner)} "
+            f"If you know the head, pass logit_scale= / softcap=; check_head=False skips this check."
         )
     return diff
+
+
+def _nesting(inner: nn.Module) -> str:
+    """A hint when the projection sits inside a head module with layers of its own (BERT / RoBERTa-style heads)."""
+    head = get_lm_head(inner)
+    for name, mod in inner.named_modules():
+        if mod is head and "." in name:
+            parent = inner.get_submodule(name.rsplit(".", 1)[0])
+            return f" Its output projection is .{name}, inside a {type(parent).__name__} with layers of its own."
+    return ""
 
 
 def _shape_of(x) -> str:

@@ -13,8 +13,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from ..backends import ALL_NAMES, BackendUnavailable, resolve
-from ..backends.heads import HEAD_BACKENDS, head_module
+from ..backends import ALL_NAMES, HEADS, BackendUnavailable, head_module, resolve
 from .config import PolicyLossConfig
 from .inputs import Tokens
 from .selection import CovKernel
@@ -63,19 +62,17 @@ def kernels_for(backend: str, device: torch.device, dtype: torch.dtype) -> Kerne
     if not isinstance(backend, str) or backend not in ALL_NAMES:
         raise ValueError(f"backend must be one of {ALL_NAMES}, got {backend!r}")
     device = torch.device(device)
-    explicit = backend in HEAD_BACKENDS
+    explicit = backend in tuple(HEADS)
     name = backend
     if backend == "auto":
         name = resolve("auto", device) if device.type != "meta" else "torch"
-    if name not in HEAD_BACKENDS:
-        return TORCH
+    if name not in tuple(HEADS) or dtype != torch.float32 or device.type == "meta":
+        return TORCH  # the kernels compute in fp32; meta tensors only trace shapes
     mod = head_module(name)
     ok, why = mod.is_available(device)
     if not ok:
         if explicit:
             raise BackendUnavailable(f"backend {name!r} has no loss-head kernels on {device}: {why}")
-        return TORCH
-    if dtype != torch.float32 or device.type == "meta":
         return TORCH
     return Kernels(name, _vanilla(mod), _covariance(mod) if hasattr(mod, "cov_terms") else None)
 

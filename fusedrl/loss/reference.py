@@ -1,14 +1,10 @@
 """Plain eager oracle for :func:`fusedrl.policy_loss` (tests only; never used on the hot path).
 
-Written independently of the rest of ``fusedrl.loss``: it walks the batch sequence by
-sequence in Python, gathers each sequence's valid tokens, computes in float64, takes every batch-level
-decision (covariance picks, entropy quantile, rollout rejection) with Python lists and sorting, and
-freely calls ``.item()``. It follows verl's ``core_algos.py`` / ``rollout_corr_helper.py`` and TRL's
-``GRPOTrainer._compute_loss`` formulas term by term. Gradients come from torch autograd through the
-float64 computation.
-
-Batch-level statistics are over the sequences with at least one valid token (verl's "rows"), as
-documented in ``fusedrl/rollout.py``.
+Written independently of the rest of ``fusedrl.loss``: it walks the batch sequence by sequence in
+Python, computes in float64, takes every batch-level decision (covariance picks, entropy quantile,
+rollout rejection) with Python lists and sorting, and freely calls ``.item()``; it follows verl's
+``core_algos.py`` / ``rollout_corr_helper.py`` and TRL's ``GRPOTrainer._compute_loss`` term by term.
+Batch-level statistics are over the sequences with at least one valid token (verl's "rows").
 """
 
 from __future__ import annotations

@@ -153,9 +153,9 @@ def _fake(*args):
         x.new_empty(m, dtype=torch.float32),
         x.new_empty(x.shape, dtype=cdt) if a["need_dx"] else _empty(x),
         w.new_empty(w.shape, dtype=cdt) if a["need_dw"] else _empty(w),
-        bias.new_empty(bias.shape, dtype=cdt) if (a["need_db"] and bias is not None) else _empty(
-            x if bias is None else bias
-        ),
+        bias.new_empty(bias.shape, dtype=cdt)
+        if (a["need_db"] and bias is not None)
+        else _empty(x if bias is None else bias),
     )
 
 
@@ -246,5 +246,6 @@ def one_pass_policy_loss(
         None if softcap is None else float(softcap), backend, float(budget_bytes) / MIB, need_dx, need_dw, need_db,
         bool(want_entropy), eps, det, ws, norm_n, group, cfg.rollout_correction is not None, *config_args(cfg),
     )  # fmt: skip
-    names = metric_names(cfg, want_entropy or cfg.top_entropy_quantile < 1 or cfg.entropy_coeff != 0, "ref_logp" in side)
+    has_entropy = want_entropy or cfg.top_entropy_quantile < 1 or cfg.entropy_coeff != 0
+    names = metric_names(cfg, has_entropy, "ref_logp" in side)
     return loss, {k: mvec[i] for i, k in enumerate(names)}

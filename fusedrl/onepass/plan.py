@@ -51,7 +51,8 @@ class Plan(NamedTuple):
 def _row_bytes(v: int, cdt_size: int, low_precision: bool) -> int:
     """Workspace bytes per chunk row: U and the scratch (compute dtype), a block temporary, the 16-bit
     GEMM operand."""
-    return v * (2 * cdt_size + (2 if low_precision else 0)) + min(v, torch_backend.onepass_scratch_shapes(1, v)[1][1]) * cdt_size
+    tmp_cols = torch_backend.onepass_scratch_shapes(1, v)[1][1]
+    return v * (2 * cdt_size + (2 if low_precision else 0)) + tmp_cols * cdt_size
 
 
 def _fixed_bytes(n: int, h: int, v: int, low_precision: bool) -> int:
@@ -146,5 +147,3 @@ def plan(
     rows = max(1, -(-n // count))  # balanced: no small tail chunk
     chunks = tuple((a, min(n, a + rows), None) for a in range(0, max(n, 1), rows))
     return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows")
-
-

@@ -203,7 +203,7 @@ def test_recompute_host_lanes_match_fp64(n, h, v, nc, vc, opt):
 
 
 def test_dz_minus_inf_logit_with_entropy_gradient():
-    """The minimal case of issue 15: a -inf logit with g_H != 0 must give du = 0 there, not NaN.
+    """The minimal case: a -inf logit with g_H != 0 must give du = 0 there, not NaN.
 
     The dz kernel once formed ``g_H * p * (z + shift)`` = 0 * (-inf) = NaN for such a column, which the
     GEMMs then spread into all of dx and into dW's masked rows. This test failed on that formula."""

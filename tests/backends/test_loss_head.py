@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 
 import fusedrl  # noqa: E402
 from fusedrl import loss as loss_mod  # noqa: E402
-from fusedrl.backends.heads import head_module  # noqa: E402
+from fusedrl.backends import head_module  # noqa: E402
 from fusedrl.loss import heads as loss_heads  # noqa: E402
 from fusedrl.loss import inputs as loss_inputs  # noqa: E402
 from fusedrl.loss import modes as loss_modes  # noqa: E402

@@ -478,7 +478,7 @@ def test_is_available_and_dtypes():
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-token temperature (issue 14 item 5): T_n per row, in every kernel and schedule
+# Per-token temperature: T_n per row, in every kernel and schedule
 # ----------------------------------------------------------------------------------------------
 
 

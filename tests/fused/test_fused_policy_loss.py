@@ -82,13 +82,12 @@ def grads(loss, case):
 def check(case, cfg, backend, atol=2e-5, **kw):
     a, b = leaf(case), leaf(case)
     dev = case["hidden"].device
-    fresh = lambda: (
-        None
-        if cfg.generator is None
-        else cfg.replace(  # noqa: E731
-            generator=torch.Generator(device=dev).manual_seed(cfg.generator.initial_seed())
-        )
-    )
+
+    def fresh():
+        if cfg.generator is None:
+            return None
+        return cfg.replace(generator=torch.Generator(device=dev).manual_seed(cfg.generator.initial_seed()))
+
     cfg_a = fresh() or cfg
     cfg_b = fresh() or cfg
     la, ma = fused_policy_loss(**a, config=cfg_a, backend=backend, **kw)

@@ -20,10 +20,10 @@ from fusedrl.backends import cuda as cuda_backend
 from fusedrl.backends import torch_backend
 from fusedrl.backends.base import EpilogueHead
 from fusedrl.fused import FusedPolicyLoss, fused_policy_loss
+from fusedrl.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig
 from fusedrl.onepass import gemm as op_gemm
 from fusedrl.onepass import op as op_mod
 from fusedrl.onepass import run as op_run
-from fusedrl.loss import KL_LOSS_TYPES, LOSS_AGG_MODES, LOSS_MODES, PolicyLossConfig
 
 # a budget of a few KiB forces several token chunks at these shapes
 TINY_BUDGET_MB = 0.05
@@ -286,8 +286,8 @@ def test_backward_scales_in_fp32_and_rounds_once(dtype, upstream):
 def test_fp16_auto_takes_recompute_where_one_pass_underflows():
     """fp16: a token mean over 1024 tokens of a 32k vocabulary puts du = (onehot - p) / N near 3e-8, below
     even fp16's subnormals (6e-8), when the one-pass schedule rounds it in the forward; a GradScaler's scale
-    (2^16 here) reaches only the stored, already rounded gradients. ``auto`` therefore takes recompute for fp16 (du formed from
-    the scaled upstream gradient) and an explicit ``one_pass`` warns."""
+    (2^16 here) reaches only the stored, already rounded gradients. ``auto`` therefore takes recompute for fp16
+    (du formed from the scaled upstream gradient) and an explicit ``one_pass`` warns."""
     case = make_case(B=4, T=256, H=32, V=32003, dtype=torch.float16, seed=13, bias=False)
     case["mask"] = torch.ones_like(case["mask"])
     case["targets"] = case["targets"].clamp_min(0)
@@ -364,7 +364,7 @@ def test_gspo_chunks_whole_sequences(monkeypatch, layout):
     budget = (2 * 6 * 507 * 8 * 2 + 507 * 4 + 100) / 2**20
     one = run(case, cfg, "one_pass", memory_budget_mb=budget)
     assert seen and seen[0].schedule == "one_pass" and len(seen[0].chunks) > 1
-    for a, b, seqs in seen[0].chunks:
+    for _, _, seqs in seen[0].chunks:
         assert seqs is not None
     assert_same(one, run(case, cfg, "recompute"), atol=1e-10)
 

@@ -525,7 +525,7 @@ def test_fused_grpo_loss_reports_unsupported():
     tr = _fake_trainer(m)
     with pytest.raises(fr_trl.FusedRLUnsupported, match="multimodal"):
         fr_trl.fused_grpo_loss(tr, m, {"pixel_values": torch.zeros(1)})
-    assert fr_trl._static_unsupported_reason(_fake_trainer(m, loss_type="sapo", top_entropy_quantile=0.2)) is None
+    assert fr_trl.loss.static_unsupported_reason(_fake_trainer(m, loss_type="sapo", top_entropy_quantile=0.2)) is None
 
 
 class _FakeGRPOBase:

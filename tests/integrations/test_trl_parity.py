@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from fusedrl.integrations import trl as fr_trl  # noqa: E402
+from fusedrl.integrations.trl import loss as fr_trl_loss  # noqa: E402
 
 V, B, P, K = 257, 6, 5, 7
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "vespo", "luspo")
@@ -398,7 +399,7 @@ def test_no_fallback_for_loss_settings(trainer):
             use_adaptive_entropy=True,
             vllm_importance_sampling_mode="token_mask" if loss_type == "vespo" else "sequence_truncate",
         )
-        assert fr_trl._static_unsupported_reason(trainer) is None, loss_type
+        assert fr_trl_loss.static_unsupported_reason(trainer) is None, loss_type
     assert len(fr_trl.TRL_FALLBACKS) == 2
 
 

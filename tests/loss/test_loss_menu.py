@@ -1,4 +1,4 @@
-"""The 2026 loss menu (issue 14): SAPO, GMPO, DPPO, DRO, bypass, LUSPO, VESPO, INTELLECT-2 delta, TRL's
+"""The 2026 loss menu: SAPO, GMPO, DPPO, DRO, bypass, LUSPO, VESPO, INTELLECT-2 delta, TRL's
 sequence-level ratio and bias-corrected KL, token-sum, rollout correction (IS / rejection / metrics),
 entropy masking and OPSM.
 

@@ -43,6 +43,7 @@ from .extension import DTYPE_CODE, extension, ptr, require, stream
 
 Tensor = torch.Tensor
 
+
 # ----------------------------------------------------------------------------------------------
 # planning
 # ----------------------------------------------------------------------------------------------
@@ -346,7 +347,8 @@ def backward(
         budget=_budget(idx, opts),
     )
     cws = _cublas_ws_bytes(idx, opts)
-    nbytes = extension().bwd_workspace_bytes(n, h, v, nc, vc, DTYPE_CODE[x.dtype], order, lean, need_dx, need_dw, cws, overlap)
+    code = DTYPE_CODE[x.dtype]
+    nbytes = extension().bwd_workspace_bytes(n, h, v, nc, vc, code, order, lean, need_dx, need_dw, cws, overlap)
     ws = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     extension().linear_backward(
         idx,
@@ -467,5 +469,3 @@ def logits_backward(
         logits.copy_(out)
         return logits
     return out
-
-

@@ -8,6 +8,7 @@ library torch already has loaded), so the module imports without a GPU.
 from __future__ import annotations
 
 import glob
+import importlib
 import json
 import os
 import sys
@@ -34,7 +35,7 @@ def build_info() -> dict:
 
 
 try:
-    from fusedrl import _C  # type: ignore[attr-defined]
+    _C = importlib.import_module("fusedrl._C")  # the compiled extension (absent in a pure-Python install)
 
     NOT_BUILT = ""
 except Exception as _e:  # ImportError, or an OSError from the dynamic loader

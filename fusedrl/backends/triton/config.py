@@ -133,7 +133,6 @@ def default_budget(n: int, free: Optional[int], cap_mb: Optional[float] = None) 
     return float(max(floor, min(cap, _BUDGET_FREE_SHARE * free)))
 
 
-
 # =====================================================================================
 # Autotuning (GPU only, switched on by the environment): a few configs per kernel, keyed on H / D.
 # =====================================================================================
@@ -192,4 +191,3 @@ def tuned(kernel: str, device: torch.device, is_fp32: bool):  # pragma: no cover
                 configs=configs, key=["D", "IS_FP32", "HAS_FLAGS"], restore_value=["C", "C_LO"]
             )(kernels.gemm_kernel)
     return _TUNED[key]
-

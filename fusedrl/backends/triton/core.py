@@ -12,11 +12,12 @@ import torch
 
 from ..base import check_temperature
 from ..device import launches_on_first_arg_device
-from . import kernels as K
 from . import config as C
+from . import kernels as K
 from .runtime import AUTOTUNE, INTERPRET, MIB, cdiv
 
 Tensor = torch.Tensor
+
 
 def check_dtype(t: Tensor) -> None:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -614,5 +615,3 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
         cfg,
     )
     return out
-
-

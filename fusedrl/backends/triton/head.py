@@ -41,7 +41,7 @@ load/store masked (the interpreter has no bounds checks), NaN-propagating min/ma
 ``IS_INTERPRET`` selects ``tl.exp`` (the interpreter has no libdevice). Written for triton >= 3.6.
 
 Used by ``fusedrl.loss.heads`` when ``backend="triton"`` (or ``auto`` resolving to it);
-:mod:`fusedrl.backends.heads` holds the op registration and the torch fallback shared with ``fusedrl.backends.cuda.head``.
+:mod:`fusedrl.backends.heads` holds the op registration and the torch fallback shared with the cuda head.
 """
 
 from __future__ import annotations

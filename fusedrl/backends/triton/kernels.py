@@ -560,4 +560,3 @@ if triton is not None:
                         part_w,
                         mask=col_mask[:, None] & d_mask[None, :],
                     )
-

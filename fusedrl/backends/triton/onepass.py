@@ -14,9 +14,9 @@ import torch
 
 from ..base import EpilogueHead, EpilogueOut, OnePassHead, check_epilogue
 from ..device import launches_on_first_arg_device
+from . import config as C
 from . import kernels as K
 from . import row_math as tm
-from . import config as C
 from .core import cap_value, inv_temp
 from .runtime import INTERPRET, cdiv, tl, triton
 

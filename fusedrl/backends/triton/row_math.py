@@ -202,6 +202,7 @@ if triton is not None:
         x = clamp_nan(-delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         ex = exp_accurate(x, IS_INTERPRET)
         v = ex - x - 1.0
-        g_k3 = tl.where((-delta >= -LOG_RATIO_CLAMP) & (-delta <= LOG_RATIO_CLAMP) & (v >= -10.0) & (v <= 10.0), 1.0 - ex, 0.0)
+        inside = (-delta >= -LOG_RATIO_CLAMP) & (-delta <= LOG_RATIO_CLAMP) & (v >= -10.0) & (v <= 10.0)
+        g_k3 = tl.where(inside, 1.0 - ex, 0.0)
         g = tl.where(kl_type == 0, 1.0, tl.where(kl_type == 1, g_abs, tl.where(kl_type == 2, delta, g_k3)))
         return tl.where(kl_st != 0, delta, g)

@@ -1,0 +1,166 @@
+"""The trainer classes: :class:`FusedGRPOMixin` (mix into any ``GRPOTrainer`` subclass) and the
+``FusedGRPOTrainer`` built on TRL's ``GRPOTrainer`` on first use (TRL is imported only then)."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from .. import hf
+from .config import FusedRLUnsupported
+from .loss import autocast_for, fused_grpo_loss, static_unsupported_reason
+
+
+# --------------------------------------------------------------------------------------------------
+# trainer classes
+# --------------------------------------------------------------------------------------------------
+class FusedGRPOMixin:
+    """Mix into a ``trl.GRPOTrainer`` (sub)class: ``class T(FusedGRPOMixin, GRPOTrainer)``.
+
+    Extra constructor keyword arguments:
+        fusedrl_backend: fusedrl backend (``"auto"``).
+        fusedrl_entropy_coeff: entropy bonus coefficient; overrides ``GRPOConfig.entropy_coef`` (it is
+            written into the trainer's ``entropy_coef``, so TRL's own loss applies the same bonus on a
+            fallback step).
+        fusedrl_fallback: ``"warn"`` (default: use TRL's own loss for what :data:`TRL_FALLBACKS` lists,
+            warning once) or ``"error"``.
+        fusedrl_score: also score old / reference log-probs with fusedrl (default True).
+
+    The configuration is checked when the trainer is built: a static setting the fused loss does not
+    reproduce warns (or raises, with ``fusedrl_fallback="error"``) there, not at the first step.
+    """
+
+    def __init__(
+        self,
+        *args,
+        fusedrl_backend: str = "auto",
+        fusedrl_entropy_coeff: Optional[float] = None,
+        fusedrl_fallback: str = "warn",
+        fusedrl_score: bool = True,
+        **kwargs,
+    ):
+        if fusedrl_fallback not in ("warn", "error"):
+            raise ValueError(f"fusedrl_fallback must be 'warn' or 'error', got {fusedrl_fallback!r}")
+        if fusedrl_entropy_coeff is not None and not (
+            isinstance(fusedrl_entropy_coeff, (int, float)) and math.isfinite(fusedrl_entropy_coeff)
+        ):
+            raise ValueError(f"fusedrl_entropy_coeff must be a finite number, got {fusedrl_entropy_coeff!r}")
+        self._fusedrl_backend = fusedrl_backend
+        self._fusedrl_entropy_coeff = fusedrl_entropy_coeff
+        self._fusedrl_fallback = fusedrl_fallback
+        self._fusedrl_score = fusedrl_score
+        self._fusedrl_warned = set()
+        super().__init__(*args, **kwargs)
+        if fusedrl_entropy_coeff is not None:
+            self._fusedrl_take_entropy_coeff(float(fusedrl_entropy_coeff))
+        reason = static_unsupported_reason(self)
+        if reason is not None:
+            self._fusedrl_fall_back(reason, stacklevel=3)
+
+    def _fusedrl_take_entropy_coeff(self, coeff: float) -> None:
+        """Make ``fusedrl_entropy_coeff`` the trainer's ``entropy_coef``: the fused loss reads it there, and so
+        does TRL's own loss when a step falls back (before, a fallback step raised: TRL would drop it)."""
+        if hasattr(self, "entropy_coef") and hasattr(self, "_entropy_bonus_enabled"):
+            self.entropy_coef = coeff
+            self._entropy_bonus_enabled = coeff != 0.0 or bool(getattr(self, "use_adaptive_entropy", False))
+            return
+        # A GRPOTrainer without an entropy bonus of its own: a fallback step would drop the bonus.
+        reason = static_unsupported_reason(self)
+        if coeff != 0.0 and reason is not None:
+            raise ValueError(
+                f"fusedrl_entropy_coeff={coeff} cannot be honoured: this configuration uses TRL's own loss "
+                f"({reason}), and this TRL version's GRPOTrainer has no entropy bonus (entropy_coef) to hand it to"
+            )
+
+    def _fusedrl_fall_back(self, reason: str, stacklevel: int = 4) -> None:
+        if self._fusedrl_fallback == "error":
+            raise FusedRLUnsupported(
+                reason, "fusedrl does not reproduce TRL's loss with this setting (fusedrl_fallback='error')"
+            )
+        if reason not in self._fusedrl_warned:
+            self._fusedrl_warned.add(reason)
+            warnings.warn(
+                f"fusedrl: the fused loss does not cover {reason}; TRL's own loss is used for the steps that need it",
+                stacklevel=stacklevel,
+            )
+
+    def _compute_loss(self, model, inputs):
+        try:
+            return fused_grpo_loss(self, model, inputs)
+        except FusedRLUnsupported as e:
+            self._fusedrl_fall_back(e.reason)
+            if self._fusedrl_entropy_coeff and not hasattr(self, "_entropy_bonus_enabled"):
+                raise ValueError(  # only for TRL versions without an entropy bonus of their own
+                    f"fusedrl_entropy_coeff is set but this step needs TRL's own loss ({e.reason}), which has no "
+                    "entropy bonus in this TRL version"
+                ) from None
+            return super()._compute_loss(model, inputs)
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, *args, **kwargs
+    ):
+        extra = any(v is not None and v is not False for v in kwargs.values()) or bool(args)
+        if not self._fusedrl_score or extra:
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, *args, **kwargs
+            )
+        batch_size = batch_size or input_ids.size(0)
+        temperature = float(getattr(self, "temperature", 1.0) or 1.0)
+        logps, ents = [], []
+        for s in range(0, input_ids.size(0), batch_size):
+            ids, am = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
+            with autocast_for(self):
+                lp, en = hf.hf_logprob_entropy(
+                    model,
+                    ids,
+                    am,
+                    response_mask=am[:, -logits_to_keep:],
+                    temperature=temperature,
+                    return_entropy=compute_entropy,
+                    backend=self._fusedrl_backend,
+                )
+            logps.append(lp)
+            ents.append(en)
+        logp = torch.cat(logps, 0)
+        ent = torch.cat(ents, 0) if compute_entropy else None
+        if _returns_aux_loss(type(self)):
+            return logp, ent, None
+        return logp, ent
+
+
+def _returns_aux_loss(cls) -> bool:
+    """Whether this TRL version's ``_get_per_token_logps_and_entropies`` returns (logp, entropy, aux_loss)."""
+    for base in cls.__mro__:
+        if base is FusedGRPOMixin:
+            continue
+        fn = base.__dict__.get("_get_per_token_logps_and_entropies")
+        if fn is not None:
+            try:
+                return "compute_aux_loss" in inspect.signature(fn).parameters
+            except (TypeError, ValueError):  # pragma: no cover
+                return False
+    return False
+
+
+_CLASS_CACHE: dict[Any, type] = {}
+
+
+def make_fused_grpo_trainer_class(base=None) -> type:
+    """``FusedGRPOMixin`` + ``base`` (default ``trl.GRPOTrainer``; imports TRL)."""
+    if base is None:
+        from trl import GRPOTrainer as base  # noqa: N813
+    if base not in _CLASS_CACHE:
+        _CLASS_CACHE[base] = type(
+            "FusedGRPOTrainer",
+            (FusedGRPOMixin, base),
+            {
+                "__doc__": f"``{base.__name__}`` whose loss (and old/ref scoring) runs on fusedrl; "
+                "see fusedrl.integrations.trl.",
+                "__module__": "fusedrl.integrations.trl",
+            },
+        )
+    return _CLASS_CACHE[base]
