@@ -9,8 +9,8 @@ kernel the launchers make with a temperature tensor, at the aligned shape, pinne
 one-pass epilogue without a 16-bit du copy, as fp32 inputs run it): the per-row 1/T is one [BLOCK_N] load
 that changes no tile, shared memory or dot lowering, and 16-bit spills are what the gate asserts. Each
 distinct launch becomes a case: the kernel's signature is built the way ``triton.runtime.jit``
-specialises arguments (ints equal to 1 become constants, ints divisible by 16 and 16-byte-aligned pointers get a divisibility hint, nothing else about a value
-is used: shapes stay symbolic) and compiled with triton's own AOT entry points
+specialises arguments (ints equal to 1 become constants, ints divisible by 16 and 16-byte-aligned
+pointers get a divisibility hint, nothing else about a value is used: shapes stay symbolic) and compiled with triton's own AOT entry points
 (``triton.compiler.ASTSource`` + ``triton.compile(src, target=GPUTarget("cuda", 90 | 80, 32))``, as
 ``triton/tools/compile.py`` does): no GPU, no driver. Asserted per case:
 
