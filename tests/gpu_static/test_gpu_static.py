@@ -10,8 +10,8 @@ one-pass epilogue without a 16-bit du copy, as fp32 inputs run it): the per-row 
 that changes no tile, shared memory or dot lowering, and 16-bit spills are what the gate asserts. Each
 distinct launch becomes a case: the kernel's signature is built the way ``triton.runtime.jit``
 specialises arguments (ints equal to 1 become constants, ints divisible by 16 and 16-byte-aligned
-pointers get a divisibility hint, nothing else about a value is used: shapes stay symbolic) and compiled with triton's own AOT entry points
-(``triton.compiler.ASTSource`` + ``triton.compile(src, target=GPUTarget("cuda", 90 | 80, 32))``, as
+pointers get a divisibility hint, nothing else about a value is used: shapes stay symbolic) and compiled
+with triton's own AOT entry points (``triton.compiler.ASTSource`` + ``triton.compile(src, target=GPUTarget("cuda", 90 | 80, 32))``, as
 ``triton/tools/compile.py`` does): no GPU, no driver. Asserted per case:
 
 * it compiles;
