@@ -1,18 +1,18 @@
 """AOT gate: every GPU kernel of the package compiled for sm_90 and sm_80 on a CPU-only machine.
 
-Triton: each kernel launch the launchers really make is recorded (the launchers run on ``meta``
-tensors with the kernels swapped for recorders and the device facts of an H100 / A100 patched in),
-at the headline shape (N=8192, H=4096, V=151936: the divisibility hints the JIT gives such a launch)
-and at an odd one (N=37, H=123, V=1003: no hints; bf16 only), in bf16, fp16 and fp32, with the pinned block
-configs and every autotune config. Per-token temperature (HAS_TEMP_VEC) adds the variant of each
-kernel the launchers make with a temperature tensor, at the aligned shape, pinned configs, bf16 (plus the
-one-pass epilogue without a 16-bit du copy, as fp32 inputs run it): the per-row 1/T is one [BLOCK_N] load
-that changes no tile, shared memory or dot lowering, and 16-bit spills are what the gate asserts. Each
-distinct launch becomes a case: the kernel's signature is built the way ``triton.runtime.jit``
-specialises arguments (ints equal to 1 become constants, ints divisible by 16 and 16-byte-aligned
-pointers get a divisibility hint, nothing else about a value is used: shapes stay symbolic) and compiled
-with triton's own AOT entry points (``triton.compiler.ASTSource`` + ``triton.compile(src, target=GPUTarget("cuda", 90 | 80, 32))``, as
-``triton/tools/compile.py`` does): no GPU, no driver. Asserted per case:
+Triton: each kernel launch the launchers really make is recorded (the launchers run on ``meta`` tensors with
+the kernels swapped for recorders and the device facts of an H100 / A100 patched in), at the headline shape
+(N=8192, H=4096, V=151936: the divisibility hints the JIT gives such a launch) and at an odd one (N=37, H=123,
+V=1003: no hints; bf16 only), in bf16, fp16 and fp32, with the pinned block configs and every autotune config.
+Per-token temperature (HAS_TEMP_VEC) adds the variant of each kernel the launchers make with a temperature
+tensor, at the aligned shape, pinned configs, bf16 (plus the one-pass epilogue without a 16-bit du copy, as
+fp32 inputs run it): the per-row 1/T is one [BLOCK_N] load that changes no tile, shared memory or dot
+lowering, and 16-bit spills are what the gate asserts. Each distinct launch becomes a case: the kernel's
+signature is built the way ``triton.runtime.jit`` specialises arguments (ints equal to 1 become constants,
+ints divisible by 16 and 16-byte-aligned pointers get a divisibility hint, nothing else about a value is used:
+shapes stay symbolic) and compiled with triton's own AOT entry points (``triton.compiler.ASTSource`` +
+``triton.compile(src, target=GPUTarget("cuda", 90 | 80, 32))``, as ``triton/tools/compile.py`` does): no GPU,
+no driver. Asserted per case:
 
 * it compiles;
 * shared memory within the arch limit (sm_90: 232,448 B; sm_80: 166,912 B);
