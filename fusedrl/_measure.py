@@ -376,11 +376,33 @@ def peak_memory(
 def eager_logp_entropy(x: Tensor, w: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     """What a trainer does today: logits in the input dtype, upcast to fp32 (as HF models do),
     log_softmax, gather, entropy = -sum p log p. Materialises several [N, V] fp32 tensors."""
-    logits = (x @ w.t()).float()
+    logits = x @ w.t()
+    if logits.dtype != torch.float64:  # fp64 stays fp64 (the oracle)
+        logits = logits.float()
     lsm = torch.log_softmax(logits, dim=-1)
     logp = lsm.gather(-1, targets[:, None]).squeeze(-1)
     ent = -(lsm.exp() * lsm).sum(-1)
     return logp, ent
+
+
+def eager_ppo_loss(logp: Tensor, ent: Optional[Tensor], old: Tensor, adv: Tensor, mask: Tensor,
+                   entropy_coeff: float = 0.0, clip_low: float = 0.2, clip_high: float = 0.2,
+                   clip_c: Optional[float] = 3.0) -> Tensor:  # fmt: skip
+    """The PPO loss as a trainer writes it in eager PyTorch (verl's vanilla mode: clip-higher, dual clip,
+    token-mean, entropy bonus), the baseline of ``python -m fusedrl`` and ``python -m bench``."""
+    d = logp - old
+    r = torch.exp(torch.clamp(d, -20.0, 20.0))
+    l1 = -adv * r
+    l2 = -adv * torch.clamp(r, 1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(l1, l2)
+    if clip_c is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * clip_c), loss)
+    m = mask.to(loss.dtype)
+    n_tok = m.sum().clamp(min=1)
+    out = (loss * m).sum() / n_tok
+    if entropy_coeff and ent is not None:
+        out = out - entropy_coeff * (ent * m).sum() / n_tok
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
