@@ -370,7 +370,7 @@ def test_lean_accumulation(dtype):
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_fp32_large_vocab_precision(dtype):
-    """DESIGN.md section 5: fp32 logp within 1e-5 of fp64 at V = 151936."""
+    """The numerical contract: fp32 logp within 1e-5 of fp64 at V = 151936."""
     _skip_unless_cuda_backend()
     x, w, _, t = make_case(8, 64, 151936, dtype, device=DEV, scale=2.0)
     lse, zt, ent = cb.forward(x, w, t, None, 1.0, None, True)

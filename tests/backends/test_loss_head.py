@@ -94,7 +94,7 @@ def _torch_path(logp, old, adv, mask, low, high, c):
 
 
 def _flags(tok, low, high, c):
-    """Per-token metric flags from the formulas of fusedrl.loss / DESIGN.md section 2."""
+    """Per-token metric flags from the formulas of fusedrl.loss."""
     lr = tok.log_ratio.detach().clamp(-20, 20)
     r = torch.exp(lr)
     a = tok.adv

@@ -239,7 +239,7 @@ def test_plan_budget_tracks_free_memory(monkeypatch):
     vc, single, nc = tcore._plan(
         n, h, v, torch.bfloat16, True, True, cfg, dict(memory_budget_mb=128 + n / 1024), torch.device("cuda")
     )
-    assert not single  # the DESIGN.md lean budget, asked for explicitly
+    assert not single  # the lean budget of docs/design.md, asked for explicitly
     # no device facts (CPU / interpreter): the lean floor, as before
     assert tconf.default_budget(n, None) == 128 * 2**20 + 1024 * n
 
@@ -400,7 +400,7 @@ def test_softcap_saturation_and_large_logits():
 
 
 def test_fp32_large_vocab_precision():
-    """DESIGN.md section 5: fp32 logp within 1e-5 of fp64 at V = 151936 (many splits merged)."""
+    """The numerical contract: fp32 logp within 1e-5 of fp64 at V = 151936 (many splits merged)."""
     x, w, _, t = _to(*make_case(4, 32, 151936, torch.float32, scale=2.0, seed=8))
     lp, H, _ = _fwd(
         x, w, t, None, 1.0, None, True, vocab_splits=5, triton_config=dict(fwd=(16, 4096, 32, 8, 2))
@@ -682,7 +682,7 @@ def test_gpu_large_backward(deterministic):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_memory_flat_in_vocab():
-    """At the lean budget (memory_budget_mb = 128 + N/1024, DESIGN.md section 7), the peak above
+    """At the lean budget (memory_budget_mb = 128 + N/1024, the memory target of docs/design.md), the peak above
     inputs + grads stays <= 128 MiB + 1 KiB/token (deterministic backward, bf16)."""
     n, h = 8192, 4096
     for v in (32768, 151936):
