@@ -1,0 +1,230 @@
+"""Sampling replay, part by part: the two mask layouts, vLLM's keep rule against a plain transcription of
+vLLM's reference, and the kept-set log-probs against materialised fp64 logits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusedrl.replay import KeptLogprob, Truncation, TruncatedLogprob, as_kept_sets, check_truncation, keep_mask
+
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------
+# masks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_packed_and_padded_layouts_agree():
+    rows = [[3, 7, 9], [], [0], [5, 6]]
+    flat = torch.tensor([i for r in rows for i in r], dtype=torch.int32)
+    counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    padded = torch.full((4, 3), -1, dtype=torch.int64)
+    for i, r in enumerate(rows):
+        padded[i, : len(r)] = torch.tensor(r)
+    a = as_kept_sets((flat, counts), (4,), 10, CPU, True)
+    b = as_kept_sets(padded, (4,), 10, CPU, True)
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts)
+    assert a.replay.tolist() == [True, False, True, True]
+    c = as_kept_sets((flat, counts.reshape(2, 2)), (2, 2), 10, CPU, True)  # counts in the tokens' shape
+    assert torch.equal(c.ids, a.ids)
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        ((torch.tensor([1, 1]), torch.tensor([2, 0])), "twice"),
+        ((torch.tensor([1, 12]), torch.tensor([2, 0])), r"\[0, 10\)"),
+        ((torch.tensor([1, 2, 3]), torch.tensor([2, 0])), "sum\\(counts\\)"),
+        ((torch.tensor([1]), torch.tensor([1, 0, 0])), "counts"),
+        ((torch.tensor([1.0]), torch.tensor([1, 0])), "integer"),
+        (torch.tensor([[1, 2], [3, -2]]), ">= 0"),
+        (torch.tensor([[1, 2, 3]]), "shape"),
+        ((torch.tensor([1]),), "pair"),
+    ],
+)
+def test_bad_masks_name_sampling_mask(mask, match):
+    with pytest.raises((ValueError, TypeError), match=match) as err:
+        as_kept_sets(mask, (2,), 10, CPU, True)
+    assert "sampling_mask" in str(err.value)
+
+
+def test_checks_off_stay_in_bounds():
+    k = as_kept_sets(torch.tensor([[1, 99, -1], [4, 4, 2]]), (2,), 10, CPU, False)
+    assert k.ids.max() < 10 and k.counts.tolist() == [1, 3]
+
+
+# ------------------------------------------------------------------------------------------------
+# vLLM's keep rule
+# ------------------------------------------------------------------------------------------------
+
+
+def vllm_reference(z, min_p, top_k, top_p):
+    """A plain transcription of vLLM 0.34.0's sampler after temperature: min-p (Model Runner V2 kernel:
+    drop z < max + log(min_p)), then ``apply_top_k_top_p_pytorch`` (ascending sort, top-k by the k-th
+    value with strict <, top-p by ascending cumulative probability <= 1 - p, the last always kept)."""
+    logits = z.clone().float()
+    v = logits.shape[1]
+    if min_p is not None:
+        for r in range(logits.shape[0]):
+            if min_p[r] > 0:
+                thr = logits[r].max() + math.log(float(min_p[r]))
+                logits[r][logits[r] < thr] = -math.inf
+    if top_k is None and top_p is None:
+        return torch.isfinite(logits)
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        k = torch.tensor([v if (kk <= 0 or kk > v) else int(kk) for kk in top_k])
+        top_k_mask = logits_sort.gather(1, (v - k).long().unsqueeze(dim=1))
+        logits_sort.masked_fill_(logits_sort < top_k_mask, -float("inf"))
+    if top_p is not None:
+        probs_sort = logits_sort.softmax(dim=-1)
+        probs_sum = torch.cumsum(probs_sort, dim=-1, out=probs_sort)
+        top_p_mask = probs_sum <= 1 - torch.as_tensor(top_p, dtype=torch.float32).unsqueeze(dim=1)
+        top_p_mask[:, -1] = False
+        logits_sort.masked_fill_(top_p_mask, -float("inf"))
+    logits = logits_sort.scatter(dim=-1, index=logits_idx, src=logits_sort)
+    return torch.isfinite(logits)
+
+
+def _logits(kind, r=6, v=257, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(r, v, generator=g)
+    if kind == "peaked":
+        z = z * 6
+    if kind == "ties":
+        z = torch.round(z * 2) / 2  # many equal logits, ties at every boundary
+    return z
+
+
+@pytest.mark.parametrize("kind", ["random", "peaked", "ties"])
+@pytest.mark.parametrize(
+    "top_k, top_p, min_p",
+    [(20, None, None), (None, 0.9, None), (None, None, 0.05), (50, 0.8, None), (40, 0.95, 0.01), (1, None, None),
+     (0, 1.0, 0.0), (300, 0.5, 0.2), ([3, 0, 7, 257, 10, 1], [0.5, 1.0, 0.9, 0.7, 0.99, 0.3], None)],
+)  # fmt: skip
+def test_keep_mask_equals_vllm_reference(kind, top_k, top_p, min_p):
+    z = _logits(kind)
+    n = z.shape[0]
+    tr = check_truncation(torch.tensor(top_k) if isinstance(top_k, list) else top_k,
+                          torch.tensor(top_p) if isinstance(top_p, list) else top_p, min_p, (n,), CPU, True)  # fmt: skip
+    got = keep_mask(z, tr)
+    want = vllm_reference(
+        z,
+        None if tr.min_p is None else tr.min_p.tolist(),
+        None if tr.top_k is None else tr.top_k.tolist(),
+        None if tr.top_p is None else tr.top_p.tolist(),
+    )
+    assert torch.equal(got, want)
+    assert got.any(-1).all()  # the largest logit always stays
+
+
+def test_truncation_arguments_checked():
+    for kw, match in (
+        (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(min_p=-0.1), "min_p"),
+        (dict(top_k=2.5), "top_k"), (dict(top_k=torch.ones(5, dtype=torch.long)), "top_k"),
+        (dict(top_p="0.9"), "top_p"), (dict(min_p=torch.tensor([0.1, 2.0, 0.1])), "min_p"),
+    ):  # fmt: skip
+        args = dict(top_k=None, top_p=None, min_p=None)
+        args.update(kw)
+        with pytest.raises((TypeError, ValueError), match=match):
+            check_truncation(args["top_k"], args["top_p"], args["min_p"], (3,), CPU, True)
+    assert check_truncation(None, None, None, (3,), CPU, True) is None
+    tr = check_truncation(torch.tensor([5, 6]), None, None, (2, 4), CPU, True)  # per sequence of [B, T]
+    assert tr.top_k.tolist() == [5, 5, 5, 5, 6, 6, 6, 6]
+
+
+# ------------------------------------------------------------------------------------------------
+# kept-set log-probs against materialised fp64 logits
+# ------------------------------------------------------------------------------------------------
+
+
+def plain_kept(x, w, b, t, member, temperature, softcap):
+    """fp64: materialised logits, the kept set (target added), log_softmax over it, the kept entropy."""
+    u = x @ w.t() + (0 if b is None else b)
+    if softcap is not None:
+        u = softcap * torch.tanh(u / softcap)
+    z = u / (temperature[:, None] if isinstance(temperature, torch.Tensor) else temperature)
+    m = member.clone()
+    m[torch.arange(len(t)), t] = True
+    zm = z.masked_fill(~m, -math.inf)
+    lsm = torch.where(m, torch.log_softmax(zm, -1), torch.zeros_like(zm))  # no -inf: no 0 * inf in autograd
+    logp = lsm.gather(1, t[:, None]).squeeze(1)
+    p = torch.where(m, lsm.exp(), torch.zeros_like(lsm))
+    ent = -(p * lsm).sum(-1)
+    return logp, ent
+
+
+def _case(n=13, h=24, v=507, k=6, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=g, dtype=torch.float64) / h**0.25
+    w = torch.randn(v, h, generator=g, dtype=torch.float64) / h**0.25 * 2
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    ids[0, :] = -1
+    ids[0, 0] = t[0]  # K = 1: only the target
+    ids[1, : k - 2] = torch.randperm(v, generator=g)[: k - 2]  # target outside the kept set
+    ids[1][ids[1] == t[1]] = (t[1] + 1) % v
+    ids[2, 0] = t[2]
+    return x, w, b, t, ids
+
+
+@pytest.mark.parametrize("temp", ["scalar", "per-token"])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("need_ent", [False, True])
+def test_kept_logprob_matches_materialised(temp, softcap, need_ent):
+    x, w, b, t, ids = _case()
+    n = x.shape[0]
+    temperature = 0.7 if temp == "scalar" else torch.linspace(0.5, 1.5, n, dtype=torch.float64)
+    member = torch.zeros(n, w.shape[0], dtype=torch.bool)
+    for i in range(n):
+        member[i, ids[i][ids[i] >= 0]] = True
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    lp, ent, _ = KeptLogprob.apply(xs, ws, bs, t, ids, temperature, softcap, need_ent)
+    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+    lp_r, ent_r = plain_kept(xr, wr, br, t, member, temperature, softcap)
+    torch.testing.assert_close(lp, lp_r, atol=1e-12, rtol=0)
+    assert lp[0].abs() < 1e-12  # K = 1: log-prob 0 exactly
+    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    out = (lp * g1).sum() + ((ent * g2).sum() if need_ent else 0)
+    ref = (lp_r * g1).sum() + ((ent_r * g2).sum() if need_ent else 0)
+    if need_ent:
+        torch.testing.assert_close(ent, ent_r, atol=1e-12, rtol=0)
+    ga = torch.autograd.grad(out, (xs, ws, bs))
+    gb = torch.autograd.grad(ref, (xr, wr, br))
+    for a, r in zip(ga, gb):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
+    # gradients reach the kept logits only: W rows outside every kept set (and target) get none
+    touched = member.any(0)
+    touched[t] = True
+    assert (ga[1][~touched] == 0).all() and (ga[2][~touched] == 0).all()
+
+
+@pytest.mark.parametrize("need_ent", [False, True])
+def test_truncated_logprob_matches_materialised(need_ent):
+    x, w, b, t, _ = _case(n=11, seed=3)
+    n = x.shape[0]
+    temperature = torch.linspace(0.6, 1.2, n, dtype=torch.float64)
+    tr = check_truncation(torch.tensor([3, 0, 20, 507, 1, 8, 50, 2, 9, 30, 4]), 0.9, 0.02, (n,), CPU, True)
+    with torch.no_grad():
+        z = ((x @ w.t() + b) / temperature[:, None]).float()
+    member = keep_mask(z.double(), tr)
+    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
+    lp, ent, _ = TruncatedLogprob.apply(xs, ws, bs, t, tr, temperature, None, need_ent)
+    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
+    lp_r, ent_r = plain_kept(xr, wr, br, t, member, temperature, None)
+    torch.testing.assert_close(lp, lp_r, atol=1e-12, rtol=0)
+    g1 = torch.randn(n, dtype=torch.float64)
+    ga = torch.autograd.grad((lp * g1).sum() + (ent.sum() if need_ent else 0), (xs, ws, bs))
+    gb = torch.autograd.grad((lp_r * g1).sum() + (ent_r.sum() if need_ent else 0), (xr, wr, br))
+    for a, r in zip(ga, gb):
+        torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
+
+
+def test_truncation_object_rows():
+    tr = Truncation(torch.arange(5), None, torch.zeros(5))
+    assert tr.rows(1, 3).top_k.tolist() == [1, 2] and tr.rows(1, 3).top_p is None
