@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fusedrl.replay import KeptLogprob, Truncation, TruncatedLogprob, as_kept_sets, check_truncation, keep_mask
+from fusedrl.replay import KeptLogprob, TruncatedLogprob, Truncation, as_kept_sets, check_truncation, keep_mask
 
 CPU = torch.device("cpu")
 
@@ -109,8 +109,9 @@ def _logits(kind, r=6, v=257, seed=0):
 def test_keep_mask_equals_vllm_reference(kind, top_k, top_p, min_p):
     z = _logits(kind)
     n = z.shape[0]
-    tr = check_truncation(torch.tensor(top_k) if isinstance(top_k, list) else top_k,
-                          torch.tensor(top_p) if isinstance(top_p, list) else top_p, min_p, (n,), CPU, True)  # fmt: skip
+    k = torch.tensor(top_k) if isinstance(top_k, list) else top_k
+    p = torch.tensor(top_p) if isinstance(top_p, list) else top_p
+    tr = check_truncation(k, p, min_p, (n,), CPU, True)
     got = keep_mask(z, tr)
     want = vllm_reference(
         z,
