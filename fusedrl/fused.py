@@ -21,6 +21,7 @@ from ._validate import as_number, check_scalar, is_real
 from .backends import ALL_NAMES
 from .loss import PolicyLossConfig
 from .loss.config import Normaliser, with_normalisers
+from .loss.entropy_control import ENTROPY_CONTROL_INPUTS, computes_entropy_change, reads_entropy
 from .loss.heads import kernels_for
 from .loss.inputs import Batch, check_mask_dtype, flatten_batch, require_tensor
 from .loss.policy import check_optional_inputs, evaluate
@@ -101,8 +102,10 @@ def prepare(
     hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias, cu_seqlens, temperature, softcap, config,
     backend, process_group, return_entropy, global_num_tokens, global_num_seqs, norm_len, check_inputs, schedule,
     memory_budget_mb, rollout_logp, rollout_is_weights, grad_filter_eps, deterministic, tp_reduce_dx, workspace_mb,
+    entropy_side=None,
 ) -> FusedCall:  # fmt: skip
-    """Check every argument of :func:`fused_policy_loss` (errors name the argument the caller passed)."""
+    """Check every argument of :func:`fused_policy_loss` (errors name the argument the caller passed);
+    ``entropy_side``: the entropy-control inputs by name (``old_entropy``, ``entropy_change``, ...)."""
     cfg = with_normalisers(config, global_num_tokens, global_num_seqs, norm_len)
     schedule = check_schedule(schedule)
     budget = check_budget(memory_budget_mb)
@@ -127,10 +130,11 @@ def prepare(
     core = prepare_core(hidden, weight, targets, bias, temperature, softcap, backend, process_group, grad_filter_eps,
                         deterministic, check_inputs, tp_reduce_dx, workspace_mb)  # fmt: skip
     side = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "rollout_is_weights": rollout_is_weights}
+    side.update({k: (entropy_side or {}).get(k) for k in ENTROPY_CONTROL_INPUTS})
     batch = flatten_batch("targets", tuple(targets.shape), core.device, old_logp, advantages, mask, cu_seqlens, side,
                           check_inputs)  # fmt: skip
     check_optional_inputs(cfg, set(batch.side), entropy_known=False)
-    want_entropy = cfg.entropy_coeff != 0 or cfg.top_entropy_quantile < 1 or bool(return_entropy)
+    want_entropy = reads_entropy(cfg) or bool(return_entropy)
     given = {k: v for k, v in side.items() if v is not None}
     return FusedCall(core, batch, cfg, schedule, budget, want_entropy, given, old_logp, advantages, mask, cu_seqlens)
 
@@ -153,10 +157,15 @@ def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
                 call.cu_seqlens, call.side, core.temperature, core.softcap, cfg, core.backend, budget,
                 call.want_entropy, (core.grad_filter_eps, core.deterministic, core.workspace_mb),
             )  # fmt: skip
-    logp, ent = run_core(core, call.want_entropy)
+    batch = call.batch
+    if computes_entropy_change(cfg, batch.side):  # STEER exact: dH of the current policy, from the same pass
+        logp, ent, dh = run_core(core, call.want_entropy, return_entropy_change=True)
+        batch = batch._replace(side={**batch.side, "entropy_change": dh.reshape(-1).detach()})
+    else:
+        logp, ent = run_core(core, call.want_entropy)
     cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
     kernels = kernels_for(core.backend, core.device, cdt)
-    loss, metrics, _ = evaluate(call.batch, logp.reshape(-1), None if ent is None else ent.reshape(-1), cfg, kernels)
+    loss, metrics, _ = evaluate(batch, logp.reshape(-1), None if ent is None else ent.reshape(-1), cfg, kernels)
     return loss, metrics
 
 
@@ -189,6 +198,12 @@ def fused_policy_loss(
     deterministic: Optional[bool] = None,
     tp_reduce_dx: Optional[bool] = None,
     workspace_mb: Optional[float] = None,
+    old_entropy: Optional[Tensor] = None,
+    entropy_change: Optional[Tensor] = None,
+    external_mask: Optional[Tensor] = None,
+    behaviour_logp: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
+    entropy_reference: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RL policy loss straight from the last hidden states, without materialising logits.
 
@@ -225,7 +240,10 @@ def fused_policy_loss(
 
     ``rollout_logp`` (the inference engine's log-probs) feeds the config's ``rollout_correction``
     (TIS/MIS, rejection sampling, bypass mode) and OPSM; ``rollout_is_weights`` are precomputed IS weights
-    (verl hands them to the loss), as in :func:`fusedrl.policy_loss`.
+    (verl hands them to the loss), as in :func:`fusedrl.policy_loss`. ``old_entropy``, ``entropy_change``,
+    ``external_mask``, ``behaviour_logp``, ``segment_ids``, ``entropy_reference`` (``[B, T]`` / ``[N]``) are the
+    entropy-control inputs of :func:`fusedrl.policy_loss` (docs/entropy-control.md); the current entropy that
+    ``steer_entropy="current"`` and ``entropy_corridor`` read is computed in the pass.
 
     Returns ``(loss, metrics)`` exactly as :func:`fusedrl.policy_loss` on the core op's outputs.
     ``global_num_tokens`` / ``global_num_seqs`` / ``norm_len`` override the config's normalisers.
@@ -237,7 +255,10 @@ def fused_policy_loss(
     call = prepare(hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias, cu_seqlens, temperature,
                    softcap, config, backend, process_group, return_entropy, global_num_tokens, global_num_seqs,
                    norm_len, check_inputs, schedule, memory_budget_mb, rollout_logp, rollout_is_weights,
-                   grad_filter_eps, deterministic, tp_reduce_dx, workspace_mb)  # fmt: skip
+                   grad_filter_eps, deterministic, tp_reduce_dx, workspace_mb,
+                   dict(old_entropy=old_entropy, entropy_change=entropy_change, external_mask=external_mask,
+                        behaviour_logp=behaviour_logp, segment_ids=segment_ids,
+                        entropy_reference=entropy_reference))  # fmt: skip
     return run(call)
 
 
@@ -304,6 +325,12 @@ class FusedPolicyLoss(nn.Module):
         global_num_seqs: Normaliser = None,
         norm_len: Normaliser = None,
         temperature: Union[float, Tensor, None] = None,
+        old_entropy: Optional[Tensor] = None,
+        entropy_change: Optional[Tensor] = None,
+        external_mask: Optional[Tensor] = None,
+        behaviour_logp: Optional[Tensor] = None,
+        segment_ids: Optional[Tensor] = None,
+        entropy_reference: Optional[Tensor] = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Same tensor arguments and shapes as :func:`fused_policy_loss`; the per-step normalisers and
         (e.g. per-token) ``temperature`` may be given per call."""
@@ -313,7 +340,9 @@ class FusedPolicyLoss(nn.Module):
             self.process_group, return_entropy=self.return_entropy, global_num_tokens=global_num_tokens,
             global_num_seqs=global_num_seqs, norm_len=norm_len, check_inputs=self.check_inputs,
             schedule=self.schedule, memory_budget_mb=self.memory_budget_mb, rollout_logp=rollout_logp,
-            rollout_is_weights=rollout_is_weights, **self.options,
+            rollout_is_weights=rollout_is_weights, old_entropy=old_entropy, entropy_change=entropy_change,
+            external_mask=external_mask, behaviour_logp=behaviour_logp, segment_ids=segment_ids,
+            entropy_reference=entropy_reference, **self.options,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -10,11 +10,14 @@ Modules, in the order they build on each other: ``config`` (:class:`PolicyLossCo
 ``selection`` (Clip-Cov / KL-Cov / entropy-quantile picks), ``modes`` (the mode registry), ``aggregate``
 (KL estimators, normalisers, aggregation), ``heads`` (torch formulas or a backend's kernels), ``policy``
 (:func:`policy_loss`), ``token_head`` (the head per chunk, for the one-pass schedule); ``reference`` is a
-plainly written oracle of all of it, for tests.
+plainly written oracle of all of it, for tests. ``segments`` (SSPO's segment ratio) and ``entropy_control``
+(STEER, BAPO, RL-PLUS, the EPO corridor: docs/entropy-control.md) hold the entropy-control methods.
 """
 
 from .aggregate import kl_penalty
 from .config import (
+    ALL_LOSS_MODES,
+    ENTROPY_CONTROL_MODES,
     IMPORTANCE_SAMPLING_LEVELS,
     KL_LOSS_TYPES,
     LOSS_AGG_MODES,
@@ -25,6 +28,7 @@ from .config import (
 )
 from .policy import metric_names, policy_loss
 from .rollout import RolloutCorrection
+from .segments import segment_ids_from_tokens
 from .token_head import HEAD_KINDS, TokenHead, head_kind
 
 __all__ = [
@@ -32,6 +36,8 @@ __all__ = [
     "RolloutCorrection",
     "policy_loss",
     "LOSS_MODES",
+    "ENTROPY_CONTROL_MODES",
+    "ALL_LOSS_MODES",
     "LOSS_AGG_MODES",
     "KL_LOSS_TYPES",
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -42,4 +48,5 @@ __all__ = [
     "kl_penalty",
     "head_kind",
     "metric_names",
+    "segment_ids_from_tokens",
 ]

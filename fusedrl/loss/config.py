@@ -21,6 +21,8 @@ from .rollout import RolloutCorrection, as_rollout_correction
 __all__ = [
     "PolicyLossConfig",
     "LOSS_MODES",
+    "ENTROPY_CONTROL_MODES",
+    "ALL_LOSS_MODES",
     "LOSS_AGG_MODES",
     "KL_LOSS_TYPES",
     "IMPORTANCE_SAMPLING_LEVELS",
@@ -47,9 +49,13 @@ LOSS_MODES = (
     "luspo",
     "vespo",
 )
+#: the seed papers' entropy-control modes (docs/entropy-control.md): STEER, BAPO, RL-PLUS. Kept apart from
+#: :data:`LOSS_MODES` (the verl / TRL menu); ``loss_mode`` accepts both (:data:`ALL_LOSS_MODES`)
+ENTROPY_CONTROL_MODES = ("steer", "bapo", "rl_plus")
+ALL_LOSS_MODES = LOSS_MODES + ENTROPY_CONTROL_MODES
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum")
 #: TRL's ``importance_sampling_level``: the ratio of the ratio-based modes per token or per sequence
-IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "segment")
 KL_ALIASES = {"kl": "k1", "k1": "k1", "abs": "abs", "mse": "k2", "k2": "k2", "low_var_kl": "k3", "k3": "k3"}
 #: accepted ``kl_loss_type`` names; a trailing ``+`` (e.g. ``"k3+"``, as in recent verl) keeps the
 #: value of the estimator but takes the gradient of k2 (straight-through, unbiased KL gradient).
@@ -80,8 +86,45 @@ _NUMBER_FIELDS = (
     "vespo_lambda_pos",
     "vespo_k_neg",
     "vespo_lambda_neg",
+    "steer_lambda_min",
+    "steer_lambda_max",
+    "bapo_adv_ratio_target",
+    "bapo_ratio_lower_start",
+    "bapo_ratio_lower_max",
+    "bapo_ratio_lower_step",
+    "bapo_ratio_upper_start",
+    "bapo_ratio_upper_max",
+    "bapo_ratio_upper_step",
+    "bapo_eps",
+    "rl_plus_gamma",
+    "entropy_corridor_coeff",
 )
 _NORMALISERS = ("global_num_tokens", "global_num_seqs", "norm_len")
+#: the entropy-control fields (STEER, BAPO, RL-PLUS, EPO corridor); the one-pass op carries them in two lists
+#: (:func:`entropy_control_args`)
+ENTROPY_CONTROL_FIELDS = (
+    "steer_weighting",
+    "steer_lambda_min",
+    "steer_lambda_max",
+    "steer_entropy",
+    "steer_exact",
+    "bapo_adv_ratio_target",
+    "bapo_ratio_lower_start",
+    "bapo_ratio_lower_max",
+    "bapo_ratio_lower_step",
+    "bapo_ratio_upper_start",
+    "bapo_ratio_upper_max",
+    "bapo_ratio_upper_step",
+    "bapo_eps",
+    "rl_plus_clip_on_policy",
+    "rl_plus_gamma",
+    "entropy_corridor",
+    "entropy_corridor_coeff",
+)
+STEER_WEIGHTINGS = ("linear", "exp")
+STEER_ENTROPIES = ("old", "current")
+#: the most candidate bounds BAPO evaluates per side (its grid is evaluated at once, on the device)
+BAPO_MAX_GRID = 4096
 
 
 def canonical_kl_type(name: str) -> str:
@@ -160,6 +203,24 @@ class PolicyLossConfig:
                                               (TRL's default is True; its mapping sets it)
     vespo_k_pos / _lambda_pos   2.0 / 3.0     VESPO gamma weight for A >= 0
     vespo_k_neg / _lambda_neg   3.0 / 2.0     VESPO gamma weight for A < 0
+    steer_weighting             "linear"      STEER: map of ``|Omega|`` to weights, "linear" or "exp"
+    steer_lambda_min / _max     0.8 / 1.2     STEER: weight range (exp: ``[lambda_min, 1]``)
+    steer_entropy               "old"         STEER: ``H`` of ``Omega`` from ``old_entropy=`` ("old", as
+                                              the authors) or the current policy's entropy ("current")
+    steer_exact                 False         STEER: ``Omega = -(A / p_old) dH`` from ``entropy_change=``
+    bapo_adv_ratio_target       1.0           BAPO: target of ``P / N`` (positive / negative contribution)
+    bapo_ratio_lower_start      None          BAPO: explicit lower ratio bound (None: 1 - clip_ratio_low)
+    bapo_ratio_lower_max        None          BAPO: largest lower bound (None: the start, no search)
+    bapo_ratio_lower_step       0.05          BAPO: lower-bound step
+    bapo_ratio_upper_start      None          BAPO: explicit upper ratio bound (None: 1 + clip_ratio_high)
+    bapo_ratio_upper_max        None          BAPO: largest upper bound (None: the start, no search)
+    bapo_ratio_upper_step       0.05          BAPO: upper-bound step
+    bapo_eps                    1e-8          BAPO: ``P / (N + eps)``
+    rl_plus_clip_on_policy      False         RL-PLUS: clip the on-policy ratio (no dual clip)
+    rl_plus_gamma               0.5           RL-PLUS: exponent of ``(1 - sg(p))`` on external tokens
+    entropy_corridor            None          EPO: ``(kappa_l, kappa_r)``: penalise entropy outside
+                                              ``[kappa_l H_ref, kappa_r H_ref]`` (``entropy_reference=``)
+    entropy_corridor_coeff      0.001         EPO: coefficient of the corridor penalty
     ==========================  ============  ========================================================
 
     Loss modes (``d = logp - old``, ``r = exp(clamp(d, -20, 20))``, per token unless noted):
@@ -182,7 +243,13 @@ class PolicyLossConfig:
                  seq-mean-token-sum over rows; use importance_sampling_level="sequence")
     vespo        TRL VESPO: ``-sg(phi(w)) A logp``, ``phi(w) = e^l w^k e^(-l w)`` of the sequence
                  ratio ``w = exp(sum_t d)`` (token IS weights folded in)
+    steer        STEER: the dual-clip surrogate times detached token weights from ``|Omega|``
+    bapo         BAPO: the dual-clip surrogate with ratio bounds searched per batch
+    rl_plus      RL-PLUS: ``-A r`` on-policy, ``-rho A (1 - sg(p))^gamma`` on ``external_mask`` tokens
     ===========  ================================================================================
+
+    ``importance_sampling_level="segment"`` (SSPO) takes one ratio per segment (``segment_ids=``), see
+    docs/entropy-control.md with the three entropy-control modes and the EPO corridor.
 
     The sequence-level modes (gspo, geo_mean, vespo) are aggregated with the configured
     ``loss_agg_mode``, as every mode: verl forces seq-mean-token-mean for gspo, sapo and geo_mean.
@@ -222,6 +289,23 @@ class PolicyLossConfig:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    steer_weighting: str = "linear"
+    steer_lambda_min: float = 0.8
+    steer_lambda_max: float = 1.2
+    steer_entropy: str = "old"
+    steer_exact: bool = False
+    bapo_adv_ratio_target: float = 1.0
+    bapo_ratio_lower_start: Optional[float] = None
+    bapo_ratio_lower_max: Optional[float] = None
+    bapo_ratio_lower_step: float = 0.05
+    bapo_ratio_upper_start: Optional[float] = None
+    bapo_ratio_upper_max: Optional[float] = None
+    bapo_ratio_upper_step: float = 0.05
+    bapo_eps: float = 1e-8
+    rl_plus_clip_on_policy: bool = False
+    rl_plus_gamma: float = 0.5
+    entropy_corridor: Optional[tuple[float, float]] = None
+    entropy_corridor_coeff: float = 0.001
 
     def __post_init__(self) -> None:
         for name in _NUMBER_FIELDS:
@@ -231,14 +315,15 @@ class PolicyLossConfig:
         for name in ("loss_mode", "loss_agg_mode", "importance_sampling_level"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {getattr(self, name)!r}")
-        if self.loss_mode not in LOSS_MODES:
-            raise ValueError(f"loss_mode must be one of {LOSS_MODES}, got {self.loss_mode!r}")
+        if self.loss_mode not in ALL_LOSS_MODES:
+            raise ValueError(f"loss_mode must be one of {ALL_LOSS_MODES}, got {self.loss_mode!r}")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
         canonical_kl_type(self.kl_loss_type)  # raises ValueError naming kl_loss_type
         self._check_clip()
         self._check_selection()
         self._check_menu()
+        self._check_entropy_control()
 
     def _check_clip(self) -> None:
         for name in ("clip_ratio_low", "clip_ratio_high", "entropy_coeff", "kl_loss_coef"):
@@ -295,9 +380,10 @@ class PolicyLossConfig:
                 f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
                 f"got {self.importance_sampling_level!r}"
             )
-        if self.importance_sampling_level == "sequence" and self.loss_mode not in SEQ_LEVEL_MODES:
+        level = self.importance_sampling_level
+        if level != "token" and self.loss_mode not in SEQ_LEVEL_MODES:
             raise ValueError(
-                f"importance_sampling_level='sequence' applies to loss_mode {SEQ_LEVEL_MODES} "
+                f"importance_sampling_level={level!r} applies to loss_mode {SEQ_LEVEL_MODES} "
                 f"(gspo, geo_mean and vespo are sequence-level already), not {self.loss_mode!r}"
             )
         q = self.top_entropy_quantile
@@ -326,6 +412,57 @@ class PolicyLossConfig:
                     f"stats_group must be a torch.distributed ProcessGroup or None, got {type(g).__name__}"
                 )
 
+    def _check_entropy_control(self) -> None:
+        """STEER, BAPO, RL-PLUS and the EPO corridor (docs/entropy-control.md)."""
+        for name, choices in (("steer_weighting", STEER_WEIGHTINGS), ("steer_entropy", STEER_ENTROPIES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        for name in ("steer_exact", "rl_plus_clip_on_policy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        lo, hi = self.steer_lambda_min, self.steer_lambda_max
+        if not _finite(lo) or not _finite(hi) or not 0 <= lo <= hi:
+            raise ValueError(
+                f"steer_lambda_min / steer_lambda_max must be finite with 0 <= steer_lambda_min <= "
+                f"steer_lambda_max, got {lo!r} / {hi!r}"
+            )
+        if self.steer_weighting == "exp" and not 0 < lo <= 1:
+            raise ValueError(
+                f"steer_lambda_min must be in (0, 1] for steer_weighting='exp' (k = -ln lambda_min), got {lo}"
+            )
+        for name in (
+            "bapo_ratio_lower_start",
+            "bapo_ratio_lower_max",
+            "bapo_ratio_upper_start",
+            "bapo_ratio_upper_max",
+        ):
+            v = getattr(self, name)
+            if v is not None and not _finite(v):
+                raise ValueError(f"{name} must be a finite number or None, got {v!r}")
+        for name in ("bapo_ratio_lower_step", "bapo_ratio_upper_step", "bapo_eps", "rl_plus_gamma",
+                     "entropy_corridor_coeff"):  # fmt: skip
+            v = getattr(self, name)
+            if not _finite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite non-negative number, got {v!r}")
+        t = self.bapo_adv_ratio_target
+        if not is_real(t) or math.isnan(t) or t < 0:
+            raise ValueError(f"bapo_adv_ratio_target must be a non-negative number, got {t!r}")
+        if self.loss_mode == "bapo":
+            lower, upper = bapo_grid(self)  # raises on an oversized grid
+            if max(lower) > upper[0]:
+                raise ValueError(
+                    f"BAPO's lower ratio bounds must stay <= its upper ones: bapo_ratio_lower_start / _max reach "
+                    f"{max(lower)} > bapo_ratio_upper_start {upper[0]}"
+                )
+        c = self.entropy_corridor
+        if c is not None:
+            if isinstance(c, (str, bytes)) or not hasattr(c, "__len__") or len(c) != 2:
+                raise ValueError(f"entropy_corridor must be None or a pair (kappa_l, kappa_r), got {c!r}")
+            c = tuple(as_number("entropy_corridor", x) for x in c)
+            if not all(_finite(x) for x in c) or not 0 <= c[0] <= c[1]:
+                raise ValueError(f"entropy_corridor must be finite with 0 <= kappa_l <= kappa_r, got {c!r}")
+            self.entropy_corridor = (float(c[0]), float(c[1]))
+
     @property
     def kl_type(self) -> str:
         """Canonical KL estimator name: ``"k1" | "abs" | "k2" | "k3"`` (optionally ending in ``+``)."""
@@ -341,6 +478,68 @@ class PolicyLossConfig:
     def replace(self, **changes) -> PolicyLossConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+_EC_STR_FIELDS = ("steer_weighting", "steer_entropy")
+_EC_BOOL_FIELDS = ("steer_exact", "rl_plus_clip_on_policy")
+
+
+def entropy_control_args(cfg: PolicyLossConfig) -> tuple[list[Optional[float]], list[str]]:
+    """The entropy-control fields as ``(floats, strings)`` (the one-pass op's ``float?[]`` / ``str[]``
+    arguments: bools as 0 / 1, the corridor as two numbers or two None); :func:`entropy_control_fields`
+    inverts it."""
+    floats: list[Optional[float]] = []
+    for name in ENTROPY_CONTROL_FIELDS:
+        v = getattr(cfg, name)
+        if name in _EC_STR_FIELDS:
+            continue
+        if name == "entropy_corridor":
+            floats.extend([None, None] if v is None else [float(v[0]), float(v[1])])
+        else:
+            floats.append(None if v is None else float(v))
+    return floats, [getattr(cfg, n) for n in _EC_STR_FIELDS]
+
+
+def entropy_control_fields(floats, strings) -> dict[str, Any]:
+    """The entropy-control fields from :func:`entropy_control_args`' lists."""
+    out: dict[str, Any] = dict(zip(_EC_STR_FIELDS, strings))
+    it = iter(floats)
+    for name in ENTROPY_CONTROL_FIELDS:
+        if name in _EC_STR_FIELDS:
+            continue
+        if name == "entropy_corridor":
+            lo, hi = next(it), next(it)
+            out[name] = None if lo is None else (lo, hi)
+        elif name in _EC_BOOL_FIELDS:
+            out[name] = bool(next(it))
+        else:
+            out[name] = next(it)
+    return out
+
+
+def bapo_grid(cfg: PolicyLossConfig) -> tuple[list[float], list[float]]:
+    """BAPO's candidate bounds (host floats), exactly as the authors' sequential search visits them: the
+    lower bound from its start by ``min(cur + step, max)`` while ``cur < max`` (WooooDyy/BAPO
+    ``compute_policy_loss_bapo``), then the upper bound likewise. Starts default to ``1 -+ clip_ratio``,
+    maxima to the starts (no search)."""
+    out = []
+    for side, default in (("lower", 1.0 - cfg.clip_ratio_low), ("upper", 1.0 + cfg.clip_ratio_high)):
+        start = getattr(cfg, f"bapo_ratio_{side}_start")
+        cur = float(default if start is None else start)
+        top = getattr(cfg, f"bapo_ratio_{side}_max")
+        top = cur if top is None else float(top)
+        step = float(getattr(cfg, f"bapo_ratio_{side}_step"))
+        vals = [cur]
+        while cur < top and step > 0:
+            cur = min(cur + step, top)
+            vals.append(cur)
+            if len(vals) > BAPO_MAX_GRID:
+                raise ValueError(
+                    f"bapo_ratio_{side}_step={step} gives more than {BAPO_MAX_GRID} candidate {side} bounds "
+                    f"between {vals[0]} and {top}"
+                )
+        out.append(vals)
+    return out[0], out[1]
 
 
 def with_normalisers(

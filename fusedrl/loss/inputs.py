@@ -30,7 +30,26 @@ SIDE_INPUTS: dict[str, str] = {
     "ref_logp": "float",
     "rollout_logp": "float",
     "rollout_is_weights": "float",
+    # entropy control (docs/entropy-control.md)
+    "old_entropy": "float",  # STEER: the old policy's per-token entropy
+    "entropy_change": "float",  # STEER exact: per-token entropy-change coefficient dH
+    "external_mask": "flag",  # RL-PLUS: tokens of external demonstrations
+    "behaviour_logp": "float",  # RL-PLUS: log-probs of the policy that wrote the external tokens
+    "segment_ids": "ids",  # SSPO: equal ids inside one sequence form a segment
+    "entropy_reference": "float",  # EPO: per-token reference entropy of the corridor
 }
+
+
+def clean_side(name: str, t: Tensor, valid: Tensor, dtype: torch.dtype) -> Tensor:
+    """A side input as the loss reads it (detached, 0 at positions outside ``valid``): floats in the compute
+    ``dtype``, flags as bool, ids as int64 (exact, whatever the compute dtype)."""
+    kind = SIDE_INPUTS[name]
+    t = t.detach()
+    if kind == "flag":
+        return valid & (t != 0)
+    if kind == "ids":
+        return torch.where(valid, t.long(), torch.zeros((), dtype=torch.long, device=t.device))
+    return torch.where(valid, t.to(dtype), torch.zeros((), dtype=dtype, device=t.device))
 
 
 class Segments:

@@ -5,7 +5,8 @@ say what each mode needs from a schedule (token-local, batch selection, whole se
 Semantics: verl's ``core_algos.py`` (``compute_policy_loss_vanilla``, ``_gspo``, ``_clip_cov``,
 ``_kl_cov``, ``_gpg``, ``_cispo``, ``_sapo``, ``_geo_mean``, ``_dppo_kl``, ``_dppo_tv``, ``_dro``,
 ``_bypass_mode``) and TRL's ``GRPOTrainer._compute_loss`` (``luspo``, ``vespo``, ``delta``, sequence-level
-importance sampling). docs/policy-losses.md has every formula and difference.
+importance sampling); the entropy-control modes (``steer``, ``bapo``, ``rl_plus``) live in
+``entropy_control``. docs/policy-losses.md and docs/entropy-control.md have every formula and difference.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from ..backends.base import LOG_RATIO_CLAMP
 from .config import PolicyLossConfig
+from .entropy_control import BATCH_STAT_MODES, loss_bapo, loss_rl_plus, loss_steer
 from .inputs import Tokens
 from .terms import (
     GSPO_LOG_RATIO_MAX,
@@ -29,7 +31,6 @@ from .terms import (
     dual_clip,
     is_ratio,
     ratio,
-    seq_ratio,
 )
 
 Tensor = torch.Tensor
@@ -44,7 +45,7 @@ def loss_vanilla(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx = NO_CTX, dual: bo
     caps the unclipped ratio (TRL / INTELLECT-2); ``importance_sampling_level="sequence"`` takes TRL's
     sequence ratio."""
     log_ratio = clamped_log_ratio(tok)
-    r = seq_ratio(tok) if cfg.importance_sampling_level == "sequence" else torch.exp(log_ratio)
+    r = torch.exp(log_ratio) if cfg.importance_sampling_level == "token" else is_ratio(tok, cfg, ctx.side)
     l1, l2, lc = clipped_surrogate(tok.adv, r, cfg, delta_cap(r, cfg))
     loss, lower = dual_clip(tok, lc, cfg.clip_ratio_c if dual else None)
     return PGTerms(loss, tok.masked_mean(l2 > l1), lower, tok.masked_mean(-log_ratio))
@@ -96,10 +97,10 @@ def loss_cispo(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx = NO_CTX) -> PGTerms
     """CISPO: ``-sg(clip(r, 1-low, 1+high)) * A * logp``; every token keeps its gradient. A negative
     ``clip_ratio_high`` expresses TRL's cap ``epsilon_high < 1``."""
     log_ratio = tok.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if cfg.importance_sampling_level == "sequence":
-        ratio = seq_ratio(tok).detach()
-    else:
+    if cfg.importance_sampling_level == "token":
         ratio = torch.exp(log_ratio).detach()
+    else:
+        ratio = is_ratio(tok, cfg, ctx.side).detach()
     clipped = ratio.clamp(1.0 - cfg.clip_ratio_low, 1.0 + cfg.clip_ratio_high)
     loss = -clipped * tok.adv * tok.logp
     return PGTerms(loss, tok.masked_mean(ratio != clipped), tok.zero_metric(), tok.masked_mean(-log_ratio))
@@ -108,7 +109,7 @@ def loss_cispo(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx = NO_CTX) -> PGTerms
 def loss_sapo(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx = NO_CTX) -> PGTerms:
     """SAPO: soft gate ``f(r) = sigmoid(tau (r - 1)) * 4 / tau`` (``tau_pos`` if A > 0 else ``tau_neg``),
     loss ``-f(r) A`` (verl ``compute_policy_loss_sapo``, TRL ``sapo``). No clip metrics (0)."""
-    ratio = is_ratio(tok, cfg)
+    ratio = is_ratio(tok, cfg, ctx.side)
     tau = torch.where(tok.adv > 0, torch.full_like(ratio, cfg.tau_pos), torch.full_like(ratio, cfg.tau_neg))
     gate = torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau)
     zero = tok.zero_metric()
@@ -242,6 +243,10 @@ MODES: dict[str, ModeFn] = {
     "bypass_mode": loss_bypass,
     "luspo": loss_luspo,
     "vespo": loss_vespo,
+    # entropy control (fusedrl.loss.entropy_control, docs/entropy-control.md)
+    "steer": loss_steer,
+    "bapo": loss_bapo,
+    "rl_plus": loss_rl_plus,
 }
 #: batch-level selection: the loss of a token depends on a pick over the batch (terms given the pick)
 SELECTION_TERMS: dict[str, Callable[[Tokens, PolicyLossConfig, Tensor], PGTerms]] = {
@@ -256,3 +261,7 @@ TOKEN_LOCAL_MODES = ("vanilla", "gpg", "cispo", "sapo", "dppo_kl", "dppo_tv", "d
 SELECTION_MODES = tuple(SELECTION_TERMS)
 #: a ratio per sequence: token chunks must hold whole sequences
 SEQUENCE_MODES = ("gspo", "geo_mean", "vespo")
+#: the entropy-control modes (``ENTROPY_CONTROL_MODES``) by what they need from a schedule: token-local, or a
+#: statistic of the whole batch (STEER's weight range, BAPO's bound search: head_kind "batch")
+ENTROPY_TOKEN_MODES = ("rl_plus",)
+ENTROPY_BATCH_MODES = BATCH_STAT_MODES

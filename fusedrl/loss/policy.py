@@ -10,14 +10,16 @@ the group with torch.distributed collectives (one host read of the ranks' token 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple, Optional
 
 import torch
 
 from .aggregate import aggregate, denominators, kl_penalty
 from .config import Normaliser, PolicyLossConfig, with_normalisers
+from .entropy_control import check_entropy_control_inputs, corridor_metrics, corridor_penalty, metric_names_of
 from .heads import TORCH, Kernels, kernels_for, vanilla_kernel_ok
-from .inputs import Batch, Segments, Tokens, compute_dtype, flatten_batch, make_tokens, require_tensor
+from .inputs import Batch, Segments, Tokens, clean_side, compute_dtype, flatten_batch, make_tokens, require_tensor
 from .modes import IS_INSIDE_MODES, MODES, SELECTION_TERMS
 from .rollout import RolloutCorrection, as_rollout_correction, rollout_terms
 from .selection import entropy_keep, group_sum, opsm_keep, select_clip_cov, select_kl_cov
@@ -45,6 +47,12 @@ def policy_loss(
     rollout_logp: Optional[Tensor] = None,
     rollout_is_weights: Optional[Tensor] = None,
     backend: str = "auto",
+    old_entropy: Optional[Tensor] = None,
+    entropy_change: Optional[Tensor] = None,
+    external_mask: Optional[Tensor] = None,
+    behaviour_logp: Optional[Tensor] = None,
+    segment_ids: Optional[Tensor] = None,
+    entropy_reference: Optional[Tensor] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RL policy loss from per-token log-probs (differentiable in ``logp`` and ``entropy``).
 
@@ -73,6 +81,13 @@ def policy_loss(
         backend: which implementation computes the per-token terms: ``"auto"`` (the backend ``auto``
             resolves to on ``logp``'s device: torch formulas on CPU), ``"torch"``, ``"triton"``, ``"cuda"``
             (their loss-head kernels, fp32; other configs and fp64 take the torch formulas).
+        old_entropy, entropy_change, external_mask, behaviour_logp, segment_ids, entropy_reference: the
+            per-token inputs of the entropy-control methods (shape of ``logp``, not differentiated;
+            docs/entropy-control.md): STEER's old-policy entropy (``steer_entropy="old"``) or entropy-change
+            coefficient ``dH`` (``steer_exact``), RL-PLUS's external-demonstration flags and optional behaviour
+            log-probs, SSPO's segment ids (``importance_sampling_level="segment"``), EPO's reference entropy
+            (``entropy_corridor``). A config that needs one raises ``ValueError`` naming it when it is missing;
+            one that nothing reads raises too.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a 0-dim tensor
@@ -119,7 +134,9 @@ def policy_loss(
     if not logp.is_floating_point():
         raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
     side = {"entropy": entropy, "ref_logp": ref_logp, "rollout_logp": rollout_logp,
-            "rollout_is_weights": rollout_is_weights}  # fmt: skip
+            "rollout_is_weights": rollout_is_weights, "old_entropy": old_entropy, "entropy_change": entropy_change,
+            "external_mask": external_mask, "behaviour_logp": behaviour_logp, "segment_ids": segment_ids,
+            "entropy_reference": entropy_reference}  # fmt: skip
     batch = flatten_batch("logp", tuple(logp.shape), logp.device, old_logp, advantages, mask, cu_seqlens, side,
                           check_inputs)  # fmt: skip
     check_optional_inputs(cfg, set(batch.side))
@@ -147,6 +164,7 @@ def check_optional_inputs(cfg: PolicyLossConfig, given: set[str], entropy_known:
             raise ValueError("entropy_coeff > 0 needs the per-token entropy (pass entropy=...)")
         if cfg.top_entropy_quantile < 1:
             raise ValueError("top_entropy_quantile < 1 needs the per-token entropy (pass entropy=...)")
+    check_entropy_control_inputs(cfg, given, entropy_known)
     if cfg.kl_loss_coef != 0 and "ref_logp" not in given:
         raise ValueError("kl_loss_coef > 0 needs the reference log-probs (pass ref_logp=...)")
     has_rollout = "rollout_logp" in given
@@ -256,11 +274,11 @@ def pg_factors(loss: Tensor, cfg: PolicyLossConfig, is_w: Optional[Tensor], keep
     return loss
 
 
-def kl_terms(tok: Tokens, cfg: PolicyLossConfig, ref: Tensor) -> Tensor:
+def kl_terms(tok: Tokens, cfg: PolicyLossConfig, ref: Tensor, side: Mapping[str, Tensor]) -> Tensor:
     """Per-token KL penalty, times the importance ratio with ``use_bias_correction_kl`` (TRL)."""
     kl = kl_penalty(tok.logp, ref, cfg.kl_loss_type)
     if cfg.use_bias_correction_kl:
-        kl = kl * is_ratio(tok, cfg)
+        kl = kl * is_ratio(tok, cfg, side)
     return kl
 
 
@@ -303,7 +321,7 @@ def evaluate(
         keep = entropy_keep(ent, valid, cfg.top_entropy_quantile, cfg.stats_group)
     if cfg.off_policy_mask_threshold is not None:
         keep = _and(keep, opsm_keep(tok, torch.where(valid, stage.sampling, zeros), cfg.off_policy_mask_threshold))
-    ctx = Ctx(stage.is_w, ent, {k: tok.clean(v.detach()) for k, v in side.items() if k != "entropy"})
+    ctx = Ctx(stage.is_w, ent, {k: clean_side(k, v, valid, dtype) for k, v in side.items() if k != "entropy"})
     pg, picked = pg_terms(tok, cfg, ctx, kernels, picked=picked, keys=keys)
     den = denominators(tok, cfg)
     pg_loss = aggregate(pg_factors(pg.loss, cfg, stage.is_w, keep), tok, den, cfg.loss_agg_mode)
@@ -320,7 +338,7 @@ def evaluate(
             loss = loss - cfg.entropy_coeff * aggregate(ent, tok, den, cfg.loss_agg_mode)
     ref = side.get("ref_logp")
     if ref is not None:
-        kl = kl_terms(tok, cfg, tok.clean(ref.detach()))
+        kl = kl_terms(tok, cfg, tok.clean(ref.detach()), ctx.side)
         metrics["kl"] = tok.masked_mean(kl)
         if cfg.kl_loss_coef != 0:
             loss = loss + cfg.kl_loss_coef * aggregate(kl, tok, den, cfg.loss_agg_mode)
@@ -328,6 +346,11 @@ def evaluate(
         metrics["cov_selected_frac"] = pg.cov_selected_frac
     if pg.extra:
         metrics.update(pg.extra)
+    if cfg.entropy_corridor is not None:
+        ref_h = ctx.side["entropy_reference"]
+        pen = corridor_penalty(ent, ref_h, cfg)
+        loss = loss + cfg.entropy_corridor_coeff * aggregate(pen, tok, den, cfg.loss_agg_mode)
+        metrics.update(corridor_metrics(tok, ent, ref_h, pen, cfg))
     metrics.update(stage.metrics)
     return loss, metrics, picked
 
@@ -341,6 +364,7 @@ def metric_names(config: PolicyLossConfig, has_entropy: bool, has_ref: bool) -> 
         names.append("kl")
     if config.loss_mode in SELECTION_TERMS:
         names.append("cov_selected_frac")
+    names.extend(metric_names_of(config))
     rc = as_rollout_correction(config.rollout_correction)
     if rc is None and config.loss_mode == "bypass_mode":
         rc = RolloutCorrection()

@@ -10,6 +10,7 @@ import torch
 
 from ..backends.base import LOG_RATIO_CLAMP
 from .inputs import Tokens
+from .segments import segment_ratio
 
 Tensor = torch.Tensor
 
@@ -59,10 +60,13 @@ def seq_ratio(tok: Tokens) -> Tensor:
     return torch.exp(seg.expand(log_s))
 
 
-def is_ratio(tok: Tokens, cfg) -> Tensor:
-    """The importance ratio of the ratio-based modes at ``importance_sampling_level``."""
+def is_ratio(tok: Tokens, cfg, side: Mapping[str, Tensor] = {}) -> Tensor:  # noqa: B006 (read only)
+    """The importance ratio of the ratio-based modes at ``importance_sampling_level`` (``"segment"``: SSPO's,
+    from ``side["segment_ids"]``)."""
     if cfg.importance_sampling_level == "sequence":
         return seq_ratio(tok)
+    if cfg.importance_sampling_level == "segment":
+        return segment_ratio(tok, side["segment_ids"])
     return ratio(tok)
 
 

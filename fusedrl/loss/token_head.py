@@ -12,8 +12,9 @@ import torch
 from ..backends.base import KL_TYPES, LOSS_MODE_HEADS, OnePassHead
 from .aggregate import aggregate, denominators
 from .config import PolicyLossConfig
-from .inputs import Batch, Segments, make_tokens
-from .modes import SELECTION_MODES, SEQUENCE_MODES
+from .entropy_control import computes_entropy_change, corridor_penalty, entropy_has_grad, reads_entropy
+from .inputs import Batch, Segments, clean_side, make_tokens
+from .modes import ENTROPY_BATCH_MODES, SELECTION_MODES, SEQUENCE_MODES
 from .policy import check_optional_inputs, evaluate, kl_terms, pg_factors, pg_terms, rollout_stage
 from .rollout import rollout_terms
 from .selection import group_sum, opsm_keep
@@ -35,15 +36,17 @@ def head_kind(cfg: PolicyLossConfig) -> str:
     * ``"sequence"``: chunks must hold whole sequences (GSPO, GMPO, VESPO, TRL's sequence-level ratio,
       OPSM, sequence-level IS in bypass mode);
     * ``"batch"``: a statistic of the whole batch's logp / entropy comes first (entropy quantile, bypass
-      rejection or IS batch normalisation, a selection mode with a sequence or batch option): the
-      two-pass schedule (scoring forward, then :meth:`TokenHead.grads` over the whole batch).
+      rejection or IS batch normalisation, a selection mode with a sequence or batch option, STEER's weight
+      range, BAPO's bound search): the two-pass schedule (scoring forward, then :meth:`TokenHead.grads`
+      over the whole batch).
+
+    TRL's sequence ratio and SSPO's segment ratio (segments lie inside sequences) are ``"sequence"``; RL-PLUS
+    and the EPO corridor are token-local.
     """
     mode = cfg.loss_mode
-    batch = cfg.top_entropy_quantile < 1
+    batch = cfg.top_entropy_quantile < 1 or mode in ENTROPY_BATCH_MODES
     seq = (
-        mode in SEQUENCE_MODES
-        or cfg.importance_sampling_level == "sequence"
-        or cfg.off_policy_mask_threshold is not None
+        mode in SEQUENCE_MODES or cfg.importance_sampling_level != "token" or cfg.off_policy_mask_threshold is not None
     )
     if mode == "bypass_mode":
         rc = cfg.effective_rollout_correction
@@ -71,6 +74,7 @@ def kernel_head_codes(cfg: PolicyLossConfig) -> Optional[dict]:
         and cfg.off_policy_mask_threshold is None
         and not cfg.use_bias_correction_kl
         and cfg.clip_ratio_high >= 0
+        and cfg.entropy_corridor is None
     )
     if not ok:
         return None
@@ -131,7 +135,7 @@ class TokenHead:
         def clean0(x: Tensor) -> Tensor:
             return torch.where(valid0, x.detach().to(dtype), zeros)
 
-        self.side = {k: clean0(v) for k, v in batch.side.items()}
+        self.side = {k: clean_side(k, v, valid0, dtype) for k, v in batch.side.items()}
         ro, isw = self.side.get("rollout_logp"), self.side.get("rollout_is_weights")
         stage = rollout_stage(cfg, self.seg, valid0, None, clean0(batch.old_logp), ro, with_metrics=False,
                               is_weights=isw)  # fmt: skip
@@ -155,13 +159,26 @@ class TokenHead:
         return self._weights
 
     @property
+    def needs_entropy_change(self) -> bool:
+        """STEER's exact form without a given ``entropy_change``: the schedule computes ``dH`` in its pass and
+        hands it over with :meth:`provide` before :meth:`evaluate` / :meth:`grads`."""
+        return computes_entropy_change(self.cfg, self.batch.side)
+
+    def provide(self, name: str, values: Tensor) -> None:
+        """A per-token side input ``[N]`` the schedule computed in its pass (``entropy_change``)."""
+        values = values.detach().reshape(-1)
+        self.batch = self.batch._replace(side={**self.batch.side, name: values})
+        self.side[name] = clean_side(name, values, self.valid0, self.dtype)
+
+    @property
     def entropy_has_grad(self) -> bool:
-        return self.cfg.entropy_coeff != 0
+        """The loss differentiates the entropy (a bonus, the EPO corridor)."""
+        return entropy_has_grad(self.cfg)
 
     @property
     def needs_entropy(self) -> bool:
-        """The head reads the entropy (its gradient term, or the entropy quantile mask)."""
-        return self.cfg.entropy_coeff != 0 or self.cfg.top_entropy_quantile < 1
+        """The head reads the entropy (its gradient terms, the entropy quantile mask, STEER's current ``H``)."""
+        return reads_entropy(self.cfg)
 
     def kernel_codes(self, start: int, stop: int, need_ent: bool) -> Optional[OnePassHead]:
         """The chunk's head as the kernels' formula set, or None when the config has none."""
@@ -218,8 +235,12 @@ class TokenHead:
         per_tok = pg_factors(pg.loss, cfg, is_w, keep)
         if cfg.entropy_coeff != 0 and ent is not None:
             per_tok = per_tok - cfg.entropy_coeff * ent.to(self.dtype)
+        if cfg.entropy_corridor is not None and ent is not None:
+            ref_h = torch.where(valid, side["entropy_reference"], 0.0)
+            per_tok = per_tok + cfg.entropy_corridor_coeff * corridor_penalty(ent_c, ref_h, cfg)
         if cfg.kl_loss_coef != 0:
-            per_tok = per_tok + cfg.kl_loss_coef * kl_terms(tok, cfg, torch.where(valid, self.ref[idx], 0.0))
+            ref = torch.where(valid, self.ref[idx], 0.0)
+            per_tok = per_tok + cfg.kl_loss_coef * kl_terms(tok, cfg, ref, side)
         w = self.weights[idx]
         return torch.where(valid, w * per_tok, torch.zeros_like(per_tok)).sum()
 

@@ -50,6 +50,11 @@ entropy_coef, use_adaptive_*     the bonus ``coef * mean(entropy)`` over the (80
                                  TRL's adaptive controller; ``fusedrl_entropy_coeff`` overrides ``entropy_coef``
 ===============================  =============================================================================
 
+Entropy control (docs/entropy-control.md, docs/integrations.md): ``fusedrl_entropy_control={...}`` sets STEER /
+BAPO / RL-PLUS / SSPO / EPO-corridor fields on the mapped config, ``fusedrl_segment_boundary_ids`` splits SSPO's
+segments, ``fusedrl_entropy_history`` holds the corridor's reference; the per-token inputs come from the batch
+(:func:`fusedrl.integrations.trl.entropy.entropy_control_side`).
+
 Left to TRL's own loss (the trainer warns once, at construction where the configuration decides it;
 ``fusedrl_fallback="error"`` raises instead): :data:`TRL_FALLBACKS`. Written against and tested with TRL 1.16.
 

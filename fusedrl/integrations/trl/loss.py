@@ -20,6 +20,7 @@ from .config import (
     grpo_policy_loss_config,
     trainer_arg,
 )
+from .entropy import apply_entropy_control, entropy_control_side, log_entropy_control_metrics
 
 Tensor = torch.Tensor
 
@@ -71,8 +72,9 @@ def _trainer_config(trainer, batch_size: int, num_items) -> tuple[PolicyLossConf
     the policy term only: the trainer adds TRL's KL term itself (:func:`_trl_kl`) and hands TRL's own vLLM
     importance-sampling ratio to the loss as ``rollout_is_weights``."""
     a = lambda name, default: trainer_arg(trainer, name, default)  # noqa: E731
-    return grpo_policy_loss_config(
-        getattr(trainer, "loss_type", "grpo"),
+    loss_type = getattr(trainer, "loss_type", "grpo")
+    cfg, norms = grpo_policy_loss_config(
+        loss_type,
         epsilon_low=getattr(trainer, "epsilon_low", 0.2),
         epsilon_high=getattr(trainer, "epsilon_high", None),
         beta=0.0,
@@ -92,6 +94,7 @@ def _trainer_config(trainer, batch_size: int, num_items) -> tuple[PolicyLossConf
         off_policy_mask_threshold=getattr(trainer, "off_policy_mask_threshold", None),
         stats_group=_stats_group(trainer),
     )
+    return apply_entropy_control(cfg, trainer, loss_type), norms
 
 
 def _ga_steps(trainer) -> int:
@@ -203,6 +206,7 @@ def fused_grpo_loss(trainer, model, inputs: dict[str, Any], *, backend: Optional
     old = inputs.get("old_per_token_logps")
     old = logp.detach() if old is None else old
     is_w = _trl_is_weights(trainer, inputs, loss_type, mask)
+    side = entropy_control_side(trainer, cfg, inputs, ent, mask, training, _stats_group(trainer))
     loss, metrics = policy_loss(
         logp,
         old,
@@ -213,6 +217,7 @@ def fused_grpo_loss(trainer, model, inputs: dict[str, Any], *, backend: Optional
         rollout_logp=_opsm_rollout_logp(cfg, inputs, logp),
         rollout_is_weights=is_w,
         **norms,
+        **side,
     )
     beta = float(getattr(trainer, "beta", 0.0))
     kl = None
@@ -232,6 +237,7 @@ def fused_grpo_loss(trainer, model, inputs: dict[str, Any], *, backend: Optional
 
     loss = _entropy_bonus(trainer, loss, ent, mask, cfg, training, ga, policy_part)
     _log_metrics(trainer, logp.detach(), old, advantages, mask, metrics, kl, cfg, loss_type, is_w, training)
+    log_entropy_control_metrics(trainer, metrics, cfg, "train" if training else "eval")
     return loss
 
 

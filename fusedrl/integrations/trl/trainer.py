@@ -10,8 +10,10 @@ from typing import Any, Optional
 
 import torch
 
+from ...control import EntropyHistory
 from .. import hf
 from .config import FusedRLUnsupported
+from .entropy import check_entropy_control
 from .loss import autocast_for, fused_grpo_loss, static_unsupported_reason
 
 
@@ -29,6 +31,14 @@ class FusedGRPOMixin:
         fusedrl_fallback: ``"warn"`` (default: use TRL's own loss for what :data:`TRL_FALLBACKS` lists,
             warning once) or ``"error"``.
         fusedrl_score: also score old / reference log-probs with fusedrl (default True).
+        fusedrl_entropy_control: a dict of :class:`fusedrl.PolicyLossConfig` entropy-control fields set on the
+            mapped config (``loss_mode="steer" | "bapo" | "rl_plus"``, ``importance_sampling_level="segment"``,
+            ``clip_ratio_c``, ``steer_*``, ``bapo_*``, ``rl_plus_*``, ``entropy_corridor[_coeff]``;
+            docs/entropy-control.md); the per-token inputs come from the batch (see
+            ``fusedrl.integrations.trl.entropy.entropy_control_side``).
+        fusedrl_segment_boundary_ids: SSPO's sentence-ending token ids (segments split after them).
+        fusedrl_entropy_history: the :class:`fusedrl.control.EntropyHistory` of the entropy corridor's reference
+            (default: a new one, updated with each training micro-batch).
 
     The configuration is checked when the trainer is built: a static setting the fused loss does not
     reproduce warns (or raises, with ``fusedrl_fallback="error"``) there, not at the first step.
@@ -41,6 +51,9 @@ class FusedGRPOMixin:
         fusedrl_entropy_coeff: Optional[float] = None,
         fusedrl_fallback: str = "warn",
         fusedrl_score: bool = True,
+        fusedrl_entropy_control: Optional[dict] = None,
+        fusedrl_segment_boundary_ids=None,
+        fusedrl_entropy_history=None,
         **kwargs,
     ):
         if fusedrl_fallback not in ("warn", "error"):
@@ -54,6 +67,16 @@ class FusedGRPOMixin:
         self._fusedrl_fallback = fusedrl_fallback
         self._fusedrl_score = fusedrl_score
         self._fusedrl_warned = set()
+        self._fusedrl_entropy_control = check_entropy_control(fusedrl_entropy_control)
+        if fusedrl_segment_boundary_ids is not None:
+            fusedrl_segment_boundary_ids = [int(t) for t in fusedrl_segment_boundary_ids]
+        self._fusedrl_segment_boundary_ids = fusedrl_segment_boundary_ids
+        if fusedrl_entropy_history is not None and not isinstance(fusedrl_entropy_history, EntropyHistory):
+            raise TypeError(
+                f"fusedrl_entropy_history must be a fusedrl.control.EntropyHistory, got "
+                f"{type(fusedrl_entropy_history).__name__}"
+            )
+        self._fusedrl_entropy_history = fusedrl_entropy_history
         super().__init__(*args, **kwargs)
         if fusedrl_entropy_coeff is not None:
             self._fusedrl_take_entropy_coeff(float(fusedrl_entropy_coeff))

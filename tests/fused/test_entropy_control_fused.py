@@ -1,0 +1,244 @@
+"""The entropy-control methods through fused_policy_loss: both schedules (one pass, in its chunked, sequence-
+chunked and two-pass forms, and recompute) give the same value, metrics and gradients of hidden / weight /
+bias in float64, equal to policy_loss on the reference log-probs; FusedPolicyLoss takes the same inputs; the
+side inputs are checked the same way. A GPU test runs every mode under ``torch.cuda.set_sync_debug_mode("error")``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_onepass import TINY_BUDGET_MB, assert_same, make_case, run
+
+from fusedrl import reference
+from fusedrl.fused import FusedPolicyLoss, fused_policy_loss
+from fusedrl.loss import PolicyLossConfig, head_kind, policy_loss
+from fusedrl.loss.entropy_control import reads_entropy
+from fusedrl.onepass import op as op_mod
+
+F64 = torch.float64
+
+CASES = {
+    "steer": (dict(loss_mode="steer", entropy_coeff=0.01), ("old_entropy",)),
+    "steer_exp_current": (dict(loss_mode="steer", steer_weighting="exp", steer_entropy="current"), ()),
+    "steer_exact": (dict(loss_mode="steer", steer_exact=True, kl_loss_coef=0.1), ("entropy_change",)),
+    "bapo": (dict(loss_mode="bapo", bapo_ratio_lower_start=0.6, bapo_ratio_lower_max=0.8, bapo_ratio_upper_max=2.0,
+                  bapo_adv_ratio_target=1.2, kl_loss_coef=0.1), ()),
+    "rl_plus": (dict(loss_mode="rl_plus", entropy_coeff=0.01), ("external_mask",)),
+    "rl_plus_clip_behaviour": (dict(loss_mode="rl_plus", rl_plus_clip_on_policy=True),
+                               ("external_mask", "behaviour_logp")),
+    "segment": (dict(importance_sampling_level="segment", kl_loss_coef=0.1, use_bias_correction_kl=True),
+                ("segment_ids",)),
+    "segment_sapo": (dict(loss_mode="sapo", importance_sampling_level="segment"), ("segment_ids",)),
+    "segment_cispo": (dict(loss_mode="cispo", importance_sampling_level="segment"), ("segment_ids",)),
+    "corridor": (dict(entropy_corridor=(0.8, 1.2), entropy_corridor_coeff=0.3, entropy_coeff=0.01),
+                 ("entropy_reference",)),
+    "corridor_gspo": (dict(loss_mode="gspo", entropy_corridor=(0.5, 1.5)), ("entropy_reference",)),
+    "steer_corridor": (dict(loss_mode="steer", entropy_corridor=(0.5, 1.5), entropy_corridor_coeff=0.1),
+                       ("old_entropy", "entropy_reference")),
+}  # fmt: skip
+
+
+def side_inputs(case, names, seed=0):
+    """The side inputs ``names`` for a fused case (shape of ``old_logp``)."""
+    shape = case["old_logp"].shape
+    g = torch.Generator().manual_seed(seed)
+    old = case["old_logp"]
+    pool = {
+        "old_entropy": lambda: torch.rand(shape, generator=g, dtype=F64) * 3,
+        "entropy_change": lambda: torch.randn(shape, generator=g, dtype=F64) * 0.3,
+        "external_mask": lambda: torch.rand(shape, generator=g) > 0.5,
+        "behaviour_logp": lambda: (old + 0.2 * torch.randn(shape, generator=g)).clamp(max=-1e-3),
+        "segment_ids": lambda: torch.randint(0, 3, shape, generator=g).cumsum(-1) // 2,
+        "entropy_reference": lambda: torch.rand(shape, generator=g, dtype=F64) * 3 + 0.5,
+    }
+    return {n: pool[n]() for n in names}
+
+
+def unfused(case, cfg, side, temperature=1.0):
+    """policy_loss on the reference core op's log-probs and entropy (fp64): loss, metrics, grads."""
+    leaves = {k: case[k].detach().clone().requires_grad_() for k in ("hidden", "weight", "bias")}
+    tgt = torch.where(case["mask"], case["targets"], torch.zeros_like(case["targets"]))
+    lp, ent = reference.linear_logprob_entropy(leaves["hidden"], leaves["weight"], tgt, leaves["bias"], temperature)
+    ent = ent if reads_entropy(cfg) else None  # what the fused loss computes
+    loss, metrics = policy_loss(lp, case["old_logp"], case["advantages"], case["mask"], entropy=ent,
+                                ref_logp=case["ref_logp"], cu_seqlens=case.get("cu_seqlens"), config=cfg,
+                                **side)  # fmt: skip
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, grads
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_both_schedules_agree(monkeypatch, name, agg, layout):
+    plans = []
+    real = op_mod.plan
+    monkeypatch.setattr(op_mod, "plan", lambda *a, **k: plans.append(real(*a, **k)) or plans[-1])
+    kw, names = CASES[name]
+    case = make_case(B=4, T=6, packed=layout == "packed", seed=sorted(CASES).index(name))
+    cfg = PolicyLossConfig(loss_agg_mode=agg, **kw)
+    side = side_inputs(case, names)
+    budget = (2 * 6 * 507 * 8 * 2 + 507 * 4 + 100) / 2**20  # two sequences per chunk
+    one = run(case, cfg, "one_pass", memory_budget_mb=budget, temperature=0.9, **side)
+    rec = run(case, cfg, "recompute", temperature=0.9, **side)
+    assert_same(one, rec, atol=1e-10)
+    kind = head_kind(cfg)
+    assert plans[-1].schedule == ("two_pass" if kind == "batch" else "one_pass"), (kind, plans[-1])
+    if kind == "sequence":
+        assert len(plans[-1].chunks) > 1 and all(seqs is not None for _, _, seqs in plans[-1].chunks)
+    want = unfused(case, cfg, side, temperature=0.9)
+    assert_same(rec, want, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["rl_plus", "corridor", "steer"])
+def test_token_chunks_and_auto_schedule(name):
+    kw, names = CASES[name]
+    case = make_case(seed=7)
+    cfg = PolicyLossConfig(**kw)
+    side = side_inputs(case, names, seed=1)
+    tiny = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB, **side)
+    auto = run(case, cfg, "auto", **side)
+    assert_same(tiny, run(case, cfg, "recompute", **side), atol=1e-10)
+    assert_same(auto, tiny, atol=1e-10)
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_steer_exact_computes_the_entropy_change_in_the_pass(backend, layout):
+    """``steer_exact`` without ``entropy_change``: the fused loss takes ``dH`` of the current policy from its own
+    pass (both schedules), equal to policy_loss with the reference core op's ``dH``."""
+    case = make_case(B=4, T=6, packed=layout == "packed", seed=31)
+    cfg = PolicyLossConfig(loss_mode="steer", steer_exact=True, entropy_coeff=0.01, loss_agg_mode="seq-mean-token-mean")
+    rec = run(case, cfg, "recompute", backend=backend, temperature=0.8)
+    schedules = [rec] if backend == "reference" else [rec, run(case, cfg, "one_pass", backend=backend, temperature=0.8)]
+    tgt = torch.where(case["mask"], case["targets"], torch.zeros_like(case["targets"]))
+    with torch.no_grad():
+        _, _, dh = reference.linear_logprob_entropy(case["hidden"], case["weight"], tgt, case["bias"], 0.8,
+                                                    return_entropy_change=True)  # fmt: skip
+    want = unfused(case, cfg, {"entropy_change": dh}, temperature=0.8)
+    for got in schedules:
+        assert_same(got, want, atol=1e-10)
+    given = run(case, cfg, "recompute", backend=backend, temperature=0.8, entropy_change=torch.zeros_like(dh))
+    assert not torch.allclose(given[0], rec[0])  # a given entropy_change is used instead
+
+
+def test_module_takes_the_side_inputs():
+    kw, names = CASES["steer_corridor"]
+    case = make_case(seed=9, packed=True)
+    cfg = PolicyLossConfig(**kw)
+    side = side_inputs(case, names)
+    mod = FusedPolicyLoss(cfg, temperature=0.8, backend="torch")
+    lm, mm = mod(**case, **side)
+    lf, mf = fused_policy_loss(**case, config=cfg, temperature=0.8, backend="torch", **side)
+    torch.testing.assert_close(lm, lf)
+    assert list(mm) == list(mf) and "entropy_corridor/penalty" in mm and "steer/weight_mean" in mm
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "recompute"])
+def test_side_input_errors_on_both_schedules(schedule):
+    case = make_case(seed=2)
+    side = side_inputs(case, ("old_entropy", "segment_ids", "external_mask"))
+    for cfg, given, match in (
+        (PolicyLossConfig(loss_mode="steer"), {}, "old_entropy"),
+        (PolicyLossConfig(loss_mode="rl_plus"), {}, "external_mask"),
+        (PolicyLossConfig(importance_sampling_level="segment"), {}, "segment_ids"),
+        (PolicyLossConfig(entropy_corridor=(0.5, 2.0)), {}, "entropy_reference"),
+        (PolicyLossConfig(), {"old_entropy": side["old_entropy"]}, "nothing reads it"),
+        (PolicyLossConfig(importance_sampling_level="segment"), {"segment_ids": side["segment_ids"][:, :2]},
+         "segment_ids must have the shape of targets"),
+        (PolicyLossConfig(loss_mode="rl_plus"), {"external_mask": side["external_mask"].to(torch.complex64)},
+         "external_mask"),
+    ):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=match):
+            fused_policy_loss(**case, config=cfg, schedule=schedule, backend="torch", **given)
+
+
+def test_entropy_is_computed_when_the_config_reads_it():
+    case = make_case(seed=4)
+    for name in ("corridor_gspo", "steer_exp_current"):
+        kw, names = CASES[name]
+        _, m = fused_policy_loss(**case, config=PolicyLossConfig(**kw), backend="torch", **side_inputs(case, names))
+        assert "entropy" in m
+
+
+def test_config_crosses_the_one_pass_op():
+    """The entropy-control fields reach the op (two lists) and come back equal, the corridor pair included."""
+    from fusedrl.loss.config import entropy_control_args, entropy_control_fields
+
+    for cfg in (
+        PolicyLossConfig(),
+        PolicyLossConfig(loss_mode="bapo", bapo_ratio_upper_max=2.5, bapo_adv_ratio_target=float("inf"),
+                         entropy_corridor=(0.25, 4.0), steer_weighting="exp", steer_exact=True,
+                         rl_plus_clip_on_policy=True),
+    ):  # fmt: skip
+        assert cfg.replace(**entropy_control_fields(*entropy_control_args(cfg))) == cfg
+
+
+@pytest.mark.parametrize("name", ["bapo", "rl_plus", "segment", "corridor"])
+def test_compiles_fullgraph(name):
+    kw, names = CASES[name]
+    case = make_case(seed=15, dtype=torch.float32)
+    cfg = PolicyLossConfig(**kw)
+    side = side_inputs(case, names)
+    side = {k: (v.float() if v.is_floating_point() else v) for k, v in side.items()}
+
+    def f(hidden, weight, bias):
+        loss, metrics = fused_policy_loss(hidden, weight, case["targets"], case["old_logp"], case["advantages"],
+                                          case["mask"], ref_logp=case["ref_logp"], bias=bias, config=cfg,
+                                          schedule="one_pass", backend="torch", **side)  # fmt: skip
+        return loss, metrics["pg_clipfrac"]
+
+    leaves = [case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    torch._dynamo.reset()
+    loss, frac = torch.compile(f, fullgraph=True)(*leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    eager = [case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss_e, frac_e = f(*eager)
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(frac, frac_e)
+    for a, b in zip(grads, torch.autograd.grad(loss_e, eager)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gpu_no_host_sync(name):
+    """Every entropy-control config on CUDA, policy_loss and both fused schedules, with host syncs as errors
+    (the fused loss's argument checks are off: ``check_inputs=False``), fp32 agreement with the CPU."""
+    from fusedrl.backends import available_backends
+
+    kw, names = CASES[name]
+    cfg = PolicyLossConfig(**kw)
+    case = make_case(B=3, T=40, H=64, V=1003, seed=1, dtype=torch.float32)
+    side = side_inputs(case, names)
+    cpu = run(case, cfg, "recompute", backend="torch", **side)
+    dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
+    side_dev = {k: v.cuda() for k, v in side.items()}
+    for backend in available_backends("cuda"):
+        for schedule in ("one_pass", "recompute"):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = run(dev, cfg, schedule, backend=backend, check_inputs=False, **side_dev)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            la, ma, ga = out
+            torch.testing.assert_close(la.cpu(), cpu[0], atol=1e-4, rtol=1e-4)
+            for k in ma:
+                torch.testing.assert_close(ma[k].cpu(), cpu[1][k], atol=1e-4, rtol=1e-4, msg=k)
+            for x, y in zip(ga, cpu[2]):
+                torch.testing.assert_close(x.cpu(), y, atol=1e-4, rtol=1e-3)
+    lp = -torch.rand(4, 50, device="cuda", requires_grad=True)
+    old = lp.detach() + 0.1 * torch.randn(4, 50, device="cuda")
+    small = {k: torch.as_tensor(v) for k, v in side_inputs(dict(old_logp=old.cpu()), names).items()}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, _ = policy_loss(lp, old, torch.randn(4, device="cuda"), torch.ones(4, 50, device="cuda"),
+                              entropy=torch.rand(4, 50, device="cuda"), config=cfg, check_inputs=False,
+                              ref_logp=old if cfg.kl_loss_coef else None,
+                              **{k: v.cuda() for k, v in small.items()})  # fmt: skip
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
