@@ -2,8 +2,13 @@
 
 The model's body (``model.base_model``: embeddings, decoder layers, final norm) runs as usual; its
 last hidden state goes with ``lm_head.weight`` (tied or untied), the head's bias, the model's logit
-scale and final-logit softcap (Gemma-2) and the rollout temperature into :mod:`fusedrl`, so the
-``[batch, seq, vocab]`` logits are never made.
+scale, final-logit softcap, padded-vocabulary slice and per-vocabulary scale (:func:`lm_head_params`) and
+the rollout temperature into :mod:`fusedrl`, so the ``[batch, seq, vocab]`` logits are never made.
+
+The head is the model's own: on the first call for a model, :func:`hf_logprob_entropy` and
+:func:`hf_fused_policy_loss` compare it with the model's own logits on a few positions
+(:func:`check_lm_head`). A model whose head fusedrl does not reproduce raises :class:`UnsupportedHeadError`
+rather than train on wrong log-probs.
 
 Alignment (the convention of TRL and verl): the scored tokens are the last ``K`` tokens of
 ``input_ids`` (the completion / response), and every per-token tensor (``response_mask``,
@@ -15,8 +20,8 @@ Alignment (the convention of TRL and verl): the scored tokens are the last ``K``
 The model is always called through ``model(...)`` (and through any wrapper: DDP, FSDP1/FSDP2,
 DeepSpeed, accelerate, PEFT), so gradient synchronisation and parameter gathering keep working: the
 first call installs a small hook-in on the inner Hugging Face model's ``forward``
-(``model(..., fusedrl_hidden_only=True)`` returns the body's output; every other call is the
-original forward, so ``generate`` and ordinary logits are unchanged).
+(``model(..., fusedrl_hidden_only=True)`` returns the body's output, the head check runs inside that
+call; every other call is the original forward, so ``generate`` and ordinary logits are unchanged).
 
 Only ``torch`` is imported here; ``transformers`` itself is never imported (duck typing).
 """
@@ -26,6 +31,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import types
 import weakref
 from contextlib import nullcontext
@@ -53,6 +59,7 @@ __all__ = [
 
 _PATCH_FLAG = "_fusedrl_hidden_forward"
 _HIDDEN_KWARG = "fusedrl_hidden_only"
+_CHECK_KWARG = "fusedrl_check_head"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,6 +121,8 @@ _UNSUPPORTED_HEADS = {
     "Gemma4UnifiedAssistantForCausalLM": "is a drafter whose head projects through masked embeddings",
     "ProphetNetForCausalLM": "predicts n-gram streams",
 }
+# Output layers with their own forward that still compute exactly h @ W.T (only in a higher precision).
+_PLAIN_HEAD_CLASSES = ("ErgoLinearWithFP32Output",)  # Ergo: fp32 accumulation and output, autocast off
 # Config fields that a model type carries but never applies to its logits.
 _UNUSED_HEAD_FIELDS = {"mpt": ("logit_scale",)}
 # Final-logit softcap, by config field: Gemma-2 family and most others / RecurrentGemma / xLSTM.
@@ -127,6 +136,10 @@ def _class_entry(inner: nn.Module, table: dict):
     return None, None
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _number(cfg, name: str) -> Optional[float]:
     if cfg is None or name in _UNUSED_HEAD_FIELDS.get(getattr(cfg, "model_type", "") or "", ()):
         return None
@@ -134,9 +147,7 @@ def _number(cfg, name: str) -> Optional[float]:
         v = getattr(cfg, name, None)
     except Exception:  # some configs compute attributes and fail on partial configs
         return None
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    return None
+    return float(v) if _is_real(v) else None
 
 
 def _check_supported(inner: nn.Module) -> None:
@@ -191,7 +202,7 @@ def _row_scale(inner: nn.Module, head: nn.Module) -> Optional[Tensor]:
     Refuses output layers with their own ``forward`` that are not a known per-row scale (a PEFT adapter on the
     output layer, a quantised layer, a custom head): reading only their ``weight`` would give wrong logits."""
     fwd = getattr(type(head), "forward", None)
-    if fwd is nn.Linear.forward or fwd is nn.Embedding.forward:
+    if fwd is nn.Linear.forward or fwd is nn.Embedding.forward or type(head).__name__ in _PLAIN_HEAD_CLASSES:
         return None
     # Dory's DoryLMHead: an nn.Linear whose forward multiplies logit column v by logit_scale[v] * logit_scale_factor,
     # i.e. a scale of weight row v (exact: no bias).
@@ -202,8 +213,7 @@ def _row_scale(inner: nn.Module, head: nn.Module) -> Optional[Tensor]:
         and getattr(head, "bias", None) is None
         and isinstance(scale, torch.Tensor)
         and tuple(scale.shape) == (rows,)
-        and isinstance(factor, (int, float))
-        and not isinstance(factor, bool)
+        and _is_real(factor)
     ):
         return _full(scale).float() * float(factor)
     raise UnsupportedHeadError(
@@ -276,9 +286,9 @@ def lm_head_params(model: nn.Module, logit_scale: Optional[float] = None, softca
         UnsupportedHeadError: the model's head is one fusedrl cannot reproduce (Chameleon's image-token mask, a
             PEFT adapter or quantised layer as output layer, ...).
     """
-    if logit_scale is not None and not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale)):
+    if logit_scale is not None and not (_is_real(logit_scale) and math.isfinite(logit_scale)):
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+    if softcap is not None and not (_is_real(softcap) and softcap > 0):
         raise ValueError(f"softcap must be a positive number, got {softcap!r}")
     inner = unwrap_model(model)
     head = get_lm_head(inner)
@@ -353,7 +363,10 @@ def _install_hidden_forward(inner: nn.Module) -> None:
 
     @functools.wraps(type(inner).forward)  # keep the signature: `generate` validates kwargs against it
     def forward(self, *args, **kwargs):
+        check = kwargs.pop(_CHECK_KWARG, None)
         if kwargs.pop(_HIDDEN_KWARG, False):
+            if check is not None:  # the head check, inside the wrapper's call (see _HeadCheck)
+                check(self, prev_fn)
             return _run_body(self, *args, **kwargs)
         return prev_fn(self, *args, **kwargs)
 
@@ -378,14 +391,20 @@ def last_hidden_state(
 
     The call goes through ``model.__call__`` (and any wrapper: DDP, FSDP1/2 hooks, DeepSpeed, PEFT),
     with a small hook-in installed on the inner model's ``forward`` on first use."""
-    inner = unwrap_model(model)
+    return _hidden_forward(model, input_ids, attention_mask, model_kwargs)
+
+
+def _hidden_forward(model, input_ids, attention_mask, model_kwargs: dict, check: Optional[_HeadCheck] = None):
+    kwargs = dict(model_kwargs)
     if input_ids is not None:
-        model_kwargs["input_ids"] = input_ids
+        kwargs["input_ids"] = input_ids
     if attention_mask is not None:
-        model_kwargs["attention_mask"] = attention_mask
-    _install_hidden_forward(inner)
-    model_kwargs[_HIDDEN_KWARG] = True
-    return _hidden_of(model(**model_kwargs))
+        kwargs["attention_mask"] = attention_mask
+    _install_hidden_forward(unwrap_model(model))
+    kwargs[_HIDDEN_KWARG] = True
+    if check is not None:
+        kwargs[_CHECK_KWARG] = check
+    return _hidden_of(model(**kwargs))
 
 
 def _num_scored(input_ids: Tensor, mask: Optional[Tensor], logits_to_keep: Optional[int]) -> int:
@@ -505,122 +524,6 @@ def _entropy_of(lsm: Tensor) -> Tensor:
     return -(p * lsm.masked_fill(p == 0, 0.0)).sum(-1)  # columns masked to -inf contribute 0, not nan
 
 
-def check_lm_head(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Optional[Tensor] = None,
-    *,
-    num_positions: int = 4,
-    max_rows: int = 2,
-    **model_kwargs,
-) -> float:
-    """Check fusedrl's head for ``model`` (:func:`lm_head_params`) against the model's own logits.
-
-    Runs the model's own forward (``model(...)``, through any wrapper, in eval mode, under ``no_grad``) on the first
-    ``max_rows`` rows of ``input_ids``, keeping the logits of the last ``num_positions`` positions
-    (``logits_to_keep`` where the forward takes it), and the body on the same rows. The log-probs (of the next
-    token and of the most likely one) and the entropies of ``log_softmax(logits)`` must match fusedrl's head
-    within a tolerance scaled for the precision involved (dtypes, autocast, TF32). :func:`hf_logprob_entropy` and
-    :func:`hf_fused_policy_loss` run this once per model (``check_head=True``).
-
-    Args:
-        model: a Hugging Face causal LM, possibly wrapped. input_ids: ``[B, L]`` token ids, ``L >= 2``.
-        attention_mask: ``[B, L]`` or None. model_kwargs: further model inputs (``position_ids``, ...). With tensor
-            inputs other than ``position_ids`` / ``token_type_ids`` the check runs on all ``B`` rows.
-
-    Returns:
-        The largest absolute difference found (nan when the model's own log-probs were not finite anywhere).
-
-    Raises:
-        UnsupportedHeadError: the model's head is not one fusedrl reproduces (its logits differ in shape or value).
-    """
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise ValueError(f"input_ids must be an integer tensor [B, L], got {_shape_of(input_ids)}")
-    if input_ids.shape[1] < 2 or input_ids.shape[0] < 1:
-        raise ValueError(f"input_ids must hold at least one row of 2 tokens, got shape {tuple(input_ids.shape)}")
-    for name, v in (("num_positions", num_positions), ("max_rows", max_rows)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
-    inner = unwrap_model(model)
-    head = lm_head_params(inner)
-    B, L = input_ids.shape
-    n = min(num_positions, L - 1)
-    per_row = all(
-        not isinstance(v, torch.Tensor) or (k in _PER_ROW_KWARGS and v.shape[:1] == (B,))
-        for k, v in model_kwargs.items()
-    )
-    r = min(B, max_rows) if per_row else B
-    ids = input_ids[:r]
-    am = None if attention_mask is None else attention_mask[:r]
-    kw = {k: (v[:r] if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()} if r < B else model_kwargs
-    params = inspect.signature(type(inner).forward).parameters
-    extra: dict[str, Any] = {}
-    for name in ("logits_to_keep", "num_logits_to_keep"):
-        if name in params:
-            extra[name] = n + 1  # positions L-n-1 .. L-1; the last one predicts past the input
-            break
-    if "use_cache" in params:
-        extra["use_cache"] = False
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()  # dropout or router noise would make the two forwards differ
-        with torch.no_grad():
-            try:
-                out = model(input_ids=ids, attention_mask=am, **kw, **extra)
-            except Exception as e:
-                raise RuntimeError(
-                    f"{type(inner).__name__}: checking fusedrl's head needs the model's own logits, and its forward "
-                    f"failed ({type(e).__name__}: {e}); pass check_head=False to skip the check"
-                ) from e
-            logits = getattr(out, "logits", None)
-            if logits is None:
-                logits = out[0]
-            hidden = last_hidden_state(model, ids, am, **kw)
-    finally:
-        for m, training in modes:
-            m.training = training
-    cls = type(inner).__name__
-    if logits.dim() != 3 or logits.shape[0] != r or logits.shape[1] < n + 1:
-        raise UnsupportedHeadError(
-            f"{cls}: its forward returned logits of shape {tuple(logits.shape)} for input_ids of shape "
-            f"{tuple(ids.shape)}; fusedrl expects one row of logits per input position"
-        )
-    z = logits[:, -(n + 1) : -1]
-    if z.shape[-1] != head.vocab_size:
-        raise UnsupportedHeadError(
-            f"{cls}: its logits have {z.shape[-1]} vocabulary columns, fusedrl's head has {head.vocab_size} "
-            f"({_describe(head)})"
-        )
-    lsm = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).log_softmax(-1)
-    top = lsm.argmax(-1)
-    nxt = ids[:, L - n :]
-    nxt = torch.where((nxt >= 0) & (nxt < head.vocab_size), nxt, top)
-    targets = torch.cat([nxt, top])
-    ref_lp = lsm.repeat(2, 1, 1).gather(-1, targets[..., None]).squeeze(-1)
-    ref_ent = _entropy_of(lsm).repeat(2, 1)
-    h = hidden[:, -(n + 1) : -1]
-    with torch.no_grad():
-        lp, ent = head_logprob_entropy(torch.cat([h, h]), targets, head, backend="torch")
-    ok = torch.isfinite(ref_lp) & torch.isfinite(ref_ent)
-    if not bool(ok.any()):
-        return float("nan")
-    diff = torch.maximum((lp - ref_lp).abs(), (ent - ref_ent).abs())[ok].max()
-    diff = float("inf") if not torch.isfinite(diff) else float(diff)
-    # rounding of a logit is relative to its size: the columns that carry probability, and the targets
-    live = torch.isfinite(z) & (lsm > -100)
-    mag = 1.0 + max(float(z.abs().masked_fill(~live, 0).max()), float(ref_lp[ok].abs().max()))
-    dtypes = {logits.dtype, hidden.dtype, head.weight.dtype}
-    tol = (4 * _eps(dtypes, logits.device) + 1e-5) * mag
-    if not diff <= tol:
-        raise UnsupportedHeadError(
-            f"{cls}: fusedrl's head does not reproduce this model's logits: log-probs / entropies differ by up to "
-            f"{diff:.3g} (tolerance {tol:.3g}). fusedrl computes {_describe(head)}; the model's forward does "
-            f"something else (a scale, softcap, mask or layer that fusedrl does not read from it).{_nesting(inner)} "
-            f"If you know the head, pass logit_scale= / softcap=; check_head=False skips this check."
-        )
-    return diff
-
-
 def _nesting(inner: nn.Module) -> str:
     """A hint when the projection sits inside a head module with layers of its own (BERT / RoBERTa-style heads)."""
     head = get_lm_head(inner)
@@ -635,18 +538,167 @@ def _shape_of(x) -> str:
     return f"a tensor of shape {tuple(x.shape)} ({x.dtype})" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
-def _ensure_head_checked(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap) -> None:
+class _HeadCheck:
+    """The head check on a few rows. It runs inside the inner model's forward (the hidden-only forward, called
+    through the wrapper), where a wrapper such as FSDP has the parameters gathered, and the wrapper sees one call."""
+
+    def __init__(self, input_ids: Tensor, attention_mask: Optional[Tensor], model_kwargs: dict, num_positions: int):
+        self.ids, self.am, self.kw = input_ids, attention_mask, model_kwargs
+        self.n = min(num_positions, input_ids.shape[1] - 1)
+        self.diff: Optional[float] = None
+
+    def __call__(self, inner: nn.Module, own_forward) -> None:
+        n, ids = self.n, self.ids
+        params = inspect.signature(type(inner).forward).parameters
+        extra: dict[str, Any] = {}
+        for name in ("logits_to_keep", "num_logits_to_keep"):
+            if name in params:
+                extra[name] = n + 1  # positions L-n-1 .. L-1; the last one predicts past the input
+                break
+        if "use_cache" in params:
+            extra["use_cache"] = False
+        modes = [(m, m.training) for m in inner.modules()]
+        try:
+            inner.eval()  # dropout or router noise would make the two forwards differ
+            with torch.no_grad():
+                try:
+                    out = own_forward(inner, input_ids=ids, attention_mask=self.am, **self.kw, **extra)
+                except Exception as e:
+                    raise RuntimeError(
+                        f"{type(inner).__name__}: checking fusedrl's head needs the model's own logits, and its "
+                        f"forward failed ({type(e).__name__}: {e}); pass check_head=False to skip the check"
+                    ) from e
+                logits = getattr(out, "logits", None)
+                if logits is None:
+                    logits = out[0]
+                hidden = _hidden_of(_run_body(inner, input_ids=ids, attention_mask=self.am, **self.kw))
+                self.diff = self._compare(inner, logits, hidden)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _compare(self, inner: nn.Module, logits: Tensor, hidden: Tensor) -> float:
+        n, ids, cls = self.n, self.ids, type(inner).__name__
+        head = lm_head_params(inner)
+        if logits.dim() != 3 or logits.shape[0] != ids.shape[0] or logits.shape[1] < n + 1:
+            raise UnsupportedHeadError(
+                f"{cls}: its forward returned logits of shape {tuple(logits.shape)} for input_ids of shape "
+                f"{tuple(ids.shape)}; fusedrl expects one row of logits per input position"
+            )
+        z = logits[:, -(n + 1) : -1]
+        if z.shape[-1] != head.vocab_size:
+            raise UnsupportedHeadError(
+                f"{cls}: its logits have {z.shape[-1]} vocabulary columns, fusedrl's head has {head.vocab_size} "
+                f"({_describe(head)})"
+            )
+        h = hidden[:, -(n + 1) : -1]
+        if h.shape[-1] != head.weight.shape[-1]:
+            raise UnsupportedHeadError(
+                f"{cls}: its output projection takes {head.weight.shape[-1]} features but its body returns "
+                f"{h.shape[-1]}: the model has head layers fusedrl does not run.{_nesting(inner)}"
+            )
+        lsm = z.to(torch.float64 if z.dtype == torch.float64 else torch.float32).log_softmax(-1)
+        top = lsm.argmax(-1)
+        nxt = ids[:, ids.shape[1] - n :]
+        nxt = torch.where((nxt >= 0) & (nxt < head.vocab_size), nxt, top)
+        targets = torch.cat([nxt, top])  # the next tokens and the most likely ones
+        ref_lp = lsm.repeat(2, 1, 1).gather(-1, targets[..., None]).squeeze(-1)
+        ref_ent = _entropy_of(lsm).repeat(2, 1)
+        lp, ent = head_logprob_entropy(torch.cat([h, h]), targets, head, backend="torch")
+        ok = torch.isfinite(ref_lp) & torch.isfinite(ref_ent)
+        if not bool(ok.any()):
+            return float("nan")
+        diff = torch.maximum((lp - ref_lp).abs(), (ent - ref_ent).abs())[ok].max()
+        diff = float(diff) if bool(torch.isfinite(diff)) else float("inf")
+        # the rounding of a logit is relative to its size: the columns that carry probability, and the targets
+        live = torch.isfinite(z) & (lsm > -100)
+        mag = 1.0 + max(float(z.abs().masked_fill(~live, 0).max()), float(ref_lp[ok].abs().max()))
+        tol = (4 * _eps({logits.dtype, hidden.dtype, head.weight.dtype}, logits.device) + 1e-5) * mag
+        if not diff <= tol:
+            raise UnsupportedHeadError(
+                f"{cls}: fusedrl's head does not reproduce this model's logits: log-probs / entropies differ by up "
+                f"to {diff:.3g} (tolerance {tol:.3g}). fusedrl computes {_describe(head)}; the model's forward does "
+                f"something else (a scale, softcap, mask or layer that fusedrl does not read from it)."
+                f"{_nesting(inner)} If you know the head, pass logit_scale= / softcap=; check_head=False skips "
+                f"this check."
+            )
+        return diff
+
+
+def _head_check(
+    input_ids: Tensor, attention_mask: Optional[Tensor], model_kwargs: dict, num_positions: int, max_rows: int
+) -> _HeadCheck:
+    """A check on the first ``max_rows`` rows (all rows when a model input cannot be sliced with them)."""
+    B = input_ids.shape[0]
+    per_row = all(
+        not isinstance(v, torch.Tensor) or (k in _PER_ROW_KWARGS and v.shape[:1] == (B,))
+        for k, v in model_kwargs.items()
+    )
+    r = min(B, max_rows) if per_row else B
+    kw = {k: (v[:r] if isinstance(v, torch.Tensor) else v) for k, v in model_kwargs.items()} if r < B else model_kwargs
+    am = None if attention_mask is None else attention_mask[:r]
+    return _HeadCheck(input_ids[:r], am, kw, num_positions)
+
+
+def check_lm_head(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    *,
+    num_positions: int = 4,
+    max_rows: int = 2,
+    **model_kwargs,
+) -> float:
+    """Check fusedrl's head for ``model`` (:func:`lm_head_params`) against the model's own logits.
+
+    Runs the model's own forward (in eval mode, under ``no_grad``) on the first ``max_rows`` rows of ``input_ids``,
+    keeping the logits of the last ``num_positions`` positions (``logits_to_keep`` where the forward takes it), and
+    the body on the same rows; both run inside one call of ``model`` (through any wrapper). The log-probs (of the
+    next token and of the most likely one) and the entropies of ``log_softmax(logits)`` must match fusedrl's head
+    within a tolerance scaled for the precision involved (dtypes, autocast, TF32). :func:`hf_logprob_entropy` and
+    :func:`hf_fused_policy_loss` run this check on their first call for a model (``check_head=True``).
+
+    Args:
+        model: a Hugging Face causal LM, possibly wrapped. input_ids: ``[B, L]`` token ids, ``L >= 2``.
+        attention_mask: ``[B, L]`` or None. model_kwargs: further model inputs (``position_ids``, ...). With tensor
+            inputs other than ``position_ids`` / ``token_type_ids`` the check runs on all ``B`` rows.
+
+    Returns:
+        The largest absolute difference found (nan when the model's own log-probs were not finite anywhere).
+
+    Raises:
+        UnsupportedHeadError: the model's head is not one fusedrl reproduces (its logits differ in shape or value).
+    """
+    _check_input_ids(input_ids)
+    for name, v in (("num_positions", num_positions), ("max_rows", max_rows)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    lm_head_params(model)  # refuses unsupported heads before running anything
+    check = _head_check(input_ids, attention_mask, model_kwargs, num_positions, max_rows)
+    _hidden_forward(model, check.ids, check.am, check.kw, check)
+    return float("nan") if check.diff is None else check.diff
+
+
+def _check_input_ids(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be an integer tensor [B, L], got {_shape_of(input_ids)}")
+    if input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must hold at least one row of 2 tokens, got shape {tuple(input_ids.shape)}")
+
+
+def _pending_check(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap):
+    """The head check this call must run (None when done before, skipped, or the caller stated the head)."""
     if not isinstance(check_head, bool):
         raise ValueError(f"check_head must be a bool, got {check_head!r}")
     # an explicit logit_scale / softcap is the caller's statement of the head: nothing to check it against
-    if not check_head or logit_scale is not None or softcap is not None:
-        return
-    inner = unwrap_model(model)
-    if inner in _HEAD_CHECKED:
-        return
-    diff = check_lm_head(model, input_ids, attention_mask, **model_kwargs)
-    if diff == diff:  # nan: nothing was comparable; check again next time
-        _HEAD_CHECKED[inner] = diff
+    if not check_head or logit_scale is not None or softcap is not None or unwrap_model(model) in _HEAD_CHECKED:
+        return None
+    return _head_check(input_ids, attention_mask, model_kwargs, num_positions=4, max_rows=2)
+
+
+def _record_check(model: nn.Module, check: Optional[_HeadCheck]) -> None:
+    if check is not None and check.diff is not None and check.diff == check.diff:  # nan: check again next time
+        _HEAD_CHECKED[unwrap_model(model)] = check.diff
 
 
 def hf_logprob_entropy(
@@ -693,8 +745,9 @@ def hf_logprob_entropy(
     """
     k = _num_scored(input_ids, response_mask, logits_to_keep)
     head = lm_head_params(model, logit_scale=logit_scale, softcap=softcap)
-    _ensure_head_checked(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap)
-    hidden = last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
+    check = _pending_check(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap)
+    hidden = _hidden_forward(model, input_ids, attention_mask, model_kwargs, check)
+    _record_check(model, check)
     h, targets = response_hidden_and_targets(hidden, input_ids, k)
     if response_mask is not None:
         targets = torch.where(response_mask != 0, targets, torch.zeros_like(targets))
@@ -773,8 +826,9 @@ def hf_fused_policy_loss(
     }  # passed only when given
     k = _num_scored(input_ids, response_mask, None)
     head = lm_head_params(model, logit_scale=logit_scale, softcap=softcap)
-    _ensure_head_checked(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap)
-    hidden = last_hidden_state(model, input_ids, attention_mask, **model_kwargs)
+    check = _pending_check(model, input_ids, attention_mask, model_kwargs, check_head, logit_scale, softcap)
+    hidden = _hidden_forward(model, input_ids, attention_mask, model_kwargs, check)
+    _record_check(model, check)
     h, targets = response_hidden_and_targets(hidden, input_ids, k)
     with _no_autocast(h.device):
         h, w, b = _head_inputs(h, head, head_dtype)

@@ -1,12 +1,16 @@
 """verl: fusedrl as verl policy losses and as verl's fused log-prob / entropy kernel.
 
-Both parts import verl lazily: this module imports without verl installed.
+This module imports without verl installed. When verl is installed, importing it registers the policy losses
+(below) in verl's registry, so ``VERL_USE_EXTERNAL_MODULES=fusedrl.integrations.verl`` in the environment of a
+verl run is all its workers need: verl 0.9.1 imports the modules that variable lists at ``import verl``, in every
+process. Registering imports only ``verl.trainer.ppo.core_algos`` (and what verl's package imports itself).
 
 1. Policy losses. :func:`register_verl_policy_losses` adds fusedrl's loss head to verl's registry
    (``verl.trainer.ppo.core_algos.register_policy_loss``) for each of verl 0.9.1's twelve modes, as
    ``fusedrl_<mode>`` (``vanilla``, ``dppo_tv``, ``dppo_kl``, ``gspo``, ``sapo``, ``gpg``, ``clip_cov``,
    ``kl_cov``, ``geo_mean``, ``dro``, ``cispo``, ``bypass_mode``; ``override=True`` also replaces verl's own
-   entries). Select one with ``actor_rollout_ref.actor.policy_loss.loss_mode=fusedrl_vanilla``. The functions
+   entries). Importing this module does it when verl is installed; registering again is harmless. Select one
+   with ``actor_rollout_ref.actor.policy_loss.loss_mode=fusedrl_vanilla``. The functions
    take verl's ``PolicyLossFn`` arguments, read the actor config as verl does (``clip_ratio[_low/_high/_c]``,
    ``tau_pos/neg``, ``policy_loss.*`` including ``dro_beta`` and ``rollout_correction``, ``global_batch_info``
    for the data-parallel normalisers), honour ``rollout_is_weights`` and every ``loss_agg_mode``
@@ -36,7 +40,7 @@ from ..loss import PolicyLossConfig, policy_loss
 Tensor = torch.Tensor
 
 __all__ = [
-    "FUSEDRL_VERL_LOSS_MODES",
+    "VERL_LOSS_MODES",
     "policy_loss_config_from_verl",
     "make_verl_policy_loss",
     "register_verl_policy_losses",
@@ -47,7 +51,7 @@ __all__ = [
 ]
 
 #: verl 0.9.1's policy-loss registry, all served by fusedrl (registered as ``fusedrl_<mode>``)
-FUSEDRL_VERL_LOSS_MODES = (
+VERL_LOSS_MODES = (
     "vanilla",
     "dppo_tv",
     "dppo_kl",
@@ -204,8 +208,8 @@ def policy_loss_config_from_verl(
     mode = loss_mode or _get(pl, "loss_mode", "vanilla")
     if mode.startswith("fusedrl_"):
         mode = mode[len("fusedrl_") :]
-    if mode not in FUSEDRL_VERL_LOSS_MODES:
-        raise ValueError(f"loss_mode must be one of {FUSEDRL_VERL_LOSS_MODES}, got {mode!r}")
+    if mode not in VERL_LOSS_MODES:
+        raise ValueError(f"loss_mode must be one of {VERL_LOSS_MODES}, got {mode!r}")
     agg = loss_agg_mode or _get(config, "loss_agg_mode", "token-mean")
     if mode in ("sapo", "geo_mean"):  # verl aggregates these seq-mean-token-mean whatever loss_agg_mode says
         agg = "seq-mean-token-mean"
@@ -267,8 +271,8 @@ def make_verl_policy_loss(loss_mode: str, fallback: Optional[Callable] = None, *
     keys are verl's for the mode (``actor/...``, and bypass_mode's ``rollout_corr/...``), plus
     ``actor/cov_selected_frac`` for the covariance modes.
     """
-    if loss_mode not in FUSEDRL_VERL_LOSS_MODES:
-        raise ValueError(f"loss_mode must be one of {FUSEDRL_VERL_LOSS_MODES}, got {loss_mode!r}")
+    if loss_mode not in VERL_LOSS_MODES:
+        raise ValueError(f"loss_mode must be one of {VERL_LOSS_MODES}, got {loss_mode!r}")
 
     def fusedrl_policy_loss(
         old_log_prob: Tensor,
@@ -306,15 +310,18 @@ def make_verl_policy_loss(loss_mode: str, fallback: Optional[Callable] = None, *
     return fusedrl_policy_loss
 
 
-def register_verl_policy_losses(
-    prefix: str = "fusedrl_", override: bool = False, modes=FUSEDRL_VERL_LOSS_MODES
-) -> list[str]:
+def register_verl_policy_losses(prefix: str = "fusedrl_", override: bool = False, modes=VERL_LOSS_MODES) -> list[str]:
     """Register fusedrl's losses in verl's policy-loss registry; returns the registered names.
 
     Names are ``prefix + mode``; with ``override=True`` verl's own entries (``vanilla``, ``gspo``, ...)
     are replaced as well (the originals are kept on the new function as ``_fusedrl_original``). Needs
-    verl (imported here).
+    verl (imported here: only ``verl.trainer.ppo.core_algos``). Calling it again re-registers the same names.
     """
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a str, got {prefix!r}")
+    unknown = [m for m in modes if m not in VERL_LOSS_MODES]
+    if isinstance(modes, str) or unknown:
+        raise ValueError(f"modes must be a sequence of names from {VERL_LOSS_MODES}, got {modes!r}")
     try:
         from verl.trainer.ppo import core_algos
     except ImportError as e:  # pragma: no cover - exercised only without verl
@@ -493,3 +500,27 @@ def unpatch_verl() -> None:
             mod = sys.modules.get(name)
             if mod is not None and getattr(getattr(mod, "linear_cross_entropy", None), "_fusedrl", False):
                 mod.linear_cross_entropy = original
+
+
+def _register_when_verl_is_installed() -> None:
+    """At import: register the losses if verl is installed (see the module docstring); nothing without verl."""
+    import importlib.util
+    import warnings
+
+    try:
+        installed = importlib.util.find_spec("verl") is not None
+    except (ImportError, ValueError):  # a broken entry for verl in sys.modules
+        installed = False
+    if not installed:
+        return
+    try:
+        register_verl_policy_losses()
+    except Exception as e:  # e.g. verl without the packages core_algos imports: the rest of this module still works
+        warnings.warn(
+            f"fusedrl: verl is installed but its policy-loss registry did not import ({type(e).__name__}: {e}); "
+            "the fusedrl_* policy losses are not registered",
+            stacklevel=2,
+        )
+
+
+_register_when_verl_is_installed()

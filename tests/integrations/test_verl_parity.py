@@ -88,10 +88,10 @@ MODES = ["vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl
 
 
 def test_every_verl_mode_is_registered():
-    assert set(fr_verl.FUSEDRL_VERL_LOSS_MODES) == set(core_algos.POLICY_LOSS_REGISTRY) - {
+    assert set(fr_verl.VERL_LOSS_MODES) == set(core_algos.POLICY_LOSS_REGISTRY) - {
         k for k in core_algos.POLICY_LOSS_REGISTRY if k.startswith("fusedrl_")
     }
-    for mode in fr_verl.FUSEDRL_VERL_LOSS_MODES:
+    for mode in fr_verl.VERL_LOSS_MODES:
         assert getattr(core_algos.get_policy_loss_fn(f"fusedrl_{mode}"), "_fusedrl", False)
 
 
