@@ -277,14 +277,14 @@ def _capture(model):
     def keep(name):
         def hook(module, args, out):
             if torch.is_grad_enabled():
-                seen[name].append(hf._hidden_of(out))
+                seen[name].append(hf.forward.hidden_of(out))
 
         return hook
 
     inner = hf.unwrap_model(model)
     handles = [
         inner.get_input_embeddings().register_forward_hook(keep("embeddings")),
-        hf._body(inner).register_forward_hook(keep("body")),
+        hf.forward._body(inner).register_forward_hook(keep("body")),
     ]
     return seen, handles
 
@@ -326,7 +326,7 @@ def test_logprob_entropy_and_grads_match_model_logits(model_type):
     got = torch.autograd.grad((lp.to(dtype) * c_lp + ent.to(dtype) * c_ent).sum(), [v[1] for v in wrt.values()])
     for name, a, b in zip(wrt, got, ref):
         torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{model_type} grad of {name}: {m}")
-    assert hf.unwrap_model(model) in hf._HEAD_CHECKED
+    assert hf.unwrap_model(model) in hf.check._HEAD_CHECKED
 
 
 def test_head_fields_read_from_config():
@@ -410,7 +410,7 @@ def test_logit_transform_the_config_does_not_name_raises():
         hf.hf_logprob_entropy(model, ids)
     with pytest.raises(hf.UnsupportedHeadError, match="HalvedLogitsLM"):
         hf.hf_fused_policy_loss(model, ids, None, torch.ones(2, 4), torch.zeros(2, 4), torch.ones(2))
-    assert model not in hf._HEAD_CHECKED
+    assert model not in hf.check._HEAD_CHECKED
     with torch.no_grad():
         lp_unchecked, _ = hf.hf_logprob_entropy(model, ids, check_head=False)
         lp, _ = hf.hf_logprob_entropy(model, ids, logit_scale=0.5)  # the caller states the head

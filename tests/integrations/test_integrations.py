@@ -226,9 +226,9 @@ def test_gemma2_softcap_and_tied_head():
 
 def test_logit_scale_from_config():
     ns = types.SimpleNamespace
-    assert hf._logit_scale_from_config(ns(logit_scale=0.0625)) == 0.0625
-    assert hf._logit_scale_from_config(ns(logits_scaling=8.0, model_type="granite")) == 0.125
-    assert hf._logit_scale_from_config(ns()) == 1.0
+    assert hf.heads._logit_scale_from_config(ns(logit_scale=0.0625)) == 0.0625
+    assert hf.heads._logit_scale_from_config(ns(logits_scaling=8.0, model_type="granite")) == 0.125
+    assert hf.heads._logit_scale_from_config(ns()) == 1.0
     m = llama(False)
     ids, am, rmask, _ = rollout_batch()
     with torch.no_grad():
