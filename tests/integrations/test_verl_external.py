@@ -43,14 +43,15 @@ _CHECK_REGISTRY = """
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
     def check():
-        for mode in fr.VERL_LOSS_MODES:
+        for mode in fr.VERL_LOSS_MODES + fr.VERL_ENTROPY_MODES:
             fn = get_policy_loss_fn("fusedrl_" + mode)
             assert getattr(fn, "_fusedrl", False), mode
-            assert fn.__module__ == "fusedrl.integrations.verl", fn.__module__
+            assert fn.__module__.startswith("fusedrl.integrations.verl"), fn.__module__
             assert fn.__name__ == f"fusedrl_policy_loss_{mode}", fn.__name__
+        for mode in fr.VERL_LOSS_MODES:
             assert not getattr(get_policy_loss_fn(mode), "_fusedrl", False), f"verl's own {mode} was replaced"
         registry = sorted(core_algos.POLICY_LOSS_REGISTRY)
-        assert len(registry) == 2 * len(fr.VERL_LOSS_MODES), registry
+        assert len(registry) == 2 * len(fr.VERL_LOSS_MODES) + len(fr.VERL_ENTROPY_MODES), registry
 
     check()
     # registering pulls in nothing that needs `datasets` (absent from a minimal verl environment)
