@@ -1,248 +1,206 @@
-"""Log-probs (and entropy) over each token's kept set S, at a cost that follows |S|.
+"""Kept-set log-probs and entropy over token chunks: the forward, the recomputing backward, and the autograd
+Function of the core op (:class:`ReplayLogprob`). The one-pass schedule runs the same chunk loop with the
+loss head's gradients formed in the forward (``fusedrl.onepass.replay``).
 
-For token n with processed logits ``z`` (softcap, bias, temperature applied) and kept set ``S_n`` (the
-target always counted in it):
+A :class:`Replay` says what each token keeps and which columns a chunk needs:
 
-    LSE_S = log Σ_{v∈S} e^{z_v},   logp_S = z_a − LSE_S,   p^S_v = e^{z_v − LSE_S} (v ∈ S),
-    H_S = LSE_S − Σ_{v∈S} p^S_v z_v
+* the union path (``Replay.full`` False): explicit kept sets on every token and nothing over the full
+  vocabulary wanted (``entropy_support="kept"`` or no entropy): per chunk ``x_c W[U]^T`` over the union ``U``
+  of its kept ids and targets, ``dx_c = du W[U]``, ``dW`` / ``db`` scattered into the rows of ``U``;
+* the full path: full logit rows per chunk; needed by a recomputed truncation (the kept set is not known
+  before the row is), the full-vocabulary entropy, and tokens without a kept set.
 
-and the gradients reach the kept logits only:
-``du_v = [g_lp (1[v = a] − p^S_v) − g_H p^S_v (z_v − LSE_S + H_S)] · dz_v/du_v`` for ``v ∈ S``, 0 elsewhere.
-
-Two forms, both token-chunked with the logits recomputed in the backward (flat memory):
-
-* explicit sets (:class:`KeptLogprob`): per chunk, the union ``U`` of the chunk's kept ids and targets,
-  ``x_c · W[U]ᵀ`` (one GEMM over ``|U|`` columns instead of ``V``), the row statistics over each row's
-  own members of ``U``, ``dx_c = du · W[U]`` and ``dW`` / ``db`` scattered into the rows of ``U``;
-* recomputed truncation (:class:`TruncatedLogprob`): full logits rows per chunk (the kept set is not
-  known before the row is), the vLLM keep mask (``fusedrl.replay.truncation``), then the same statistics.
-
-The union needs its size on the host (``torch.unique``): one synchronisation per chunk on a GPU.
+Both recompute the logits in the backward (flat memory: ``O(N)`` saved per token).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
-from .truncation import Truncation, keep_mask
+from .masks import KeptSets
+from .rows import Rows, Stats, compute_dtype, full_rows, row_du, row_stats, union_rows
+from .truncation import Truncation
 
 Tensor = torch.Tensor
 Temperature = Union[float, Tensor]
 
-__all__ = ["KeptLogprob", "TruncatedLogprob", "masked_stats", "masked_du", "transform"]
+__all__ = ["ENTROPY_SUPPORTS", "Replay", "make_replay", "replay_forward", "replay_backward", "chunk_rows",
+           "chunk_stats", "ReplayLogprob"]  # fmt: skip
 
-#: elements of fp32 temporaries per chunk (rows x columns): bounds the workspace of both forms
-_CHUNK_ELEMS = 2**24
-
-
-def transform(u: Tensor, temperature: Temperature, softcap: Optional[float]) -> tuple[Tensor, Tensor]:
-    """``(z, dz/du)`` of raw logits ``u [R, C]``: ``z = softcap(u) / T`` (``T`` a float or per row)."""
-    inv_t = (1.0 / temperature)[:, None] if isinstance(temperature, Tensor) else 1.0 / temperature
-    if softcap is None:
-        z = u * inv_t
-        return z, (inv_t if isinstance(inv_t, Tensor) else torch.full_like(z[:, :1], inv_t)).expand_as(z)
-    t = torch.tanh(u / softcap)
-    return t * softcap * inv_t, (1.0 - t * t) * inv_t
+#: the supports of the returned (and regularised) entropy under replay
+ENTROPY_SUPPORTS = ("full", "kept")
+#: elements of fp32 temporaries per chunk (rows x columns): bounds the workspace of both paths
+CHUNK_ELEMS = 2**24
 
 
-def masked_stats(z: Tensor, member: Tensor, tcol: Tensor, need_ent: bool):
-    """``(logp, ent or None, lse)`` ``[R]`` over the member columns of ``z [R, C]`` (``tcol``: each row's target
-    column, a member). A member ``-inf`` logit contributes nothing and never forms ``0·inf``."""
-    zm = z.masked_fill(~member, -math.inf)
-    lse = torch.logsumexp(zm, -1)
-    zt = z.gather(1, tcol[:, None]).squeeze(1)
-    ent = None
-    if need_ent:
-        p = torch.exp(zm - lse[:, None])
-        ent = lse - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
-    return zt - lse, ent, lse
+class Replay(NamedTuple):
+    """What the tokens keep: explicit ``kept`` sets or a recomputed ``trunc`` (one of them), the entropy's
+    support, and whether the chunks take full rows (``full``) or the union of the kept ids."""
+
+    kept: Optional[KeptSets]
+    trunc: Optional[Truncation]
+    entropy_support: str
+    full: bool
+
+    @property
+    def full_entropy(self) -> bool:
+        return self.entropy_support == "full"
+
+    def rows(self, a: int, b: int) -> Replay:
+        kept = None if self.kept is None else KeptSets(self.kept.ids[a:b], self.kept.counts[a:b])
+        return self._replace(kept=kept, trunc=None if self.trunc is None else self.trunc.rows(a, b))
+
+    def select(self, idx: Tensor) -> Replay:
+        kept = None if self.kept is None else self.kept.select(idx)
+        return self._replace(kept=kept, trunc=None if self.trunc is None else self.trunc.select(idx))
+
+    def replayed(self) -> Tensor:
+        """``[N]`` bool: the tokens normalised over a kept set (explicit ids, or an active truncation)."""
+        if self.kept is not None:
+            return self.kept.replay
+        t = self.trunc
+        on = [x for x in (t.top_k is not None and t.top_k > 0, t.top_p is not None and t.top_p < 1,
+                          t.min_p is not None and t.min_p > 0) if x is not False]  # fmt: skip
+        out = on[0]
+        for x in on[1:]:
+            out = out | x
+        return out
 
 
-def masked_du(z, dzdu, member, tcol, lse, ent, g_lp, g_h) -> Tensor:
-    """``du [R, C]`` of the kept-set log-prob (and entropy) terms, 0 off the members."""
-    zm = z.masked_fill(~member, -math.inf)
-    p = torch.exp(zm - lse[:, None])
-    dz = -g_lp[:, None] * p
-    if g_h is not None:
-        shift = torch.where(p > 0, z - lse[:, None] + ent[:, None], torch.zeros_like(z))
-        dz = dz - g_h[:, None] * p * shift
-    dz = dz.scatter_add(1, tcol[:, None], g_lp[:, None])
-    return dz * dzdu
+def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_support: str, need_ent: bool,
+                vocab: int) -> Optional[Replay]:  # fmt: skip
+    """The :class:`Replay` of checked inputs (None: no replay, also when no token's truncation is on). One host
+    read: of the counts (whether every token has a kept set: the union path) or of the active truncation."""
+    if kept is None and trunc is None:
+        return None
+    if kept is not None and trunc is not None:
+        raise ValueError("sampling_mask and top_k / top_p / min_p exclude each other: give the captured masks or "
+                         "the sampling parameters to recompute them, not both")  # fmt: skip
+    if trunc is not None:
+        if trunc.top_k is not None:  # k >= V keeps everything: off, like k <= 0
+            trunc = trunc._replace(top_k=torch.where(trunc.top_k >= vocab, torch.zeros_like(trunc.top_k), trunc.top_k))
+        probe = Replay(None, trunc, entropy_support, True)
+        if not bool(probe.replayed().any()):
+            return None
+    full = trunc is not None or (need_ent and entropy_support == "full")
+    if not full and kept.counts.numel():
+        full = bool((kept.counts == 0).any())  # a token without a kept set needs its full row
+    return Replay(kept, trunc, entropy_support, full)
 
 
-def _chunks(n: int, cols: int):
-    rows = max(1, min(n, _CHUNK_ELEMS // max(cols, 1)))
-    return range(0, n, rows), rows
-
-
-def _kept_rows(n: int, k: int, v: int) -> int:
-    """Token rows per chunk of the explicit-set form: the union of ``rows`` sets of ``k`` ids has at most
-    ``min(V, rows k)`` columns; keep ``rows * columns`` under the chunk budget."""
-    rows = int(math.sqrt(_CHUNK_ELEMS / max(k, 1)))
+def _rows_per_chunk(n: int, replay: Replay, v: int) -> int:
+    if replay.full:
+        return max(1, min(n, CHUNK_ELEMS // max(v, 1)))
+    k = replay.kept.ids.shape[1]
+    rows = int(math.sqrt(CHUNK_ELEMS / max(k, 1)))  # a union of `rows` sets of k ids: at most rows * k columns
     if rows * k > v:
-        rows = _CHUNK_ELEMS // max(v, 1)
+        rows = CHUNK_ELEMS // max(v, 1)
     return max(1, min(n, rows))
 
 
-def _union(ids: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(U, member [R, |U|], target column [R])`` of a chunk's kept sets (target included)."""
-    flat = torch.cat([ids[ids >= 0], targets])
-    u = torch.unique(flat)  # sorted; its size is read on the host
-    member = torch.zeros(ids.shape[0], u.numel(), dtype=torch.bool, device=ids.device)
-    pos = torch.searchsorted(u, ids.clamp_min(0))
-    member.scatter_(1, pos.clamp_max(max(u.numel() - 1, 0)), ids >= 0)
-    tcol = torch.searchsorted(u, targets)
-    member.scatter_(1, tcol[:, None], True)
-    return u, member, tcol
-
-
-def _cdt(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _rows(temperature: Temperature, a: int, b: int, dtype):
+def _temp_rows(temperature: Temperature, a: int, b: int, dtype):
     return temperature[a:b].to(dtype) if isinstance(temperature, Tensor) else temperature
 
 
-class KeptLogprob(torch.autograd.Function):
-    """Kept-set log-prob / entropy of explicit sets (every row has one), union per token chunk.
+def chunk_rows(x, w, bias, targets, replay: Replay, temperature, softcap, a: int, b: int) -> Rows:
+    """The rows ``a:b`` over their columns (union or full)."""
+    r = replay.rows(a, b)
+    tr = _temp_rows(temperature, a, b, compute_dtype(x))
+    if not replay.full:
+        return union_rows(x[a:b], w, bias, targets[a:b], r.kept.ids, tr, softcap)
+    ids = None if r.kept is None else r.kept.ids
+    return full_rows(x[a:b], w, bias, targets[a:b], ids, r.trunc, tr, softcap)
 
-    ``forward(x [N, H], w [V, H], bias [V] or None, targets [N], ids [N, K] (-1 = unused), temperature,
-    softcap, need_ent) -> (logp [N], ent [N] or empty, lse [N])`` in the compute dtype.
-    """
+
+def chunk_stats(rows: Rows, replay: Replay, need_ent: bool, need_full: bool) -> Stats:
+    return row_stats(rows, need_ent, replay.full_entropy, need_full)
+
+
+def replay_forward(x, w, bias, targets, replay: Replay, temperature, softcap, need_ent: bool,
+                   need_full: bool = False) -> Stats:  # fmt: skip
+    """Statistics of every token (``[N]``): log-prob over S, the LSEs, the entropy (``need_ent``), the full-row
+    log-prob (``need_full``, full path only)."""
+    cdt = compute_dtype(x)
+    n, dev = x.shape[0], x.device
+
+    def empty(on: bool):
+        return torch.empty(n, dtype=cdt, device=dev) if on else None
+
+    out = Stats(empty(True), empty(True), empty(need_ent), empty(need_ent), empty(need_full and replay.full))
+    step = _rows_per_chunk(n, replay, w.shape[0])
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        st = chunk_stats(chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b), replay, need_ent,
+                         need_full)  # fmt: skip
+        for dst, src in zip(out, st):
+            if dst is not None:
+                dst[a:b] = src
+    return out
+
+
+def accumulate_grads(rows: Rows, du: Tensor, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor],
+                     a: int, b: int) -> None:  # fmt: skip
+    """``dx[a:b] = du W_cols``, ``dW[cols] += du^T x_c``, ``db[cols] += sum du``."""
+    if dx is not None:
+        dx[a:b] = du @ rows.wc
+    if rows.cols is None:
+        if dw is not None:
+            dw.addmm_(du.t(), rows.xc)
+        if db is not None:
+            db += du.sum(0)
+        return
+    if dw is not None:
+        dw.index_add_(0, rows.cols, du.t() @ rows.xc)
+    if db is not None:
+        db.index_add_(0, rows.cols, du.sum(0))
+
+
+def replay_backward(x, w, bias, targets, replay: Replay, temperature, softcap, st: Stats, g_lp: Tensor,
+                    g_h: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool):  # fmt: skip
+    """``(dx, dw, db)`` in the compute dtype (None where not asked), the logits recomputed per chunk."""
+    cdt = compute_dtype(x)
+    n, dev = x.shape[0], x.device
+    dx = torch.zeros(x.shape, dtype=cdt, device=dev) if need_dx else None
+    dw = torch.zeros(w.shape, dtype=cdt, device=dev) if need_dw else None
+    db = torch.zeros(bias.shape, dtype=cdt, device=dev) if (need_db and bias is not None) else None
+    step = _rows_per_chunk(n, replay, w.shape[0])
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b)
+        sc = Stats(*(None if t is None else t[a:b] for t in st))
+        du = row_du(rows, sc, g_lp[a:b], None if g_h is None else g_h[a:b], replay.full_entropy)
+        accumulate_grads(rows, du, dx, dw, db, a, b)
+    return dx, dw, db
+
+
+class ReplayLogprob(torch.autograd.Function):
+    """Kept-set log-prob / entropy: ``forward(x [N, H], w [V, H], bias [V] or None, targets [N], replay,
+    temperature (float or [N]), softcap, need_ent) -> (logp [N], ent [N] or empty, logp_full [N] or empty)``
+    in the compute dtype; ``logp_full`` (the full-row log-prob, full path only) is not differentiable."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, targets, ids, temperature, softcap, need_ent):
-        cdt = _cdt(x)
-        n = x.shape[0]
-        logp = torch.empty(n, dtype=cdt, device=x.device)
-        lse = torch.empty(n, dtype=cdt, device=x.device)
-        ent = torch.empty(n if need_ent else 0, dtype=cdt, device=x.device)
-        rows = _kept_rows(n, ids.shape[1], w.shape[0])
-        for a in range(0, n, rows):
-            b = min(n, a + rows)
-            z, _, member, tcol, _ = _kept_logits(x[a:b], w, bias, targets[a:b], ids[a:b], _rows(temperature, a, b, cdt),
-                                                 softcap)  # fmt: skip
-            lp, en, ls = masked_stats(z, member, tcol, need_ent)
-            logp[a:b], lse[a:b] = lp, ls
-            if need_ent:
-                ent[a:b] = en
-        ctx.save_for_backward(x, w, bias, targets, ids, lse, ent if need_ent else None,
-                              temperature if isinstance(temperature, Tensor) else None)  # fmt: skip
-        ctx.args = (None if isinstance(temperature, Tensor) else temperature, softcap, rows)
-        ctx.mark_non_differentiable(lse)
-        return logp, ent, lse
+    def forward(ctx, x, w, bias, targets, replay, temperature, softcap, need_ent):
+        st = replay_forward(x, w, bias, targets, replay, temperature, softcap, need_ent, need_full=True)
+        t_vec = temperature if isinstance(temperature, Tensor) else None
+        ctx.save_for_backward(x, w, bias, targets, t_vec, *(t if t is not None else None for t in st))
+        ctx.args = (replay, None if t_vec is not None else temperature, softcap)
+        empty = st.logp.new_empty(0)
+        full = st.logp_full if st.logp_full is not None else empty
+        ctx.mark_non_differentiable(full)
+        return st.logp, st.ent if st.ent is not None else empty, full
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_lse):
-        x, w, bias, targets, ids, lse, ent, t_vec = ctx.saved_tensors
-        t_float, softcap, rows = ctx.args
-        temperature = t_vec if t_vec is not None else t_float
-        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        cdt = lse.dtype
-        n = x.shape[0]
-        dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_dx else None
-        dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_dw else None
-        db = torch.zeros(bias.shape, dtype=cdt, device=w.device) if (need_db and bias is not None) else None
-        g_lp = torch.zeros_like(lse) if g_logp is None else g_logp.to(cdt)
-        g_h = None if (ent is None or g_ent is None) else g_ent.to(cdt)
-        for a in range(0, n, rows):
-            b = min(n, a + rows)
-            z, dzdu, member, tcol, (u_ids, xc, wu) = _kept_logits(x[a:b], w, bias, targets[a:b], ids[a:b],
-                                                                  _rows(temperature, a, b, cdt), softcap)  # fmt: skip
-            du = masked_du(z, dzdu, member, tcol, lse[a:b], None if g_h is None else ent[a:b], g_lp[a:b],
-                           None if g_h is None else g_h[a:b])  # fmt: skip
-            if dx is not None:
-                dx[a:b] = du @ wu
-            if dw is not None:
-                dw.index_add_(0, u_ids, du.t() @ xc)
-            if db is not None:
-                db.index_add_(0, u_ids, du.sum(0))
+    def backward(ctx, g_logp, g_ent, g_full):
+        x, w, bias, targets, t_vec, *saved = ctx.saved_tensors
+        replay, t_float, softcap = ctx.args
+        st = Stats(*saved)
+        g_lp = torch.zeros_like(st.logp) if g_logp is None else g_logp.to(st.logp.dtype)
+        g_h = None if (st.ent is None or g_ent is None) else g_ent.to(st.logp.dtype)
+        need = ctx.needs_input_grad
+        dx, dw, db = replay_backward(x, w, bias, targets, replay, t_vec if t_vec is not None else t_float, softcap,
+                                     st, g_lp, g_h, need[0], need[1], need[2] and bias is not None)  # fmt: skip
         return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w.dtype),
                 None if db is None else db.to(bias.dtype), None, None, None, None, None)  # fmt: skip
-
-
-def _kept_logits(xc, w, bias, tc, ids_c, temperature, softcap):
-    cdt = _cdt(xc)
-    u_ids, member, tcol = _union(ids_c, tc)
-    wu = w.index_select(0, u_ids).to(cdt)
-    xc = xc.to(cdt)
-    u = xc @ wu.t()
-    if bias is not None:
-        u = u + bias.index_select(0, u_ids).to(cdt)
-    z, dzdu = transform(u, temperature, softcap)
-    return z, dzdu, member, tcol, (u_ids, xc, wu)
-
-
-class TruncatedLogprob(torch.autograd.Function):
-    """Kept-set log-prob / entropy of a recomputed truncation (full logits rows per token chunk).
-
-    ``forward(x [N, H], w [V, H], bias, targets [N], trunc: Truncation, temperature, softcap, need_ent)
-    -> (logp [N], ent [N] or empty, lse [N])``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, w, bias, targets, trunc, temperature, softcap, need_ent):
-        cdt = _cdt(x)
-        n, v = x.shape[0], w.shape[0]
-        logp = torch.empty(n, dtype=cdt, device=x.device)
-        lse = torch.empty(n, dtype=cdt, device=x.device)
-        ent = torch.empty(n if need_ent else 0, dtype=cdt, device=x.device)
-        starts, rows = _chunks(n, v)
-        for a in starts:
-            b = min(n, a + rows)
-            z, _, member, tcol = _truncated_logits(x[a:b], w, bias, targets[a:b], trunc.rows(a, b),
-                                                   _rows(temperature, a, b, cdt), softcap)  # fmt: skip
-            lp, en, ls = masked_stats(z, member, tcol, need_ent)
-            logp[a:b], lse[a:b] = lp, ls
-            if need_ent:
-                ent[a:b] = en
-        ctx.save_for_backward(x, w, bias, targets, lse, ent if need_ent else None,
-                              temperature if isinstance(temperature, Tensor) else None)  # fmt: skip
-        ctx.args = (trunc, None if isinstance(temperature, Tensor) else temperature, softcap, rows)
-        ctx.mark_non_differentiable(lse)
-        return logp, ent, lse
-
-    @staticmethod
-    def backward(ctx, g_logp, g_ent, g_lse):
-        x, w, bias, targets, lse, ent, t_vec = ctx.saved_tensors
-        trunc, t_float, softcap, rows = ctx.args
-        temperature = t_vec if t_vec is not None else t_float
-        need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        cdt = lse.dtype
-        n = x.shape[0]
-        dx = torch.zeros(x.shape, dtype=cdt, device=x.device) if need_dx else None
-        dw = torch.zeros(w.shape, dtype=cdt, device=w.device) if need_dw else None
-        db = torch.zeros(bias.shape, dtype=cdt, device=w.device) if (need_db and bias is not None) else None
-        g_lp = torch.zeros_like(lse) if g_logp is None else g_logp.to(cdt)
-        g_h = None if (ent is None or g_ent is None) else g_ent.to(cdt)
-        wc = w.to(cdt)
-        for a in range(0, n, rows):
-            b = min(n, a + rows)
-            z, dzdu, member, tcol = _truncated_logits(x[a:b], w, bias, targets[a:b], trunc.rows(a, b),
-                                                      _rows(temperature, a, b, cdt), softcap)  # fmt: skip
-            du = masked_du(z, dzdu, member, tcol, lse[a:b], None if g_h is None else ent[a:b], g_lp[a:b],
-                           None if g_h is None else g_h[a:b])  # fmt: skip
-            if dx is not None:
-                dx[a:b] = du @ wc
-            if dw is not None:
-                dw += du.t() @ x[a:b].to(cdt)
-            if db is not None:
-                db += du.sum(0)
-        return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None, None)  # fmt: skip
-
-
-def _truncated_logits(xc, w, bias, tc, trunc: Truncation, temperature, softcap):
-    cdt = _cdt(xc)
-    u = xc.to(cdt) @ w.to(cdt).t()
-    if bias is not None:
-        u = u + bias.to(cdt)
-    z, dzdu = transform(u, temperature, softcap)
-    member = keep_mask(z, trunc)
-    tcol = tc.clamp(0, max(z.shape[1] - 1, 0))  # an out-of-range target (checks off) stays in bounds
-    member.scatter_(1, tcol[:, None], True)  # the target is always counted in S
-    return z, dzdu, member, tcol

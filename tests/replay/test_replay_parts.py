@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fusedrl.replay import KeptLogprob, TruncatedLogprob, Truncation, as_kept_sets, check_truncation, keep_mask
+from fusedrl.replay import ReplayLogprob, Truncation, as_kept_sets, check_truncation, keep_mask, make_replay
 
 CPU = torch.device("cpu")
 
@@ -144,7 +144,8 @@ def test_truncation_arguments_checked():
 
 
 def plain_kept(x, w, b, t, member, temperature, softcap):
-    """fp64: materialised logits, the kept set (target added), log_softmax over it, the kept entropy."""
+    """fp64: materialised logits, the kept set (target added), log_softmax over it; the kept and the full
+    entropy, the full log-prob."""
     u = x @ w.t() + (0 if b is None else b)
     if softcap is not None:
         u = softcap * torch.tanh(u / softcap)
@@ -156,7 +157,8 @@ def plain_kept(x, w, b, t, member, temperature, softcap):
     logp = lsm.gather(1, t[:, None]).squeeze(1)
     p = torch.where(m, lsm.exp(), torch.zeros_like(lsm))
     ent = -(p * lsm).sum(-1)
-    return logp, ent
+    full = torch.log_softmax(z, -1)
+    return logp, ent, -(full.exp() * full).sum(-1), full.gather(1, t[:, None]).squeeze(1)
 
 
 def _case(n=13, h=24, v=507, k=6, seed=0, bias=True):
@@ -174,56 +176,99 @@ def _case(n=13, h=24, v=507, k=6, seed=0, bias=True):
     return x, w, b, t, ids
 
 
+def _run(fn, leaves, n, need_ent, seed=7):
+    """(outputs, grads of a random linear function of them w.r.t. ``leaves``)."""
+    g = torch.Generator().manual_seed(seed)
+    g1, g2 = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64)
+    lp, ent = fn(*leaves)
+    out = (lp * g1).sum() + ((ent * g2).sum() if need_ent else 0)
+    return (lp, ent), torch.autograd.grad(out, [a for a in leaves if a is not None])
+
+
+@pytest.mark.parametrize("support", ["kept", "full"])
 @pytest.mark.parametrize("temp", ["scalar", "per-token"])
 @pytest.mark.parametrize("softcap", [None, 3.0])
 @pytest.mark.parametrize("need_ent", [False, True])
-def test_kept_logprob_matches_materialised(temp, softcap, need_ent):
+@pytest.mark.parametrize("no_replay_row", [False, True])
+def test_kept_logprob_matches_materialised(support, temp, softcap, need_ent, no_replay_row):
+    """Explicit kept sets, on the union path (kept entropy or none, every token replayed) and the full path
+    (full entropy, or a token without a kept set): values and dx, dW, db."""
     x, w, b, t, ids = _case()
-    n = x.shape[0]
+    n, v = x.shape[0], w.shape[0]
+    if no_replay_row:
+        ids[5] = -1
     temperature = 0.7 if temp == "scalar" else torch.linspace(0.5, 1.5, n, dtype=torch.float64)
-    member = torch.zeros(n, w.shape[0], dtype=torch.bool)
+    member = torch.zeros(n, v, dtype=torch.bool)
     for i in range(n):
         member[i, ids[i][ids[i] >= 0]] = True
-    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
-    lp, ent, _ = KeptLogprob.apply(xs, ws, bs, t, ids, temperature, softcap, need_ent)
-    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
-    lp_r, ent_r = plain_kept(xr, wr, br, t, member, temperature, softcap)
+    member[~member.any(-1)] = True  # no kept set: the full vocabulary
+    kept = as_kept_sets(ids, (n,), v, CPU, True)
+    replay = make_replay(kept, None, support, need_ent, v)
+    assert replay.full == (no_replay_row or (need_ent and support == "full"))
+    leaves = [a.clone().requires_grad_() for a in (x, w, b)]
+    full_lp = []
+
+    def ours(xs, ws, bs):
+        lp, ent, lpf = ReplayLogprob.apply(xs, ws, bs, t, replay, temperature, softcap, need_ent)
+        full_lp.append(lpf)
+        return lp, ent
+
+    def ref(xr, wr, br):
+        lp, ent_k, ent_f, _ = plain_kept(xr, wr, br, t, member, temperature, softcap)
+        return lp, ent_f if support == "full" else ent_k
+
+    (lp, ent), ga = _run(ours, leaves, n, need_ent)
+    (lp_r, ent_r), gb = _run(ref, [a.clone().requires_grad_() for a in (x, w, b)], n, need_ent)
     torch.testing.assert_close(lp, lp_r, atol=1e-12, rtol=0)
     assert lp[0].abs() < 1e-12  # K = 1: log-prob 0 exactly
-    g1, g2 = torch.randn(n, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
-    out = (lp * g1).sum() + ((ent * g2).sum() if need_ent else 0)
-    ref = (lp_r * g1).sum() + ((ent_r * g2).sum() if need_ent else 0)
     if need_ent:
         torch.testing.assert_close(ent, ent_r, atol=1e-12, rtol=0)
-    ga = torch.autograd.grad(out, (xs, ws, bs))
-    gb = torch.autograd.grad(ref, (xr, wr, br))
     for a, r in zip(ga, gb):
         torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
-    # gradients reach the kept logits only: W rows outside every kept set (and target) get none
-    touched = member.any(0)
-    touched[t] = True
-    assert (ga[1][~touched] == 0).all() and (ga[2][~touched] == 0).all()
+    if replay.full:  # the full row's log-prob, for the kept mass
+        torch.testing.assert_close(full_lp[0], plain_kept(x, w, b, t, member, temperature, softcap)[3])
+    if not need_ent or support == "kept":  # gradients reach the kept logits only
+        touched = member.any(0)
+        touched[t] = True
+        assert (ga[1][~touched] == 0).all() and (ga[2][~touched] == 0).all()
 
 
+@pytest.mark.parametrize("support", ["kept", "full"])
 @pytest.mark.parametrize("need_ent", [False, True])
-def test_truncated_logprob_matches_materialised(need_ent):
+def test_truncated_logprob_matches_materialised(support, need_ent):
     x, w, b, t, _ = _case(n=11, seed=3)
-    n = x.shape[0]
+    n, v = x.shape[0], w.shape[0]
     temperature = torch.linspace(0.6, 1.2, n, dtype=torch.float64)
     tr = check_truncation(torch.tensor([3, 0, 20, 507, 1, 8, 50, 2, 9, 30, 4]), 0.9, 0.02, (n,), CPU, True)
     with torch.no_grad():
         z = ((x @ w.t() + b) / temperature[:, None]).float()
     member = keep_mask(z.double(), tr)
-    xs, ws, bs = (a.clone().requires_grad_() for a in (x, w, b))
-    lp, ent, _ = TruncatedLogprob.apply(xs, ws, bs, t, tr, temperature, None, need_ent)
-    xr, wr, br = (a.clone().requires_grad_() for a in (x, w, b))
-    lp_r, ent_r = plain_kept(xr, wr, br, t, member, temperature, None)
+    replay = make_replay(None, tr, support, need_ent, v)
+    assert replay.full
+
+    def ours(xs, ws, bs):
+        return ReplayLogprob.apply(xs, ws, bs, t, replay, temperature, None, need_ent)[:2]
+
+    def ref(xr, wr, br):
+        lp, ent_k, ent_f, _ = plain_kept(xr, wr, br, t, member, temperature, None)
+        return lp, ent_f if support == "full" else ent_k
+
+    (lp, ent), ga = _run(ours, [a.clone().requires_grad_() for a in (x, w, b)], n, need_ent)
+    (lp_r, ent_r), gb = _run(ref, [a.clone().requires_grad_() for a in (x, w, b)], n, need_ent)
     torch.testing.assert_close(lp, lp_r, atol=1e-12, rtol=0)
-    g1 = torch.randn(n, dtype=torch.float64)
-    ga = torch.autograd.grad((lp * g1).sum() + (ent.sum() if need_ent else 0), (xs, ws, bs))
-    gb = torch.autograd.grad((lp_r * g1).sum() + (ent_r.sum() if need_ent else 0), (xr, wr, br))
+    if need_ent:
+        torch.testing.assert_close(ent, ent_r, atol=1e-12, rtol=0)
     for a, r in zip(ga, gb):
         torch.testing.assert_close(a, r, atol=1e-12, rtol=0)
+
+
+def test_truncation_off_everywhere_is_no_replay():
+    n, v = 4, 50
+    off = check_truncation(0, 1.0, 0.0, (n,), CPU, True)
+    assert make_replay(None, off, "full", True, v) is None
+    assert make_replay(None, check_truncation(v + 3, None, None, (n,), CPU, True), "full", True, v) is None
+    with pytest.raises(ValueError, match="sampling_mask and top_k"):
+        make_replay(as_kept_sets(torch.zeros(n, 1, dtype=torch.long), (n,), v, CPU, True), off, "full", True, v)
 
 
 def test_truncation_object_rows():
