@@ -182,6 +182,9 @@ setup(
     packages=find_packages(include=["fusedrl", "fusedrl.*"]),
     package_data={"fusedrl.backends": ["auto_table.json"]},
     python_requires=">=3.9",
+    # torch >= 2.4 runs everything (torch.library.custom_op). The one-pass schedule's 16-bit GEMMs with fp32
+    # output on CUDA (docs/one-pass.md, "torch versions"): >= 2.10 both fast kinds; 2.8-2.9 addmm into the
+    # fp32 accumulator through mm + add (pytorch#154086, fixed by #167931); < 2.8 fp32 operands (slow).
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.6; platform_system == 'Linux'"],

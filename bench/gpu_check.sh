@@ -8,6 +8,9 @@
 #   tests    120     pytest.log    pytest -m gpu over tests/ (70 s), then the backend files on CUDA (the rest)
 #   sweep     90     sweep.json    python -m bench.sweep: every backend vs an fp64 oracle at N=8192 H=4096
 #                                  V=151936 bf16, random / peaked / masked(-inf) cases, fwd+bwd, + fused loss
+#   model     60     sweep.json    python -m bench.onepass_model --calibrate: the one-pass planner's choices and
+#                    ["onepass_model"]  modeled vs measured time per stage (CUDA events around each GEMM and
+#                                  epilogue), the constants that fit (stored in sweep.json: 8 files at most)
 #   bench   rest     results.json, results.md, plot.png   python -m bench --preset headline --tasks core,loss
 #   profile   70     profile.txt   only with PROFILE=1: bench/gpu_profile.sh (compute-sanitizer / ncu)
 #   final     30     summary.txt   environment, stage results, sweep table, bench headline rows, auto choice
@@ -16,7 +19,7 @@
 #   bash bench/gpu_check.sh                 # on the GPU machine (the device tool: docs/gpu-validation.md)
 #   DRY=1 bash bench/gpu_check.sh           # CPU dry run: tiny shapes, no install, GPU-only parts skipped
 #   PREPARE=1 bash bench/gpu_check.sh       # HERE, before the call: peer wheels + commit stamp into .whl/
-# Knobs: T_TOTAL T_BUILD T_TESTS T_TESTS_GPU T_SWEEP T_PROFILE (seconds); STAGES=build,tests,sweep,bench
+# Knobs: T_TOTAL T_BUILD T_TESTS T_TESTS_GPU T_SWEEP T_MODEL T_PROFILE (seconds); STAGES=build,tests,sweep,model,bench
 # (a subset, e.g. for a second call); PROFILE=1; PYTEST_WORKERS (default 8 with pytest-xdist, 0 = off);
 # PYTEST_ARGS, SWEEP_ARGS, BENCH_ARGS (extra options); BENCH_PROVIDERS (default '!fusedrl-torch,!fusedrl-grpo-torch-recompute,!fusedrl-klcov-torch,!fusedrl-clipcov-torch';
 # empty = all); TEST_FILES (backend files run whole on CUDA);
@@ -53,9 +56,10 @@ T_BUILD=${T_BUILD:-90}
 T_TESTS=${T_TESTS:-120}
 T_TESTS_GPU=${T_TESTS_GPU:-70}
 T_SWEEP=${T_SWEEP:-90}
+T_MODEL=${T_MODEL:-60}
 T_PROFILE=${T_PROFILE:-70}
 T_FINAL=${T_FINAL:-30}
-STAGES=",${STAGES:-build,tests,sweep,bench},"
+STAGES=",${STAGES:-build,tests,sweep,model,bench},"
 [ "${PROFILE:-0}" = 1 ] && STAGES="${STAGES}profile,"
 T0=$(date +%s)
 DEADLINE=$(( T0 + T_TOTAL ))
@@ -153,7 +157,7 @@ $PY - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, torch
 import fusedrl
 from fusedrl.backends import auto_choice, availability
-from fusedrl.backends.cuda_backend import build_info
+from fusedrl.backends.cuda.extension import build_info
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print("extension build:", json.dumps(build_info()))
 for b in ("torch", "triton", "cuda"):
@@ -173,7 +177,7 @@ if want tests; then
   HAS_SESSION=0   # pytest-timeout >= 2.3 ends the session cleanly (summary printed) before our hard limit
   if [ "$HAS_TIMEOUT" = 1 ] && $PY -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then HAS_SESSION=1; fi
   sess() { [ "$HAS_SESSION" = 1 ] && echo "--session-timeout $(( $1 > 30 ? $1 - 12 : 18 ))"; }
-  TEST_FILES=${TEST_FILES:-"tests/test_triton_backend.py tests/test_cuda_backend.py"}
+  TEST_FILES=${TEST_FILES:-"tests/backends/test_triton_backend.py tests/backends/test_cuda_backend.py"}
   # a) every @pytest.mark.gpu test (never run in CI), b) the backend files whole: on CUDA their
   #    small-shape tests run on the GPU too (the -m gpu ones already ran in a)
   stage "tests: pytest -m gpu tests/" "$T_TESTS_GPU" "$DEST/pytest.log" \
@@ -205,6 +209,15 @@ if want sweep; then
   avail=$(( $(left) - T_FINAL )); lim=$(( T_SWEEP < avail ? T_SWEEP : avail ))
   # rows stop starting 20 s before the limit (one headline row takes seconds): sweep.json stays complete
   stage sweep "$T_SWEEP" "$LOGS" $PY -m bench.sweep "${SW[@]}" --budget-seconds $(( lim > 40 ? lim - 20 : 20 )) ${SWEEP_ARGS:-}
+fi
+
+# ------------------------------------------------------------------------------------------ 3b. model
+if want model; then
+  # the one-pass cost model against CUDA-event stage times: merged into sweep.json (a standalone
+  # onepass_model.json only when the sweep did not run), so the returned files stay at most 8
+  MA=(--calibrate --merge-into "$DEST/sweep.json" --key onepass_model)
+  [ "$DRY" = 1 ] && MA+=(--dry)
+  stage model "$T_MODEL" "$LOGS" $PY -m bench.onepass_model "${MA[@]}"
 fi
 
 # ------------------------------------------------------------------------------------------ 4. bench
@@ -242,6 +255,9 @@ FINAL=$(mktemp)
   # one python process: sweep table, commit stamp + re-render of results.md/plot.png, bench headline rows,
   # measured auto entry (bench/sweep.py finalize)
   timeout $(( T_FINAL > 10 ? T_FINAL - 5 : 5 )) $PY -m bench.sweep --finalize "$DEST" 2>&1
+  for f in "$DEST/sweep.json" "$DEST/onepass_model.json"; do
+    [ -f "$f" ] && timeout 10 $PY -m bench.onepass_model --summary "$f" 2>&1
+  done
   if [ -f "$DEST/profile.txt" ]; then echo; sed -n '/^--- profile results/,$p' "$DEST/profile.txt"; fi
   echo
   echo "--- stage results"

@@ -139,6 +139,11 @@ def prepare(
     return FusedCall(core, batch, cfg, schedule, budget, want_entropy, given, old_logp, advantages, mask, cu_seqlens)
 
 
+def _needs(core: CoreCall) -> tuple[bool, bool, bool]:
+    """Which of dx, dW, db the loss's gradient reaches."""
+    return tuple(t is not None and t.requires_grad for t in (core.hidden, core.weight, core.bias))
+
+
 def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
     """The fused loss on checked arguments: the one-pass schedule where it applies, else recompute."""
     core, cfg = call.core, call.cfg
@@ -150,8 +155,10 @@ def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
         budget = onepass.budget_bytes(call.budget_mb, core.device)
         n, h, v = core.targets.numel(), core.hidden.shape[-1], core.weight.shape[0]
         if family == "one_pass" or onepass.auto_takes_one_pass(
-            n, h, v, core.hidden.dtype, tuple(core.lead), call.cu_seqlens, cfg, budget
-        ):
+            n, h, v, core.hidden.dtype, tuple(core.lead), call.cu_seqlens, cfg, budget, device=core.device,
+            backend=core.backend, has_bias=core.bias is not None, need=_needs(core), want_entropy=call.want_entropy,
+            temperature=core.temperature, softcap=core.softcap,
+        ):  # fmt: skip
             return onepass.one_pass_policy_loss(
                 core.hidden, core.weight, core.targets, call.old_logp, call.advantages, call.mask, core.bias,
                 call.cu_seqlens, call.side, core.temperature, core.softcap, cfg, core.backend, budget,
@@ -233,7 +240,8 @@ def fused_policy_loss(
     forward to backward); ``"recompute"`` is the core op joined to the loss head by autograd (four GEMMs,
     flat memory); ``"auto"`` (default; the environment may override it) takes ``one_pass`` when gradients
     are needed and its workspace plus fp32 accumulators fit ``memory_budget_mb`` (MiB; ``inf`` = no limit;
-    default 512 MiB on CPU, ``min(4 GiB, free/4)`` on a GPU), else ``recompute``. Vocab-parallel
+    default 512 MiB on CPU, on a GPU ``min(4 GiB, usable/4)`` read at each call) and the cost model
+    prices it below recompute, else ``recompute``. Vocab-parallel
     (``process_group``) and the ``reference`` backend always recompute. The choice is logged at DEBUG
     level on the ``fusedrl`` logger. Both schedules take the same arguments and raise the same errors;
     under ``torch.no_grad()`` / ``torch.inference_mode()`` both return the loss value.

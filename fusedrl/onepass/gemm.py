@@ -1,68 +1,167 @@
 """The one-pass schedule's GEMMs: 16-bit operands with fp32 output on CUDA (tensor cores, no upcast of
-the weight), fp32 / fp64 everywhere else, with a per-kind fallback where this torch lacks the fast kind."""
+the weight), fp32 / fp64 everywhere else, with a per-kind fallback where this torch lacks the fast kind.
+
+Two fast kinds, each probed once per process on the first CUDA call (a 16 x 16 GEMM, checked):
+
+* ``mm``: ``torch.mm(a, b, out_dtype=torch.float32)`` (torch >= 2.8). Fallback: fp32 operands
+  (``a.float() @ b.float()``: correct, fp32-GEMM speed, an fp32 copy of each operand).
+* ``addmm``: ``torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)`` into the fp32 accumulator
+  (torch >= 2.10; 2.8 and 2.9 refuse an fp32 ``acc`` with 16-bit operands, pytorch#154086, fixed by
+  pytorch#167931). Fallback: ``mm`` with fp32 output into a scratch, slice by slice of ``acc``, then
+  ``acc += scratch`` (16-bit tensor-core speed, one more pass over ``acc``); fp32 operands where ``mm``
+  is missing too.
+
+:func:`path` names the resulting path (``"fast"``, ``"mm"``, ``"upcast"``) for the planner's model. A
+probe that fails warns once; a fast kind that fails later (other than by running out of memory) turns
+itself off for the process and warns once.
+"""
 
 from __future__ import annotations
 
-import logging
+import threading
+import warnings
 from typing import Optional
 
 import torch
 
 Tensor = torch.Tensor
 
-log = logging.getLogger("fusedrl")
+#: torch's out-of-memory exception (``torch.OutOfMemoryError`` from torch 2.5, ``torch.cuda``'s before)
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+#: probe results by kind: None until probed, then whether the fast kind runs (tests set them)
+_OUT_DTYPE_OK: dict[str, Optional[bool]] = {"mm": None, "addmm": None}
+_lock = threading.Lock()
+# elements of the scratch addmm's fallback allocates when the caller gives none (64 MiB of fp32)
+_SLICE_ELEMS = 16 * 2**20
+
+_FALLBACK = {
+    "mm": "fp32 operands (a.float() @ b.float(): correct, at fp32 GEMM speed)",
+    "addmm": "torch.mm with fp32 output into a scratch, then acc += scratch (one more pass over the accumulator)",
+}
 
 
 def is_low(t: Tensor) -> bool:
     return t.dtype in (torch.float16, torch.bfloat16)
 
 
-# torch.mm / torch.addmm with out_dtype (CUDA, torch >= 2.8): each flips off for the process on its first
-# failure other than running out of memory (an OOM is the caller's, and would otherwise turn the fast GEMMs
-# off for good and upcast W per chunk from then on)
-_OUT_DTYPE_OK = {"mm": True, "addmm": True}
+def _warn(kind: str, why: str) -> None:
+    warnings.warn(
+        f"fusedrl one-pass: torch.{kind} with bf16/fp16 operands and fp32 output is unavailable in torch "
+        f"{torch.__version__} ({why}); using {_FALLBACK[kind]}. docs/one-pass.md lists the torch versions.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _try(kind: str, device: torch.device) -> tuple[bool, str]:
+    """Run the fast ``kind`` on 16 x 16 bf16 operands; ``(ok, why not)``. Out of memory is raised."""
+    a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+    try:
+        if kind == "mm":
+            out = torch.empty(16, 16, dtype=torch.float32, device=device)
+            torch.mm(a, a, out_dtype=torch.float32, out=out)
+        else:
+            out = torch.ones(16, 16, dtype=torch.float32, device=device)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+    except OutOfMemoryError:
+        raise
+    except (RuntimeError, TypeError, NotImplementedError) as e:
+        return False, str(e).splitlines()[0] if str(e) else type(e).__name__
+    if out.dtype != torch.float32 or tuple(out.shape) != (16, 16):
+        return False, f"returned {out.dtype} {tuple(out.shape)}"
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    want = 16.0 if kind == "mm" else 17.0
+    if not capturing and not bool((out == want).all()):  # one host read, once per process
+        return False, "wrong values"
+    return True, ""
+
+
+def probe(kind: str, device: torch.device) -> bool:
+    """Whether the fast ``kind`` (``"mm"`` / ``"addmm"``) runs here: probed once per process, warning once
+    when it does not."""
+    ok = _OUT_DTYPE_OK[kind]
+    if ok is None:
+        with _lock:
+            ok = _OUT_DTYPE_OK[kind]
+            if ok is None:
+                ok, why = _try(kind, device)
+                _OUT_DTYPE_OK[kind] = ok
+                if not ok:
+                    _warn(kind, why)
+    return bool(ok)
+
+
+def path(device: torch.device, dtype: torch.dtype) -> str:
+    """The 16-bit GEMM path on ``device`` for inputs of ``dtype``: ``"fast"`` (both kinds), ``"mm"``
+    (addmm through mm + add), ``"upcast"`` (fp32 operands: CPU, or torch < 2.8). fp32 / fp64 inputs:
+    ``"fast"`` (their GEMMs need no out_dtype)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return "fast"
+    if device.type != "cuda" or not probe("mm", device):
+        return "upcast"
+    return "fast" if probe("addmm", device) else "mm"
 
 
 def _fp32_gemm_16bit(kind: str, fn, fallback):
-    """Run ``fn`` (a 16-bit GEMM ``kind`` with fp32 output), or ``fallback`` (upcast operands: correct,
-    slower) where this torch has no such ``out_dtype`` GEMM, warning once per kind."""
+    """Run ``fn`` (the fast ``kind``), or ``fallback`` where it is off; a failure of ``fn`` other than
+    running out of memory (an OOM is the caller's to handle, and must not turn the fast path off for good)
+    turns the kind off for the process, warning once."""
     if _OUT_DTYPE_OK[kind]:
         try:
             return fn()
-        except torch.OutOfMemoryError:
+        except OutOfMemoryError:
             raise
         except (RuntimeError, TypeError, NotImplementedError) as e:
             _OUT_DTYPE_OK[kind] = False
-            log.warning(
-                "fusedrl: torch.%s with 16-bit operands and fp32 output is unavailable (%s); upcasting operands",
-                kind,
-                e,
-            )
+            _warn(kind, str(e).splitlines()[0] if str(e) else type(e).__name__)
     return fallback()
 
 
 def mm_f32(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     """``out = a @ b`` with ``out`` fp32 (fp64 for fp64 operands)."""
     if is_low(a):
-        if a.is_cuda:
+        if a.is_cuda and probe("mm", a.device):
             return _fp32_gemm_16bit(
                 "mm",
                 lambda: torch.mm(a, b, out_dtype=torch.float32, out=out),
                 lambda: torch.mm(a.float(), b.float(), out=out),
             )
-        return torch.mm(a.float(), b.float(), out=out)  # CPU: no 16-bit -> fp32 GEMM
+        return torch.mm(a.float(), b.float(), out=out)  # CPU / torch < 2.8: no 16-bit -> fp32 GEMM
     return torch.mm(a, b, out=out)
 
 
-def addmm_f32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """``acc += a @ b`` with an fp32 accumulator and operands of any float dtype."""
+def _addmm_by_mm(acc: Tensor, a: Tensor, b: Tensor, tmp: Optional[Tensor]) -> None:
+    """``acc += a @ b`` as fp32-output mm into ``tmp`` (any contiguous fp32 buffer; allocated when None),
+    slice of ``acc``'s rows by slice, then an add: 16-bit GEMM speed without addmm's out_dtype."""
+    if not probe("mm", a.device):
+        acc.addmm_(a.float(), b.float())
+        return
+    m, n = acc.shape
+    if tmp is None or tmp.dtype != torch.float32 or not tmp.is_contiguous() or tmp.numel() < n:
+        tmp = torch.empty(min(m * n, max(n, _SLICE_ELEMS)), dtype=torch.float32, device=acc.device)
+    flat = tmp.reshape(-1)
+    step = max(1, flat.numel() // max(n, 1))
+    for r0 in range(0, m, step):
+        r1 = min(m, r0 + step)
+        part = flat[: (r1 - r0) * n].view(r1 - r0, n)
+        mm_f32(a[r0:r1], b, part)
+        acc[r0:r1].add_(part)
+
+
+def addmm_f32_(acc: Tensor, a: Tensor, b: Tensor, tmp: Optional[Tensor] = None) -> None:
+    """``acc += a @ b`` with an fp32 accumulator and operands of any float dtype. ``tmp``: an fp32 buffer
+    the 16-bit fallback may use as scratch (the one-pass workspace, free when GEMM 3 runs)."""
     if is_low(a):
         if a.is_cuda:
-            _fp32_gemm_16bit(
-                "addmm",
-                lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
-                lambda: acc.addmm_(a.float(), b.float()),
-            )
+            if probe("addmm", a.device):
+                _fp32_gemm_16bit(
+                    "addmm",
+                    lambda: torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc),
+                    lambda: _addmm_by_mm(acc, a, b, tmp),
+                )
+            else:
+                _addmm_by_mm(acc, a, b, tmp)
             return
         a, b = a.float(), b.float()
     acc.addmm_(a, b)

@@ -13,16 +13,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import typing
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import torch
 
+from ..backends import resolve, torch_backend
+from ..backends.base import EpilogueHead
+from ..backends.device import device_facts
 from ..loss import PolicyLossConfig, RolloutCorrection, TokenHead, metric_names
+from ..loss.config import ENTROPY_CONTROL_FIELDS, entropy_control_args, entropy_control_fields
 from ..loss.inputs import SIDE_INPUTS, flatten_batch
 from ..loss.selection import random_keys
 from ..ops import split_temperature
-from .plan import MIB, plan
-from .run import run_one_pass, run_two_pass
+from .gemm import OutOfMemoryError
+from .gemm import path as gemm_path
+from .plan import MIB, Plan, Setting, plan
+from .run import epilogue_for, run_one_pass, run_two_pass
 
 Tensor = torch.Tensor
 
@@ -33,7 +40,8 @@ SIDE = tuple(k for k in SIDE_INPUTS if k != "entropy")
 _NORMALISERS = ("global_num_tokens", "global_num_seqs", "norm_len")
 # config fields that do not cross as plain arguments: the generator (its draw is made before the op),
 # the normalisers (a tensor or a number each), the rollout correction (its own fields), the group (its name)
-_SPECIAL = ("generator", "stats_group", "rollout_correction") + _NORMALISERS
+# the entropy-control fields travel as two lists (the dispatcher takes at most 64 arguments)
+_SPECIAL = ("generator", "stats_group", "rollout_correction") + _NORMALISERS + ENTROPY_CONTROL_FIELDS
 _SCHEMA_TYPES = {"str": "str", "float": "float", "bool": "bool", "Optional[float]": "float?", "Optional[str]": "str?",
                  "Union[str, float, None]": "str?"}  # fmt: skip
 
@@ -63,7 +71,8 @@ _HEAD = (
     ("temperature", "float"), ("softcap", "float?"), ("backend", "str"), ("budget_mb", "float"),
     ("need_dx", "bool"), ("need_dw", "bool"), ("need_db", "bool"), ("want_entropy", "bool"),
     ("grad_filter_eps", "float"), ("deterministic", "bool"), ("workspace_mb", "float"),
-    ("norm_numbers", "float?[]"), ("stats_group", "str?"), ("has_rc", "bool"),
+    ("norm_numbers", "float?[]"), ("stats_group", "str?"), ("has_rc", "bool"), ("ec_floats", "float?[]"),
+    ("ec_strs", "str[]"),
 )  # fmt: skip
 ARGS = _HEAD + CONFIG_ARGS + RC_ARGS
 _INDEX = {name: i for i, (name, _) in enumerate(ARGS)}
@@ -83,6 +92,7 @@ def config_args(cfg: PolicyLossConfig) -> list:
 def config_from_args(a: dict, norm_tensors, norm_numbers) -> PolicyLossConfig:
     """The config rebuilt (and validated) from the op's arguments."""
     kw = {n: a[n] for n, _ in CONFIG_ARGS}
+    kw.update(entropy_control_fields(a["ec_floats"], a["ec_strs"]))
     if a["has_rc"]:
         kw["rollout_correction"] = RolloutCorrection(**{n[3:]: a[n] for n, _ in RC_ARGS})
     for name, t, num in zip(_NORMALISERS, norm_tensors, norm_numbers):
@@ -113,18 +123,25 @@ def _impl(*args):
             cu_host = [int(c) for c in a["cu_seqlens"].tolist()]  # one small host read (packed sequence modes)
         else:
             seq_len = head.seg.T
-    pln = plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", a["budget_mb"] * MIB, seq_len, cu_host)
-    log.debug("fusedrl fused_policy_loss: schedule %s (%s)", pln.schedule, pln.reason)
     temperature = a["temp_vec"] if a["temp_vec"] is not None else a["temperature"]
     want_entropy = a["want_entropy"] or head.needs_entropy
     common = (x, w, targets, bias, head)
     flags = (a["need_dx"], a["need_dw"], a["need_db"], want_entropy)
+    setting = run_setting(x, w, bias, head, a["backend"], temperature, a["softcap"], *flags)
+
+    def planned(budget: float) -> Plan:
+        return plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", budget, seq_len, cu_host, setting)
+
+    pln = planned(a["budget_mb"] * MIB)
+    log.debug("fusedrl fused_policy_loss: schedule %s (%s)", pln.schedule, pln.reason)
+    opts = dict(grad_filter_eps=a["grad_filter_eps"], deterministic=a["deterministic"],
+                workspace_mb=a["workspace_mb"] or None)  # fmt: skip
+    two = (*common, temperature, a["softcap"], a["backend"], a["keys"], *flags, opts)
     if pln.schedule == "two_pass":
-        opts = dict(grad_filter_eps=a["grad_filter_eps"], deterministic=a["deterministic"],
-                    workspace_mb=a["workspace_mb"] or None)  # fmt: skip
-        out = run_two_pass(*common, temperature, a["softcap"], a["backend"], a["keys"], *flags, opts)
+        out = run_two_pass(*two)
     else:
-        out = run_one_pass(*common, pln, temperature, a["softcap"], a["backend"], a["keys"], *flags)
+        out = _run_or_replan(pln, planned, a["budget_mb"] * MIB, common, temperature, a["softcap"], a["backend"],
+                             a["keys"], flags, two)  # fmt: skip
     names = metric_names(cfg, want_entropy, "ref_logp" in side)
     mvec = torch.stack([out.metrics[k].float() for k in names])
     return (
@@ -134,6 +151,61 @@ def _impl(*args):
         out.dw if out.dw is not None else _empty(w),
         out.db if out.db is not None else _empty(x if bias is None else bias),
     )
+
+
+def run_setting(
+    x: Tensor, w: Tensor, bias: Optional[Tensor], head: TokenHead, backend: str, temperature: Union[float, Tensor],
+    softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool, want_entropy: bool,
+) -> Setting:  # fmt: skip
+    """The planner's :class:`~fusedrl.onepass.plan.Setting` of a one-pass run: the row epilogue that runs
+    (``run.epilogue_for``, as the run picks it), the device's rates, this torch's 16-bit GEMM path."""
+    dev = x.device
+    grads = need_dx or need_dw or need_db
+    need_ent = want_entropy or head.entropy_has_grad
+    emod = epilogue_for(backend, dev, x.dtype, EpilogueHead(head.kernel_codes(0, 0, need_ent) if grads else None,
+                                                            None, need_ent))  # fmt: skip
+    core = "torch" if backend == "reference" else resolve(backend, dev)
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    per_token = isinstance(temperature, Tensor)
+    transform = 3 if softcap is not None else (1 if per_token or (low and temperature != 1.0) else 0)
+    return Setting(
+        epilogue="torch" if emod is torch_backend else core, core=core, facts=device_facts(dev), dx=need_dx,
+        dw=need_dw, db=need_db and bias is not None, ent=need_ent, ent_grad=head.entropy_has_grad,
+        bias=bias is not None, transform=transform, gemm=gemm_path(dev, x.dtype),
+        tf32=x.dtype == torch.float32 and dev.type == "cuda" and torch.get_float32_matmul_precision() != "highest",
+    )  # fmt: skip
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+_FALLBACK_WHY = (
+    "the one-pass schedule ran out of memory in its own workspace twice (at the budget, then at half of it); "
+    "this step runs the two-pass form (the backend's recompute backward, its own bounded workspace). Pass a "
+    "smaller memory_budget_mb, or schedule='recompute', to avoid the retries"
+)
+
+
+def _run_or_replan(pln: Plan, planned, budget: float, common, temperature, softcap, backend, keys, flags, two):
+    """The one-pass run; out of memory in it: once more at half the budget, then the two-pass form with one
+    warning, never a failed step from the schedule's own workspace. The retries run outside the ``except``
+    blocks, so the failed attempt's buffers (held by its traceback) are free first."""
+    try:
+        return run_one_pass(*common, pln, temperature, softcap, backend, keys, *flags)
+    except OutOfMemoryError:
+        if _capturing(common[0]):  # an OOM inside a CUDA graph capture has invalidated it: nothing to retry
+            raise
+    half = planned(budget / 2)
+    log.info("fusedrl fused_policy_loss: out of memory in the one-pass workspace; re-planned at half the "
+             "budget: %s (%s)", half.schedule, half.reason)  # fmt: skip
+    if half.schedule == "one_pass" and half.fits:
+        try:
+            return run_one_pass(*common, half, temperature, softcap, backend, keys, *flags)
+        except OutOfMemoryError:
+            pass
+    warnings.warn(f"fusedrl: {_FALLBACK_WHY}", UserWarning, stacklevel=2)
+    return run_two_pass(*two)
 
 
 _op = torch.library.custom_op("fusedrl::policy_loss_one_pass", _impl, mutates_args=(), schema=SCHEMA)
@@ -165,6 +237,9 @@ def _setup(ctx, inputs, output):
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (inputs[0], inputs[1], inputs[3]))
     ctx.formed = tuple(inputs[_INDEX[k]] for k in ("need_dx", "need_dw", "need_db"))  # what the forward formed
     ctx.mark_non_differentiable(output[1], dx, dw, db)
+    # no zero tensors for the outputs nothing differentiates (dx, dw, db): materialised, they cost a second
+    # copy of the gradients at the backward's peak
+    ctx.set_materialize_grads(False)
 
 
 def _scaled(t: Tensor, g: Tensor, dtype: torch.dtype, unit: bool) -> Tensor:
@@ -193,6 +268,8 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
         and g_loss.device.type == "cpu"
         and bool(g_loss == 1)
     )  # traced backwards (fake / functional tensors) always multiply
+    if g_loss is None:  # the loss itself was not differentiated (only a metric was)
+        return (None,) * len(ARGS)
     grads = []
     wanted = (ctx.needs_input_grad[i] for i in (0, 1, 3))
     for t, dtype, formed, want in zip(ctx.saved_tensors, ctx.dtypes, ctx.formed, wanted):
@@ -244,7 +321,8 @@ def one_pass_policy_loss(
         None if bias is None else bias.contiguous(), old_logp, advantages, mask, cu_seqlens, keys,
         [side.get(k) for k in SIDE], t_vec, norm_t, list(targets.shape), t_float,
         None if softcap is None else float(softcap), backend, float(budget_bytes) / MIB, need_dx, need_dw, need_db,
-        bool(want_entropy), eps, det, ws, norm_n, group, cfg.rollout_correction is not None, *config_args(cfg),
+        bool(want_entropy), eps, det, ws, norm_n, group, cfg.rollout_correction is not None,
+        *entropy_control_args(cfg), *config_args(cfg),
     )  # fmt: skip
     has_entropy = want_entropy or cfg.top_entropy_quantile < 1 or cfg.entropy_coeff != 0
     names = metric_names(cfg, has_entropy, "ref_logp" in side)

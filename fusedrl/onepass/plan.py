@@ -1,8 +1,25 @@
 """How the one-pass schedule runs a batch: its memory budget, which schedule (one pass, two passes, or
-recompute for ``schedule="auto"``) and the token chunks. Host arithmetic only."""
+recompute for ``schedule="auto"``), the token chunks and the GEMM 3 group, chosen by a cost model of
+GEMM flops and HBM bytes (docs/one-pass.md, "The planner"). Host arithmetic only.
+
+The model, per token chunk of ``Nc`` rows (``K = g·Nc`` rows of du per GEMM 3 call, a ring of ``g``
+chunks' du)::
+
+    GEMM 1   max(2·Nc·H·V / R, bytes / BW)     bytes: W, x_c, the fp32 workspace U written
+    epilogue Nc·V·e / (eta·BW)                  e: the epilogue's bytes per element (EPILOGUES below)
+    GEMM 2   max(2·Nc·V·H / R, bytes / BW)     du, W read; dx_c written
+    GEMM 3   max(2·K·V·H / R, bytes / BW)      per group: du ring, x read; dW32 written, + read after the first
+    db       Nc·V·4 / BW                        the bias gradient's column sum (only with a bias gradient)
+    finish   dW32, dx32 read, 16-bit written   the backward's scale-and-round (16-bit inputs)
+
+plus a launch overhead per kernel, with ``R`` and ``BW`` the device's (:func:`fusedrl.backends.device.
+device_facts`). ``auto`` takes the recompute schedule where the modeled one-pass time is the larger.
+"""
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 from typing import NamedTuple, Optional
 
@@ -10,7 +27,7 @@ import torch
 
 from .. import _config
 from ..backends import torch_backend
-from ..backends.device import usable_memory
+from ..backends.device import ARCH_FACTS, DeviceFacts, memory_now
 from ..loss import PolicyLossConfig, head_kind
 
 MIB = 2**20
@@ -18,20 +35,47 @@ _CPU_BUDGET = 512 * MIB
 _GPU_BUDGET_CAP = 4096 * MIB
 # auto takes one_pass only when a chunk holds at least this many rows (fewer starve the GEMMs)
 _MIN_ROWS = 64
+#: 16-bit du rows are padded to this many elements (16 bytes): cuBLAS's tensor-core kernels want aligned
+#: leading dimensions, and an odd V would leave every row of du 2-byte aligned
+DU_ALIGN = 8
+# per-token bytes the schedule holds besides the [N, V]-scale buffers (logp, lse, entropy, the head's
+# per-token vectors, chunk outputs): a bound, not a census
+_PER_TOKEN = 96
+
+
+def du_row_stride(v: int) -> int:
+    """Row stride (elements) of the 16-bit du ring: ``V`` rounded up to :data:`DU_ALIGN`."""
+    return -(-v // DU_ALIGN) * DU_ALIGN
+
+
+# --------------------------------------------------------------------------------------------------
+# The budget
+# --------------------------------------------------------------------------------------------------
+
+
+def _quantize(b: float) -> float:
+    """Round a byte count down to a quarter octave (2^k·{1, 1.25, 1.5, 1.75}): a budget that follows free
+    memory then changes the plan only when free memory moves by a step, not at every step."""
+    if not b > 0 or math.isinf(b):
+        return b
+    k = 2.0 ** math.floor(math.log2(b))
+    return k * math.floor(4 * b / k) / 4
 
 
 @torch.compiler.assume_constant_result  # torch.compile: decided at trace time (environment, driver query)
 def default_budget_bytes(device: torch.device) -> float:
     """The schedule's memory budget in bytes: the environment's (``fusedrl._config``) when set, else
-    512 MiB on CPU and ``min(4 GiB, free / 4)`` on a GPU (workspace plus the fp32 accumulators; gradients
-    excluded), the free memory as read at the process's first call for the device. ``inf``: no limit."""
+    512 MiB on CPU and ``min(4 GiB, usable / 4)`` on a GPU, with ``usable`` read at this call
+    (:func:`fusedrl.backends.device.memory_now`: driver free plus the cached bytes the allocator can
+    hand out as one block; no device sync) and rounded down to a quarter octave. ``inf``: no limit.
+    The budget bounds everything the schedule allocates beyond the gradients it returns."""
     mb = _config.get("memory_budget_mb")
     if mb is not None:
         return mb * MIB
     if device.type == "cuda":
-        mem = usable_memory(device)  # read once per process: the same chunks (same bits) every step
+        mem = memory_now(device)
         if mem is not None:
-            return float(min(_GPU_BUDGET_CAP, mem[0] // 4))
+            return float(_quantize(min(_GPU_BUDGET_CAP, mem.usable / 4)))
     return float(_CPU_BUDGET)
 
 
@@ -42,26 +86,310 @@ def budget_bytes(memory_budget_mb, device: torch.device) -> float:
     return float(memory_budget_mb) * MIB
 
 
+# --------------------------------------------------------------------------------------------------
+# What the run looks like to the model
+# --------------------------------------------------------------------------------------------------
+
+
+class Setting(NamedTuple):
+    """Everything but the shapes that the cost and memory of a run depend on (hashable: plans are cached).
+
+    ``epilogue``: the row epilogue that runs (``fusedrl.onepass.run.epilogue_for``: ``"torch"``,
+    ``"triton"``, ``"cuda"``); ``core``: the backend the recompute schedule would run; ``gemm``: the
+    16-bit GEMM path of this torch (``fusedrl.onepass.gemm.path``: ``"fast"`` = mm and addmm with fp32
+    output, ``"mm"`` = addmm as mm + add, ``"upcast"`` = fp32 operands, as on CPU); ``du32``: whether a
+    kernel epilogue stores the fp32 du always (True) or only where the run reads it (False: a bias
+    gradient, fp32 inputs); None: as :data:`EPILOGUES` says of the kernel."""
+
+    epilogue: str = "torch"
+    core: str = "torch"
+    facts: DeviceFacts = ARCH_FACTS["cpu"]
+    dx: bool = True
+    dw: bool = True
+    db: bool = False
+    ent: bool = False  # the entropy is computed
+    ent_grad: bool = False  # ... and has a gradient (entropy bonus)
+    bias: bool = False
+    transform: int = 0  # extra elementwise passes of the torch epilogue: 1 per-token / unfolded T, 3 softcap
+    gemm: str = "fast"
+    tf32: bool = False
+    du32: Optional[bool] = None
+
+    @property
+    def grads(self) -> bool:
+        return self.dx or self.dw or self.db
+
+
+class EpilogueCost(NamedTuple):
+    """A row epilogue's cost: ``efficiency`` of the HBM bandwidth it reaches, kernel ``launches`` per chunk
+    (the torch epilogue: its ops and the head's autograd), whether it keeps a scratch of its own, and
+    (kernels) whether it writes the fp32 du over U even where nothing reads it."""
+
+    efficiency: float
+    launches: int
+    torch_scratch: bool
+    stores_du32: bool = False
+
+
+#: the row epilogues the model knows, by backend name. The kernel epilogues (Triton, CUDA) work in the fp32
+#: workspace and the 16-bit du copy alone: two reads of U (statistics, then du), du16 written, and the fp32
+#: du written over U where stored (today's kernels always store it: ``stores_du32``; flip it when they write
+#: it only for a bias gradient). The torch epilogue's scratch is ``torch_backend.onepass_scratch_shapes``.
+#: ``efficiency`` 1 until a GPU run measures it (bench/onepass_model.py --calibrate).
+EPILOGUES: dict[str, EpilogueCost] = {
+    "torch": EpilogueCost(1.0, 60, True),
+    "triton": EpilogueCost(1.0, 8, False, stores_du32=True),
+    "cuda": EpilogueCost(1.0, 8, False, stores_du32=True),
+}
+
+
+def epilogue_bytes_per_element(s: Setting, csize: int, low: bool, ring: bool) -> float:
+    """HBM bytes the row epilogue moves per element of the ``[Nc, V]`` workspace (compute dtype of
+    ``csize`` bytes). Torch: one count per pass of ``torch_backend.onepass_stats`` / ``onepass_du``;
+    kernels: two reads of U, the fp32 du where stored, the 16-bit copy."""
+    c = csize
+    if s.epilogue != "torch":  # fp32 workspace
+        b = 4.0  # pass 1 reads U
+        if s.grads:
+            ep = EPILOGUES.get(s.epilogue, EPILOGUES["triton"])
+            du32 = (ep.stores_du32 if s.du32 is None else s.du32) or not low or s.db
+            b += 4 + (4 if du32 else 0) + (2 if low else 0)  # pass 2 reads U, writes du (fp32, 16-bit)
+        return b
+    b = (2 * c if s.bias else 0) + 2 * c * s.transform  # bias add, temperature / softcap
+    b += c + 2 * c + 2 * c + c  # amax, sub_, exp -> scratch, sum
+    if s.ent:
+        b += (2 * c if s.transform < 3 else 0) + 4 * c  # clamp_, products (read u, e; write, sum a block)
+    if s.grads:
+        b += 13 * c if s.transform >= 3 else 0  # softcap's 1 - tanh^2 by blocks
+        b += 7 * c if s.ent_grad else 2 * c  # du = (c d + alpha) e in u, else e *= const
+        if low:
+            b += c + 2  # the 16-bit copy
+        elif ring and not s.ent_grad:
+            b += 2 * c  # du lives in the scratch: copied into its ring slot
+    return b
+
+
+# the recompute schedule per core backend: (GEMM rate relative to the 16-bit cuBLAS rate; None: fp32 GEMMs
+# from upcast tiles), extra bytes per [N, V] element (forward + backward). Uncalibrated until a GPU run.
+RECOMPUTE: dict[str, tuple[Optional[float], float]] = {
+    "torch": (None, 0.0),  # the torch backend: its epilogue's bytes twice plus the recomputed logits
+    "triton": (0.75, 4.0),  # logits stay on chip; du written once for the gradient GEMMs
+    "cuda": (1.0, 22.0),  # cuBLAS chunks: logits written and read in the forward, again with du in the backward
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------------
+
+
+class Model(NamedTuple):
+    """Modeled milliseconds by term, the three-GEMM floor, bytes by buffer and the recompute estimate."""
+
+    terms: tuple[tuple[str, float], ...]
+    memory: tuple[tuple[str, int], ...]
+    floor_ms: float
+    recompute_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return sum(t for _, t in self.terms)
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(b for _, b in self.memory)
+
+    def as_dict(self) -> dict:
+        return dict(
+            terms_ms=dict(self.terms),
+            total_ms=self.total_ms,
+            floor_ms=self.floor_ms,
+            x_floor=self.total_ms / self.floor_ms if self.floor_ms else None,
+            recompute_ms=self.recompute_ms,
+            memory=dict(self.memory),
+            memory_bytes=self.memory_bytes,
+        )
+
+
+def _rate(x_dtype: torch.dtype, s: Setting) -> float:
+    """TFLOP/s of the schedule's GEMMs for inputs of ``x_dtype``."""
+    f = s.facts
+    if x_dtype == torch.float64:
+        return f.gemm64
+    fp32 = f.gemm_tf32 if s.tf32 else f.gemm32
+    if x_dtype in (torch.float16, torch.bfloat16) and s.gemm != "upcast":
+        return f.gemm16
+    return fp32
+
+
+def gemm_ms(flops: float, nbytes: float, tflops: float, facts: DeviceFacts) -> float:
+    """One GEMM call: roofline (flops at ``tflops`` or bytes at the bandwidth, the larger) plus a launch."""
+    return max(flops / (tflops * 1e9), nbytes / (facts.hbm * 1e9)) + facts.launch_us * 1e-3
+
+
+def memory_parts(n: int, h: int, v: int, x_dtype: torch.dtype, rows: int, ring_rows: int, s: Setting,
+                 k_sel: int = 0) -> tuple[tuple[str, int], ...]:  # fmt: skip
+    """Bytes the one-pass run allocates beyond the gradients it returns, by buffer."""
+    low = x_dtype in (torch.float16, torch.bfloat16)
+    c = 8 if x_dtype == torch.float64 else 4
+    parts = [
+        ("dw32", v * h * 4 if (low and s.dw) else 0),  # 16-bit inputs: gradients held in fp32 until the backward
+        ("dx32", n * h * 4 if (low and s.dx) else 0),
+        ("db", v * c if s.db else 0),
+        ("per_token", n * _PER_TOKEN),
+        ("workspace", (rows if (low or not s.dw) else ring_rows) * v * c),  # fp32 inputs: the ring is U itself
+    ]
+    if EPILOGUES.get(s.epilogue, EPILOGUES["torch"]).torch_scratch:
+        parts.append(("scratch", sum(a * b for a, b in torch_backend.onepass_scratch_shapes(rows, v)) * c))
+    parts.append(("du_ring", ring_rows * du_row_stride(v) * 2 if (low and s.grads) else 0))
+    if low and s.gemm == "upcast" and s.grads:  # fp32 copies of W and of the largest du operand
+        parts.append(("gemm_upcast", v * h * 4 + max(rows, ring_rows if s.dw else rows) * (v + h) * 4))
+    if k_sel:
+        parts.append(("selection", k_sel * (v * (3 * c + 2) + 2 * h * c)))
+    return tuple(parts)
+
+
+def _runs(chunk_rows) -> tuple[tuple[int, int], ...]:
+    """Chunk sizes as ``(rows, repeat)`` runs (empty chunks dropped); given runs pass through."""
+    out: list[list[int]] = []
+    for r in chunk_rows:
+        r, times = r if isinstance(r, tuple) else (r, 1)
+        if r <= 0 or times <= 0:
+            continue
+        if out and out[-1][0] == r:
+            out[-1][1] += times
+        else:
+            out.append([r, times])
+    return tuple((r, k) for r, k in out)
+
+
+def _groups(runs, ring_rows: int) -> tuple[tuple[int, int], ...]:
+    """GEMM 3 calls as ``(K rows, repeat)`` runs: chunks fill the ring in order, a call when the next chunk
+    does not fit (``fusedrl.onepass.run``'s rule)."""
+    out: list[list[int]] = []
+
+    def emit(k, times=1):
+        if out and out[-1][0] == k:
+            out[-1][1] += times
+        elif times:
+            out.append([k, times])
+
+    fill = 0
+    for r, times in runs:
+        cap = max(ring_rows, r)
+        if fill:
+            take = max(0, min(times, (cap - fill) // r))
+            fill += take * r
+            times -= take
+            if times:
+                emit(fill)
+                fill = 0
+        if times:
+            q = cap // r
+            emit(q * r, (times - 1) // q)
+            fill = (times - (times - 1) // q * q) * r
+    if fill:
+        emit(fill)
+    return tuple((k, n) for k, n in out)
+
+
+def model(n: int, h: int, v: int, x_dtype: torch.dtype, chunk_rows: tuple[int, ...], ring_rows: int, s: Setting,
+          k_sel: int = 0) -> Model:  # fmt: skip
+    """The modeled time of a one-pass run over chunks of ``chunk_rows`` rows with a du ring of ``ring_rows``
+    (GEMM 3 once per filled ring), and of the recompute schedule on the same shapes."""
+    low = x_dtype in (torch.float16, torch.bfloat16)
+    c = 8 if x_dtype == torch.float64 else 4
+    s_in = x_dtype.itemsize
+    s_du = 2 if low else c
+    f = s.facts
+    rate = _rate(x_dtype, s)
+    bw = f.hbm * 1e9  # bytes per ms
+    launch = f.launch_us * 1e-3
+    ep = EPILOGUES.get(s.epilogue, EPILOGUES["torch"])
+    ring = ring_rows > max((r if isinstance(r, int) else r[0] for r in chunk_rows), default=0)
+    e_bytes = epilogue_bytes_per_element(s, c, low, ring)
+    upcast = low and s.gemm == "upcast"
+    t = dict(gemm1=0.0, epilogue=0.0, gemm2=0.0, gemm3=0.0, db=0.0, gemm_fallback=0.0, finish=0.0, selection=0.0)
+    wbytes = v * h * s_in
+    runs = _runs(chunk_rows)
+    # a ring no larger than the largest chunk: one GEMM 3 per chunk (the run groups only when asked to)
+    groups = _groups(runs, ring_rows) if ring_rows > max((r for r, _ in runs), default=0) else runs
+    for r, times in runs:
+        t["gemm1"] += times * gemm_ms(2 * r * h * v, wbytes + r * h * s_in + r * v * c, rate, f)
+        t["epilogue"] += times * (r * v * e_bytes / (ep.efficiency * bw) + ep.launches * launch)
+        if upcast:
+            t["gemm_fallback"] += times * (v * h * 6 * (2 if s.dx else 1) + r * v * 6) / bw
+        if s.dx:
+            t["gemm2"] += times * gemm_ms(2 * r * v * h, r * v * s_du + wbytes + r * h * c, rate, f)
+        if s.db:
+            t["db"] += times * (r * v * c / bw + 2 * launch)
+    if s.dw:
+        acc = v * h * (4 if low else c)
+        first = True
+        for k, times in groups:
+            later = times - (1 if first else 0)  # the first call writes the accumulator, later ones read it too
+            one = gemm_ms(2 * k * v * h, k * v * s_du + k * h * s_in + acc, rate, f)
+            t["gemm3"] += one * (times - later) + later * gemm_ms(
+                2 * k * v * h, k * v * s_du + k * h * s_in + 2 * acc, rate, f
+            )
+            if low and s.gemm == "mm":  # addmm as mm into the workspace by slices, then add_
+                t["gemm_fallback"] += later * acc * 3 / bw
+            if upcast:
+                t["gemm_fallback"] += times * k * (v + h) * 6 / bw
+            first = False
+    if s.grads:  # the backward: scale by the upstream gradient and round once (16-bit), or scale (fp32 / fp64)
+        per = 6 if low else 2 * c
+        t["finish"] = ((v * h if s.dw else 0) + (n * h if s.dx else 0) + (v if s.db else 0)) * per / bw + 3 * launch
+    if k_sel and s.grads:
+        t["selection"] = 3 * 2 * k_sel * h * v / (rate * 1e9) + k_sel * v * 10 * c / bw + 40 * launch
+    rows = max((r for r, _ in runs), default=0)
+    mem = memory_parts(n, h, v, x_dtype, rows, ring_rows, s, k_sel)
+    floor = 3 * 2 * n * h * v / ((f.gemm16 if low else rate) * 1e9)  # the three GEMMs at the inputs' best rate
+    return Model(tuple(t.items()), mem, floor, recompute_ms(n, h, v, x_dtype, s))
+
+
+def recompute_ms(n: int, h: int, v: int, x_dtype: torch.dtype, s: Setting) -> float:
+    """Modeled time of the recompute schedule (4 GEMMs and the core backend's own traffic)."""
+    low = x_dtype in (torch.float16, torch.bfloat16)
+    c = 8 if x_dtype == torch.float64 else 4
+    f = s.facts
+    factor, extra = RECOMPUTE.get(s.core, RECOMPUTE["torch"])
+    if factor is None or not low:  # fp32 GEMMs from upcast tiles (the torch backend), or fp32 / fp64 inputs
+        rate = _rate(torch.float32 if x_dtype != torch.float64 else x_dtype, s)
+        if factor is not None:
+            rate *= factor
+    else:
+        rate = f.gemm16 * factor
+    if s.core == "torch" or s.core not in RECOMPUTE:  # the statistics in the forward, again with du in the backward
+        plain = s._replace(epilogue="torch")
+        stats = epilogue_bytes_per_element(plain._replace(dx=False, dw=False, db=False), c, False, False)
+        extra = stats + epilogue_bytes_per_element(plain, c, False, False) + 2 * c  # + the recomputed logits
+    flops = 4 * 2 * n * h * v if s.grads else 2 * n * h * v
+    # kernels: the loss head's forward and backward over [N] vectors, plus the core op's tile loop (the torch
+    # backend: ~40 ops per token x vocab tile, forward and backward; kernel backends: a few per chunk)
+    if s.core == "torch" or s.core not in RECOMPUTE:
+        nt, vt = torch_backend.tile_plan(n, v)
+        tiles = 40 * -(-n // nt) * -(-v // vt)
+    else:
+        tiles = 8 * -(-n // 4096) * -(-v // 4096)
+    return flops / (rate * 1e9) + n * v * extra / (f.hbm * 1e9) + (60 + tiles) * f.launch_us * 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunks
+# --------------------------------------------------------------------------------------------------
+
+
 class Plan(NamedTuple):
     schedule: str  # "one_pass" | "two_pass" | "recompute"
     chunks: tuple[tuple[int, int, Optional[tuple[int, int]]], ...]  # (start, stop, whole sequences)
     reason: str
+    ring_rows: int = 0  # rows of du per GEMM 3 call (the ring); 0: one call per chunk
+    model: Optional[Model] = None
+    fits: bool = True  # False: an explicit one_pass over the budget (one row per chunk)
 
 
-def _row_bytes(v: int, cdt_size: int, low_precision: bool) -> int:
-    """Workspace bytes per chunk row: U and the scratch (compute dtype), a block temporary, the 16-bit
-    GEMM operand."""
-    tmp_cols = torch_backend.onepass_scratch_shapes(1, v)[1][1]
-    return v * (2 * cdt_size + (2 if low_precision else 0)) + tmp_cols * cdt_size
-
-
-def _fixed_bytes(n: int, h: int, v: int, low_precision: bool) -> int:
-    """fp32 accumulators: dW and dx (16-bit inputs: both held in fp32 until the backward, beyond the
-    16-bit gradients themselves) and db."""
-    return ((v + n) * h * 4 if low_precision else 0) + v * 4
-
-
-def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[list[int]]):
+def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[tuple[int, ...]]):
     """Chunks of whole sequences with at most ``rows`` tokens each, or None when one does not fit."""
     if seq_len is not None:  # padded [B, T]
         if seq_len > rows:
@@ -90,6 +418,60 @@ def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[lis
     return tuple(out)
 
 
+def _counts(n: int) -> list[int]:
+    """Candidate chunk counts: every count up to 32, then geometric steps of 1/8 to ``n``."""
+    out, c = list(range(1, min(n, 32) + 1)), 32.0
+    while c < n:
+        c = min(float(n), math.ceil(c * 1.125))
+        out.append(int(c))
+    return out
+
+
+def _memory_line(n, h, v, x_dtype, s, k_sel) -> tuple[int, int, int]:
+    """``(A, B, C)`` with memory ``A + B·rows + C·ring_rows`` for ``ring_rows >= rows`` (every buffer is
+    linear in the two)."""
+
+    def mem(r, ring):
+        return sum(b for _, b in memory_parts(n, h, v, x_dtype, r, ring, s, k_sel))
+
+    a = mem(0, 0)
+    c = mem(0, 1) - a
+    return a, mem(1, 1) - a - c, c
+
+
+def _fits(n, h, v, x_dtype, rows, ring_rows, s, k_sel, budget) -> bool:
+    return sum(b for _, b in memory_parts(n, h, v, x_dtype, rows, ring_rows, s, k_sel)) <= budget
+
+
+#: plans whose modeled time is within this fraction of the fastest count as ties: the one with the
+#: fewest bytes wins (a bigger workspace that buys microseconds is not worth the memory)
+_TIE = 0.001
+
+
+@functools.lru_cache(maxsize=256)
+def _token_plan(n: int, h: int, v: int, x_dtype: torch.dtype, s: Setting, budget: float, k_sel: int):
+    """``(rows, ring_rows, Model)`` of least modeled time under ``budget`` for freely chunked tokens (ties
+    within :data:`_TIE`: fewest bytes), or None when no chunking fits."""
+    a, b, c = _memory_line(n, h, v, x_dtype, s, k_sel)
+    found = []
+    for count in _counts(n):
+        rows = -(-n // count)
+        count = -(-n // rows)
+        room = budget - a - b * rows
+        if room < c * rows:
+            continue
+        g = 1
+        if s.dw and count > 1 and c > 0:  # the largest ring that fits, then the smallest with as few GEMM 3 calls
+            g = count if math.isinf(room) else min(count, int(room // (c * rows)))
+            g = -(-count // -(-count // g))
+        chunk_rows = ((rows, n // rows), (n % rows, 1))
+        found.append((rows, g * rows, model(n, h, v, x_dtype, chunk_rows, g * rows, s, k_sel)))
+    if not found:
+        return None
+    fastest = min(m.total_ms for _, _, m in found)
+    return min((f for f in found if f[2].total_ms <= fastest * (1 + _TIE)), key=lambda f: (f[2].memory_bytes, -f[0]))
+
+
 # fp16 has bf16's precision but not its range: the one-pass (and two-pass) schedules round du to fp16 in
 # the forward, at loss scale 1, so the per-token weights of a mean over many tokens (1/N) push most of it
 # below fp16's normal range before a GradScaler's scale can reach it (the backward only scales the
@@ -100,6 +482,15 @@ _FP16_WHY = (
 )
 
 
+def selection_rows(cfg: PolicyLossConfig, n: int) -> int:
+    """Rows the Clip-Cov / KL-Cov correction recomputes (0 for other modes): a host bound, local tokens."""
+    if cfg.loss_mode == "clip_cov":
+        return min(n, max(1, int(cfg.clip_cov_ratio * n)))
+    if cfg.loss_mode == "kl_cov":
+        return min(n, max(1, int(cfg.kl_cov_ratio * n)))
+    return 0
+
+
 def plan(
     n: int,
     h: int,
@@ -107,43 +498,76 @@ def plan(
     x_dtype: torch.dtype,
     cfg: PolicyLossConfig,
     schedule: str,
-    budget: int,
+    budget: float,
     seq_len: Optional[int] = None,
     cu_host: Optional[list[int]] = None,
+    setting: Optional[Setting] = None,
 ) -> Plan:
-    """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``)
-    and its token chunks, by the loss head's kind (:func:`fusedrl.loss.head_kind`): token-local and
-    selection losses chunk freely; sequence-level losses take chunks of whole sequences (``seq_len`` of
-    padded inputs, ``cu_host`` of packed ones), or two passes when one does not fit (``auto``: recompute);
-    batch-statistic losses (entropy quantile) always take two passes. fp16 inputs: ``auto`` takes recompute
-    (see ``_FP16_WHY``); an explicit ``one_pass`` runs and warns. Host arithmetic only."""
+    """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``),
+    its token chunks and its du ring, by the loss head's kind (:func:`fusedrl.loss.head_kind`) and the cost
+    model (module docstring) under ``budget`` bytes:
+
+    * token-local and selection losses: the chunk rows and ring (GEMM 3 group) of least modeled time
+      that fit; ``auto`` takes recompute where that time exceeds the modeled recompute schedule's or
+      a chunk would hold fewer than 64 rows;
+    * sequence-level losses: chunks of whole sequences (``seq_len`` of padded inputs, ``cu_host`` of
+      packed ones) as large as fit, or two passes when one does not fit (``auto``: recompute);
+    * batch-statistic losses (entropy quantile): always two passes.
+
+    fp16 inputs: ``auto`` takes recompute (see ``_FP16_WHY``); an explicit ``one_pass`` runs and warns.
+    ``setting`` (:class:`Setting`): the run's epilogue, device and gradients (default: the torch epilogue
+    with the CPU rates). Explicit ``one_pass`` runs even when nothing fits (one row per chunk)."""
     if x_dtype == torch.float16:
         if schedule == "auto":
             return Plan("recompute", (), _FP16_WHY)
         warnings.warn(f"fusedrl: schedule='one_pass' with fp16 inputs: {_FP16_WHY}", UserWarning, stacklevel=2)
-    low = x_dtype in (torch.float16, torch.bfloat16)
-    csize = 8 if x_dtype == torch.float64 else 4
-    per_row = _row_bytes(v, csize, low)
-    room = budget - _fixed_bytes(n, h, v, low)
-    rows = max(1, min(n, int(room // per_row))) if room > 0 else 1
-    fits = room > 0 and rows >= min(n, _MIN_ROWS)
-    if schedule == "auto" and not fits:
-        return Plan(
-            "recompute",
-            (),
-            f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the {budget / MIB:.0f} MiB budget",
-        )
+    s = setting if setting is not None else Setting()
     kind = head_kind(cfg)
+    k_sel = selection_rows(cfg, n) if kind == "selection" else 0
     if kind == "batch":  # a statistic of the whole batch first (entropy quantile, ...): always two passes
         return Plan("two_pass", (), "the loss needs whole-batch statistics of logp / entropy first")
+    low = x_dtype in (torch.float16, torch.bfloat16)
     if kind == "sequence":
-        chunks = _sequence_chunks(rows, n, seq_len, cu_host)
-        if chunks is None:
-            if schedule == "auto":
-                return Plan("recompute", (), "a sequence does not fit the workspace")
-            return Plan("two_pass", (), "a sequence does not fit the workspace")
-        return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of whole sequences")
-    count = max(1, -(-n // rows))
-    rows = max(1, -(-n // count))  # balanced: no small tail chunk
-    chunks = tuple((a, min(n, a + rows), None) for a in range(0, max(n, 1), rows))
-    return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows")
+        return _sequence_plan(n, h, v, x_dtype, s, budget, schedule, seq_len, cu_host, low)
+    found = _token_plan(n, h, v, x_dtype, s, float(budget), k_sel) if n > 0 else None
+    if found is None or found[0] < min(n, _MIN_ROWS):
+        if schedule == "auto":
+            return Plan("recompute", (), f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the "
+                                         f"{budget / MIB:.0f} MiB budget")  # fmt: skip
+        if found is None:
+            rows, ring = 1, 1
+            chunk_rows = ((1, n),)
+            m = model(n, h, v, x_dtype, chunk_rows, 1, s, k_sel) if n else None
+            chunks = tuple((a, a + 1, None) for a in range(n)) or ((0, 0, None),)
+            return Plan("one_pass", chunks, "over the budget: one row per chunk", ring, m, False)
+    rows, ring, m = found
+    if schedule == "auto" and m.total_ms > m.recompute_ms:
+        return Plan("recompute", (), f"modeled one-pass {m.total_ms:.3g} ms > recompute {m.recompute_ms:.3g} ms")
+    chunks = tuple((a, min(n, a + rows), None) for a in range(0, n, rows))
+    g = ring // rows
+    return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows, GEMM 3 every {g}", ring, m)
+
+
+def _sequence_plan(n, h, v, x_dtype, s, budget, schedule, seq_len, cu_host, low) -> Plan:
+    """Whole-sequence chunks, as many rows as fit (one GEMM 3 per chunk: the chunk is the ring)."""
+    lo, hi = 0, max(n, 1)
+    while lo < hi:  # the most rows per chunk that fit
+        mid = (lo + hi + 1) // 2
+        if _fits(n, h, v, x_dtype, mid, mid, s, 0, budget):
+            lo = mid
+        else:
+            hi = mid - 1
+    rows = lo
+    if schedule == "auto" and rows < min(n, _MIN_ROWS):
+        return Plan("recompute", (), f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the "
+                                     f"{budget / MIB:.0f} MiB budget")  # fmt: skip
+    chunks = _sequence_chunks(max(rows, 1), n, seq_len, None if cu_host is None else tuple(cu_host))
+    if chunks is None or rows == 0:
+        if schedule == "auto":
+            return Plan("recompute", (), "a sequence does not fit the workspace")
+        return Plan("two_pass", (), "a sequence does not fit the workspace")
+    most = max(b - a for a, b, _ in chunks)
+    m = model(n, h, v, x_dtype, tuple(b - a for a, b, _ in chunks), most, s)
+    if schedule == "auto" and m.total_ms > m.recompute_ms:
+        return Plan("recompute", (), f"modeled one-pass {m.total_ms:.3g} ms > recompute {m.recompute_ms:.3g} ms")
+    return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of whole sequences", most, m)
