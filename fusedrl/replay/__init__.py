@@ -3,7 +3,7 @@ top-p / min-p truncation), fused, at a cost that follows the kept set. ``masks``
 ``truncation`` (vLLM's keep rule), ``rows`` (one chunk's row math), ``kept`` (the chunk loops and the autograd
 Function of the core op)."""
 
-from .kept import ENTROPY_SUPPORTS, Replay, ReplayLogprob, make_replay, replay_backward, replay_forward
+from .kept import ENTROPY_SUPPORTS, Replay, ReplayLogprob, check_replay, make_replay, replay_backward, replay_forward
 from .masks import KeptSets, as_kept_sets, replay_fraction
 from .truncation import Truncation, check_truncation, keep_mask
 
@@ -14,6 +14,7 @@ __all__ = [
     "ReplayLogprob",
     "Truncation",
     "as_kept_sets",
+    "check_replay",
     "check_truncation",
     "keep_mask",
     "make_replay",

@@ -15,25 +15,51 @@ Both recompute the logits in the backward (flat memory: ``O(N)`` saved per token
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from .masks import KeptSets
-from .rows import Rows, Stats, compute_dtype, full_rows, row_du, row_stats, union_rows
-from .truncation import Truncation
+from .masks import KeptSets, as_kept_sets
+from .rows import (
+    Partials,
+    Rows,
+    Stats,
+    compute_dtype,
+    full_rows,
+    local_ids,
+    merge_partials,
+    row_du,
+    row_partials,
+    single_merge,
+    union_rows,
+)
+from .truncation import Truncation, check_truncation
 
 Tensor = torch.Tensor
 Temperature = Union[float, Tensor]
 
-__all__ = ["ENTROPY_SUPPORTS", "Replay", "make_replay", "replay_forward", "replay_backward", "chunk_rows",
-           "chunk_stats", "ReplayLogprob"]  # fmt: skip
+__all__ = [
+    "ENTROPY_SUPPORTS",
+    "Replay",
+    "check_replay",
+    "make_replay",
+    "replay_forward",
+    "replay_backward",
+    "chunk_rows",
+    "chunk_stats",
+    "rows_per_chunk",
+    "chunk_bounds",
+    "accumulate_grads",
+    "Shard",
+    "ReplayLogprob",
+]
 
 #: the supports of the returned (and regularised) entropy under replay
 ENTROPY_SUPPORTS = ("full", "kept")
 #: elements of fp32 temporaries per chunk (rows x columns): bounds the workspace of both paths
 CHUNK_ELEMS = 2**24
+#: kept ids per chunk of the union path: its GEMMs have at most this many columns
+UNION_COLS = 512
 
 
 class Replay(NamedTuple):
@@ -70,6 +96,26 @@ class Replay(NamedTuple):
         return out
 
 
+def check_replay(
+    sampling_mask,
+    top_k,
+    top_p,
+    min_p,
+    entropy_support,
+    lead: tuple[int, ...],
+    vocab: int,
+    device: torch.device,
+    checks: bool,
+) -> tuple[Optional[KeptSets], Optional[Truncation], str]:
+    """Check the replay arguments of the core op and the fused loss (errors name the argument):
+    ``(kept sets or None, truncation or None, entropy support)``."""
+    if not isinstance(entropy_support, str) or entropy_support not in ENTROPY_SUPPORTS:
+        raise ValueError(f"entropy_support must be one of {ENTROPY_SUPPORTS}, got {entropy_support!r}")
+    kept = None if sampling_mask is None else as_kept_sets(sampling_mask, lead, vocab, device, checks)
+    trunc = check_truncation(top_k, top_p, min_p, lead, device, checks)
+    return kept, trunc, entropy_support
+
+
 def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_support: str, need_ent: bool,
                 vocab: int) -> Optional[Replay]:  # fmt: skip
     """The :class:`Replay` of checked inputs (None: no replay, also when no token's truncation is on). One host
@@ -91,54 +137,84 @@ def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_s
     return Replay(kept, trunc, entropy_support, full)
 
 
-def _rows_per_chunk(n: int, replay: Replay, v: int) -> int:
+def rows_per_chunk(n: int, replay: Replay, v: int) -> int:
+    """Token rows per chunk of the full path (``[rows, V]`` temporaries under :data:`CHUNK_ELEMS`)."""
+    return max(1, min(n, CHUNK_ELEMS // max(v, 1)))
+
+
+def chunk_bounds(n: int, replay: Replay, v: int) -> list[tuple[int, int]]:
+    """``(a, b)`` token ranges of the chunk loop. Full path: fixed rows. Union path: consecutive tokens whose
+    kept sets (target included) hold at most :data:`UNION_COLS` ids in all, so the union, and with it the
+    GEMM's columns, follows ``K`` (one host read of the counts; the same ranges on every vocabulary shard)."""
     if replay.full:
-        return max(1, min(n, CHUNK_ELEMS // max(v, 1)))
-    k = replay.kept.ids.shape[1]
-    rows = int(math.sqrt(CHUNK_ELEMS / max(k, 1)))  # a union of `rows` sets of k ids: at most rows * k columns
-    if rows * k > v:
-        rows = CHUNK_ELEMS // max(v, 1)
-    return max(1, min(n, rows))
+        step = rows_per_chunk(n, replay, v)
+        return [(a, min(n, a + step)) for a in range(0, n, step)]
+    ends = torch.cumsum((replay.kept.counts + 1).cpu(), 0)
+    bounds, a = [], 0
+    cap = CHUNK_ELEMS // max(min(v, UNION_COLS), 1)
+    while a < n:  # each chunk ends at the last token whose running total stays within UNION_COLS
+        base = int(ends[a - 1]) if a else 0
+        b = int(torch.searchsorted(ends, base + UNION_COLS, right=True))
+        b = min(n, max(b, a + 1), a + cap)
+        bounds.append((a, b))
+        a = b
+    return bounds
+
+
+class Shard(NamedTuple):
+    """This rank's part of a vocabulary-parallel lm_head: its first global row, the merge of the shards' row
+    statistics ``(lse, zt, ent) -> (LSE, logp, H)`` (a collective) and the reduction of the partial ``dx``
+    (None: return it partial)."""
+
+    start: int
+    merge: Callable[[Tensor, Tensor, Optional[Tensor]], tuple[Tensor, Tensor, Optional[Tensor]]]
+    reduce_dx: Optional[Callable[[Tensor], None]]
 
 
 def _temp_rows(temperature: Temperature, a: int, b: int, dtype):
     return temperature[a:b].to(dtype) if isinstance(temperature, Tensor) else temperature
 
 
-def chunk_rows(x, w, bias, targets, replay: Replay, temperature, softcap, a: int, b: int) -> Rows:
-    """The rows ``a:b`` over their columns (union or full)."""
+def chunk_rows(x, w, bias, targets, replay: Replay, temperature, softcap, a: int, b: int,
+               shard: Optional[Shard] = None) -> Rows:  # fmt: skip
+    """The rows ``a:b`` over their columns (union or full; this shard's under a vocabulary-parallel head)."""
     r = replay.rows(a, b)
     tr = _temp_rows(temperature, a, b, compute_dtype(x))
-    if not replay.full:
-        return union_rows(x[a:b], w, bias, targets[a:b], r.kept.ids, tr, softcap)
+    tc = targets[a:b]
+    v = w.shape[0]
     ids = None if r.kept is None else r.kept.ids
-    return full_rows(x[a:b], w, bias, targets[a:b], ids, r.trunc, tr, softcap)
+    if shard is not None:
+        tc = local_ids(tc, shard.start, v)
+        ids = None if ids is None else local_ids(ids, shard.start, v)
+    if not replay.full:
+        return union_rows(x[a:b], w, bias, tc, ids, tr, softcap)
+    replayed = None if r.kept is None else r.kept.replay
+    return full_rows(x[a:b], w, bias, tc, ids, r.trunc, tr, softcap, replayed)
+
+
+def chunk_partials(rows: Rows, replay: Replay, need_ent: bool, need_full: bool) -> Partials:
+    return row_partials(rows, need_ent, replay.full_entropy, need_full)
 
 
 def chunk_stats(rows: Rows, replay: Replay, need_ent: bool, need_full: bool) -> Stats:
-    return row_stats(rows, need_ent, replay.full_entropy, need_full)
+    """One chunk's merged statistics (one shard: the one-pass loop)."""
+    return merge_partials(chunk_partials(rows, replay, need_ent, need_full), replay.full_entropy)
 
 
 def replay_forward(x, w, bias, targets, replay: Replay, temperature, softcap, need_ent: bool,
-                   need_full: bool = False) -> Stats:  # fmt: skip
+                   need_full: bool = False, shard: Optional[Shard] = None) -> Stats:  # fmt: skip
     """Statistics of every token (``[N]``): log-prob over S, the LSEs, the entropy (``need_ent``), the full-row
-    log-prob (``need_full``, full path only)."""
-    cdt = compute_dtype(x)
-    n, dev = x.shape[0], x.device
-
-    def empty(on: bool):
-        return torch.empty(n, dtype=cdt, device=dev) if on else None
-
-    out = Stats(empty(True), empty(True), empty(need_ent), empty(need_ent), empty(need_full and replay.full))
-    step = _rows_per_chunk(n, replay, w.shape[0])
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        st = chunk_stats(chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b), replay, need_ent,
-                         need_full)  # fmt: skip
-        for dst, src in zip(out, st):
-            if dst is not None:
-                dst[a:b] = src
-    return out
+    log-prob (``need_full``, full path only); merged across the shards (one collective) under ``shard``."""
+    n = x.shape[0]
+    parts = []
+    for a, b in chunk_bounds(n, replay, w.shape[0]):
+        rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b, shard)
+        parts.append(chunk_partials(rows, replay, need_ent, need_full and replay.full))
+    if not parts:
+        e = torch.empty(0, dtype=compute_dtype(x), device=x.device)
+        return Stats(e, e, e if need_ent else None, e if need_ent else None, e if need_full and replay.full else None)
+    cat = Partials(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
+    return merge_partials(cat, replay.full_entropy, single_merge if shard is None else shard.merge)
 
 
 def accumulate_grads(rows: Rows, du: Tensor, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor],
@@ -159,34 +235,37 @@ def accumulate_grads(rows: Rows, du: Tensor, dx: Optional[Tensor], dw: Optional[
 
 
 def replay_backward(x, w, bias, targets, replay: Replay, temperature, softcap, st: Stats, g_lp: Tensor,
-                    g_h: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool):  # fmt: skip
-    """``(dx, dw, db)`` in the compute dtype (None where not asked), the logits recomputed per chunk."""
+                    g_h: Optional[Tensor], need_dx: bool, need_dw: bool, need_db: bool,
+                    shard: Optional[Shard] = None):  # fmt: skip
+    """``(dx, dw, db)`` in the compute dtype (None where not asked), the logits recomputed per chunk with the
+    merged statistics ``st``; under ``shard`` ``dx`` is reduced across the shards (or left partial)."""
     cdt = compute_dtype(x)
     n, dev = x.shape[0], x.device
     dx = torch.zeros(x.shape, dtype=cdt, device=dev) if need_dx else None
     dw = torch.zeros(w.shape, dtype=cdt, device=dev) if need_dw else None
     db = torch.zeros(bias.shape, dtype=cdt, device=dev) if (need_db and bias is not None) else None
-    step = _rows_per_chunk(n, replay, w.shape[0])
-    for a in range(0, n, step):
-        b = min(n, a + step)
-        rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b)
+    for a, b in chunk_bounds(n, replay, w.shape[0]):
+        rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b, shard)
         sc = Stats(*(None if t is None else t[a:b] for t in st))
         du = row_du(rows, sc, g_lp[a:b], None if g_h is None else g_h[a:b], replay.full_entropy)
         accumulate_grads(rows, du, dx, dw, db, a, b)
+    if dx is not None and shard is not None and shard.reduce_dx is not None:
+        shard.reduce_dx(dx)
     return dx, dw, db
 
 
 class ReplayLogprob(torch.autograd.Function):
     """Kept-set log-prob / entropy: ``forward(x [N, H], w [V, H], bias [V] or None, targets [N], replay,
-    temperature (float or [N]), softcap, need_ent) -> (logp [N], ent [N] or empty, logp_full [N] or empty)``
-    in the compute dtype; ``logp_full`` (the full-row log-prob, full path only) is not differentiable."""
+    temperature (float or [N]), softcap, need_ent, shard) -> (logp [N], ent [N] or empty, logp_full [N] or
+    empty)`` in the compute dtype; ``logp_full`` (the full-row log-prob, full path only) is not differentiable.
+    ``shard``: this rank's :class:`Shard` of a vocabulary-parallel ``w`` (None: the whole vocabulary)."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, targets, replay, temperature, softcap, need_ent):
-        st = replay_forward(x, w, bias, targets, replay, temperature, softcap, need_ent, need_full=True)
+    def forward(ctx, x, w, bias, targets, replay, temperature, softcap, need_ent, shard=None):
+        st = replay_forward(x, w, bias, targets, replay, temperature, softcap, need_ent, True, shard)
         t_vec = temperature if isinstance(temperature, Tensor) else None
-        ctx.save_for_backward(x, w, bias, targets, t_vec, *(t if t is not None else None for t in st))
-        ctx.args = (replay, None if t_vec is not None else temperature, softcap)
+        ctx.save_for_backward(x, w, bias, targets, t_vec, *st)
+        ctx.args = (replay, None if t_vec is not None else temperature, softcap, shard)
         empty = st.logp.new_empty(0)
         full = st.logp_full if st.logp_full is not None else empty
         ctx.mark_non_differentiable(full)
@@ -195,12 +274,13 @@ class ReplayLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_full):
         x, w, bias, targets, t_vec, *saved = ctx.saved_tensors
-        replay, t_float, softcap = ctx.args
+        replay, t_float, softcap, shard = ctx.args
         st = Stats(*saved)
         g_lp = torch.zeros_like(st.logp) if g_logp is None else g_logp.to(st.logp.dtype)
         g_h = None if (st.ent is None or g_ent is None) else g_ent.to(st.logp.dtype)
         need = ctx.needs_input_grad
         dx, dw, db = replay_backward(x, w, bias, targets, replay, t_vec if t_vec is not None else t_float, softcap,
-                                     st, g_lp, g_h, need[0], need[1], need[2] and bias is not None)  # fmt: skip
+                                     st, g_lp, g_h, need[0], need[1], need[2] and bias is not None,
+                                     shard)  # fmt: skip
         return (None if dx is None else dx.to(x.dtype), None if dw is None else dw.to(w.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None, None)  # fmt: skip
+                None if db is None else db.to(bias.dtype), None, None, None, None, None, None)  # fmt: skip

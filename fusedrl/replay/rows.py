@@ -1,5 +1,5 @@
 """The row math of sampling replay for one token chunk: the processed logits over the chunk's columns, each
-row's kept set ``S`` (the target always in it), the statistics over ``S`` (and over the full row when the
+row's kept set ``S`` (the target always in it), the row statistics over ``S`` (and over the full row when the
 full-vocabulary entropy or the kept mass is wanted) and their gradient.
 
 For a row with processed logits ``z`` (softcap, bias, temperature applied)::
@@ -13,6 +13,10 @@ where ``p^H``, ``LSE_H`` are the entropy's support (``S`` or the full row). Two 
 * the union ``U`` of the chunk's kept ids and targets (:func:`union_rows`): ``x_c W[U]^T``, ``|U|`` columns;
 * the full vocabulary (:func:`full_rows`): ``x_c W^T``; ``S`` from explicit ids (a row with none keeps
   every column: no replay there) or from the recomputed truncation (:func:`fusedrl.replay.truncation.keep_mask`).
+
+Under a vocabulary-parallel lm_head a rank sees the columns of its shard only: its kept ids, and the target
+where it owns it (``tcol = -1`` elsewhere). :func:`row_partials` are then the shard's statistics (``lse`` over
+its part of ``S``, the target logit or 0, the entropy of its part), merged across ranks as the core op's are.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from .truncation import Truncation, keep_mask
 Tensor = torch.Tensor
 Temperature = Union[float, Tensor]
 
-__all__ = ["Rows", "Stats", "transform", "union_rows", "full_rows", "row_stats", "row_du", "compute_dtype"]
+__all__ = ["Rows", "Partials", "Stats", "transform", "union_rows", "full_rows", "row_partials", "row_du",
+           "compute_dtype", "local_ids", "single_merge", "merge_partials"]  # fmt: skip
 
 
 class Rows(NamedTuple):
@@ -35,15 +40,26 @@ class Rows(NamedTuple):
 
     z: Tensor  # [R, C] processed logits (compute dtype)
     dzdu: Tensor  # [R, C] dz/du (softcap and temperature)
-    kept: Tensor  # [R, C] bool: S
-    tcol: Tensor  # [R] each row's target column
-    cols: Optional[Tensor]  # [C] the vocabulary ids of the columns (None: all of them, in order)
+    kept: Tensor  # [R, C] bool: S (this shard's part)
+    tcol: Tensor  # [R] each row's target column, -1 where this shard does not hold the target
+    cols: Optional[Tensor]  # [C] the (shard-local) vocabulary rows of the columns (None: all, in order)
     xc: Tensor  # [R, H] the chunk's rows (compute dtype)
     wc: Tensor  # [C, H] the columns' weight rows (compute dtype)
 
 
+class Partials(NamedTuple):
+    """A shard's per-row statistics (``[R]``): over its part of ``S`` and, on full rows, over its whole row.
+    ``lse`` is ``-inf`` (``ent`` 0) where the shard holds no column of the set."""
+
+    lse: Tensor
+    zt: Tensor  # the target's logit where this shard holds it, else 0
+    ent: Optional[Tensor]
+    lse_full: Optional[Tensor]
+    ent_full: Optional[Tensor]
+
+
 class Stats(NamedTuple):
-    """Per-row statistics (``[R]``, compute dtype)."""
+    """Merged per-row statistics (``[R]``, compute dtype)."""
 
     logp: Tensor  # over S
     lse: Tensor  # LSE_S
@@ -66,6 +82,12 @@ def transform(u: Tensor, temperature: Temperature, softcap: Optional[float]) -> 
     return t * softcap * inv_t, (1.0 - t * t) * inv_t
 
 
+def local_ids(ids: Tensor, start: int, size: int) -> Tensor:
+    """Global vocabulary ids -> this shard's rows (``-1`` outside ``[start, start + size)``)."""
+    loc = ids - start
+    return torch.where((ids >= 0) & (loc >= 0) & (loc < size), loc, torch.full_like(loc, -1))
+
+
 def _logits(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature: Temperature, softcap: Optional[float]):
     u = xc @ wc.t()
     if bc is not None:
@@ -74,16 +96,18 @@ def _logits(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature: Temperatu
 
 
 def union_rows(xc, w, bias, tc, ids_c, temperature, softcap) -> Rows:
-    """Rows over the union of the chunk's kept ids and targets (every row replayed). ``torch.unique`` reads
-    the union's size on the host: one synchronisation per chunk on a GPU."""
+    """Rows over the union of the chunk's kept ids and targets (shard-local ids; ``-1`` unused / not held).
+    ``torch.unique`` reads the union's size on the host: one synchronisation per chunk on a GPU."""
     cdt = compute_dtype(xc)
     used = ids_c >= 0
-    cols = torch.unique(torch.cat([ids_c[used], tc]))  # sorted
-    kept = torch.zeros(ids_c.shape[0], cols.numel(), dtype=torch.bool, device=ids_c.device)
-    pos = torch.searchsorted(cols, ids_c.clamp_min(0)).clamp_max(max(cols.numel() - 1, 0))
-    kept.scatter_(1, pos, used)
-    tcol = torch.searchsorted(cols, tc)
-    kept.scatter_(1, tcol[:, None], True)
+    cols = torch.unique(torch.cat([ids_c[used], tc[tc >= 0]]))  # sorted
+    c = cols.numel()
+    kept = torch.zeros(ids_c.shape[0], c, dtype=torch.bool, device=ids_c.device)
+    if c:
+        pos = torch.searchsorted(cols, ids_c.clamp_min(0)).clamp_max(c - 1)
+        kept.scatter_(1, pos, used)
+    tcol = torch.where(tc >= 0, torch.searchsorted(cols, tc.clamp_min(0)).clamp_max(max(c - 1, 0)), -1)
+    kept.scatter_(1, tcol.clamp_min(0)[:, None], (tcol >= 0)[:, None] | kept.gather(1, tcol.clamp_min(0)[:, None]))
     wc = w.index_select(0, cols).to(cdt)
     xc = xc.to(cdt)
     z, dzdu = _logits(xc, wc, None if bias is None else bias.index_select(0, cols).to(cdt), temperature, softcap)
@@ -91,58 +115,77 @@ def union_rows(xc, w, bias, tc, ids_c, temperature, softcap) -> Rows:
 
 
 def full_rows(xc, w, bias, tc, ids_c: Optional[Tensor], trunc_c: Optional[Truncation], temperature, softcap,
-              wc: Optional[Tensor] = None) -> Rows:  # fmt: skip
-    """Rows over the full vocabulary; ``S`` from ``ids_c`` (``[R, K]``, -1 unused; a row without ids keeps
-    everything) or ``trunc_c`` (recomputed), or everything (neither)."""
+              replayed: Optional[Tensor] = None) -> Rows:  # fmt: skip
+    """Rows over the (shard's) full vocabulary; ``S`` from ``ids_c`` (``[R, K]``, -1 unused; ``replayed``
+    ``[R]`` says which rows have a set: the others keep everything) or ``trunc_c`` (recomputed), or everything.
+    ``tc``: shard-local targets, -1 where not held."""
     cdt = compute_dtype(xc)
     xc = xc.to(cdt)
-    wc = w.to(cdt) if wc is None else wc
+    wc = w.to(cdt)
     z, dzdu = _logits(xc, wc, None if bias is None else bias.to(cdt), temperature, softcap)
     r, v = z.shape
-    tcol = tc.clamp(0, max(v - 1, 0))  # an out-of-range target (checks off) stays in bounds
+    tcol = torch.where(tc >= 0, tc.clamp(0, max(v - 1, 0)), -1)
     if trunc_c is not None:
         kept = keep_mask(z, trunc_c)
     elif ids_c is not None:
         used = ids_c >= 0
         kept = torch.zeros(r, v, dtype=torch.bool, device=z.device).scatter_(1, ids_c.clamp_min(0), used)
-        kept |= ~used.any(-1, keepdim=True)  # no ids: no replay at that token
+        kept |= ~(used.any(-1) if replayed is None else replayed)[:, None]  # no set: no replay at that token
     else:
         kept = torch.ones(r, v, dtype=torch.bool, device=z.device)
-    kept.scatter_(1, tcol[:, None], True)  # the target is always counted in S
+    if v:  # the target is always counted in S
+        kept.scatter_(1, tcol.clamp_min(0)[:, None], (tcol >= 0)[:, None] | kept.gather(1, tcol.clamp_min(0)[:, None]))
     return Rows(z, dzdu, kept, tcol, None, xc, wc)
 
 
-def _lse(z: Tensor, member: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def _lse_ent(z: Tensor, member: Optional[Tensor], need_ent: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """LSE over the members (``-inf`` for none) and the entropy of their softmax (0 for none)."""
     zm = z if member is None else z.masked_fill(~member, -math.inf)
-    return zm, torch.logsumexp(zm, -1)
+    lse = torch.logsumexp(zm, -1) if z.shape[1] else z.new_full((z.shape[0],), -math.inf)
+    if not need_ent:
+        return lse, None
+    finite = torch.isfinite(lse)
+    p = torch.exp(zm - torch.where(finite, lse, torch.zeros_like(lse))[:, None])
+    ent = lse - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)  # a -inf logit never forms 0 * inf
+    return lse, torch.where(finite, ent, torch.zeros_like(ent))
 
 
-def _entropy(z: Tensor, zm: Tensor, lse: Tensor) -> Tensor:
-    p = torch.exp(zm - lse[:, None])
-    return lse - torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)  # a -inf logit never forms 0 * inf
-
-
-def row_stats(rows: Rows, need_ent: bool, full_entropy: bool, need_full: bool) -> Stats:
-    """The statistics of a chunk. ``full_entropy``: the entropy over the full row (full rows only);
-    ``need_full``: also the full-row log-prob (the kept mass)."""
+def row_partials(rows: Rows, need_ent: bool, full_entropy: bool, need_full: bool) -> Partials:
+    """The chunk's (shard's) statistics. ``full_entropy``: the entropy over the full row (full rows only);
+    ``need_full``: the full row's LSE too (the kept mass)."""
     z = rows.z
-    zt = z.gather(1, rows.tcol[:, None]).squeeze(1)
-    zm, lse = _lse(z, rows.kept)
-    ent = lse_h = logp_full = None
-    lse_f = None
-    if rows.cols is None and (need_full or (need_ent and full_entropy)):
-        zf, lse_f = _lse(z, None)
-        logp_full = zt - lse_f
-    if need_ent:
-        if full_entropy and rows.cols is None:
-            ent, lse_h = _entropy(z, zf, lse_f), lse_f
-        else:
-            ent, lse_h = _entropy(z, zm, lse), lse
-    return Stats(zt - lse, lse, ent, lse_h, logp_full)
+    held = rows.tcol >= 0
+    zt = z.gather(1, rows.tcol.clamp_min(0)[:, None]).squeeze(1) if z.shape[1] else z.new_zeros(z.shape[0])
+    zt = torch.where(held, zt, torch.zeros_like(zt))
+    full_h = need_ent and full_entropy and rows.cols is None
+    lse, ent = _lse_ent(z, rows.kept, need_ent and not full_h)
+    lse_f = ent_f = None
+    if rows.cols is None and (need_full or full_h):
+        lse_f, ent_f = _lse_ent(z, None, full_h)
+    return Partials(lse, zt, ent, lse_f, ent_f)
+
+
+def single_merge(lse: Tensor, zt: Tensor, ent: Optional[Tensor]):
+    """One shard holds everything: ``(LSE, logp, H)``."""
+    return lse, zt - lse, ent
+
+
+def merge_partials(p: Partials, full_entropy: bool, merge=single_merge) -> Stats:
+    """:class:`Stats` from the partials (``merge``: across the vocabulary shards, ``(lse, zt, ent) -> (LSE,
+    logp, H)`` as the core op merges)."""
+    lse, logp, ent = merge(p.lse, p.zt, None if full_entropy else p.ent)
+    lse_h = lse if p.ent is not None else None
+    logp_full = None
+    if p.lse_full is not None:
+        lse_f, logp_full, ent_f = merge(p.lse_full, p.zt, p.ent_full)
+        if full_entropy and p.ent_full is not None:
+            ent, lse_h = ent_f, lse_f
+    return Stats(logp, lse, ent, lse_h, logp_full)
 
 
 def row_du(rows: Rows, st: Stats, g_lp: Tensor, g_h: Optional[Tensor], full_entropy: bool) -> Tensor:
-    """``du [R, C]``: the kept-set log-prob term (0 off S) plus the entropy term over its support."""
+    """``du [R, C]``: the kept-set log-prob term (0 off S) plus the entropy term over its support, with the
+    merged statistics ``st``."""
     z = rows.z
     zm = z.masked_fill(~rows.kept, -math.inf)
     p = torch.exp(zm - st.lse[:, None])
@@ -151,5 +194,9 @@ def row_du(rows: Rows, st: Stats, g_lp: Tensor, g_h: Optional[Tensor], full_entr
         ph = torch.exp(z - st.lse_h[:, None]) if (full_entropy and rows.cols is None) else p
         shift = torch.where(ph > 0, z - st.lse_h[:, None] + st.ent[:, None], torch.zeros_like(z))
         dz = dz - g_h[:, None] * ph * shift
-    dz = dz.scatter_add(1, rows.tcol[:, None], g_lp[:, None])
+    if z.shape[1]:
+        held = rows.tcol >= 0
+        dz = dz.scatter_add(
+            1, rows.tcol.clamp_min(0)[:, None], torch.where(held, g_lp, torch.zeros_like(g_lp))[:, None]
+        )
     return dz * rows.dzdu
