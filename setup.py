@@ -34,6 +34,7 @@ def _load_config():
     """fusedrl/_config.py, the one module that reads environment variables (no torch import there)."""
     spec = importlib.util.spec_from_file_location("_fusedrl_config", os.path.join(ROOT, "fusedrl", "_config.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # registered before it runs: its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 

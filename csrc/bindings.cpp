@@ -21,13 +21,14 @@
 namespace py = pybind11;
 
 namespace fusedrl {
-int64_t fwd_workspace_bytes(int64_t Nc, int64_t Vc, int64_t cublas_ws, bool overlap);
+int64_t fwd_workspace_bytes(int64_t Nc, int64_t Vc, int64_t cublas_ws, bool overlap, bool dh);
 int64_t bwd_workspace_bytes(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t Vc, int dt, int order, bool lean,
                             bool need_dx, bool need_dw, int64_t cublas_ws, bool overlap);
 void linear_forward(int device, uintptr_t stream, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
                     int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
                     uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t ws,
-                    int64_t ws_bytes, int64_t Nc, int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap);
+                    int64_t ws_bytes, int64_t Nc, int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap,
+                    uintptr_t p2, uintptr_t p2h);
 void linear_backward(int device, uintptr_t stream, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
                      int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
                      uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t ent, uintptr_t g_lp,
@@ -35,7 +36,7 @@ void linear_backward(int device, uintptr_t stream, uintptr_t x, uintptr_t w, uin
                      int64_t Nc, int64_t Vc, int order, bool lean, int64_t cublas_ws, bool allow_tf32, bool overlap);
 void logits_forward(int device, uintptr_t stream, uintptr_t logits, int64_t N, int64_t V, int dt, double temperature,
                     uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse, uintptr_t zt,
-                    uintptr_t ent);
+                    uintptr_t ent, uintptr_t p2, uintptr_t p2h);
 void logits_backward(int device, uintptr_t stream, uintptr_t logits, uintptr_t out, int64_t N, int64_t V, int dt,
                      double temperature, uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse,
                      uintptr_t ent, uintptr_t g_lp, uintptr_t g_H);
@@ -107,7 +108,8 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
                                        uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref, int mode,
                                        float lo, float hi, float c, bool dual, float ent_coef, float kl_coef,
                                        int kl_type, bool kl_st, uintptr_t logp, uintptr_t ent, uintptr_t lse,
-                                       uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16) {
+                                       uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, uintptr_t p2,
+                                       uintptr_t p2h) {
   fusedrl::row::OnePassArgs a;
   a.U = reinterpret_cast<float*>(u);
   a.ld = ld;
@@ -128,6 +130,8 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
   a.G_H = reinterpret_cast<float*>(g_H);
   a.DU16 = reinterpret_cast<void*>(du16);
   a.ld16 = ld16;
+  a.P2 = reinterpret_cast<float*>(p2);
+  a.P2H = reinterpret_cast<float*>(p2h);
   return a;
 }
 
@@ -136,17 +140,18 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
       uintptr_t temperatures, double softcap, uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref,  \
       int mode, float lo, float hi, float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st, \
       uintptr_t logp, uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, \
-      int du16_dtype
+      int du16_dtype, uintptr_t p2, uintptr_t p2h
 #define FUSEDRL_ONEPASS_ARGS                                                                                  \
   onepass_args(u, ld, rows, cols, targets, bias, temperature, temperatures, softcap, old, adv, weight, ref,  \
-               mode, lo, hi, c, dual, ent_coef, kl_coef, kl_type, kl_st, logp, ent, lse, g_lp, g_H, du16, ld16)
+               mode, lo, hi, c, dual, ent_coef, kl_coef, kl_type, kl_st, logp, ent, lse, g_lp, g_H, du16, ld16, \
+               p2, p2h)
 #define FUSEDRL_ONEPASS_PYARGS                                                                                \
   py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("targets"), py::arg("bias"),        \
       py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("old"), py::arg("adv"),    \
       py::arg("weight"), py::arg("ref"), py::arg("mode"), py::arg("lo"), py::arg("hi"), py::arg("clip_c"),   \
       py::arg("dual"), py::arg("ent_coef"), py::arg("kl_coef"), py::arg("kl_type"), py::arg("kl_st"),         \
       py::arg("logp"), py::arg("ent"), py::arg("lse"), py::arg("g_lp"), py::arg("g_H"), py::arg("du16"),      \
-      py::arg("ld16"), py::arg("du16_dtype")
+      py::arg("ld16"), py::arg("du16_dtype"), py::arg("p2") = 0, py::arg("p2h") = 0
 
 void onepass_epilogue(int device, uintptr_t stream, FUSEDRL_ONEPASS_PARAMS) {
   const fusedrl::row::OnePassArgs a = FUSEDRL_ONEPASS_ARGS;
@@ -161,7 +166,7 @@ void onepass_epilogue_host(FUSEDRL_ONEPASS_PARAMS) { fusedrl::onepass_epilogue_h
 void row_stats_host(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr_t bias, uintptr_t targets,
                     int64_t col_base, int64_t vocab_start, int64_t vocab_size, double temperature,
                     uintptr_t temperatures, double softcap, uintptr_t run, int64_t run_stride, bool first, bool last,
-                    uintptr_t lse, uintptr_t zt, uintptr_t ent) {
+                    uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t p2, uintptr_t p2h) {
   if (rows < 0 || cols <= 0 || ld < cols) throw std::invalid_argument("fusedrl._C: row_stats_host: bad sizes");
   const fusedrl::row::RowStatsArgs a{ld,
                                      rows,
@@ -179,7 +184,9 @@ void row_stats_host(uintptr_t u, int64_t ld, int64_t rows, int64_t cols, uintptr
                                      last,
                                      reinterpret_cast<float*>(lse),
                                      reinterpret_cast<float*>(zt),
-                                     reinterpret_cast<float*>(ent)};
+                                     reinterpret_cast<float*>(ent),
+                                     reinterpret_cast<float*>(p2),
+                                     reinterpret_cast<float*>(p2h)};
   fusedrl::row_stats_host(a, reinterpret_cast<const float*>(u));
 }
 
@@ -242,7 +249,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cublas_version", &fusedrl::cublas_version);
 
   m.def("fwd_workspace_bytes", &fusedrl::fwd_workspace_bytes, py::arg("chunk_tokens"), py::arg("chunk_vocab"),
-        py::arg("cublas_ws_bytes"), py::arg("overlap"));
+        py::arg("cublas_ws_bytes"), py::arg("overlap"), py::arg("dh") = false,
+        "dh: room for the entropy change's two more running sums (linear_forward with p2 / p2h).");
   m.def("bwd_workspace_bytes", &fusedrl::bwd_workspace_bytes, py::arg("N"), py::arg("H"), py::arg("V"),
         py::arg("chunk_tokens"), py::arg("chunk_vocab"), py::arg("dtype"), py::arg("order"), py::arg("lean"),
         py::arg("need_dx"), py::arg("need_dw"), py::arg("cublas_ws_bytes"), py::arg("overlap"));
@@ -252,9 +260,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("V"), py::arg("dtype"), py::arg("vocab_start"), py::arg("temperature"), py::arg("temperatures"),
         py::arg("softcap"), py::arg("lse"), py::arg("zt"), py::arg("ent"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("chunk_tokens"), py::arg("chunk_vocab"), py::arg("cublas_ws_bytes"),
-        py::arg("allow_tf32"), py::arg("overlap"),
+        py::arg("allow_tf32"), py::arg("overlap"), py::arg("p2") = 0, py::arg("p2h") = 0,
         "lse/zt/ent [N] fp32 from x [N,H] and w [V,H] (pointers); bias fp32 [V] or 0; ent 0 to skip; softcap <= 0: "
-        "none; temperatures fp32 [N] per-token (then temperature is not read) or 0.");
+        "none; temperatures fp32 [N] per-token (then temperature is not read) or 0; p2/p2h fp32 [N] (both or "
+        "neither): the entropy change's row sums sum p^2 and sum p^2 (log p + H).");
   m.def("linear_backward", &fusedrl::linear_backward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("targets"), py::arg("N"), py::arg("H"),
         py::arg("V"), py::arg("dtype"), py::arg("vocab_start"), py::arg("temperature"), py::arg("temperatures"),
@@ -266,7 +275,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("logits_forward", &fusedrl::logits_forward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("logits"), py::arg("N"), py::arg("V"), py::arg("dtype"), py::arg("temperature"),
         py::arg("temperatures"), py::arg("softcap"), py::arg("targets"), py::arg("lse"), py::arg("zt"),
-        py::arg("ent"));
+        py::arg("ent"), py::arg("p2") = 0, py::arg("p2h") = 0);
   m.def("logits_backward", &fusedrl::logits_backward, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), py::arg("logits"), py::arg("out"), py::arg("N"), py::arg("V"), py::arg("dtype"),
         py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("targets"), py::arg("lse"),
@@ -295,7 +304,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("vocab_start"), py::arg("vocab_size"), py::arg("temperature"), py::arg("temperatures"),
         py::arg("softcap"), py::arg("run"),
         py::arg("run_stride"), py::arg("first"), py::arg("last"), py::arg("lse"), py::arg("zt"), py::arg("ent"),
-        "row_stats kernel's code over host memory: one [rows, cols] fp32 chunk merged into run[3, run_stride].");
+        py::arg("p2") = 0, py::arg("p2h") = 0,
+        "row_stats kernel's code over host memory: one [rows, cols] fp32 chunk merged into run[3, run_stride] "
+        "(run[5, run_stride] with p2 / p2h, the entropy change's row sums).");
   m.def("dz_host", &dz_host, py::call_guard<py::gil_scoped_release>(), py::arg("u"), py::arg("ld_in"), py::arg("out"),
         py::arg("ld_out"), py::arg("rows"), py::arg("cols"), py::arg("bias"), py::arg("targets"), py::arg("col_base"),
         py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("lse"), py::arg("ent"),

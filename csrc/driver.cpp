@@ -140,7 +140,8 @@ struct FwdLayout {
   size_t off_cublas = 0, off_logits[2] = {0, 0}, off_run = 0, total = 0;
 };
 
-FwdLayout fwd_layout(int64_t Nc, int64_t Vc, int64_t cublas_ws, int nbuf) {
+// dh: the running statistics have 5 rows (m, s, b, s2, b2: the entropy change's sums too), else 3.
+FwdLayout fwd_layout(int64_t Nc, int64_t Vc, int64_t cublas_ws, int nbuf, bool dh) {
   if (nbuf != 1 && nbuf != 2) throw std::invalid_argument("fusedrl._C: nbuf must be 1 or 2");
   FwdLayout l;
   size_t off = align_up((size_t)cublas_ws);
@@ -150,7 +151,7 @@ FwdLayout fwd_layout(int64_t Nc, int64_t Vc, int64_t cublas_ws, int nbuf) {
   }
   if (nbuf == 1) l.off_logits[1] = l.off_logits[0];
   l.off_run = off;
-  l.total = off + align_up((size_t)Nc * 3 * 4);
+  l.total = off + align_up((size_t)Nc * (dh ? 5 : 3) * 4);
   return l;
 }
 
@@ -209,8 +210,8 @@ BwdLayout bwd_layout(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t Vc, in
   return l;
 }
 
-int64_t fwd_workspace_bytes(int64_t Nc, int64_t Vc, int64_t cublas_ws, bool overlap) {
-  return (int64_t)fwd_layout(Nc, Vc, cublas_ws, overlap ? 2 : 1).total;
+int64_t fwd_workspace_bytes(int64_t Nc, int64_t Vc, int64_t cublas_ws, bool overlap, bool dh) {
+  return (int64_t)fwd_layout(Nc, Vc, cublas_ws, overlap ? 2 : 1, dh).total;
 }
 
 int64_t bwd_workspace_bytes(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t Vc, int dt, int order, bool lean,
@@ -223,15 +224,20 @@ int64_t bwd_workspace_bytes(int64_t N, int64_t H, int64_t V, int64_t Nc, int64_t
 // online per-token stats merged across vocab chunks. Saves nothing but lse / ent.
 // overlap: GEMM k+1 (caller's stream) runs while the epilogue of chunk k runs on the side stream
 // (two logits buffers; the GEMM into a buffer waits for the epilogue that last read it).
+// p2 / p2h (0 = none; both or neither): the entropy change's row sums [N] each (fusedrl_cuda.h
+// launch_row_stats); the workspace then holds 5 running rows (fwd_workspace_bytes(..., dh = true)).
 // ----------------------------------------------------------------------------------------------
 void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uintptr_t bias, uintptr_t targets,
                     int64_t N, int64_t H, int64_t V, int dt, int64_t vocab_start, double temperature,
                     uintptr_t temperatures, double softcap, uintptr_t lse, uintptr_t zt, uintptr_t ent, uintptr_t ws,
-                    int64_t ws_bytes, int64_t Nc, int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap) {
+                    int64_t ws_bytes, int64_t Nc, int64_t Vc, int64_t cublas_ws, bool allow_tf32, bool overlap,
+                    uintptr_t p2, uintptr_t p2h) {
   check_chunks(N, H, V, Nc, Vc);
+  if ((p2 == 0) != (p2h == 0)) throw std::invalid_argument("fusedrl._C: p2 and p2h are given together or not at all");
   if (N == 0) return;
   const int nbuf = overlap ? 2 : 1;
-  const FwdLayout lay = fwd_layout(Nc, Vc, cublas_ws, nbuf);
+  const bool dh = p2 != 0;
+  const FwdLayout lay = fwd_layout(Nc, Vc, cublas_ws, nbuf, dh);
   if ((size_t)ws_bytes < lay.total)
     throw std::invalid_argument("fusedrl._C: forward workspace too small: " + std::to_string(ws_bytes) + " < " +
                                 std::to_string(lay.total));
@@ -251,6 +257,8 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
   float* lse_p = reinterpret_cast<float*>(lse);
   float* zt_p = reinterpret_cast<float*>(zt);
   float* ent_p = reinterpret_cast<float*>(ent);
+  float* p2_p = reinterpret_cast<float*>(p2);
+  float* p2h_p = reinterpret_cast<float*>(p2h);
   const int comp = compute_type(dt, allow_tf32);
   int64_t k = 0;
   for (int64_t n0 = 0; n0 < N; n0 += Nc) {
@@ -267,7 +275,8 @@ void linear_forward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, uin
                   comp);
       if (overlap) join(stream, epi, pool->ev_front[slot]);
       launch_row_stats(kF32, L, Vc, nc, vc, b ? b + v0 : nullptr, tg + n0, vocab_start + v0, vocab_start, V, trc, run,
-                       Nc, v0 == 0, v0 + vc >= V, lse_p + n0, zt_p + n0, ent_p ? ent_p + n0 : nullptr, epi);
+                       Nc, v0 == 0, v0 + vc >= V, lse_p + n0, zt_p + n0, ent_p ? ent_p + n0 : nullptr, epi,
+                       dh ? p2_p + n0 : nullptr, dh ? p2h_p + n0 : nullptr);
       if (overlap) FUSEDRL_CUDA_CHECK(cudaEventRecord(pool->ev_back[slot], epi));
     }
   }
@@ -421,15 +430,17 @@ void linear_backward(int device, uintptr_t stream_, uintptr_t x, uintptr_t w, ui
 // ----------------------------------------------------------------------------------------------
 void logits_forward(int device, uintptr_t stream_, uintptr_t logits, int64_t N, int64_t V, int dt,
                     double temperature, uintptr_t temperatures, double softcap, uintptr_t targets, uintptr_t lse,
-                    uintptr_t zt, uintptr_t ent) {
+                    uintptr_t zt, uintptr_t ent, uintptr_t p2, uintptr_t p2h) {
   if (N < 0 || V <= 0) throw std::invalid_argument("fusedrl._C: need N >= 0, V > 0");
+  if ((p2 == 0) != (p2h == 0)) throw std::invalid_argument("fusedrl._C: p2 and p2h are given together or not at all");
   if (N == 0) return;
   const Transform tr = make_transform(temperature, softcap, reinterpret_cast<const float*>(temperatures));
   DeviceGuard guard(device);
   launch_row_stats(dt, reinterpret_cast<const void*>(logits), V, N, V, nullptr,
                    reinterpret_cast<const int64_t*>(targets), 0, 0, V, tr, nullptr, 0, true, true,
                    reinterpret_cast<float*>(lse), reinterpret_cast<float*>(zt), reinterpret_cast<float*>(ent),
-                   reinterpret_cast<cudaStream_t>(stream_));
+                   reinterpret_cast<cudaStream_t>(stream_), reinterpret_cast<float*>(p2),
+                   reinterpret_cast<float*>(p2h));
 }
 
 void logits_backward(int device, uintptr_t stream_, uintptr_t logits, uintptr_t out, int64_t N, int64_t V, int dt,

@@ -77,10 +77,12 @@ class DeviceGuard {
 // `run_stride` floats) unless `first`; on `last` writes lse / ent (ent may be null) for the rows.
 // The row whose target lies in this chunk (local column t - col_base) gets zt = z_target; when
 // `first`, rows whose target is outside [vocab_start, vocab_start + vocab_size) get zt = 0.
+// p2 / p2h (both or neither): the entropy change's row sums sum p^2 and sum p^2 (log p + H), written on
+// `last`; then the running statistics have 5 rows (m, s, b, s2, b2) of `run_stride` floats, else 3.
 void launch_row_stats(int dt, const void* u, int64_t ld, int64_t rows, int64_t cols, const float* bias,
                       const int64_t* targets, int64_t col_base, int64_t vocab_start, int64_t vocab_size,
                       Transform tr, float* run, int64_t run_stride, bool first, bool last, float* lse,
-                      float* zt, float* ent, cudaStream_t stream);
+                      float* zt, float* ent, cudaStream_t stream, float* p2 = nullptr, float* p2h = nullptr);
 
 // du_j = dz_j * dz/du over one [rows, cols] chunk of raw logits `u` (dtype in_dt, row stride ld_in):
 //   p = exp(z - lse); dz = g_lp (1[j == t - col_base] - p) - g_H p (z - lse + ent)
@@ -102,7 +104,8 @@ void launch_cast_from_f32(const float* src, int dt, void* dst, int64_t n, cudaSt
 
 // One-pass row epilogue (onepass.cu, docs/one-pass.md): ONE kernel over a [rows, cols] fp32 chunk of
 // raw logits a.U (block per row, grid-stride): stats -> LSE, H, logp; head -> g_lp, g_H; du written
-// over a.U and, when a.DU16 != null, as dtype du16_dt (kF16 / kBF16) into a.DU16.
+// over a.U and, when a.DU16 != null, as dtype du16_dt (kF16 / kBF16) into a.DU16; a.P2 / a.P2H non-null:
+// the entropy change's row sums too.
 void launch_onepass_epilogue(const row::OnePassArgs& a, int du16_dt, cudaStream_t stream);
 
 // Throws std::invalid_argument naming the bad field of a one-pass call (sizes, codes, pointers).

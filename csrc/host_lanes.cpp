@@ -18,14 +18,50 @@ namespace fusedrl {
 
 using row::kBlock;
 
-void row_stats_host(const row::RowStatsArgs& a, const float* u) {
-  row::Stat st[kBlock];
+namespace {
+
+template <bool DH>
+void row_stats_host_t(const row::RowStatsArgs& a, const float* u) {
+  row::StatT<DH> st[kBlock];
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* urow = u + r * a.ld;
     const Transform tr = row::row_transform(a.tr, r);
-    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
+    for (int t = 0; t < kBlock; ++t)
+      st[t] = row::thread_row_stat<DH>(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
     row::row_stats_finish(a, tr, urow, r, row::block_reduce_host<kBlock>(st), row::LoadF32{});
   }
+}
+
+template <bool DH>
+void onepass_epilogue_host_t(const row::OnePassArgs& a, int du16_dt) {
+  row::StatT<DH> st[kBlock];
+  for (int64_t r = 0; r < a.rows; ++r) {
+    float* urow = a.U + r * a.ld;
+    const Transform tr = row::row_transform(a.tr, r);
+    for (int t = 0; t < kBlock; ++t)
+      st[t] = row::thread_row_stat<DH>(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
+    const row::DuRow d = row::onepass_row(a, tr, r, row::block_reduce_host<kBlock>(st));
+    for (int64_t j = 0; j < a.cols; ++j) {
+      const float du = row::onepass_du(a, d, tr, urow[j], j);
+      urow[j] = du;
+      if (a.DU16 == nullptr) continue;
+      if (du16_dt == kF16)
+        static_cast<__half*>(a.DU16)[r * a.ld16 + j] = __float2half_rn(du);
+      else
+        static_cast<__nv_bfloat16*>(a.DU16)[r * a.ld16 + j] = __float2bfloat16_rn(du);
+    }
+  }
+}
+
+}  // namespace
+
+void row_stats_host(const row::RowStatsArgs& a, const float* u) {
+  if ((a.P2 == nullptr) != (a.P2H == nullptr))
+    throw std::invalid_argument("fusedrl._C: row_stats_host: p2 and p2h are given together or not at all");
+  if (a.P2 != nullptr)
+    row_stats_host_t<true>(a, u);
+  else
+    row_stats_host_t<false>(a, u);
 }
 
 void dz_host(const float* u, int64_t ld_in, float* out, int64_t ld_out, int64_t rows, int64_t cols,
@@ -61,26 +97,15 @@ void check_onepass_args(const row::OnePassArgs& a, int du16_dt) {
     if (du16_dt != kF16 && du16_dt != kBF16) bad("du16 must be float16 or bfloat16");
     if (a.ld16 < a.cols) bad("ld16 must be >= cols");
   }
+  if ((a.P2 == nullptr) != (a.P2H == nullptr)) bad("p2 and p2h are given together or not at all");
 }
 
 void onepass_epilogue_host(const row::OnePassArgs& a, int du16_dt) {
   check_onepass_args(a, du16_dt);
-  row::Stat st[kBlock];
-  for (int64_t r = 0; r < a.rows; ++r) {
-    float* urow = a.U + r * a.ld;
-    const Transform tr = row::row_transform(a.tr, r);
-    for (int t = 0; t < kBlock; ++t) st[t] = row::thread_row_stat(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
-    const row::DuRow d = row::onepass_row(a, tr, r, row::block_reduce_host<kBlock>(st));
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const float du = row::onepass_du(a, d, tr, urow[j], j);
-      urow[j] = du;
-      if (a.DU16 == nullptr) continue;
-      if (du16_dt == kF16)
-        static_cast<__half*>(a.DU16)[r * a.ld16 + j] = __float2half_rn(du);
-      else
-        static_cast<__nv_bfloat16*>(a.DU16)[r * a.ld16 + j] = __float2bfloat16_rn(du);
-    }
-  }
+  if (a.P2 != nullptr)
+    onepass_epilogue_host_t<true>(a, du16_dt);
+  else
+    onepass_epilogue_host_t<false>(a, du16_dt);
 }
 
 }  // namespace fusedrl

@@ -1,7 +1,8 @@
 // fusedrl CUDA backend: epilogue kernels around the cuBLAS GEMMs (docs/design.md, the core math).
 //
 //  * row_stats: per-token online log-sum-exp / entropy / target-logit over one logits chunk,
-//    merged into running per-token (M, S, B') statistics across vocab chunks.
+//    merged into running per-token (M, S, B') statistics across vocab chunks (and the entropy change's
+//    (S2, B2) in the DH variant, launched only when its outputs are asked for).
 //  * dz: the backward's logit gradient du = dz * dz/du, written over the chunk buffer (or into a
 //    lower-precision copy feeding the two gradient GEMMs).
 //  * colsum: deterministic column sums (bias gradient).
@@ -35,7 +36,7 @@ __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-using row::Stat;
+using row::StatT;
 
 // Raw-logit loads for the shared row functions (host-callable conversions, so the functions they are
 // passed to stay __host__ __device__).
@@ -46,14 +47,15 @@ struct Load {
 };
 
 // Full occupancy (2048 / BLOCK blocks per SM, 32 registers): the per-row temperature's pointer and
-// value would otherwise lift it to 37-38 registers (75% occupancy); spill-free at 32 (-Xptxas -v).
-template <typename T, int BLOCK>
+// value would otherwise lift it to 37-38 registers (75% occupancy); spill-free at 32 (-Xptxas -v), the
+// DH variant (the entropy change's two more Kahan-summed sums and their shuffles) too.
+template <typename T, int BLOCK, bool DH>
 __global__ void __launch_bounds__(BLOCK, 2048 / BLOCK) row_stats_kernel(const T* __restrict__ u, row::RowStatsArgs a) {
-  __shared__ Stat sh[BLOCK / 32];
+  __shared__ StatT<DH> sh[BLOCK / 32];
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
     const T* urow = u + r * a.ld;
     const Transform tr = row::row_transform(a.tr, r);
-    Stat st = row::thread_row_stat(urow, a.cols, a.BIAS, tr, threadIdx.x, BLOCK, Load{});
+    StatT<DH> st = row::thread_row_stat<DH>(urow, a.cols, a.BIAS, tr, threadIdx.x, BLOCK, Load{});
     st = row::block_reduce<BLOCK>(st, sh);
     if (threadIdx.x == 0) row::row_stats_finish(a, tr, urow, r, st, Load{});
   }
@@ -114,7 +116,10 @@ inline void check_launch() { FUSEDRL_CUDA_CHECK(cudaGetLastError()); }
 
 template <typename T>
 void row_stats_t(const void* u, const row::RowStatsArgs& a, cudaStream_t stream) {
-  row_stats_kernel<T, kRowBlock><<<grid_for(a.rows), kRowBlock, 0, stream>>>(static_cast<const T*>(u), a);
+  if (a.P2 != nullptr)
+    row_stats_kernel<T, kRowBlock, true><<<grid_for(a.rows), kRowBlock, 0, stream>>>(static_cast<const T*>(u), a);
+  else
+    row_stats_kernel<T, kRowBlock, false><<<grid_for(a.rows), kRowBlock, 0, stream>>>(static_cast<const T*>(u), a);
   check_launch();
 }
 
@@ -132,18 +137,21 @@ void dz_t(const void* u, int64_t ld_in, void* out, int64_t ld_out, float* out32,
 
 row::RowStatsArgs row_stats_args(int64_t ld, int64_t rows, int64_t cols, const float* bias, const int64_t* targets,
                                  int64_t col_base, int64_t vocab_start, int64_t vocab_size, Transform tr, float* run,
-                                 int64_t run_stride, bool first, bool last, float* lse, float* zt, float* ent) {
+                                 int64_t run_stride, bool first, bool last, float* lse, float* zt, float* ent,
+                                 float* p2, float* p2h) {
   return row::RowStatsArgs{ld,   rows,  cols, bias, targets, col_base, vocab_start, vocab_size, tr,
-                           run,  run_stride, first, last, lse, zt, ent};
+                           run,  run_stride, first, last, lse, zt, ent, p2, p2h};
 }
 
 void launch_row_stats(int dt, const void* u, int64_t ld, int64_t rows, int64_t cols, const float* bias,
                       const int64_t* targets, int64_t col_base, int64_t vocab_start, int64_t vocab_size,
                       Transform tr, float* run, int64_t run_stride, bool first, bool last, float* lse, float* zt,
-                      float* ent, cudaStream_t stream) {
+                      float* ent, cudaStream_t stream, float* p2, float* p2h) {
   if (rows <= 0) return;
+  if ((p2 == nullptr) != (p2h == nullptr))
+    throw std::invalid_argument("fusedrl._C: row_stats: p2 and p2h are given together or not at all");
   const row::RowStatsArgs a = row_stats_args(ld, rows, cols, bias, targets, col_base, vocab_start, vocab_size, tr,
-                                             run, run_stride, first, last, lse, zt, ent);
+                                             run, run_stride, first, last, lse, zt, ent, p2, p2h);
   switch (dt) {
     case kF32: return row_stats_t<float>(u, a, stream);
     case kF16: return row_stats_t<__half>(u, a, stream);
@@ -197,7 +205,7 @@ void launch_cast_from_f32(const float* src, int dt, void* dst, int64_t n, cudaSt
 
 std::string kernel_image_check() {
   cudaFuncAttributes attr;
-  cudaError_t e = cudaFuncGetAttributes(&attr, row_stats_kernel<float, kRowBlock>);
+  cudaError_t e = cudaFuncGetAttributes(&attr, row_stats_kernel<float, kRowBlock, false>);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
     return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);

@@ -30,16 +30,17 @@ __device__ __forceinline__ void store16(__half* p, float v) { *p = __float2half_
 __device__ __forceinline__ void store16(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 __device__ __forceinline__ void store16(float*, float) {}  // no 16-bit copy
 
-// T16 = float: no 16-bit copy (the tag type is never stored through).
-template <typename T16, int BLOCK>
+// T16 = float: no 16-bit copy (the tag type is never stored through). DH: the entropy change's row
+// sums too (a.P2 / a.P2H), launched only when they are asked for.
+template <typename T16, int BLOCK, bool DH>
 __global__ void __launch_bounds__(BLOCK) onepass_kernel(row::OnePassArgs a) {
-  __shared__ row::Stat sh[BLOCK / 32];
+  __shared__ row::StatT<DH> sh[BLOCK / 32];
   __shared__ row::DuRow bc;
   constexpr bool kHas16 = !std::is_same<T16, float>::value;
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
     float* urow = a.U + r * a.ld;
     const Transform tr = row::row_transform(a.tr, r);
-    row::Stat st = row::thread_row_stat(urow, a.cols, a.BIAS, tr, threadIdx.x, BLOCK, row::LoadF32{});
+    row::StatT<DH> st = row::thread_row_stat<DH>(urow, a.cols, a.BIAS, tr, threadIdx.x, BLOCK, row::LoadF32{});
     st = row::block_reduce<BLOCK>(st, sh);
     // thread 0 reads U[r, target] here, before any thread overwrites the row (barrier below); and it
     // rewrites `bc` only after block_reduce's barriers of the next row, when every thread has read it
@@ -58,7 +59,10 @@ __global__ void __launch_bounds__(BLOCK) onepass_kernel(row::OnePassArgs a) {
 template <typename T16>
 void launch_t(const row::OnePassArgs& a, cudaStream_t stream) {
   const unsigned grid = (unsigned)std::max<int64_t>(1, std::min<int64_t>(a.rows, kMaxGrid));
-  onepass_kernel<T16, kBlock><<<grid, kBlock, 0, stream>>>(a);
+  if (a.P2 != nullptr)
+    onepass_kernel<T16, kBlock, true><<<grid, kBlock, 0, stream>>>(a);
+  else
+    onepass_kernel<T16, kBlock, false><<<grid, kBlock, 0, stream>>>(a);
   FUSEDRL_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -7,7 +7,9 @@
 // Contents:
 //  * the logit transform z = softcap(u + b) / T and its derivative (T one float, or per token row:
 //    row_transform / rows_from);
-//  * online softmax statistics (M, S, B') per thread, their merge, and LSE / entropy from them;
+//  * online softmax statistics (M, S, B') per thread, their merge, and LSE / entropy from them; with the
+//    entropy change (template flag DH, docs/backends.md "The entropy change dH") also S2 = sum e^(2(z-M)) and
+//    B2 = sum (z-M) e^(2(z-M)), finished into sum p^2 and sum p^2 (log p + H) (DH = false: none of it);
 //  * the target pickup;
 //  * du = dz * dz/du per element, with the -inf guard (a masked column has p = 0 and du = 0, never
 //    0 * inf);
@@ -113,18 +115,42 @@ FUSEDRL_HD ZGrad logit_grad(float v, const Transform& tr) {
 
 // Statistics relative to the running max m: s = sum exp(z - m), b = sum (z - m) exp(z - m) (b <= 0),
 // so lse = m + log s and entropy = lse - sum p z = log s - b / s. Empty: m = -inf, s = b = 0.
-struct Stat {
+// StatT<true> adds the entropy change's sums s2 = sum exp(2(z - m)), b2 = sum (z - m) exp(2(z - m)); the
+// default StatT<false> (Stat) is exactly the three floats (no register, shuffle or shared memory more).
+template <bool DH>
+struct StatT {
   float m, s, b;
 };
+template <>
+struct StatT<true> {
+  float m, s, b, s2, b2;
+};
+using Stat = StatT<false>;
 
 // Per-thread accumulator: Kahan-compensated s and b (a thread may sum hundreds of terms on the logits
-// path at V ~ 152k; plain fp32 summation would cost ~1e-5 in the LSE there).
-struct ThreadStat {
+// path at V ~ 152k; plain fp32 summation would cost ~1e-5 in the LSE there); s2, b2 likewise with DH.
+template <bool DH>
+struct ThreadStatT {
   float m, s, b, cs, cb;
 };
+template <>
+struct ThreadStatT<true> {
+  float m, s, b, cs, cb, s2, b2, cs2, cb2;
+};
+using ThreadStat = ThreadStatT<false>;
 
-FUSEDRL_HD Stat stat_empty() { return Stat{neg_inf(), 0.f, 0.f}; }
-FUSEDRL_HD ThreadStat thread_stat_empty() { return ThreadStat{neg_inf(), 0.f, 0.f, 0.f, 0.f}; }
+template <bool DH = false>
+FUSEDRL_HD StatT<DH> stat_empty() {
+  StatT<DH> r{};
+  r.m = neg_inf();
+  return r;
+}
+template <bool DH = false>
+FUSEDRL_HD ThreadStatT<DH> thread_stat_empty() {
+  ThreadStatT<DH> r{};
+  r.m = neg_inf();
+  return r;
+}
 
 FUSEDRL_HD void kahan_add(float& sum, float& comp, float v) {
   const float y = v - comp;
@@ -133,7 +159,8 @@ FUSEDRL_HD void kahan_add(float& sum, float& comp, float v) {
   sum = t;
 }
 
-FUSEDRL_HD void stat_add(ThreadStat& st, float z) {
+template <bool DH>
+FUSEDRL_HD void stat_add(ThreadStatT<DH>& st, float z) {
   if (z == neg_inf()) return;  // masked column: contributes nothing (never exp(-inf - -inf) = NaN)
   if (z > st.m) {
     if (st.s > 0.f) {
@@ -144,6 +171,14 @@ FUSEDRL_HD void stat_add(ThreadStat& st, float z) {
       st.s = a * s_true;
       st.cs = 0.f;
       st.cb = 0.f;
+      if constexpr (DH) {  // sum (z - new) e^(2(z - new)) = a^2 (b2 + (m - new) s2)
+        const float a2 = a * a;
+        const float s2_true = st.s2 - st.cs2;
+        st.b2 = a2 * ((st.b2 - st.cb2) + d * s2_true);
+        st.s2 = a2 * s2_true;
+        st.cs2 = 0.f;
+        st.cb2 = 0.f;
+      }
     }
     st.m = z;
   }
@@ -151,28 +186,49 @@ FUSEDRL_HD void stat_add(ThreadStat& st, float z) {
   const float e = head::exp_f(d);
   kahan_add(st.s, st.cs, e);
   kahan_add(st.b, st.cb, d * e);
+  if constexpr (DH) {
+    const float e2 = e * e;
+    kahan_add(st.s2, st.cs2, e2);
+    kahan_add(st.b2, st.cb2, d * e2);
+  }
 }
 
-FUSEDRL_HD Stat stat_fold(const ThreadStat& st) { return Stat{st.m, st.s - st.cs, st.b - st.cb}; }
+template <bool DH>
+FUSEDRL_HD StatT<DH> stat_fold(const ThreadStatT<DH>& st) {
+  StatT<DH> r;
+  r.m = st.m;
+  r.s = st.s - st.cs;
+  r.b = st.b - st.cb;
+  if constexpr (DH) {
+    r.s2 = st.s2 - st.cs2;
+    r.b2 = st.b2 - st.cb2;
+  }
+  return r;
+}
+
+// r += x rescaled from x's max to M (x not empty).
+template <bool DH>
+FUSEDRL_HD void stat_accum(StatT<DH>& r, const StatT<DH>& x, float M) {
+  const float d = x.m - M;
+  const float a = head::exp_f(d);
+  r.s += a * x.s;
+  r.b += a * (x.b + d * x.s);
+  if constexpr (DH) {
+    const float a2 = a * a;
+    r.s2 += a2 * x.s2;
+    r.b2 += a2 * (x.b2 + d * x.s2);
+  }
+}
 
 // Merge of two partial statistics; an empty side (s = 0 exactly, m = -inf) is skipped, so no
 // -inf - -inf. The test is `!= 0`, not `> 0`: a NaN partial (a NaN logit) must reach the result,
 // not vanish with its columns (fmaxf already drops a NaN max, so the sum is what carries it).
-FUSEDRL_HD Stat stat_merge(const Stat& x, const Stat& y) {
-  const float M = max_f(x.m, y.m);
-  Stat r{M, 0.f, 0.f};
-  if (x.s != 0.f) {
-    const float d = x.m - M;
-    const float a = head::exp_f(d);
-    r.s += a * x.s;
-    r.b += a * (x.b + d * x.s);
-  }
-  if (y.s != 0.f) {
-    const float d = y.m - M;
-    const float a = head::exp_f(d);
-    r.s += a * y.s;
-    r.b += a * (y.b + d * y.s);
-  }
+template <bool DH>
+FUSEDRL_HD StatT<DH> stat_merge(const StatT<DH>& x, const StatT<DH>& y) {
+  StatT<DH> r = stat_empty<DH>();
+  r.m = max_f(x.m, y.m);
+  if (x.s != 0.f) stat_accum(r, x, r.m);
+  if (y.s != 0.f) stat_accum(r, y, r.m);
   return r;
 }
 
@@ -180,36 +236,53 @@ struct Final {
   float lse, ent;
 };
 
-FUSEDRL_HD Final stat_final(const Stat& st) {
+template <bool DH>
+FUSEDRL_HD Final stat_final(const StatT<DH>& st) {
   const float ls = log_f(st.s);
   return Final{st.m + ls, ls - st.b / st.s};
+}
+
+// The entropy change's row sums (fusedrl/backends/base.py entropy_change): p2 = sum p^2 = s2 / s^2 and
+// p2h = sum p^2 (log p + H) = (b2 - s2 b / s) / s^2 (log p + H = (z - m) - b / s: no log s to cancel).
+struct SqFinal {
+  float p2, p2h;
+};
+
+FUSEDRL_HD SqFinal stat_sq(const StatT<true>& st) {
+  const float inv = 1.f / st.s;
+  return SqFinal{(st.s2 * inv) * inv, ((st.b2 - st.s2 * (st.b * inv)) * inv) * inv};
 }
 
 #if defined(__CUDACC__)
 // Block reduction of the kernels: butterfly within each warp, lane 0 of each warp to shared memory
 // `sh` (BLOCK / 32 entries), warp 0 butterflies the warp results. Result valid in thread 0. Ends with
 // a barrier, so `sh` (and anything thread 0 writes after it) can be reused for the next row.
-__device__ __forceinline__ Stat warp_reduce(Stat st) {
+template <bool DH>
+__device__ __forceinline__ StatT<DH> warp_reduce(StatT<DH> st) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
-    Stat o;
+    StatT<DH> o;
     o.m = __shfl_xor_sync(0xffffffffu, st.m, off);
     o.s = __shfl_xor_sync(0xffffffffu, st.s, off);
     o.b = __shfl_xor_sync(0xffffffffu, st.b, off);
+    if constexpr (DH) {
+      o.s2 = __shfl_xor_sync(0xffffffffu, st.s2, off);
+      o.b2 = __shfl_xor_sync(0xffffffffu, st.b2, off);
+    }
     st = stat_merge(st, o);
   }
   return st;
 }
 
-template <int BLOCK>
-__device__ __forceinline__ Stat block_reduce(Stat st, Stat* sh) {
+template <int BLOCK, bool DH>
+__device__ __forceinline__ StatT<DH> block_reduce(StatT<DH> st, StatT<DH>* sh) {
   constexpr int kWarps = BLOCK / 32;
   const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
   st = warp_reduce(st);
   if (lane == 0) sh[wid] = st;
   __syncthreads();
   if (wid == 0) {
-    st = lane < kWarps ? sh[lane] : stat_empty();
+    st = lane < kWarps ? sh[lane] : stat_empty<DH>();
     st = warp_reduce(st);
   }
   __syncthreads();
@@ -221,22 +294,22 @@ __device__ __forceinline__ Stat block_reduce(Stat st, Stat* sh) {
 // lane 0 of each warp to shared memory, warp 0 butterflies the warp results). Same merge order,
 // so the host loops reproduce the device's summation tree. `st` holds BLOCK per-thread values and
 // is clobbered; the result is thread 0's.
-template <int BLOCK>
-inline Stat block_reduce_host(Stat* st) {
+template <int BLOCK, bool DH>
+inline StatT<DH> block_reduce_host(StatT<DH>* st) {
   static_assert(BLOCK % 32 == 0 && BLOCK / 32 <= 32, "BLOCK must be a multiple of 32, at most 1024");
   constexpr int kWarps = BLOCK / 32;
-  Stat warp_out[kWarps];
-  Stat tmp[32];
+  StatT<DH> warp_out[kWarps];
+  StatT<DH> tmp[32];
   for (int w = 0; w < kWarps; ++w) {
-    Stat* lanes = st + 32 * w;
+    StatT<DH>* lanes = st + 32 * w;
     for (int off = 16; off > 0; off >>= 1) {
       for (int l = 0; l < 32; ++l) tmp[l] = stat_merge(lanes[l], lanes[l ^ off]);
       for (int l = 0; l < 32; ++l) lanes[l] = tmp[l];
     }
     warp_out[w] = lanes[0];
   }
-  Stat lanes[32];
-  for (int l = 0; l < 32; ++l) lanes[l] = l < kWarps ? warp_out[l] : stat_empty();
+  StatT<DH> lanes[32];
+  for (int l = 0; l < 32; ++l) lanes[l] = l < kWarps ? warp_out[l] : stat_empty<DH>();
   for (int off = 16; off > 0; off >>= 1) {
     for (int l = 0; l < 32; ++l) tmp[l] = stat_merge(lanes[l], lanes[l ^ off]);
     for (int l = 0; l < 32; ++l) lanes[l] = tmp[l];
@@ -250,11 +323,11 @@ struct LoadF32 {
 };
 
 // One thread's share of a row: columns tid, tid + nthreads, ... of raw logits `row` (+ bias); `tr`
-// is the row's transform.
-template <typename T, typename Load>
-FUSEDRL_HD Stat thread_row_stat(const T* urow, int64_t cols, const float* bias, const Transform& tr, int64_t tid,
-                                int64_t nthreads, Load load) {
-  ThreadStat ts = thread_stat_empty();
+// is the row's transform. DH: the entropy change's sums too.
+template <bool DH = false, typename T, typename Load>
+FUSEDRL_HD StatT<DH> thread_row_stat(const T* urow, int64_t cols, const float* bias, const Transform& tr,
+                                     int64_t tid, int64_t nthreads, Load load) {
+  ThreadStatT<DH> ts = thread_stat_empty<DH>();
   for (int64_t j = tid; j < cols; j += nthreads) {
     float v = load(urow[j]);
     if (bias != nullptr) v += bias[j];
@@ -303,31 +376,52 @@ struct RowStatsArgs {
   const int64_t* TARGETS;  // [rows]
   int64_t col_base, vocab_start, vocab_size;
   Transform tr;  // TEMPS (if any) indexed by the chunk-local row r
-  float* RUN;  // running (m, s, b): RUN[r], RUN[run_stride + r], RUN[2 run_stride + r]
+  float* RUN;  // running (m, s, b[, s2, b2]): RUN[r], RUN[run_stride + r], ..., RUN[4 run_stride + r]
   int64_t run_stride;
   bool first, last;
   float* LSE;
   float* ZT;
   float* ENT;  // null: no entropy
+  // the entropy change's row sums (sum p^2, sum p^2 (log p + H)) [rows] each, written on `last`; both
+  // null (the default): not computed (the kernels' DH = false variant), else RUN has 5 rows
+  float* P2 = nullptr;
+  float* P2H = nullptr;
 };
 
 // Thread 0's part of a row: merge into the running statistics (or finish them) and pick up the
 // target logit when it lies in this chunk. `tr` is the row's transform (row_transform(a.tr, r)).
-template <typename T, typename Load>
-FUSEDRL_HD void row_stats_finish(const RowStatsArgs& a, const Transform& tr, const T* urow, int64_t r, Stat st,
+template <bool DH, typename T, typename Load>
+FUSEDRL_HD void row_stats_finish(const RowStatsArgs& a, const Transform& tr, const T* urow, int64_t r, StatT<DH> st,
                                  Load load) {
+  const int64_t rs = a.run_stride;
   if (!a.first) {
-    const Stat old{a.RUN[r], a.RUN[a.run_stride + r], a.RUN[2 * a.run_stride + r]};
+    StatT<DH> old;
+    old.m = a.RUN[r];
+    old.s = a.RUN[rs + r];
+    old.b = a.RUN[2 * rs + r];
+    if constexpr (DH) {
+      old.s2 = a.RUN[3 * rs + r];
+      old.b2 = a.RUN[4 * rs + r];
+    }
     st = stat_merge(old, st);
   }
   if (a.last) {
     const Final f = stat_final(st);
     a.LSE[r] = f.lse;
     if (a.ENT != nullptr) a.ENT[r] = f.ent;
+    if constexpr (DH) {
+      const SqFinal q = stat_sq(st);
+      a.P2[r] = q.p2;
+      a.P2H[r] = q.p2h;
+    }
   } else {
     a.RUN[r] = st.m;
-    a.RUN[a.run_stride + r] = st.s;
-    a.RUN[2 * a.run_stride + r] = st.b;
+    a.RUN[rs + r] = st.s;
+    a.RUN[2 * rs + r] = st.b;
+    if constexpr (DH) {
+      a.RUN[3 * rs + r] = st.s2;
+      a.RUN[4 * rs + r] = st.b2;
+    }
   }
   const int64_t t = a.TARGETS[r];
   const int64_t c = target_col(t, a.col_base, a.cols);
@@ -378,13 +472,22 @@ struct OnePassArgs {
   float* G_H;   // [rows]
   void* DU16;   // optional 16-bit copy of du (row stride ld16), dtype chosen by the caller
   int64_t ld16;
+  // the entropy change's row sums [rows] each (as RowStatsArgs); both null (the default): not computed
+  float* P2 = nullptr;
+  float* P2H = nullptr;
 };
 
 // Thread 0's part of a one-pass row: LSE, H, logp from the reduced statistics, the head's
 // coefficients, every per-token output written; returns the du constants to broadcast. `tr` is the
 // row's transform (row_transform(a.tr, r)).
-FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, const Transform& tr, int64_t r, const Stat& st) {
+template <bool DH>
+FUSEDRL_HD DuRow onepass_row(const OnePassArgs& a, const Transform& tr, int64_t r, const StatT<DH>& st) {
   const Final f = stat_final(st);
+  if constexpr (DH) {
+    const SqFinal q = stat_sq(st);
+    a.P2[r] = q.p2;
+    a.P2H[r] = q.p2h;
+  }
   const int64_t t = a.TARGETS[r];
   const int64_t tc = target_col(t, 0, a.cols);
   float zt = 0.f;

@@ -10,10 +10,11 @@ statistics. See README "Scale-out" for the user-facing description.
 Collectives (per call):
 
 * forward: ONE ``all_gather`` of a packed ``[k*N + 2]`` tensor per rank (``k = 3`` with entropy:
-  lse, zt, ent; ``k = 2`` without), plus two scalars (the rank's assumed shard start and its size,
-  used to detect a stale cached layout). Every rank then merges the ``[W, k*N]`` block locally in
-  the same order, so logp / entropy are **bitwise identical on every rank** (the loss head, which
-  runs replicated on those, then produces identical losses, metrics and upstream gradients).
+  lse, zt, ent; ``k = 2`` without; ``k = 5`` with the entropy change: its two row sums), plus two
+  scalars (the rank's assumed shard start and its size, used to detect a stale cached layout). Every
+  rank then merges the ``[W, k*N]`` block locally in the same order, so logp / entropy are **bitwise
+  identical on every rank** (the loss head, which runs replicated on those, then produces identical
+  losses, metrics and upstream gradients).
   Chosen over "all_reduce(MAX lse) + all_reduce(SUM of 3 packed rows)": that is two dependent
   latency-bound collectives instead of one, and the rescaled sums ``sum_r exp(lse_r - M) (...)``
   would be reduced in whatever order the collective library picks. The gather's payload is
@@ -31,7 +32,11 @@ Collectives (per call):
 Merge math (fp32, fp64 for fp64 inputs), with ``M = max_r lse_r``:
 ``LSE = M + log sum_r exp(lse_r - M)``; ``w_r = exp(lse_r - LSE)``;
 ``H = sum_r w_r (LSE - lse_r + ent_r)`` (both terms >= 0: no cancellation);
-``logp = sum_r zt_r - LSE``.
+``logp = sum_r zt_r - LSE``. The entropy change (``return_entropy_change``; each shard's backend returns
+``q_r = sum_{v in r} p_{v|r}^2`` and ``c_r = sum_{v in r} p_{v|r}^2 (log p_{v|r} + ent_r)`` over its own
+softmax, two more gathered rows): ``p_v = w_r p_{v|r}``, so ``sum_v p_v^2 (log p_v + H) = sum_r w_r^2 (c_r +
+(lse_r - LSE + H - ent_r) q_r)``, and ``dH`` follows from it, ``logp`` and ``H``
+(``fusedrl.backends.base.entropy_change``).
 
 Shard layout: the offsets need the sizes of every rank, exchanged once by an ``all_gather`` of
 ``V_local`` and cached per ``(group, V_local)``; the forward's gather re-checks the cached layout for
@@ -54,6 +59,8 @@ import torch.distributed as dist
 
 from . import reference
 from ._validate import want_checks
+from .backends.base import entropy_change
+from .replay.kept import Shard
 
 Tensor = torch.Tensor
 
@@ -180,7 +187,9 @@ class _ReferenceShard:
     """Backend-contract forward/backward for one vocab shard with materialised fp32 logits."""
 
     @staticmethod
-    def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, **opts):
+    def forward(
+        x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, return_entropy_change=False, **opts
+    ):
         v = w.shape[0]
         z = reference.linear_logits(x, w, bias, temperature, softcap)  # [N, V_local]
         lse = torch.logsumexp(z, dim=-1)
@@ -188,11 +197,15 @@ class _ReferenceShard:
         hit = (loc >= 0) & (loc < v)
         zt = torch.where(hit, z.gather(1, loc.clamp(0, v - 1)[:, None]).squeeze(1), torch.zeros_like(lse))
         ent = None
-        if return_entropy:
+        if return_entropy or return_entropy_change:
             zl = z - lse[:, None]
             p = zl.exp()
-            ent = -(p * torch.where(p > 0, zl, torch.zeros_like(zl))).sum(-1)
-        return lse, zt, ent
+            zl = torch.where(p > 0, zl, torch.zeros_like(zl))
+            ent = -(p * zl).sum(-1)
+        if not return_entropy_change:
+            return lse, zt, ent
+        p2 = p * p  # the entropy change's sums over this shard's softmax (Backend.forward's contract)
+        return lse, zt, ent, torch.stack((p2.sum(-1), (p2 * (zl + ent[:, None])).sum(-1)))
 
     @staticmethod
     def backward(
@@ -250,11 +263,13 @@ def _backend_module(name: str, device: torch.device):
 # ------------------------------------------------------------------------------------------------
 # merge of per-shard statistics
 # ------------------------------------------------------------------------------------------------
-def merge_shard_stats(lse: Tensor, zt: Tensor, ent: Optional[Tensor]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def merge_shard_stats(lse: Tensor, zt: Tensor, ent: Optional[Tensor], sq: Optional[Tensor] = None):
     """Merge per-shard statistics ``[W, N]`` (rank order) into global ``(LSE, logp, H)`` ``[N]``.
 
     ``LSE = M + log sum_r e^(lse_r - M)``, ``logp = sum_r zt_r - LSE``,
     ``H = sum_r w_r (LSE - lse_r + ent_r)`` with ``w_r = e^(lse_r - LSE)``.
+    ``sq``: the shards' entropy-change sums ``[W, 2, N]`` (``Backend.forward(return_entropy_change=True)``;
+    needs ``ent``): then ``(LSE, logp, H, dH)`` with ``dH`` the global entropy change (module docstring).
     """
     m = lse.amax(dim=0)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -263,30 +278,50 @@ def merge_shard_stats(lse: Tensor, zt: Tensor, ent: Optional[Tensor]) -> tuple[T
     H = None
     if ent is not None:
         wts = torch.exp(lse - LSE)
-        H = (wts * ((LSE - lse) + ent)).sum(dim=0)
-    return LSE, logp, H
+        # a shard holding none of the row's columns (lse_r = -inf: sampling replay) adds nothing, never 0 * inf
+        H = torch.where(wts > 0, wts * ((LSE - lse) + ent), torch.zeros_like(wts)).sum(dim=0)
+    if sq is None:
+        return LSE, logp, H
+    # a shard of probability 0 (all its logits -inf) adds nothing, never 0 * NaN
+    w2 = wts * wts
+    zero = torch.zeros_like(w2)
+    q = torch.where(wts > 0, w2 * sq[:, 0], zero).sum(dim=0)
+    c = torch.where(wts > 0, w2 * (sq[:, 1] + ((lse - LSE) + (H - ent)) * sq[:, 0]), zero).sum(dim=0)
+    return LSE, logp, H, entropy_change(logp, H, torch.stack((q, c)))
 
 
-def _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank, opts):
-    """Local backend forward + one all_gather + merge. Returns (logp, H|None, LSE)."""
+def _tp_forward(
+    x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank, opts, dh=False
+):
+    """Local backend forward + one all_gather + merge. Returns (logp, H|None, LSE, dH|None); ``dh``: the
+    entropy change too (two more gathered rows; H is then computed)."""
     n = x.shape[0]
     world = len(sizes)
-    lse, zt, ent = mod.forward(
-        x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=vocab_start, **opts
+    return_entropy = return_entropy or dh
+    extra = {"return_entropy_change": True} if dh else {}
+    stats = mod.forward(
+        x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=vocab_start, **extra, **opts
     )
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    k = 3 if return_entropy else 2
+    k = (3 if return_entropy else 2) + (2 if dh else 0)
     buf = torch.empty(k * n + 2, dtype=cdt, device=x.device)
-    buf[0:n] = lse
-    buf[n : 2 * n] = zt
+    buf[0:n] = stats[0]
+    buf[n : 2 * n] = stats[1]
     if return_entropy:
-        buf[2 * n : 3 * n] = ent
+        buf[2 * n : 3 * n] = stats[2]
+    if dh:
+        buf[3 * n : 5 * n] = stats[3].reshape(-1)
     buf[k * n] = float(vocab_start)
     buf[k * n + 1] = float(w.shape[0])
     gathered = _all_gather(buf, world, group)
-    LSE, logp, H = merge_shard_stats(
-        gathered[:, 0:n], gathered[:, n : 2 * n], gathered[:, 2 * n : 3 * n] if return_entropy else None
+    merged = merge_shard_stats(
+        gathered[:, 0:n],
+        gathered[:, n : 2 * n],
+        gathered[:, 2 * n : 3 * n] if return_entropy else None,
+        gathered[:, 3 * n : 5 * n].reshape(world, 2, n) if dh else None,
     )
+    LSE, logp, H = merged[:3]
+    dH = merged[3] if dh else None
     # Layout check (no extra collective): rank r assumed start_r; consistent iff start_r == sum_{q<r} V_q.
     starts, rows = gathered[:, k * n], gathered[:, k * n + 1]
     expect = torch.cumsum(rows, 0) - rows
@@ -304,7 +339,8 @@ def _tp_forward(x, w, targets, bias, temperature, softcap, return_entropy, mod, 
             nan = torch.full_like(LSE, float("nan"))
             logp = torch.where(bad, nan, logp)
             H = None if H is None else torch.where(bad, nan, H)
-    return logp, H, LSE
+            dH = None if dH is None else torch.where(bad, nan, dH)
+    return logp, H, LSE, dH
 
 
 class _TPLinearLogprobEntropy(torch.autograd.Function):
@@ -325,26 +361,31 @@ class _TPLinearLogprobEntropy(torch.autograd.Function):
         sizes,
         rank,
         reduce_dx,
+        dh,
     ):
         mod = _backend_module(backend, x.device)
-        logp, H, LSE = _tp_forward(
-            x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank, opts
+        logp, H, LSE, dH = _tp_forward(
+            x, w, targets, bias, temperature, softcap, return_entropy, mod, group, vocab_start, sizes, rank, opts, dh
         )
+        if not return_entropy:
+            H = None  # computed for dH only
         ctx.save_for_backward(x, w, targets, bias, LSE, H)
         ctx.args = (temperature, softcap, backend, group, opts, vocab_start, reduce_dx, return_entropy)
         if H is None:
             H = logp.new_empty(0)
             ctx.mark_non_differentiable(H)
-        return logp, H
+        dH = logp.new_empty(0) if dH is None else dH
+        ctx.mark_non_differentiable(dH)  # a statistic, never differentiated
+        return logp, H, dH
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp, g_ent, g_dh):
         x, w, targets, bias, LSE, H = ctx.saved_tensors
         temperature, softcap, backend, group, opts, vocab_start, reduce_dx, return_entropy = ctx.args
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_db = bias is not None and ctx.needs_input_grad[3]
         if not (need_dx or need_dw or need_db):
-            return (None,) * 14
+            return (None,) * 15
         g_lp = (g_logp if g_logp is not None else torch.zeros_like(LSE)).to(LSE.dtype).contiguous()
         g_H = None
         if return_entropy and g_ent is not None and g_ent.numel():
@@ -385,6 +426,7 @@ class _TPLinearLogprobEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -404,7 +446,8 @@ def tp_linear_logprob_entropy(
     deterministic: bool = True,
     reduce_dx: Optional[bool] = None,
     workspace_mb: float = 0.0,
-) -> tuple[Tensor, Optional[Tensor]]:
+    return_entropy_change: bool = False,
+):
     """Vocab-parallel :func:`fusedrl.linear_logprob_entropy` (inputs already validated).
 
     Args:
@@ -418,7 +461,8 @@ def tp_linear_logprob_entropy(
 
     Returns:
         ``(logp, entropy)`` fp32 (fp64 for fp64) of shape ``[...]``, identical on every rank;
-        entropy None when not asked. Every rank must run the backward (it may all-reduce ``dx``),
+        entropy None when not asked. ``return_entropy_change``: ``(logp, entropy, dH)``, ``dH`` the global
+        entropy change (no gradient). Every rank must run the backward (it may all-reduce ``dx``),
         with the same upstream gradients (the loss head is replicated).
     """
     lead = hidden.shape[:-1]
@@ -434,9 +478,10 @@ def tp_linear_logprob_entropy(
         "workspace_mb": float(workspace_mb) or None,
     }
     return_entropy = bool(return_entropy)
+    dh = bool(return_entropy_change)
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad))
     if needs_grad:
-        logp, ent = _TPLinearLogprobEntropy.apply(
+        logp, ent, d = _TPLinearLogprobEntropy.apply(
             x,
             w,
             t,
@@ -451,10 +496,31 @@ def tp_linear_logprob_entropy(
             sizes,
             rank,
             _want_reduce_dx(reduce_dx),
+            dh,
         )
     else:  # scoring (no_grad / frozen weights): forward only, nothing saved
         mod = _backend_module(backend_name, x.device)
-        logp, ent, _ = _tp_forward(
-            x, w, t, b, temperature, softcap, return_entropy, mod, process_group, vocab_start, sizes, rank, opts
+        logp, ent, _, d = _tp_forward(
+            x, w, t, b, temperature, softcap, return_entropy, mod, process_group, vocab_start, sizes, rank, opts, dh
         )
-    return logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
+    out = logp.reshape(lead), (ent.reshape(lead) if return_entropy else None)
+    return out + (d.reshape(lead),) if dh else out
+
+
+def replay_shard(weight: Tensor, group, reduce_dx: Optional[bool]) -> Shard:
+    """This rank's :class:`fusedrl.replay.kept.Shard` for sampling replay on a vocabulary-parallel lm_head: its
+    first global row, the merge of the shards' row statistics (one ``all_gather`` of ``[k, N]`` and
+    :func:`merge_shard_stats`, the core op's merge), and the ``dx`` all-reduce (``reduce_dx`` as
+    :func:`tp_linear_logprob_entropy`'s)."""
+    sizes, rank = vocab_layout(weight, group)
+    world = len(sizes)
+
+    def merge(lse: Tensor, zt: Tensor, ent: Optional[Tensor]):
+        rows = [lse, zt] + ([] if ent is None else [ent])
+        got = _all_gather(torch.stack(rows), world, group)  # [W, k, N]
+        return merge_shard_stats(got[:, 0], got[:, 1], None if ent is None else got[:, 2])
+
+    def reduce(dx: Tensor) -> None:
+        dist.all_reduce(dx, op=dist.ReduceOp.SUM, group=group)
+
+    return Shard(sum(sizes[:rank]), merge, reduce if _want_reduce_dx(reduce_dx) else None)

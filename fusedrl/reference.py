@@ -3,6 +3,10 @@
 It materialises the full ``[N, V]`` logits in fp32 (or fp64 when the inputs are fp64) and lets
 torch autograd do the backward. It is what every backend is tested against; it is never the default
 backend because it is exactly the memory problem fusedrl exists to solve.
+
+``return_entropy_change=True`` adds the entropy change ``dH`` of each token (docs/backends.md, "The
+entropy change dH") in its closed form over the materialised probabilities, without autograd:
+``dH = sum_v p_v^2 (log p_v + H) - p_a (log p_a + H)``.
 """
 
 from __future__ import annotations
@@ -46,15 +50,24 @@ def linear_logits(
     return _transform(u, temperature, softcap)
 
 
-def _from_z(z: torch.Tensor, targets: torch.Tensor, return_entropy: bool):
+def _from_z(z: torch.Tensor, targets: torch.Tensor, return_entropy: bool, return_entropy_change: bool = False):
     logprobs = torch.log_softmax(z, dim=-1)
     logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
-    if not return_entropy:
+    if not (return_entropy or return_entropy_change):
         return logp, None
     p = logprobs.exp()
     # H = -sum p log p; 0 * (-inf) for masked-out probabilities is defined as 0.
-    ent = -(p * torch.where(p > 0, logprobs, torch.zeros_like(logprobs))).sum(-1)
-    return logp, ent
+    safe = torch.where(p > 0, logprobs, torch.zeros_like(logprobs))
+    ent = -(p * safe).sum(-1)
+    if not return_entropy_change:
+        return logp, ent
+    with torch.no_grad():  # a statistic, not differentiated
+        h = ent.detach()
+        sq = (p * p * (safe + h.unsqueeze(-1))).sum(-1)
+        pa = logp.detach().exp()
+        own = torch.where(pa > 0, pa * (logp.detach() + h), torch.zeros_like(pa))
+        dh = sq - own
+    return logp, (ent if return_entropy else None), dh
 
 
 def logprob_entropy(
@@ -63,13 +76,15 @@ def logprob_entropy(
     temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return_entropy_change: bool = False,
+):
     """Per-token log-prob of ``targets`` and entropy of ``softmax(softcap(logits) / T)``.
 
-    logits: [..., V]; targets: [...] int -> (logp [...], entropy [...] or None), fp32 (fp64 for fp64).
+    logits: [..., V]; targets: [...] int -> (logp [...], entropy [...] or None), fp32 (fp64 for fp64);
+    with ``return_entropy_change`` also ``dH [...]`` (no gradient).
     """
     z = _transform(logits.to(_compute_dtype(logits)), temperature, softcap)
-    return _from_z(z, targets, return_entropy)
+    return _from_z(z, targets, return_entropy, return_entropy_change)
 
 
 def linear_logprob_entropy(
@@ -80,10 +95,12 @@ def linear_logprob_entropy(
     temperature: Union[float, torch.Tensor] = 1.0,
     softcap: Optional[float] = None,
     return_entropy: bool = True,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return_entropy_change: bool = False,
+):
     """Reference of :func:`fusedrl.linear_logprob_entropy` (materialises the logits).
 
-    hidden: [..., H]; weight: [V, H]; targets: [...]; bias: [V] -> (logp [...], entropy [...] or None)
+    hidden: [..., H]; weight: [V, H]; targets: [...]; bias: [V] -> (logp [...], entropy [...] or None),
+    with ``return_entropy_change`` also ``dH [...]`` (no gradient).
     """
     z = linear_logits(hidden, weight, bias, temperature, softcap)
-    return _from_z(z, targets, return_entropy)
+    return _from_z(z, targets, return_entropy, return_entropy_change)

@@ -238,24 +238,66 @@ class EpilogueHead(NamedTuple):
     ``codes``: the head as the kernels' formula set (:class:`OnePassHead`), or None when the loss
     config has none (then only the torch epilogue can serve it). ``grads``: the head as torch
     autograd, ``grads(logp, entropy) -> (g_lp, g_H or None)`` for the chunk's rows; the torch epilogue
-    calls it. ``need_ent``: the entropy is computed (returned or read by the head).
+    calls it. ``need_ent``: the entropy is computed (returned or read by the head). ``need_dh``: the
+    entropy change :func:`entropy_change` is returned in ``EpilogueOut.dh`` (its two row sums are only
+    accumulated when asked; the entropy is then computed and returned too).
     """
 
     codes: Optional[OnePassHead]
     grads: Optional[Callable[[Tensor, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]]]
     need_ent: bool
+    need_dh: bool = False
 
 
-class EpilogueOut(NamedTuple):
-    """A row epilogue's per-row outputs (``[Nc]``; fp32, the torch epilogue fp64 for fp64 inputs); ``u``
-    then holds ``du``. ``g_lp`` / ``g_H``: the head's per-row gradients (``g_H`` None without entropy)."""
-
+class _EpilogueFields(NamedTuple):
     logp: Tensor
     ent: Optional[Tensor]
     lse: Tensor
     g_lp: Optional[Tensor]
     g_H: Optional[Tensor]
     du: Optional[Tensor]  # the buffer holding du (``u`` for the kernels; None when no gradient was formed)
+
+
+class EpilogueOut(_EpilogueFields):
+    """A row epilogue's per-row outputs (``[Nc]``; fp32, the torch epilogue fp64 for fp64 inputs); ``u``
+    then holds ``du``. ``g_lp`` / ``g_H``: the head's per-row gradients (``g_H`` None without entropy).
+
+    ``dh``: the entropy change (:func:`entropy_change`) when ``EpilogueHead.need_dh``, else None. An
+    attribute beside the six tuple fields ``(logp, ent, lse, g_lp, g_H, du)``, so that code unpacking
+    those six keeps working; ``EpilogueOut(logp, ent, lse, g_lp, g_H, du, dh)`` builds one.
+    """
+
+    dh: Optional[Tensor] = None  # the default of instances built by _make / _replace
+
+    def __new__(cls, logp, ent, lse, g_lp, g_H, du, dh: Optional[Tensor] = None):
+        out = super().__new__(cls, logp, ent, lse, g_lp, g_H, du)
+        out.dh = dh
+        return out
+
+
+def wants_dh(head) -> bool:
+    """Whether an epilogue ``head`` (an :class:`EpilogueHead`, or a bare :class:`OnePassHead`: never) asks
+    for the entropy change."""
+    return bool(getattr(head, "need_dh", False))
+
+
+# --------------------------------------------------------------------------------------------------
+# The entropy change (docs/backends.md, "The entropy change dH")
+# --------------------------------------------------------------------------------------------------
+
+
+def entropy_change(logp: Tensor, ent: Tensor, sq: Tensor) -> Tensor:
+    """``dH = d/deta H(softmax(z + eta (e_a - p)))|_0 = sum_v p_v^2 (log p_v + H) - p_a (log p_a + H)``
+    per row: the first-order change of the full-vocabulary entropy when the row's logits move along the
+    gradient of its own log-prob (``a`` the target).
+
+    ``logp``, ``ent``: ``[N]`` (log p_a, H); ``sq``: ``[2, N]`` the row sums a backend's forward returns
+    with ``return_entropy_change=True``: ``sq[0] = sum_v p_v^2``, ``sq[1] = sum_v p_v^2 (log p_v + H)``.
+    A target of probability 0 (a ``-inf`` logit) contributes 0, never ``0 * inf``. Same dtype as ``logp``.
+    """
+    p = torch.exp(logp)
+    own = torch.where(p > 0, p * (logp + ent), torch.zeros_like(p))
+    return sq[1] - own
 
 
 @runtime_checkable
@@ -267,9 +309,28 @@ class Backend(Protocol):
     def is_available(self, device: torch.device) -> tuple[bool, str]:
         """``(usable here, why not)``."""
 
-    def forward(self, x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, **opts):
+    def forward(
+        self,
+        x,
+        w,
+        targets,
+        bias,
+        temperature,
+        softcap,
+        return_entropy,
+        vocab_start=0,
+        return_entropy_change=False,
+        **opts,
+    ):
         """``(lse, z_target, entropy or None)`` per row, logits never stored. ``vocab_start``: this
-        shard's first global id (vocab-parallel); targets outside the shard read a target logit of 0."""
+        shard's first global id (vocab-parallel); targets outside the shard read a target logit of 0.
+
+        ``return_entropy_change=True``: ``(lse, z_target, entropy, sq)``, the entropy always computed and
+        ``sq [2, N]`` (the stats dtype) the two extra row sums of the entropy change over this shard's own
+        softmax: ``sq[0] = sum_v p_v^2``, ``sq[1] = sum_v p_v^2 (log p_v + H)``. They merge across vocab
+        shards (``fusedrl.distributed.merge_shard_stats``); on the full vocabulary
+        ``entropy_change(z_target - lse, entropy, sq)`` is ``dH`` (:func:`entropy_change`). The sums are
+        accumulated only when asked: False costs nothing and returns the 3-tuple, bitwise as before."""
 
     def backward(
         self,
@@ -292,8 +353,10 @@ class Backend(Protocol):
         """``(dx, dw, db)`` (None where not needed) for upstream ``g_lp`` and ``g_H`` (None: no entropy
         term), logits recomputed."""
 
-    def logits_forward(self, logits, targets, temperature, softcap, return_entropy, **opts):
-        """``forward`` over given logits ``[N, V]``."""
+    def logits_forward(
+        self, logits, targets, temperature, softcap, return_entropy, return_entropy_change=False, **opts
+    ):
+        """``forward`` over given logits ``[N, V]`` (``return_entropy_change`` as there)."""
 
     def logits_backward(self, logits, targets, temperature, softcap, lse, ent, g_lp, g_H, inplace=False, **opts):
         """``dlogits`` (written over ``logits`` when ``inplace``)."""
@@ -304,7 +367,8 @@ class Backend(Protocol):
         """The one-pass row epilogue over the workspace ``u [Nc, V]`` of raw logits ``x_c W^T`` (plus
         ``bias`` when given; the schedule may fold the bias into the GEMM and pass None): row statistics,
         the head's per-row gradients and ``du`` (in ``EpilogueOut.du``, a buffer the backend owns for the
-        call; for 16-bit inputs also written into ``du16``, the operand of the gradient GEMMs)."""
+        call; for 16-bit inputs also written into ``du16``, the operand of the gradient GEMMs);
+        ``EpilogueOut.dh`` the entropy change when ``head.need_dh``."""
 
     def onepass_supports(self, head: EpilogueHead, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
         """Whether :meth:`onepass_epilogue` computes this head on ``device`` for inputs of ``dtype``."""

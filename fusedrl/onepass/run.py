@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .. import _config
 from ..backends import get_backend, torch_backend
-from ..backends.base import EpilogueHead
+from ..backends.base import EpilogueHead, entropy_change
 from ..loss import TokenHead
 from .gemm import addmm_f32_, gemm_logits, is_low, mm_f32
-from .plan import Plan
+from .plan import Plan, du_row_stride
 
 Tensor = torch.Tensor
 
@@ -142,8 +142,15 @@ def run_one_pass(
     need_dw: bool,
     need_db: bool,
     want_entropy: bool,
+    *,
+    timer: Optional[Callable[[str], None]] = None,
 ) -> Grads:
-    """The one-pass loop over ``pln.chunks`` (gradients None when not asked)."""
+    """The one-pass loop over ``pln.chunks`` (gradients None when not asked). GEMM 3 runs once per
+    ``pln.ring_rows`` rows of du (a ring of whole chunks; every chunk when it is no larger than one).
+
+    ``timer``: called with a stage's name (``gemm1``, ``epilogue``, ``gemm2``, ``db``, ``gemm3``,
+    ``selection``) as the stage begins and with ``end`` after the last one (stage timing by the
+    benchmark; None, the default, costs one comparison per stage)."""
     n, h = x.shape
     v = w.shape[0]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -165,26 +172,53 @@ def run_one_pass(
     emod = epilogue_for(backend, dev, x.dtype, probe)
     is_torch = emod is torch_backend
     rows = max(b - a for a, b, _ in pln.chunks) if pln.chunks else 0
-    specs = [((rows, v), cdt)]
+    # the du ring: GEMM 3 over up to `ring` rows of du at once (16-bit: a ring of du16 chunks; fp32 / fp64:
+    # the workspace itself, du staying where each chunk's logits were)
+    grouped = need_dw and pln.ring_rows > rows
+    ring = pln.ring_rows if grouped else rows
+    specs = [((rows if low else ring, v), cdt)]
     if is_torch:
         specs += list((shape, cdt) for shape in torch_backend.onepass_scratch_shapes(rows, v))
     if low and grads:
-        specs.append(((rows, v), x.dtype))
+        specs.append(((ring, du_row_stride(v)), x.dtype))  # rows padded to 16 bytes (unaligned V)
     bufs = buffers(dev, specs)
     ws = bufs[0]
     scratch = (bufs[1], bufs[2]) if is_torch else None
-    du16 = bufs[-1] if (low and grads) else None
+    ring16 = bufs[-1][:, :v] if (low and grads) else None
+    du16 = None
+    fill = g0 = 0  # rows of du in the ring, and the first token row they belong to
+
+    def gemm3(dug: Tensor, xg: Tensor) -> None:
+        nonlocal dw32
+        if timer is not None:
+            timer("gemm3")
+        if dw32 is None:  # the first call writes the accumulator (no zero fill)
+            dw32 = torch.empty(v, h, dtype=cdt, device=dev)
+            mm_f32(dug.t(), xg, dw32)
+        else:  # the workspace is free here: the scratch of addmm's mm + add_ fallback
+            addmm_f32_(dw32, dug.t(), xg, tmp=ws)
+
     # the torch epilogue takes 1/T folded into the small x operand; kernels apply T themselves
     per_token = isinstance(temperature, Tensor)
     fold = is_torch and softcap is None and not low and not per_token and temperature != 1.0
     scale = 1.0 / temperature if fold else 1.0
-    first = True
     for a, b, seqs in pln.chunks:
         nc = b - a
         if nc == 0:
             continue
+        if grouped and fill and fill + nc > ring:  # the ring is full: GEMM 3 over its chunks
+            gemm3(ring16[:fill] if low else ws[:fill], x[g0 : g0 + fill])
+            fill = 0
+        if fill == 0:
+            g0 = a
+        slot = slice(fill, fill + nc) if grouped else slice(0, nc)
+        du16 = ring16[slot] if ring16 is not None else None
         xc = x[a:b]
-        u = gemm_logits(xc, w, bias if is_torch else None, ws[:nc], scale)
+        if timer is not None:
+            timer("gemm1")
+        u = gemm_logits(xc, w, bias if is_torch else None, ws[:nc] if low else ws[slot], scale)
+        if timer is not None:
+            timer("epilogue")
         tc = targets[a:b]
         tr = temperature[a:b].to(cdt) if per_token else temperature
 
@@ -213,24 +247,36 @@ def run_one_pass(
             continue
         du = out.du
         dug = du16[:nc] if du16 is not None else du
+        if grouped and not low and du.data_ptr() != u.data_ptr():  # du in the torch epilogue's scratch
+            dug = u.copy_(du)  # into its ring slot, before the next chunk's epilogue reuses the scratch
         if need_dx:
+            if timer is not None:
+                timer("gemm2")
             mm_f32(dug, w, dx[a:b])
-        if need_dw:
-            if first:  # the first chunk writes the accumulator (no zero fill)
-                dw32 = torch.empty(v, h, dtype=cdt, device=dev)
-                mm_f32(dug.t(), xc, dw32)
-            else:
-                addmm_f32_(dw32, dug.t(), xc)
         if db32 is not None:
+            if timer is not None:
+                timer("db")
             db32 += du.sum(0)
-        first = False
-    del bufs, ws, scratch, du16
+        if grouped:
+            fill += nc
+        elif need_dw:
+            gemm3(dug, xc)
+    if grouped and fill:
+        gemm3(ring16[:fill] if low else ws[:fill], x[g0 : g0 + fill])
+    if timer is not None:
+        timer("end")
+    del bufs, scratch, du16, ring16
+    ws = None  # the buffers go before the evaluation and the selection correction
     if need_dw and dw32 is None:  # no token at all
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if picked is not None and grads:
+        if timer is not None:
+            timer("selection")
         correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp,
                           lse_all, dx, dw32 if need_dw else None, db32)  # fmt: skip
+        if timer is not None:
+            timer("end")
     return Grads(loss, metrics, dx, dw32 if need_dw else None, db32)
 
 
@@ -256,9 +302,14 @@ def run_two_pass(
     mod = get_backend("torch" if backend == "reference" else backend, x.device)
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     need_ent = want_entropy or head.entropy_has_grad
-    lse, zt, ent = mod.forward(x, w, targets, bias, temperature, softcap, need_ent, **opts)
+    dh = {"return_entropy_change": True} if head.needs_entropy_change else {}  # STEER exact: dH from this pass
+    out = mod.forward(x, w, targets, bias, temperature, softcap, need_ent, **dh, **opts)
+    lse, zt, ent = out[:3]
     logp = zt - lse
-    loss, metrics, _ = head.evaluate(logp, ent, keys)
+    if dh:
+        head.provide("entropy_change", entropy_change(logp, ent, out[3]))
+        ent = ent if need_ent else None  # computed for dH only
+    loss, metrics, picked = head.evaluate(logp, ent, keys)
     dx = dw = db = None
     if need_dx or need_dw or need_db:
         g_lp, g_H = head.grads(0, x.shape[0], logp, ent, (0, head.seg.B))
@@ -267,4 +318,8 @@ def run_two_pass(
                                   need_dw=need_dw, need_db=need_db, **opts)  # fmt: skip
         # kept in the compute dtype like the one-pass gradients: the op's outputs have one dtype
         dx, dw, db = (None if t is None else t.to(cdt) for t in (dx, dw, db))
+        if picked is not None and head.kind == "selection":  # Clip-Cov / KL-Cov (the one-pass schedule's
+            # out-of-memory fallback): the head gave the unselected terms, the rank-k correction the rest
+            correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp,
+                              lse, dx, dw, db)  # fmt: skip
     return Grads(loss, metrics, dx, dw, db)

@@ -7,7 +7,9 @@ V=1003: no hints; bf16 only), in bf16, fp16 and fp32, with the pinned block conf
 Per-token temperature (HAS_TEMP_VEC) adds the variant of each kernel the launchers make with a temperature
 tensor, at the aligned shape, pinned configs, bf16 (plus the one-pass epilogue without a 16-bit du copy, as
 fp32 inputs run it): the per-row 1/T is one [BLOCK_N] load that changes no tile, shared memory or dot
-lowering, and 16-bit spills are what the gate asserts. Each distinct launch becomes a case: the kernel's
+lowering, and 16-bit spills are what the gate asserts. The entropy change (HAS_ENTROPY_CHANGE) adds the fwd
+kernel with vocab splits (autotune configs too, bf16) and with one, the merge kernel, the logits variant and
+the one-pass epilogue asked for dH, in every dtype. Each distinct launch becomes a case: the kernel's
 signature is built the way ``triton.runtime.jit`` specialises arguments (ints equal to 1 become constants,
 ints divisible by 16 and 16-byte-aligned pointers get a divisibility hint, nothing else about a value is used:
 shapes stay symbolic) and compiled with triton's own AOT entry points (``triton.compiler.ASTSource`` +
@@ -148,7 +150,7 @@ def _scenarios(tb, th, dtype):  # tb: fusedrl.backends.triton, th: its head modu
     call) or (shape tag, call, False) for scenarios whose launches get no autotune expansion."""
     import torch
 
-    from fusedrl.backends.base import OnePassHead
+    from fusedrl.backends.base import EpilogueHead, OnePassHead
 
     meta = torch.device("meta")
     f32 = torch.float32
@@ -197,6 +199,20 @@ def _scenarios(tb, th, dtype):  # tb: fusedrl.backends.triton, th: its head modu
                 need_ent=bool(ent_c),
             )
             yield tag, lambda bb=bias, cc=cap, hh=head: tb.onepass_epilogue(u, t, bb, 0.7, cc, hh, du16=du16)
+        # the entropy change (HAS_ENTROPY_CHANGE: two more [BLOCK_N] sums over each tile): the fwd kernel with
+        # vocab splits (and so the merge kernel) and with one split (its own finish), over given logits, and
+        # the one-pass epilogue asked for dH; autotune configs for bf16 at the aligned shape (fp16 / fp32:
+        # pinned, the same tiles in another dtype)
+        tune = () if (tag == "aligned" and dtype == torch.bfloat16) else (False,)
+        yield (tag, lambda: tb.forward(x, w, t, b, 0.7, 30.0, True, return_entropy_change=True)) + tune
+        yield (
+            tag,
+            lambda: tb.forward(x, w, t, None, 1.0, None, False, vocab_splits=1, return_entropy_change=True),
+            False,
+        )
+        yield tag, lambda: tb.logits_forward(lg, t, 0.7, 30.0, False, return_entropy_change=True), False
+        dh_head = EpilogueHead(head, None, False, True)  # the loop's last head: no entropy bonus, no KL
+        yield tag, lambda: tb.onepass_epilogue(u, t, b, 0.7, 30.0, dh_head, du16=du16), False
         if tag == "aligned" and dtype != torch.float16:
             # per-token temperature (fp32 [N]): the HAS_TEMP_VEC variants, pinned configs only
             tv = E(n, dt=f32)

@@ -5,9 +5,11 @@ Forward: for each token chunk (``chunk_tokens``) and vocab chunk (``chunk_vocab`
 fp32 logits chunk ``x_c w_v^T`` (fp32 accumulation, bf16/fp16/fp32 inputs) into a workspace buffer,
 and one kernel applies bias / softcap / temperature and merges the chunk into running per-token
 statistics (max M, S = sum e^(z-M), B' = sum (z-M) e^(z-M)), picking up the target logit on the way.
-Only lse and entropy (8 bytes/token) are kept. Backward recomputes each logits chunk, turns it into
-``du = dz * dz/du`` in place (a 16-bit copy feeds the GEMMs for 16-bit inputs), and accumulates
-``dx += du w_v`` and ``dw_v += du^T x_c`` in fp32 (straight into the outputs for fp32 inputs).
+Only lse and entropy (8 bytes/token) are kept. ``return_entropy_change`` adds the entropy change's sums
+S2 = sum e^(2(z-M)), B2 = sum (z-M) e^(2(z-M)) (the kernels' DH variant; ``fusedrl.backends.base``).
+Backward recomputes each logits chunk, turns it into ``du = dz * dz/du`` in place (a 16-bit copy feeds
+the GEMMs for 16-bit inputs), and accumulates ``dx += du w_v`` and ``dw_v += du^T x_c`` in fp32 (straight
+into the outputs for fp32 inputs).
 
 ``temperature`` is a Python float > 0 or a per-token fp32 tensor ``[N]`` (one per row, on the rows'
 device): ``z = softcap(u + b) / T_n``. The kernels take a per-row pointer (null: the scalar), indexed by
@@ -214,22 +216,29 @@ def forward(
     softcap: Optional[float],
     return_entropy: bool,
     vocab_start: int = 0,
+    return_entropy_change: bool = False,
     **opts,
 ):
+    """(lse, zt, ent or None), or (lse, zt, ent, sq) with ``return_entropy_change``
+    (:meth:`fusedrl.backends.base.Backend.forward`)."""
     t_scalar, t_rows = check_temperature(temperature, x.shape[0], x.device, "cuda backend forward")
     idx = require(x.device)
+    dh = bool(return_entropy_change)
     if x.dtype not in DTYPE_CODE:  # fp64: no cuBLAS fp32-accumulating path worth having; be exact
         return _fallback().forward(
-            x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=vocab_start, **opts
-        )
+            x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=vocab_start,
+            return_entropy_change=dh, **opts
+        )  # fmt: skip
     n, h = x.shape
     v = w.shape[0]
     dev = x.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     zt = torch.empty(n, dtype=torch.float32, device=dev)
-    ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if (return_entropy or dh) else None
+    sq = torch.empty(2, n, dtype=torch.float32, device=dev) if dh else None
+    out = (lse, zt, ent, sq) if dh else (lse, zt, ent)
     if n == 0:
-        return lse, zt, ent
+        return out
     x = x.detach().contiguous()
     w = w.detach().to(x.dtype).contiguous()
     tg = targets.detach().to(torch.int64).contiguous()
@@ -238,7 +247,7 @@ def forward(
     overlap = _overlap(opts)
     nc, vc = plan(n, h, v, es, backward=False, opts=opts, overlap=overlap, budget=_budget(idx, opts))
     cws = _cublas_ws_bytes(idx, opts)
-    ws = torch.empty(extension().fwd_workspace_bytes(nc, vc, cws, overlap), dtype=torch.uint8, device=dev)
+    ws = torch.empty(extension().fwd_workspace_bytes(nc, vc, cws, overlap, dh), dtype=torch.uint8, device=dev)
     extension().linear_forward(
         idx,
         stream(idx),
@@ -264,8 +273,14 @@ def forward(
         cws,
         _tf32(x.dtype),
         overlap,
+        *_sq_ptrs(sq),
     )
-    return lse, zt, ent
+    return out
+
+
+def _sq_ptrs(sq: Optional[Tensor]) -> tuple[int, int]:
+    """The kernels' (P2, P2H) pointers of the entropy change's sums ``sq [2, N]`` (0, 0: not asked)."""
+    return (0, 0) if sq is None else (sq[0].data_ptr(), sq[1].data_ptr())
 
 
 def backward(
@@ -389,19 +404,30 @@ def backward(
 
 
 def logits_forward(
-    logits: Tensor, targets: Tensor, temperature: Union[float, Tensor], softcap: Optional[float], return_entropy: bool
+    logits: Tensor,
+    targets: Tensor,
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    return_entropy: bool,
+    return_entropy_change: bool = False,
+    **opts,
 ):
+    """:func:`forward` over given logits ``[N, V]`` (one row per block, no GEMM)."""
     t_scalar, t_rows = check_temperature(temperature, logits.shape[0], logits.device, "cuda backend logits_forward")
     idx = require(logits.device)
+    dh = bool(return_entropy_change)
     if logits.dtype not in DTYPE_CODE:
-        return _fallback().logits_forward(logits, targets, temperature, softcap, return_entropy)
+        extra = {"return_entropy_change": True} if dh else {}
+        return _fallback().logits_forward(logits, targets, temperature, softcap, return_entropy, **extra)
     n, v = logits.shape
     dev = logits.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     zt = torch.empty(n, dtype=torch.float32, device=dev)
-    ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    ent = torch.empty(n, dtype=torch.float32, device=dev) if (return_entropy or dh) else None
+    sq = torch.empty(2, n, dtype=torch.float32, device=dev) if dh else None
+    out = (lse, zt, ent, sq) if dh else (lse, zt, ent)
     if n == 0:
-        return lse, zt, ent
+        return out
     lg = logits.detach().contiguous()
     tg = targets.detach().to(torch.int64).contiguous()
     extension().logits_forward(
@@ -418,8 +444,9 @@ def logits_forward(
         lse.data_ptr(),
         zt.data_ptr(),
         ptr(ent),
+        *_sq_ptrs(sq),
     )
-    return lse, zt, ent
+    return out
 
 
 def logits_backward(

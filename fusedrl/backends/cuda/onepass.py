@@ -8,7 +8,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..base import EpilogueHead, EpilogueOut, OnePassHead, check_epilogue
+from ..base import EpilogueHead, EpilogueOut, OnePassHead, check_epilogue, entropy_change, wants_dh
 from .extension import DTYPE_CODE, NOT_BUILT, extension, lock, ptr, stream
 
 Tensor = torch.Tensor
@@ -52,19 +52,20 @@ def onepass_epilogue(
         temperature: ``T`` of ``z = softcap(u + b) / T``: a float > 0, or an fp32 ``[Nc]`` tensor on u's
             device holding the chunk's per-token temperatures (row n uses ``T_n``).
         softcap: softcap value, None = off.
-        head: an :class:`EpilogueHead` (its ``codes`` are used) or an :class:`OnePassHead`.
+        head: an :class:`EpilogueHead` (its ``codes`` and ``need_dh`` are used) or an :class:`OnePassHead`.
         du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``,
             rounded once from the fp32 value (the operand of the two gradient GEMMs).
         opts: accepted and ignored (other backends' options).
 
     Returns:
-        :class:`EpilogueOut` ``(logp, ent, lse, g_lp, g_H, du=u)``, fp32 ``[Nc]``; ``ent`` is None when
-        neither ``head.need_ent`` nor an entropy bonus asks for it. ``g_lp = w (coef + kl_coef dKL/dlogp)``,
-        ``g_H = -w ent_coef``.
+        :class:`EpilogueOut` ``(logp, ent, lse, g_lp, g_H, du=u, dh)``, fp32 ``[Nc]``; ``ent`` is None when
+        neither ``head.need_ent``, ``head.need_dh`` nor an entropy bonus asks for it. ``g_lp = w (coef +
+        kl_coef dKL/dlogp)``, ``g_H = -w ent_coef``; ``dh`` the entropy change when ``head.need_dh``.
     """
     ext = extension()
     if ext is None:
         raise RuntimeError(NOT_BUILT)
+    need_dh = wants_dh(head)
     if isinstance(head, EpilogueHead):
         if head.codes is None:
             raise ValueError("onepass_epilogue: the cuda epilogue needs head.codes (a kernel formula set)")
@@ -76,9 +77,10 @@ def onepass_epilogue(
         raise RuntimeError(f"onepass_epilogue runs on CUDA (kernel) and CPU (host loop), not {dev.type}")
     du16_code = DTYPE_CODE[du16.dtype] if du16 is not None else -1
     logp, lse, g_lp, g_H = (torch.empty(nc, dtype=torch.float32, device=dev) for _ in range(4))
-    ent = torch.empty(nc, dtype=torch.float32, device=dev) if a.has_ent else None
+    ent = torch.empty(nc, dtype=torch.float32, device=dev) if (a.has_ent or need_dh) else None
+    sq = torch.empty(2, nc, dtype=torch.float32, device=dev) if need_dh else None
     if nc == 0:
-        return EpilogueOut(logp, ent, lse, g_lp, g_H, u)
+        return EpilogueOut(logp, ent, lse, g_lp, g_H, u, sq[0] if need_dh else None)
     # Python floats become fp32 arguments: the rounding of torch ops with a Python scalar on fp32 tensors
     args = (
         u.data_ptr(),
@@ -111,13 +113,16 @@ def onepass_epilogue(
         ptr(du16),
         (du16.stride(0) if nc > 1 else v) if du16 is not None else 0,
         du16_code,
+        0 if sq is None else sq[0].data_ptr(),
+        0 if sq is None else sq[1].data_ptr(),
     )
     if dev.type == "cuda":
         idx = _onepass_device(u)
         ext.onepass_epilogue(idx, stream(idx), *args)
     else:
         ext.onepass_epilogue_host(*args)
-    return EpilogueOut(logp, ent, lse, g_lp, g_H, u)
+    dh = entropy_change(logp, ent, sq) if need_dh else None
+    return EpilogueOut(logp, ent, lse, g_lp, g_H, u, dh)
 
 
 def onepass_supports(head: EpilogueHead, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

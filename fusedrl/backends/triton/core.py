@@ -53,16 +53,23 @@ def cap_value(softcap: Optional[float]) -> float:
     return float(softcap) if softcap is not None else 1.0
 
 
-def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap, return_entropy, is_logits, opts):
+def _launch_fwd(
+    x, w, bias, targets, n, v, h, vocab_start, temperature, softcap, return_entropy, is_logits, opts, dh=False
+):
+    """(lse, zt, ent or None), and sq [2, N] appended with ``dh`` (the entropy change's sums; the
+    entropy is then always computed)."""
     dev = x.device
     cfg = C.block_config(dev, opts, x.dtype)
     bn, bv, bh, nw, ns = cfg["fwd"]
     tp = check_temp(temperature, n, dev, "logits_forward" if is_logits else "forward")
+    return_entropy = bool(return_entropy) or dh
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     zt = torch.zeros(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev) if return_entropy else None
+    sq = torch.empty(2, n, dtype=torch.float32, device=dev) if dh else None
+    out = (lse, zt, ent, sq) if dh else (lse, zt, ent)
     if n == 0:
-        return lse, zt, ent
+        return out
     ntb, nvb = cdiv(n, bn), cdiv(v, bv)
     splits = opts.get("vocab_splits")
     if not splits:  # enough programs for ~4 waves when N is small; 1 split once N fills the GPU
@@ -71,10 +78,11 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
     v_per = cdiv(nvb, splits) * bv
     splits = cdiv(v, v_per)
     if splits > 1:
-        part = torch.empty(3, splits, n, dtype=torch.float32, device=dev)
+        part = torch.empty(5 if dh else 3, splits, n, dtype=torch.float32, device=dev)
         pm, ps, pb = part[0], part[1], part[2]
+        ps2, pb2 = (part[3], part[4]) if dh else (lse, lse)
     else:
-        pm = ps = pb = lse
+        pm = ps = pb = ps2 = pb2 = lse
     args = (
         x,
         w if w is not None else x,
@@ -84,9 +92,12 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
         lse,
         ent if ent is not None else lse,
         zt,
+        sq if sq is not None else lse,
         pm,
         ps,
         pb,
+        ps2,
+        pb2,
         n,
         v,
         h,
@@ -109,6 +120,7 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
         IS_FP32=x.dtype == torch.float32,
         IS_IEEE=C.is_ieee(x, cfg),
         IS_INTERPRET=INTERPRET,
+        HAS_ENTROPY_CHANGE=dh,
     )
     if AUTOTUNE:
         grid = lambda META: (cdiv(n, META["BLOCK_N"]) * splits,)  # noqa: E731
@@ -120,29 +132,60 @@ def _launch_fwd(x, w, bias, targets, n, v, h, vocab_start, temperature, softcap,
     if splits > 1:
         mb = 64 if INTERPRET else 256
         K.merge_kernel[(cdiv(n, mb),)](
-            pm, ps, pb, lse, ent if ent is not None else lse, n, splits, BLOCK_N=mb, HAS_ENTROPY=bool(return_entropy)
+            pm,
+            ps,
+            pb,
+            ps2,
+            pb2,
+            lse,
+            ent if ent is not None else lse,
+            sq if sq is not None else lse,
+            n,
+            splits,
+            BLOCK_N=mb,
+            HAS_ENTROPY=bool(return_entropy),
+            HAS_ENTROPY_CHANGE=dh,
         )
-    return lse, zt, ent
+    return out
 
 
 @launches_on_first_arg_device
-def forward(x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, **opts):
-    """(lse, zt, ent|None) over the local vocabulary shard; see the module docstring."""
+def forward(
+    x, w, targets, bias, temperature, softcap, return_entropy, vocab_start=0, return_entropy_change=False, **opts
+):
+    """(lse, zt, ent|None) over the local vocabulary shard, and the entropy change's sums ``sq [2, N]``
+    appended with ``return_entropy_change`` (:meth:`fusedrl.backends.base.Backend.forward`); see the
+    module docstring."""
     check_dtype(x)
     x, w, targets = x.contiguous(), w.contiguous(), targets.contiguous()
     bias = bias.contiguous() if bias is not None else None
     n, h = x.shape
     return _launch_fwd(
-        x, w, bias, targets, n, w.shape[0], h, vocab_start, temperature, softcap, return_entropy, False, opts
+        x,
+        w,
+        bias,
+        targets,
+        n,
+        w.shape[0],
+        h,
+        vocab_start,
+        temperature,
+        softcap,
+        return_entropy,
+        False,
+        opts,
+        bool(return_entropy_change),
     )
 
 
 @launches_on_first_arg_device
-def logits_forward(logits, targets, temperature, softcap, return_entropy, **opts):
+def logits_forward(logits, targets, temperature, softcap, return_entropy, return_entropy_change=False, **opts):
+    """:func:`forward` over given logits ``[N, V]``."""
     check_dtype(logits)
     logits, targets = logits.contiguous(), targets.contiguous()
     n, v = logits.shape
-    return _launch_fwd(logits, None, None, targets, n, v, 0, 0, temperature, softcap, return_entropy, True, opts)
+    dh = bool(return_entropy_change)
+    return _launch_fwd(logits, None, None, targets, n, v, 0, 0, temperature, softcap, return_entropy, True, opts, dh)
 
 
 def _launch_du(

@@ -104,9 +104,12 @@ if triton is not None:
         LSE,
         ENT,
         ZT,
+        SQ,
         PART_M,
         PART_S,
         PART_B,
+        PART_S2,
+        PART_B2,
         N,
         V,
         H,
@@ -131,9 +134,11 @@ if triton is not None:
         IS_FP32: tl.constexpr,
         IS_IEEE: tl.constexpr,
         IS_INTERPRET: tl.constexpr,
+        HAS_ENTROPY_CHANGE: tl.constexpr,
     ):
         """Online (M, S, B') and target logit over one vocab split for one token block
-        (HAS_TEMP_VEC: per-token 1/T from INV_TEMP [N], else the scalar inv_temp)."""
+        (HAS_TEMP_VEC: per-token 1/T from INV_TEMP [N], else the scalar inv_temp). HAS_ENTROPY_CHANGE
+        (with HAS_ENTROPY): also (S2, B2), finished into SQ [2, N] = (sum p^2, sum p^2 (log p + H))."""
         pid_n, pid_s = _swizzle(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_splits, BLOCK_GROUP)
         rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
@@ -145,6 +150,8 @@ if triton is not None:
         m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for v0 in range(v_lo, v_hi, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
@@ -176,7 +183,10 @@ if triton is not None:
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
             hit = (cols[None, :] == tgt[:, None]) & col_mask[None, :]
             zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-            m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
+            if HAS_ENTROPY_CHANGE:
+                m, s, b, s2, b2 = tm.online_update_sq(m, s, b, s2, b2, z, HAS_ENTROPY, HAS_ENTROPY_CHANGE)
+            else:
+                m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
 
         in_split = (tgt >= v_lo) & (tgt < v_hi)
         tl.store(ZT + rows, zt, mask=row_mask & in_split)  # exactly one program owns a token's zt
@@ -186,39 +196,66 @@ if triton is not None:
             tl.store(PART_S + off, s, mask=row_mask)
             if HAS_ENTROPY:
                 tl.store(PART_B + off, b, mask=row_mask)
+            if HAS_ENTROPY_CHANGE:
+                tl.store(PART_S2 + off, s2, mask=row_mask)
+                tl.store(PART_B2 + off, b2, mask=row_mask)
         else:
             lse, ent = tm.finish_stats(m, s, b)
             tl.store(LSE + rows, lse, mask=row_mask)
             if HAS_ENTROPY:
                 tl.store(ENT + rows, ent, mask=row_mask)
+            if HAS_ENTROPY_CHANGE:
+                q, c = tm.finish_sq(s, b, s2, b2)
+                tl.store(SQ + rows, q, mask=row_mask)
+                tl.store(SQ + N + rows, c, mask=row_mask)
 
     @triton.jit
-    def merge_kernel(PART_M, PART_S, PART_B, LSE, ENT, N, n_splits, BLOCK_N: tl.constexpr, HAS_ENTROPY: tl.constexpr):
-        """Merge the per-split (M, S, B') partials ([splits, N] fp32) into LSE and entropy."""
+    def merge_kernel(
+        PART_M,
+        PART_S,
+        PART_B,
+        PART_S2,
+        PART_B2,
+        LSE,
+        ENT,
+        SQ,
+        N,
+        n_splits,
+        BLOCK_N: tl.constexpr,
+        HAS_ENTROPY: tl.constexpr,
+        HAS_ENTROPY_CHANGE: tl.constexpr,
+    ):
+        """Merge the per-split (M, S, B') partials ([splits, N] fp32) into LSE and entropy; with
+        HAS_ENTROPY_CHANGE also the (S2, B2) partials into SQ [2, N] (as fwd_kernel)."""
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         off = rows
         for _ in range(0, n_splits):
             ms = tl.load(PART_M + off, mask=row_mask, other=0.0)
             ss = tl.load(PART_S + off, mask=row_mask, other=1.0)
-            m_new = tl.maximum(m, ms)
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits of -inf logits stay NaN-free
-            a_old = tl.exp(m - m_ref)
-            a_new = tl.exp(ms - m_ref)
+            bs = ss
             if HAS_ENTROPY:
                 bs = tl.load(PART_B + off, mask=row_mask, other=0.0)
-                shift = (tl.where(s > 0, m, m_ref) - m_ref) * s
-                b = a_old * (b + shift) + a_new * (bs + (tl.where(ss > 0, ms, m_ref) - m_ref) * ss)
-            s = s * a_old + ss * a_new
-            m = m_new
+            if HAS_ENTROPY_CHANGE:
+                s2s = tl.load(PART_S2 + off, mask=row_mask, other=0.0)
+                b2s = tl.load(PART_B2 + off, mask=row_mask, other=0.0)
+                m, s, b, s2, b2 = tm.merge_sq(m, s, b, s2, b2, ms, ss, bs, s2s, b2s, HAS_ENTROPY, True)
+            else:
+                m, s, b, _, _ = tm.merge_sq(m, s, b, s, s, ms, ss, bs, ss, ss, HAS_ENTROPY, False)
             off += N
         lse, ent = tm.finish_stats(m, s, b)
         tl.store(LSE + rows, lse, mask=row_mask)
         if HAS_ENTROPY:
             tl.store(ENT + rows, ent, mask=row_mask)
+        if HAS_ENTROPY_CHANGE:
+            q, c = tm.finish_sq(s, b, s2, b2)
+            tl.store(SQ + rows, q, mask=row_mask)
+            tl.store(SQ + N + rows, c, mask=row_mask)
 
     @triton.jit
     def _du_tile(

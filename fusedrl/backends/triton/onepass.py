@@ -12,7 +12,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..base import EpilogueHead, EpilogueOut, OnePassHead, check_epilogue
+from ..base import EpilogueHead, EpilogueOut, OnePassHead, check_epilogue, entropy_change, wants_dh
 from ..device import launches_on_first_arg_device
 from . import config as C
 from . import kernels as K
@@ -41,6 +41,7 @@ if triton is not None:
         LSE,
         G_LP,
         G_H,
+        SQ,
         n_rows,
         V,
         stride_u,
@@ -66,6 +67,7 @@ if triton is not None:
         HAS_DU16: tl.constexpr,
         HAS_TEMP_VEC: tl.constexpr,
         IS_INTERPRET: tl.constexpr,
+        HAS_ENTROPY_CHANGE: tl.constexpr,
     ):
         """One-pass row epilogue (docs/one-pass.md) for BLOCK_N rows of the fp32 logits workspace U.
 
@@ -74,6 +76,8 @@ if triton is not None:
         whose OLD / ADV / REF are never read). Pass 2: du written over U (and as DU16's dtype into
         DU16); rows with w = 0 get du = 0 without reading U. No tl.dot: the interpreter runs it as is.
         HAS_TEMP_VEC: the chunk's per-token 1/T from INV_TEMP [n_rows], else the scalar inv_temp.
+        HAS_ENTROPY_CHANGE (with HAS_ENTROPY): pass 1 also sums (S2, B2) -> SQ [2, n_rows] = (sum p^2,
+        sum p^2 (log p + H)), the entropy change's row sums.
         """
         rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < n_rows
@@ -85,6 +89,8 @@ if triton is not None:
         m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
         s = tl.zeros((BLOCK_N,), dtype=tl.float32)
         b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + offs_v
             col_mask = cols < V
@@ -93,8 +99,15 @@ if triton is not None:
                 u += tl.load(BIAS + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
             z, t1 = tm.transform(u, inv_t, softcap, HAS_SOFTCAP)
             z = tl.where(col_mask[None, :], z, float("-inf"))  # never 0: 0 would corrupt LSE
-            m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
+            if HAS_ENTROPY_CHANGE:
+                m, s, b, s2, b2 = tm.online_update_sq(m, s, b, s2, b2, z, HAS_ENTROPY, HAS_ENTROPY_CHANGE)
+            else:
+                m, s, b = tm.online_update(m, s, b, z, HAS_ENTROPY)
         lse, ent = tm.finish_stats(m, s, b)
+        if HAS_ENTROPY_CHANGE:
+            q, c = tm.finish_sq(s, b, s2, b2)
+            tl.store(SQ + rows, q, mask=row_mask)
+            tl.store(SQ + n_rows + rows, c, mask=row_mask)
         # target logit: same transform of the same value as in the loop (0 for an out-of-range target,
         # as the fused forward)
         t_ok = row_mask & (tgt >= 0) & (tgt < V)
@@ -160,18 +173,20 @@ def onepass_epilogue(
         temperature: ``T``: a float > 0, or an fp32 ``[Nc]`` tensor on u's device holding the chunk's
             per-token temperatures (row n uses ``T_n``).
         softcap: softcap value, None = off.
-        head: an :class:`EpilogueHead` (its ``codes`` are used) or an :class:`OnePassHead`.
+        head: an :class:`EpilogueHead` (its ``codes`` and ``need_dh`` are used) or an :class:`OnePassHead`.
         du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``.
         opts: ``triton_config`` (dict overriding the pinned ``epilogue`` block config); other options
             of the contract (scratch buffers, prescaling) do not apply to a kernel and are ignored.
 
     Returns:
-        :class:`EpilogueOut` ``(logp, ent, lse, g_lp, g_H, du=u)``, fp32 ``[Nc]``; ``ent`` and ``g_H`` are
-        None when neither ``head.need_ent`` nor ``head.ent_coef`` asks for the entropy. ``db``
+        :class:`EpilogueOut` ``(logp, ent, lse, g_lp, g_H, du=u, dh)``, fp32 ``[Nc]``; ``ent`` and ``g_H``
+        are None when neither ``head.need_ent`` nor ``head.ent_coef`` asks for the entropy (``ent`` is
+        returned with ``need_dh`` too); ``dh`` the entropy change when ``head.need_dh``, else None. ``db``
         (``du.sum(0)``) is the caller's: it needs a column reduction across rows.
 
     Bad arguments raise TypeError / ValueError naming them (:func:`fusedrl.backends.base.check_epilogue`).
     """
+    need_dh = wants_dh(head)
     if isinstance(head, EpilogueHead):
         if head.codes is None:
             raise ValueError("onepass_epilogue: the triton epilogue needs head.codes (a kernel formula set)")
@@ -181,11 +196,13 @@ def onepass_epilogue(
     dev = u.device
     tp = inv_temp(a.temperature, a.temp_vec)
     f32 = dict(dtype=torch.float32, device=dev)
+    has_ent = a.has_ent or need_dh  # the entropy change needs H
     logp, lse, g_lp = torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(n, **f32)
-    ent = torch.empty(n, **f32) if a.has_ent else None
-    g_h = torch.empty(n, **f32) if a.has_ent else None
+    ent = torch.empty(n, **f32) if has_ent else None
+    g_h = torch.empty(n, **f32) if has_ent else None
+    sq = torch.empty(2, n, **f32) if need_dh else None
     if n == 0:
-        return EpilogueOut(logp, ent, lse, g_lp, g_h, u)
+        return EpilogueOut(logp, ent, lse, g_lp, g_h if a.has_ent else None, u, sq[0] if need_dh else None)
     cfg = C.block_config(dev, opts)
     bn, bv, nw, ns = cfg["epilogue"]
     _onepass_kernel[(cdiv(n, bn),)](
@@ -203,6 +220,7 @@ def onepass_epilogue(
         lse,
         g_lp,
         g_h if g_h is not None else lse,
+        sq if sq is not None else lse,
         n,
         v,
         u.stride(0),
@@ -222,16 +240,18 @@ def onepass_epilogue(
         BLOCK_V=bv,
         HAS_BIAS=a.bias is not None,
         HAS_SOFTCAP=a.softcap is not None,
-        HAS_ENTROPY=a.has_ent,
+        HAS_ENTROPY=has_ent,
         HAS_ENT_GRAD=a.ent_coef != 0.0,
         HAS_KL=a.kl_coef != 0.0,
         HAS_DU16=du16 is not None,
         HAS_TEMP_VEC=tp.inv_vec is not None,
         IS_INTERPRET=INTERPRET,
+        HAS_ENTROPY_CHANGE=need_dh,
         num_warps=nw,
         num_stages=ns,
     )
-    return EpilogueOut(logp, ent, lse, g_lp, g_h, u)
+    dh = entropy_change(logp, ent, sq) if need_dh else None
+    return EpilogueOut(logp, ent, lse, g_lp, g_h if a.has_ent else None, u, dh)
 
 
 def onepass_supports(head: EpilogueHead, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

@@ -7,7 +7,9 @@ shape (scalars, ``[BLOCK_N]`` rows, ``[BLOCK_N, BLOCK_V]`` tiles) unless it says
 Logit transform and softmax statistics (docs/design.md, the core math)
     :func:`tanh` (no libdevice: the interpreter has none), :func:`transform` (``z = softcap(u) / T``),
     :func:`online_update` / :func:`finish_stats` (per-row running ``M``, ``S = sum e^(z-M)``,
-    ``B' = sum (z-M) e^(z-M)``; ``LSE = M + log S``, ``H = log S - B'/S``) and :func:`dz_du`
+    ``B' = sum (z-M) e^(z-M)``; ``LSE = M + log S``, ``H = log S - B'/S``), :func:`online_update_sq` /
+    :func:`finish_sq` (the same plus the entropy change's ``S2 = sum e^(2(z-M))``, ``B2 = sum (z-M)
+    e^(2(z-M))``; ``sum p^2 = S2/S^2``, ``sum p^2 (log p + H) = (B2 - S2 B'/S)/S^2``) and :func:`dz_du`
     (``dz = g_lp (1[target] - p) - g_H p (z - LSE + H)``, ``du = dz dz/du``; a ``-inf`` logit has
     ``p = 0`` and ``du = 0``, never ``0 * inf``), and :func:`mma` (``tl.dot`` with fp32 accumulation:
     tf32x3 for fp32 operands unless IS_IEEE; operands upcast in the interpreter).
@@ -73,6 +75,14 @@ if triton is not None:
     @triton.jit
     def online_update(m, s, b, z, HAS_ENTROPY: tl.constexpr):
         """Fold a [rows, cols] tile of logits z (masked columns -inf) into the running (M, S, B')."""
+        m_new, s, b, _, _ = online_update_sq(m, s, b, s, b, z, HAS_ENTROPY, False)
+        return m_new, s, b
+
+    @triton.jit
+    def online_update_sq(m, s, b, s2, b2, z, HAS_ENTROPY: tl.constexpr, HAS_ENTROPY_CHANGE: tl.constexpr):
+        """:func:`online_update` and, with HAS_ENTROPY_CHANGE (needs HAS_ENTROPY), the entropy change's
+        running S2 = sum e^(2(z-M)) and B2 = sum (z-M) e^(2(z-M)), rescaled by alpha^2 when M grows
+        (s2, b2 are returned unchanged without it)."""
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # rescale against a finite reference: a tile of -inf logits (masked vocabulary) keeps m = -inf
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -84,14 +94,48 @@ if triton is not None:
             # (NaN-free: -inf * 0 never formed, even in a discarded where branch)
             shift = (tl.where(s > 0, m, m_ref) - m_ref) * s
             b = alpha * (b + shift) + tl.sum(tl.where(e > 0, zc, 0.0) * e, axis=1)
+            if HAS_ENTROPY_CHANGE:
+                # (z - M) e^2 as its own product: reusing (z - M) e here spills on sm_80 (the AOT gate)
+                a2 = alpha * alpha
+                shift2 = (tl.where(s2 > 0, m, m_ref) - m_ref) * s2
+                e2 = e * e
+                b2 = a2 * (b2 + shift2) + tl.sum(tl.where(e > 0, zc, 0.0) * e2, axis=1)
+                s2 = s2 * a2 + tl.sum(e2, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
-        return m_new, s, b
+        return m_new, s, b, s2, b2
+
+    @triton.jit
+    def merge_sq(m, s, b, s2, b2, ms, ss, bs, s2s, b2s, HAS_ENTROPY: tl.constexpr, HAS_ENTROPY_CHANGE: tl.constexpr):
+        """Merge running statistics (m, s, b, s2, b2) with a part's (ms, ss, bs, s2s, b2s) ([rows]; vocab
+        splits); s2, b2 / b are returned unchanged without HAS_ENTROPY_CHANGE / HAS_ENTROPY."""
+        m_new = tl.maximum(m, ms)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # splits of -inf logits stay NaN-free
+        a_old = tl.exp(m - m_ref)
+        a_new = tl.exp(ms - m_ref)
+        if HAS_ENTROPY:
+            shift = (tl.where(s > 0, m, m_ref) - m_ref) * s
+            b = a_old * (b + shift) + a_new * (bs + (tl.where(ss > 0, ms, m_ref) - m_ref) * ss)
+            if HAS_ENTROPY_CHANGE:
+                q_old = a_old * a_old
+                q_new = a_new * a_new
+                shift2 = (tl.where(s2 > 0, m, m_ref) - m_ref) * s2
+                b2 = q_old * (b2 + shift2) + q_new * (b2s + (tl.where(s2s > 0, ms, m_ref) - m_ref) * s2s)
+                s2 = s2 * q_old + s2s * q_new
+        s = s * a_old + ss * a_new
+        return m_new, s, b, s2, b2
 
     @triton.jit
     def finish_stats(m, s, b):
         """(LSE, H) from the running statistics: LSE = M + log S, H = log S - B'/S."""
         log_s = tl.log(s)
         return m + log_s, log_s - b / s
+
+    @triton.jit
+    def finish_sq(s, b, s2, b2):
+        """The entropy change's row sums (sum p^2, sum p^2 (log p + H)) = (S2/S^2, (B2 - S2 B'/S)/S^2):
+        log p + H = (z - M) - B'/S, no log S to cancel (fusedrl.backends.base.entropy_change)."""
+        inv = 1.0 / s
+        return (s2 * inv) * inv, ((b2 - s2 * (b * inv)) * inv) * inv
 
     @triton.jit
     def dz_du(z, t, hit, valid, lse, ent, g_lp, g_h, inv_temp, HAS_SOFTCAP: tl.constexpr, HAS_ENTROPY: tl.constexpr):
