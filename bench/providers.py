@@ -23,7 +23,17 @@ from typing import Callable, Optional
 
 import torch
 
-from .cases import CLIP_COV_LOSS, DEFAULT_LOSS, KL_COV_LOSS, Case, CaseSpec, LossSemantics, build_case, grpo_loss
+from .cases import (
+    CLIP_COV_LOSS,
+    DEFAULT_LOSS,
+    KL_COV_LOSS,
+    Case,
+    CaseSpec,
+    LossSemantics,
+    _pad_bt,
+    build_case,
+    grpo_loss,
+)
 
 Tensor = torch.Tensor
 
@@ -227,6 +237,121 @@ class FusedRLLoss(FusedRL):
         return loss
 
 
+class FusedRLReplayLoss(FusedRLLoss):
+    """fusedrl.fused_policy_loss on the sampler's kept sets (sampling replay, kept entropy): ``topk20`` (the top
+    20 logits of each token) or ``topp95`` (top_p=0.95 under top_k=512, vLLM's rule). The sets are derived from
+    the case's own logits once, in row chunks, outside the timed calls (the first, warm-up call)."""
+
+    oracle = False  # a kept-set loss: the full-vocabulary fp64 oracle does not apply (tests check its parity)
+
+    def __init__(self, backend: str, kept: str, semantics: LossSemantics = DEFAULT_LOSS):
+        super().__init__(backend, semantics=semantics)
+        self.kept = kept
+        self.name = f"fusedrl-{_LOSS_TAGS[semantics.loss_mode]}-{backend}-{kept}"
+        what = {"topk20": "top-20 kept sets", "topp95": "top_p=0.95 (top_k=512) kept sets"}[kept]
+        self.note = f"fusedrl.fused_policy_loss(backend={backend!r}, sampling_mask=<{what}>, " \
+                    f"entropy_support='kept'): {semantics.describe()}"  # fmt: skip
+        self._sets: dict[int, torch.Tensor] = {}
+
+    def _kept_sets(self, case) -> torch.Tensor:
+        key = id(case.x)
+        if key not in self._sets:
+            from fusedrl.replay import check_truncation, keep_mask
+
+            rows = []
+            with torch.no_grad():
+                for a in range(0, case.x.shape[0], 256):
+                    z = case.x[a : a + 256].float() @ case.w.float().t()
+                    if self.kept == "topk20":
+                        rows.append(z.topk(20, -1).indices)
+                        continue
+                    m = keep_mask(z, check_truncation(512, 0.95, None, (z.shape[0],), z.device, False))
+                    srt = m.to(torch.int8).sort(dim=-1, descending=True, stable=True)
+                    rows.append(torch.where(srt.values[:, :512] > 0, srt.indices[:, :512], -1))
+            ids = torch.cat(rows)
+            width = max(int((ids >= 0).sum(-1).max()), 1)
+            self._sets = {key: ids[:, :width].contiguous()}
+        return self._sets[key]
+
+    def forward(self, case):
+        import fusedrl
+
+        mask_bt = _pad_bt(self._kept_sets(case), case.B, case.T)  # padding rows: masked tokens
+        loss, _metrics = fusedrl.fused_policy_loss(
+            case.x_bt(), case.w, case.targets_bt(), case.old_logp, case.adv_bt(), case.mask,
+            config=self.semantics.policy_config(), backend=self.backend, schedule=self.schedule,
+            sampling_mask=mask_bt, entropy_support="kept",
+        )  # fmt: skip
+        return loss
+
+
+class FusedRLEntropyChange(FusedRL):
+    """fusedrl.linear_logprob_entropy(..., return_entropy_change=True): the forward with ``dH`` (two more row
+    sums), against the same call without it."""
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.name = f"fusedrl-{backend}+dh"
+        self.note = f"fusedrl.linear_logprob_entropy(backend={backend!r}, return_entropy_change=True)"
+
+    def forward(self, case):
+        import fusedrl
+
+        logp, ent, _dh = fusedrl.linear_logprob_entropy(case.x, case.w, case.targets, backend=self.backend,
+                                                        return_entropy_change=True)  # fmt: skip
+        return logp, ent
+
+
+#: the entropy-control rows: config fields over the default PPO + entropy bonus, and their per-token inputs
+METHODS = {
+    "steer": "loss_mode='steer' (linear weights 0.8-1.2 over the batch: two passes) + old_entropy",
+    "bapo": "loss_mode='bapo', bounds searched over [0.6, 0.9] x [1.2, 3.0] in steps of 0.05 on the device",
+    "rlplus": "loss_mode='rl_plus' + external_mask (one sequence in eight), gamma 0.5",
+    "segment": "importance_sampling_level='segment' (SSPO), segments of 32 tokens",
+}
+
+
+class FusedRLMethodLoss(FusedRLLoss):
+    """fusedrl.fused_policy_loss with an entropy-control method (docs/entropy-control.md)."""
+
+    oracle = False  # not the GRPO loss of the fp64 oracle: the tests check these against the authors' code
+
+    def __init__(self, backend: str, method: str):
+        super().__init__(backend)
+        self.method = method
+        self.name = f"fusedrl-{method}-{backend}"
+        self.note = f"fusedrl.fused_policy_loss(backend={backend!r}): {METHODS[method]}; {DEFAULT_LOSS.describe()}"
+
+    def _config_and_side(self, case):
+        import dataclasses
+
+        cfg = self.semantics.policy_config()
+        B, T = case.B, case.T
+        g = torch.Generator().manual_seed(3)
+        if self.method == "steer":
+            cfg = dataclasses.replace(cfg, loss_mode="steer")
+            return cfg, {"old_entropy": torch.rand(B, T, generator=g).to(case.x.device) * 3}
+        if self.method == "bapo":
+            return dataclasses.replace(cfg, loss_mode="bapo", bapo_ratio_lower_start=0.6, bapo_ratio_lower_max=0.9,
+                                       bapo_ratio_upper_start=1.2, bapo_ratio_upper_max=3.0), {}  # fmt: skip
+        if self.method == "rlplus":
+            ext = torch.zeros(B, T, dtype=torch.bool, device=case.x.device)
+            ext[::8] = True
+            return dataclasses.replace(cfg, loss_mode="rl_plus", clip_ratio_c=None), {"external_mask": ext}
+        seg = (torch.arange(T, device=case.x.device) // 32).expand(B, T)
+        return dataclasses.replace(cfg, importance_sampling_level="segment"), {"segment_ids": seg}
+
+    def forward(self, case):
+        import fusedrl
+
+        cfg, side = self._config_and_side(case)
+        loss, _metrics = fusedrl.fused_policy_loss(
+            case.x_bt(), case.w, case.targets_bt(), case.old_logp, case.adv_bt(), case.mask, config=cfg,
+            backend=self.backend, schedule=self.schedule, **side,
+        )  # fmt: skip
+        return loss
+
+
 # --------------------------------------------------------------------------------------------------
 # peers (optional)
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +522,7 @@ def all_providers(filter_eps="auto") -> list[Provider]:
     """Every provider the suite knows, in table order (availability is checked later)."""
     out: list[Provider] = [Eager(), Compiled()]
     for b in FUSEDRL_BACKENDS:
-        out.append(FusedRL(b))
+        out += [FusedRL(b), FusedRLEntropyChange(b)]
         if b in FILTER_BACKENDS and filter_eps is not None:
             out.append(FusedRL(b, filter_eps))
     out += [Liger(), VerlTriton(), VerlTorch(), CCE()]
@@ -408,7 +533,10 @@ def all_providers(filter_eps="auto") -> list[Provider]:
             FusedRLLoss(b, schedule="recompute"),
             FusedRLLoss(b, semantics=KL_COV_LOSS),
             FusedRLLoss(b, semantics=CLIP_COV_LOSS),
+            FusedRLReplayLoss(b, "topk20"),
+            FusedRLReplayLoss(b, "topp95"),
         ]
+        out += [FusedRLMethodLoss(b, m) for m in METHODS]
     out.append(LigerGRPO())
     return out
 

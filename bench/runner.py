@@ -51,9 +51,20 @@ PRESETS = {
         regime="both",
         repeats=3,
         warmup=1,
-        tasks=["loss"],
-        providers=["eager-grpo", "compile-grpo", "fusedrl-grpo-torch", "fusedrl-klcov-torch", "fusedrl-clipcov-torch"],
-    ),
+        tasks=["loss", "core"],
+        providers=[
+            "eager-grpo",
+            "compile-grpo",
+            "fusedrl-grpo-torch",
+            "fusedrl-klcov-torch",
+            "fusedrl-clipcov-torch",
+            "fusedrl-steer-torch",
+            "fusedrl-bapo-torch",
+            "fusedrl-rlplus-torch",
+            "fusedrl-segment-torch",
+            "fusedrl-torch",
+        ],
+    ),  # fmt: skip
     # docs/design.md targets (fused loss), GPU line: the fused loss on every backend with the peers, headline shape
     "headline-loss": dict(
         device="cuda", n=[8192], h=4096, v=[151936], dtype="bf16", regime="both", repeats=10, warmup=3, tasks=["loss"]
@@ -371,7 +382,7 @@ class Ref:
 
 
 def _errors(p: Provider, case: Case, ref: Optional[Ref], out) -> dict:
-    if ref is None:
+    if ref is None or not getattr(p, "oracle", True):
         return {}
     r = ref.r
     e = {}

@@ -25,7 +25,9 @@ from .loss.entropy_control import ENTROPY_CONTROL_INPUTS, computes_entropy_chang
 from .loss.heads import kernels_for
 from .loss.inputs import Batch, check_mask_dtype, flatten_batch, require_tensor
 from .loss.policy import check_optional_inputs, evaluate
-from .ops import CoreCall, core_options, prepare_core, run_core
+from .ops import CoreCall, core_options, prepare_core, run_core, run_replay_core
+from .replay import check_truncation
+from .replay.kept import ENTROPY_SUPPORTS, replay_metrics
 
 __all__ = ["fused_policy_loss", "FusedPolicyLoss"]
 
@@ -102,10 +104,11 @@ def prepare(
     hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias, cu_seqlens, temperature, softcap, config,
     backend, process_group, return_entropy, global_num_tokens, global_num_seqs, norm_len, check_inputs, schedule,
     memory_budget_mb, rollout_logp, rollout_is_weights, grad_filter_eps, deterministic, tp_reduce_dx, workspace_mb,
-    entropy_side=None,
+    entropy_side=None, replay_args=None,
 ) -> FusedCall:  # fmt: skip
     """Check every argument of :func:`fused_policy_loss` (errors name the argument the caller passed);
-    ``entropy_side``: the entropy-control inputs by name (``old_entropy``, ``entropy_change``, ...)."""
+    ``entropy_side``: the entropy-control inputs by name (``old_entropy``, ``entropy_change``, ...);
+    ``replay_args``: ``sampling_mask``, ``entropy_support``, ``top_k``, ``top_p``, ``min_p``."""
     cfg = with_normalisers(config, global_num_tokens, global_num_seqs, norm_len)
     schedule = check_schedule(schedule)
     budget = check_budget(memory_budget_mb)
@@ -127,14 +130,20 @@ def prepare(
     # padding ids (-100, a pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
     temperature = _per_token_temperature(temperature, targets, cu_seqlens)
+    want_entropy = reads_entropy(cfg) or bool(return_entropy)
+    replay = dict(replay_args or {}, need_entropy=want_entropy, valid=mask != 0)
     core = prepare_core(hidden, weight, targets, bias, temperature, softcap, backend, process_group, grad_filter_eps,
-                        deterministic, check_inputs, tp_reduce_dx, workspace_mb)  # fmt: skip
+                        deterministic, check_inputs, tp_reduce_dx, workspace_mb, replay_args=replay)  # fmt: skip
     side = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "rollout_is_weights": rollout_is_weights}
     side.update({k: (entropy_side or {}).get(k) for k in ENTROPY_CONTROL_INPUTS})
     batch = flatten_batch("targets", tuple(targets.shape), core.device, old_logp, advantages, mask, cu_seqlens, side,
                           check_inputs)  # fmt: skip
     check_optional_inputs(cfg, set(batch.side), entropy_known=False)
-    want_entropy = reads_entropy(cfg) or bool(return_entropy)
+    if core.replay is not None and computes_entropy_change(cfg, batch.side):
+        raise ValueError(
+            "sampling_mask / top_k / top_p / min_p: STEER's exact form (steer_exact) computes the entropy change over "
+            "the full vocabulary in the pass; under sampling replay pass entropy_change= yourself"
+        )
     given = {k: v for k, v in side.items() if v is not None}
     return FusedCall(core, batch, cfg, schedule, budget, want_entropy, given, old_logp, advantages, mask, cu_seqlens)
 
@@ -151,6 +160,8 @@ def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
         t is not None and t.requires_grad for t in (core.hidden, core.weight, core.bias)
     )
     family = onepass.choose(call.schedule, core.backend, core.process_group, need_grad)
+    if core.replay is not None:
+        return _run_replay(call, family)
     if family != "recompute":
         budget = onepass.budget_bytes(call.budget_mb, core.device)
         n, h, v = core.targets.numel(), core.hidden.shape[-1], core.weight.shape[0]
@@ -174,6 +185,27 @@ def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
     kernels = kernels_for(core.backend, core.device, cdt)
     loss, metrics, _ = evaluate(batch, logp.reshape(-1), None if ent is None else ent.reshape(-1), cfg, kernels)
     return loss, metrics
+
+
+def _run_replay(call: FusedCall, family: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sampling replay: the one-pass replay loop (``fusedrl.onepass.replay``) wherever the one-pass schedule may
+    run (its chunks cost what the kept sets hold, so ``auto`` takes it whenever gradients are formed), else the
+    core op on kept sets joined to the loss head by autograd. Both add ``replay_frac`` (and ``kept_mass`` where
+    the full rows ran) to the metrics."""
+    core, cfg = call.core, call.cfg
+    if family != "recompute":
+        return onepass.one_pass_policy_loss(
+            core.hidden, core.weight, core.targets, call.old_logp, call.advantages, call.mask, core.bias,
+            call.cu_seqlens, call.side, core.temperature, core.softcap, cfg, core.backend,
+            onepass.budget_bytes(call.budget_mb, core.device), call.want_entropy,
+            (core.grad_filter_eps, core.deterministic, core.workspace_mb), replay=core.replay,
+        )  # fmt: skip
+    logp, ent, full = run_replay_core(core, call.want_entropy)
+    cdt = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    kernels = kernels_for(core.backend, core.device, cdt)
+    logp, ent = logp.reshape(-1), None if ent is None else ent.reshape(-1)
+    loss, metrics, _ = evaluate(call.batch, logp, ent, cfg, kernels)
+    return loss, {**metrics, **replay_metrics(core.replay, call.batch.valid, logp, full)}
 
 
 def fused_policy_loss(
@@ -211,6 +243,11 @@ def fused_policy_loss(
     behaviour_logp: Optional[Tensor] = None,
     segment_ids: Optional[Tensor] = None,
     entropy_reference: Optional[Tensor] = None,
+    sampling_mask=None,
+    entropy_support: str = "full",
+    top_k=None,
+    top_p=None,
+    min_p=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RL policy loss straight from the last hidden states, without materialising logits.
 
@@ -253,6 +290,10 @@ def fused_policy_loss(
     entropy-control inputs of :func:`fusedrl.policy_loss` (docs/entropy-control.md); the current entropy that
     ``steer_entropy="current"`` and ``entropy_corridor`` read is computed in the pass.
 
+    ``sampling_mask`` / ``top_k`` / ``top_p`` / ``min_p`` and ``entropy_support`` are sampling replay, as in
+    :func:`fusedrl.linear_logprob_entropy` (docs/replay.md): the log-probs (and, with ``"kept"``, the entropy)
+    over the sampler's kept set, the metrics ``replay_frac`` and, where the full rows ran, ``kept_mass``.
+
     Returns ``(loss, metrics)`` exactly as :func:`fusedrl.policy_loss` on the core op's outputs.
     ``global_num_tokens`` / ``global_num_seqs`` / ``norm_len`` override the config's normalisers.
     ``check_inputs`` switches the host-syncing value checks (target range at valid positions,
@@ -266,7 +307,9 @@ def fused_policy_loss(
                    grad_filter_eps, deterministic, tp_reduce_dx, workspace_mb,
                    dict(old_entropy=old_entropy, entropy_change=entropy_change, external_mask=external_mask,
                         behaviour_logp=behaviour_logp, segment_ids=segment_ids,
-                        entropy_reference=entropy_reference))  # fmt: skip
+                        entropy_reference=entropy_reference),
+                   dict(sampling_mask=sampling_mask, entropy_support=entropy_support, top_k=top_k, top_p=top_p,
+                        min_p=min_p))  # fmt: skip
     return run(call)
 
 
@@ -298,6 +341,10 @@ class FusedPolicyLoss(nn.Module):
         deterministic: Optional[bool] = None,
         tp_reduce_dx: Optional[bool] = None,
         workspace_mb: Optional[float] = None,
+        entropy_support: str = "full",
+        top_k=None,
+        top_p=None,
+        min_p=None,
     ) -> None:
         super().__init__()
         self.config = with_normalisers(config)
@@ -312,8 +359,13 @@ class FusedPolicyLoss(nn.Module):
         self.check_inputs = check_flag("check_inputs", check_inputs)
         core_options(grad_filter_eps, deterministic, workspace_mb)
         check_flag("tp_reduce_dx", tp_reduce_dx)
+        if not isinstance(entropy_support, str) or entropy_support not in ENTROPY_SUPPORTS:
+            raise ValueError(f"entropy_support must be one of {ENTROPY_SUPPORTS}, got {entropy_support!r}")
         self.options = dict(grad_filter_eps=grad_filter_eps, deterministic=deterministic, tp_reduce_dx=tp_reduce_dx,
-                            workspace_mb=workspace_mb)  # fmt: skip
+                            workspace_mb=workspace_mb, entropy_support=entropy_support)  # fmt: skip
+        self.truncation = dict(top_k=top_k, top_p=top_p, min_p=min_p)
+        if not any(isinstance(v, Tensor) for v in self.truncation.values()):  # numbers: checked now
+            check_truncation(top_k, top_p, min_p, (0,), torch.device("cpu"), True)
 
     def forward(
         self,
@@ -339,9 +391,16 @@ class FusedPolicyLoss(nn.Module):
         behaviour_logp: Optional[Tensor] = None,
         segment_ids: Optional[Tensor] = None,
         entropy_reference: Optional[Tensor] = None,
+        sampling_mask=None,
+        top_k=None,
+        top_p=None,
+        min_p=None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Same tensor arguments and shapes as :func:`fused_policy_loss`; the per-step normalisers and
-        (e.g. per-token) ``temperature`` may be given per call."""
+        """Same tensor arguments and shapes as :func:`fused_policy_loss`; the per-step normalisers, (e.g.
+        per-token) ``temperature``, the sampler's ``sampling_mask`` and ``top_k`` / ``top_p`` / ``min_p`` (over
+        the module's) may be given per call."""
+        trunc = {k: (self.truncation[k] if v is None else v) for k, v in dict(top_k=top_k, top_p=top_p,
+                                                                                min_p=min_p).items()}  # fmt: skip
         return fused_policy_loss(
             hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias, cu_seqlens,
             self.temperature if temperature is None else temperature, self.softcap, self.config, self.backend,
@@ -350,7 +409,7 @@ class FusedPolicyLoss(nn.Module):
             schedule=self.schedule, memory_budget_mb=self.memory_budget_mb, rollout_logp=rollout_logp,
             rollout_is_weights=rollout_is_weights, old_entropy=old_entropy, entropy_change=entropy_change,
             external_mask=external_mask, behaviour_logp=behaviour_logp, segment_ids=segment_ids,
-            entropy_reference=entropy_reference, **self.options,
+            entropy_reference=entropy_reference, sampling_mask=sampling_mask, **trunc, **self.options,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

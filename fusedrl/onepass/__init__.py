@@ -98,9 +98,9 @@ def auto_takes_one_pass(
 ) -> bool:  # fmt: skip
     """``schedule="auto"``: does the one-pass schedule fit (workspace, and whole sequences for sequence
     modes), and is it the faster by the cost model (``device`` given: its rates and the epilogue that
-    would run; without it, the torch epilogue at CPU rates)? Packed sequence modes read ``cu_seqlens`` on
-    the host (free when it lives on the CPU); under ``torch.compile`` they take the recompute schedule
-    instead."""
+    would run; without it, or under ``torch.compile``, the torch epilogue at CPU rates)? Packed sequence
+    modes read ``cu_seqlens`` on the host (free when it lives on the CPU); under ``torch.compile`` they take
+    the recompute schedule instead."""
     seq_len = cu_host = None
     if head_kind(cfg) == "sequence":
         if cu_seqlens is None:
@@ -110,10 +110,19 @@ def auto_takes_one_pass(
         else:
             cu_host = [int(c) for c in cu_seqlens.tolist()]
     setting = None
-    if device is not None:
+    if device is not None and not torch.compiler.is_compiling():  # the device facts are read under a lock
         setting = auto_setting(torch.device(device), dtype, backend, cfg, has_bias, need, want_entropy, temperature,
                                softcap)  # fmt: skip
+    if torch.compiler.is_compiling():  # the planner runs eagerly while tracing: its answer is a constant
+        return _auto_decision_traced(n, h, v, dtype, cfg, budget, seq_len)
+    return _auto_decision(n, h, v, dtype, cfg, budget, seq_len, cu_host, setting)
+
+
+def _auto_decision(n, h, v, dtype, cfg, budget, seq_len, cu_host=None, setting=None) -> bool:
     pln = plan(n, h, v, dtype, cfg, "auto", budget, seq_len, cu_host, setting)
     if pln.schedule == "recompute":
         log.debug("fusedrl fused_policy_loss: schedule recompute (%s)", pln.reason)
     return pln.schedule != "recompute"
+
+
+_auto_decision_traced = torch.compiler.assume_constant_result(_auto_decision)

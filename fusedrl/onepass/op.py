@@ -26,9 +26,11 @@ from ..loss.config import ENTROPY_CONTROL_FIELDS, entropy_control_args, entropy_
 from ..loss.inputs import SIDE_INPUTS, flatten_batch
 from ..loss.selection import random_keys
 from ..ops import split_temperature
+from ..replay.kept import Replay, replay_from_args, replay_metric_names, replay_metrics, replay_to_args
 from .gemm import OutOfMemoryError
 from .gemm import path as gemm_path
 from .plan import MIB, Plan, Setting, plan
+from .replay import run_replay
 from .run import epilogue_for, run_one_pass, run_two_pass
 
 Tensor = torch.Tensor
@@ -72,7 +74,7 @@ _HEAD = (
     ("need_dx", "bool"), ("need_dw", "bool"), ("need_db", "bool"), ("want_entropy", "bool"),
     ("grad_filter_eps", "float"), ("deterministic", "bool"), ("workspace_mb", "float"),
     ("norm_numbers", "float?[]"), ("stats_group", "str?"), ("has_rc", "bool"), ("ec_floats", "float?[]"),
-    ("ec_strs", "str[]"),
+    ("ec_strs", "str[]"), ("replay", "Tensor?[]"), ("replay_mode", "str?"),
 )  # fmt: skip
 ARGS = _HEAD + CONFIG_ARGS + RC_ARGS
 _INDEX = {name: i for i, (name, _) in enumerate(ARGS)}
@@ -137,13 +139,19 @@ def _impl(*args):
     opts = dict(grad_filter_eps=a["grad_filter_eps"], deterministic=a["deterministic"],
                 workspace_mb=a["workspace_mb"] or None)  # fmt: skip
     two = (*common, temperature, a["softcap"], a["backend"], a["keys"], *flags, opts)
-    if pln.schedule == "two_pass":
+    replay = replay_from_args(a["replay"], a["replay_mode"])
+    extra = []
+    if replay is not None:  # sampling replay: its own chunk loop (fusedrl.onepass.replay)
+        out, logp, logp_full = run_replay(*common, pln, temperature, a["softcap"], replay, a["keys"], *flags)
+        rm = replay_metrics(replay, batch.valid, logp, logp_full)
+        extra = [rm[k] for k in replay_metric_names(replay)]
+    elif pln.schedule == "two_pass":
         out = run_two_pass(*two)
     else:
         out = _run_or_replan(pln, planned, a["budget_mb"] * MIB, common, temperature, a["softcap"], a["backend"],
                              a["keys"], flags, two)  # fmt: skip
     names = metric_names(cfg, want_entropy, "ref_logp" in side)
-    mvec = torch.stack([out.metrics[k].float() for k in names])
+    mvec = torch.stack([out.metrics[k].float() for k in names] + extra)
     return (
         out.loss.detach().to(cdt),
         mvec,
@@ -219,6 +227,8 @@ def _fake(*args):
     side = {k for k, t in zip(SIDE, a["side"]) if t is not None}
     want = a["want_entropy"] or cfg.entropy_coeff != 0 or cfg.top_entropy_quantile < 1
     m = len(metric_names(cfg, want, "ref_logp" in side))
+    replay = replay_from_args(a["replay"], a["replay_mode"])
+    m += 0 if replay is None else len(replay_metric_names(replay))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (
         x.new_empty((), dtype=cdt),
@@ -298,6 +308,7 @@ def one_pass_policy_loss(
     budget_bytes: float,
     want_entropy: bool,
     core_opts: tuple[float, bool, float],
+    replay: Optional[Replay] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The one-pass (or two-pass) schedule as one differentiable call on validated inputs
     (``fused_policy_loss`` checks everything first); ``targets`` hold 0 at masked positions. Returns
@@ -322,8 +333,9 @@ def one_pass_policy_loss(
         [side.get(k) for k in SIDE], t_vec, norm_t, list(targets.shape), t_float,
         None if softcap is None else float(softcap), backend, float(budget_bytes) / MIB, need_dx, need_dw, need_db,
         bool(want_entropy), eps, det, ws, norm_n, group, cfg.rollout_correction is not None,
-        *entropy_control_args(cfg), *config_args(cfg),
+        *entropy_control_args(cfg), *replay_to_args(replay), *config_args(cfg),
     )  # fmt: skip
     has_entropy = want_entropy or cfg.top_entropy_quantile < 1 or cfg.entropy_coeff != 0
     names = metric_names(cfg, has_entropy, "ref_logp" in side)
+    names += () if replay is None else replay_metric_names(replay)
     return loss, {k: mvec[i] for i, k in enumerate(names)}

@@ -36,11 +36,30 @@ Tensor = torch.Tensor
 __all__ = ["run_replay"]
 
 
-def _chunks(head: TokenHead, pln: Plan, n: int, replay: Replay, v: int):
-    """``(a, b, seqs)`` of the loop: the plan's (whole sequences) for the sequence kind, else the engine's."""
+#: token rows whose chunks share one call of the loss head (its per-call cost is autograd's, not the rows')
+GROUP_ROWS = 4096
+#: elements of the chunks' logits kept between their statistics and their gradient within a group
+GROUP_ELEMS = 2**24
+
+
+def _groups(head: TokenHead, pln: Plan, n: int, replay: Replay, v: int):
+    """Groups of chunks ``[(a, b, seqs), ...]`` sharing one head call: the plan's whole-sequence chunks one
+    by one for the sequence kind; else the engine's chunks, consecutive ones together up to ``GROUP_ROWS``
+    rows and ``GROUP_ELEMS`` logits."""
     if head.kind == "sequence":
-        return [(a, b, seqs) for a, b, seqs in pln.chunks if b > a]
-    return [(a, b, None) for a, b in chunk_bounds(n, replay, v)]
+        return [[(a, b, seqs)] for a, b, seqs in pln.chunks if b > a]
+    groups, cur, rows, elems = [], [], 0, 0
+    width = v if replay.full else None
+    for a, b in chunk_bounds(n, replay, v):
+        e = (b - a) * (width if width is not None else min(v, int(replay.kept.counts[a:b].sum()) + (b - a)))
+        if cur and (rows + b - a > GROUP_ROWS or elems + e > GROUP_ELEMS):
+            groups.append(cur)
+            cur, rows, elems = [], 0, 0
+        cur.append((a, b, None))
+        rows, elems = rows + b - a, elems + e
+    if cur:
+        groups.append(cur)
+    return groups
 
 
 def run_replay(
@@ -58,15 +77,16 @@ def run_replay(
     need_dw: bool,
     need_db: bool,
     want_entropy: bool,
-) -> tuple[Grads, Optional[Tensor]]:
-    """The loss, metrics and gradients (compute dtype) of the fused loss on kept sets, and the full-row
-    log-probs where the full path ran (None on the union path: the kept mass is not known there)."""
+) -> tuple[Grads, Tensor, Optional[Tensor]]:
+    """The loss, metrics and gradients (compute dtype) of the fused loss on kept sets, the kept-set log-probs,
+    and the full-row log-probs where the full path ran (None on the union path: the kept mass is not known
+    there)."""
     n, v = x.shape[0], w.shape[0]
     cdt = compute_dtype(x)
     dev = x.device
     grads = need_dx or need_dw or need_db
     need_ent = want_entropy or head.entropy_has_grad or head.needs_entropy
-    if head.kind == "batch" or not grads:
+    if head.kind == "batch" or not grads or (head.kind == "sequence" and not pln.chunks):
         st = replay_forward(x, w, bias, targets, replay, temperature, softcap, need_ent, need_full=True)
         loss, metrics, picked = head.evaluate(st.logp, st.ent, keys)
         dx = dw = db = None
@@ -74,7 +94,7 @@ def run_replay(
             g_lp, g_h = head.grads(0, n, st.logp, st.ent, (0, head.seg.B))
             dx, dw, db = replay_backward(x, w, bias, targets, replay, temperature, softcap, st, g_lp.to(cdt),
                                          None if g_h is None else g_h.to(cdt), need_dx, need_dw, need_db)  # fmt: skip
-        return Grads(loss, metrics, dx, dw, db), st.logp_full
+        return Grads(loss, metrics, dx, dw, db), st.logp, st.logp_full
     logp = torch.empty(n, dtype=cdt, device=dev)
     ent = torch.empty(n, dtype=cdt, device=dev) if need_ent else None
     full = torch.empty(n, dtype=cdt, device=dev) if replay.full else None
@@ -82,24 +102,31 @@ def run_replay(
     dx = torch.empty(n, x.shape[1], dtype=cdt, device=dev) if need_dx else None
     dw = torch.zeros(w.shape, dtype=cdt, device=dev) if need_dw else None
     db = torch.zeros(bias.shape, dtype=cdt, device=dev) if (need_db and bias is not None) else None
-    for a, b, seqs in _chunks(head, pln, n, replay, v):
-        rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b)
-        st = chunk_stats(rows, replay, need_ent, need_full=full is not None)
-        logp[a:b] = st.logp
-        if ent is not None:
-            ent[a:b] = st.ent
-        if full is not None:
-            full[a:b] = st.logp_full
-        if saved is not None:
-            saved.append(st)
-        g_lp, g_h = head.grads(a, b, st.logp, st.ent, seqs)
-        du = row_du(rows, st, g_lp.to(cdt), None if g_h is None else g_h.to(cdt), replay.full_entropy)
-        accumulate_grads(rows, du, dx, dw, db, a, b)
+    for group in _groups(head, pln, n, replay, v):
+        parts = []
+        for a, b, _ in group:  # the chunks' logits and statistics, kept until the group's head call
+            rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b)
+            st = chunk_stats(rows, replay, need_ent, need_full=full is not None)
+            logp[a:b] = st.logp
+            if ent is not None:
+                ent[a:b] = st.ent
+            if full is not None:
+                full[a:b] = st.logp_full
+            if saved is not None:
+                saved.append(st)
+            parts.append((a, b, rows, st))
+        g0, g1, seqs = group[0][0], group[-1][1], group[0][2]
+        g_lp, g_h = head.grads(g0, g1, logp[g0:g1], None if ent is None else ent[g0:g1], seqs)
+        for a, b, rows, st in parts:
+            gh = None if g_h is None else g_h[a - g0 : b - g0].to(cdt)
+            du = row_du(rows, st, g_lp[a - g0 : b - g0].to(cdt), gh, replay.full_entropy)
+            accumulate_grads(rows, du, dx, dw, db, a, b)
+        del parts
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if picked is not None:
         _correct_selection(head, picked, x, w, bias, targets, replay, temperature, softcap, logp, ent, saved, dx, dw,
                            db)  # fmt: skip
-    return Grads(loss, metrics, dx, dw, db), full
+    return Grads(loss, metrics, dx, dw, db), logp, full
 
 
 def _correct_selection(head, picked, x, w, bias, targets, replay, temperature, softcap, logp, ent, saved, dx, dw, db):

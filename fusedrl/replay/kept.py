@@ -51,6 +51,11 @@ __all__ = [
     "chunk_bounds",
     "accumulate_grads",
     "Shard",
+    "REPLAY_METRICS",
+    "replay_to_args",
+    "replay_from_args",
+    "replay_metric_names",
+    "replay_metrics",
     "ReplayLogprob",
 ]
 
@@ -117,7 +122,7 @@ def check_replay(
 
 
 def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_support: str, need_ent: bool,
-                vocab: int) -> Optional[Replay]:  # fmt: skip
+                vocab: int, valid: Optional[Tensor] = None) -> Optional[Replay]:  # fmt: skip
     """The :class:`Replay` of checked inputs (None: no replay, also when no token's truncation is on). One host
     read: of the counts (whether every token has a kept set: the union path) or of the active truncation."""
     if kept is None and trunc is None:
@@ -132,8 +137,9 @@ def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_s
         if not bool(probe.replayed().any()):
             return None
     full = trunc is not None or (need_ent and entropy_support == "full")
-    if not full and kept.counts.numel():
-        full = bool((kept.counts == 0).any())  # a token without a kept set needs its full row
+    if not full and kept.counts.numel():  # a (valid) token without a kept set needs its full row
+        empty = kept.counts == 0
+        full = bool((empty if valid is None else empty & valid.reshape(-1)).any())
     return Replay(kept, trunc, entropy_support, full)
 
 
@@ -159,6 +165,49 @@ def chunk_bounds(n: int, replay: Replay, v: int) -> list[tuple[int, int]]:
         bounds.append((a, b))
         a = b
     return bounds
+
+
+def replay_to_args(replay: Optional[Replay]) -> tuple[list[Optional[Tensor]], Optional[str]]:
+    """A replay as five optional tensors and one string (a custom op's arguments; ``([None] * 5, None)`` for
+    none: a fixed length keeps the op's autograd structure)."""
+    if replay is None:
+        return [None] * 5, None
+    k, t = replay.kept, replay.trunc
+    tensors = [None if k is None else k.ids, None if k is None else k.counts]
+    tensors += [None, None, None] if t is None else list(t)
+    return tensors, f"{replay.entropy_support}:{'full' if replay.full else 'union'}"
+
+
+def replay_from_args(tensors: list[Optional[Tensor]], mode: Optional[str]) -> Optional[Replay]:
+    """The inverse of :func:`replay_to_args`."""
+    if mode is None:
+        return None
+    support, path = mode.split(":")
+    kept = None if tensors[0] is None else KeptSets(tensors[0], tensors[1])
+    trunc = None if all(t is None for t in tensors[2:]) else Truncation(*tensors[2:])
+    return Replay(kept, trunc, support, path == "full")
+
+
+#: the metrics replay adds to the fused loss's: ``kept_mass`` only where the full path ran
+REPLAY_METRICS = ("replay_frac", "kept_mass")
+
+
+def replay_metric_names(replay: Replay) -> tuple[str, ...]:
+    return REPLAY_METRICS if replay.full else REPLAY_METRICS[:1]
+
+
+def replay_metrics(replay: Replay, valid: Tensor, logp: Tensor, logp_full: Optional[Tensor]) -> dict[str, Tensor]:
+    """``replay_frac``: the fraction of valid tokens normalised over a kept set; ``kept_mass``: the mean over
+    those of ``sum_{v in S} p_v`` under the full distribution, ``exp(logp_full - logp)`` (1 when none), known
+    only where the full path ran. 0-dim fp32, no host sync."""
+    on = replay.replayed().reshape(-1) & valid.reshape(-1)
+    n = on.sum()
+    out = {"replay_frac": (n.float() / valid.sum().clamp_min(1).float()).reshape(())}
+    if replay.full:
+        mass = torch.exp(logp_full.detach().reshape(-1) - logp.detach().reshape(-1)).clamp(max=1.0)
+        tot = torch.where(on, mass, torch.zeros_like(mass)).sum()
+        out["kept_mass"] = torch.where(n > 0, tot / n.clamp_min(1), torch.ones_like(tot)).float().reshape(())
+    return out
 
 
 class Shard(NamedTuple):

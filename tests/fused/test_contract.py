@@ -46,6 +46,20 @@ def packed(kw):
     return kw
 
 
+def kept_ids(k=4, seed=3):
+    """Kept sets ``[B, T, k]`` (-1 fill), a token without one and one of a single id."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(V, generator=g)[:k] for _ in range(B * T)]).reshape(B, T, k)
+    ids[0, 1] = -1
+    ids[1, 2, 1:] = -1
+    return ids
+
+
+def packed_ids(ids):
+    used = ids >= 0
+    return ids[used].to(torch.int32), used.sum(-1)
+
+
 def _set(**changes):
     return lambda kw: {**kw, **changes}
 
@@ -113,7 +127,22 @@ INVALID = [
     ("old-logp-other-device", _with(lambda kw: dict(old_logp=kw["old_logp"].to("meta"))), (ValueError, "old_logp")),
     ("mask-other-device", _with(lambda kw: dict(mask=kw["mask"].to("meta"))), (ValueError, "mask")),
     ("bias-other-device", _set(bias=torch.zeros(V, dtype=torch.float64, device="meta")), (ValueError, "bias")),
-]
+    ("sampling-mask-float", _set(sampling_mask=torch.zeros(B, T, 3)), (TypeError, "sampling_mask")),
+    ("sampling-mask-shape", _set(sampling_mask=torch.zeros(B, 3, dtype=torch.long)), (ValueError, "sampling_mask")),
+    ("sampling-mask-out-of-range", _set(sampling_mask=torch.full((B, T, 2), V)), (ValueError, "sampling_mask")),
+    ("sampling-mask-repeated-id", _set(sampling_mask=torch.ones(B, T, 2, dtype=torch.long)), (ValueError,
+                                                                                              "sampling_mask")),
+    ("sampling-mask-counts-sum", _set(sampling_mask=(torch.arange(3), torch.ones(B, T, dtype=torch.long))),
+     (ValueError, "sampling_mask")),
+    ("sampling-mask-and-top-k", _set(sampling_mask=torch.zeros(B, T, 1, dtype=torch.long), top_k=5), (ValueError,
+                                                                                                      "sampling_mask")),
+    ("top-p-zero", _set(top_p=0.0), (ValueError, "top_p")),
+    ("top-k-float", _set(top_k=2.5), (TypeError, "top_k")),
+    ("min-p-above-one", _set(min_p=1.5), (ValueError, "min_p")),
+    ("entropy-support-bogus", _set(entropy_support="mass"), (ValueError, "entropy_support")),
+    ("replay-steer-exact", _set(top_k=5, config=PolicyLossConfig(loss_mode="steer", steer_exact=True)), (ValueError,
+                                                                                                        "top_k")),
+]  # fmt: skip
 
 VALID = [
     ("default", lambda kw: kw),
@@ -141,6 +170,14 @@ VALID = [
     ("workspace", _set(workspace_mb=1.0)),
     ("return-entropy", _set(return_entropy=True)),
     ("all-masked", _with(lambda kw: dict(mask=torch.zeros_like(kw["mask"])))),
+    ("replay-kept-sets", _with(lambda kw: dict(sampling_mask=kept_ids(), entropy_support="kept", return_entropy=True))),
+    (
+        "replay-full-entropy",
+        _with(lambda kw: dict(sampling_mask=kept_ids(), config=PolicyLossConfig(entropy_coeff=0.01))),
+    ),
+    ("replay-packed-layout", _with(lambda kw: dict(sampling_mask=packed_ids(kept_ids())))),
+    ("replay-top-p-top-k", _set(top_p=0.9, top_k=torch.tensor([5, 0]), min_p=0.01)),
+    ("replay-all-masked", _with(lambda kw: dict(mask=torch.zeros_like(kw["mask"]), sampling_mask=kept_ids()))),
     (
         "empty-packed",
         lambda kw: dict(

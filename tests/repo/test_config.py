@@ -20,7 +20,7 @@ def test_at_most_ten_runtime_variables_all_documented():
     assert len(names) <= 10
     readme = (ROOT / "README.md").read_text()
     documented = set(re.findall(r"^\| `(FUSEDRL_[A-Z0-9_]+)`", readme, re.M))
-    assert documented == set(names), (documented ^ set(names))
+    assert documented == set(names), documented ^ set(names)
 
 
 @pytest.mark.parametrize(

@@ -23,6 +23,15 @@ from .heads import lm_head_params
 Tensor = torch.Tensor
 
 
+def _replay_kwargs(sampling_mask, entropy_support, top_k, top_p, min_p) -> dict[str, Any]:
+    """The replay arguments that were given (none: the core op's defaults)."""
+    kw = dict(sampling_mask=sampling_mask, top_k=top_k, top_p=top_p, min_p=min_p)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if entropy_support != "full":
+        kw["entropy_support"] = entropy_support
+    return kw
+
+
 def hf_logprob_entropy(
     model: nn.Module,
     input_ids: Tensor,
@@ -38,6 +47,11 @@ def hf_logprob_entropy(
     head_dtype: Optional[torch.dtype] = None,
     core_kwargs: Optional[dict[str, Any]] = None,
     check_head: bool = True,
+    sampling_mask=None,
+    entropy_support: str = "full",
+    top_k=None,
+    top_p=None,
+    min_p=None,
     **model_kwargs,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Per-token log-probs and entropies of the last ``K`` tokens of ``input_ids`` under ``model``.
@@ -57,6 +71,8 @@ def hf_logprob_entropy(
         core_kwargs: extra keyword arguments of :func:`fusedrl.linear_logprob_entropy`.
         check_head: on the first call for a model, check fusedrl's head against the model's own logits on a few
             positions (:func:`check_lm_head`; skipped when ``logit_scale`` or ``softcap`` is given).
+        sampling_mask, entropy_support, top_k, top_p, min_p: sampling replay (docs/replay.md), per scored token
+            (``[B, K, ...]``, aligned like ``response_mask``), as in :func:`fusedrl.linear_logprob_entropy`.
         model_kwargs: go to the model body (``position_ids``, ``pixel_values``, ...).
 
     Returns:
@@ -81,6 +97,7 @@ def hf_logprob_entropy(
         return_entropy=return_entropy,
         backend=backend,
         head_dtype=head_dtype,
+        **_replay_kwargs(sampling_mask, entropy_support, top_k, top_p, min_p),
         **(core_kwargs or {}),
     )
     if response_mask is not None:
@@ -113,6 +130,11 @@ def hf_fused_policy_loss(
     rollout_is_weights: Optional[Tensor] = None,
     core_kwargs: Optional[dict[str, Any]] = None,
     check_head: bool = True,
+    sampling_mask=None,
+    entropy_support: str = "full",
+    top_k=None,
+    top_p=None,
+    min_p=None,
     **model_kwargs,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """RL policy loss of a Hugging Face causal LM, straight from its last hidden state.
@@ -133,6 +155,7 @@ def hf_fused_policy_loss(
         return_entropy: compute entropy (metric) even when ``config.entropy_coeff == 0``.
         core_kwargs: extra keyword arguments of the core op (``grad_filter_eps``, ...).
         check_head: as in :func:`hf_logprob_entropy`.
+        sampling_mask, entropy_support, top_k, top_p, min_p: sampling replay, as in :func:`hf_logprob_entropy`.
         model_kwargs: go to the model body.
 
     Returns:
@@ -171,5 +194,6 @@ def hf_fused_policy_loss(
             global_num_seqs=global_num_seqs,
             norm_len=norm_len,
             **rollout,
+            **_replay_kwargs(sampling_mask, entropy_support, top_k, top_p, min_p),
             **(core_kwargs or {}),
         )

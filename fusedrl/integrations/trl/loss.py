@@ -21,6 +21,7 @@ from .config import (
     trainer_arg,
 )
 from .entropy import apply_entropy_control, entropy_control_side, log_entropy_control_metrics
+from .replay import replay_kwargs
 
 Tensor = torch.Tensor
 
@@ -200,6 +201,7 @@ def fused_grpo_loss(trainer, model, inputs: dict[str, Any], *, backend: Optional
             temperature=temperature,
             return_entropy=True,
             backend=backend,
+            **replay_kwargs(trainer, inputs),
         )
 
     advantages = inputs["advantages"]

@@ -15,6 +15,7 @@ from .. import hf
 from .config import FusedRLUnsupported
 from .entropy import check_entropy_control
 from .loss import autocast_for, fused_grpo_loss, static_unsupported_reason
+from .replay import check_replay_options, replay_kwargs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -39,6 +40,10 @@ class FusedGRPOMixin:
         fusedrl_segment_boundary_ids: SSPO's sentence-ending token ids (segments split after them).
         fusedrl_entropy_history: the :class:`fusedrl.control.EntropyHistory` of the entropy corridor's reference
             (default: a new one, updated with each training micro-batch).
+        fusedrl_sampling_replay: ``"auto"`` (default: with vLLM and ``top_k`` / ``top_p`` / ``min_p`` sampling),
+            True or False: normalise every log-prob (old, reference, current) over the sampler's kept set, as
+            vLLM's processed log-probs are (``fusedrl.integrations.trl.replay``; docs/replay.md).
+        fusedrl_entropy_support: ``"full"`` (default) or ``"kept"``: the entropy under replay.
 
     The configuration is checked when the trainer is built: a static setting the fused loss does not
     reproduce warns (or raises, with ``fusedrl_fallback="error"``) there, not at the first step.
@@ -54,6 +59,8 @@ class FusedGRPOMixin:
         fusedrl_entropy_control: Optional[dict] = None,
         fusedrl_segment_boundary_ids=None,
         fusedrl_entropy_history=None,
+        fusedrl_sampling_replay="auto",
+        fusedrl_entropy_support: str = "full",
         **kwargs,
     ):
         if fusedrl_fallback not in ("warn", "error"):
@@ -77,6 +84,9 @@ class FusedGRPOMixin:
                 f"{type(fusedrl_entropy_history).__name__}"
             )
         self._fusedrl_entropy_history = fusedrl_entropy_history
+        check_replay_options(fusedrl_sampling_replay, fusedrl_entropy_support)
+        self._fusedrl_sampling_replay = fusedrl_sampling_replay
+        self._fusedrl_entropy_support = fusedrl_entropy_support
         super().__init__(*args, **kwargs)
         if fusedrl_entropy_coeff is not None:
             self._fusedrl_take_entropy_coeff(float(fusedrl_entropy_coeff))
@@ -145,6 +155,7 @@ class FusedGRPOMixin:
                     temperature=temperature,
                     return_entropy=compute_entropy,
                     backend=self._fusedrl_backend,
+                    **replay_kwargs(self),
                 )
             logps.append(lp)
             ents.append(en)

@@ -39,7 +39,14 @@ from .config import (
     rollout_correction_from_verl,
     verl_normalisers,
 )
-from .kernels import FusedLinearForPPO, fused_linear_for_ppo, linear_cross_entropy, patch_verl, unpatch_verl
+from .kernels import (
+    FusedLinearForPPO,
+    fused_linear_for_ppo,
+    linear_cross_entropy,
+    patch_verl,
+    sampling_replay,
+    unpatch_verl,
+)
 from .losses import make_verl_policy_loss, register_verl_policy_losses
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "linear_cross_entropy",
     "patch_verl",
     "unpatch_verl",
+    "sampling_replay",
 ]
 
 

@@ -3,7 +3,9 @@ installs them."""
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -17,6 +19,49 @@ Tensor = torch.Tensor
 # --------------------------------------------------------------------------------------------------
 # fused log-prob / entropy for verl's actor
 # --------------------------------------------------------------------------------------------------
+_REPLAY: contextvars.ContextVar[Optional[dict[str, Any]]] = contextvars.ContextVar("fusedrl_verl_replay", default=None)
+
+
+@contextlib.contextmanager
+def sampling_replay(sampling_mask=None, *, top_k=None, top_p=None, min_p=None, entropy_support: str = "full"):
+    """Within this context, verl's fused log-prob kernels served by fusedrl (:func:`fused_linear_for_ppo`,
+    :class:`FusedLinearForPPO`, :func:`linear_cross_entropy`, so ``use_fused_kernels=True`` after
+    :func:`patch_verl`) normalise over the sampler's kept sets (docs/replay.md): ``sampling_mask`` aligned with
+    the labels the kernel receives (verl's rolled ``input_ids``, remove-padding layout included: padded
+    ``[..., K]`` with -1 fill or packed ``(ids, counts)``), or the truncation ``top_k`` / ``top_p`` / ``min_p``
+    recomputed with vLLM's rule. A custom actor wraps its forward of each micro-batch::
+
+        with sampling_replay(micro_batch["sampling_mask"]):
+            entropy, log_prob = self._forward_micro_batch(micro_batch, temperature)
+
+    Old log-probs (``compute_log_prob``) must be computed inside the same context, so that the policy ratio and
+    verl's rollout correction (``rollout_log_probs`` from vLLM's processed log-probs) all share one support."""
+    token = _REPLAY.set(dict(sampling_mask=sampling_mask, top_k=top_k, top_p=top_p, min_p=min_p,
+                             entropy_support=entropy_support))  # fmt: skip
+    try:
+        yield
+    finally:
+        _REPLAY.reset(token)
+
+
+def _replay_kwargs(flat: Optional[int] = None) -> dict[str, Any]:
+    """The context's replay arguments; ``flat``: the tokens flattened to ``[flat]`` (the mask's per-token shape
+    and per-token parameters with them)."""
+    cur = _REPLAY.get()
+    if cur is None:
+        return {}
+    kw = {k: v for k, v in cur.items() if v is not None}
+    if flat is not None:
+        for k, v in kw.items():
+            if isinstance(v, Tensor) and k == "sampling_mask" and v.dim() > 1 and v.shape[:-1].numel() == flat:
+                kw[k] = v.reshape(flat, v.shape[-1])
+            elif isinstance(v, Tensor) and v.numel() == flat:
+                kw[k] = v.reshape(flat)
+            elif k == "sampling_mask" and isinstance(v, (tuple, list)) and len(v) == 2:
+                kw[k] = (v[0], v[1].reshape(-1))
+    return kw
+
+
 def fused_linear_for_ppo(
     hidden_states: Tensor,
     vocab_weights: Tensor,
@@ -28,7 +73,8 @@ def fused_linear_for_ppo(
     **core_kwargs,
 ) -> tuple[Tensor, Tensor]:
     """verl's ``FusedLinearForPPO.forward`` contract on fusedrl: ``(log_probs, entropy)`` fp32, shaped like
-    ``input_ids`` (labels, already rolled by verl). Labels < 0 (ignore index) give log-prob 0."""
+    ``input_ids`` (labels, already rolled by verl). Labels < 0 (ignore index) give log-prob 0. Inside
+    :func:`sampling_replay` (or with its arguments in ``core_kwargs``) the log-probs are the kept sets'."""
     labels = input_ids.long()
     ignore = labels < 0
     targets = torch.where(ignore, torch.zeros_like(labels), labels)
@@ -40,7 +86,7 @@ def fused_linear_for_ppo(
         temperature=float(temperature),
         backend=backend,
         process_group=process_group,
-        **core_kwargs,
+        **{**_replay_kwargs(), **core_kwargs},
     )
     logp = torch.where(ignore, torch.zeros_like(logp), logp)
     return logp, ent
@@ -92,6 +138,7 @@ def linear_cross_entropy(
         temperature,
         backend=backend,
         process_group=dist_process_group,
+        **_replay_kwargs(flat=labels.numel()),
     )
     if red == "none":
         return logp, ent
