@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# fusedrl GPU validation sized to a lent GPU's lease: ONE call, at most T_TOTAL seconds (default 400,
-# under 7 minutes), stages in priority order. Every stage writes as it goes, so a cut-off still returns
+# fusedrl GPU validation in ONE call of at most T_TOTAL seconds (default 400, under 7 minutes), for a GPU
+# held briefly: stages in priority order. Every stage writes as it goes, so a cut-off still returns
 # what ran. Full guide: docs/gpu-validation.md.
 #
 #   stage   cap (s)  writes (all flat in DEST: at most 8 files)

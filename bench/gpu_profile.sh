@@ -2,7 +2,7 @@
 # Optional GPU check: compute-sanitizer (memcheck, racecheck) and Nsight Compute (ncu) on one small case
 # per backend (`python -m bench.sweep --one BACKEND`: forward + backward with a -inf bias column, T=0.7,
 # random upstream grads, the filtered backward, then fused_policy_loss; exit 1 on a non-finite output).
-# Everything goes to ONE text file (at most 8 files come back from a lent machine). Guide: docs/gpu-validation.md.
+# Everything goes to ONE text file (few files to copy off a remote machine). Guide: docs/gpu-validation.md.
 #
 #   bash bench/gpu_profile.sh            # standalone (builds fusedrl first unless SKIP_BUILD=1)
 #   PROFILE=1 bash bench/gpu_check.sh    # as the last stage of the main check (SKIP_BUILD=1, T_PROFILE=70)

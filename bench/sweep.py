@@ -54,7 +54,7 @@ from .cases import DTYPES, CaseSpec, _pad_bt, build_case, calibrate_alpha, grpo_
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE = dict(n=8192, h=4096, v=151936, dtype="bf16")
 DRY = dict(n=48, h=64, v=1003, dtype="bf16")
-# the tests' tolerances (tests/_helpers.py): extra error allowed on top of eager's, per input dtype
+# the tests' tolerances (tests/_factory.py): extra error allowed on top of eager's, per input dtype
 ATOL = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 2e-2}
 GRAD_ATOL = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 5e-2}  # times max |ref| of that gradient
 BACKENDS = ("cuda", "triton", "torch")  # run order; every one that is available is checked
@@ -854,7 +854,7 @@ def write_table(path: str, arch: str, entry: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# --finalize: the end of bench/gpu_check.sh in one process (each python start costs seconds of lease)
+# --finalize: the end of bench/gpu_check.sh in one process (each python start costs seconds of GPU time)
 # --------------------------------------------------------------------------------------------------
 def finalize(d: str) -> int:
     """Print the sweep table; stamp the commit into the bench's results.json when the machine had no .git

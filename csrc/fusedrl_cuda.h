@@ -16,7 +16,7 @@
 
 namespace fusedrl {
 
-// dtype codes shared with fusedrl/backends/cuda_backend.py
+// dtype codes shared with fusedrl/backends/cuda/extension.py (DTYPE_CODE)
 enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 inline size_t dtype_size(int dt) {

@@ -2,7 +2,7 @@
 // kernels (head.cu, and the one-pass row epilogue of onepass.cu via row_math.h) and their host loops. One source for both, so the CPU test-suite checks the very
 // arithmetic the GPU runs (only the launch differs).
 //
-// Every operation mirrors fusedrl/loss.py's torch expression, in fp32 and in the same order, with
+// Every operation mirrors the torch expression of fusedrl/loss/ (modes.py, terms.py), in fp32 and in the same order, with
 // torch's NaN propagation (clamp / maximum / minimum return NaN when an operand is NaN), so results
 // match the torch head bit for bit except where `exp` itself differs (CUDA: expf, the accurate
 // libdevice routine torch's CUDA exp also uses; host: the C library's expf vs torch's vectorised
@@ -97,7 +97,7 @@ FUSEDRL_HD Vanilla vanilla_token(float lp, float old, float adv, bool valid, flo
 }
 
 // Clip-Cov / KL-Cov covariance statistic of one token: (A - mean_A) (logp - mean_logp), with the
-// masked-position convention of loss.py (masked A and logp read as 0; the caller masks the result).
+// masked-position convention of fusedrl/loss/ (masked A and logp read as 0; the caller masks the result).
 FUSEDRL_HD float cov_token(float lp, float adv, bool valid, float mean_a, float mean_lp) {
   const float a = valid ? adv : 0.f;
   const float l = valid ? lp : 0.f;
@@ -118,10 +118,10 @@ FUSEDRL_HD bool clip_cov_candidate(float lp, float old, float adv, bool valid, f
 // ------------------------------------------------------------------------------------------------
 // One-pass head (docs/one-pass.md, "Head coefficients"): g_lp = w (coef + kl_coef dKL/dlogp),
 // g_H = -w ent_coef, for the token-local modes. Each coefficient is the derivative torch autograd
-// takes of fusedrl/loss.py's expression (clamp passes the gradient on its closed interval).
+// takes of the torch expression in fusedrl/loss/ (clamp passes the gradient on its closed interval).
 // ------------------------------------------------------------------------------------------------
 
-// mode codes (shared with fusedrl/backends/cuda_backend.py)
+// mode codes (the tables of fusedrl/backends/base.py: HEAD_MODES, KL_TYPES)
 enum PgMode : int { kClipped = 0, kGpg = 1, kCispo = 2, kUnclipped = 3 };
 // KL estimator codes
 enum KlType : int { kK1 = 0, kAbs = 1, kK2 = 2, kK3 = 3 };

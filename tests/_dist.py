@@ -1,4 +1,4 @@
-"""Process plumbing of the multi-process tests (tests/test_distributed.py, tests/test_stats_group.py).
+"""Process plumbing of the multi-process tests (tests/distributed/test_distributed.py, tests/loss/test_stats_group.py).
 
 Spawned CPU Gloo processes on loopback; rendezvous through a FileStore in a fresh temporary directory
 rather than a "free" TCP port (a port found free can be taken by another process before rank 0 binds

@@ -101,7 +101,7 @@ def make_vanilla_op(qualname: str, launch: Callable[..., VanillaOut]):
 
 
 def vanilla_terms_torch(logp, old_logp, advantages, mask, clip_low, clip_high, clip_c):
-    """loss.py's torch formulas (autograd through them), with the op's masking conventions."""
+    """The torch formulas of fusedrl/loss/ (autograd through them), with the op's masking conventions."""
     dtype = torch.float64 if logp.dtype == torch.float64 else torch.float32
     valid = torch.ones(logp.shape, dtype=torch.bool, device=logp.device) if mask is None else mask != 0
     zero = torch.zeros(logp.shape, dtype=dtype, device=logp.device)

@@ -359,7 +359,7 @@ def logits_backward(logits, targets, temperature, softcap, lse, ent, g_lp, g_H, 
 
 
 # --------------------------------------------------------------------------------------------------
-# One-pass schedule row epilogue (fusedrl/onepass.py, docs/one-pass.md), in torch ops over a whole
+# One-pass schedule row epilogue (fusedrl/onepass/run.py, docs/one-pass.md), in torch ops over a whole
 # [rows, V] workspace: the generic epilogue of every backend (and the only one on CPU). It works in
 # place on the workspace plus one scratch buffer of the same size: after `onepass_stats` the workspace
 # holds d = z - M and the scratch e = exp(d), from which `onepass_du` forms du without another exp.

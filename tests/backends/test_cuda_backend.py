@@ -57,7 +57,7 @@ def test_extension_lists_ops_and_archs():
         "head_vanilla_host",
         "head_cov_host",
     }
-    for name in C.host_lanes():  # the kernels' CPU lanes (tests/test_cuda_host_lanes.py)
+    for name in C.host_lanes():  # the kernels' CPU lanes (tests/backends/test_cuda_host_lanes.py)
         assert callable(getattr(C, name))
     for name in C.ops():
         assert callable(getattr(C, name))

@@ -881,7 +881,7 @@ def _verl():
     return pytest.importorskip("verl.trainer.ppo.core_algos")
 
 
-# the registered losses against verl's own: tests/test_verl_parity.py
+# the registered losses against verl's own: tests/integrations/test_verl_parity.py
 
 
 def test_verl_patch_routes_fused_kernels():

@@ -95,7 +95,7 @@ def test_every_verl_mode_is_registered():
         assert getattr(core_algos.get_policy_loss_fn(f"fusedrl_{mode}"), "_fusedrl", False)
 
 
-# fusedrl/loss.py clamps every log-ratio to [-20, 20] before exponentiating; verl's kl_cov does not
+# fusedrl/loss/ clamps every log-ratio to [-20, 20] before exponentiating; verl's kl_cov does not
 _FAR_XFAIL = {
     "kl_cov": "documented difference (README, Differences from verl: ratio clamp everywhere): fusedrl "
     "clamps kl_cov's log-ratio at +-20 before exp, verl does not"

@@ -1,5 +1,5 @@
 """The entropy-control methods of policy_loss against plainly written transcriptions of the authors' code
-(tests/loss/_entropy_transcriptions.py), in float64: STEER (both weightings, old / current entropy, the exact
+(tests/_entropy_transcriptions.py), in float64: STEER (both weightings, old / current entropy, the exact
 form), BAPO (the bound search of the sequential loop), RL-PLUS, SSPO's segment ratio (and its reductions to
 the sequence and token levels), EPO's entropy corridor. Values, gradients w.r.t. logp (and entropy where it
 enters) and metrics; masked rows, empty sequences, NaN padding, |logp - old| = 30; input errors.

@@ -4,7 +4,7 @@ Two spawned CPU Gloo processes each hold a different share of a packed batch (di
 so the gather pads). Each rank must select exactly the tokens one process selects on the concatenated
 batch: Clip-Cov / KL-Cov (covariance means and top-k), the entropy quantile mask, and the rollout IS
 batch normalisation; with global normalisers the ranks' losses sum to the single-process loss and each
-rank's gradients are its slice of the single-process gradients. Plumbing as tests/test_distributed.py
+rank's gradients are its slice of the single-process gradients. Plumbing as tests/distributed/test_distributed.py
 (FileStore rendezvous in a fresh directory, timeouts, loopback Gloo).
 """
 

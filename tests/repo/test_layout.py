@@ -138,6 +138,29 @@ def test_nothing_points_outside_the_repository():
     assert not hits, "\n".join(hits)
 
 
+def _text_files():
+    for path in ROOT.rglob("*"):
+        rel = path.relative_to(ROOT)
+        if path.is_dir() or rel.parts[0] in (".git", "build", ".whl", ".out") or "results" in rel.parts:
+            continue
+        if path.suffix in (".py", ".md", ".sh", ".toml", ".txt", ".h", ".cu", ".cpp"):
+            yield rel, path.read_text(errors="replace")
+
+
+def test_referenced_repository_paths_exist():
+    """Every ``tests/...py``, ``docs/...md``, ``bench/...`` or ``fusedrl/...py`` path a file names exists
+    (moves leave no stale pointers behind)."""
+    import re
+
+    pat = re.compile(r"(?<![\w/.])((?:tests|docs|bench|fusedrl|csrc)/[\w/]+\.(?:py|md|sh|h|cu|cpp|json))")
+    hits = []
+    for rel, text in _text_files():
+        for m in set(pat.findall(text)):
+            if not (ROOT / m).exists():
+                hits.append(f"{rel}: {m}")
+    assert not hits, "\n".join(sorted(hits))
+
+
 if __name__ == "__main__":  # print the graph
     for m, deps in sorted(_graph().items()):
         print(m, "->", ", ".join(sorted(deps)))

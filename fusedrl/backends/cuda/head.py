@@ -9,7 +9,7 @@ Two kernels of the compiled module ``fusedrl._C``, each one launch over the flat
   (same conventions, same autograd: ``dlogp = grad_L * coef``).
 * ``head_cov``: the Clip-Cov / KL-Cov covariance statistic ``(A - mean_A)(logp - mean_logp)`` per
   token, and for Clip-Cov the candidate flag (valid, not PPO-clipped, ``lb < cov < ub``). The two
-  means are 0-dim device tensors computed by torch exactly as loss.py computes them, and the kernel
+  means are 0-dim device tensors computed by torch exactly as fusedrl/loss/ computes them, and the kernel
   reads them on device: no host sync, and the statistic is bitwise the torch path's. The top-k /
   random selection over the candidates stays in torch, on device.
 

@@ -28,7 +28,7 @@ Tensor = torch.Tensor
 # row per program, 16 fp32 per thread per block: enough bytes in flight for a memory-bound pass).
 # "<family>_fp32" entries override the 16-bit ones for fp32 inputs (4-byte operands: twice the shared
 # memory per pipeline stage; tf32x3 needs more registers). Every entry is compiled for its arch by
-# tests/test_gpu_static.py: 16-bit configs have no register spills at aligned shapes (the du
+# tests/gpu_static/test_gpu_static.py: 16-bit configs have no register spills at aligned shapes (the du
 # kernel's [128, 128] epilogue needs 16 warps for that), and every config fits shared memory
 # (fp32 spills a little at the pinned tiles: the gate reports it).
 CONFIGS = {
@@ -137,7 +137,7 @@ def default_budget(n: int, free: Optional[int], cap_mb: Optional[float] = None) 
 # Autotuning (GPU only, switched on by the environment): a few configs per kernel, keyed on H / D.
 # =====================================================================================
 
-# Per (family, fp32 inputs?) lists; tests/test_gpu_static.py compiles every entry for its arch and
+# Per (family, fp32 inputs?) lists; tests/gpu_static/test_gpu_static.py compiles every entry for its arch and
 # fails on a config over the shared-memory limit or (16-bit) spilling registers. Removed by that
 # gate: fwd 128x256x64 / 256x128x64 w8 and 128x128x32 w4 (16-bit spills on sm_90 and sm_80; fp32 over
 # the shared-memory limit), du BLOCK_H 32/64/128 at 4 or 8 warps (16-bit spills), gemm BLOCK_D 256

@@ -3,13 +3,13 @@
 Kernel first, launcher and op after, in the style of the backend's other modules.
 
 What it computes (verl ``compute_policy_loss_vanilla``), per token, in fp32,
-exactly as ``fusedrl/loss.py``'s ``_loss_vanilla`` does on its cleaned inputs:
+exactly as ``fusedrl.loss.modes.loss_vanilla`` does on its cleaned inputs:
 
 * ``d = logp - old_logp``, ``dc = clamp(d, -20, 20)``, ``r = exp(dc)``;
 * ``L1 = -A r``, ``L2 = -A clamp(r, 1-low, 1+high)``, ``Lc = max(L1, L2)``;
 * dual clip (``clip_c`` not None): ``L = min(Lc, -A c)`` where ``A < 0``, else ``Lc``;
 * metric flags ``clipped = L2 > L1``, ``clipped_lower = (Lc > -A c) & (A < 0)`` (all False without
-  dual clip) and ``neg_d = -dc`` (the clamped log-ratio, which is what loss.py's ``ppo_kl`` averages);
+  dual clip) and ``neg_d = -dc`` (the clamped log-ratio, which is what the torch head's ``ppo_kl`` averages);
 * ``coef = dL/dlogp``, the torch autograd derivative of the expression above, ties included:
   ``torch.maximum`` / ``torch.minimum`` send half the gradient to each side of a tie and
   ``torch.clamp`` passes the gradient on its closed interval, so
@@ -21,16 +21,16 @@ autograd graph of ~10 elementwise ops (and their saved tensors) that the torch p
 
 Masked tokens (``mask == 0``) are never loaded: every output there is 0 / False and ``coef`` is 0,
 so NaN/inf sitting in padding cannot leak. ``old_logp`` and ``advantages`` are constants (as in
-loss.py, which detaches them): they get no gradient. ``neg_d`` and the flags are metrics: they are
-not differentiable (loss.py detaches them too).
+the torch head, which detaches them): they get no gradient. ``neg_d`` and the flags are metrics: they are
+not differentiable (the torch head detaches them too).
 
 Numerics vs the torch path. ``L`` and ``neg_d`` are computed with the same fp32 operations in the same
-order as loss.py; the one op that can differ is ``exp``. On CUDA the kernel uses libdevice
+order as the torch head; the one op that can differ is ``exp``. On CUDA the kernel uses libdevice
 ``exp`` (``__nv_expf``, what torch's CUDA ``exp`` compiles to) rather than Triton's approximate
 ``tl.exp``; in the interpreter ``tl.exp`` is numpy's, which differs from torch's CPU ``exp`` by 1 ulp
 on some inputs. The gradient is ``grad_L * (-A r ...)`` instead of torch's ``(grad_L * -A) * r``:
 at most ~1 ulp apart. The kernel computes in fp32 (inputs may be fp32/fp16/bf16 and are upcast on
-load, as loss.py's ``.to(float32)``); fp64 inputs are served by a torch implementation of the same
+load, as the torch head's ``.to(float32)``); fp64 inputs are served by a torch implementation of the same
 formulas (:func:`fusedrl.backends.heads.vanilla_terms_torch`), so :func:`vanilla_token_terms` works for every dtype.
 
 The per-token formulas are ``row_math.log_ratio`` / ``row_math.vanilla_terms``, shared with the
@@ -97,7 +97,7 @@ if triton is not None:
             valid = inb & (tl.load(MASK + offs, mask=inb, other=0) != 0)
         else:
             valid = inb
-        # masked tokens are never read: 0 stands in for them (loss.py's torch.where(valid, x, 0))
+        # masked tokens are never read: 0 stands in for them (the torch head's torch.where(valid, x, 0))
         lp = tl.load(LOGP + offs, mask=valid, other=0.0).to(tl.float32)
         old = tl.load(OLD + offs, mask=valid, other=0.0).to(tl.float32)
         adv = tl.load(ADV + offs, mask=valid, other=0.0).to(tl.float32)

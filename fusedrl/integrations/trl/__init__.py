@@ -20,7 +20,7 @@ are scored with the same fused op under ``no_grad``. Logged metrics keep TRL's n
 (``entropy``, ``kl``, ``clip_ratio/*``, ``cispo_clip_ratio``, ``vespo/phi_seq_mean``, ``policy_loss``,
 ``entropy_coef``).
 
-Every ``GRPOConfig`` option that shapes TRL 1.16's loss is mapped (tests/test_trl_parity.py compares loss,
+Every ``GRPOConfig`` option that shapes TRL 1.16's loss is mapped (tests/integrations/test_trl_parity.py compares loss,
 gradients and metrics with TRL's own ``_compute_loss``):
 
 ===============================  =============================================================================
@@ -65,7 +65,7 @@ deviation, at extreme values only: fusedrl clamps log-ratios to [-20, 20] before
 
 Precision: the vocabulary projection runs in the lm_head weight's dtype outside autocast (fp32 master
 weights -> fp32 logits in registers / tiles), whereas TRL under ``bf16=True`` autocast projects in
-bf16; with ``bf16=False`` both paths agree to float rounding (tests/test_trl_parity.py).
+bf16; with ``bf16=False`` both paths agree to float rounding (tests/integrations/test_trl_parity.py).
 """
 
 from __future__ import annotations
