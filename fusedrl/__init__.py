@@ -1,8 +1,9 @@
 """fusedrl: RL policy losses for LLMs computed straight from hidden states and the lm_head weight.
 
 Layers, each importing only the ones before it: :mod:`fusedrl.reference` (eager oracle) ->
-:mod:`fusedrl.backends` (kernels + launchers, one package or module per backend) -> :mod:`fusedrl.ops`
-(core custom ops, autograd, public core ops) -> :mod:`fusedrl.loss` (the policy-loss head) ->
+:mod:`fusedrl.backends` (kernels + launchers, one package or module per backend) -> :mod:`fusedrl.replay`
+(sampling replay: kept sets, the recomputed truncation, their chunk engine) -> :mod:`fusedrl.ops` (core
+custom ops, autograd, public core ops) -> :mod:`fusedrl.loss` (the policy-loss head) ->
 :mod:`fusedrl.onepass` and :mod:`fusedrl.fused` (the fused loss) -> :mod:`fusedrl.integrations`.
 :mod:`fusedrl.control` holds the host-side entropy controllers (docs/entropy-control.md).
 """
