@@ -38,11 +38,12 @@ __all__ = ["run_replay"]
 
 #: token rows whose chunks share one call of the loss head (its per-call cost is autograd's, not the rows')
 GROUP_ROWS = 4096
-#: elements of the chunks' logits kept between their statistics and their gradient within a group
-GROUP_ELEMS = 2**24
+#: elements kept between the chunks' statistics and their gradient within a group (logits and their
+#: temporaries, and the union path's gathered weight rows)
+GROUP_ELEMS = 2**23
 
 
-def _groups(head: TokenHead, pln: Plan, n: int, replay: Replay, v: int):
+def _groups(head: TokenHead, pln: Plan, n: int, replay: Replay, v: int, h: int):
     """Groups of chunks ``[(a, b, seqs), ...]`` sharing one head call: the plan's whole-sequence chunks one
     by one for the sequence kind; else the engine's chunks, consecutive ones together up to ``GROUP_ROWS``
     rows and ``GROUP_ELEMS`` logits."""
@@ -51,7 +52,8 @@ def _groups(head: TokenHead, pln: Plan, n: int, replay: Replay, v: int):
     groups, cur, rows, elems = [], [], 0, 0
     width = v if replay.full else None
     for a, b in chunk_bounds(n, replay, v):
-        e = (b - a) * (width if width is not None else min(v, int(replay.kept.counts[a:b].sum()) + (b - a)))
+        cols = width if width is not None else min(v, int(replay.kept.counts[a:b].sum()) + (b - a))
+        e = 3 * (b - a) * cols + (0 if width is not None else cols * h)  # z, dz/du, p; W[U] copy
         if cur and (rows + b - a > GROUP_ROWS or elems + e > GROUP_ELEMS):
             groups.append(cur)
             cur, rows, elems = [], 0, 0
@@ -102,7 +104,7 @@ def run_replay(
     dx = torch.empty(n, x.shape[1], dtype=cdt, device=dev) if need_dx else None
     dw = torch.zeros(w.shape, dtype=cdt, device=dev) if need_dw else None
     db = torch.zeros(bias.shape, dtype=cdt, device=dev) if (need_db and bias is not None) else None
-    for group in _groups(head, pln, n, replay, v):
+    for group in _groups(head, pln, n, replay, v, x.shape[1]):
         parts = []
         for a, b, _ in group:  # the chunks' logits and statistics, kept until the group's head call
             rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b)

@@ -100,3 +100,22 @@ def test_replay_options_checked(tmp_path):
     with pytest.raises(ValueError, match="fusedrl_entropy_support"):
         cls(model=_llama(), reward_funcs=_reward, args=trl.GRPOConfig(output_dir=str(tmp_path), use_cpu=True),
             fusedrl_entropy_support="mass")  # fmt: skip
+
+
+def test_hf_fused_loss_on_kept_sets(trainer):
+    """hf_fused_policy_loss(sampling_mask=) equals policy_loss over hf_logprob_entropy(sampling_mask=)."""
+    import fusedrl
+    from fusedrl.integrations import hf
+
+    model = trainer.model
+    ids, _, mask = _rollout(model, 1.0, seed=2)
+    am = torch.ones_like(ids)
+    resp = torch.ones(B, K, dtype=torch.long)
+    old, adv = -torch.rand(B, K) - 0.5, torch.randn(B)
+    cfg = fusedrl.PolicyLossConfig(entropy_coeff=0.01)
+    lp, ent = hf.hf_logprob_entropy(model, ids, am, response_mask=resp, sampling_mask=mask, entropy_support="kept")
+    want, _ = fusedrl.policy_loss(lp, old, adv, resp, entropy=ent, config=cfg)
+    got, metrics = hf.hf_fused_policy_loss(model, ids, am, resp, old, adv, config=cfg, sampling_mask=mask,
+                                           entropy_support="kept")  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert float(metrics["replay_frac"]) == 1.0
