@@ -109,7 +109,7 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
                                        float lo, float hi, float c, bool dual, float ent_coef, float kl_coef,
                                        int kl_type, bool kl_st, uintptr_t logp, uintptr_t ent, uintptr_t lse,
                                        uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, uintptr_t p2,
-                                       uintptr_t p2h) {
+                                       uintptr_t p2h, bool du32) {
   fusedrl::row::OnePassArgs a;
   a.U = reinterpret_cast<float*>(u);
   a.ld = ld;
@@ -132,6 +132,7 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
   a.ld16 = ld16;
   a.P2 = reinterpret_cast<float*>(p2);
   a.P2H = reinterpret_cast<float*>(p2h);
+  a.du32 = du32;
   return a;
 }
 
@@ -140,18 +141,18 @@ fusedrl::row::OnePassArgs onepass_args(uintptr_t u, int64_t ld, int64_t rows, in
       uintptr_t temperatures, double softcap, uintptr_t old, uintptr_t adv, uintptr_t weight, uintptr_t ref,  \
       int mode, float lo, float hi, float c, bool dual, float ent_coef, float kl_coef, int kl_type, bool kl_st, \
       uintptr_t logp, uintptr_t ent, uintptr_t lse, uintptr_t g_lp, uintptr_t g_H, uintptr_t du16, int64_t ld16, \
-      int du16_dtype, uintptr_t p2, uintptr_t p2h
+      int du16_dtype, uintptr_t p2, uintptr_t p2h, bool du32
 #define FUSEDRL_ONEPASS_ARGS                                                                                  \
   onepass_args(u, ld, rows, cols, targets, bias, temperature, temperatures, softcap, old, adv, weight, ref,  \
                mode, lo, hi, c, dual, ent_coef, kl_coef, kl_type, kl_st, logp, ent, lse, g_lp, g_H, du16, ld16, \
-               p2, p2h)
+               p2, p2h, du32)
 #define FUSEDRL_ONEPASS_PYARGS                                                                                \
   py::arg("u"), py::arg("ld"), py::arg("rows"), py::arg("cols"), py::arg("targets"), py::arg("bias"),        \
       py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("old"), py::arg("adv"),    \
       py::arg("weight"), py::arg("ref"), py::arg("mode"), py::arg("lo"), py::arg("hi"), py::arg("clip_c"),   \
       py::arg("dual"), py::arg("ent_coef"), py::arg("kl_coef"), py::arg("kl_type"), py::arg("kl_st"),         \
       py::arg("logp"), py::arg("ent"), py::arg("lse"), py::arg("g_lp"), py::arg("g_H"), py::arg("du16"),      \
-      py::arg("ld16"), py::arg("du16_dtype"), py::arg("p2") = 0, py::arg("p2h") = 0
+      py::arg("ld16"), py::arg("du16_dtype"), py::arg("p2") = 0, py::arg("p2h") = 0, py::arg("du32") = true
 
 void onepass_epilogue(int device, uintptr_t stream, FUSEDRL_ONEPASS_PARAMS) {
   const fusedrl::row::OnePassArgs a = FUSEDRL_ONEPASS_ARGS;
@@ -312,7 +313,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("temperature"), py::arg("temperatures"), py::arg("softcap"), py::arg("lse"), py::arg("ent"),
         py::arg("g_lp"), py::arg("g_H"),
         "dz kernel's code over host memory: du of one fp32 chunk into out (may alias u).");
-  // One-pass row epilogue (onepass.cu): du written over u; du16 (0 = none) as du16_dtype (1 fp16, 2 bf16).
+  // One-pass row epilogue (onepass.cu): du written over u (du32 = false: not; then du16 is required); du16
+  // (0 = none) as du16_dtype (1 fp16, 2 bf16).
   m.def("onepass_epilogue", &onepass_epilogue, py::call_guard<py::gil_scoped_release>(), py::arg("device"),
         py::arg("stream"), FUSEDRL_ONEPASS_PYARGS,
         "One-pass row epilogue kernel on `stream`: logp/ent/lse/g_lp/g_H [rows] and du in place (device pointers).");

@@ -32,23 +32,41 @@ void row_stats_host_t(const row::RowStatsArgs& a, const float* u) {
   }
 }
 
+// onepass.cu's kernel: where row::onepass_vec4 says the kernel takes its 16-byte path, the same row
+// functions over the same F4 groups (the statistics fold the same columns in the same order per thread;
+// du by onepass_du4 per group, the V % 4 tail by onepass_du), else the scalar ones.
 template <bool DH>
 void onepass_epilogue_host_t(const row::OnePassArgs& a, int du16_dt) {
   row::StatT<DH> st[kBlock];
+  const bool vec = row::onepass_vec4(a);
+  const bool bvec = a.BIAS != nullptr && row::aligned16(a.BIAS);
+  const int64_t nv = vec ? a.cols / 4 : 0;  // F4 groups; columns from 4 nv on one by one
   for (int64_t r = 0; r < a.rows; ++r) {
     float* urow = a.U + r * a.ld;
     const Transform tr = row::row_transform(a.tr, r);
     for (int t = 0; t < kBlock; ++t)
-      st[t] = row::thread_row_stat<DH>(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
+      st[t] = vec ? row::thread_row_stat_v4<DH>(urow, a.cols, a.BIAS, tr, t, kBlock)
+                  : row::thread_row_stat<DH>(urow, a.cols, a.BIAS, tr, t, kBlock, row::LoadF32{});
     const row::DuRow d = row::onepass_row(a, tr, r, row::block_reduce_host<kBlock>(st));
-    for (int64_t j = 0; j < a.cols; ++j) {
-      const float du = row::onepass_du(a, d, tr, urow[j], j);
-      urow[j] = du;
-      if (a.DU16 == nullptr) continue;
+    auto store16 = [&](int64_t j, float du) {
+      if (a.DU16 == nullptr) return;
       if (du16_dt == kF16)
         static_cast<__half*>(a.DU16)[r * a.ld16 + j] = __float2half_rn(du);
       else
         static_cast<__nv_bfloat16*>(a.DU16)[r * a.ld16 + j] = __float2bfloat16_rn(du);
+    };
+    for (int64_t q = 0; q < nv; ++q) {
+      const int64_t c = 4 * q;
+      const row::F4 u = row::load4(urow + c);
+      const row::F4 b = a.BIAS != nullptr ? row::bias4(a.BIAS, c, bvec) : row::F4{};
+      const row::F4 du = row::onepass_du4(a, d, tr, u, b, c);
+      if (a.du32) row::store4(urow + c, du);
+      for (int e = 0; e < 4; ++e) store16(c + e, du.v[e]);
+    }
+    for (int64_t j = 4 * nv; j < a.cols; ++j) {
+      const float du = row::onepass_du(a, d, tr, urow[j], j);
+      if (a.du32) urow[j] = du;
+      store16(j, du);
     }
   }
 }
@@ -97,6 +115,7 @@ void check_onepass_args(const row::OnePassArgs& a, int du16_dt) {
     if (du16_dt != kF16 && du16_dt != kBF16) bad("du16 must be float16 or bfloat16");
     if (a.ld16 < a.cols) bad("ld16 must be >= cols");
   }
+  if (!a.du32 && a.DU16 == nullptr) bad("du32 = false needs du16 (du must be written somewhere)");
   if ((a.P2 == nullptr) != (a.P2H == nullptr)) bad("p2 and p2h are given together or not at all");
 }
 

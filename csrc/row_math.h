@@ -13,11 +13,13 @@
 //  * the target pickup;
 //  * du = dz * dz/du per element, with the -inf guard (a masked column has p = 0 and du = 0, never
 //    0 * inf);
-//  * the row pieces of the recompute kernels (row_stats, dz) and of the one-pass row epilogue.
+//  * the row pieces of the recompute kernels (row_stats, dz) and of the one-pass row epilogue, whose
+//    statistics pass reads 16-byte vectors (F4, thread_row_stat_v4) where the row is 16-byte aligned.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "head_math.h"
 
@@ -322,6 +324,44 @@ struct LoadF32 {
   FUSEDRL_HD float operator()(float v) const { return v; }
 };
 
+// Four consecutive fp32 values, 16-byte aligned: one 128-bit load or store on the device (LDG.E.128 /
+// STG.E.128, checked in the compiled SASS by tests/gpu_static).
+struct alignas(16) F4 {
+  float v[4];
+};
+
+// The F4 at p (16-byte aligned). Device: one vector load; host: a copy (no aliasing assumptions).
+FUSEDRL_HD F4 load4(const float* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const F4*>(p);
+#else
+  F4 f;
+  std::memcpy(f.v, p, sizeof(f.v));
+  return f;
+#endif
+}
+
+FUSEDRL_HD void store4(float* p, const F4& f) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<F4*>(p) = f;
+#else
+  std::memcpy(p, f.v, sizeof(f.v));
+#endif
+}
+
+// F4 loads in flight per thread in the vector loops (issued together before their values are used).
+constexpr int kUnroll = 4;
+
+FUSEDRL_HD bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The bias values of columns [c, c + 4): one F4 where the bias is 16-byte aligned, else four loads.
+FUSEDRL_HD F4 bias4(const float* bias, int64_t c, bool vec) {
+  if (vec) return load4(bias + c);
+  F4 f;
+  for (int e = 0; e < 4; ++e) f.v[e] = bias[c + e];
+  return f;
+}
+
 // One thread's share of a row: columns tid, tid + nthreads, ... of raw logits `row` (+ bias); `tr`
 // is the row's transform. DH: the entropy change's sums too.
 template <bool DH = false, typename T, typename Load>
@@ -333,6 +373,44 @@ FUSEDRL_HD StatT<DH> thread_row_stat(const T* urow, int64_t cols, const float* b
     if (bias != nullptr) v += bias[j];
     stat_add(ts, logit(v, tr));
   }
+  return stat_fold(ts);
+}
+
+// The same share in 16-byte vectors (urow 16-byte aligned): thread tid folds the F4 groups q = tid,
+// tid + nthreads, ... (columns 4q .. 4q + 3, in order), then, of the cols % 4 tail columns, column
+// 4 (cols / 4) + tid. kUnroll groups are loaded before any is folded (loads in flight on the device);
+// the fold order is the sequence above either way, so the host lane (the same function) gives the
+// kernel's bits. Another summation order than thread_row_stat's: same statistics to fp32 rounding.
+template <bool DH = false>
+FUSEDRL_HD StatT<DH> thread_row_stat_v4(const float* urow, int64_t cols, const float* bias, const Transform& tr,
+                                        int64_t tid, int64_t nthreads) {
+  ThreadStatT<DH> ts = thread_stat_empty<DH>();
+  const int64_t nv = cols / 4;
+  const bool bvec = bias != nullptr && aligned16(bias);
+  int64_t q = tid;
+  for (; q + (kUnroll - 1) * nthreads < nv; q += kUnroll * nthreads) {
+    F4 u[kUnroll], b[kUnroll] = {};
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kUnroll; ++k) {
+      u[k] = load4(urow + 4 * (q + k * nthreads));
+      if (bias != nullptr) b[k] = bias4(bias, 4 * (q + k * nthreads), bvec);
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int k = 0; k < kUnroll; ++k)
+      for (int e = 0; e < 4; ++e) stat_add(ts, logit(bias != nullptr ? u[k].v[e] + b[k].v[e] : u[k].v[e], tr));
+  }
+  for (; q < nv; q += nthreads) {
+    const F4 u = load4(urow + 4 * q);
+    F4 b{};
+    if (bias != nullptr) b = bias4(bias, 4 * q, bvec);
+    for (int e = 0; e < 4; ++e) stat_add(ts, logit(bias != nullptr ? u.v[e] + b.v[e] : u.v[e], tr));
+  }
+  const int64_t j = 4 * nv + tid;
+  if (j < cols) stat_add(ts, logit(bias != nullptr ? urow[j] + bias[j] : urow[j], tr));
   return stat_fold(ts);
 }
 
@@ -472,6 +550,9 @@ struct OnePassArgs {
   float* G_H;   // [rows]
   void* DU16;   // optional 16-bit copy of du (row stride ld16), dtype chosen by the caller
   int64_t ld16;
+  // du written over U (the default); false: DU16 alone receives it and U keeps the logits (the lean
+  // epilogue: 16-bit inputs without a bias gradient, where nothing reads the fp32 du)
+  bool du32 = true;
   // the entropy change's row sums [rows] each (as RowStatsArgs); both null (the default): not computed
   float* P2 = nullptr;
   float* P2H = nullptr;
@@ -518,6 +599,30 @@ FUSEDRL_HD float onepass_du(const OnePassArgs& a, const DuRow& d, const Transfor
   if (d.glp == 0.f && d.gh == 0.f) return 0.f;  // masked token: no exp, and nothing to propagate
   const float v = a.BIAS != nullptr ? u + a.BIAS[j] : u;
   return du_elem(v, j == d.tc, d, tr);
+}
+
+// Whether a one-pass launch takes the 16-byte path (thread_row_stat_v4, F4 du): every row of U starts
+// 16-byte aligned. The kernel and the host lane decide by this one test, so they fold the same columns
+// in the same order. fusedrl.onepass.run pads the workspace rows to 16 elements: always true there.
+FUSEDRL_HD bool onepass_vec4(const OnePassArgs& a) { return aligned16(a.U) && a.ld % 4 == 0; }
+
+// Whether the 16-bit du copy is stored 4 values (8 bytes) at a time: every DU16 row 8-byte aligned.
+FUSEDRL_HD bool onepass_du16_vec4(const OnePassArgs& a) {
+  return a.DU16 != nullptr && (reinterpret_cast<uintptr_t>(a.DU16) & 7u) == 0 && a.ld16 % 4 == 0;
+}
+
+// du of columns [c, c + 4) of a one-pass row from their raw logits `u` (bias added here; `b` holds
+// BIAS[c .. c + 3] when BIAS is given): onepass_du of each.
+FUSEDRL_HD F4 onepass_du4(const OnePassArgs& a, const DuRow& d, const Transform& tr, const F4& u, const F4& b,
+                          int64_t c) {
+  F4 o;
+  if (d.glp == 0.f && d.gh == 0.f) {  // masked token (as onepass_du)
+    for (int e = 0; e < 4; ++e) o.v[e] = 0.f;
+    return o;
+  }
+  for (int e = 0; e < 4; ++e)
+    o.v[e] = du_elem(a.BIAS != nullptr ? u.v[e] + b.v[e] : u.v[e], c + e == d.tc, d, tr);
+  return o;
 }
 
 }  // namespace row

@@ -255,12 +255,13 @@ class _EpilogueFields(NamedTuple):
     lse: Tensor
     g_lp: Optional[Tensor]
     g_H: Optional[Tensor]
-    du: Optional[Tensor]  # the buffer holding du (``u`` for the kernels; None when no gradient was formed)
+    du: Optional[Tensor]  # the buffer holding du (``u`` for the kernels, or ``du16`` alone under the lean
+    # store ``store_du32=False``; None when no gradient was formed)
 
 
 class EpilogueOut(_EpilogueFields):
     """A row epilogue's per-row outputs (``[Nc]``; fp32, the torch epilogue fp64 for fp64 inputs); ``u``
-    then holds ``du``. ``g_lp`` / ``g_H``: the head's per-row gradients (``g_H`` None without entropy).
+    then holds ``du`` (the kernel epilogues' lean store for 16-bit inputs writes it to ``du16`` only). ``g_lp`` / ``g_H``: the head's per-row gradients (``g_H`` None without entropy).
 
     ``dh``: the entropy change (:func:`entropy_change`) when ``EpilogueHead.need_dh``, else None. An
     attribute beside the six tuple fields ``(logp, ent, lse, g_lp, g_H, du)``, so that code unpacking
@@ -367,7 +368,8 @@ class Backend(Protocol):
         """The one-pass row epilogue over the workspace ``u [Nc, V]`` of raw logits ``x_c W^T`` (plus
         ``bias`` when given; the schedule may fold the bias into the GEMM and pass None): row statistics,
         the head's per-row gradients and ``du`` (in ``EpilogueOut.du``, a buffer the backend owns for the
-        call; for 16-bit inputs also written into ``du16``, the operand of the gradient GEMMs);
+        call; for 16-bit inputs also written into ``du16``, the operand of the gradient GEMMs; the kernel
+        epilogues' ``store_du32=False`` writes ``du16`` alone, when no bias gradient reads the fp32 ``du``);
         ``EpilogueOut.dh`` the entropy change when ``head.need_dh``."""
 
     def onepass_supports(self, head: EpilogueHead, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:

@@ -38,6 +38,11 @@ _MIN_ROWS = 64
 #: 16-bit du rows are padded to this many elements (16 bytes): cuBLAS's tensor-core kernels want aligned
 #: leading dimensions, and an odd V would leave every row of du 2-byte aligned
 DU_ALIGN = 8
+#: rows of the fp32 (fp64) workspace U are padded to this many elements (64 bytes in fp32) for any V: every
+#: row starts 16-byte aligned, so the kernel epilogues read it with 16-byte vector loads (the CUDA kernel's
+#: float4 path needs ``ld % 4 == 0``; Triton's JIT hints a row stride divisible by 16), and GEMM 1 writes it
+#: with an aligned leading dimension (cuBLAS and CPU BLAS write a row-strided ``out`` in place)
+WS_ALIGN = 16
 # per-token bytes the schedule holds besides the [N, V]-scale buffers (logp, lse, entropy, the head's
 # per-token vectors, chunk outputs): a bound, not a census
 _PER_TOKEN = 96
@@ -46,6 +51,11 @@ _PER_TOKEN = 96
 def du_row_stride(v: int) -> int:
     """Row stride (elements) of the 16-bit du ring: ``V`` rounded up to :data:`DU_ALIGN`."""
     return -(-v // DU_ALIGN) * DU_ALIGN
+
+
+def ws_row_stride(v: int) -> int:
+    """Row stride (elements) of the fp32 / fp64 workspace U: ``V`` rounded up to :data:`WS_ALIGN`."""
+    return -(-v // WS_ALIGN) * WS_ALIGN
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,13 +143,14 @@ class EpilogueCost(NamedTuple):
 
 #: the row epilogues the model knows, by backend name. The kernel epilogues (Triton, CUDA) work in the fp32
 #: workspace and the 16-bit du copy alone: two reads of U (statistics, then du), du16 written, and the fp32
-#: du written over U where stored (today's kernels always store it: ``stores_du32``; flip it when they write
-#: it only for a bias gradient). The torch epilogue's scratch is ``torch_backend.onepass_scratch_shapes``.
-#: ``efficiency`` 1 until a GPU run measures it (bench/onepass_model.py --calibrate).
+#: du written over U only where the run reads it (``stores_du32=False``: fp32 inputs, whose GEMMs read du
+#: there, and a bias gradient, whose column sum reads it; ``fusedrl.onepass.run`` passes ``store_du32``).
+#: The torch epilogue's scratch is ``torch_backend.onepass_scratch_shapes``. ``efficiency`` 1 until a GPU
+#: run measures it (bench/onepass_model.py --calibrate).
 EPILOGUES: dict[str, EpilogueCost] = {
     "torch": EpilogueCost(1.0, 60, True),
-    "triton": EpilogueCost(1.0, 8, False, stores_du32=True),
-    "cuda": EpilogueCost(1.0, 8, False, stores_du32=True),
+    "triton": EpilogueCost(1.0, 8, False, stores_du32=False),
+    "cuda": EpilogueCost(1.0, 8, False, stores_du32=False),
 }
 
 
@@ -237,7 +248,8 @@ def memory_parts(n: int, h: int, v: int, x_dtype: torch.dtype, rows: int, ring_r
         ("dx32", n * h * 4 if (low and s.dx) else 0),
         ("db", v * c if s.db else 0),
         ("per_token", n * _PER_TOKEN),
-        ("workspace", (rows if (low or not s.dw) else ring_rows) * v * c),  # fp32 inputs: the ring is U itself
+        # fp32 inputs: the ring is U itself; rows padded to WS_ALIGN elements
+        ("workspace", (rows if (low or not s.dw) else ring_rows) * ws_row_stride(v) * c),
     ]
     if EPILOGUES.get(s.epilogue, EPILOGUES["torch"]).torch_scratch:
         parts.append(("scratch", sum(a * b for a, b in torch_backend.onepass_scratch_shapes(rows, v)) * c))

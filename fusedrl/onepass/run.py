@@ -28,7 +28,7 @@ from ..backends import get_backend, torch_backend
 from ..backends.base import EpilogueHead, entropy_change
 from ..loss import TokenHead
 from .gemm import addmm_f32_, gemm_logits, is_low, mm_f32
-from .plan import Plan, du_row_stride
+from .plan import Plan, du_row_stride, ws_row_stride
 
 Tensor = torch.Tensor
 
@@ -176,13 +176,16 @@ def run_one_pass(
     # the workspace itself, du staying where each chunk's logits were)
     grouped = need_dw and pln.ring_rows > rows
     ring = pln.ring_rows if grouped else rows
-    specs = [((rows if low else ring, v), cdt)]
+    # the workspace's rows padded to 16 elements (any V): 16-byte aligned rows for the epilogues' vector loads;
+    # the GEMMs write and read the row-strided view in place
+    specs = [((rows if low else ring, ws_row_stride(v)), cdt)]
     if is_torch:
         specs += list((shape, cdt) for shape in torch_backend.onepass_scratch_shapes(rows, v))
     if low and grads:
         specs.append(((ring, du_row_stride(v)), x.dtype))  # rows padded to 16 bytes (unaligned V)
     bufs = buffers(dev, specs)
-    ws = bufs[0]
+    ws_flat = bufs[0]  # contiguous: the scratch of addmm's fallback in GEMM 3
+    ws = ws_flat[:, :v]
     scratch = (bufs[1], bufs[2]) if is_torch else None
     ring16 = bufs[-1][:, :v] if (low and grads) else None
     du16 = None
@@ -195,13 +198,18 @@ def run_one_pass(
         if dw32 is None:  # the first call writes the accumulator (no zero fill)
             dw32 = torch.empty(v, h, dtype=cdt, device=dev)
             mm_f32(dug.t(), xg, dw32)
-        else:  # the workspace is free here: the scratch of addmm's mm + add_ fallback
-            addmm_f32_(dw32, dug.t(), xg, tmp=ws)
+        else:  # the workspace is free here: the scratch of addmm's mm + add_ fallback (its contiguous buffer)
+            addmm_f32_(dw32, dug.t(), xg, tmp=ws_flat)
 
     # the torch epilogue takes 1/T folded into the small x operand; kernels apply T themselves
     per_token = isinstance(temperature, Tensor)
     fold = is_torch and softcap is None and not low and not per_token and temperature != 1.0
     scale = 1.0 / temperature if fold else 1.0
+    # kernel epilogues store the fp32 du over U only where it is read: fp32 / fp64 inputs (GEMMs 2 and 3 read
+    # it there) and the bias gradient's column sum; 16-bit inputs otherwise write du16 alone (4 bytes per
+    # element less). db from du16 would round it; a column sum fused into the epilogue would need atomics
+    # (nondeterministic) or per-block partials (as many bytes as the store it saves at one row per program)
+    kernel_opts = {} if is_torch else dict(store_du32=not (low and ring16 is not None and db32 is None))
     for a, b, seqs in pln.chunks:
         nc = b - a
         if nc == 0:
@@ -228,7 +236,7 @@ def run_one_pass(
         ehead = EpilogueHead(
             None if is_torch else head.kernel_codes(a, b, need_ent), chunk_grads if grads else None, need_ent
         )
-        opts = dict(scratch=(scratch[0][:nc], scratch[1][:nc]), prescaled=scale != 1.0) if is_torch else {}
+        opts = dict(scratch=(scratch[0][:nc], scratch[1][:nc]), prescaled=scale != 1.0) if is_torch else kernel_opts
         out = emod.onepass_epilogue(
             u,
             tc,
@@ -245,7 +253,7 @@ def run_one_pass(
             ent[a:b] = out.ent
         if not grads:
             continue
-        du = out.du
+        du = out.du  # the fp32 du (U, the torch epilogue's scratch), or du16 where a kernel stored it alone
         dug = du16[:nc] if du16 is not None else du
         if grouped and not low and du.data_ptr() != u.data_ptr():  # du in the torch epilogue's scratch
             dug = u.copy_(du)  # into its ring slot, before the next chunk's epilogue reuses the scratch
@@ -266,7 +274,7 @@ def run_one_pass(
     if timer is not None:
         timer("end")
     del bufs, scratch, du16, ring16
-    ws = None  # the buffers go before the evaluation and the selection correction
+    ws = ws_flat = None  # the buffers go before the evaluation and the selection correction
     if need_dw and dw32 is None:  # no token at all
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)

@@ -901,6 +901,93 @@ def test_per_token_temperature_bad_arguments():
 
 
 # =====================================================================================
+# One-pass epilogue: the 16-byte path (16-byte aligned rows) and the lean store (store_du32=False)
+# =====================================================================================
+
+
+def _padded(u, ld, offset=0, fill=123.0):
+    """u [N, V] copied into a wider buffer: a [N, V] view of row stride ld starting `offset` elements in."""
+    n, v = u.shape
+    buf = torch.full((n * ld + offset + ld,), fill)
+    view = buf[offset : offset + n * ld].view(n, ld)[:, :v]
+    view.copy_(u)
+    return buf, view
+
+
+@pytest.mark.parametrize("du16_dtype", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("bias", ["rand", "-inf", None])
+@pytest.mark.parametrize("v", [507, 1003, 1024, 5])
+def test_onepass_vector_path_matches_fp64(v, bias, du16_dtype):
+    """Rows 16-byte aligned with a row stride divisible by 4 (the one-pass workspace pads them to 16
+    elements) take the kernel's 16-byte path: F4 groups per thread, kUnroll loads at a time, the V % 4
+    tail column by column. Against fp64; the same statistics as the scalar path to fp32 rounding;
+    independent of the padding (bitwise); the padding columns untouched. A misaligned start takes the
+    scalar path: bitwise the contiguous (odd-stride) rows' result."""
+    n = 37
+    u, t, b, head = make_onepass_case(n, v, mode="clipped", kl="k3", bias=bias, T=0.7, c=None, masked=(1, 20))
+    want = onepass_reference(u, t, b, 0.7, None, head, "clipped", "k3")
+    runs = {}
+    for tag, ld, off in (("pad16", -(-v // 16) * 16, 0), ("pad64", -(-v // 64) * 64 + 64, 0), ("misaligned", v + 3, 1)):
+        buf, view = _padded(u, ld, off)
+        d16 = torch.empty(n, v, dtype=du16_dtype) if du16_dtype is not None else None
+        res = cb.onepass_epilogue(view, t, b, 0.7, None, head, du16=d16)
+        assert res.du is view
+        rest = buf.clone()
+        rest[off : off + n * ld].view(n, ld)[:, :v] = 123.0
+        assert torch.all(rest == 123.0), tag  # only the rows' own columns are written
+        runs[tag] = [x for x in res[:5]] + [view.clone()] + ([d16] if d16 is not None else [])
+        got = dict(zip(("logp", "ent", "lse", "g_lp", "g_H", "du"), runs[tag]))
+        for name, w in zip(("logp", "ent", "lse", "g_lp", "g_H", "du"), want):
+            tol = 1e-5 * (w.abs().max().item() + 1.0)
+            assert (got[name].double() - w).abs().max().item() <= tol, (tag, name)
+        if d16 is not None:
+            assert torch.equal(d16, view.to(du16_dtype)), tag
+    for a, c in zip(runs["pad16"], runs["pad64"]):
+        assert torch.equal(a, c)
+    work = u.clone()
+    contiguous = cb.onepass_epilogue(work, t, b, 0.7, None, head)
+    for a, c in zip(runs["misaligned"][:6], list(contiguous[:5]) + [work]):
+        assert torch.equal(a, c) if v % 4 else torch.allclose(a, c, rtol=1e-5, atol=1e-6)
+    for a, c in zip(runs["pad16"][:6], runs["misaligned"][:6]):
+        assert torch.allclose(a, c, rtol=1e-5, atol=1e-6)  # another summation order: fp32 rounding apart
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bias", ["rand", None])
+@pytest.mark.parametrize("v,ld", [(1003, 1008), (507, 507), (1024, 1024)], ids=["V1003-pad16", "V507", "V1024"])
+def test_onepass_lean_store_is_bitwise(v, ld, bias, dtype):
+    """store_du32=False: the 16-bit du alone, the same bits as with the fp32 store; every per-row output
+    bitwise the same; U keeps its logits; EpilogueOut.du is du16 (vector and scalar paths)."""
+    n = 33
+    u, t, b, head = make_onepass_case(n, v, mode="cispo", kl="abs", bias=bias, T=1.3, c=5.0, masked=(0, 4))
+    outs = []
+    for lean in (False, True):
+        buf, view = _padded(u, ld)
+        d16 = torch.full((n, v), 9.0, dtype=dtype)
+        res = cb.onepass_epilogue(view, t, b, 1.3, 5.0, head, du16=d16, store_du32=not lean)
+        if lean:
+            assert res.du is d16 and torch.equal(view, u)
+        else:
+            assert res.du is view and torch.equal(d16, view.to(dtype))
+        outs.append(list(res[:5]) + [d16])
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
+
+
+def test_onepass_lean_store_needs_du16():
+    u, t, b, head = make_onepass_case(5, 507, kl="k1")
+    with pytest.raises(ValueError, match="store_du32"):
+        cb.onepass_epilogue(u.clone(), t, b, 1.0, None, head, store_du32=False)
+    # the extension's own check (a caller of _C that bypasses the Python launcher)
+    out = [torch.empty(5) for _ in range(4)]
+    with pytest.raises(ValueError, match="du32 = false needs du16"):
+        C.onepass_epilogue_host(u.data_ptr(), 507, 5, 507, t.data_ptr(), 0, 1.0, 0, 0.0, head.old.data_ptr(),
+                                head.adv.data_ptr(), head.weight.data_ptr(), head.ref.data_ptr(), 0, LO, HI, CLIP_C,
+                                True, 0.0, 0.3, 0, False, out[0].data_ptr(), 0, out[1].data_ptr(), out[2].data_ptr(),
+                                out[3].data_ptr(), 0, 0, -1, du32=False)  # fmt: skip
+
+
+# =====================================================================================
 # GPU: the kernels against their host lanes
 # =====================================================================================
 gpu = pytest.mark.gpu
@@ -1064,3 +1151,34 @@ def test_gpu_recompute_per_token_temperature_matches_host_lane():
     for name, gg, ww in zip(("dx", "dW", "db"), got, want):
         tol = 1e-4 * (ww.abs().max().item() + 1.0)  # cuBLAS (TF32 off by default) vs fp64
         assert (gg.cpu().double() - ww).abs().max().item() <= tol, name
+
+
+@gpu
+@pytest.mark.parametrize("lean", [False, True], ids=["du32", "lean"])
+@pytest.mark.parametrize("du16", [None, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("v", [1003, 151936 // 64])
+def test_gpu_onepass_vector_path_matches_host_lane(v, du16, lean):
+    """The kernel's 16-byte path (rows padded to 16 elements, as fusedrl.onepass.run allocates them) and its
+    lean store against the host lane (the same functions, the same per-thread order) and fp64; a grid of
+    one full wave over more rows than it holds."""
+    _gpu_or_skip()
+    if lean and du16 is None:
+        pytest.skip("the lean store needs du16")
+    n = 2000
+    ld = -(-v // 16) * 16
+    u, t, b, head = make_onepass_case(n, v, kl="k3", bias="-inf", T=0.9, c=None, masked=(0, 17, n - 1))
+    outs = {}
+    for dev in ("cpu", "cuda"):
+        buf = torch.zeros(n, ld, device=dev)
+        work = buf[:, :v]
+        work.copy_(u)
+        d16 = torch.empty(n, v, dtype=du16, device=dev) if du16 is not None else None
+        res = cb.onepass_epilogue(work, t.to(dev), b.to(dev), 0.9, None, _head_to(head, dev), du16=d16,
+                                  store_du32=not lean)  # fmt: skip
+        outs[dev] = [x.cpu() for x in res[:5]] + [work.cpu()] + ([d16.cpu()] if d16 is not None else [])
+        assert torch.all(buf[:, v:] == 0)
+    for a, g in zip(outs["cpu"], outs["cuda"]):
+        rtol = 1e-5 if g.dtype == torch.float32 else 8e-3
+        assert torch.allclose(g.float(), a.float(), rtol=rtol, atol=1e-6)
+    if lean:
+        assert torch.equal(outs["cuda"][5], u)

@@ -529,3 +529,59 @@ def test_tie_rules_match_torch_fp32():
     kl0 = 0.3 * float(torch.sign(lp[0] - ref2[0]))
     assert abs(g_lp[0].item() - w[0].item() * (0.5 * 1.5 * c + kl0)) < 1e-5 * r0
     assert g_lp[1].item() == want[1].item()
+
+
+# ------------------------------------------------------------------------------------------------
+# The lean epilogue (store_du32=False) and the padded workspace rows of fusedrl.onepass.run
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("v,bias", [(507, True), (1003, False)], ids=["V507-bias", "V1003"])
+def test_lean_du16_only_is_bitwise(v, bias, dtype):
+    """store_du32=False: du16 alone receives du (the same bits as with the fp32 store), every per-row
+    output is bitwise the same, U keeps the logits, and EpilogueOut.du is du16. Rows padded to 16
+    elements (the one-pass workspace; the kernel's loads may read the padding, here NaN, never use it)
+    give the contiguous rows' bits."""
+    n = 37
+    u, t, b, old, adv, ref, w = _make(n, v, seed=100 + v, bias=bias)
+    b = b if bias else None
+    head = _to_dev(_head(old, adv, ref, w, ent_coef=0.05))
+    bd = None if b is None else b.to(DEV)
+    outs = []
+    for lean, padded in ((False, False), (True, False), (True, True)):
+        ld = -(-v // 16) * 16 if padded else v
+        buf = torch.full((n, ld), math.nan, device=DEV)
+        ws = buf[:, :v]
+        ws.copy_(u.to(DEV))
+        d16 = torch.full((n, v), 7.0, dtype=dtype, device=DEV)
+        res = tb.onepass_epilogue(ws, t.to(DEV), bd, 0.7, 30.0, head, du16=d16, store_du32=not lean, **OPTS)
+        if lean:
+            assert res.du is d16 and torch.equal(ws.cpu(), u)  # U untouched: the logits
+        else:
+            assert res.du is ws
+        if padded:
+            assert tb.onepass.readable_cols(ws) == ld and buf[:, v:].isnan().all()  # padding read, not written
+        outs.append([x for x in res[:5] if x is not None] + [d16])
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            assert torch.equal(x, y)
+
+
+def test_lean_needs_du16():
+    u, t, b, old, adv, ref, w = _make(4, 507, seed=101, masked=False)
+    head = _to_dev(_head(old, adv, ref, w))
+    with pytest.raises(ValueError, match="store_du32"):
+        tb.onepass_epilogue(u.to(DEV), t.to(DEV), b.to(DEV), 1.0, None, head, store_du32=False, **OPTS)
+
+
+def test_readable_cols():
+    """The loads may read V rounded up to 16 only where the row stride and the allocation hold it."""
+    from fusedrl.backends.triton.onepass import readable_cols
+
+    assert readable_cols(torch.empty(4, 1003)) == 1003
+    assert readable_cols(torch.empty(4, 1008)[:, :1003]) == 1008
+    assert readable_cols(torch.empty(4, 1024)) == 1024
+    assert readable_cols(torch.empty(3 * 1008 + 1003).as_strided((4, 1003), (1008, 1))) == 1003  # last row: no room
+    assert readable_cols(torch.empty(4, 1005)[:, :1003]) == 1003
+    assert readable_cols(torch.empty(0, 1003)) == 1003

@@ -397,3 +397,97 @@ def test_run_setting_names_the_epilogue():
     a = ONEPASS.auto_setting(torch.device("cpu"), torch.float32, "torch", CFG, False, (True, True, False), False, 1.0,
                              None)  # fmt: skip
     assert a.epilogue == "torch" and a.core == "torch"
+
+
+# ------------------------------------------------------------------------------------------------
+# Lean kernel epilogues (no fp32 du store unless read) and the padded workspace rows, in the run
+# ------------------------------------------------------------------------------------------------
+
+
+class _EpilogueSpy:
+    """A kernel epilogue module as ``run.epilogue_for`` returns it, recording each call's ``store_du32``
+    and workspace layout; ``force`` overrides ``store_du32`` (True: the fp32 store of the earlier kernels)."""
+
+    def __init__(self, mod, force=None):
+        self.mod, self.force, self.calls = mod, force, []
+
+    def onepass_supports(self, *a):
+        return self.mod.onepass_supports(*a)
+
+    def onepass_epilogue(self, u, *a, store_du32=True, **kw):
+        self.calls.append((store_du32, u.stride(0), u.data_ptr() % 16))
+        return self.mod.onepass_epilogue(u, *a, store_du32=store_du32 if self.force is None else self.force, **kw)
+
+
+def _kernel_epilogue(name):
+    from fusedrl.backends import cuda as cuda_backend
+    from fusedrl.backends import triton as triton_backend
+
+    if name == "triton":
+        if "triton" not in fusedrl.available_backends("cpu"):
+            pytest.skip("triton does not run on CPU here")
+        return triton_backend
+    if cuda_backend.extension() is None:
+        pytest.skip("the CUDA extension is not built")
+    return cuda_backend  # its host lane on CPU tensors: the kernel's C++ row functions
+
+
+@pytest.mark.parametrize("v", [507, 1003])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("epilogue", ["triton", "cuda"])
+def test_lean_epilogue_run_is_bitwise(monkeypatch, epilogue, dtype, bias, v):
+    """The run asks a kernel epilogue for the fp32 du only where it reads it (fp32 inputs, a bias gradient):
+    16-bit inputs without bias store du16 alone. Loss, dx, dW, db bitwise those of the fp32-storing
+    epilogue; the workspace rows padded to 16 elements (16-byte aligned) for every V."""
+    from fusedrl.loss import TokenHead
+    from fusedrl.loss.inputs import flatten_batch
+
+    mod = _kernel_epilogue(epilogue)
+    n, h = 20, 16
+    case = _case(n=n, h=h, v=v, dtype=dtype, seed=v, bias=bias)
+    x, w, b, t = case["hidden"], case["weight"], case["bias"], case["targets"]
+    batch = flatten_batch("targets", (n,), x.device, case["old_logp"], case["advantages"], case["mask"], None, {},
+                          check_inputs=False)  # fmt: skip
+    cfg = PolicyLossConfig(entropy_coeff=0.01)
+    pln = P.Plan("one_pass", tuple((a, min(n, a + 8), None) for a in range(0, n, 8)), "test", 16)  # ring of 2
+    outs = []
+    for force in (True, None):  # the earlier kernels' fp32 store, then what the run asks for
+        spy = _EpilogueSpy(mod, force)
+        monkeypatch.setattr(RUN, "epilogue_for", lambda *a, s=spy: s)
+        head = TokenHead(batch, cfg, False, torch.float32)
+        g = RUN.run_one_pass(x, w, t, b, head, pln, 0.9, None, epilogue, None, True, True, bias, False)
+        outs.append((g.loss, g.dx, g.dw, g.db))
+        low = dtype != torch.float32
+        assert spy.calls and all(c == (not (low and not bias), P.ws_row_stride(v), 0) for c in spy.calls)
+    for a, e in zip(*outs):
+        assert (a is None) == (e is None) and (a is None or torch.equal(a, e))
+    assert outs[1][3] is not None if bias else outs[1][3] is None
+
+
+def test_lean_epilogue_lowers_modeled_bytes():
+    """stores_du32=False (the kernel epilogues now): 10 bytes per workspace element for 16-bit inputs
+    without a bias gradient instead of 14, so a lower modeled epilogue and total; fp32 inputs and a bias
+    gradient still pay for the fp32 du their GEMMs / column sum read."""
+    assert not P.EPILOGUES["triton"].stores_du32 and not P.EPILOGUES["cuda"].stores_du32
+    for ep in ("triton", "cuda"):
+        lean, full = setting(ep), setting(ep, du32=True)
+        assert P.epilogue_bytes_per_element(lean, 4, True, False) == 10
+        assert P.epilogue_bytes_per_element(full, 4, True, False) == 14
+        assert P.epilogue_bytes_per_element(setting(ep, db=True, bias=True), 4, True, False) == 14
+        assert P.epilogue_bytes_per_element(lean, 4, False, False) == 12  # fp32: du over U, no 16-bit copy
+        chunk_rows = ((1171, 7),)
+        m_lean = P.model(8192, 4096, V, torch.bfloat16, chunk_rows, 4 * 1171, lean)
+        m_full = P.model(8192, 4096, V, torch.bfloat16, chunk_rows, 4 * 1171, full)
+        e_lean, e_full = dict(m_lean.terms)["epilogue"], dict(m_full.terms)["epilogue"]
+        assert e_lean < e_full and m_lean.total_ms < m_full.total_ms
+        assert e_full - e_lean == pytest.approx(7 * 1171 * V * 4 / (H100.hbm * 1e9), rel=1e-9)
+        pln = P.plan(8192, 4096, V, torch.bfloat16, CFG, "one_pass", 4 * GIB, setting=lean)
+        assert pln.model.total_ms / pln.model.floor_ms < 1.12
+
+
+def test_workspace_rows_padded_to_16_elements():
+    assert P.ws_row_stride(151936) == 151936 and P.ws_row_stride(32003) == 32016 and P.ws_row_stride(1) == 16
+    s = setting("triton")
+    mem = dict(P.memory_parts(1024, 512, 1003, torch.bfloat16, 100, 300, s))
+    assert mem["workspace"] == 100 * 1008 * 4

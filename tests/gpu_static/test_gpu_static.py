@@ -25,7 +25,12 @@ no driver. Asserted per case:
 * async copies (``cp.async``) in the GEMM-bearing kernels at the aligned shape, the gradient-filtered
   GEMM included.
 
-CUDA: ``csrc/*.cu`` compiled by nvcc with ``-Xptxas -v`` for sm_80 and sm_90a; no spills.
+The one-pass epilogue also in its lean form (``store_du32=False``: the 16-bit du alone) over the run's padded
+buffers, for 16-bit inputs: 128-bit loads (``ld.global.v4``) at both shapes.
+
+CUDA: ``csrc/*.cu`` compiled by nvcc with ``-Xptxas -v`` for sm_80 and sm_90a; no spills. The one-pass
+epilogue's sm_90a SASS (``cuobjdump -sass``: the toolkit's, or the triton wheel's): 128-bit loads of the
+workspace in bursts of at least 4 per pass, 128-bit du stores, 64-bit stores of the 16-bit copy.
 
 The compiles run in 2 worker processes (this file run as a script), each with a fresh, empty
 TRITON_CACHE_DIR and TRITON_ALWAYS_COMPILE=1: nothing is cached between runs. ``-s`` prints the case
@@ -199,6 +204,18 @@ def _scenarios(tb, th, dtype):  # tb: fusedrl.backends.triton, th: its head modu
                 need_ent=bool(ent_c),
             )
             yield tag, lambda bb=bias, cc=cap, hh=head: tb.onepass_epilogue(u, t, bb, 0.7, cc, hh, du16=du16)
+            if du16 is not None:
+                # the lean epilogue (du16 alone: 16-bit inputs without a bias gradient) over the run's buffers:
+                # workspace rows padded to 16 elements, du16 ring rows to 8 (fusedrl.onepass.run)
+                up = E(n, -(-v // 16) * 16, dt=f32)[:, :v]
+                dp = E(n, -(-v // 8) * 8)[:, :v]
+                yield (
+                    tag,
+                    lambda bb=bias, cc=cap, hh=head, up=up, dp=dp: tb.onepass_epilogue(
+                        up, t, bb, 0.7, cc, hh, du16=dp, store_du32=False
+                    ),
+                    False,
+                )
         # the entropy change (HAS_ENTROPY_CHANGE: two more [BLOCK_N] sums over each tile): the fwd kernel with
         # vocab splits (and so the merge kernel) and with one split (its own finish), over given logits, and
         # the one-pass epilogue asked for dH; autotune configs for bf16 at the aligned shape (fp16 / fp32:
@@ -420,6 +437,7 @@ def compile_case(case):
         wgmma=ptx.count("wgmma.mma_async"),
         mma=len(re.findall(r"\bmma\.sync", ptx)),
         cp_async=ptx.count("cp.async"),
+        ld_v4=len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)),
     )
     return out
 
@@ -625,6 +643,15 @@ def test_async_copies_in_gemm_kernels(gate):
     assert not bad, "\n".join(bad)
 
 
+def test_onepass_epilogue_vector_loads(gate):
+    """The lean one-pass epilogue over the run's padded workspace (rows of V rounded up to 16: the loads
+    may read that far) reads U with 128-bit loads at the aligned and at the odd shape (V = 1003)."""
+    rs = [r for r in _ok(gate) if r["kernel"] == "_onepass_kernel" and r["consts"].get("HAS_DU32") is False]
+    assert {r["shape"] for r in rs} == {"aligned", "odd"}
+    bad = [f"{_name(r)}: no ld.global.v4" for r in rs if r["ld_v4"] == 0]
+    assert not bad, "\n".join(bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # csrc/ with nvcc
 # ------------------------------------------------------------------------------------------------
@@ -634,7 +661,10 @@ def _nvcc():
     return shutil.which("nvcc") or (os.path.exists("/usr/local/cuda/bin/nvcc") and "/usr/local/cuda/bin/nvcc")
 
 
-def test_csrc_nvcc_no_spills():
+@pytest.fixture(scope="module")
+def nvcc_builds():
+    """Every csrc/*.cu compiled by nvcc for sm_80 and sm_90a with ``-Xptxas -v``: ``[((src, arch), rc, log,
+    object path)]``, the objects kept for the SASS checks until the module's tests are done."""
     nvcc = _nvcc()
     if not nvcc:
         pytest.skip("nvcc not found")
@@ -662,10 +692,15 @@ def test_csrc_nvcc_no_spills():
                 obj,
             ]
             r = subprocess.run(cmd, capture_output=True, text=True)
-            return job, r.returncode, r.stdout + r.stderr
+            return job, r.returncode, r.stdout + r.stderr, obj
 
         with ThreadPoolExecutor(N_WORKERS) as ex:
-            outs = list(ex.map(build, jobs))
+            yield list(ex.map(build, jobs))
+
+
+def test_csrc_nvcc_no_spills(nvcc_builds):
+    outs = [o[:3] for o in nvcc_builds]
+    jobs = [o[0] for o in outs]
     errors, spills, n_funcs = [], [], 0
     for (src, arch), rc, log in outs:
         name = f"{os.path.relpath(src, ROOT)} {arch}"
@@ -680,3 +715,71 @@ def test_csrc_nvcc_no_spills():
     print(f"\nnvcc gate: {len(jobs)} compiles, {n_funcs} kernel entries checked")
     assert not errors, "\n".join(errors)
     assert not spills, "\n".join(spills)
+
+
+def _cuobjdump():
+    """cuobjdump: on PATH, beside nvcc, in /usr/local/cuda, or the one the triton wheel carries."""
+    cands = [shutil.which("cuobjdump")]
+    nvcc = _nvcc()
+    if nvcc:
+        cands.append(os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump"))
+    cands.append("/usr/local/cuda/bin/cuobjdump")
+    try:
+        import triton.backends.nvidia as nv
+
+        cands.append(os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump"))
+    except Exception:  # noqa: BLE001 - no triton: the other places only
+        pass
+    return next((c for c in cands if c and os.path.exists(c)), None)
+
+
+def _sass_functions(obj):
+    """{mangled function name: [SASS instruction text]} of an object file's sm_90a code."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or the triton wheel)")
+    r = subprocess.run([tool, "-sass", obj], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    funcs, cur = {}, None
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m and cur is not None:
+            cur.append(m.group(1))
+    return funcs
+
+
+def test_onepass_epilogue_sass_vector_loads(nvcc_builds):
+    """The CUDA one-pass epilogue (csrc/onepass.cu) for sm_90a: every variant of its 16-byte path (the last
+    template flag, VEC) reads U with 128-bit loads, at least 4 of them issued back to back (in flight
+    before any is used) in each pass, and writes du over U with 128-bit stores (16-bit copy: 64-bit stores,
+    4 values); the scalar variants exist too (rows not 16-byte aligned)."""
+    obj = next((o for (src, arch), rc, _, o in nvcc_builds if src.endswith("onepass.cu") and arch == "sm_90a"), None)
+    if obj is None:
+        pytest.skip("no csrc/onepass.cu")
+    assert next(rc for (src, arch), rc, *_ in nvcc_builds if src.endswith("onepass.cu") and arch == "sm_90a") == 0
+    funcs = {k: v for k, v in _sass_functions(obj).items() if "onepass_kernel" in k}
+    vec = {k: v for k, v in funcs.items() if k.endswith("Lb1EEEvNS_3row11OnePassArgsE")}
+    scalar = {k: v for k, v in funcs.items() if k.endswith("Lb0EEEvNS_3row11OnePassArgsE")}
+    assert len(vec) == 6 and len(scalar) == 6, sorted(funcs)  # {none, half, bf16} x {dH or not}
+    bad = []
+    for name, ins in vec.items():
+        ld128 = sum(bool(re.search(r"\bLDG\.E\.128\b", x)) for x in ins)
+        # bursts: >= 4 128-bit loads with no floating-point instruction between them (all issued before
+        # any value is used: in flight together), one per pass at least
+        bursts, run = 0, 0
+        for x in ins:
+            if re.search(r"\bLDG\.E\.128\b", x):
+                run += 1
+                bursts += run == 4
+            elif re.match(r"(@!?U?P\w+\s+)?(FADD|FMUL|FFMA|MUFU|FSETP|FMNMX|FSEL|FCHK|F2F)\b", x):
+                run = 0
+        st128 = sum(bool(re.search(r"\bSTG\.E\.128\b", x)) for x in ins)
+        st64 = sum(bool(re.search(r"\bSTG\.E\.64\b", x)) for x in ins)
+        has16 = "I13__nv_bfloat16" in name or "I6__half" in name
+        if bursts < 2 or st128 == 0 or (has16 and st64 == 0):
+            bad.append(f"{name}: {ld128} LDG.E.128 in {bursts} bursts of >= 4, {st128} STG.E.128, {st64} STG.E.64")
+    assert not bad, "\n".join(bad)

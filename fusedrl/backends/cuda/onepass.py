@@ -1,6 +1,7 @@
 """The ``cuda`` backend's one-pass row epilogue (docs/one-pass.md): ONE kernel over the fp32 logits
-workspace (csrc/onepass.cu), or its host loop on CPU tensors (csrc/host_lanes.cpp: the same C++ row
-functions, which is how CI without a GPU tests it)."""
+workspace (csrc/onepass.cu: a full wave of blocks, 16-byte vector loads where the rows are 16-byte
+aligned), or its host loop on CPU tensors (csrc/host_lanes.cpp: the same C++ row functions in the same
+order, which is how CI without a GPU tests it)."""
 
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def onepass_epilogue(
     softcap: Optional[float],
     head: Union[EpilogueHead, OnePassHead],
     du16: Optional[Tensor] = None,
+    *,
+    store_du32: bool = True,
     **opts,
 ) -> EpilogueOut:
     """The one-pass row epilogue over one token chunk: ONE kernel (CUDA tensors, current stream) or its
@@ -46,7 +49,9 @@ def onepass_epilogue(
 
     Args:
         u: fp32 ``[Nc, V]`` workspace holding the raw logits ``x_c @ W^T`` (bias not added); unit
-            column stride, any row stride. Overwritten with ``du`` (``dz * dz/du``).
+            column stride, any row stride (16-byte aligned rows, a row stride divisible by 4, take the
+            kernel's 16-byte vector path: another per-thread summation order, the same statistics to
+            fp32 rounding). Overwritten with ``du`` (``dz * dz/du``) when ``store_du32``.
         targets: ``[Nc]`` int token ids in ``[0, V)`` (masked tokens carry any valid id, e.g. 0).
         bias: ``[V]`` or None, added to every row before the transform (``-inf`` masks a column).
         temperature: ``T`` of ``z = softcap(u + b) / T``: a float > 0, or an fp32 ``[Nc]`` tensor on u's
@@ -55,10 +60,14 @@ def onepass_epilogue(
         head: an :class:`EpilogueHead` (its ``codes`` and ``need_dh`` are used) or an :class:`OnePassHead`.
         du16: optional ``[Nc, V]`` bf16 / fp16 buffer (unit column stride) that also receives ``du``,
             rounded once from the fp32 value (the operand of the two gradient GEMMs).
+        store_du32: write the fp32 ``du`` over ``u`` (default). False (needs ``du16``): ``du16`` alone
+            receives it and ``u`` keeps the logits (the lean epilogue of 16-bit inputs without a bias
+            gradient: 4 bytes per element less; the same ``du16`` bits either way).
         opts: accepted and ignored (other backends' options).
 
     Returns:
-        :class:`EpilogueOut` ``(logp, ent, lse, g_lp, g_H, du=u, dh)``, fp32 ``[Nc]``; ``ent`` is None when
+        :class:`EpilogueOut` ``(logp, ent, lse, g_lp, g_H, du, dh)``, fp32 ``[Nc]``; ``du`` the buffer
+        holding du (``u``, or ``du16`` when ``store_du32`` is False); ``ent`` is None when
         neither ``head.need_ent``, ``head.need_dh`` nor an entropy bonus asks for it. ``g_lp = w (coef +
         kl_coef dKL/dlogp)``, ``g_H = -w ent_coef``; ``dh`` the entropy change when ``head.need_dh``.
     """
@@ -71,6 +80,9 @@ def onepass_epilogue(
             raise ValueError("onepass_epilogue: the cuda epilogue needs head.codes (a kernel formula set)")
         head = head.codes
     a = check_epilogue(u, targets, bias, temperature, softcap, head, du16)
+    if not store_du32 and du16 is None:
+        raise ValueError("onepass_epilogue: store_du32=False needs du16 (du must be written somewhere)")
+    out_du = u if store_du32 else du16
     nc, v = a.n, a.v
     dev = u.device
     if dev.type not in ("cpu", "cuda"):
@@ -80,11 +92,11 @@ def onepass_epilogue(
     ent = torch.empty(nc, dtype=torch.float32, device=dev) if (a.has_ent or need_dh) else None
     sq = torch.empty(2, nc, dtype=torch.float32, device=dev) if need_dh else None
     if nc == 0:
-        return EpilogueOut(logp, ent, lse, g_lp, g_H, u, sq[0] if need_dh else None)
+        return EpilogueOut(logp, ent, lse, g_lp, g_H, out_du, sq[0] if need_dh else None)
     # Python floats become fp32 arguments: the rounding of torch ops with a Python scalar on fp32 tensors
     args = (
         u.data_ptr(),
-        u.stride(0) if nc > 1 else v,
+        u.stride(0) if nc > 1 else -(-v // 4) * 4,  # one row: its stride is never used (4 | ld: vector path)
         nc,
         v,
         a.targets.data_ptr(),
@@ -111,10 +123,11 @@ def onepass_epilogue(
         g_lp.data_ptr(),
         g_H.data_ptr(),
         ptr(du16),
-        (du16.stride(0) if nc > 1 else v) if du16 is not None else 0,
+        (du16.stride(0) if nc > 1 else -(-v // 4) * 4) if du16 is not None else 0,
         du16_code,
         0 if sq is None else sq[0].data_ptr(),
         0 if sq is None else sq[1].data_ptr(),
+        bool(store_du32),
     )
     if dev.type == "cuda":
         idx = _onepass_device(u)
@@ -122,7 +135,7 @@ def onepass_epilogue(
     else:
         ext.onepass_epilogue_host(*args)
     dh = entropy_change(logp, ent, sq) if need_dh else None
-    return EpilogueOut(logp, ent, lse, g_lp, g_H, u, dh)
+    return EpilogueOut(logp, ent, lse, g_lp, g_H, out_du, dh)
 
 
 def onepass_supports(head: EpilogueHead, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
