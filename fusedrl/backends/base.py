@@ -261,7 +261,8 @@ class _EpilogueFields(NamedTuple):
 
 class EpilogueOut(_EpilogueFields):
     """A row epilogue's per-row outputs (``[Nc]``; fp32, the torch epilogue fp64 for fp64 inputs); ``u``
-    then holds ``du`` (the kernel epilogues' lean store for 16-bit inputs writes it to ``du16`` only). ``g_lp`` / ``g_H``: the head's per-row gradients (``g_H`` None without entropy).
+    then holds ``du`` (the kernel epilogues' lean store for 16-bit inputs writes it to ``du16`` only).
+    ``g_lp`` / ``g_H``: the head's per-row gradients (``g_H`` None without entropy).
 
     ``dh``: the entropy change (:func:`entropy_change`) when ``EpilogueHead.need_dh``, else None. An
     attribute beside the six tuple fields ``(logp, ent, lse, g_lp, g_H, du)``, so that code unpacking
