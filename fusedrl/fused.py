@@ -27,7 +27,7 @@ from .loss.inputs import Batch, check_mask_dtype, flatten_batch, require_tensor
 from .loss.policy import check_optional_inputs, evaluate
 from .ops import CoreCall, core_options, prepare_core, run_core, run_replay_core
 from .replay import check_truncation
-from .replay.kept import ENTROPY_SUPPORTS, replay_metrics
+from .replay.kept import ENTROPY_SUPPORTS, replay_metrics, replay_metrics_off
 
 __all__ = ["fused_policy_loss", "FusedPolicyLoss"]
 
@@ -63,25 +63,30 @@ def check_flag(name: str, value) -> Optional[bool]:
     return value
 
 
-def _per_token_temperature(temperature, targets: Tensor, cu_seqlens: Optional[Tensor]):
-    """Packed inputs with per-sequence temperatures ``[B]``: one per token (tokens after the last
-    sequence get 1.0). Everything else passes through (the core op checks and broadcasts it)."""
+def _per_token(value, targets: Tensor, cu_seqlens: Optional[Tensor], off: float):
+    """Packed inputs with a per-sequence tensor ``[B]`` (temperature, top_k / top_p / min_p): one value per
+    token (tokens after the last sequence get ``off``, the value that changes nothing). Everything else passes
+    through (the core op checks and broadcasts it)."""
     if (
-        not isinstance(temperature, Tensor)
+        not isinstance(value, Tensor)
         or not isinstance(cu_seqlens, Tensor)
-        or temperature.dim() != 1
-        or temperature.shape[0] != cu_seqlens.numel() - 1
-        or temperature.shape[0] == targets.numel()
+        or value.dim() != 1
+        or value.shape[0] != cu_seqlens.numel() - 1
+        or value.shape[0] == targets.numel()
     ):
-        return temperature
+        return value
     n = targets.numel()
-    if temperature.shape[0] == 0:
-        return torch.ones(n, dtype=temperature.dtype, device=temperature.device)
+    if value.shape[0] == 0:
+        return torch.full((n,), off, dtype=value.dtype, device=value.device)
     pos = torch.arange(n, device=targets.device)
     ids = torch.searchsorted(cu_seqlens[1:].to(torch.long).contiguous(), pos, right=True)
-    t = temperature.to(targets.device)
-    one = torch.ones((), dtype=t.dtype, device=t.device)
-    return torch.where(ids < t.shape[0], t[ids.clamp(max=t.shape[0] - 1)], one)
+    t = value.to(targets.device)
+    fill = torch.full((), off, dtype=t.dtype, device=t.device)
+    return torch.where(ids < t.shape[0], t[ids.clamp(max=t.shape[0] - 1)], fill)
+
+
+#: the value of each per-token parameter that changes nothing (padding tokens after the last sequence)
+_OFF = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
 
 
 class FusedCall(NamedTuple):
@@ -98,6 +103,7 @@ class FusedCall(NamedTuple):
     advantages: Tensor
     mask: Tensor
     cu_seqlens: Optional[Tensor]
+    replay_asked: bool = False  # replay arguments were given (the replay metrics are reported even if all off)
 
 
 def prepare(
@@ -129,9 +135,12 @@ def prepare(
         raise TypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
     # padding ids (-100, a pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
-    temperature = _per_token_temperature(temperature, targets, cu_seqlens)
+    temperature = _per_token(temperature, targets, cu_seqlens, _OFF["temperature"])
     want_entropy = reads_entropy(cfg) or bool(return_entropy)
     replay = dict(replay_args or {}, need_entropy=want_entropy, valid=mask != 0)
+    for k in ("top_k", "top_p", "min_p"):
+        if replay.get(k) is not None:
+            replay[k] = _per_token(replay[k], targets, cu_seqlens, _OFF[k])
     core = prepare_core(hidden, weight, targets, bias, temperature, softcap, backend, process_group, grad_filter_eps,
                         deterministic, check_inputs, tp_reduce_dx, workspace_mb, replay_args=replay)  # fmt: skip
     side = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "rollout_is_weights": rollout_is_weights}
@@ -145,7 +154,9 @@ def prepare(
             "the full vocabulary in the pass; under sampling replay pass entropy_change= yourself"
         )
     given = {k: v for k, v in side.items() if v is not None}
-    return FusedCall(core, batch, cfg, schedule, budget, want_entropy, given, old_logp, advantages, mask, cu_seqlens)
+    asked = any((replay_args or {}).get(k) is not None for k in ("sampling_mask", "top_k", "top_p", "min_p"))
+    return FusedCall(core, batch, cfg, schedule, budget, want_entropy, given, old_logp, advantages, mask, cu_seqlens,
+                     asked)  # fmt: skip
 
 
 def _needs(core: CoreCall) -> tuple[bool, bool, bool]:
@@ -156,6 +167,9 @@ def _needs(core: CoreCall) -> tuple[bool, bool, bool]:
 def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
     """The fused loss on checked arguments: the one-pass schedule where it applies, else recompute."""
     core, cfg = call.core, call.cfg
+    if core.replay is None and call.replay_asked:  # replay asked but off on every token: the same metric keys
+        loss, metrics = run(call._replace(replay_asked=False))
+        return loss, {**metrics, **replay_metrics_off(core.device)}
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (core.hidden, core.weight, core.bias)
     )
@@ -398,9 +412,11 @@ class FusedPolicyLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Same tensor arguments and shapes as :func:`fused_policy_loss`; the per-step normalisers, (e.g.
         per-token) ``temperature``, the sampler's ``sampling_mask`` and ``top_k`` / ``top_p`` / ``min_p`` (over
-        the module's) may be given per call."""
-        trunc = {k: (self.truncation[k] if v is None else v) for k, v in dict(top_k=top_k, top_p=top_p,
-                                                                                min_p=min_p).items()}  # fmt: skip
+        the module's) may be given per call; a per-call ``sampling_mask`` replaces the module's truncation (the
+        captured sets instead of recomputed ones)."""
+        own = {} if sampling_mask is not None else self.truncation
+        trunc = {k: (own.get(k) if v is None else v) for k, v in dict(top_k=top_k, top_p=top_p,
+                                                                       min_p=min_p).items()}  # fmt: skip
         return fused_policy_loss(
             hidden, weight, targets, old_logp, advantages, mask, ref_logp, bias, cu_seqlens,
             self.temperature if temperature is None else temperature, self.softcap, self.config, self.backend,

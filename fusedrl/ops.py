@@ -18,7 +18,7 @@ from . import _config, reference
 from ._validate import check_core, check_logits, want_checks
 from .backends import ALL_NAMES, get_backend, resolve
 from .backends.base import entropy_change
-from .replay.kept import Replay, ReplayLogprob, check_replay, make_replay
+from .replay.kept import Replay, ReplayLogprob, check_replay, make_replay, slot_layout_for
 
 Tensor = torch.Tensor
 
@@ -468,7 +468,8 @@ def _prepare_replay(a: dict, targets, weight, vocab_total, process_group, dev, c
             "top_k / top_p / min_p: recomputing the truncation needs whole logit rows, which a vocabulary-parallel "
             "lm_head (process_group) splits; pass the sampler's kept sets as sampling_mask="
         )
-    return make_replay(kept, trunc, support, bool(a.get("need_entropy")), vocab, a.get("valid"))
+    return make_replay(kept, trunc, support, bool(a.get("need_entropy")), vocab, a.get("valid"),
+                       slot_layout_for(weight))  # fmt: skip
 
 
 def run_replay_core(c: CoreCall, return_entropy: bool):

@@ -52,8 +52,13 @@ def _groups(head: TokenHead, pln: Plan, n: int, replay: Replay, v: int, h: int):
     groups, cur, rows, elems = [], [], 0, 0
     width = v if replay.full else None
     for a, b in chunk_bounds(n, replay, v):
-        cols = width if width is not None else min(v, int(replay.kept.counts[a:b].sum()) + (b - a))
-        e = 3 * (b - a) * cols + (0 if width is not None else cols * h)  # z, dz/du, p; W[U] copy
+        if width is not None:  # full rows
+            e = 3 * (b - a) * width  # z, dz/du, p
+        elif replay.slots:  # each row's own slots, no weight copy
+            e = 3 * (b - a) * (replay.kept.ids.shape[1] + 1)
+        else:  # the union's columns and its gathered weight rows
+            cols = min(v, int(replay.kept.counts[a:b].sum()) + (b - a))
+            e = 3 * (b - a) * cols + cols * h
         if cur and (rows + b - a > GROUP_ROWS or elems + e > GROUP_ELEMS):
             groups.append(cur)
             cur, rows, elems = [], 0, 0
@@ -122,7 +127,7 @@ def run_replay(
         for a, b, rows, st in parts:
             gh = None if g_h is None else g_h[a - g0 : b - g0].to(cdt)
             du = row_du(rows, st, g_lp[a - g0 : b - g0].to(cdt), gh, replay.full_entropy)
-            accumulate_grads(rows, du, dx, dw, db, a, b)
+            accumulate_grads(rows, du, dx, dw, db, a, b, w)
         del parts
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if picked is not None:

@@ -31,6 +31,8 @@ from .rows import (
     row_du,
     row_partials,
     single_merge,
+    slot_grads,
+    slot_rows,
     union_rows,
 )
 from .truncation import Truncation, check_truncation
@@ -43,6 +45,7 @@ __all__ = [
     "Replay",
     "check_replay",
     "make_replay",
+    "slot_layout_for",
     "replay_forward",
     "replay_backward",
     "chunk_rows",
@@ -56,6 +59,7 @@ __all__ = [
     "replay_from_args",
     "replay_metric_names",
     "replay_metrics",
+    "replay_metrics_off",
     "ReplayLogprob",
 ]
 
@@ -65,6 +69,8 @@ ENTROPY_SUPPORTS = ("full", "kept")
 CHUNK_ELEMS = 2**24
 #: kept ids per chunk of the union path: its GEMMs have at most this many columns
 UNION_COLS = 512
+#: slots (rows x the padded kept width) per chunk of the slot layout
+SLOT_ELEMS = 2**21
 
 
 class Replay(NamedTuple):
@@ -75,6 +81,7 @@ class Replay(NamedTuple):
     trunc: Optional[Truncation]
     entropy_support: str
     full: bool
+    slots: bool = False  # the union path on the slot layout (each row's own ids; sparse products)
 
     @property
     def full_entropy(self) -> bool:
@@ -121,10 +128,18 @@ def check_replay(
     return kept, trunc, entropy_support
 
 
+def slot_layout_for(weight: Tensor) -> bool:
+    """Whether the union path runs on the slot layout for this weight: on CPU in fp32 / fp64, where torch's
+    sparse kernels (SDDMM, CSR x dense) cost what the kept ids hold and gathering ``W[U]`` does not (a union
+    grows with the chunk's rows). Elsewhere (CUDA, 16-bit) the union path gathers."""
+    return weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.float64)
+
+
 def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_support: str, need_ent: bool,
-                vocab: int, valid: Optional[Tensor] = None) -> Optional[Replay]:  # fmt: skip
+                vocab: int, valid: Optional[Tensor] = None, slots: bool = False) -> Optional[Replay]:  # fmt: skip
     """The :class:`Replay` of checked inputs (None: no replay, also when no token's truncation is on). One host
-    read: of the counts (whether every token has a kept set: the union path) or of the active truncation."""
+    read: of the counts (whether every token has a kept set: the union path) or of the active truncation.
+    ``slots``: the union path on the slot layout (:func:`slot_layout_for`)."""
     if kept is None and trunc is None:
         return None
     if kept is not None and trunc is not None:
@@ -140,7 +155,7 @@ def make_replay(kept: Optional[KeptSets], trunc: Optional[Truncation], entropy_s
     if not full and kept.counts.numel():  # a (valid) token without a kept set needs its full row
         empty = kept.counts == 0
         full = bool((empty if valid is None else empty & valid.reshape(-1)).any())
-    return Replay(kept, trunc, entropy_support, full)
+    return Replay(kept, trunc, entropy_support, full, slots and not full)
 
 
 def rows_per_chunk(n: int, replay: Replay, v: int) -> int:
@@ -154,6 +169,9 @@ def chunk_bounds(n: int, replay: Replay, v: int) -> list[tuple[int, int]]:
     GEMM's columns, follows ``K`` (one host read of the counts; the same ranges on every vocabulary shard)."""
     if replay.full:
         step = rows_per_chunk(n, replay, v)
+        return [(a, min(n, a + step)) for a in range(0, n, step)]
+    if replay.slots:  # rows x (padded width + the target) within SLOT_ELEMS: no host read
+        step = max(1, SLOT_ELEMS // (replay.kept.ids.shape[1] + 1))
         return [(a, min(n, a + step)) for a in range(0, n, step)]
     ends = torch.cumsum((replay.kept.counts + 1).cpu(), 0)
     bounds, a = [], 0
@@ -175,7 +193,8 @@ def replay_to_args(replay: Optional[Replay]) -> tuple[list[Optional[Tensor]], Op
     k, t = replay.kept, replay.trunc
     tensors = [None if k is None else k.ids, None if k is None else k.counts]
     tensors += [None, None, None] if t is None else list(t)
-    return tensors, f"{replay.entropy_support}:{'full' if replay.full else 'union'}"
+    path = "full" if replay.full else ("slots" if replay.slots else "union")
+    return tensors, f"{replay.entropy_support}:{path}"
 
 
 def replay_from_args(tensors: list[Optional[Tensor]], mode: Optional[str]) -> Optional[Replay]:
@@ -185,7 +204,7 @@ def replay_from_args(tensors: list[Optional[Tensor]], mode: Optional[str]) -> Op
     support, path = mode.split(":")
     kept = None if tensors[0] is None else KeptSets(tensors[0], tensors[1])
     trunc = None if all(t is None for t in tensors[2:]) else Truncation(*tensors[2:])
-    return Replay(kept, trunc, support, path == "full")
+    return Replay(kept, trunc, support, path == "full", path == "slots")
 
 
 #: the metrics replay adds to the fused loss's: ``kept_mass`` only where the full path ran
@@ -208,6 +227,13 @@ def replay_metrics(replay: Replay, valid: Tensor, logp: Tensor, logp_full: Optio
         tot = torch.where(on, mass, torch.zeros_like(mass)).sum()
         out["kept_mass"] = torch.where(n > 0, tot / n.clamp_min(1), torch.ones_like(tot)).float().reshape(())
     return out
+
+
+def replay_metrics_off(device: torch.device) -> dict[str, Tensor]:
+    """The replay metrics when replay was asked for but no token has a set (every truncation off): no token
+    replayed, the full vocabulary kept."""
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    return {"replay_frac": zero, "kept_mass": zero + 1.0}
 
 
 class Shard(NamedTuple):
@@ -235,6 +261,8 @@ def chunk_rows(x, w, bias, targets, replay: Replay, temperature, softcap, a: int
     if shard is not None:
         tc = local_ids(tc, shard.start, v)
         ids = None if ids is None else local_ids(ids, shard.start, v)
+    if replay.slots:
+        return slot_rows(x[a:b], w, bias, tc, ids, tr, softcap)
     if not replay.full:
         return union_rows(x[a:b], w, bias, tc, ids, tr, softcap)
     replayed = None if r.kept is None else r.kept.replay
@@ -260,15 +288,29 @@ def replay_forward(x, w, bias, targets, replay: Replay, temperature, softcap, ne
         rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b, shard)
         parts.append(chunk_partials(rows, replay, need_ent, need_full and replay.full))
     if not parts:
-        e = torch.empty(0, dtype=compute_dtype(x), device=x.device)
-        return Stats(e, e, e if need_ent else None, e if need_ent else None, e if need_full and replay.full else None)
+
+        def e():  # distinct tensors: autograd marks the full-row log-prob alone non-differentiable
+            return torch.empty(0, dtype=compute_dtype(x), device=x.device)
+
+        return Stats(e(), e(), e() if need_ent else None, e() if need_ent else None,
+                     e() if need_full and replay.full else None)  # fmt: skip
     cat = Partials(*(None if p[0] is None else torch.cat(p) for p in zip(*parts)))
     return merge_partials(cat, replay.full_entropy, single_merge if shard is None else shard.merge)
 
 
 def accumulate_grads(rows: Rows, du: Tensor, dx: Optional[Tensor], dw: Optional[Tensor], db: Optional[Tensor],
-                     a: int, b: int) -> None:  # fmt: skip
-    """``dx[a:b] = du W_cols``, ``dW[cols] += du^T x_c``, ``db[cols] += sum du``."""
+                     a: int, b: int, w: Tensor) -> None:  # fmt: skip
+    """``dx[a:b] = du W_cols``, ``dW[cols] += du^T x_c``, ``db[cols] += sum du`` (``w``: the weight, read by the
+    slot layout's sparse products)."""
+    if rows.cols is not None and rows.cols.dim() == 2:  # the slot layout
+        if dx is None and dw is None and db is None:
+            return
+        gx, cols, vals = slot_grads(rows, du, w, dw, dx is not None)
+        if dx is not None:
+            dx[a:b] = gx
+        if db is not None:
+            db.index_add_(0, cols, vals)
+        return
     if dx is not None:
         dx[a:b] = du @ rows.wc
     if rows.cols is None:
@@ -297,7 +339,7 @@ def replay_backward(x, w, bias, targets, replay: Replay, temperature, softcap, s
         rows = chunk_rows(x, w, bias, targets, replay, temperature, softcap, a, b, shard)
         sc = Stats(*(None if t is None else t[a:b] for t in st))
         du = row_du(rows, sc, g_lp[a:b], None if g_h is None else g_h[a:b], replay.full_entropy)
-        accumulate_grads(rows, du, dx, dw, db, a, b)
+        accumulate_grads(rows, du, dx, dw, db, a, b, w)
     if dx is not None and shard is not None and shard.reduce_dx is not None:
         shard.reduce_dx(dx)
     return dx, dw, db

@@ -12,8 +12,8 @@ Two layouts are accepted, the ones inference engines return:
 Both become ``ids [N, K]`` int64 (``-1`` where unused) and ``counts [N]`` int64. The packed layout needs
 its width ``K = max(counts)`` on the host (one read of ``counts``, which engines hand over on the CPU).
 With the value checks on (the CPU default), an id outside ``[0, V)`` or a repeated id in a row raises
-``ValueError`` naming ``sampling_mask``; with them off such ids never read out of bounds (an id outside
-the vocabulary is dropped, a repeat is counted twice).
+``ValueError`` naming ``sampling_mask`` (so does a negative packed id); with them off such ids never read
+out of bounds (an id outside the vocabulary is dropped, a repeat is counted once).
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ def as_kept_sets(
             raise ValueError(
                 f"sampling_mask: ids must hold sum(counts) = {total} ids (one block per token), got {flat_ids.numel()}"
             )
+        if checks and flat_ids.numel() and bool((flat_ids < 0).any()):  # -1 pads the padded layout only
+            raise ValueError(f"sampling_mask: packed ids must be >= 0, found {int(flat_ids.min())}")
         k = max(int(c_host.max()) if n else 0, 1)
         ids = torch.full((n, k), -1, dtype=torch.int64, device=device)
         slot = torch.arange(k, device=device)[None, :] < counts[:, None]

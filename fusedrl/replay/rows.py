@@ -11,6 +11,7 @@ For a row with processed logits ``z`` (softcap, bias, temperature applied)::
 where ``p^H``, ``LSE_H`` are the entropy's support (``S`` or the full row). Two layouts of the columns:
 
 * the union ``U`` of the chunk's kept ids and targets (:func:`union_rows`): ``x_c W[U]^T``, ``|U|`` columns;
+* each row's own kept ids and target (:func:`slot_rows`, CPU fp32 / fp64): sparse products, no union;
 * the full vocabulary (:func:`full_rows`): ``x_c W^T``; ``S`` from explicit ids (a row with none keeps
   every column: no replay there) or from the recomputed truncation (:func:`fusedrl.replay.truncation.keep_mask`).
 
@@ -22,6 +23,7 @@ its part of ``S``, the target logit or 0, the entropy of its part), merged acros
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -31,8 +33,8 @@ from .truncation import Truncation, keep_mask
 Tensor = torch.Tensor
 Temperature = Union[float, Tensor]
 
-__all__ = ["Rows", "Partials", "Stats", "transform", "union_rows", "full_rows", "row_partials", "row_du",
-           "compute_dtype", "local_ids", "single_merge", "merge_partials"]  # fmt: skip
+__all__ = ["Rows", "Partials", "Stats", "transform", "union_rows", "slot_rows", "slot_grads", "full_rows",
+           "row_partials", "row_du", "compute_dtype", "local_ids", "single_merge", "merge_partials"]  # fmt: skip
 
 
 class Rows(NamedTuple):
@@ -42,9 +44,10 @@ class Rows(NamedTuple):
     dzdu: Tensor  # [R, C] dz/du (softcap and temperature)
     kept: Tensor  # [R, C] bool: S (this shard's part)
     tcol: Tensor  # [R] each row's target column, -1 where this shard does not hold the target
-    cols: Optional[Tensor]  # [C] the (shard-local) vocabulary rows of the columns (None: all, in order)
+    cols: Optional[Tensor]  # [C] the (shard-local) vocabulary rows of the columns (None: all, in order);
+    #                        [R, C] per row on the slot layout (-1 unused)
     xc: Tensor  # [R, H] the chunk's rows (compute dtype)
-    wc: Tensor  # [C, H] the columns' weight rows (compute dtype)
+    wc: Tensor  # [C, H] the columns' weight rows (compute dtype; empty on the slot layout)
 
 
 class Partials(NamedTuple):
@@ -95,6 +98,14 @@ def _logits(xc: Tensor, wc: Tensor, bc: Optional[Tensor], temperature: Temperatu
     return transform(u, temperature, softcap)
 
 
+def member_mask(cols: Tensor, used: Tensor, width: int) -> Tensor:
+    """``[R, width]`` bool, True at ``cols[r, j]`` where ``used[r, j]``. Unused slots go to a spare column: a
+    scatter of their ``False`` onto a real column would overwrite a kept id at the same place."""
+    out = torch.zeros(cols.shape[0], width + 1, dtype=torch.bool, device=cols.device)
+    out.scatter_(1, torch.where(used, cols, torch.full_like(cols, width)), True)
+    return out[:, :width]
+
+
 def union_rows(xc, w, bias, tc, ids_c, temperature, softcap) -> Rows:
     """Rows over the union of the chunk's kept ids and targets (shard-local ids; ``-1`` unused / not held).
     ``torch.unique`` reads the union's size on the host: one synchronisation per chunk on a GPU."""
@@ -102,16 +113,62 @@ def union_rows(xc, w, bias, tc, ids_c, temperature, softcap) -> Rows:
     used = ids_c >= 0
     cols = torch.unique(torch.cat([ids_c[used], tc[tc >= 0]]))  # sorted
     c = cols.numel()
-    kept = torch.zeros(ids_c.shape[0], c, dtype=torch.bool, device=ids_c.device)
     if c:
         pos = torch.searchsorted(cols, ids_c.clamp_min(0)).clamp_max(c - 1)
-        kept.scatter_(1, pos, used)
+        kept = member_mask(pos, used, c)
+    else:
+        kept = torch.zeros(ids_c.shape[0], 0, dtype=torch.bool, device=ids_c.device)
     tcol = torch.where(tc >= 0, torch.searchsorted(cols, tc.clamp_min(0)).clamp_max(max(c - 1, 0)), -1)
-    kept.scatter_(1, tcol.clamp_min(0)[:, None], (tcol >= 0)[:, None] | kept.gather(1, tcol.clamp_min(0)[:, None]))
+    if c:  # a vocabulary shard may hold none of the chunk's ids
+        kept.scatter_(1, tcol.clamp_min(0)[:, None], (tcol >= 0)[:, None] | kept.gather(1, tcol.clamp_min(0)[:, None]))
     wc = w.index_select(0, cols).to(cdt)
     xc = xc.to(cdt)
     z, dzdu = _logits(xc, wc, None if bias is None else bias.index_select(0, cols).to(cdt), temperature, softcap)
     return Rows(z, dzdu, kept, tcol, cols, xc, wc)
+
+
+def slot_rows(xc, w, bias, tc, ids_c, temperature, softcap) -> Rows:
+    """Rows over each row's own kept ids and target (shard-local; ``-1`` unused / not held), ascending with the
+    unused slots last: column ``j`` of row ``r`` is vocabulary row ``cols[r, j]``. The logits are a sampled
+    product (SDDMM over the rows' ids, no gathered copy of ``W``); :func:`slot_grads` forms ``dx`` / ``dW`` as
+    sparse-dense products. fp32 / fp64 on CPU (torch's sparse kernels)."""
+    cdt = compute_dtype(xc)
+    tgt = torch.where((tc[:, None] == ids_c).any(-1), torch.full_like(tc, -1), tc)  # the target once
+    slots = torch.cat([ids_c, tgt[:, None]], 1)
+    big = torch.iinfo(slots.dtype).max
+    slots = torch.where(slots >= 0, slots, big).sort(-1).values
+    kept = slots != big
+    slots = torch.where(kept, slots, -1)
+    tcol = torch.where(tc >= 0, (slots == tc[:, None]).to(torch.int8).argmax(-1), -1)
+    xc = xc.to(cdt)
+    pattern = _csr(kept, slots, torch.zeros(int(kept.sum()), dtype=cdt, device=xc.device), w.shape[0])
+    u = torch.zeros(slots.shape, dtype=cdt, device=xc.device)
+    if kept.any():
+        u[kept] = torch.sparse.sampled_addmm(pattern, xc, w.to(cdt).t(), beta=0.0).values()
+    if bias is not None:
+        u = u + torch.where(kept, bias.to(cdt)[slots.clamp_min(0)], torch.zeros_like(u))
+    z, dzdu = transform(u, temperature, softcap)
+    return Rows(z, dzdu, kept, tcol, slots, xc, xc.new_empty(0, xc.shape[1]))
+
+
+def _csr(kept: Tensor, slots: Tensor, values: Tensor, width: int) -> Tensor:
+    """The ``[R, width]`` CSR tensor with ``values`` at the used slots (row-major: ascending within a row)."""
+    crow = torch.zeros(kept.shape[0] + 1, dtype=torch.int64, device=kept.device)
+    crow[1:] = kept.sum(-1).cumsum(0)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the products used here are tested
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        return torch.sparse_csr_tensor(crow, slots[kept], values, (kept.shape[0], width), check_invariants=False)
+
+
+def slot_grads(rows: Rows, du: Tensor, w: Tensor, dw: Optional[Tensor],
+               need_dx: bool) -> tuple[Optional[Tensor], Tensor, Tensor]:  # fmt: skip
+    """A slot chunk's ``(dx_c = du W [R, H] or None, the used columns, their du)``; ``dW += du^T x_c`` in place
+    (when ``dw`` is given), both as sparse-dense products over the used slots."""
+    vals = du[rows.kept]
+    g = _csr(rows.kept, rows.cols, vals, w.shape[0])
+    if dw is not None:
+        dw.addmm_(g.t(), rows.xc)
+    return (g @ w.to(du.dtype) if need_dx else None), rows.cols[rows.kept], vals
 
 
 def full_rows(xc, w, bias, tc, ids_c: Optional[Tensor], trunc_c: Optional[Truncation], temperature, softcap,
@@ -129,7 +186,7 @@ def full_rows(xc, w, bias, tc, ids_c: Optional[Tensor], trunc_c: Optional[Trunca
         kept = keep_mask(z, trunc_c)
     elif ids_c is not None:
         used = ids_c >= 0
-        kept = torch.zeros(r, v, dtype=torch.bool, device=z.device).scatter_(1, ids_c.clamp_min(0), used)
+        kept = member_mask(ids_c.clamp(0, max(v - 1, 0)), used, v)
         kept |= ~(used.any(-1) if replayed is None else replayed)[:, None]  # no set: no replay at that token
     else:
         kept = torch.ones(r, v, dtype=torch.bool, device=z.device)

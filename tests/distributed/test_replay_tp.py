@@ -4,7 +4,8 @@ Each rank keeps the kept ids of its shard (and the target where it holds it), co
 LSE / entropy and the full row's, and one ``all_gather`` merges them (``fusedrl.distributed.merge_shard_stats``,
 the core op's merge). Checked inside each child against the single-process result on the whole vocabulary:
 log-probs, entropy (kept and full support), the kept mass, dx, each rank's dW / db shard, both layouts of
-``sampling_mask``, a token without a set and a shard holding none of a token's kept ids; then the fused loss
+``sampling_mask``, a token without a set and a shard holding none of a token's kept ids, the union path with a
+shard holding none of a chunk's ids; then the fused loss
 (recompute: vocab parallel never takes the one-pass schedule). The recomputed truncation raises there.
 """
 
@@ -66,6 +67,23 @@ def _worker(rank, world, init_method, _):
                 torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-10, msg=lambda m, n=name, s=tag: f"{s} {n}: {m}")
             torch.testing.assert_close(got[3], want[3][start:end], atol=1e-10, rtol=1e-10, msg=f"{tag} dW shard")
             torch.testing.assert_close(got[4], want[4][start:end], atol=1e-10, rtol=1e-10, msg=f"{tag} db shard")
+    # the union path (every token has a set, kept entropy): sets across both shards, then sets that rank 1
+    # holds none of (its union is empty: no columns, it still joins the merge)
+    g = torch.Generator().manual_seed(3)
+    spread = ids.clone()
+    spread[0] = torch.tensor([3, 14, 27, -1])
+    only0 = torch.stack([torch.randperm(SIZES[0], generator=g)[:K] for _ in range(N)])
+    slot_rule = fusedrl.ops.slot_layout_for
+    for name, sets, tg, gather in (("spread", spread, t, False), ("rank-0 only", only0, only0[:, 1], False),
+                                   ("spread, gathered", spread, t, True),
+                                   ("rank-0 only, gathered", only0, only0[:, 1], True)):  # fmt: skip
+        fusedrl.ops.slot_layout_for = (lambda w: False) if gather else slot_rule
+        want = _one(x, w, b, tg, sets, "kept")
+        got = _one(x, w, b, tg, sets, "kept", group, start, end)
+        fusedrl.ops.slot_layout_for = slot_rule
+        for what, a, c in zip(("logp", "entropy", "dx"), got[:3], want[:3]):
+            torch.testing.assert_close(a, c, atol=1e-10, rtol=1e-10, msg=lambda m, n=what, s=name: f"{s} {n}: {m}")
+        torch.testing.assert_close(got[3], want[3][start:end], atol=1e-10, rtol=1e-10, msg=f"{name} dW shard")
     # the fused loss: loss, metrics (kept mass included) and gradients
     B, T = 3, 4
     old = -torch.rand(B, T, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 1.0

@@ -41,6 +41,10 @@ def case(seed=0, dtype=torch.float64, bias=True):
     ids[0, 1, 1:] = -1
     ids[0, 1, 0] = t[0, 1]  # K = 1: log-prob 0
     ids[1, 0][ids[1, 0] == t[1, 0]] = (t[1, 0] + 1) % V  # the target outside its set (counted in S)
+    ids[2, 3] = torch.tensor([0, 5, -1, -1, -1])  # a short set (padding after its ids), id 0 among them
+    t[2, 3] = 9
+    ids[2, 4] = torch.tensor([-1, 3, -1, 7, -1])  # padding anywhere in the row
+    t[2, 4] = 3
     mask = torch.rand(B, T, generator=g) > 0.15
     mask[0, :2] = True
     mask[1, 0] = True
@@ -52,10 +56,16 @@ def case(seed=0, dtype=torch.float64, bias=True):
 
 
 def members(ids, t, v=V):
-    """``[..., V]`` bool: the kept set, target added; a token without ids keeps everything."""
-    m = torch.zeros(*ids.shape[:-1], v, dtype=torch.bool).scatter_(-1, ids.clamp_min(0), ids >= 0)
-    m |= ~(ids >= 0).any(-1, keepdim=True)
-    return m.scatter_(-1, t[..., None], True)
+    """``[..., V]`` bool: the kept set, target added; a token without ids keeps everything (plain loops)."""
+    flat_ids, flat_t = ids.reshape(-1, ids.shape[-1]).tolist(), t.reshape(-1).tolist()
+    m = torch.zeros(len(flat_t), v, dtype=torch.bool)
+    for n, (row, target) in enumerate(zip(flat_ids, flat_t)):
+        kept = [i for i in row if i >= 0]
+        if not kept:
+            m[n] = True
+        for i in kept + [target]:
+            m[n, i] = True
+    return m.reshape(*t.shape, v)
 
 
 def oracle_logp_ent(x, w, b, t, member, temperature, softcap, support):
@@ -93,11 +103,20 @@ def close(got, want, atol=1e-10, rtol=1e-9, what=""):
     torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
+@pytest.fixture(params=["slots", "gather"])
+def layout(request, monkeypatch):
+    """The union path's two layouts on CPU: each row's own slots (sparse products, the fp32 / fp64 default)
+    and the gathered union ``W[U]`` (16-bit, CUDA)."""
+    if request.param == "gather":
+        monkeypatch.setattr(fusedrl.ops, "slot_layout_for", lambda w: False)
+    return request.param
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("schedule", ["one_pass", "recompute"])
 @pytest.mark.parametrize("support", ["kept", "full"])
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_fused_loss_matches_oracle(config, support, schedule, backend):
+def test_fused_loss_matches_oracle(config, support, schedule, backend, layout):
     if backend == "reference" and schedule == "one_pass":
         pytest.skip("the reference backend is eager autograd: it refuses the one-pass schedule on every call")
     d = case(seed=list(CONFIGS).index(config))
@@ -121,7 +140,7 @@ def test_fused_loss_matches_oracle(config, support, schedule, backend):
 
 
 @pytest.mark.parametrize("schedule", ["one_pass", "recompute"])
-def test_packed_layouts_and_sequences(schedule):
+def test_packed_layouts_and_sequences(schedule, layout):
     """Packed sequences (cu_seqlens) with packed (ids, counts) kept sets equal the padded call."""
     d = case(seed=7)
     lens = [T, 4, 2]
@@ -194,18 +213,18 @@ def test_recomputed_truncation_matches_vllm_rule(schedule, params):
     assert float(got[1]["kept_mass"]) <= 1.0
 
 
-def test_core_op_and_union_path_equal_full_path():
-    """linear_logprob_entropy on kept sets; the union path (every token with a set, kept entropy) equals the
-    full path over the same sets."""
+def test_core_op_and_union_path_equal_full_path(layout):
+    """linear_logprob_entropy on kept sets; the union path (every token with a set, kept entropy), on either
+    layout, equals the full path over the same sets."""
     d = case(seed=5)
     ids = d["ids"].clone()
     ids[0, 0] = torch.arange(K)
     x, w, b, t = d["x"].reshape(-1, H), d["w"], d["b"], d["t"].reshape(-1)
     kept = as_kept_sets(ids, (B, T), V, CPU, True)
-    union = make_replay(kept, None, "kept", True, V)
-    assert not union.full
+    union = make_replay(kept, None, "kept", True, V, slots=layout == "slots")
+    assert not union.full and union.slots == (layout == "slots")
     outs = []
-    for rp in (union, union._replace(full=True)):
+    for rp in (union, union._replace(full=True, slots=False)):
         leaves = [a.clone().requires_grad_() for a in (x, w, b)]
         lp, ent, _ = ReplayLogprob.apply(*leaves, t, rp, d["temp"].reshape(-1), 3.0, True)
         grads = torch.autograd.grad((lp * torch.arange(B * T) + ent).sum(), leaves)
@@ -233,3 +252,65 @@ def test_return_entropy_change_refused_under_replay():
     d = case()
     with pytest.raises(ValueError, match="return_entropy_change"):
         fusedrl.linear_logprob_entropy(d["x"], d["w"], d["t"], top_k=5, return_entropy_change=True)
+
+
+def test_empty_batch_keeps_the_graph():
+    """No token: the kept-set log-prob still carries a gradient (zero), on both schedules."""
+    x = torch.randn(0, H, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, H, dtype=torch.float64, requires_grad=True)
+    lp, _ = fusedrl.linear_logprob_entropy(x, w, torch.zeros(0, dtype=torch.long), sampling_mask=torch.zeros(0, 2,
+                                           dtype=torch.long))  # fmt: skip
+    assert lp.requires_grad
+    for schedule in ("one_pass", "recompute"):
+        xb = torch.randn(2, 0, H, dtype=torch.float64, requires_grad=True)
+        z = torch.zeros(2, 0)
+        loss, _ = fusedrl.fused_policy_loss(xb, w, z.long(), z.double(), z.double(), z.bool(), schedule=schedule,
+                                            sampling_mask=torch.zeros(2, 0, 3, dtype=torch.long))  # fmt: skip
+        loss.backward()
+        assert float(loss.detach()) == 0.0 and float(xb.grad.abs().sum()) == 0.0
+
+
+def test_packed_ids_must_be_non_negative():
+    d = case()
+    with pytest.raises(ValueError, match="sampling_mask"):
+        fusedrl.linear_logprob_entropy(d["x"], d["w"], d["t"], sampling_mask=(torch.tensor([-1] + [1] * (B * T - 1)),
+                                       torch.ones(B, T, dtype=torch.long)))  # fmt: skip
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "recompute"])
+def test_per_sequence_truncation_with_packed_sequences(schedule):
+    """top_k / top_p per sequence with cu_seqlens: as per token, like temperature."""
+    d = case(seed=4)
+    cu = torch.tensor([0, 5, 11, B * T])
+    flat = {k: d[k].reshape(B * T, *d[k].shape[2:]) for k in ("x", "t", "mask", "old", "adv")}
+    k_seq, p_seq = torch.tensor([3, 0, 9]), torch.tensor([0.7, 0.9, 1.0])
+    lens = (cu[1:] - cu[:-1]).tolist()
+    per_tok = dict(top_k=k_seq.repeat_interleave(torch.tensor(lens)), top_p=p_seq.repeat_interleave(torch.tensor(lens)))
+    out = []
+    for trunc in (dict(top_k=k_seq, top_p=p_seq), per_tok):
+        loss, metrics = fusedrl.fused_policy_loss(flat["x"], d["w"], flat["t"], flat["old"], flat["adv"],
+                                                  flat["mask"], cu_seqlens=cu, schedule=schedule, **trunc)  # fmt: skip
+        out.append((loss, metrics["replay_frac"]))
+    close(out[0][0], out[1][0], atol=0, rtol=0)
+    close(out[0][1], out[1][1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["one_pass", "recompute"])
+def test_replay_metrics_present_when_every_truncation_is_off(schedule):
+    d = case()
+    base = ours(d, PolicyLossConfig(), schedule, "torch", 1.0)
+    off = ours(d, PolicyLossConfig(), schedule, "torch", 1.0, top_p=torch.ones(B))
+    close(off[0], base[0], atol=0, rtol=0)
+    assert float(off[1]["replay_frac"]) == 0.0 and float(off[1]["kept_mass"]) == 1.0
+
+
+def test_module_truncation_gives_way_to_a_call_mask():
+    """FusedPolicyLoss(top_p=...) recomputes; a sampling_mask given to one call replaces it for that call."""
+    d = case(seed=6)
+    mod = fusedrl.FusedPolicyLoss(top_p=0.9)
+    args = (d["x"], d["w"], d["t"], d["old"], d["adv"], d["mask"])
+    with_mask, _ = mod(*args, sampling_mask=d["ids"])
+    want, _ = fusedrl.fused_policy_loss(*args, sampling_mask=d["ids"])
+    close(with_mask, want, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="exclude each other"):
+        mod(*args, sampling_mask=d["ids"], top_k=3)

@@ -119,3 +119,38 @@ def test_hf_fused_loss_on_kept_sets(trainer):
                                            entropy_support="kept")  # fmt: skip
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert float(metrics["replay_frac"]) == 1.0
+
+
+def test_rollout_masks_reach_scoring_and_loss(tmp_path, monkeypatch):
+    """A ``rollout_func`` returning vLLM's kept sets (``"sampling_mask"``: per completion, per token, the ids):
+    with no truncation in ``GRPOConfig`` (nothing to recompute), TRL's old log-probs are scored on those sets
+    (importance ratio to the sampler's log-probs = 1) and the batch carries them to the loss."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    box = {}
+
+    def rollout(prompts, tr):
+        ids, sampling, mask = _rollout(tr.model, tr.temperature, seed=4)
+        box["sampling"] = sampling
+        n = len(prompts)
+        sets = [[[i for i in mask[b, t].tolist() if i >= 0] for t in range(K)] for b in range(n)]
+        return dict(prompt_ids=ids[:n, :P].tolist(), completion_ids=ids[:n, P:].tolist(),
+                    logprobs=sampling[:n].tolist(), sampling_mask=sets)  # fmt: skip
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=B, num_generations=B,
+                          max_completion_length=K, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                          disable_dropout=True, temperature=0.9, num_iterations=2)  # fmt: skip
+    cls = fr_trl.make_fused_grpo_trainer_class()
+    tr = cls(model=_llama(), reward_funcs=_reward, args=args, processing_class=_tokenizer(), rollout_func=rollout,
+             train_dataset=datasets.Dataset.from_dict({"prompt": ["a", "b"] * B}))  # fmt: skip
+    tr.model.eval()
+    out = tr._generate_and_score_completions([{"prompt": "a"}] * B)
+    assert out["sampling_mask"].shape[:2] == (B, K)
+    ratio = torch.exp(out["old_per_token_logps"] - box["sampling"])
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-4, rtol=0)
+    loss = fr_trl.fused_grpo_loss(tr, tr.model, out)
+    out_full = dict(out)
+    out_full.pop("sampling_mask")
+    assert not torch.allclose(loss, fr_trl.fused_grpo_loss(tr, tr.model, out_full))
+    tr._fusedrl_sampling_replay = False  # off: the full vocabulary, the kept mass in the ratio
+    off = tr._generate_and_score_completions([{"prompt": "a"}] * B)
+    assert float(torch.exp(off["old_per_token_logps"] - box["sampling"]).mean()) < 0.97

@@ -15,7 +15,7 @@ from .. import hf
 from .config import FusedRLUnsupported
 from .entropy import check_entropy_control
 from .loss import autocast_for, fused_grpo_loss, static_unsupported_reason
-from .replay import check_replay_options, replay_kwargs
+from .replay import check_replay_options, padded_rollout_masks, replay_kwargs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -133,6 +133,35 @@ class FusedGRPOMixin:
                 ) from None
             return super()._compute_loss(model, inputs)
 
+    def _generate(self, prompts):
+        """TRL's generation; a ``rollout_func``'s ``"sampling_mask"`` (the kept ids per completion and token) is
+        taken out of the extra fields and kept for this batch's scoring and loss."""
+        out = super()._generate(prompts)
+        extra = out[5] if isinstance(out, tuple) and len(out) > 5 else None
+        if isinstance(extra, dict) and "sampling_mask" in extra:
+            self._fusedrl_rollout_masks = extra.pop("sampling_mask")
+        return out
+
+    def _generate_and_score_completions(self, inputs):
+        """TRL's batch preparation; with the rollout's kept sets, the old and reference log-probs are scored on
+        them and the batch carries them to the loss as ``sampling_mask`` (padded ``[B, T, K]``)."""
+        self._fusedrl_rollout_masks, self._fusedrl_batch_mask = None, None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+            if self._fusedrl_rollout_masks is not None:
+                output["sampling_mask"] = self._fusedrl_mask_for(output["completion_ids"].shape[1],
+                                                                 output["completion_ids"].device)  # fmt: skip
+            return output
+        finally:
+            self._fusedrl_rollout_masks, self._fusedrl_batch_mask = None, None
+
+    def _fusedrl_mask_for(self, length: int, device):
+        cached = getattr(self, "_fusedrl_batch_mask", None)
+        if cached is None or cached.shape[1] != length:
+            cached = padded_rollout_masks(self._fusedrl_rollout_masks, length, device)
+            self._fusedrl_batch_mask = cached
+        return cached
+
     def _get_per_token_logps_and_entropies(
         self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, *args, **kwargs
     ):
@@ -143,9 +172,14 @@ class FusedGRPOMixin:
             )
         batch_size = batch_size or input_ids.size(0)
         temperature = float(getattr(self, "temperature", 1.0) or 1.0)
+        masks = getattr(self, "_fusedrl_rollout_masks", None)  # this batch's kept sets, while it is scored
+        mask = None
+        if masks is not None and len(masks) == input_ids.size(0):
+            mask = self._fusedrl_mask_for(logits_to_keep, input_ids.device)
         logps, ents = [], []
         for s in range(0, input_ids.size(0), batch_size):
             ids, am = input_ids[s : s + batch_size], attention_mask[s : s + batch_size]
+            batch = None if mask is None else {"sampling_mask": mask[s : s + batch_size]}
             with autocast_for(self):
                 lp, en = hf.hf_logprob_entropy(
                     model,
@@ -155,7 +189,7 @@ class FusedGRPOMixin:
                     temperature=temperature,
                     return_entropy=compute_entropy,
                     backend=self._fusedrl_backend,
-                    **replay_kwargs(self),
+                    **replay_kwargs(self, batch),
                 )
             logps.append(lp)
             ents.append(en)
