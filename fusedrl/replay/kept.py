@@ -255,11 +255,11 @@ def chunk_rows(x, w, bias, targets, replay: Replay, temperature, softcap, a: int
     """The rows ``a:b`` over their columns (union or full; this shard's under a vocabulary-parallel head)."""
     r = replay.rows(a, b)
     tr = _temp_rows(temperature, a, b, compute_dtype(x))
-    tc = targets[a:b]
     v = w.shape[0]
+    start = 0 if shard is None else shard.start
+    tc = local_ids(targets[a:b], start, v)  # -1 where not held; an out-of-range target (checks off) nowhere
     ids = None if r.kept is None else r.kept.ids
     if shard is not None:
-        tc = local_ids(tc, shard.start, v)
         ids = None if ids is None else local_ids(ids, shard.start, v)
     if replay.slots:
         return slot_rows(x[a:b], w, bias, tc, ids, tr, softcap)

@@ -3,6 +3,8 @@ vLLM's reference, and the kept-set log-probs against materialised fp64 logits.""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _replay_oracle import plain_kept, vllm_reference
@@ -54,6 +56,34 @@ def test_bad_masks_name_sampling_mask(mask, match):
 def test_checks_off_stay_in_bounds():
     k = as_kept_sets(torch.tensor([[1, 99, -1], [4, 4, 2]]), (2,), 10, CPU, False)
     assert k.ids.max() < 10 and k.counts.tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("support,entropy", [("kept", False), ("kept", True), ("full", True)])
+@pytest.mark.parametrize("layout", ["slots", "gather"])
+def test_out_of_range_targets_with_checks_off(support, entropy, layout, monkeypatch):
+    """Checks off: a target outside the vocabulary reads no weight row; its log-prob is ``-LSE_S`` (the target
+    logit read as 0), as the core op's without replay."""
+    import fusedrl
+
+    if layout == "gather":
+        monkeypatch.setattr(fusedrl.ops, "slot_layout_for", lambda w: False)
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 4, 8, 37
+    x, w = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 40, 3, -2])
+    ids = torch.tensor([[1, 2, -1], [3, 4, 5], [3, 6, -1], [7, 8, 9]])
+    lp, _ = fusedrl.linear_logprob_entropy(x, w, t, sampling_mask=ids, return_entropy=entropy,
+                                           entropy_support=support, check_inputs=False)  # fmt: skip
+    member = torch.zeros(n, v, dtype=torch.bool)
+    for r in range(n):
+        for i in ids[r].tolist() + [int(t[r])]:
+            if 0 <= i < v:
+                member[r, i] = True
+    z = x @ w.t()
+    inside = (t >= 0) & (t < v)
+    zt = torch.where(inside, z.gather(1, t.clamp(0, v - 1)[:, None]).squeeze(1), torch.zeros(n, dtype=z.dtype))
+    want = zt - torch.logsumexp(z.masked_fill(~member, -math.inf), -1)
+    torch.testing.assert_close(lp, want, atol=1e-12, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
