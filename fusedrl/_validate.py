@@ -24,13 +24,20 @@ def is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, (bool, torch.Tensor))
 
 
+def host_value(name: str, t: torch.Tensor):
+    """The Python number a one-element tensor holds (a host read); a meta tensor holds none."""
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (it holds no value); pass a number or a tensor with data")
+    return t.item()
+
+
 def as_number(name: str, value):
     """A Python number from a Python / numpy number or a one-element tensor (read on the host); other
     values are returned as they are (the caller's check names them). bool is not a number."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
             raise ValueError(f"{name} must be a number or a one-element real tensor, got shape {tuple(value.shape)}")
-        return value.item()
+        return host_value(name, value)
     if is_real(value) and not isinstance(value, (int, float)):
         return value.item() if hasattr(value, "item") else float(value)  # numpy scalar -> Python number
     return value
@@ -74,7 +81,7 @@ def check_scalar(name: str, value, *, allow_none: bool = False) -> Optional[floa
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
+        value = host_value(name, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numbers.Real: numpy scalars too
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
@@ -86,6 +93,19 @@ def check_scalar(name: str, value, *, allow_none: bool = False) -> Optional[floa
 Temperature = Union[float, torch.Tensor]
 
 
+def check_temperature_kind(temperature) -> Temperature:
+    """The checks of a temperature that need no tokens: a float (as :func:`check_scalar`; a 0-dim tensor is a
+    scalar) or a floating-point tensor that does not require grad (its shape, device and values are checked
+    against the tokens by :func:`check_temperature`)."""
+    if not isinstance(temperature, torch.Tensor) or temperature.dim() == 0:
+        return check_scalar("temperature", temperature)
+    if not temperature.is_floating_point():
+        raise TypeError(f"temperature must be a float or a floating-point tensor, got dtype {temperature.dtype}")
+    if temperature.requires_grad:
+        raise ValueError("temperature must not require grad (it is a sampling constant, not a parameter)")
+    return temperature
+
+
 def check_temperature(
     temperature, lead_shape, device: torch.device, checks: bool, dtype: torch.dtype = torch.float32
 ) -> Temperature:
@@ -94,13 +114,9 @@ def check_temperature(
     float or a contiguous ``[N]`` tensor on ``device`` in ``dtype`` (the compute dtype: fp32, fp64 for fp64
     inputs). Values must be finite and > 0 (checked with a
     host read when ``checks``). A 0-dim tensor is a scalar."""
-    if not isinstance(temperature, torch.Tensor) or temperature.dim() == 0:
-        return check_scalar("temperature", temperature)
-    t = temperature
-    if not t.is_floating_point():
-        raise TypeError(f"temperature must be a float or a floating-point tensor, got dtype {t.dtype}")
-    if t.requires_grad:
-        raise ValueError("temperature must not require grad (it is a sampling constant, not a parameter)")
+    t = check_temperature_kind(temperature)
+    if not isinstance(t, torch.Tensor):
+        return t
     if t.device != device:
         raise ValueError(f"temperature is on {t.device} but the inputs are on {device}")
     lead = tuple(lead_shape)

@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 from . import onepass
-from ._validate import as_number, check_scalar, is_real
+from ._validate import as_number, check_scalar, check_temperature_kind, is_real, want_checks
 from .backends import ALL_NAMES
 from .loss import PolicyLossConfig
-from .loss.config import Normaliser, with_normalisers
+from .loss.config import Normaliser, check_normaliser_devices, with_normalisers
 from .loss.entropy_control import ENTROPY_CONTROL_INPUTS, computes_entropy_change, reads_entropy
 from .loss.heads import kernels_for
-from .loss.inputs import Batch, check_mask_dtype, flatten_batch, require_tensor
+from .loss.inputs import Batch, check_cu_seqlens, check_mask_dtype, flatten_batch, require_tensor
 from .loss.policy import check_optional_inputs, evaluate
 from .ops import CoreCall, core_options, prepare_core, run_core, run_replay_core
 from .replay import check_truncation
@@ -63,26 +63,27 @@ def check_flag(name: str, value) -> Optional[bool]:
     return value
 
 
-def _per_token(value, targets: Tensor, cu_seqlens: Optional[Tensor], off: float):
-    """Packed inputs with a per-sequence tensor ``[B]`` (temperature, top_k / top_p / min_p): one value per
-    token (tokens after the last sequence get ``off``, the value that changes nothing). Everything else passes
-    through (the core op checks and broadcasts it)."""
+def _per_token(name: str, value, targets: Tensor, cu_seqlens: Optional[Tensor], off: float):
+    """Packed inputs with a per-sequence tensor ``[B]`` (temperature, top_k / top_p / min_p; ``cu_seqlens``
+    already checked): one value per token (tokens after the last sequence get ``off``, the value that changes
+    nothing). Everything else passes through (the core op checks and broadcasts it)."""
     if (
         not isinstance(value, Tensor)
-        or not isinstance(cu_seqlens, Tensor)
+        or cu_seqlens is None
         or value.dim() != 1
         or value.shape[0] != cu_seqlens.numel() - 1
         or value.shape[0] == targets.numel()
     ):
         return value
+    if value.device != targets.device:
+        raise ValueError(f"{name} is on {value.device} but targets is on {targets.device}")
     n = targets.numel()
     if value.shape[0] == 0:
         return torch.full((n,), off, dtype=value.dtype, device=value.device)
     pos = torch.arange(n, device=targets.device)
     ids = torch.searchsorted(cu_seqlens[1:].to(torch.long).contiguous(), pos, right=True)
-    t = value.to(targets.device)
-    fill = torch.full((), off, dtype=t.dtype, device=t.device)
-    return torch.where(ids < t.shape[0], t[ids.clamp(max=t.shape[0] - 1)], fill)
+    fill = torch.full((), off, dtype=value.dtype, device=value.device)
+    return torch.where(ids < value.shape[0], value[ids.clamp(max=value.shape[0] - 1)], fill)
 
 
 #: the value of each per-token parameter that changes nothing (padding tokens after the last sequence)
@@ -129,18 +130,24 @@ def prepare(
         raise ValueError(f"mask must have the shape of targets {tuple(targets.shape)}, got {tuple(mask.shape)}")
     if mask.device != targets.device:
         raise ValueError(f"mask is on {mask.device} but targets is on {targets.device}")
+    check_normaliser_devices(cfg, targets.device, "targets")
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [B, T, H] (padded) or [N, H] (packed), got shape {tuple(hidden.shape)}")
     if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got dtype {targets.dtype}")
     # padding ids (-100, a pad token beyond V, ...) at masked positions must not reach the core op
     targets = torch.where(mask != 0, targets, torch.zeros_like(targets))
-    temperature = _per_token(temperature, targets, cu_seqlens, _OFF["temperature"])
+    if cu_seqlens is not None:  # before a per-sequence [B] tensor is expanded over it
+        per_seq = (temperature, *((replay_args or {}).get(k) for k in ("top_k", "top_p", "min_p")))
+        expands = any(isinstance(v, Tensor) and v.dim() == 1 for v in per_seq)
+        values = expands and want_checks(check_inputs, targets.device)
+        check_cu_seqlens(cu_seqlens, tuple(targets.shape), targets.device, "targets", values)
+    temperature = _per_token("temperature", temperature, targets, cu_seqlens, _OFF["temperature"])
     want_entropy = reads_entropy(cfg) or bool(return_entropy)
     replay = dict(replay_args or {}, need_entropy=want_entropy, valid=mask != 0)
     for k in ("top_k", "top_p", "min_p"):
         if replay.get(k) is not None:
-            replay[k] = _per_token(replay[k], targets, cu_seqlens, _OFF[k])
+            replay[k] = _per_token(k, replay[k], targets, cu_seqlens, _OFF[k])
     core = prepare_core(hidden, weight, targets, bias, temperature, softcap, backend, process_group, grad_filter_eps,
                         deterministic, check_inputs, tp_reduce_dx, workspace_mb, replay_args=replay)  # fmt: skip
     side = {"ref_logp": ref_logp, "rollout_logp": rollout_logp, "rollout_is_weights": rollout_is_weights}
@@ -331,6 +338,9 @@ class FusedPolicyLoss(nn.Module):
     """``nn.Module`` over :func:`fused_policy_loss` holding the loss configuration and options; every
     option is checked when the module is built, with the errors :func:`fused_policy_loss` raises.
 
+    ``temperature`` may be a tensor (per token or per sequence, as :func:`fused_policy_loss` takes it): used
+    by every call that passes no ``temperature`` of its own.
+
     Example::
 
         loss_fn = FusedPolicyLoss(PolicyLossConfig(loss_mode="vanilla", clip_ratio_high=0.28),
@@ -343,7 +353,7 @@ class FusedPolicyLoss(nn.Module):
         self,
         config: Optional[PolicyLossConfig] = None,
         *,
-        temperature: float = 1.0,
+        temperature: Union[float, Tensor] = 1.0,
         softcap: Optional[float] = None,
         backend: str = "auto",
         process_group=None,
@@ -363,7 +373,10 @@ class FusedPolicyLoss(nn.Module):
         super().__init__()
         self.config = with_normalisers(config)
         # fail at construction, not at the first training step
-        self.temperature = check_scalar("temperature", temperature)
+        # a tensor (per token / per sequence, as fused_policy_loss takes it) is kept as given (a plain attribute,
+        # not a buffer: DDP must not broadcast one rank's rollout temperatures); its shape, device and values
+        # are checked against the tokens at each call
+        self.temperature = check_temperature_kind(temperature)
         self.softcap = check_scalar("softcap", softcap, allow_none=True)
         self.backend = check_backend(backend)
         self.process_group = process_group
@@ -429,7 +442,9 @@ class FusedPolicyLoss(nn.Module):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
+        t = self.temperature
+        temp = f"<tensor of shape {tuple(t.shape)}>" if isinstance(t, Tensor) else t
         return (
-            f"config={self.config}, temperature={self.temperature}, softcap={self.softcap}, "
+            f"config={self.config}, temperature={temp}, softcap={self.softcap}, "
             f"backend={self.backend!r}, schedule={self.schedule!r}"
         )

@@ -389,7 +389,9 @@ def core_options(
     if workspace_mb is not None:
         ws = as_number("workspace_mb", workspace_mb)
         if not is_real(ws) or not ws > 0 or ws != ws:
-            raise ValueError(f"workspace_mb must be a positive number of MiB or None, got {workspace_mb!r}")
+            raise ValueError(
+                f"workspace_mb must be a positive number of MiB (inf: no limit) or None, got {workspace_mb!r}"
+            )
     return float(eps), det, float(ws)
 
 
@@ -589,7 +591,7 @@ def linear_logprob_entropy(
         tp_reduce_dx: under ``process_group``, all-reduce ``dx`` inside the op (default True); False
             returns this rank's partial ``dx`` (Megatron style).
         workspace_mb: the backend's working-memory budget in MiB (default: the backend's own, e.g. 64 MiB
-            for torch, sized from free memory on a GPU).
+            for torch, sized from free memory on a GPU; ``inf``: no limit).
         return_entropy_change: also return ``dH``, the first-order change of each token's entropy when its
             logits move along the gradient of its own log-prob: ``dH = d/deta H(softmax(z + eta (e_a - p)))``
             at 0 ``= sum_v p_v^2 (log p_v + H) - p_a (log p_a + H)`` (docs/backends.md, "The entropy change

@@ -52,7 +52,12 @@ def linear_logits(
 
 def _from_z(z: torch.Tensor, targets: torch.Tensor, return_entropy: bool, return_entropy_change: bool = False):
     logprobs = torch.log_softmax(z, dim=-1)
-    logp = logprobs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    # an out-of-range id (value checks off) reads a target logit of 0, as every backend: logp = -LSE
+    v = z.shape[-1]
+    t = targets.long()
+    inside = (t >= 0) & (t < v)
+    logp = logprobs.gather(-1, t.clamp(0, v - 1).unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(inside, logp, -torch.logsumexp(z, dim=-1))
     if not (return_entropy or return_entropy_change):
         return logp, None
     p = logprobs.exp()

@@ -21,6 +21,15 @@ Tensor = torch.Tensor
 #: log-ratio clamp of every importance ratio ``exp(clamp(logp - old, -20, 20))`` (verl's bound)
 LOG_RATIO_CLAMP = 20.0
 
+#: ``workspace_mb=inf`` (no limit) in bytes: above any buffer, still an integer the tile plans divide
+NO_LIMIT_BYTES = 2**62
+
+
+def workspace_bytes(workspace_mb: float) -> int:
+    """The ``workspace_mb`` option (MiB, > 0) in bytes; ``inf`` is no limit (:data:`NO_LIMIT_BYTES`)."""
+    return NO_LIMIT_BYTES if workspace_mb == float("inf") else min(NO_LIMIT_BYTES, int(workspace_mb * 2**20))
+
+
 #: ``OnePassHead.mode`` codes (csrc/head_math.h ``PgMode``; ``triton/row_math.py`` ``MODE_*``): clipped surrogate
 #: (vanilla / Clip-Cov unselected), gpg, cispo, unclipped ``-A r`` (KL-Cov unselected)
 HEAD_MODES = {"clipped": 0, "gpg": 1, "cispo": 2, "unclipped": 3}

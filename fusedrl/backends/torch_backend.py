@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .base import workspace_bytes
+
 Tensor = torch.Tensor
 
 # fp32 temporaries alive per tile element at the peak of the backward (z, t/p, dz).
@@ -34,7 +36,7 @@ DEFAULT_WORKSPACE_MB = 64.0
 
 
 def _budget_bytes(workspace_mb: Optional[float] = None) -> int:
-    return int((workspace_mb or DEFAULT_WORKSPACE_MB) * 2**20)
+    return workspace_bytes(workspace_mb or DEFAULT_WORKSPACE_MB)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -40,7 +40,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kl_type: str) -> torc
 def as_denominator(v: Union[Number, torch.Tensor], like: torch.Tensor) -> Union[float, torch.Tensor]:
     """A normaliser as a Python float (validated > 0 by the config) or a 0-dim tensor on ``like``'s
     device whose non-positive value is replaced by 1 (no NaN). Python numbers never become device
-    tensors: no host-to-device copy."""
+    tensors: no host-to-device copy. A tensor lies on ``like``'s device or the CPU (the entry points check
+    it: ``config.check_normaliser_devices``)."""
     if not isinstance(v, torch.Tensor):
         return float(v)
     t = v.to(device=like.device, dtype=like.dtype).reshape(())

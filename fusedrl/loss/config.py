@@ -142,7 +142,8 @@ def _finite(v) -> bool:
 
 def check_normaliser(name: str, v: Normaliser) -> Normaliser:
     """A normaliser: None, a positive finite number, or a one-element tensor (kept on its device: its
-    value is not checked, that would need a host sync)."""
+    value is not checked, that would need a host sync; :func:`check_normaliser_devices` checks the device
+    against the tokens' at each call)."""
     if v is None:
         return None
     if isinstance(v, torch.Tensor):
@@ -155,6 +156,17 @@ def check_normaliser(name: str, v: Normaliser) -> Normaliser:
     if not _finite(v) or v <= 0:
         raise ValueError(f"{name} must be a positive number or a 0-dim tensor, got {v!r}")
     return v
+
+
+def check_normaliser_devices(cfg: PolicyLossConfig, device: torch.device, anchor: str) -> None:
+    """The config's normaliser tensors must lie on the tokens' ``device`` (that of the tensor named
+    ``anchor``), or on the CPU (a 0-dim host count, copied to the device like a number): a meta normaliser
+    (no value) only with meta tokens."""
+    for name in _NORMALISERS:
+        v = getattr(cfg, name)
+        if isinstance(v, torch.Tensor) and v.device != device and v.device.type != "cpu":
+            raise ValueError(f"{name} is on {v.device} but {anchor} is on {device}; pass it on {anchor}'s device "
+                             "(or the CPU)")  # fmt: skip
 
 
 @dataclass

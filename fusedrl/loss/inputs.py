@@ -103,8 +103,9 @@ class Segments:
         """Broadcast a per-sequence ``[B]`` tensor to the flat ``[N]`` tokens."""
         if self.padded:
             return v.reshape(self.B, 1).expand(self.B, self.T).reshape(-1)
-        if self.B == 0:
-            return v.new_zeros(self.seq_ids.shape)
+        if self.B == 0:  # no sequence: zeros, still attached to v's graph (a loss that backward() accepts)
+            zeros = v.new_zeros(self.seq_ids.shape)
+            return zeros + v.sum() * 0 if v.requires_grad else zeros
         return v.index_select(0, self.seq_ids)
 
     def default_norm_len(self, like: Tensor) -> Union[int, Tensor]:
@@ -182,6 +183,25 @@ def check_cu_seqlens_values(cu: Tensor, n: int) -> None:
         )
 
 
+def check_cu_seqlens(
+    cu_seqlens: Tensor, shape: tuple[int, ...], device: torch.device, anchor: str, values: bool = False
+) -> None:
+    """Packed boundaries: an int32/int64 ``[B+1]`` tensor on ``device`` for 1-D per-token tensors of ``shape``
+    (that of the tensor named ``anchor``); ``values``: also the host-syncing value checks
+    (:func:`check_cu_seqlens_values`)."""
+    require_tensor("cu_seqlens", cu_seqlens)
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {anchor} is on {device}")
+    if len(shape) != 1:
+        raise ValueError(f"with cu_seqlens, {anchor} must be packed 1-D [N], got shape {tuple(shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D tensor [B+1], got shape {tuple(cu_seqlens.shape)}")
+    if values:
+        check_cu_seqlens_values(cu_seqlens, shape[0])
+
+
 def require_tensor(name: str, t, optional: bool = False) -> None:
     if t is None and optional:
         return
@@ -239,15 +259,9 @@ def flatten_batch(
     if checks:
         check_mask_values(mask)
     if cu_seqlens is not None:
-        if len(shape) != 1:
-            raise ValueError(f"with cu_seqlens, {anchor} must be packed 1-D [N], got shape {shape}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"cu_seqlens must be an int32/int64 tensor, got {cu_seqlens.dtype}")
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-            raise ValueError(f"cu_seqlens must be a 1-D tensor [B+1], got shape {tuple(cu_seqlens.shape)}")
+        # value checks need a host sync: on by default for CPU tensors only
+        check_cu_seqlens(cu_seqlens, shape, device, anchor, values=checks)
         n, b = shape[0], cu_seqlens.numel() - 1
-        if checks:  # value checks need a host sync: on by default for CPU tensors only
-            check_cu_seqlens_values(cu_seqlens, n)
         cu = cu_seqlens.long()
         pos = torch.arange(n, device=device, dtype=torch.long)
         raw_ids = torch.searchsorted(cu[1:].contiguous(), pos, right=True)  # == B for pos >= cu[-1]

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .aggregate import aggregate, denominators, kl_penalty
-from .config import Normaliser, PolicyLossConfig, with_normalisers
+from .config import Normaliser, PolicyLossConfig, check_normaliser_devices, with_normalisers
 from .entropy_control import check_entropy_control_inputs, corridor_metrics, corridor_penalty, metric_names_of
 from .heads import TORCH, Kernels, kernels_for, vanilla_kernel_ok
 from .inputs import Batch, Segments, Tokens, clean_side, compute_dtype, flatten_batch, make_tokens, require_tensor
@@ -133,6 +133,7 @@ def policy_loss(
     require_tensor("logp", logp)
     if not logp.is_floating_point():
         raise TypeError(f"logp must be a floating-point tensor, got {logp.dtype}")
+    check_normaliser_devices(cfg, logp.device, "logp")
     side = {"entropy": entropy, "ref_logp": ref_logp, "rollout_logp": rollout_logp,
             "rollout_is_weights": rollout_is_weights, "old_entropy": old_entropy, "entropy_change": entropy_change,
             "external_mask": external_mask, "behaviour_logp": behaviour_logp, "segment_ids": segment_ids,

@@ -24,7 +24,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .._validate import is_real
+from .._validate import as_number, is_real
 from ..backends.base import LOG_RATIO_CLAMP
 
 __all__ = ["RolloutCorrection", "RS_OPTIONS", "ROLLOUT_IS_LEVELS", "ROLLOUT_LOSS_TYPES", "ROLLOUT_IS_MODES"]
@@ -256,6 +256,9 @@ class RolloutCorrection:
     rollout_is_mode: str = "truncate"
 
     def __post_init__(self) -> None:
+        for name in ("rollout_is_threshold", "rollout_is_threshold_lower", "rollout_rs_threshold"):
+            if not isinstance(getattr(self, name), str):  # numpy numbers, one-element tensors: Python numbers
+                setattr(self, name, as_number(name, getattr(self, name)))
         if self.rollout_is is not None and self.rollout_is not in ROLLOUT_IS_LEVELS:
             raise ValueError(f"rollout_is must be None or one of {ROLLOUT_IS_LEVELS}, got {self.rollout_is!r}")
         thr = self.rollout_is_threshold

@@ -102,6 +102,8 @@ def autograd_grads(fn: Callable[..., Tensor], *args: Tensor) -> tuple[Tensor, ..
     with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
         leaves = [a.detach().requires_grad_(True) for a in args]
         out = fn(*leaves)
+        if not out.requires_grad:  # independent of the arguments (e.g. tokens outside every sequence): zero
+            return tuple(torch.zeros_like(a) for a in leaves)
         return tuple(g.detach() for g in torch.autograd.grad(out, leaves, allow_unused=True, materialize_grads=True))
 
 

@@ -246,6 +246,11 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(dx, dw, db)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (inputs[0], inputs[1], inputs[3]))
     ctx.formed = tuple(inputs[_INDEX[k]] for k in ("need_dx", "need_dw", "need_db"))  # what the forward formed
+    # autograd wants the backward's return in the inputs' structure, where a list made only of tensors (every
+    # normaliser a tensor, every side input given, an empty list) is a list and any other argument one entry
+    ctx.lists = tuple(
+        len(v) if isinstance(v, list) and all(isinstance(e, torch.Tensor) for e in v) else None for v in inputs
+    )
     ctx.mark_non_differentiable(output[1], dx, dw, db)
     # no zero tensors for the outputs nothing differentiates (dx, dw, db): materialised, they cost a second
     # copy of the gradients at the backward's peak
@@ -278,14 +283,15 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
         and g_loss.device.type == "cpu"
         and bool(g_loss == 1)
     )  # traced backwards (fake / functional tensors) always multiply
+    out = [None if k is None else [None] * k for k in ctx.lists]
     if g_loss is None:  # the loss itself was not differentiated (only a metric was)
-        return (None,) * len(ARGS)
+        return tuple(out)
     grads = []
     wanted = (ctx.needs_input_grad[i] for i in (0, 1, 3))
     for t, dtype, formed, want in zip(ctx.saved_tensors, ctx.dtypes, ctx.formed, wanted):
         grads.append(_scaled(t, g_loss, dtype, unit) if (formed and want) else None)
-    gx, gw, gb = grads
-    return (gx, gw, None, gb) + (None,) * (len(ARGS) - 4)
+    out[_INDEX["x"]], out[_INDEX["w"]], out[_INDEX["bias"]] = grads
+    return tuple(out)
 
 
 _op.register_autograd(_backward, setup_context=_setup)

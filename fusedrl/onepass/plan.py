@@ -403,6 +403,8 @@ class Plan(NamedTuple):
 
 def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[tuple[int, ...]]):
     """Chunks of whole sequences with at most ``rows`` tokens each, or None when one does not fit."""
+    if n == 0:  # no token (B = 0, T = 0 or an empty pack): one empty chunk of the whole batch
+        return ((0, 0, None),)
     if seq_len is not None:  # padded [B, T]
         if seq_len > rows:
             return None

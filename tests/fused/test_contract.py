@@ -46,6 +46,25 @@ def packed(kw):
     return kw
 
 
+def packed_trailing(kw):
+    """Packed ``[N=B*T]`` with tokens after the last sequence (``cu_seqlens = [0, T, T+3]``, N = 2T)."""
+    kw = dict(kw)
+    for k in ("hidden", "targets", "old_logp", "mask", "ref_logp"):
+        kw[k] = kw[k].reshape(B * T, *kw[k].shape[2:])
+    kw["cu_seqlens"] = torch.tensor([0, T, T + 3])
+    return kw
+
+
+def no_steps(kw):
+    """A padded batch of B sequences with T = 0 tokens."""
+    return {**kw, **{k: kw[k][:, :0] for k in ("hidden", "targets", "old_logp", "mask", "ref_logp")}}
+
+
+def empty_packed(kw):
+    return dict(kw, **{k: kw[k][:0, 0] for k in ("hidden", "targets", "old_logp", "mask", "ref_logp")},
+                advantages=kw["advantages"][:0], cu_seqlens=torch.tensor([0]))  # fmt: skip
+
+
 def kept_ids(k=4, seed=3):
     """Kept sets ``[B, T, k]`` (-1 fill), a token without one and one of a single id."""
     g = torch.Generator().manual_seed(seed)
@@ -142,6 +161,28 @@ INVALID = [
     ("entropy-support-bogus", _set(entropy_support="mass"), (ValueError, "entropy_support")),
     ("replay-steer-exact", _set(top_k=5, config=PolicyLossConfig(loss_mode="steer", steer_exact=True)), (ValueError,
                                                                                                         "top_k")),
+    # a tensor with no data, or on another device, never gives a silent number (nor a crash not naming it)
+    ("global-num-tokens-meta", _set(global_num_tokens=torch.tensor(7.0, device="meta")), (ValueError,
+                                                                                          "global_num_tokens")),
+    ("global-num-seqs-meta", _set(global_num_seqs=torch.tensor(7.0, device="meta")), (ValueError, "global_num_seqs")),
+    ("norm-len-meta", _set(norm_len=torch.tensor(7.0, device="meta")), (ValueError, "norm_len")),
+    ("config-normaliser-meta", _set(config=PolicyLossConfig(global_num_tokens=torch.tensor(7.0, device="meta"))),
+     (ValueError, "global_num_tokens")),
+    ("temperature-meta-0dim", _set(temperature=torch.tensor(0.7, device="meta")), (ValueError, "temperature")),
+    ("softcap-meta-0dim", _set(softcap=torch.tensor(2.5, device="meta")), (ValueError, "softcap")),
+    ("temperature-per-sequence-meta", _with(lambda kw: dict(packed(kw), temperature=torch.ones(B, device="meta"))),
+     (ValueError, "temperature")),
+    ("top-p-per-sequence-meta", _with(lambda kw: dict(packed(kw), top_p=torch.ones(B, device="meta"))),
+     (ValueError, "top_p")),
+    ("cu-seqlens-meta-per-sequence-temperature",
+     _with(lambda kw: dict(packed(kw), cu_seqlens=torch.tensor([0, T, T + 3], device="meta"),
+                           temperature=torch.tensor([0.7, 1.3]))), (ValueError, "cu_seqlens")),
+    ("cu-seqlens-2d-per-sequence-temperature",
+     _with(lambda kw: dict(packed(kw), cu_seqlens=torch.tensor([[0, T], [T, T + 3]]),
+                           temperature=torch.tensor([0.7, 1.3, 1.0]))), (ValueError, "cu_seqlens")),
+    ("cu-seqlens-decreasing-per-sequence-temperature",
+     _with(lambda kw: dict(packed(kw), cu_seqlens=torch.tensor([0, T + 3, T]), temperature=torch.tensor([0.7, 1.3]))),
+     (ValueError, "cu_seqlens")),
 ]  # fmt: skip
 
 VALID = [
@@ -178,20 +219,33 @@ VALID = [
     ("replay-packed-layout", _with(lambda kw: dict(sampling_mask=packed_ids(kept_ids())))),
     ("replay-top-p-top-k", _set(top_p=0.9, top_k=torch.tensor([5, 0]), min_p=0.01)),
     ("replay-all-masked", _with(lambda kw: dict(mask=torch.zeros_like(kw["mask"]), sampling_mask=kept_ids()))),
-    (
-        "empty-packed",
-        lambda kw: dict(
-            kw,
-            hidden=kw["hidden"][:0, 0],
-            targets=kw["targets"][:0, 0],
-            old_logp=kw["old_logp"][:0, 0],
-            mask=kw["mask"][:0, 0],
-            advantages=kw["advantages"][:0],
-            ref_logp=kw["ref_logp"][:0, 0],
-            cu_seqlens=torch.tensor([0]),
-        ),
-    ),  # fmt: skip
-]
+    ("empty-packed", empty_packed),
+    ("empty-packed-geo-mean", _with(lambda kw: dict(empty_packed(kw), config=PolicyLossConfig(loss_mode="geo_mean")))),
+    ("tensor-normalisers-all", _set(global_num_tokens=torch.tensor(13.0), global_num_seqs=torch.tensor(4.0),
+                                    norm_len=torch.tensor(7.0))),
+    ("tensor-normalisers-all-in-config", _set(config=PolicyLossConfig(
+        loss_agg_mode="seq-mean-token-sum-norm", global_num_tokens=torch.tensor(13.0),
+        global_num_seqs=torch.tensor(4.0), norm_len=torch.tensor(7.0)))),
+    ("packed-trailing-tokens", packed_trailing),
+    ("packed-trailing-geo-mean", _with(lambda kw: dict(packed_trailing(kw), config=PolicyLossConfig(
+        loss_mode="geo_mean")))),
+    ("packed-trailing-sequence-is", _with(lambda kw: dict(packed_trailing(kw), config=PolicyLossConfig(
+        importance_sampling_level="sequence")))),
+    ("packed-trailing-per-sequence-temperature", _with(lambda kw: dict(packed_trailing(kw),
+                                                                       temperature=torch.tensor([0.7, 1.3])))),
+    ("no-steps", no_steps),
+    ("no-steps-gspo", _with(lambda kw: dict(no_steps(kw), config=PolicyLossConfig(loss_mode="gspo")))),
+    ("no-steps-geo-mean", _with(lambda kw: dict(no_steps(kw), config=PolicyLossConfig(loss_mode="geo_mean")))),
+    ("no-steps-vespo", _with(lambda kw: dict(no_steps(kw), config=PolicyLossConfig(loss_mode="vespo")))),
+    ("no-steps-sequence-is", _with(lambda kw: dict(no_steps(kw), config=PolicyLossConfig(
+        importance_sampling_level="sequence")))),
+    ("no-steps-segment-is", _with(lambda kw: dict(no_steps(kw), segment_ids=torch.zeros(B, 0, dtype=torch.long),
+                                                  config=PolicyLossConfig(importance_sampling_level="segment")))),
+    ("workspace-inf", _set(workspace_mb=math.inf)),
+    ("rollout-threshold-tensor", _with(lambda kw: dict(rollout_logp=kw["old_logp"] + 0.1, config=PolicyLossConfig(
+        rollout_correction=fusedrl.RolloutCorrection(rollout_is="token", rollout_is_threshold=torch.tensor(1.5),
+                                                     rollout_is_threshold_lower=np.float64(0.5)))))),
+]  # fmt: skip
 
 
 def _call(kw, schedule):
@@ -300,6 +354,99 @@ def test_module_checks_at_construction_and_call():
     torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
 
 
+def test_module_tensor_temperature():
+    """``FusedPolicyLoss(temperature=<tensor>)`` takes what ``fused_policy_loss`` takes (per token, per
+    sequence), used when a call passes none, checked against the tokens at each call."""
+    kw = base()
+    for temp in (torch.tensor([0.7, 1.3]), torch.full((B, T), 0.8, dtype=torch.float64)):
+        for s in SCHEDULES:
+            got = FusedPolicyLoss(schedule=s, temperature=temp)(**kw)[0]
+            want = fused_policy_loss(**kw, temperature=temp, schedule="recompute")[0]
+            torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=s)
+    with pytest.raises(TypeError, match="temperature"):
+        FusedPolicyLoss(temperature=torch.ones(B, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        FusedPolicyLoss(temperature=torch.ones(B, requires_grad=True))
+    for s in SCHEDULES:
+        with pytest.raises(ValueError, match="temperature"):  # the shape: at the call, as fused_policy_loss
+            FusedPolicyLoss(schedule=s, temperature=torch.ones(3))(**kw)
+        with pytest.raises(ValueError, match="temperature"):
+            FusedPolicyLoss(schedule=s, temperature=torch.tensor([0.7, -1.0]))(**kw)
+
+
+EMPTY_CONFIGS = [
+    PolicyLossConfig(),
+    PolicyLossConfig(loss_mode="gspo"),
+    PolicyLossConfig(loss_mode="geo_mean"),
+    PolicyLossConfig(loss_mode="vespo"),
+    PolicyLossConfig(importance_sampling_level="sequence"),
+]
+
+
+@pytest.mark.parametrize("layout", ["all-masked", "no-steps", "empty-packed", "trailing-masked"])
+@pytest.mark.parametrize("cfg", EMPTY_CONFIGS, ids=lambda c: f"{c.loss_mode}-{c.importance_sampling_level}")
+def test_nothing_to_learn_gives_zero_loss_and_zero_grads(layout, cfg):
+    """No valid token (all masked, T = 0, an empty pack, valid tokens only after the last sequence): loss 0
+    attached to the graph (``backward()`` works) and zero gradients, on every schedule."""
+    kw = base()
+    if layout == "all-masked":
+        kw["mask"] = torch.zeros_like(kw["mask"])
+    elif layout == "no-steps":
+        kw = no_steps(kw)
+    elif layout == "empty-packed":
+        kw = empty_packed(kw)
+    else:
+        kw = packed_trailing(kw)
+        kw["mask"] = torch.arange(B * T) >= T + 3
+    for s in SCHEDULES + ("auto",):
+        hidden = kw["hidden"].detach().clone().requires_grad_()
+        weight = kw["weight"].detach().clone().requires_grad_()
+        loss, _ = fused_policy_loss(**dict(kw, hidden=hidden, weight=weight), config=cfg, schedule=s)
+        assert loss.requires_grad, s
+        loss.backward()
+        assert loss.item() == 0, s
+        assert hidden.grad is not None and weight.grad is not None, s
+        assert not hidden.grad.any() and not weight.grad.any(), s
+
+
+def test_packed_trailing_tokens_get_no_gradient():
+    kw = packed_trailing(base())
+    kw["mask"] = torch.ones(B * T, dtype=torch.bool)
+    for cfg in (PolicyLossConfig(loss_mode="geo_mean"), PolicyLossConfig(importance_sampling_level="sequence")):
+        for s in SCHEDULES:
+            hidden = kw["hidden"].detach().clone().requires_grad_()
+            fused_policy_loss(**dict(kw, hidden=hidden), config=cfg, schedule=s)[0].backward()
+            assert hidden.grad[: T + 3].abs().sum() > 0 and not hidden.grad[T + 3 :].any(), s
+
+
+def test_normaliser_device_is_the_tokens_or_the_cpu():
+    from fusedrl.loss.config import check_normaliser_devices
+
+    cfg = PolicyLossConfig(global_num_tokens=torch.tensor(7.0), norm_len=3)
+    check_normaliser_devices(cfg, torch.device("cpu"), "targets")
+    check_normaliser_devices(cfg, torch.device("cuda"), "targets")  # a 0-dim host count: accepted anywhere
+    for name in ("global_num_tokens", "global_num_seqs", "norm_len"):
+        bad = PolicyLossConfig(**{name: torch.tensor(7.0, device="meta")})
+        check_normaliser_devices(bad, torch.device("meta"), "targets")  # meta tokens: a meta loss, no number
+        with pytest.raises(ValueError, match=name):
+            check_normaliser_devices(bad, torch.device("cpu"), "targets")
+    with pytest.raises(ValueError, match="global_num_tokens"):
+        fusedrl.policy_loss(torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B), torch.ones(B, T),
+                            global_num_tokens=torch.tensor(3.0, device="meta"))  # fmt: skip
+
+
+def test_rollout_correction_takes_tensor_numbers():
+    rc = fusedrl.RolloutCorrection(rollout_is="token", rollout_is_threshold=torch.tensor(1.5),
+                                   rollout_is_threshold_lower=torch.tensor(0.5), rollout_rs="token_k1",
+                                   rollout_rs_threshold=torch.tensor(2.0))  # fmt: skip
+    assert rc == fusedrl.RolloutCorrection(rollout_is="token", rollout_is_threshold=1.5, rollout_is_threshold_lower=0.5,
+                                           rollout_rs="token_k1", rollout_rs_threshold=2.0)  # fmt: skip
+    with pytest.raises(ValueError, match="rollout_is_threshold"):
+        fusedrl.RolloutCorrection(rollout_is_threshold=torch.tensor([1.5, 2.0]))
+    with pytest.raises(ValueError, match="rollout_is_threshold"):
+        fusedrl.RolloutCorrection(rollout_is_threshold=torch.tensor(1.5, device="meta"))
+
+
 def test_config_ratios_as_verl():
     for name in ("clip_cov_ratio", "kl_cov_ratio"):
         for bad in (0, 0.0, -1e-3, 1.5, math.nan):
@@ -329,7 +476,7 @@ def _lse(kw):
 
 
 def _paths():
-    out = [("torch", "one_pass"), ("torch", "recompute")]
+    out = [("torch", "one_pass"), ("torch", "recompute"), ("reference", "recompute")]
     if "triton" in fusedrl.available_backends("cpu"):
         out += [("triton", "one_pass"), ("triton", "recompute")]
     return out
@@ -360,7 +507,7 @@ def test_out_of_range_target_logits_op_and_epilogues():
     g = torch.Generator().manual_seed(3)
     z = torch.randn(4, V, generator=g)
     t = torch.tensor([V, V + 1000, -5, 3])
-    for backend in ["torch"] + (["triton"] if "triton" in fusedrl.available_backends("cpu") else []):
+    for backend in ["torch", "reference"] + (["triton"] if "triton" in fusedrl.available_backends("cpu") else []):
         lp, ent = fusedrl.logprob_entropy(z, t, backend=backend, check_inputs=False)
         torch.testing.assert_close(lp[:3].double(), -torch.logsumexp(z[:3].double(), -1), atol=1e-5, rtol=1e-5)
     codes = bb.OnePassHead(mode=0, clip_lo=0.8, clip_hi=1.2, clip_c=3.0, dual=True, ent_coef=0.01, kl_coef=0.0,

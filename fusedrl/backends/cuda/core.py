@@ -39,7 +39,7 @@ from typing import Optional, Union
 
 import torch
 
-from ..base import check_temperature
+from ..base import check_temperature, workspace_bytes
 from ..device import usable_memory
 from .extension import DTYPE_CODE, extension, ptr, require, stream
 
@@ -86,7 +86,7 @@ def _budget(idx: Optional[int] = None, opts: Optional[dict] = None) -> int:
     device ``idx`` (96 MiB without a device)."""
     mb = (opts or {}).get("workspace_mb")
     if mb is not None:
-        return int(float(mb) * _MIB)
+        return workspace_bytes(float(mb))
     return default_budget(_free_bytes(idx) if idx is not None else None)
 
 
