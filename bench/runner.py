@@ -754,9 +754,12 @@ def run(args) -> dict:
     report.write_json(result, out_dir)
     md = report.write_markdown(result, out_dir)
     print(md)
+    plotted = False
     if not args.no_plot:
-        print(report.plot(result, out_dir))
-    print(f"wrote {out_dir}/results.md, results.json" + ("" if args.no_plot else ", plot.png"))
+        msg = report.plot(result, out_dir)
+        print(msg)
+        plotted = not msg.startswith("plot skipped")
+    print(f"wrote {out_dir}/results.md, results.json" + (", plot.png" if plotted else ""))
     return result
 
 
