@@ -5,14 +5,15 @@ own formulas (``fusedrl.loss.modes``: each formula lives once)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import torch
 
-from ..backends.base import KL_TYPES, LOSS_MODE_HEADS, OnePassHead
+from ..backends.base import KL_TYPES, LOG_RATIO_CLAMP, LOSS_MODE_HEADS, OnePassHead
 from .aggregate import aggregate, denominators
 from .config import PolicyLossConfig
-from .entropy_control import computes_entropy_change, corridor_penalty, entropy_has_grad, reads_entropy
+from .entropy_control import bapo_bounds, computes_entropy_change, corridor_penalty, entropy_has_grad, reads_entropy
 from .inputs import Batch, Segments, clean_side, make_tokens
 from .modes import ENTROPY_BATCH_MODES, SELECTION_MODES, SEQUENCE_MODES
 from .policy import check_optional_inputs, evaluate, kl_terms, pg_factors, pg_terms, rollout_stage
@@ -23,7 +24,7 @@ from .terms import Ctx
 Tensor = torch.Tensor
 
 #: what :func:`head_kind` returns
-HEAD_KINDS = ("token", "selection", "sequence", "batch")
+HEAD_KINDS = ("token", "selection", "speculative", "sequence", "batch")
 
 
 def head_kind(cfg: PolicyLossConfig) -> str:
@@ -37,8 +38,11 @@ def head_kind(cfg: PolicyLossConfig) -> str:
       OPSM, sequence-level IS in bypass mode);
     * ``"batch"``: a statistic of the whole batch's logp / entropy comes first (entropy quantile, bypass
       rejection or IS batch normalisation, a selection mode with a sequence or batch option, STEER's weight
-      range, BAPO's bound search): the two-pass schedule (scoring forward, then :meth:`TokenHead.grads`
-      over the whole batch).
+      range): the two-pass schedule (scoring forward, then :meth:`TokenHead.grads` over the whole batch);
+    * ``"speculative"``: BAPO (token-level): its bounds are a statistic of the whole batch, but they only
+      switch tokens off. One pass with the token-local surrogate without the searched bounds
+      (:func:`speculative_config`), then the exact gradient over the whole batch and a rank-k correction of
+      the tokens whose gradient differs (the ones the bounds clip; one host read of their count).
 
     TRL's sequence ratio and SSPO's segment ratio (segments lie inside sequences) are ``"sequence"``; RL-PLUS
     and the EPO corridor are token-local.
@@ -57,9 +61,22 @@ def head_kind(cfg: PolicyLossConfig) -> str:
             seq = True
     if mode in SELECTION_MODES:
         return "batch" if (batch or seq) else "selection"
+    if mode == "bapo" and not seq and cfg.top_entropy_quantile >= 1:
+        return "speculative"
     if batch:
         return "batch"
     return "sequence" if seq else "token"
+
+
+def speculative_config(cfg: PolicyLossConfig) -> PolicyLossConfig:
+    """The token-local surrogate of a ``"speculative"`` head's pass: BAPO's dual-clip surrogate without the
+    searched bounds (vanilla PPO whose ratio clip never binds; the dual clip stays). Where the bounds clip a
+    token, its exact gradient is 0 and the correction removes what the pass gave it."""
+    return replace(cfg, loss_mode="vanilla", clip_ratio_low=1.0, clip_ratio_high=_NO_BOUND)
+
+
+#: the surrogate's upper ratio clip: above any ratio the clamped log-ratio (+-20) allows
+_NO_BOUND = 1e12
 
 
 def kernel_head_codes(cfg: PolicyLossConfig) -> Optional[dict]:
@@ -214,9 +231,11 @@ class TokenHead:
         seg: Optional[Segments],
         picked: Optional[Tensor],
         valid: Optional[Tensor] = None,
+        cfg: Optional[PolicyLossConfig] = None,
     ) -> Tensor:
-        """``sum_t w_t (pg_t - ent_coef H_t + kl_coef kl_t)`` over the tokens ``idx`` (a slice or indices)."""
-        cfg = self.cfg
+        """``sum_t w_t (pg_t - ent_coef H_t + kl_coef kl_t)`` over the tokens ``idx`` (a slice or indices);
+        ``cfg``: another config's terms (the speculative surrogate) with this head's weights."""
+        cfg = self.cfg if cfg is None else cfg
         valid = self.valid[idx] if valid is None else valid
         tok = make_tokens(seg, valid, lp.to(self.dtype), self.old[idx], self.adv[idx])
         is_w = None if self.is_w is None else self.is_w[idx]
@@ -254,16 +273,25 @@ class TokenHead:
         entropy: Optional[Tensor],
         seqs: Optional[tuple[int, int]] = None,
         picked: Optional[Tensor] = None,
+        speculative: bool = False,
     ) -> tuple[Tensor, Optional[Tensor]]:
         """``(g_lp, g_H)``: d loss / d logp and d loss / d entropy for tokens ``[start, stop)`` (fp32/fp64;
         ``g_H`` None when the loss has no entropy term). Selection modes get their unselected terms.
         ``seqs``: the whole sequences the chunk holds (sequence kind; not needed for the whole batch).
         Batch kind: the whole batch only, the exact gradient of ``policy_loss`` (Clip-Cov: the pick
-        ``picked``, default the one of the last :meth:`evaluate`)."""
+        ``picked``, default the one of the last :meth:`evaluate`). Speculative kind: the same, or with
+        ``speculative`` the surrogate's gradient of any chunk (:func:`speculative_config`)."""
         n = self.valid.numel()
         whole = start == 0 and stop == n
         lp = logp.detach().to(self.dtype)
-        if self.kind == "batch":
+        if speculative and self.kind == "speculative":
+            idx, seg, spec = slice(start, stop), self.seg.chunk(start, stop, seqs), self._speculative
+            if not self.entropy_has_grad:
+                ent = None if entropy is None else entropy.detach().to(self.dtype)
+                return autograd_grads(lambda a: self._objective(idx, a, ent, seg, None, cfg=spec), lp)[0], None
+            ent = entropy.detach().to(self.dtype)
+            return autograd_grads(lambda a, b: self._objective(idx, a, b, seg, None, cfg=spec), lp, ent)
+        if self.kind in ("batch", "speculative"):
             if not whole:
                 raise ValueError(
                     f"this loss config needs a statistic of the whole batch (head_kind 'batch'): "
@@ -307,6 +335,27 @@ class TokenHead:
             out = evaluate(self.batch, logp, entropy, self.cfg, keys=keys)
         self._picked = out[2]
         return out
+
+    @property
+    def _speculative(self) -> PolicyLossConfig:
+        return speculative_config(self.cfg)
+
+    def speculative_picks(self, logp: Tensor) -> Tensor:
+        """``[N]`` bool: the tokens whose exact gradient differs from the speculative pass's: the ones BAPO's
+        searched bounds clip (``L2 > L1``: their policy gradient is 0), with the bounds of the whole batch."""
+        lp = logp.detach().to(self.dtype)
+        tok = make_tokens(self.seg, self.valid, lp, self.old, self.adv)
+        r = torch.exp(tok.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        lo, hi, _ = bapo_bounds(tok, r, self.cfg)
+        return self.valid & (-self.adv * torch.clamp(r, min=lo, max=hi) > -self.adv * r)
+
+    def speculative_delta(self, idx: Tensor, logp_sel: Tensor) -> Tensor:
+        """``d(L_exact - L_pass)/d logp`` for the picked tokens ``idx``: minus the surrogate's policy term (the
+        bounds zero it; entropy and KL terms are the same in both)."""
+        pg = replace(self._speculative, entropy_coeff=0.0, kl_loss_coef=0.0, entropy_corridor=None)
+        valid = self.valid[idx]
+        return -autograd_grads(lambda a: self._objective(idx, a, None, None, None, valid, cfg=pg),
+                               logp_sel.detach().to(self.dtype))[0]  # fmt: skip
 
     def selection_delta(self, idx: Tensor, logp_sel: Tensor, picked_sel: Tensor) -> Tensor:
         """Clip-Cov / KL-Cov: ``d(L_selected - L_unselected)/d logp`` for tokens ``idx`` whose pick flag is

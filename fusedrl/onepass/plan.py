@@ -540,6 +540,9 @@ def plan(
     k_sel = selection_rows(cfg, n) if kind == "selection" else 0
     if kind == "batch":  # a statistic of the whole batch first (entropy quantile, ...): always two passes
         return Plan("two_pass", (), "the loss needs whole-batch statistics of logp / entropy first")
+    if kind == "speculative" and s.facts.name != ARCH_FACTS["cpu"].name:
+        # BAPO's one pass reads the number of clipped tokens on the host: on a GPU the two passes (no sync)
+        return Plan("two_pass", (), "BAPO's bound search: two passes on a GPU (the one-pass correction syncs)")
     low = x_dtype in (torch.float16, torch.bfloat16)
     if kind == "sequence":
         return _sequence_plan(n, h, v, x_dtype, s, budget, schedule, seq_len, cu_host, low)

@@ -93,7 +93,7 @@ def run_replay(
     dev = x.device
     grads = need_dx or need_dw or need_db
     need_ent = want_entropy or head.entropy_has_grad or head.needs_entropy
-    if head.kind == "batch" or not grads or (head.kind == "sequence" and not pln.chunks):
+    if head.kind in ("batch", "speculative") or not grads or (head.kind == "sequence" and not pln.chunks):
         st = replay_forward(x, w, bias, targets, replay, temperature, softcap, need_ent, need_full=True)
         loss, metrics, picked = head.evaluate(st.logp, st.ent, keys)
         dx = dw = db = None

@@ -98,15 +98,56 @@ def correct_selection(
     dw32: Optional[Tensor],
     db32: Optional[Tensor],
 ) -> None:
-    """Rank-k correction of Clip-Cov / KL-Cov: recompute the logit rows of the (at most k_max) picked
-    tokens and add ``du_corr = dg (onehot - p) dz/du`` into dx, dW, db. No host sync: the k_max rows
-    are the picked tokens plus unpicked filler whose correction is exactly 0."""
+    """Rank-k correction of Clip-Cov / KL-Cov: the (at most k_max) picked tokens' rows, :func:`correct_rows`.
+    No host sync: the k_max rows are the picked tokens plus unpicked filler whose correction is exactly 0."""
     n = picked.numel()
     k = min(k_max, n)
     if k == 0:
         return
     idx = torch.topk(picked.to(torch.float32), k, sorted=False).indices  # picked first, then filler
     dg = head.selection_delta(idx, logp[idx], picked[idx])
+    correct_rows(idx, dg, x, w, targets, bias, temperature, softcap, lse, dx, dw32, db32)
+
+
+def correct_speculation(
+    head: TokenHead,
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    logp: Tensor,
+    lse: Tensor,
+    dx: Optional[Tensor],
+    dw32: Optional[Tensor],
+    db32: Optional[Tensor],
+) -> None:
+    """The speculative head's correction (BAPO): the tokens its batch bounds clip, :func:`correct_rows`. One
+    host read: their number."""
+    idx = head.speculative_picks(logp).nonzero().reshape(-1)
+    if idx.numel():
+        correct_rows(idx, head.speculative_delta(idx, logp[idx]), x, w, targets, bias, temperature, softcap, lse,
+                     dx, dw32, db32)  # fmt: skip
+
+
+def correct_rows(
+    idx: Tensor,
+    dg: Tensor,
+    x: Tensor,
+    w: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: Union[float, Tensor],
+    softcap: Optional[float],
+    lse: Tensor,
+    dx: Optional[Tensor],
+    dw32: Optional[Tensor],
+    db32: Optional[Tensor],
+) -> None:
+    """Recompute the logit rows of tokens ``idx`` and add ``du_corr = dg (onehot - p) dz/du`` (a change
+    ``dg`` of their log-prob gradients) into dx, dW, db."""
+    k = idx.numel()
     cdt = lse.dtype
     xs = x.index_select(0, idx)
     u = torch.empty(k, w.shape[0], dtype=cdt, device=x.device)
@@ -158,6 +199,7 @@ def run_one_pass(
     low = is_low(x)
     grads = need_dx or need_dw or need_db
     need_ent = want_entropy or head.entropy_has_grad
+    speculative = head.kind == "speculative"  # BAPO: the surrogate in the pass, the clipped rows corrected after
     logp = torch.empty(n, dtype=cdt, device=dev)
     ent = torch.empty(n, dtype=cdt, device=dev) if need_ent else None
     lse_all = torch.empty(n, dtype=cdt, device=dev)
@@ -231,7 +273,7 @@ def run_one_pass(
         tr = temperature[a:b].to(cdt) if per_token else temperature
 
         def chunk_grads(lp, en, a=a, b=b, seqs=seqs):
-            return head.grads(a, b, lp, en, seqs)
+            return head.grads(a, b, lp, en, seqs, speculative=speculative)
 
         ehead = EpilogueHead(
             None if is_torch else head.kernel_codes(a, b, need_ent), chunk_grads if grads else None, need_ent
@@ -283,6 +325,13 @@ def run_one_pass(
             timer("selection")
         correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp,
                           lse_all, dx, dw32 if need_dw else None, db32)  # fmt: skip
+        if timer is not None:
+            timer("end")
+    if speculative and grads:
+        if timer is not None:
+            timer("selection")
+        correct_speculation(head, x, w, targets, bias, temperature, softcap, logp, lse_all, dx,
+                            dw32 if need_dw else None, db32)  # fmt: skip
         if timer is not None:
             timer("end")
     return Grads(loss, metrics, dx, dw32 if need_dw else None, db32)

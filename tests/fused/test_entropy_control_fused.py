@@ -242,3 +242,26 @@ def test_gpu_no_host_sync(name):
         loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("entropy_coeff", [0.0, 0.01])
+def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coeff):
+    """BAPO on the one-pass schedule (CPU): the pass takes the surrogate without the searched bounds, then the
+    rows the bounds clip are corrected; equal to recompute (fp64) with many tokens clipped, in small chunks."""
+    from fusedrl.onepass import run as run_mod
+
+    rows = []
+    real = run_mod.correct_rows
+    monkeypatch.setattr(run_mod, "correct_rows", lambda idx, *a: rows.append(idx.numel()) or real(idx, *a))
+    case = make_case(B=4, T=6, seed=21)
+    g = torch.Generator().manual_seed(3)
+    case["old_logp"] = case["old_logp"] + 0.8 * torch.randn(case["old_logp"].shape, generator=g, dtype=F64)
+    cfg = PolicyLossConfig(loss_mode="bapo", loss_agg_mode=agg, entropy_coeff=entropy_coeff, kl_loss_coef=0.1,
+                           bapo_ratio_lower_start=0.8, bapo_ratio_lower_max=0.95, bapo_ratio_upper_max=1.3)  # fmt: skip
+    assert head_kind(cfg) == "speculative"
+    one = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB)
+    rec = run(case, cfg, "recompute")
+    assert_same(one, rec, atol=1e-10)
+    assert rows and rows[-1] >= 3, rows  # the correction ran on several clipped rows
+    assert_same(rec, unfused(case, cfg, {}), atol=1e-10)

@@ -498,7 +498,7 @@ def test_classification_and_kernel_heads():
     assert set(ENTROPY_CONTROL_MODES) == {"steer", "bapo", "rl_plus"}
     assert set(ENTROPY_CONTROL_MODES) <= set(ALL_LOSS_MODES)
     kinds = {name: head_kind(PolicyLossConfig(**kw)) for name, (kw, _) in EC_CASES.items()}
-    assert kinds == {"steer": "batch", "steer_current_exp": "batch", "steer_exact": "batch", "bapo": "batch",
+    assert kinds == {"steer": "batch", "steer_current_exp": "batch", "steer_exact": "batch", "bapo": "speculative",
                      "rl_plus": "token", "rl_plus_behaviour": "token", "segment": "sequence",
                      "corridor": "token"}  # fmt: skip
     for kw, _ in EC_CASES.values():
