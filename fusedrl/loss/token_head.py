@@ -12,7 +12,7 @@ import torch
 
 from ..backends.base import KL_TYPES, LOG_RATIO_CLAMP, LOSS_MODE_HEADS, OnePassHead
 from .aggregate import aggregate, denominators
-from .config import PolicyLossConfig
+from .config import PolicyLossConfig, bapo_grid
 from .entropy_control import bapo_bounds, computes_entropy_change, corridor_penalty, entropy_has_grad, reads_entropy
 from .inputs import Batch, Segments, clean_side, make_tokens
 from .modes import ENTROPY_BATCH_MODES, SELECTION_MODES, SEQUENCE_MODES
@@ -40,9 +40,9 @@ def head_kind(cfg: PolicyLossConfig) -> str:
       rejection or IS batch normalisation, a selection mode with a sequence or batch option, STEER's weight
       range): the two-pass schedule (scoring forward, then :meth:`TokenHead.grads` over the whole batch);
     * ``"speculative"``: BAPO (token-level): its bounds are a statistic of the whole batch, but they only
-      switch tokens off. One pass with the token-local surrogate without the searched bounds
-      (:func:`speculative_config`), then the exact gradient over the whole batch and a rank-k correction of
-      the tokens whose gradient differs (the ones the bounds clip; one host read of their count).
+      move tokens between a constant branch and ``-A r``. One pass with the first bounds of its search
+      (:func:`speculative_config`), then the searched bounds of the whole batch and a rank-k correction of
+      the tokens whose branch they change (one host read: the bounds and that count).
 
     TRL's sequence ratio and SSPO's segment ratio (segments lie inside sequences) are ``"sequence"``; RL-PLUS
     and the EPO corridor are token-local.
@@ -68,15 +68,17 @@ def head_kind(cfg: PolicyLossConfig) -> str:
     return "sequence" if seq else "token"
 
 
-def speculative_config(cfg: PolicyLossConfig) -> PolicyLossConfig:
-    """The token-local surrogate of a ``"speculative"`` head's pass: BAPO's dual-clip surrogate without the
-    searched bounds (vanilla PPO whose ratio clip never binds; the dual clip stays). Where the bounds clip a
-    token, its exact gradient is 0 and the correction removes what the pass gave it."""
-    return replace(cfg, loss_mode="vanilla", clip_ratio_low=1.0, clip_ratio_high=_NO_BOUND)
-
-
-#: the surrogate's upper ratio clip: above any ratio the clamped log-ratio (+-20) allows
-_NO_BOUND = 1e12
+def speculative_config(cfg: PolicyLossConfig, bounds: Optional[tuple[float, float]] = None) -> PolicyLossConfig:
+    """BAPO with fixed ratio bounds (a search of one state; no collective): ``bounds``, or the first state of
+    its search (the lower and upper starts), which the one-pass schedule's pass takes. The searched bounds only
+    move a token between the clipped branch (constant) and the unclipped one (``-A r``), so the pass is exact
+    for every token whose branch the search does not change; the correction fixes the others."""
+    if bounds is None:
+        lower, upper = bapo_grid(cfg)
+        bounds = (lower[0], upper[0])
+    lo, hi = (float(b) for b in bounds)
+    return replace(cfg, bapo_ratio_lower_start=lo, bapo_ratio_lower_max=lo, bapo_ratio_upper_start=hi,
+                   bapo_ratio_upper_max=hi, stats_group=None)  # fmt: skip
 
 
 def kernel_head_codes(cfg: PolicyLossConfig) -> Optional[dict]:
@@ -340,22 +342,37 @@ class TokenHead:
     def _speculative(self) -> PolicyLossConfig:
         return speculative_config(self.cfg)
 
-    def speculative_picks(self, logp: Tensor) -> Tensor:
-        """``[N]`` bool: the tokens whose exact gradient differs from the speculative pass's: the ones BAPO's
-        searched bounds clip (``L2 > L1``: their policy gradient is 0), with the bounds of the whole batch."""
+    def speculative_picks(self, logp: Tensor) -> tuple[Tensor, tuple[float, float]]:
+        """``([N] bool, bounds)``: the searched bounds of the whole batch (host floats: one read) and the tokens
+        whose branch they change against the pass's bounds (clipped, ``L2 > L1``, under one and not the
+        other): only those tokens' exact gradient differs from the pass's."""
         lp = logp.detach().to(self.dtype)
         tok = make_tokens(self.seg, self.valid, lp, self.old, self.adv)
         r = torch.exp(tok.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
         lo, hi, _ = bapo_bounds(tok, r, self.cfg)
-        return self.valid & (-self.adv * torch.clamp(r, min=lo, max=hi) > -self.adv * r)
+        lo0, hi0, _ = bapo_bounds(tok, r, self._speculative)
 
-    def speculative_delta(self, idx: Tensor, logp_sel: Tensor) -> Tensor:
-        """``d(L_exact - L_pass)/d logp`` for the picked tokens ``idx``: minus the surrogate's policy term (the
-        bounds zero it; entropy and KL terms are the same in both)."""
-        pg = replace(self._speculative, entropy_coeff=0.0, kl_loss_coef=0.0, entropy_corridor=None)
+        def clipped(a, b):
+            return -self.adv * torch.clamp(r, min=a, max=b) > -self.adv * r
+
+        return self.valid & (clipped(lo, hi) != clipped(lo0, hi0)), (lo.item(), hi.item())
+
+    def speculative_delta(self, idx: Tensor, logp_sel: Tensor, bounds: tuple[float, float]) -> Tensor:
+        """``d(L_exact - L_pass)/d logp`` for tokens ``idx``: the policy term under the searched ``bounds`` minus
+        the one under the pass's (entropy and KL terms are the same in both)."""
+
+        def pg_only(c: PolicyLossConfig) -> PolicyLossConfig:
+            return replace(c, entropy_coeff=0.0, kl_loss_coef=0.0, entropy_corridor=None)
+
+        exact, spec = pg_only(speculative_config(self.cfg, bounds)), pg_only(self._speculative)
         valid = self.valid[idx]
-        return -autograd_grads(lambda a: self._objective(idx, a, None, None, None, valid, cfg=pg),
-                               logp_sel.detach().to(self.dtype))[0]  # fmt: skip
+
+        def delta(a):
+            return self._objective(idx, a, None, None, None, valid, cfg=exact) - self._objective(
+                idx, a, None, None, None, valid, cfg=spec
+            )
+
+        return autograd_grads(delta, logp_sel.detach().to(self.dtype))[0]
 
     def selection_delta(self, idx: Tensor, logp_sel: Tensor, picked_sel: Tensor) -> Tensor:
         """Clip-Cov / KL-Cov: ``d(L_selected - L_unselected)/d logp`` for tokens ``idx`` whose pick flag is

@@ -123,12 +123,13 @@ def correct_speculation(
     dw32: Optional[Tensor],
     db32: Optional[Tensor],
 ) -> None:
-    """The speculative head's correction (BAPO): the tokens its batch bounds clip, :func:`correct_rows`. One
-    host read: their number."""
-    idx = head.speculative_picks(logp).nonzero().reshape(-1)
+    """The speculative head's correction (BAPO): the tokens whose branch the searched bounds change against the
+    pass's, :func:`correct_rows`. One host read: the bounds and those tokens."""
+    picks, bounds = head.speculative_picks(logp)
+    idx = picks.nonzero().reshape(-1)
     if idx.numel():
-        correct_rows(idx, head.speculative_delta(idx, logp[idx]), x, w, targets, bias, temperature, softcap, lse,
-                     dx, dw32, db32)  # fmt: skip
+        correct_rows(idx, head.speculative_delta(idx, logp[idx], bounds), x, w, targets, bias, temperature, softcap,
+                     lse, dx, dw32, db32)  # fmt: skip
 
 
 def correct_rows(

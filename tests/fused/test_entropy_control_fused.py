@@ -244,11 +244,13 @@ def test_gpu_no_host_sync(name):
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("target", [0.05, 20.0])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("entropy_coeff", [0.0, 0.01])
-def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coeff):
-    """BAPO on the one-pass schedule (CPU): the pass takes the surrogate without the searched bounds, then the
-    rows the bounds clip are corrected; equal to recompute (fp64) with many tokens clipped, in small chunks."""
+def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coeff, target):
+    """BAPO on the one-pass schedule (CPU): the pass takes the first bounds of the search, then the rows whose
+    branch the searched bounds change are corrected; equal to recompute (fp64), in small chunks. A low target
+    stops the search at its first state (nothing to correct); a high one runs it to the last (many rows)."""
     from fusedrl.onepass import run as run_mod
 
     rows = []
@@ -258,10 +260,14 @@ def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coe
     g = torch.Generator().manual_seed(3)
     case["old_logp"] = case["old_logp"] + 0.8 * torch.randn(case["old_logp"].shape, generator=g, dtype=F64)
     cfg = PolicyLossConfig(loss_mode="bapo", loss_agg_mode=agg, entropy_coeff=entropy_coeff, kl_loss_coef=0.1,
-                           bapo_ratio_lower_start=0.8, bapo_ratio_lower_max=0.95, bapo_ratio_upper_max=1.3)  # fmt: skip
+                           bapo_ratio_lower_start=0.5, bapo_ratio_lower_max=0.95, bapo_ratio_upper_start=1.05,
+                           bapo_ratio_upper_max=2.0, bapo_adv_ratio_target=target)  # fmt: skip
     assert head_kind(cfg) == "speculative"
     one = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB)
     rec = run(case, cfg, "recompute")
     assert_same(one, rec, atol=1e-10)
-    assert rows and rows[-1] >= 3, rows  # the correction ran on several clipped rows
+    if target > 1:
+        assert rows and rows[-1] >= 3, rows  # the search moved: several rows change branch
+    else:
+        assert not rows, rows
     assert_same(rec, unfused(case, cfg, {}), atol=1e-10)
