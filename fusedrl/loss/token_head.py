@@ -147,6 +147,8 @@ class TokenHead:
         self.batch = batch
         self.cfg = cfg
         self.kind = head_kind(cfg)
+        # the speculative pass's config (BAPO at the first state of its search), built once per batch
+        self._speculative = speculative_config(cfg) if self.kind == "speculative" else None
         self.dtype = dtype  # the compute dtype of the log-probs the schedule produces
         self.seg = batch.seg
         valid0 = batch.valid
@@ -337,10 +339,6 @@ class TokenHead:
             out = evaluate(self.batch, logp, entropy, self.cfg, keys=keys)
         self._picked = out[2]
         return out
-
-    @property
-    def _speculative(self) -> PolicyLossConfig:
-        return speculative_config(self.cfg)
 
     def speculative_picks(self, logp: Tensor) -> tuple[Tensor, tuple[float, float]]:
         """``([N] bool, bounds)``: the searched bounds of the whole batch (host floats: one read) and the tokens

@@ -29,7 +29,7 @@ from ..replay.kept import (
 )
 from ..replay.rows import Stats, compute_dtype, row_du
 from .plan import Plan
-from .run import Grads
+from .run import Grads, selection_rows
 
 Tensor = torch.Tensor
 
@@ -138,11 +138,10 @@ def run_replay(
 
 def _correct_selection(head, picked, x, w, bias, targets, replay, temperature, softcap, logp, ent, saved, dx, dw, db):
     """Clip-Cov / KL-Cov: the picked tokens' rows again, upstream gradient ``d(L_sel - L_unsel)/d logp``."""
-    k = min(head.selection_bound(), picked.numel())
-    if k == 0:
+    fix = selection_rows(head, picked, logp)
+    if fix is None:
         return
-    idx = torch.topk(picked.to(torch.float32), k, sorted=False).indices  # picked first, then filler (delta 0)
-    dg = head.selection_delta(idx, logp[idx], picked[idx]).to(logp.dtype)
+    idx, dg = fix[0], fix[1].to(logp.dtype)
     st = Stats(*(None if parts[0] is None else torch.cat(parts).index_select(0, idx) for parts in zip(*saved)))
     xs, ts = x.index_select(0, idx), targets.index_select(0, idx)
     tr = temperature.index_select(0, idx) if isinstance(temperature, Tensor) else temperature

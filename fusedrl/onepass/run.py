@@ -82,54 +82,22 @@ def buffers(device: torch.device, specs: Sequence[tuple[tuple[int, ...], torch.d
     return out
 
 
-def correct_selection(
-    head: TokenHead,
-    picked: Tensor,
-    k_max: int,
-    x: Tensor,
-    w: Tensor,
-    targets: Tensor,
-    bias: Optional[Tensor],
-    temperature: Union[float, Tensor],
-    softcap: Optional[float],
-    logp: Tensor,
-    lse: Tensor,
-    dx: Optional[Tensor],
-    dw32: Optional[Tensor],
-    db32: Optional[Tensor],
-) -> None:
-    """Rank-k correction of Clip-Cov / KL-Cov: the (at most k_max) picked tokens' rows, :func:`correct_rows`.
-    No host sync: the k_max rows are the picked tokens plus unpicked filler whose correction is exactly 0."""
-    n = picked.numel()
-    k = min(k_max, n)
+def selection_rows(head: TokenHead, picked: Tensor, logp: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """Clip-Cov / KL-Cov: the rows to correct and their log-prob gradient change, or None. No host sync: the
+    ``head.selection_bound()`` rows are the picked tokens plus unpicked filler whose change is exactly 0."""
+    k = min(head.selection_bound(), picked.numel())
     if k == 0:
-        return
+        return None
     idx = torch.topk(picked.to(torch.float32), k, sorted=False).indices  # picked first, then filler
-    dg = head.selection_delta(idx, logp[idx], picked[idx])
-    correct_rows(idx, dg, x, w, targets, bias, temperature, softcap, lse, dx, dw32, db32)
+    return idx, head.selection_delta(idx, logp[idx], picked[idx])
 
 
-def correct_speculation(
-    head: TokenHead,
-    x: Tensor,
-    w: Tensor,
-    targets: Tensor,
-    bias: Optional[Tensor],
-    temperature: Union[float, Tensor],
-    softcap: Optional[float],
-    logp: Tensor,
-    lse: Tensor,
-    dx: Optional[Tensor],
-    dw32: Optional[Tensor],
-    db32: Optional[Tensor],
-) -> None:
-    """The speculative head's correction (BAPO): the tokens whose branch the searched bounds change against the
-    pass's, :func:`correct_rows`. One host read: the bounds and those tokens."""
+def speculation_rows(head: TokenHead, logp: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """The speculative head (BAPO): the tokens whose branch the searched bounds change against the pass's and
+    their gradient change, or None. One host read: the bounds and those tokens."""
     picks, bounds = head.speculative_picks(logp)
     idx = picks.nonzero().reshape(-1)
-    if idx.numel():
-        correct_rows(idx, head.speculative_delta(idx, logp[idx], bounds), x, w, targets, bias, temperature, softcap,
-                     lse, dx, dw32, db32)  # fmt: skip
+    return (idx, head.speculative_delta(idx, logp[idx], bounds)) if idx.numel() else None
 
 
 def correct_rows(
@@ -141,15 +109,14 @@ def correct_rows(
     bias: Optional[Tensor],
     temperature: Union[float, Tensor],
     softcap: Optional[float],
-    lse: Tensor,
+    cdt: torch.dtype,
     dx: Optional[Tensor],
     dw32: Optional[Tensor],
     db32: Optional[Tensor],
 ) -> None:
-    """Recompute the logit rows of tokens ``idx`` and add ``du_corr = dg (onehot - p) dz/du`` (a change
-    ``dg`` of their log-prob gradients) into dx, dW, db."""
+    """Rank-k correction: recompute the logit rows of tokens ``idx`` (compute dtype ``cdt``) and add
+    ``du_corr = dg (onehot - p) dz/du`` (a change ``dg`` of their log-prob gradients) into dx, dW, db."""
     k = idx.numel()
-    cdt = lse.dtype
     xs = x.index_select(0, idx)
     u = torch.empty(k, w.shape[0], dtype=cdt, device=x.device)
     gemm_logits(xs, w, bias, u, 1.0)
@@ -203,7 +170,6 @@ def run_one_pass(
     speculative = head.kind == "speculative"  # BAPO: the surrogate in the pass, the clipped rows corrected after
     logp = torch.empty(n, dtype=cdt, device=dev)
     ent = torch.empty(n, dtype=cdt, device=dev) if need_ent else None
-    lse_all = torch.empty(n, dtype=cdt, device=dev)
     # the gradients are formed and kept in the compute dtype (fp32 for 16-bit inputs) until the backward,
     # which scales them by the upstream gradient and rounds once to the input dtype (fusedrl.onepass.op)
     dx = torch.empty(n, h, dtype=cdt, device=dev) if need_dx else None
@@ -291,7 +257,6 @@ def run_one_pass(
             **opts,
         )
         logp[a:b] = out.logp
-        lse_all[a:b] = out.lse
         if ent is not None:
             ent[a:b] = out.ent
         if not grads:
@@ -321,18 +286,12 @@ def run_one_pass(
     if need_dw and dw32 is None:  # no token at all
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
-    if picked is not None and grads:
+    if grads and (picked is not None or speculative):
         if timer is not None:
             timer("selection")
-        correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp,
-                          lse_all, dx, dw32 if need_dw else None, db32)  # fmt: skip
-        if timer is not None:
-            timer("end")
-    if speculative and grads:
-        if timer is not None:
-            timer("selection")
-        correct_speculation(head, x, w, targets, bias, temperature, softcap, logp, lse_all, dx,
-                            dw32 if need_dw else None, db32)  # fmt: skip
+        fix = selection_rows(head, picked, logp) if picked is not None else speculation_rows(head, logp)
+        if fix is not None:
+            correct_rows(*fix, x, w, targets, bias, temperature, softcap, cdt, dx, dw32 if need_dw else None, db32)
         if timer is not None:
             timer("end")
     return Grads(loss, metrics, dx, dw32 if need_dw else None, db32)
@@ -378,6 +337,7 @@ def run_two_pass(
         dx, dw, db = (None if t is None else t.to(cdt) for t in (dx, dw, db))
         if picked is not None and head.kind == "selection":  # Clip-Cov / KL-Cov (the one-pass schedule's
             # out-of-memory fallback): the head gave the unselected terms, the rank-k correction the rest
-            correct_selection(head, picked, head.selection_bound(), x, w, targets, bias, temperature, softcap, logp,
-                              lse, dx, dw, db)  # fmt: skip
+            fix = selection_rows(head, picked, logp)
+            if fix is not None:
+                correct_rows(*fix, x, w, targets, bias, temperature, softcap, cdt, dx, dw, db)
     return Grads(loss, metrics, dx, dw, db)

@@ -113,14 +113,10 @@ def union_rows(xc, w, bias, tc, ids_c, temperature, softcap) -> Rows:
     used = ids_c >= 0
     cols = torch.unique(torch.cat([ids_c[used], tc[tc >= 0]]))  # sorted
     c = cols.numel()
-    if c:
-        pos = torch.searchsorted(cols, ids_c.clamp_min(0)).clamp_max(c - 1)
-        kept = member_mask(pos, used, c)
-    else:
-        kept = torch.zeros(ids_c.shape[0], 0, dtype=torch.bool, device=ids_c.device)
-    tcol = torch.where(tc >= 0, torch.searchsorted(cols, tc.clamp_min(0)).clamp_max(max(c - 1, 0)), -1)
-    if c:  # a vocabulary shard may hold none of the chunk's ids
-        kept.scatter_(1, tcol.clamp_min(0)[:, None], (tcol >= 0)[:, None] | kept.gather(1, tcol.clamp_min(0)[:, None]))
+    members = torch.cat([ids_c, tc[:, None]], 1)  # the target is always counted in S
+    pos = torch.searchsorted(cols, members.clamp_min(0)).clamp_max(max(c - 1, 0))
+    kept = member_mask(pos, members >= 0, c)  # a vocabulary shard may hold none of the chunk's ids (c = 0)
+    tcol = torch.where(tc >= 0, pos[:, -1], -1)
     wc = w.index_select(0, cols).to(cdt)
     xc = xc.to(cdt)
     z, dzdu = _logits(xc, wc, None if bias is None else bias.index_select(0, cols).to(cdt), temperature, softcap)
