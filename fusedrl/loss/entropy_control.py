@@ -226,12 +226,10 @@ def _device_floats(vals: list[float], like: Tensor) -> Tensor:
     return t if like.device.type == "cpu" else t.to(like.device, non_blocking=True)
 
 
-def bapo_bounds(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """BAPO's ratio bounds ``(c_low, c_high, P / N)`` as 0-dim device tensors: the state at which the authors'
-    sequential search stops (lower bound first, then upper; the first state with ``P / (N + eps) >= target``,
-    ``inf`` when ``N <= 0``; else the last). Every candidate is evaluated at once: ``P`` per upper bound
-    (``sum_{A>0} min(r, c_high) A``), ``N`` per lower bound (``sum_{A<0} max(r, c_low) |A|``), one all-reduce
-    of both vectors over ``stats_group``."""
+def bapo_sums(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor]:
+    """BAPO's search statistics of these tokens (no collective): ``P`` per upper bound
+    (``sum_{A>0} min(r, c_high) A``) and ``N`` per lower bound (``sum_{A<0} max(r, c_low) |A|``). Sums:
+    the tokens' share adds up across chunks and ranks."""
     lower, upper = bapo_grid(cfg)
     with torch.no_grad():
         lo, hi = _device_floats(lower, tok.logp), _device_floats(upper, tok.logp)
@@ -241,9 +239,16 @@ def bapo_bounds(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, 
         neg_a = torch.where(tok.valid & (a < 0), -a, zero)
         p = (torch.minimum(rr[None, :], hi[:, None]) * pos_a[None, :]).sum(-1)
         n = (torch.maximum(rr[None, :], lo[:, None]) * neg_a[None, :]).sum(-1)
-        if cfg.stats_group is not None:
-            both = group_sum(torch.cat([p, n]), cfg.stats_group)
-            p, n = both[: len(upper)], both[len(upper) :]
+        return p, n
+
+
+def bapo_pick(p: Tensor, n: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """The state at which the authors' sequential search stops, from the sums of :func:`bapo_sums`: lower bound
+    first, then upper; the first state with ``P / (N + eps) >= target`` (``inf`` when ``N <= 0``), else the
+    last. ``(c_low, c_high, P / N)`` as 0-dim tensors on the sums' device."""
+    lower, upper = bapo_grid(cfg)
+    with torch.no_grad():
+        lo, hi = _device_floats(lower, p), _device_floats(upper, p)
         nl, nu = len(lower), len(upper)
         # the visited states: (lower_i, upper_0) for every i, then (lower_last, upper_j) for j >= 1
         p_s = torch.cat([p[:1].expand(nl), p[1:]])
@@ -256,6 +261,18 @@ def bapo_bounds(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, 
         idx = torch.argmax(met.to(rho.dtype)).reshape(1)  # the first state meeting it
         pick = lambda v: v.gather(0, idx).reshape(())  # noqa: E731
         return pick(lo_s), pick(hi_s), pick(rho)
+
+
+def bapo_bounds(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """BAPO's ratio bounds ``(c_low, c_high, P / N)`` as 0-dim device tensors: every candidate of the search
+    evaluated at once (:func:`bapo_sums`), one all-reduce of both vectors over ``stats_group``, then the state
+    the sequential search stops at (:func:`bapo_pick`)."""
+    p, n = bapo_sums(tok, r, cfg)
+    if cfg.stats_group is not None:
+        with torch.no_grad():
+            both = group_sum(torch.cat([p, n]), cfg.stats_group)
+        p, n = both[: p.numel()], both[p.numel() :]
+    return bapo_pick(p, n, cfg)
 
 
 def loss_bapo(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx) -> PGTerms:

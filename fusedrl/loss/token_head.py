@@ -10,16 +10,24 @@ from typing import Callable, Optional
 
 import torch
 
-from ..backends.base import KL_TYPES, LOG_RATIO_CLAMP, LOSS_MODE_HEADS, OnePassHead
+from ..backends.base import KL_TYPES, LOSS_MODE_HEADS, OnePassHead
 from .aggregate import aggregate, denominators
 from .config import PolicyLossConfig, bapo_grid
-from .entropy_control import bapo_bounds, computes_entropy_change, corridor_penalty, entropy_has_grad, reads_entropy
+from .entropy_control import (
+    bapo_bounds,
+    bapo_pick,
+    bapo_sums,
+    computes_entropy_change,
+    corridor_penalty,
+    entropy_has_grad,
+    reads_entropy,
+)
 from .inputs import Batch, Segments, clean_side, make_tokens
 from .modes import ENTROPY_BATCH_MODES, SELECTION_MODES, SEQUENCE_MODES
 from .policy import check_optional_inputs, evaluate, kl_terms, pg_factors, pg_terms, rollout_stage
 from .rollout import rollout_terms
 from .selection import group_sum, opsm_keep
-from .terms import Ctx
+from .terms import Ctx, clamped_log_ratio
 
 Tensor = torch.Tensor
 
@@ -40,9 +48,9 @@ def head_kind(cfg: PolicyLossConfig) -> str:
       rejection or IS batch normalisation, a selection mode with a sequence or batch option, STEER's weight
       range): the two-pass schedule (scoring forward, then :meth:`TokenHead.grads` over the whole batch);
     * ``"speculative"``: BAPO (token-level): its bounds are a statistic of the whole batch, but they only
-      move tokens between a constant branch and ``-A r``. One pass with the first bounds of its search
-      (:func:`speculative_config`), then the searched bounds of the whole batch and a rank-k correction of
-      the tokens whose branch they change (one host read: the bounds and that count).
+      move tokens between a constant branch and ``-A r``. One pass in which each chunk takes the bounds the
+      search picks on the tokens seen so far (its own included; :func:`speculative_config`), then the
+      searched bounds of the whole batch and a rank-k correction of the tokens whose branch they change.
 
     TRL's sequence ratio and SSPO's segment ratio (segments lie inside sequences) are ``"sequence"``; RL-PLUS
     and the EPO corridor are token-local.
@@ -70,9 +78,10 @@ def head_kind(cfg: PolicyLossConfig) -> str:
 
 def speculative_config(cfg: PolicyLossConfig, bounds: Optional[tuple[float, float]] = None) -> PolicyLossConfig:
     """BAPO with fixed ratio bounds (a search of one state; no collective): ``bounds``, or the first state of
-    its search (the lower and upper starts), which the one-pass schedule's pass takes. The searched bounds only
-    move a token between the clipped branch (constant) and the unclipped one (``-A r``), so the pass is exact
-    for every token whose branch the search does not change; the correction fixes the others."""
+    its search (the lower and upper starts). The one-pass schedule's pass takes, per chunk, the bounds the
+    search picks on the tokens seen so far. The searched bounds only move a token between the clipped branch
+    (constant) and the unclipped one (``-A r``), so the pass is exact for every token whose branch the search
+    does not change; the correction fixes the others."""
     if bounds is None:
         lower, upper = bapo_grid(cfg)
         bounds = (lower[0], upper[0])
@@ -147,8 +156,10 @@ class TokenHead:
         self.batch = batch
         self.cfg = cfg
         self.kind = head_kind(cfg)
-        # the speculative pass's config (BAPO at the first state of its search), built once per batch
-        self._speculative = speculative_config(cfg) if self.kind == "speculative" else None
+        # the speculative pass (BAPO): the search's sums over the chunks seen so far, and each chunk's
+        # (start, stop, bounds) in the order the pass took them
+        self._spec_sums: Optional[tuple[Tensor, Tensor]] = None
+        self._spec_chunks: list[tuple[int, int, tuple[float, float]]] = []
         self.dtype = dtype  # the compute dtype of the log-probs the schedule produces
         self.seg = batch.seg
         valid0 = batch.valid
@@ -289,7 +300,8 @@ class TokenHead:
         whole = start == 0 and stop == n
         lp = logp.detach().to(self.dtype)
         if speculative and self.kind == "speculative":
-            idx, seg, spec = slice(start, stop), self.seg.chunk(start, stop, seqs), self._speculative
+            idx, seg = slice(start, stop), self.seg.chunk(start, stop, seqs)
+            spec = speculative_config(self.cfg, self._speculate(idx, seg, lp, start, stop))
             if not self.entropy_has_grad:
                 ent = None if entropy is None else entropy.detach().to(self.dtype)
                 return autograd_grads(lambda a: self._objective(idx, a, ent, seg, None, cfg=spec), lp)[0], None
@@ -340,37 +352,81 @@ class TokenHead:
         self._picked = out[2]
         return out
 
+    def _speculate(self, idx: slice, seg: Optional[Segments], lp: Tensor, start: int, stop: int):
+        """The bounds BAPO's search picks on the tokens of the pass so far, this chunk ``[start, stop)`` included
+        (host floats; the local tokens only, the group's come with the correction). A pass restarting at
+        token 0 starts over."""
+        if start == 0:
+            self._spec_sums, self._spec_chunks = None, []
+        tok = make_tokens(seg, self.valid[idx], lp, self.old[idx], self.adv[idx])
+        p, n = bapo_sums(tok, torch.exp(clamped_log_ratio(tok)), self.cfg)
+        if self._spec_sums is not None:
+            p, n = p + self._spec_sums[0], n + self._spec_sums[1]
+        self._spec_sums = (p, n)
+        lo, hi, _ = bapo_pick(p, n, self.cfg)
+        bounds = (lo.item(), hi.item())
+        self._spec_chunks.append((start, stop, bounds))
+        return bounds
+
+    def _pass_bounds(self) -> list[tuple[int, int, tuple[float, float]]]:
+        """The pass's chunks and bounds; every token the pass did not see takes the first state of the search."""
+        if self._spec_chunks:
+            return self._spec_chunks
+        lower, upper = bapo_grid(self.cfg)
+        return [(0, self.valid.numel(), (lower[0], upper[0]))]
+
     def speculative_picks(self, logp: Tensor) -> tuple[Tensor, tuple[float, float]]:
         """``([N] bool, bounds)``: the searched bounds of the whole batch (host floats: one read) and the tokens
-        whose branch they change against the pass's bounds (clipped, ``L2 > L1``, under one and not the
-        other): only those tokens' exact gradient differs from the pass's."""
+        whose branch they change against the bounds the pass took for them (clipped, ``L2 > L1``, under one and
+        not the other): only those tokens' exact gradient differs from the pass's."""
         lp = logp.detach().to(self.dtype)
         tok = make_tokens(self.seg, self.valid, lp, self.old, self.adv)
-        r = torch.exp(tok.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        r = torch.exp(clamped_log_ratio(tok))
         lo, hi, _ = bapo_bounds(tok, r, self.cfg)
-        lo0, hi0, _ = bapo_bounds(tok, r, self._speculative)
+        lower, upper = bapo_grid(self.cfg)
+        lo0 = torch.full_like(r, lower[0])
+        hi0 = torch.full_like(r, upper[0])
+        for a, b, (pl, ph) in self._pass_bounds():
+            lo0[a:b], hi0[a:b] = pl, ph
 
-        def clipped(a, b):
-            return -self.adv * torch.clamp(r, min=a, max=b) > -self.adv * r
+        def clipped(c_lo, c_hi):
+            return -self.adv * torch.clamp(r, min=c_lo, max=c_hi) > -self.adv * r
 
         return self.valid & (clipped(lo, hi) != clipped(lo0, hi0)), (lo.item(), hi.item())
 
     def speculative_delta(self, idx: Tensor, logp_sel: Tensor, bounds: tuple[float, float]) -> Tensor:
-        """``d(L_exact - L_pass)/d logp`` for tokens ``idx``: the policy term under the searched ``bounds`` minus
-        the one under the pass's (entropy and KL terms are the same in both)."""
+        """``d(L_exact - L_pass)/d logp`` for tokens ``idx`` (ascending): the policy term under the searched
+        ``bounds`` minus the one under the bounds the pass took for them (entropy and KL terms are the same in
+        both)."""
 
         def pg_only(c: PolicyLossConfig) -> PolicyLossConfig:
             return replace(c, entropy_coeff=0.0, kl_loss_coef=0.0, entropy_corridor=None)
 
-        exact, spec = pg_only(speculative_config(self.cfg, bounds)), pg_only(self._speculative)
-        valid = self.valid[idx]
+        exact = pg_only(speculative_config(self.cfg, bounds))
+        lp = logp_sel.detach().to(self.dtype)
+        out = torch.zeros_like(lp)
+        # one autograd call per run of chunks that took the same bounds (usually a few)
+        runs: list[list] = []
+        for a, b, pb in self._pass_bounds():
+            if runs and runs[-1][2] == pb and runs[-1][1] == a:
+                runs[-1][1] = b
+            else:
+                runs.append([a, b, pb])
+        cuts = torch.searchsorted(idx, torch.tensor([r[0] for r in runs] + [runs[-1][1]], device=idx.device))
+        cuts = cuts.tolist()
+        for (_, _, pb), s, e in zip(runs, cuts[:-1], cuts[1:]):
+            if s == e:
+                continue
+            sel, spec = idx[s:e], pg_only(speculative_config(self.cfg, pb))
+            valid = self.valid[sel]
 
-        def delta(a):
-            return self._objective(idx, a, None, None, None, valid, cfg=exact) - self._objective(
-                idx, a, None, None, None, valid, cfg=spec
-            )
+            def delta(a, sel=sel, spec=spec, valid=valid):
+                return self._objective(sel, a, None, None, None, valid, cfg=exact) - self._objective(
+                    sel, a, None, None, None, valid, cfg=spec
+                )
 
-        return autograd_grads(delta, logp_sel.detach().to(self.dtype))[0]
+            out[s:e] = autograd_grads(delta, lp[s:e])[0]
+        return out
 
     def selection_delta(self, idx: Tensor, logp_sel: Tensor, picked_sel: Tensor) -> Tensor:
         """Clip-Cov / KL-Cov: ``d(L_selected - L_unselected)/d logp`` for tokens ``idx`` whose pick flag is

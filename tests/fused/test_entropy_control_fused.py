@@ -244,30 +244,48 @@ def test_gpu_no_host_sync(name):
         torch.cuda.set_sync_debug_mode(0)
 
 
+#: BAPO one pass: per-sequence advantages, and the (target, order) pairs whose chunk-by-chunk bounds must differ
+#: from the whole batch's (several rows to correct) or must not (none)
+BAPO_ORDERS = {
+    "random": None,
+    "positive_first": [2.0, 1.5, -1.0, -2.5],
+    "negative_first": [-2.0, -1.5, 1.0, 2.5],
+    "all_positive": [2.0, 1.5, 1.0, 2.5],
+}
+BAPO_ROWS = {(20.0, "positive_first"): "many", (0.05, "negative_first"): "many", (20.0, "all_positive"): "none",
+             (0.05, "all_positive"): "none"}  # fmt: skip
+
+
+@pytest.mark.parametrize("order", list(BAPO_ORDERS))
 @pytest.mark.parametrize("target", [0.05, 20.0])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("entropy_coeff", [0.0, 0.01])
-def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coeff, target):
-    """BAPO on the one-pass schedule (CPU): the pass takes the first bounds of the search, then the rows whose
-    branch the searched bounds change are corrected; equal to recompute (fp64), in small chunks. A low target
-    stops the search at its first state (nothing to correct); a high one runs it to the last (many rows)."""
+def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coeff, target, order):
+    """BAPO on the one-pass schedule (CPU): each chunk takes the bounds the search picks on the tokens seen so
+    far, then the rows whose branch the whole batch's bounds change are corrected; equal to recompute (fp64),
+    in chunks of three rows. Positive advantages first with a high target: the first chunks stop at
+    the search's first state (``N = 0``), the batch runs it to the end; negative first with a low target: the
+    reverse; all positive: every prefix and the batch stop at the first state (nothing to correct)."""
     from fusedrl.onepass import run as run_mod
 
     rows = []
     real = run_mod.correct_rows
     monkeypatch.setattr(run_mod, "correct_rows", lambda idx, *a: rows.append(idx.numel()) or real(idx, *a))
-    case = make_case(B=4, T=6, seed=21)
+    case = make_case(B=4, T=12, seed=21)
     g = torch.Generator().manual_seed(3)
     case["old_logp"] = case["old_logp"] + 0.8 * torch.randn(case["old_logp"].shape, generator=g, dtype=F64)
+    if BAPO_ORDERS[order] is not None:
+        case["advantages"] = torch.tensor(BAPO_ORDERS[order])
     cfg = PolicyLossConfig(loss_mode="bapo", loss_agg_mode=agg, entropy_coeff=entropy_coeff, kl_loss_coef=0.1,
-                           bapo_ratio_lower_start=0.5, bapo_ratio_lower_max=0.95, bapo_ratio_upper_start=1.05,
-                           bapo_ratio_upper_max=2.0, bapo_adv_ratio_target=target)  # fmt: skip
+                           bapo_ratio_lower_start=0.3, bapo_ratio_lower_max=0.95, bapo_ratio_upper_start=1.05,
+                           bapo_ratio_upper_max=3.0, bapo_adv_ratio_target=target)  # fmt: skip
     assert head_kind(cfg) == "speculative"
     one = run(case, cfg, "one_pass", memory_budget_mb=TINY_BUDGET_MB)
     rec = run(case, cfg, "recompute")
     assert_same(one, rec, atol=1e-10)
-    if target > 1:
-        assert rows and rows[-1] >= 3, rows  # the search moved: several rows change branch
-    else:
+    expect = BAPO_ROWS.get((target, order))
+    if expect == "many":
+        assert rows and rows[-1] >= 3, rows  # the chunks' bounds and the batch's differ: several rows change branch
+    elif expect == "none":
         assert not rows, rows
     assert_same(rec, unfused(case, cfg, {}), atol=1e-10)
