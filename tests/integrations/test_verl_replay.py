@@ -50,3 +50,24 @@ def test_rollout_ratio_is_one_on_the_kept_set():
     with sampling_replay(top_k=K):
         lp, _ = FusedLinearForPPO()(h, w, labels, 0.9)
     torch.testing.assert_close(torch.exp(lp - rollout), torch.ones_like(lp), atol=1e-12, rtol=0)
+
+
+def test_remove_padding_layout_takes_a_packed_mask():
+    """verl's remove-padding forward hands the kernel ``[1, nnz]`` labels: a ``[nnz, K]`` mask (ids or packed
+    ``(ids, counts)``) and per-token truncation are reshaped to them, as ``linear_cross_entropy`` flattens."""
+    h, w, labels, ids = _case(2)
+    hp, lp_, idp = h.reshape(1, B * T, H), labels.reshape(1, B * T), ids.reshape(B * T, K)
+    with sampling_replay(ids):
+        want, _ = FusedLinearForPPO()(h, w, labels, 0.8)
+    with sampling_replay(idp):
+        got, _ = FusedLinearForPPO()(hp, w, lp_, 0.8)
+    torch.testing.assert_close(got, want.reshape(1, B * T), atol=1e-12, rtol=0)
+    with sampling_replay((idp.reshape(-1), torch.full((B * T,), K))):
+        got_packed, _ = FusedLinearForPPO()(hp, w, lp_, 0.8)
+    torch.testing.assert_close(got_packed, got, atol=1e-12, rtol=0)
+    top_k = torch.randint(2, V, (B * T,), generator=torch.Generator().manual_seed(4))
+    with sampling_replay(top_k=top_k.reshape(B, T)):
+        want_k, _ = FusedLinearForPPO()(h, w, labels, 0.8)
+    with sampling_replay(top_k=top_k):
+        got_k, _ = FusedLinearForPPO()(hp, w, lp_, 0.8)
+    torch.testing.assert_close(got_k, want_k.reshape(1, B * T), atol=1e-12, rtol=0)

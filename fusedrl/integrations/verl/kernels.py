@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from typing import Any, Optional
 
 import torch
@@ -44,21 +45,23 @@ def sampling_replay(sampling_mask=None, *, top_k=None, top_p=None, min_p=None, e
         _REPLAY.reset(token)
 
 
-def _replay_kwargs(flat: Optional[int] = None) -> dict[str, Any]:
-    """The context's replay arguments; ``flat``: the tokens flattened to ``[flat]`` (the mask's per-token shape
-    and per-token parameters with them)."""
+def _replay_kwargs(shape: Optional[tuple[int, ...]] = None) -> dict[str, Any]:
+    """The context's replay arguments; ``shape``: the labels' shape as the core op receives them (the mask's
+    per-token shape and per-token parameters reshaped to it when they hold as many tokens, e.g. a packed
+    ``[nnz, K]`` mask for verl's ``[1, nnz]`` remove-padding labels)."""
     cur = _REPLAY.get()
     if cur is None:
         return {}
     kw = {k: v for k, v in cur.items() if v is not None}
-    if flat is not None:
+    if shape is not None:
+        n = math.prod(shape)
         for k, v in kw.items():
-            if isinstance(v, Tensor) and k == "sampling_mask" and v.dim() > 1 and v.shape[:-1].numel() == flat:
-                kw[k] = v.reshape(flat, v.shape[-1])
-            elif isinstance(v, Tensor) and v.numel() == flat:
-                kw[k] = v.reshape(flat)
-            elif k == "sampling_mask" and isinstance(v, (tuple, list)) and len(v) == 2:
-                kw[k] = (v[0], v[1].reshape(-1))
+            if isinstance(v, Tensor) and k == "sampling_mask" and v.dim() > 1 and v.shape[:-1].numel() == n:
+                kw[k] = v.reshape(*shape, v.shape[-1])
+            elif isinstance(v, Tensor) and k != "sampling_mask" and v.numel() == n and v.dim() > 0:
+                kw[k] = v.reshape(shape)
+            elif k == "sampling_mask" and isinstance(v, (tuple, list)) and len(v) == 2 and v[1].numel() == n:
+                kw[k] = (v[0], v[1].reshape(shape))
     return kw
 
 
@@ -86,7 +89,7 @@ def fused_linear_for_ppo(
         temperature=float(temperature),
         backend=backend,
         process_group=process_group,
-        **{**_replay_kwargs(), **core_kwargs},
+        **{**_replay_kwargs(tuple(labels.shape)), **core_kwargs},
     )
     logp = torch.where(ignore, torch.zeros_like(logp), logp)
     return logp, ent
@@ -138,7 +141,7 @@ def linear_cross_entropy(
         temperature,
         backend=backend,
         process_group=dist_process_group,
-        **_replay_kwargs(flat=labels.numel()),
+        **_replay_kwargs((labels.numel(),)),
     )
     if red == "none":
         return logp, ent
