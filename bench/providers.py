@@ -292,7 +292,12 @@ class FusedRLEntropyChange(FusedRL):
     def __init__(self, backend: str):
         super().__init__(backend)
         self.name = f"fusedrl-{backend}+dh"
-        self.note = f"fusedrl.linear_logprob_entropy(backend={backend!r}, return_entropy_change=True)"
+        self.note = (
+            f"fusedrl.linear_logprob_entropy(backend={backend!r}, return_entropy_change=True); its forward and "
+            f"scoring also timed against fusedrl-{backend}'s inside the same repeats"
+        )
+        # the row's cost is a ratio to the same call without dH: both run in every timed repeat (paired)
+        self.paired_base = FusedRL(backend)
 
     def forward(self, case):
         import fusedrl

@@ -232,6 +232,7 @@ def markdown(result: dict) -> str:
             for r in core:
                 L.append(_train_line(r, loss=False))
             L.append("")
+            L += _vs_base_lines(core, "forward")
         loss = _case_rows(result, c, "loss", "train")
         if loss:
             L.append(
@@ -266,6 +267,7 @@ def markdown(result: dict) -> str:
                     f"| {_e(err.get('logp'))} | {_e(err.get('entropy'))} |"
                 )
             L.append("")
+            L += _vs_base_lines(score, "scoring forward")
         bad = [r for r in result["rows"] if r.get("status") not in ("ok",) and _key(r) == (c["regime"], c["n"], c["v"])]
         for r in bad:
             L.append(f"- {r['provider']}: **{r['status']}**: {r.get('reason', '')}")
@@ -287,6 +289,17 @@ def markdown(result: dict) -> str:
             L.append(f"- `{s['provider']}` ({s['task']}): skipped: {s['reason']}")
         L.append("")
     return "\n".join(L)
+
+
+def _vs_base_lines(rows, what: str) -> list[str]:
+    """The rows timed against another provider inside the same repeats: the median per-repeat ratio."""
+    out = [
+        f"- `{r['provider']}` {what} / `{r['vs_base']['provider']}` {what}, both in every timed repeat (median "
+        f"of the per-repeat ratios): {r['vs_base']['x_fwd']:.3f}x"
+        for r in rows
+        if r.get("status") == "ok" and r.get("vs_base")
+    ]
+    return out + [""] if out else []
 
 
 def _train_line(r, loss: bool) -> str:

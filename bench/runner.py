@@ -454,8 +454,16 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> list[di
         p.backward(case, s.pop("out"))
 
     gem = getattr(case, "floor_fns", None) if args.paired_floor else None
+    # a provider priced against another one (e.g. the forward with dH against the one without) runs that
+    # provider's forward inside the same repeats (its output dropped at once)
+    base_p = getattr(p, "paired_base", None)
+
+    def base_fwd(_s):
+        base_p.forward(case)  # the output (and its graph) dropped at once
+
+    extra = [base_fwd] if base_p is not None else []
     res = M.time_phases(
-        [fwd, bwd] + list(gem or []),
+        [fwd, bwd] + extra + list(gem or []),
         dev,
         setup=setup,
         warmup=args.warmup,
@@ -464,13 +472,17 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> list[di
         clock=args.clock,
     )
     tf, tb = res[0], res[1]
+    med = lambda xs: float(statistics.median(xs))  # noqa: E731
+    vs_base = {}
+    if extra:
+        vs_base = dict(provider=base_p.name, x_fwd=med([a / b for a, b in zip(tf.samples, res[2].samples)]))
     pair = None
     if gem:
         # the three floor GEMMs ran in the same repeats, right after the step: ratios per repeat
-        f1, f2, f3 = res[2].samples, res[3].samples, res[4].samples
+        i = 2 + len(extra)
+        f1, f2, f3 = res[i].samples, res[i + 1].samples, res[i + 2].samples
         tot = [a + b for a, b in zip(tf.samples, tb.samples)]
         tt = M.summarize(tot)
-        med = lambda xs: float(statistics.median(xs))  # noqa: E731
         pair = dict(
             x_floor=med([t / (a + b + c) for t, a, b, c in zip(tot, f1, f2, f3)]),
             x_floor_fwd=med([t / a for t, a in zip(tf.samples, f1)]),
@@ -479,7 +491,7 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> list[di
             repeats=len(tot),
         )
     else:
-        tt = res[2]
+        tt = M.summarize([a + b for a, b in zip(tf.samples, tb.samples)]) if extra else res[2]
     case.zero_grads()
     _free(dev)
     mem = _mem(p, case, args, "train")
@@ -495,6 +507,7 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> list[di
             mem=mem,
             err=err,
             **({"paired_floor": pair} if pair else {}),
+            **({"vs_base": vs_base} if vs_base else {}),
         )
     )
 
@@ -508,18 +521,32 @@ def bench_provider(p: Provider, case: Case, ref: Optional[Ref], args) -> list[di
             if out[1] is not None and p.has_entropy:
                 serr["entropy"] = M.max_abs_err(out[1].reshape(-1), ref.r.entropy)
         del out
-        ts = M.time_fn(
-            lambda: p.score(case),
-            dev,
-            warmup=args.warmup,
-            repeats=args.repeats,
-            max_seconds=args.max_seconds,
-            clock=args.clock,
-        )
+        svs = {}
+        if base_p is not None:  # scored against the base provider inside the same repeats
+            both = M.time_phases(
+                [lambda _s: p.score(case), lambda _s: base_p.score(case)],
+                dev,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                max_seconds=args.max_seconds,
+                clock=args.clock,
+            )
+            ts = both[0]
+            svs = dict(provider=base_p.name, x_fwd=med([a / b for a, b in zip(ts.samples, both[1].samples)]))
+        else:
+            ts = M.time_fn(
+                lambda: p.score(case),
+                dev,
+                warmup=args.warmup,
+                repeats=args.repeats,
+                max_seconds=args.max_seconds,
+                clock=args.clock,
+            )
         _free(dev)
         smem = _mem(p, case, args, "score")
         _free(dev)
-        rows.append(dict(base, mode="score", status="ok", fwd=ts.as_dict(), mem=smem, err=serr))
+        rows.append(dict(base, mode="score", status="ok", fwd=ts.as_dict(), mem=smem, err=serr,
+                         **({"vs_base": svs} if svs else {})))  # fmt: skip
     return rows
 
 
