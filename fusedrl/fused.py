@@ -25,6 +25,7 @@ from .loss.entropy_control import ENTROPY_CONTROL_INPUTS, computes_entropy_chang
 from .loss.heads import kernels_for
 from .loss.inputs import Batch, check_cu_seqlens, check_mask_dtype, flatten_batch, require_tensor
 from .loss.policy import check_optional_inputs, evaluate
+from .loss.selection import group_all
 from .ops import CoreCall, core_options, prepare_core, run_core, run_replay_core
 from .replay import check_truncation
 from .replay.kept import ENTROPY_SUPPORTS, replay_metrics, replay_metrics_off
@@ -186,11 +187,16 @@ def run(call: FusedCall) -> tuple[Tensor, dict[str, Tensor]]:
     if family != "recompute":
         budget = onepass.budget_bytes(call.budget_mb, core.device)
         n, h, v = core.targets.numel(), core.hidden.shape[-1], core.weight.shape[0]
-        if family == "one_pass" or onepass.auto_takes_one_pass(
+        takes = family == "one_pass" or onepass.auto_takes_one_pass(
             n, h, v, core.hidden.dtype, tuple(core.lead), call.cu_seqlens, cfg, budget, device=core.device,
             backend=core.backend, has_bias=core.bias is not None, need=_needs(core), want_entropy=call.want_entropy,
             temperature=core.temperature, softcap=core.softcap,
-        ):  # fmt: skip
+        )  # fmt: skip
+        if family == "auto" and cfg.stats_group is not None:
+            # the ranks' collectives must pair, and the schedules make different ones: auto's choice follows
+            # each rank's tokens and free memory, so the group agrees (one pass only where every rank takes it)
+            takes = group_all(takes, cfg.stats_group, core.device)
+        if takes:
             return onepass.one_pass_policy_loss(
                 core.hidden, core.weight, core.targets, call.old_logp, call.advantages, call.mask, core.bias,
                 call.cu_seqlens, call.side, core.temperature, core.softcap, cfg, core.backend, budget,

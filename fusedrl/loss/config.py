@@ -554,6 +554,15 @@ def bapo_grid(cfg: PolicyLossConfig) -> tuple[list[float], list[float]]:
     return out[0], out[1]
 
 
+def bapo_state(cfg: PolicyLossConfig, step: int) -> tuple[float, float]:
+    """The bounds ``(c_low, c_high)`` (host floats of :func:`bapo_grid`) of the search's state after ``step``
+    steps: ``(lower_step, upper_0)`` while the lower bound moves, then ``(lower_last, upper_{step - nl + 1})``."""
+    lower, upper = bapo_grid(cfg)
+    if step < len(lower):
+        return lower[step], upper[0]
+    return lower[-1], upper[step - len(lower) + 1]
+
+
 def with_normalisers(
     config: Optional[PolicyLossConfig],
     global_num_tokens: Normaliser = None,

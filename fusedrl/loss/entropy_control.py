@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 #: the mode metrics each entropy-control mode adds (0-dim fp32), in order
 MODE_METRICS = {
     "steer": ("steer/weight_mean", "steer/weight_min", "steer/weight_max"),
-    "bapo": ("bapo/clip_low", "bapo/clip_high", "bapo/pos_neg_ratio"),
+    "bapo": ("bapo/clip_low", "bapo/clip_high", "bapo/pos_neg_ratio", "bapo/search_steps"),
     "rl_plus": (
         "rl_plus/on_pg_loss",
         "rl_plus/off_pg_loss",
@@ -242,10 +242,11 @@ def bapo_sums(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Te
         return p, n
 
 
-def bapo_pick(p: Tensor, n: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor]:
+def bapo_pick(p: Tensor, n: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The state at which the authors' sequential search stops, from the sums of :func:`bapo_sums`: lower bound
     first, then upper; the first state with ``P / (N + eps) >= target`` (``inf`` when ``N <= 0``), else the
-    last. ``(c_low, c_high, P / N)`` as 0-dim tensors on the sums' device."""
+    last. ``(c_low, c_high, P / N, steps)`` as 0-dim tensors on the sums' device, ``steps`` the state's index
+    (int64; its bounds as host floats: :func:`fusedrl.loss.config.bapo_state`)."""
     lower, upper = bapo_grid(cfg)
     with torch.no_grad():
         lo, hi = _device_floats(lower, p), _device_floats(upper, p)
@@ -260,13 +261,13 @@ def bapo_pick(p: Tensor, n: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tens
         met = torch.cat([met[:-1], torch.ones_like(met[-1:])])  # the last state when none meets the target
         idx = torch.argmax(met.to(rho.dtype)).reshape(1)  # the first state meeting it
         pick = lambda v: v.gather(0, idx).reshape(())  # noqa: E731
-        return pick(lo_s), pick(hi_s), pick(rho)
+        return pick(lo_s), pick(hi_s), pick(rho), idx.reshape(())
 
 
-def bapo_bounds(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """BAPO's ratio bounds ``(c_low, c_high, P / N)`` as 0-dim device tensors: every candidate of the search
-    evaluated at once (:func:`bapo_sums`), one all-reduce of both vectors over ``stats_group``, then the state
-    the sequential search stops at (:func:`bapo_pick`)."""
+def bapo_bounds(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BAPO's ratio bounds ``(c_low, c_high, P / N, steps)`` as 0-dim device tensors: every candidate of the
+    search evaluated at once (:func:`bapo_sums`), one all-reduce of both vectors over ``stats_group``, then the
+    state the sequential search stops at (:func:`bapo_pick`)."""
     p, n = bapo_sums(tok, r, cfg)
     if cfg.stats_group is not None:
         with torch.no_grad():
@@ -279,11 +280,12 @@ def loss_bapo(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx) -> PGTerms:
     """BAPO: the dual-clip surrogate with the searched explicit ratio bounds ``clamp(r, c_low, c_high)``."""
     log_ratio = clamped_log_ratio(tok)
     r = torch.exp(log_ratio)
-    c_lo, c_hi, rho = bapo_bounds(tok, r, cfg)
+    c_lo, c_hi, rho, steps = bapo_bounds(tok, r, cfg)
     l1 = -tok.adv * r
     l2 = -tok.adv * torch.clamp(r, min=c_lo, max=c_hi)
     loss, lower = dual_clip(tok, torch.maximum(l1, l2), cfg.clip_ratio_c)
-    extra = {"bapo/clip_low": c_lo.float(), "bapo/clip_high": c_hi.float(), "bapo/pos_neg_ratio": rho.float()}
+    extra = {"bapo/clip_low": c_lo.float(), "bapo/clip_high": c_hi.float(), "bapo/pos_neg_ratio": rho.float(),
+             "bapo/search_steps": steps.float()}  # fmt: skip
     return PGTerms(loss, tok.masked_mean(l2 > l1), lower, tok.masked_mean(-log_ratio), extra=extra)
 
 

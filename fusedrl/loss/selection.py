@@ -34,6 +34,14 @@ def group_sum(t: Tensor, group) -> Tensor:
     return out
 
 
+def group_all(flag: bool, group, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank of ``group`` (one all-reduce of an int on ``device``, the one of
+    the group's tensors, and a host read)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(t.item())
+
+
 def group_gather(x: Tensor, group, pad) -> tuple[Tensor, int, int]:
     """``x`` [N] of every rank, each padded with ``pad`` to the longest, concatenated in rank order:
     ``(gathered [W * N_max], offset of this rank's values, total real length)``. The ranks' lengths are

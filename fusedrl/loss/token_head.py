@@ -12,9 +12,8 @@ import torch
 
 from ..backends.base import KL_TYPES, LOSS_MODE_HEADS, OnePassHead
 from .aggregate import aggregate, denominators
-from .config import PolicyLossConfig, bapo_grid
+from .config import PolicyLossConfig, bapo_grid, bapo_state
 from .entropy_control import (
-    bapo_bounds,
     bapo_pick,
     bapo_sums,
     computes_entropy_change,
@@ -363,8 +362,7 @@ class TokenHead:
         if self._spec_sums is not None:
             p, n = p + self._spec_sums[0], n + self._spec_sums[1]
         self._spec_sums = (p, n)
-        lo, hi, _ = bapo_pick(p, n, self.cfg)
-        bounds = (lo.item(), hi.item())
+        bounds = bapo_state(self.cfg, int(bapo_pick(p, n, self.cfg)[3].item()))  # the grid's own floats
         self._spec_chunks.append((start, stop, bounds))
         return bounds
 
@@ -375,24 +373,31 @@ class TokenHead:
         lower, upper = bapo_grid(self.cfg)
         return [(0, self.valid.numel(), (lower[0], upper[0]))]
 
-    def speculative_picks(self, logp: Tensor) -> tuple[Tensor, tuple[float, float]]:
-        """``([N] bool, bounds)``: the searched bounds of the whole batch (host floats: one read) and the tokens
-        whose branch they change against the bounds the pass took for them (clipped, ``L2 > L1``, under one and
-        not the other): only those tokens' exact gradient differs from the pass's."""
+    def speculative_picks(self, logp: Tensor, steps: int) -> tuple[Tensor, tuple[float, float]]:
+        """``([N] bool, bounds)``: the whole batch's bounds (the search's state after ``steps`` steps, as
+        :meth:`evaluate` found it over the group: its ``bapo/search_steps`` metric; no collective here) and the
+        tokens whose policy gradient they change against the bounds the pass took for them."""
         lp = logp.detach().to(self.dtype)
         tok = make_tokens(self.seg, self.valid, lp, self.old, self.adv)
         r = torch.exp(clamped_log_ratio(tok))
-        lo, hi, _ = bapo_bounds(tok, r, self.cfg)
+        bounds = bapo_state(self.cfg, steps)
+        # host floats into the compute dtype as the loss's search does (beyond fp32's range: inf)
+        as_t = lambda v: torch.tensor(v, dtype=r.dtype).to(r.device)  # noqa: E731
+        lo, hi = as_t(bounds[0]), as_t(bounds[1])
         lower, upper = bapo_grid(self.cfg)
-        lo0 = torch.full_like(r, lower[0])
-        hi0 = torch.full_like(r, upper[0])
+        lo0, hi0 = as_t(lower[0]).expand_as(r).clone(), as_t(upper[0]).expand_as(r).clone()
         for a, b, (pl, ph) in self._pass_bounds():
-            lo0[a:b], hi0[a:b] = pl, ph
+            lo0[a:b], hi0[a:b] = as_t(pl), as_t(ph)
+        l1 = -self.adv * r
 
-        def clipped(c_lo, c_hi):
-            return -self.adv * torch.clamp(r, min=c_lo, max=c_hi) > -self.adv * r
+        def branch(c_lo, c_hi):
+            # the gradient's class under max(l1, l2): l2 > l1 clipped (0), l1 > l2 or equal values of one
+            # r (-A r), a tie of a clamped value with -A r (half of it, as torch splits a tie)
+            c = torch.clamp(r, min=c_lo, max=c_hi)
+            l2 = -self.adv * c
+            return (l2 > l1).to(torch.int8) + 2 * ((l2 == l1) & (c != r)).to(torch.int8)
 
-        return self.valid & (clipped(lo, hi) != clipped(lo0, hi0)), (lo.item(), hi.item())
+        return self.valid & (branch(lo, hi) != branch(lo0, hi0)), bounds
 
     def speculative_delta(self, idx: Tensor, logp_sel: Tensor, bounds: tuple[float, float]) -> Tensor:
         """``d(L_exact - L_pass)/d logp`` for tokens ``idx`` (ascending): the policy term under the searched

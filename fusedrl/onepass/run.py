@@ -92,10 +92,11 @@ def selection_rows(head: TokenHead, picked: Tensor, logp: Tensor) -> Optional[tu
     return idx, head.selection_delta(idx, logp[idx], picked[idx])
 
 
-def speculation_rows(head: TokenHead, logp: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """The speculative head (BAPO): the tokens whose branch the searched bounds change against the pass's and
-    their gradient change, or None. One host read: the bounds and those tokens."""
-    picks, bounds = head.speculative_picks(logp)
+def speculation_rows(head: TokenHead, logp: Tensor, metrics: dict[str, Tensor]) -> Optional[tuple[Tensor, Tensor]]:
+    """The speculative head (BAPO): the tokens whose branch the searched bounds (the evaluation's, read from its
+    metrics: no second collective) change against the pass's and their gradient change, or None. One host
+    read: the search's state and those tokens."""
+    picks, bounds = head.speculative_picks(logp, int(metrics["bapo/search_steps"].item()))
     idx = picks.nonzero().reshape(-1)
     return (idx, head.speculative_delta(idx, logp[idx], bounds)) if idx.numel() else None
 
@@ -289,7 +290,7 @@ def run_one_pass(
     if grads and (picked is not None or speculative):
         if timer is not None:
             timer("selection")
-        fix = selection_rows(head, picked, logp) if picked is not None else speculation_rows(head, logp)
+        fix = selection_rows(head, picked, logp) if picked is not None else speculation_rows(head, logp, metrics)
         if fix is not None:
             correct_rows(*fix, x, w, targets, bias, temperature, softcap, cdt, dx, dw32 if need_dw else None, db32)
         if timer is not None:

@@ -289,3 +289,63 @@ def test_bapo_one_pass_corrects_the_clipped_tokens(monkeypatch, agg, entropy_coe
     elif expect == "none":
         assert not rows, rows
     assert_same(rec, unfused(case, cfg, {}), atol=1e-10)
+
+
+def _bapo_head(cfg, old, adv, dtype=torch.float32):
+    from fusedrl.loss import TokenHead
+    from fusedrl.loss.inputs import flatten_batch
+
+    mask = torch.ones(old.shape, dtype=torch.bool)
+    batch = flatten_batch("old_logp", tuple(old.shape), old.device, old, adv, mask, None, {}, check_inputs=False)
+    return TokenHead(batch, cfg, False, dtype)
+
+
+def _bapo_one_pass_grads(head, logp, chunks):
+    """The one-pass schedule's log-prob gradient as run_one_pass forms it: the pass chunk by chunk, the
+    evaluation, then the correction of the picked tokens."""
+    from fusedrl.onepass.run import speculation_rows
+
+    g = torch.cat([head.grads(a, b, logp[a:b], None, speculative=True)[0] for a, b in chunks])
+    _, metrics, _ = head.evaluate(logp, None)
+    fix = speculation_rows(head, logp, metrics)
+    if fix is not None:
+        g = g.index_add(0, fix[0], fix[1])
+    return g
+
+
+def test_bapo_one_pass_marks_a_rounding_tie():
+    """fp32: a token one ulp above a bound whose clamped value ``-A c`` rounds to ``-A r`` is a tie of the
+    surrogate's max (torch halves its gradient) without being clipped (``l2 > l1`` is false). Its chunk took
+    bounds under which it is inside, the batch's bounds put it on that tie: the correction must find it."""
+    import math
+
+    f32 = torch.float32
+    b = torch.tensor(1.28, dtype=f32)
+    r = torch.nextafter(b, torch.tensor(2.0, dtype=f32))
+    lp = torch.tensor(math.log(r.item()), dtype=f32)
+    for _ in range(50):  # the fp32 log-prob whose exp is exactly r
+        if torch.exp(lp) == r:
+            break
+        lp = torch.nextafter(lp, torch.tensor(9.0 if torch.exp(lp) < r else -9.0, dtype=f32))
+    assert torch.exp(lp) == r
+    a = next(a for a in torch.linspace(0.5, 2.0, 2000, dtype=f32) if (-a * r) == (-a * b))
+    adv = torch.tensor([[a.item(), -5.0, 5.0, 5.0]], dtype=f32)
+    old = torch.zeros(1, 4, dtype=f32)
+    logp = torch.tensor([lp.item(), 0.0, 0.0, 0.0], dtype=f32)
+    cfg = PolicyLossConfig(loss_mode="bapo", bapo_ratio_lower_start=0.8, bapo_ratio_upper_start=1.28,
+                           bapo_ratio_upper_max=1.5, bapo_ratio_upper_step=0.22, bapo_adv_ratio_target=1.0)  # fmt: skip
+    head = _bapo_head(cfg, old, adv)
+    got = _bapo_one_pass_grads(head, logp, [(0, 2), (2, 4)])
+    assert [c[2] for c in head._spec_chunks] == [(0.8, 1.5), (0.8, 1.28)]  # the first chunk's guess differs
+    want = head.grads(0, 4, logp, None)[0]
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_bapo_one_pass_takes_the_grid_floats():
+    """Bounds beyond fp32's range (a config the exact path takes) stay the grid's host floats in the pass."""
+    cfg = PolicyLossConfig(loss_mode="bapo", bapo_ratio_upper_start=1.2, bapo_ratio_upper_max=1e39,
+                           bapo_ratio_upper_step=1e38, bapo_adv_ratio_target=1e30)  # fmt: skip
+    old, adv = torch.zeros(1, 4), torch.tensor([[1.0, -1.0, 0.5, -2.0]])
+    logp = torch.tensor([0.3, -0.2, 0.1, 0.4])
+    head = _bapo_head(cfg, old, adv)
+    torch.testing.assert_close(_bapo_one_pass_grads(head, logp, [(0, 2), (2, 4)]), head.grads(0, 4, logp, None)[0])

@@ -32,7 +32,7 @@ from fusedrl.loss import (
     metric_names,
     policy_loss,
 )
-from fusedrl.loss.config import bapo_grid
+from fusedrl.loss.config import bapo_grid, bapo_state
 from fusedrl.loss.token_head import kernel_head_codes
 
 F64 = torch.float64
@@ -233,6 +233,7 @@ def test_bapo_bounds_equal_the_sequential_search(case, grid):
                 assert m["bapo/pos_neg_ratio"].item() == pytest.approx(rho, rel=1e-6)
             lower, upper = bapo_grid(cfg)
             assert lo in lower and hi in upper
+            assert bapo_state(cfg, int(m["bapo/search_steps"].item())) == (lo, hi)  # the state the loop stopped at
 
 
 def test_bapo_stops_where_the_target_is_first_met():

@@ -41,6 +41,7 @@ _MODE_METRIC_KEYS = {
     "bapo/clip_low": "bapo/clip_low",
     "bapo/clip_high": "bapo/clip_high",
     "bapo/pos_neg_ratio": "bapo/pos_neg_ratio",
+    "bapo/search_steps": "bapo/search_steps",
     "rl_plus/on_pg_loss": "on_pg_loss",
     "rl_plus/off_pg_loss": "off_pg_loss",
     "rl_plus/off_ratio_mean": "off_ratio_mean",
