@@ -220,7 +220,7 @@ def loss_steer(tok: Tokens, cfg: PolicyLossConfig, ctx: Ctx) -> PGTerms:
 # --------------------------------------------------------------------------------------------------
 
 
-def _device_floats(vals: list[float], like: Tensor) -> Tensor:
+def device_floats(vals: list[float], like: Tensor) -> Tensor:
     """Host floats on ``like``'s device without a synchronising copy (non-blocking from pageable memory)."""
     t = torch.tensor(vals, dtype=like.dtype)
     return t if like.device.type == "cpu" else t.to(like.device, non_blocking=True)
@@ -232,7 +232,7 @@ def bapo_sums(tok: Tokens, r: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Te
     the tokens' share adds up across chunks and ranks."""
     lower, upper = bapo_grid(cfg)
     with torch.no_grad():
-        lo, hi = _device_floats(lower, tok.logp), _device_floats(upper, tok.logp)
+        lo, hi = device_floats(lower, tok.logp), device_floats(upper, tok.logp)
         rr, a = r.detach(), tok.adv
         zero = torch.zeros_like(a)
         pos_a = torch.where(tok.valid & (a > 0), a, zero)
@@ -249,7 +249,7 @@ def bapo_pick(p: Tensor, n: Tensor, cfg: PolicyLossConfig) -> tuple[Tensor, Tens
     (int64; its bounds as host floats: :func:`fusedrl.loss.config.bapo_state`)."""
     lower, upper = bapo_grid(cfg)
     with torch.no_grad():
-        lo, hi = _device_floats(lower, p), _device_floats(upper, p)
+        lo, hi = device_floats(lower, p), device_floats(upper, p)
         nl, nu = len(lower), len(upper)
         # the visited states: (lower_i, upper_0) for every i, then (lower_last, upper_j) for j >= 1
         p_s = torch.cat([p[:1].expand(nl), p[1:]])

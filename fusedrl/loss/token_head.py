@@ -18,6 +18,7 @@ from .entropy_control import (
     bapo_sums,
     computes_entropy_change,
     corridor_penalty,
+    device_floats,
     entropy_has_grad,
     reads_entropy,
 )
@@ -298,15 +299,8 @@ class TokenHead:
         n = self.valid.numel()
         whole = start == 0 and stop == n
         lp = logp.detach().to(self.dtype)
-        if speculative and self.kind == "speculative":
-            idx, seg = slice(start, stop), self.seg.chunk(start, stop, seqs)
-            spec = speculative_config(self.cfg, self._speculate(idx, seg, lp, start, stop))
-            if not self.entropy_has_grad:
-                ent = None if entropy is None else entropy.detach().to(self.dtype)
-                return autograd_grads(lambda a: self._objective(idx, a, ent, seg, None, cfg=spec), lp)[0], None
-            ent = entropy.detach().to(self.dtype)
-            return autograd_grads(lambda a, b: self._objective(idx, a, b, seg, None, cfg=spec), lp, ent)
-        if self.kind in ("batch", "speculative"):
+        speculate = speculative and self.kind == "speculative"
+        if self.kind in ("batch", "speculative") and not speculate:
             if not whole:
                 raise ValueError(
                     f"this loss config needs a statistic of the whole batch (head_kind 'batch'): "
@@ -321,11 +315,13 @@ class TokenHead:
                 )
             seqs = (0, self.seg.B)
         idx, seg = slice(start, stop), self.seg.chunk(start, stop, seqs)
+        # the speculative pass: the terms of BAPO at the chunk's own bounds, with this head's weights
+        spec = speculative_config(self.cfg, self._speculate(lp, start, stop, seg)) if speculate else None
         if not self.entropy_has_grad:
             ent = None if entropy is None else entropy.detach().to(self.dtype)
-            return autograd_grads(lambda a: self._objective(idx, a, ent, seg, None), lp)[0], None
+            return autograd_grads(lambda a: self._objective(idx, a, ent, seg, None, cfg=spec), lp)[0], None
         ent = entropy.detach().to(self.dtype)
-        return autograd_grads(lambda a, b: self._objective(idx, a, b, seg, None), lp, ent)
+        return autograd_grads(lambda a, b: self._objective(idx, a, b, seg, None, cfg=spec), lp, ent)
 
     def _batch_grads(self, lp: Tensor, entropy: Optional[Tensor], picked: Optional[Tensor]):
         """The gradient of :func:`policy_loss` itself over the whole batch (same statistics, same pick)."""
@@ -351,12 +347,13 @@ class TokenHead:
         self._picked = out[2]
         return out
 
-    def _speculate(self, idx: slice, seg: Optional[Segments], lp: Tensor, start: int, stop: int):
+    def _speculate(self, lp: Tensor, start: int, stop: int, seg: Optional[Segments]) -> tuple[float, float]:
         """The bounds BAPO's search picks on the tokens of the pass so far, this chunk ``[start, stop)`` included
         (host floats; the local tokens only, the group's come with the correction). A pass restarting at
         token 0 starts over."""
         if start == 0:
             self._spec_sums, self._spec_chunks = None, []
+        idx = slice(start, stop)
         tok = make_tokens(seg, self.valid[idx], lp, self.old[idx], self.adv[idx])
         p, n = bapo_sums(tok, torch.exp(clamped_log_ratio(tok)), self.cfg)
         if self._spec_sums is not None:
@@ -382,12 +379,11 @@ class TokenHead:
         r = torch.exp(clamped_log_ratio(tok))
         bounds = bapo_state(self.cfg, steps)
         # host floats into the compute dtype as the loss's search does (beyond fp32's range: inf)
-        as_t = lambda v: torch.tensor(v, dtype=r.dtype).to(r.device)  # noqa: E731
-        lo, hi = as_t(bounds[0]), as_t(bounds[1])
+        lo, hi = device_floats(list(bounds), r)
         lower, upper = bapo_grid(self.cfg)
-        lo0, hi0 = as_t(lower[0]).expand_as(r).clone(), as_t(upper[0]).expand_as(r).clone()
-        for a, b, (pl, ph) in self._pass_bounds():
-            lo0[a:b], hi0[a:b] = as_t(pl), as_t(ph)
+        lo0, hi0 = (t.expand_as(r).clone() for t in device_floats([lower[0], upper[0]], r))
+        for a, b, pb in self._pass_bounds():
+            lo0[a:b], hi0[a:b] = device_floats(list(pb), r)
         l1 = -self.adv * r
 
         def branch(c_lo, c_hi):
