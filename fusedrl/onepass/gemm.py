@@ -178,3 +178,14 @@ def gemm_logits(xc: Tensor, w: Tensor, bias: Optional[Tensor], out: Tensor, scal
     if bias is not None:
         out.add_(bias.to(out.dtype))
     return out
+
+
+def dw_from_du(du: Tensor, x: Tensor, g: Optional[Tensor]) -> Tensor:
+    """A deferred GEMM 3 (``fusedrl.onepass.plan.defers_dw``): ``dW = du^T @ (g·x)`` as one 16-bit GEMM
+    over every token, ``du`` ``[N, V]`` and ``x`` ``[N, H]`` 16-bit, the output ``[V, H]`` in their dtype
+    (a plain bf16 matmul: fp32 accumulation, under torch's ``allow_bf16_reduced_precision_reduction`` on
+    CUDA like any bf16 GEMM). The upstream gradient ``g`` (a 0-dim tensor; None: 1) scales the small
+    operand in fp32, rounded to bf16 once per element (exact for a power of two; rounding ``g`` itself
+    would be a bias on every gradient); no host read."""
+    xg = x if g is None else (x.float() * g.float()).to(x.dtype)
+    return torch.mm(du.t(), xg)

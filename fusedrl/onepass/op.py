@@ -1,6 +1,7 @@
 """The one-pass schedule as one ``torch.library`` custom op (opaque to ``torch.compile``, traceable with
 ``fullgraph=True``) and its autograd: the forward forms the gradients, the backward only scales them by
-the incoming scalar gradient and rounds once to the inputs' dtypes.
+the incoming scalar gradient and rounds once to the inputs' dtypes (a deferred plan, ``plan.defers_dw``:
+the forward returns the du of every token and the backward runs GEMM 3, the gradient folded into x).
 
 The op takes explicit arguments: the tensors, the per-token side inputs as a ``Tensor?[]`` in the fixed
 order of :data:`SIDE`, and every :class:`fusedrl.PolicyLossConfig` field as an argument of its own type
@@ -21,15 +22,15 @@ import torch
 from ..backends import resolve, torch_backend
 from ..backends.base import EpilogueHead
 from ..backends.device import device_facts
-from ..loss import PolicyLossConfig, RolloutCorrection, TokenHead, metric_names
+from ..loss import PolicyLossConfig, RolloutCorrection, TokenHead, head_kind, metric_names
 from ..loss.config import ENTROPY_CONTROL_FIELDS, entropy_control_args, entropy_control_fields
 from ..loss.inputs import SIDE_INPUTS, flatten_batch
 from ..loss.selection import random_keys
 from ..ops import split_temperature
 from ..replay.kept import Replay, replay_from_args, replay_metric_names, replay_metrics, replay_to_args
-from .gemm import OutOfMemoryError
+from .gemm import OutOfMemoryError, dw_from_du
 from .gemm import path as gemm_path
-from .plan import MIB, Plan, Setting, plan
+from .plan import MIB, Plan, Setting, defers_dw, du_row_stride, plan, smallest
 from .replay import run_replay
 from .run import epilogue_for, run_one_pass, run_two_pass
 
@@ -131,15 +132,17 @@ def _impl(*args):
     flags = (a["need_dx"], a["need_dw"], a["need_db"], want_entropy)
     setting = run_setting(x, w, bias, head, a["backend"], temperature, a["softcap"], *flags)
 
-    def planned(budget: float) -> Plan:
-        return plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", budget, seq_len, cu_host, setting)
+    replay = replay_from_args(a["replay"], a["replay_mode"])
+
+    def planned(budget: float, defer: Optional[bool] = None) -> Plan:  # replay's loop accumulates dW itself
+        defer = False if replay is not None else defer
+        return plan(n, h, w.shape[0], x.dtype, cfg, "one_pass", budget, seq_len, cu_host, setting, defer)
 
     pln = planned(a["budget_mb"] * MIB)
     log.debug("fusedrl fused_policy_loss: schedule %s (%s)", pln.schedule, pln.reason)
     opts = dict(grad_filter_eps=a["grad_filter_eps"], deterministic=a["deterministic"],
                 workspace_mb=a["workspace_mb"] or None)  # fmt: skip
     two = (*common, temperature, a["softcap"], a["backend"], a["keys"], *flags, opts)
-    replay = replay_from_args(a["replay"], a["replay_mode"])
     extra = []
     if replay is not None:  # sampling replay: its own chunk loop (fusedrl.onepass.replay)
         out, logp, logp_full = run_replay(*common, pln, temperature, a["softcap"], replay, a["keys"], *flags)
@@ -190,21 +193,23 @@ def _capturing(x: Tensor) -> bool:
 
 _FALLBACK_WHY = (
     "the one-pass schedule ran out of memory in its own workspace twice (at the budget, then at half of it); "
-    "this step runs the two-pass form (the backend's recompute backward, its own bounded workspace). Pass a "
-    "smaller memory_budget_mb, or schedule='recompute', to avoid the retries"
+    "this step runs {}. Pass a smaller memory_budget_mb, or schedule='recompute', to avoid the retries"
 )
+_TWO_PASS = "the two-pass form (the backend's recompute backward, its own bounded workspace)"
+_SMALLEST = "the one-pass schedule in chunks of 64 rows (its gradient is the du of every token, deferred GEMM 3)"
 
 
 def _run_or_replan(pln: Plan, planned, budget: float, common, temperature, softcap, backend, keys, flags, two):
     """The one-pass run; out of memory in it: once more at half the budget, then the two-pass form with one
-    warning, never a failed step from the schedule's own workspace. The retries run outside the ``except``
-    blocks, so the failed attempt's buffers (held by its traceback) are free first."""
+    warning, never a failed step from the schedule's own workspace. A deferred plan (its output is the du of
+    every token, which the two-pass form does not give) tries chunks of 64 rows last instead. The retries
+    run outside the ``except`` blocks, so the failed attempt's buffers (held by its traceback) are free first."""
     try:
         return run_one_pass(*common, pln, temperature, softcap, backend, keys, *flags)
     except OutOfMemoryError:
         if _capturing(common[0]):  # an OOM inside a CUDA graph capture has invalidated it: nothing to retry
             raise
-    half = planned(budget / 2)
+    half = planned(budget / 2, pln.deferred)  # the output's form is decided: the retry keeps it
     log.info("fusedrl fused_policy_loss: out of memory in the one-pass workspace; re-planned at half the "
              "budget: %s (%s)", half.schedule, half.reason)  # fmt: skip
     if half.schedule == "one_pass" and half.fits:
@@ -212,7 +217,10 @@ def _run_or_replan(pln: Plan, planned, budget: float, common, temperature, softc
             return run_one_pass(*common, half, temperature, softcap, backend, keys, *flags)
         except OutOfMemoryError:
             pass
-    warnings.warn(f"fusedrl: {_FALLBACK_WHY}", UserWarning, stacklevel=2)
+    if pln.deferred:
+        warnings.warn(f"fusedrl: {_FALLBACK_WHY.format(_SMALLEST)}", UserWarning, stacklevel=2)
+        return run_one_pass(*common, smallest(pln, common[0].shape[0]), temperature, softcap, backend, keys, *flags)
+    warnings.warn(f"fusedrl: {_FALLBACK_WHY.format(_TWO_PASS)}", UserWarning, stacklevel=2)
     return run_two_pass(*two)
 
 
@@ -230,11 +238,17 @@ def _fake(*args):
     replay = replay_from_args(a["replay"], a["replay_mode"])
     m += 0 if replay is None else len(replay_metric_names(replay))
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, v = x.shape[0], w.shape[0]
+    if replay is None and defers_dw(n, x.shape[1], v, x.dtype, head_kind(cfg), a["need_dw"], a["budget_mb"] * MIB,
+                                    a["need_dx"]):  # fmt: skip
+        dw = x.new_empty((n, du_row_stride(v)))  # the du of every token (fusedrl.onepass.plan.defers_dw)
+    else:
+        dw = w.new_empty(w.shape, dtype=cdt) if a["need_dw"] else _empty(w)
     return (
         x.new_empty((), dtype=cdt),
         x.new_empty(m, dtype=torch.float32),
         x.new_empty(x.shape, dtype=cdt) if a["need_dx"] else _empty(x),
-        w.new_empty(w.shape, dtype=cdt) if a["need_dw"] else _empty(w),
+        dw,
         bias.new_empty(bias.shape, dtype=cdt)
         if (a["need_db"] and bias is not None)
         else _empty(x if bias is None else bias),
@@ -243,7 +257,10 @@ def _fake(*args):
 
 def _setup(ctx, inputs, output):
     _, _, dx, dw, db = output
-    ctx.save_for_backward(dx, dw, db)
+    # a deferred run returned the 16-bit du of every token for dW (plan.defers_dw): the backward runs GEMM 3
+    ctx.deferred = dw.dim() == 2 and dw.dtype not in (torch.float32, torch.float64)
+    ctx.v = inputs[1].shape[0]
+    ctx.save_for_backward(dx, dw, db, inputs[0] if ctx.deferred else None)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (inputs[0], inputs[1], inputs[3]))
     ctx.formed = tuple(inputs[_INDEX[k]] for k in ("need_dx", "need_dw", "need_db"))  # what the forward formed
     # autograd wants the backward's return in the inputs' structure, where a list made only of tensors (every
@@ -274,7 +291,8 @@ def _scaled(t: Tensor, g: Tensor, dtype: torch.dtype, unit: bool) -> Tensor:
 
 def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
     """The gradients were formed in the forward (in the compute dtype): scale them by the incoming scalar
-    gradient and round once to the inputs' dtypes."""
+    gradient and round once to the inputs' dtypes; a deferred dW is formed here, from the du of every
+    token, in one GEMM."""
     # an upstream gradient of exactly 1 (loss.backward()) skips the multiply; the check is free on CPU only
     # (a GPU value check would synchronise, and the multiply there is cheap)
     unit = (
@@ -288,8 +306,14 @@ def _backward(ctx, g_loss, g_metrics, g_dx, g_dw, g_db):
         return tuple(out)
     grads = []
     wanted = (ctx.needs_input_grad[i] for i in (0, 1, 3))
-    for t, dtype, formed, want in zip(ctx.saved_tensors, ctx.dtypes, ctx.formed, wanted):
-        grads.append(_scaled(t, g_loss, dtype, unit) if (formed and want) else None)
+    *saved, x = ctx.saved_tensors
+    for i, (t, dtype, formed, want) in enumerate(zip(saved, ctx.dtypes, ctx.formed, wanted)):
+        if not (formed and want):
+            grads.append(None)
+        elif i == 1 and ctx.deferred:  # GEMM 3, deferred: dW = du^T @ (g·x)
+            grads.append(dw_from_du(t[:, : ctx.v], x, None if unit else g_loss))
+        else:
+            grads.append(_scaled(t, g_loss, dtype, unit))
     out[_INDEX["x"]], out[_INDEX["w"]], out[_INDEX["bias"]] = grads
     return tuple(out)
 

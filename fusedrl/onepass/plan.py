@@ -12,6 +12,10 @@ chunks' du)::
     db       Nc·V·4 / BW                        the bias gradient's column sum (only with a bias gradient)
     finish   dW32, dx32 read, 16-bit written   the backward's scale-and-round (16-bit inputs)
 
+Deferred GEMM 3 (:func:`defers_dw`: bf16 inputs whose du of every token is no larger than the fp32 dW
+accumulator): the ring holds all ``N`` rows, and GEMM 3 runs once, in the backward, with ``K = N`` and the
+upstream gradient folded into ``x``; the finish then covers dx alone.
+
 plus a launch overhead per kernel, with ``R`` and ``BW`` the device's (:func:`fusedrl.backends.device.
 device_facts`). ``auto`` takes the recompute schedule where the modeled one-pass time is the larger.
 """
@@ -51,6 +55,26 @@ _PER_TOKEN = 96
 def du_row_stride(v: int) -> int:
     """Row stride (elements) of the 16-bit du ring: ``V`` rounded up to :data:`DU_ALIGN`."""
     return -(-v // DU_ALIGN) * DU_ALIGN
+
+
+def defers_dw(n: int, h: int, v: int, x_dtype: torch.dtype, kind: str, need_dw: bool, budget: float = math.inf,
+              need_dx: bool = True) -> bool:  # fmt: skip
+    """Whether the one-pass run defers GEMM 3 to the backward: it keeps the 16-bit du of every token (``N``
+    rows of :func:`du_row_stride`) instead of the fp32 ``dW`` accumulator, when that takes no more bytes,
+    and the backward forms ``dW = du^T @ (g·x)`` in one GEMM with the upstream gradient ``g`` folded into
+    the small operand: no accumulator read-modify-write, no finish over ``dW``.
+
+    bf16 inputs only (``g·x`` in fp16 overflows under a GradScaler's scale), heads that always run one pass
+    (``kind`` token-level or selection: the two-pass form cannot give du rows), and a ``budget`` that holds
+    the deferred run's least memory (du, dx32, 64-row workspace or the backward's ``g·x``; below it the
+    accumulating plan's smaller buffers may still fit). A pure function of the op's arguments: its fake
+    implementation and its autograd agree with the run on the output it returns."""
+    if not (need_dw and x_dtype == torch.bfloat16 and kind in ("token", "selection")):
+        return False
+    du = n * du_row_stride(v) * 2
+    least = du + (n * h * 4 if need_dx else 0) + n * _PER_TOKEN + max(min(n, _MIN_ROWS) * ws_row_stride(v) * 4,
+                                                                      n * h * 6)  # fmt: skip
+    return du <= v * h * 4 and least <= budget
 
 
 def ws_row_stride(v: int) -> int:
@@ -239,12 +263,16 @@ def gemm_ms(flops: float, nbytes: float, tflops: float, facts: DeviceFacts) -> f
 
 
 def memory_parts(n: int, h: int, v: int, x_dtype: torch.dtype, rows: int, ring_rows: int, s: Setting,
-                 k_sel: int = 0) -> tuple[tuple[str, int], ...]:  # fmt: skip
-    """Bytes the one-pass run allocates beyond the gradients it returns, by buffer."""
+                 k_sel: int = 0, deferred: bool = False) -> tuple[tuple[str, int], ...]:  # fmt: skip
+    """Bytes the one-pass run allocates beyond the gradients it returns, by buffer (``deferred``: the du of
+    every token instead of the dW accumulator, :func:`defers_dw`)."""
     low = x_dtype in (torch.float16, torch.bfloat16)
     c = 8 if x_dtype == torch.float64 else 4
+    if deferred:
+        ring_rows = n
     parts = [
-        ("dw32", v * h * 4 if (low and s.dw) else 0),  # 16-bit inputs: gradients held in fp32 until the backward
+        # 16-bit inputs: gradients held in fp32 until the backward (deferred: dW formed there)
+        ("dw32", v * h * 4 if (low and s.dw and not deferred) else 0),
         ("dx32", n * h * 4 if (low and s.dx) else 0),
         ("db", v * c if s.db else 0),
         ("per_token", n * _PER_TOKEN),
@@ -255,10 +283,19 @@ def memory_parts(n: int, h: int, v: int, x_dtype: torch.dtype, rows: int, ring_r
         parts.append(("scratch", sum(a * b for a, b in torch_backend.onepass_scratch_shapes(rows, v)) * c))
     parts.append(("du_ring", ring_rows * du_row_stride(v) * 2 if (low and s.grads) else 0))
     if low and s.gemm == "upcast" and s.grads:  # fp32 copies of W and of the largest du operand
-        parts.append(("gemm_upcast", v * h * 4 + max(rows, ring_rows if s.dw else rows) * (v + h) * 4))
+        widest = ring_rows if (s.dw and not deferred) else rows  # deferred: GEMM 3 is a plain bf16 mm
+        parts.append(("gemm_upcast", v * h * 4 + max(rows, widest) * (v + h) * 4))
     if k_sel:
         parts.append(("selection", k_sel * (v * (3 * c + 2) + 2 * h * c)))
+    if deferred:  # the backward's g·x (fp32, then 16-bit) lives after the forward's transient buffers are
+        # gone: only what it takes beyond them counts, so the sum is the larger of the two peaks
+        gone = sum(b for k, b in parts if k in _TRANSIENT)
+        parts.append(("scaled_x", max(0, n * h * 6 - gone)))
     return tuple(parts)
+
+
+#: buffers of the forward pass only (freed before the backward)
+_TRANSIENT = ("workspace", "scratch", "gemm_upcast", "selection")
 
 
 def _runs(chunk_rows) -> tuple[tuple[int, int], ...]:
@@ -306,9 +343,10 @@ def _groups(runs, ring_rows: int) -> tuple[tuple[int, int], ...]:
 
 
 def model(n: int, h: int, v: int, x_dtype: torch.dtype, chunk_rows: tuple[int, ...], ring_rows: int, s: Setting,
-          k_sel: int = 0) -> Model:  # fmt: skip
+          k_sel: int = 0, deferred: bool = False) -> Model:  # fmt: skip
     """The modeled time of a one-pass run over chunks of ``chunk_rows`` rows with a du ring of ``ring_rows``
-    (GEMM 3 once per filled ring), and of the recompute schedule on the same shapes."""
+    (GEMM 3 once per filled ring; ``deferred``: once in the backward over all rows, :func:`defers_dw`), and
+    of the recompute schedule on the same shapes."""
     low = x_dtype in (torch.float16, torch.bfloat16)
     c = 8 if x_dtype == torch.float64 else 4
     s_in = x_dtype.itemsize
@@ -335,7 +373,9 @@ def model(n: int, h: int, v: int, x_dtype: torch.dtype, chunk_rows: tuple[int, .
             t["gemm2"] += times * gemm_ms(2 * r * v * h, r * v * s_du + wbytes + r * h * c, rate, f)
         if s.db:
             t["db"] += times * (r * v * c / bw + 2 * launch)
-    if s.dw:
+    if s.dw and deferred:  # the backward: g·x (fp32, then 16-bit: two passes), one GEMM with K = N, dW 16-bit
+        t["gemm3"] = gemm_ms(2 * n * v * h, n * v * 2 + n * h * 2 + v * h * 2, rate, f) + n * h * 12 / bw + 2 * launch
+    elif s.dw:
         acc = v * h * (4 if low else c)
         first = True
         for k, times in groups:
@@ -351,11 +391,12 @@ def model(n: int, h: int, v: int, x_dtype: torch.dtype, chunk_rows: tuple[int, .
             first = False
     if s.grads:  # the backward: scale by the upstream gradient and round once (16-bit), or scale (fp32 / fp64)
         per = 6 if low else 2 * c
-        t["finish"] = ((v * h if s.dw else 0) + (n * h if s.dx else 0) + (v if s.db else 0)) * per / bw + 3 * launch
+        dw_elems = v * h if (s.dw and not deferred) else 0
+        t["finish"] = (dw_elems + (n * h if s.dx else 0) + (v if s.db else 0)) * per / bw + 3 * launch
     if k_sel and s.grads:
         t["selection"] = 3 * 2 * k_sel * h * v / (rate * 1e9) + k_sel * v * 10 * c / bw + 40 * launch
     rows = max((r for r, _ in runs), default=0)
-    mem = memory_parts(n, h, v, x_dtype, rows, ring_rows, s, k_sel)
+    mem = memory_parts(n, h, v, x_dtype, rows, ring_rows, s, k_sel, deferred)
     floor = 3 * 2 * n * h * v / ((f.gemm16 if low else rate) * 1e9)  # the three GEMMs at the inputs' best rate
     return Model(tuple(t.items()), mem, floor, recompute_ms(n, h, v, x_dtype, s))
 
@@ -399,6 +440,7 @@ class Plan(NamedTuple):
     ring_rows: int = 0  # rows of du per GEMM 3 call (the ring); 0: one call per chunk
     model: Optional[Model] = None
     fits: bool = True  # False: an explicit one_pass over the budget (one row per chunk)
+    deferred: bool = False  # GEMM 3 in the backward over the du of every token (defers_dw)
 
 
 def _sequence_chunks(rows: int, n: int, seq_len: Optional[int], cu: Optional[tuple[int, ...]]):
@@ -442,8 +484,8 @@ def _counts(n: int) -> list[int]:
 
 
 def _memory_line(n, h, v, x_dtype, s, k_sel) -> tuple[int, int, int]:
-    """``(A, B, C)`` with memory ``A + B·rows + C·ring_rows`` for ``ring_rows >= rows`` (every buffer is
-    linear in the two)."""
+    """``(A, B, C)`` with memory ``A + B·rows + C·ring_rows`` for ``ring_rows >= rows`` (every buffer of an
+    accumulating run is linear in the two)."""
 
     def mem(r, ring):
         return sum(b for _, b in memory_parts(n, h, v, x_dtype, r, ring, s, k_sel))
@@ -453,8 +495,8 @@ def _memory_line(n, h, v, x_dtype, s, k_sel) -> tuple[int, int, int]:
     return a, mem(1, 1) - a - c, c
 
 
-def _fits(n, h, v, x_dtype, rows, ring_rows, s, k_sel, budget) -> bool:
-    return sum(b for _, b in memory_parts(n, h, v, x_dtype, rows, ring_rows, s, k_sel)) <= budget
+def _fits(n, h, v, x_dtype, rows, ring_rows, s, k_sel, budget, deferred=False) -> bool:
+    return sum(b for _, b in memory_parts(n, h, v, x_dtype, rows, ring_rows, s, k_sel, deferred)) <= budget
 
 
 #: plans whose modeled time is within this fraction of the fastest count as ties: the one with the
@@ -463,25 +505,33 @@ _TIE = 0.001
 
 
 @functools.lru_cache(maxsize=256)
-def _token_plan(n: int, h: int, v: int, x_dtype: torch.dtype, s: Setting, budget: float, k_sel: int):
+def _token_plan(n: int, h: int, v: int, x_dtype: torch.dtype, s: Setting, budget: float, k_sel: int,
+                deferred: bool = False):  # fmt: skip
     """``(rows, ring_rows, Model)`` of least modeled time under ``budget`` for freely chunked tokens (ties
     within :data:`_TIE`: fewest bytes), or None when no chunking fits."""
-    a, b, c = _memory_line(n, h, v, x_dtype, s, k_sel)
+    a, b, c = _memory_line(n, h, v, x_dtype, s, k_sel) if not deferred else (0, 0, 0)
     found = []
     for count in _counts(n):
         rows = -(-n // count)
         count = -(-n // rows)
         room = budget - a - b * rows
-        if room < c * rows:
+        if deferred:  # not linear in the rows (the backward's g·x counts beyond the forward's buffers)
+            if not _fits(n, h, v, x_dtype, rows, n, s, k_sel, budget, True):
+                continue
+        elif room < c * rows:
             continue
         g = 1
         if s.dw and count > 1 and c > 0:  # the largest ring that fits, then the smallest with as few GEMM 3 calls
             g = count if math.isinf(room) else min(count, int(room // (c * rows)))
             g = -(-count // -(-count // g))
         chunk_rows = ((rows, n // rows), (n % rows, 1))
-        found.append((rows, g * rows, model(n, h, v, x_dtype, chunk_rows, g * rows, s, k_sel)))
+        ring = n if deferred else g * rows
+        found.append((rows, ring, model(n, h, v, x_dtype, chunk_rows, ring, s, k_sel, deferred)))
     if not found:
         return None
+    # chunks below the GEMMs' minimum only where nothing larger fits (the roofline prices small GEMMs too
+    # kindly for the fewest-bytes tie break)
+    found = [f for f in found if f[0] >= min(n, _MIN_ROWS)] or found
     fastest = min(m.total_ms for _, _, m in found)
     return min((f for f in found if f[2].total_ms <= fastest * (1 + _TIE)), key=lambda f: (f[2].memory_bytes, -f[0]))
 
@@ -516,6 +566,7 @@ def plan(
     seq_len: Optional[int] = None,
     cu_host: Optional[list[int]] = None,
     setting: Optional[Setting] = None,
+    defer: Optional[bool] = None,
 ) -> Plan:
     """Which schedule runs (``one_pass``, ``two_pass`` or, for ``schedule="auto"`` only, ``recompute``),
     its token chunks and its du ring, by the loss head's kind (:func:`fusedrl.loss.head_kind`) and the cost
@@ -530,7 +581,9 @@ def plan(
 
     fp16 inputs: ``auto`` takes recompute (see ``_FP16_WHY``); an explicit ``one_pass`` runs and warns.
     ``setting`` (:class:`Setting`): the run's epilogue, device and gradients (default: the torch epilogue
-    with the CPU rates). Explicit ``one_pass`` runs even when nothing fits (one row per chunk)."""
+    with the CPU rates). Explicit ``one_pass`` runs even when nothing fits (one row per chunk). ``defer``:
+    whether GEMM 3 is deferred to the backward (None: where :func:`defers_dw` says so; False: never, as
+    sampling replay's loop; True: the retries of a deferred run, whose output is already decided)."""
     if x_dtype == torch.float16:
         if schedule == "auto":
             return Plan("recompute", (), _FP16_WHY)
@@ -546,23 +599,33 @@ def plan(
     low = x_dtype in (torch.float16, torch.bfloat16)
     if kind == "sequence":
         return _sequence_plan(n, h, v, x_dtype, s, budget, schedule, seq_len, cu_host, low)
-    found = _token_plan(n, h, v, x_dtype, s, float(budget), k_sel) if n > 0 else None
+    if defer is None:
+        deferred = defers_dw(n, h, v, x_dtype, kind, s.dw, budget, s.dx)
+    else:
+        deferred = defer and defers_dw(n, h, v, x_dtype, kind, s.dw)
+    found = _token_plan(n, h, v, x_dtype, s, float(budget), k_sel, deferred) if n > 0 else None
     if found is None or found[0] < min(n, _MIN_ROWS):
         if schedule == "auto":
             return Plan("recompute", (), f"workspace of {min(n, _MIN_ROWS)} rows + accumulators exceed the "
                                          f"{budget / MIB:.0f} MiB budget")  # fmt: skip
         if found is None:
-            rows, ring = 1, 1
-            chunk_rows = ((1, n),)
-            m = model(n, h, v, x_dtype, chunk_rows, 1, s, k_sel) if n else None
+            ring = n if deferred else 1
+            m = model(n, h, v, x_dtype, ((1, n),), ring, s, k_sel, deferred) if n else None
             chunks = tuple((a, a + 1, None) for a in range(n)) or ((0, 0, None),)
-            return Plan("one_pass", chunks, "over the budget: one row per chunk", ring, m, False)
+            return Plan("one_pass", chunks, "over the budget: one row per chunk", ring, m, False, deferred)
     rows, ring, m = found
     if schedule == "auto" and m.total_ms > m.recompute_ms:
         return Plan("recompute", (), f"modeled one-pass {m.total_ms:.3g} ms > recompute {m.recompute_ms:.3g} ms")
     chunks = tuple((a, min(n, a + rows), None) for a in range(0, n, rows))
-    g = ring // rows
-    return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows, GEMM 3 every {g}", ring, m)
+    how = "GEMM 3 once in the backward" if deferred else f"GEMM 3 every {ring // rows}"
+    return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows, {how}", ring, m, deferred=deferred)
+
+
+def smallest(pln: Plan, n: int) -> Plan:
+    """``pln`` (a deferred plan) with chunks of 64 rows: the last try after running out of memory, for runs
+    whose output is the du of every token, which only the one-pass loop forms."""
+    chunks = tuple((a, min(n, a + _MIN_ROWS), None) for a in range(0, n, _MIN_ROWS)) or ((0, 0, None),)
+    return pln._replace(chunks=chunks, reason=f"out of memory: chunks of {_MIN_ROWS} rows", model=None, fits=False)
 
 
 def _sequence_plan(n, h, v, x_dtype, s, budget, schedule, seq_len, cu_host, low) -> Plan:

@@ -7,7 +7,8 @@ Per token chunk of ``Nc`` rows::
     U    = x_c @ W^T              GEMM 1 (input dtype in, fp32 [Nc, V] workspace out)
     row epilogue: M, S, B -> LSE, H, logp; head -> g_lp, g_H; du
     dx_c = du @ W                 GEMM 2 (fp32 out)
-    dW  += du^T @ x_c             GEMM 3 (fp32 accumulator)
+    dW  += du^T @ x_c             GEMM 3 (fp32 accumulator; a deferred plan keeps du of every token instead,
+                                  and the op's backward runs GEMM 3 once)
 
 The row epilogue is the backend's (``Backend.onepass_epilogue``: a fused Triton / CUDA kernel where the
 backend has one for the loss config, else the torch backend's, which serves every config on every
@@ -34,7 +35,8 @@ Tensor = torch.Tensor
 
 
 class Grads(NamedTuple):
-    """What a schedule run returns: the loss, metrics and the gradients it formed (compute dtype)."""
+    """What a schedule run returns: the loss, metrics and the gradients it formed (compute dtype; a deferred
+    run's ``dw`` is the 16-bit du of every token, ``plan.defers_dw``)."""
 
     loss: Tensor
     metrics: dict[str, Tensor]
@@ -114,9 +116,12 @@ def correct_rows(
     dx: Optional[Tensor],
     dw32: Optional[Tensor],
     db32: Optional[Tensor],
+    du_rows: Optional[Tensor] = None,
 ) -> None:
     """Rank-k correction: recompute the logit rows of tokens ``idx`` (compute dtype ``cdt``) and add
-    ``du_corr = dg (onehot - p) dz/du`` (a change ``dg`` of their log-prob gradients) into dx, dW, db."""
+    ``du_corr = dg (onehot - p) dz/du`` (a change ``dg`` of their log-prob gradients) into dx, dW, db, or
+    into those tokens' rows of ``du_rows`` (a deferred run's du of every token, ``[N, V]`` 16-bit) in
+    place of dW."""
     k = idx.numel()
     xs = x.index_select(0, idx)
     u = torch.empty(k, w.shape[0], dtype=cdt, device=x.device)
@@ -133,6 +138,8 @@ def correct_rows(
         dx.index_add_(0, idx, corr)
     if dw32 is not None:
         addmm_f32_(dw32, dug.t(), xs)
+    if du_rows is not None:  # the rows' du + du_corr, summed in fp32 and rounded once more
+        du_rows.index_copy_(0, idx, (du_rows.index_select(0, idx).to(cdt) + du).to(du_rows.dtype))
     if db32 is not None:
         db32 += du.sum(0)
 
@@ -156,7 +163,9 @@ def run_one_pass(
     timer: Optional[Callable[[str], None]] = None,
 ) -> Grads:
     """The one-pass loop over ``pln.chunks`` (gradients None when not asked). GEMM 3 runs once per
-    ``pln.ring_rows`` rows of du (a ring of whole chunks; every chunk when it is no larger than one).
+    ``pln.ring_rows`` rows of du (a ring of whole chunks; every chunk when it is no larger than one), or,
+    for a deferred plan (``pln.deferred``, ``plan.defers_dw``), not here: ``Grads.dw`` is then the 16-bit
+    du of every token (``[N, du_row_stride(V)]``, padded rows) and the op's backward forms dW from it.
 
     ``timer``: called with a stage's name (``gemm1``, ``epilogue``, ``gemm2``, ``db``, ``gemm3``,
     ``selection``) as the stage begins and with ``end`` after the last one (stage timing by the
@@ -182,22 +191,27 @@ def run_one_pass(
     emod = epilogue_for(backend, dev, x.dtype, probe)
     is_torch = emod is torch_backend
     rows = max(b - a for a, b, _ in pln.chunks) if pln.chunks else 0
+    # deferred: the du of every token, returned (it outlives the call: not carved from the cached workspace)
+    deferred = pln.deferred and need_dw and low
+    du_all = torch.empty(n, du_row_stride(v), dtype=x.dtype, device=dev) if deferred else None
+    if du_all is not None and du_all.shape[1] > v:
+        du_all[:, v:].zero_()  # the rows' padding: returned by the op, so defined
     # the du ring: GEMM 3 over up to `ring` rows of du at once (16-bit: a ring of du16 chunks; fp32 / fp64:
     # the workspace itself, du staying where each chunk's logits were)
-    grouped = need_dw and pln.ring_rows > rows
+    grouped = need_dw and pln.ring_rows > rows and not deferred
     ring = pln.ring_rows if grouped else rows
     # the workspace's rows padded to 16 elements (any V): 16-byte aligned rows for the epilogues' vector loads;
     # the GEMMs write and read the row-strided view in place
     specs = [((rows if low else ring, ws_row_stride(v)), cdt)]
     if is_torch:
         specs += list((shape, cdt) for shape in torch_backend.onepass_scratch_shapes(rows, v))
-    if low and grads:
+    if low and grads and not deferred:
         specs.append(((ring, du_row_stride(v)), x.dtype))  # rows padded to 16 bytes (unaligned V)
     bufs = buffers(dev, specs)
     ws_flat = bufs[0]  # contiguous: the scratch of addmm's fallback in GEMM 3
     ws = ws_flat[:, :v]
     scratch = (bufs[1], bufs[2]) if is_torch else None
-    ring16 = bufs[-1][:, :v] if (low and grads) else None
+    ring16 = du_all[:, :v] if deferred else (bufs[-1][:, :v] if (low and grads) else None)
     du16 = None
     fill = g0 = 0  # rows of du in the ring, and the first token row they belong to
 
@@ -229,7 +243,7 @@ def run_one_pass(
             fill = 0
         if fill == 0:
             g0 = a
-        slot = slice(fill, fill + nc) if grouped else slice(0, nc)
+        slot = slice(fill, fill + nc) if grouped else (slice(a, b) if deferred else slice(0, nc))
         du16 = ring16[slot] if ring16 is not None else None
         xc = x[a:b]
         if timer is not None:
@@ -276,15 +290,16 @@ def run_one_pass(
             db32 += du.sum(0)
         if grouped:
             fill += nc
-        elif need_dw:
+        elif need_dw and not deferred:
             gemm3(dug, xc)
     if grouped and fill:
         gemm3(ring16[:fill] if low else ws[:fill], x[g0 : g0 + fill])
     if timer is not None:
         timer("end")
+    du_rows = ring16 if deferred else None
     del bufs, scratch, du16, ring16
     ws = ws_flat = None  # the buffers go before the evaluation and the selection correction
-    if need_dw and dw32 is None:  # no token at all
+    if need_dw and dw32 is None and not deferred:  # no token at all
         dw32 = torch.zeros(v, h, dtype=cdt, device=dev)
     loss, metrics, picked = head.evaluate(logp, ent, keys)
     if grads and (picked is not None or speculative):
@@ -292,10 +307,11 @@ def run_one_pass(
             timer("selection")
         fix = selection_rows(head, picked, logp) if picked is not None else speculation_rows(head, logp, metrics)
         if fix is not None:
-            correct_rows(*fix, x, w, targets, bias, temperature, softcap, cdt, dx, dw32 if need_dw else None, db32)
+            correct_rows(*fix, x, w, targets, bias, temperature, softcap, cdt, dx, dw32 if need_dw else None, db32,
+                         du_rows)  # fmt: skip
         if timer is not None:
             timer("end")
-    return Grads(loss, metrics, dx, dw32 if need_dw else None, db32)
+    return Grads(loss, metrics, dx, du_all if deferred else (dw32 if need_dw else None), db32)
 
 
 def run_two_pass(

@@ -148,10 +148,11 @@ def test_oom_twice_falls_back_with_one_warning(monkeypatch, mode):
 def test_half_budget_that_cannot_fit_goes_straight_to_the_fallback(monkeypatch):
     """When half the budget cannot hold even the accumulators, the re-plan is not run (it would be one
     row per chunk): the two-pass form runs at once."""
-    case = _case(seed=3, dtype=torch.bfloat16)
+    case = _case(n=40, seed=3, dtype=torch.bfloat16)  # 40 rows of du outweigh dW32: GEMM 3 not deferred
+    assert not P.defers_dw(40, 16, 301, torch.bfloat16, "token", True)
     failing = _Failing(RUN.buffers, 1)
     monkeypatch.setattr(RUN, "buffers", failing)
-    need = P.memory_parts(30, 16, 301, torch.bfloat16, 64, 64, P.Setting(gemm="upcast"))
+    need = P.memory_parts(40, 16, 301, torch.bfloat16, 64, 64, P.Setting(gemm="upcast"))
     fixed = sum(b for k, b in need if k in ("dw32", "dx32", "db", "per_token"))
     budget_mb = 1.5 * fixed / 2**20  # the accumulators fit the budget, not half of it
     with pytest.warns(UserWarning, match="ran out of memory"):
@@ -159,6 +160,30 @@ def test_half_budget_that_cannot_fit_goes_straight_to_the_fallback(monkeypatch):
     assert failing.calls == 1
     want = _run(case, "recompute")
     torch.testing.assert_close(got[0].float(), want[0].float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "kl_cov"])
+def test_oom_twice_in_a_deferred_run_takes_64_row_chunks(monkeypatch, mode):
+    """A deferred run (bf16, GEMM 3 in the backward: its output is the du of every token, which the two-pass
+    form does not give) retries in chunks of 64 rows instead of the two-pass form, with one warning."""
+    cfg = _MODES[mode]
+    case = _case(n=150, h=160, seed=4, dtype=torch.bfloat16)
+    assert P.defers_dw(150, 160, 301, torch.bfloat16, "token", True)
+    want = _run(case, "recompute", config=cfg)
+    failing = _Failing(RUN.buffers, 2)
+    monkeypatch.setattr(RUN, "buffers", failing)
+    two, chunks = [], []
+    monkeypatch.setattr(OP, "run_two_pass", lambda *a: two.append(1))
+    real_one = OP.run_one_pass
+    monkeypatch.setattr(OP, "run_one_pass", lambda *a, **k: chunks.append(a[5].chunks) or real_one(*a, **k))
+    with pytest.warns(UserWarning, match="chunks of 64 rows") as rec:
+        got = _run(case, memory_budget_mb=2.0, config=cfg)  # half of it fits too (the second try)
+    assert len([w for w in rec if "ran out of memory" in str(w.message)]) == 1
+    assert failing.calls == 3 and not two
+    assert [b - a for a, b, _ in chunks[-1]] == [64, 64, 22]
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=1e-5, rtol=1e-5)
+    for x, y in zip(got[1], want[1]):
+        torch.testing.assert_close(x.float(), y.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_other_errors_propagate(monkeypatch):
@@ -263,13 +288,18 @@ def rss_factory(n: int, h: int, v: int, budget_mb: float, dtype: str, ent: float
     return run
 
 
-@pytest.mark.parametrize("dtype, ent", [("float32", 0.0), ("float32", 0.01), ("bfloat16", 0.0)])
-def test_peak_rss_within_budget(dtype, ent):
+@pytest.mark.parametrize("dtype, ent, n", [("float32", 0.0, 768), ("float32", 0.01, 768), ("bfloat16", 0.0, 768),
+                                           ("bfloat16", 0.0, 384)])  # fmt: skip
+def test_peak_rss_within_budget(dtype, ent, n):
     """Peak RSS of a one-pass step above its inputs, minus the gradients it returns, stays within the
-    budget + 5% (16-bit inputs: the fp32 accumulators and the fp32 copies of the upcast CPU GEMMs count)."""
+    budget + 5% (16-bit inputs: the fp32 accumulators and the fp32 copies of the upcast CPU GEMMs count;
+    384 bf16 rows: GEMM 3 deferred, the du of every token and the backward's g·x count)."""
     from fusedrl._measure import peak_memory_cpu
 
-    n, h, v, budget_mb = 768, 256, 24000, 96.0
+    h, v, budget_mb = 256, 24000, 96.0
+    assert P.defers_dw(n, h, v, getattr(torch, dtype), "token", True, budget_mb * 2**20) == (
+        dtype == "bfloat16" and n == 384
+    )
     size = 4 if dtype == "float32" else 2
     kw = dict(n=n, h=h, v=v, budget_mb=budget_mb, dtype=dtype, ent=ent)
     res = peak_memory_cpu(f"{__name__}:rss_factory", kw, threads=2, timeout_s=300)
@@ -340,16 +370,18 @@ def _graph_step(case, schedule, cfg, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("n", [512, 256])  # 256 rows: GEMM 3 deferred to the backward (plan.defers_dw)
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("schedule", ["one_pass", "recompute"])
-def test_gpu_token_heads_capture_in_a_cuda_graph(schedule, backend):
+def test_gpu_token_heads_capture_in_a_cuda_graph(schedule, backend, n):
     """One warm-up call, then capture: the replay gives the eager values (same plan, no host read)."""
     import fusedrl
 
     if backend not in fusedrl.available_backends("cuda"):
         pytest.skip(f"{backend} unavailable on cuda")
+    assert P.defers_dw(n, 256, 8003, torch.bfloat16, "token", True) == (n == 256)
     dev = torch.device("cuda")
-    case = _case(n=512, h=256, v=8003, dtype=torch.bfloat16, device=dev)
+    case = _case(n=n, h=256, v=8003, dtype=torch.bfloat16, device=dev)
     cfg = PolicyLossConfig(kl_loss_coef=0.1, entropy_coeff=0.01)
     step = _graph_step(case, schedule, cfg, backend)
     side = torch.cuda.Stream()

@@ -488,9 +488,9 @@ def test_plan_rules():
     assert sum(b - a for a, b, _ in p.chunks) == 4096
     assert onepass.plan(4096, 1024, 32000, torch.float32, cfg, "auto", 2**20).schedule == "recompute"
     assert onepass.plan(4096, 1024, 32000, torch.float32, cfg, "one_pass", 2**20).schedule == "one_pass"
-    # 16-bit inputs: the fp32 dW accumulator counts against the budget (headline shape)
+    # 16-bit inputs: the du of every token (deferred GEMM 3) counts against the budget (headline shape)
     head = onepass.plan(8192, 4096, 151936, torch.bfloat16, cfg, "auto", 4096 * 2**20)
-    assert head.schedule == "one_pass"
+    assert head.schedule == "one_pass" and head.deferred
     assert onepass.plan(8192, 4096, 151936, torch.bfloat16, cfg, "auto", 2048 * 2**20).schedule == "recompute"
     gspo = PolicyLossConfig(loss_mode="gspo")
     assert onepass.plan(64, 8, 100, torch.float32, gspo, "auto", 100 * 800, seq_len=128).schedule == "recompute"
