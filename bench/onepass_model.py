@@ -23,6 +23,7 @@ if not torch.cuda.is_available():  # the triton backend runs in its interpreter 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
@@ -208,6 +209,18 @@ def _floor(x, w, n, h, v, dtype, dev, repeats) -> dict:
     )
 
 
+@contextlib.contextmanager
+def _no_deferral():
+    """GEMM 3 never deferred (``plan.defers_dw`` off in the planner and the op's fake): the accumulating run on
+    the same shapes, for the measured comparison."""
+    saved = P.defers_dw, OP.defers_dw
+    P.defers_dw = OP.defers_dw = lambda *a, **k: False
+    try:
+        yield
+    finally:
+        P.defers_dw, OP.defers_dw = saved
+
+
 def calibrate(dev: torch.device, n: int, h: int, v: int, dtype: torch.dtype, repeats: int, budget_mb: Optional[float],
               save=None):  # fmt: skip
     """Modeled vs measured per stage for every available epilogue (see the module docstring); ``save(res)``
@@ -262,7 +275,9 @@ def calibrate(dev: torch.device, n: int, h: int, v: int, dtype: torch.dtype, rep
         if gm:
             row["gemm_tflops"] = 3 * gemm_flops / gm / 1e9
         # end to end through the public call: one-pass and recompute, forward + backward
-        for sched in ("one_pass", "recompute"):
+        # ("one_pass_accumulated": the same with GEMM 3 not deferred, the deferral's effect measured)
+        steps = (("one_pass", "one_pass"), ("one_pass", "one_pass_accumulated"), ("recompute", "recompute"))
+        for sched, label in steps:
             xl, wl = x.detach().requires_grad_(), w.detach().requires_grad_()
 
             def step(sched=sched, xl=xl, wl=wl, name=name):
@@ -272,9 +287,10 @@ def calibrate(dev: torch.device, n: int, h: int, v: int, dtype: torch.dtype, rep
                 xl.grad = wl.grad = None
 
             try:
-                row[f"{sched}_step_ms"] = _time(step, dev, max(1, repeats // 2))
+                with _no_deferral() if label == "one_pass_accumulated" else contextlib.nullcontext():
+                    row[f"{label}_step_ms"] = _time(step, dev, max(1, repeats // 2))
             except torch.OutOfMemoryError as e:
-                row[f"{sched}_step_ms"] = f"OOM: {str(e).splitlines()[0]}"
+                row[f"{label}_step_ms"] = f"OOM: {str(e).splitlines()[0]}"
         res["runs"].append(row)
         if save is not None:
             save(res)
@@ -329,7 +345,8 @@ def summary(path: str, key: str = "onepass_model") -> str:
                                                                                   "gemm3"))  # fmt: skip
         p = r["plan"]
         out.append(f"{r['backend']:>7}: {p['chunks']} x {p['rows']} ring {p['ring_rows']}; modeled/measured ms: "
-                   f"{parts}; step one_pass {r.get('one_pass_step_ms')} recompute {r.get('recompute_step_ms')} "
+                   f"{parts}; step one_pass {r.get('one_pass_step_ms')} (accumulated dW: "
+                   f"{r.get('one_pass_accumulated_step_ms')}) recompute {r.get('recompute_step_ms')} "
                    f"(modeled {r.get('modeled_recompute_ms', 0):.1f})")  # fmt: skip
     return "\n".join(out)
 
