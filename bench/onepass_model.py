@@ -37,6 +37,7 @@ from fusedrl.loss import PolicyLossConfig, TokenHead  # noqa: E402
 from fusedrl.loss.inputs import flatten_batch  # noqa: E402
 
 P = importlib.import_module("fusedrl.onepass.plan")  # the module (fusedrl.onepass.plan is also a function)
+C = importlib.import_module("fusedrl.onepass.cost")
 OP = importlib.import_module("fusedrl.onepass.op")
 RUN = importlib.import_module("fusedrl.onepass.run")
 GEMM = importlib.import_module("fusedrl.onepass.gemm")
@@ -62,7 +63,7 @@ def modeled_rows(facts: DeviceFacts, n: int, h: int, v: int, dtype: torch.dtype,
     cfg = PolicyLossConfig()
     out = []
     for label, kw, defer in TABLE_ROWS:
-        s = P.Setting(facts=facts, **kw)
+        s = C.Setting(facts=facts, **kw)
         pln = P.plan(n, h, v, dtype, cfg, "one_pass", budget, setting=s, defer=defer)
         m = pln.model
         rows = max(b - a for a, b, _ in pln.chunks)
@@ -76,7 +77,7 @@ def modeled_rows(facts: DeviceFacts, n: int, h: int, v: int, dtype: torch.dtype,
                 ring_rows=pln.ring_rows,
                 gemm3_calls=-(-n // pln.ring_rows),
                 deferred=pln.deferred,
-                epilogue_bytes_per_element=P.epilogue_bytes_per_element(s, 4, dtype != torch.float32, False),
+                epilogue_bytes_per_element=C.epilogue_bytes_per_element(s, 4, dtype != torch.float32, False),
                 terms_ms=terms,
                 total_ms=m.total_ms,
                 forward_ms=m.total_ms - backward,
@@ -268,7 +269,7 @@ def calibrate(dev: torch.device, n: int, h: int, v: int, dtype: torch.dtype, rep
                    plan=dict(chunks=len(pln.chunks), rows=max(b - a for a, b, _ in pln.chunks),
                              ring_rows=pln.ring_rows, reason=pln.reason, memory=dict(m.memory)),
                    modeled_ms=modeled, measured_ms=measured, modeled_recompute_ms=m.recompute_ms)  # fmt: skip
-        e_bytes = P.epilogue_bytes_per_element(setting, 4, dtype != torch.float32, pln.ring_rows > row["plan"]["rows"])
+        e_bytes = C.epilogue_bytes_per_element(setting, 4, dtype != torch.float32, pln.ring_rows > row["plan"]["rows"])
         if measured.get("epilogue"):
             row["epilogue_efficiency"] = n * v * e_bytes / (measured["epilogue"] * facts.hbm * 1e9)
         gm = sum(measured.get(k, 0.0) for k in ("gemm1", "gemm2", "gemm3"))
@@ -303,7 +304,7 @@ def calibrate(dev: torch.device, n: int, h: int, v: int, dtype: torch.dtype, rep
     choices = []
     for nn in (8192, 32768, 65536):
         for name in [b for b in ("triton", "cuda", "torch") if b in available_backends(dev)]:
-            s = P.Setting(epilogue=name, core=name, facts=facts, gemm=res["gemm_path"])
+            s = C.Setting(epilogue=name, core=name, facts=facts, gemm=res["gemm_path"])
             for sched in ("auto", "one_pass"):
                 p = P.plan(nn, h, v, dtype, cfg, sched, budget, setting=s)
                 choices.append(dict(n=nn, epilogue=name, schedule=sched, chose=p.schedule, reason=p.reason,

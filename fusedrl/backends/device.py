@@ -151,7 +151,7 @@ def memory_from_counters(free: int, total: int, stats: dict, expandable: bool, f
 
 
 # --------------------------------------------------------------------------------------------------
-# Per-architecture rates of the one-pass cost model (fusedrl.onepass.plan; docs/one-pass.md)
+# Per-architecture rates of the one-pass cost model (fusedrl.onepass.cost; docs/one-pass.md)
 # --------------------------------------------------------------------------------------------------
 
 

@@ -19,9 +19,10 @@ from ..backends import availability, resolve
 from ..backends.device import device_facts
 from ..loss import PolicyLossConfig, head_kind
 from ..loss.token_head import kernel_head_codes
+from .cost import Model, Setting
 from .gemm import path as gemm_path
 from .op import one_pass_policy_loss
-from .plan import Model, Plan, Setting, budget_bytes, default_budget_bytes, plan
+from .plan import Plan, budget_bytes, default_budget_bytes, plan
 from .run import release_workspace
 
 __all__ = [

@@ -28,9 +28,10 @@ from ..loss.inputs import SIDE_INPUTS, flatten_batch
 from ..loss.selection import random_keys
 from ..ops import split_temperature
 from ..replay.kept import Replay, replay_from_args, replay_metric_names, replay_metrics, replay_to_args
+from .cost import Setting, du_row_stride
 from .gemm import OutOfMemoryError, dw_from_du
 from .gemm import path as gemm_path
-from .plan import MIB, Plan, Setting, defers_dw, du_row_stride, plan, smallest
+from .plan import MIB, Plan, defers_dw, plan, smallest
 from .replay import run_replay
 from .run import epilogue_for, run_one_pass, run_two_pass
 
@@ -168,7 +169,7 @@ def run_setting(
     x: Tensor, w: Tensor, bias: Optional[Tensor], head: TokenHead, backend: str, temperature: Union[float, Tensor],
     softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool, want_entropy: bool,
 ) -> Setting:  # fmt: skip
-    """The planner's :class:`~fusedrl.onepass.plan.Setting` of a one-pass run: the row epilogue that runs
+    """The planner's :class:`~fusedrl.onepass.cost.Setting` of a one-pass run: the row epilogue that runs
     (``run.epilogue_for``, as the run picks it), the device's rates, this torch's 16-bit GEMM path."""
     dev = x.device
     grads = need_dx or need_dw or need_db

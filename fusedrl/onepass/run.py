@@ -28,8 +28,9 @@ from .. import _config
 from ..backends import get_backend, torch_backend
 from ..backends.base import EpilogueHead, entropy_change
 from ..loss import TokenHead
+from .cost import du_row_stride, ws_row_stride
 from .gemm import addmm_f32_, gemm_logits, is_low, mm_f32
-from .plan import Plan, du_row_stride, ws_row_stride
+from .plan import Plan
 
 Tensor = torch.Tensor
 

@@ -16,6 +16,7 @@ from fusedrl.fused import fused_policy_loss
 from fusedrl.loss import PolicyLossConfig
 
 P = importlib.import_module("fusedrl.onepass.plan")
+C = importlib.import_module("fusedrl.onepass.cost")
 OP = importlib.import_module("fusedrl.onepass.op")
 RUN = importlib.import_module("fusedrl.onepass.run")
 
@@ -149,7 +150,7 @@ def test_forward_runs_no_gemm3_and_returns_padded_du():
     out = RUN.run_one_pass(x, w, case["targets"], None, head, pln, 1.0, None, "torch", None, True, True, False,
                            False, timer=names.append)  # fmt: skip
     assert "gemm3" not in names and "gemm1" in names
-    assert out.dw.shape == (N, P.du_row_stride(V)) and out.dw.dtype == torch.bfloat16
+    assert out.dw.shape == (N, C.du_row_stride(V)) and out.dw.dtype == torch.bfloat16
 
 
 def test_compiles_fullgraph():

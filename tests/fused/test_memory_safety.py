@@ -23,6 +23,7 @@ from fusedrl.loss import PolicyLossConfig
 OP = importlib.import_module("fusedrl.onepass.op")
 RUN = importlib.import_module("fusedrl.onepass.run")
 P = importlib.import_module("fusedrl.onepass.plan")
+C = importlib.import_module("fusedrl.onepass.cost")
 
 CFG = PolicyLossConfig(kl_loss_coef=0.1, entropy_coeff=0.01)
 
@@ -152,7 +153,7 @@ def test_half_budget_that_cannot_fit_goes_straight_to_the_fallback(monkeypatch):
     assert not P.defers_dw(40, 16, 301, torch.bfloat16, "token", True)
     failing = _Failing(RUN.buffers, 1)
     monkeypatch.setattr(RUN, "buffers", failing)
-    need = P.memory_parts(40, 16, 301, torch.bfloat16, 64, 64, P.Setting(gemm="upcast"))
+    need = C.memory_parts(40, 16, 301, torch.bfloat16, 64, 64, C.Setting(gemm="upcast"))
     fixed = sum(b for k, b in need if k in ("dw32", "dx32", "db", "per_token"))
     budget_mb = 1.5 * fixed / 2**20  # the accumulators fit the budget, not half of it
     with pytest.warns(UserWarning, match="ran out of memory"):

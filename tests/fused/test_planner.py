@@ -1,4 +1,4 @@
-"""The one-pass planner (fusedrl/onepass/plan.py, docs/one-pass.md "The planner"): the cost model's
+"""The one-pass planner (fusedrl/onepass/plan.py, cost.py; docs/one-pass.md "The planner"): the cost model's
 choices under mocked device facts at LM shapes (N = 8k / 32k / 64k, H = 4096 / 8192, V = 151936, 16-bit
 and fp32), the memory bound, the GEMM 3 ring in the run (same values as one GEMM 3 per chunk), the
 padded 16-bit du rows, the stage-timing hook, and the 16-bit GEMM paths of each torch version (mocked
@@ -20,6 +20,7 @@ from fusedrl.fused import fused_policy_loss
 from fusedrl.loss import PolicyLossConfig
 
 P = importlib.import_module("fusedrl.onepass.plan")  # the module (fusedrl.onepass.plan is also a function)
+C = importlib.import_module("fusedrl.onepass.cost")
 G = importlib.import_module("fusedrl.onepass.gemm")
 OP = importlib.import_module("fusedrl.onepass.op")
 RUN = importlib.import_module("fusedrl.onepass.run")
@@ -34,7 +35,7 @@ CFG = PolicyLossConfig()
 def setting(epilogue="triton", **kw):
     kw.setdefault("core", epilogue if epilogue != "torch" else "cuda")
     kw.setdefault("facts", H100)
-    return P.Setting(epilogue=epilogue, **kw)
+    return C.Setting(epilogue=epilogue, **kw)
 
 
 def covers(pln, n):
@@ -61,7 +62,7 @@ def test_lm_shapes_fit_the_budget(epilogue, n, h, dtype):
         if pln.schedule == "recompute":
             explicit = P.plan(n, h, V, dtype, CFG, "one_pass", budget, setting=s)
             assert explicit.schedule == "one_pass"  # an explicit one_pass always runs
-            fixed = P.memory_parts(n, h, V, dtype, 64, 64, s, deferred=explicit.deferred)
+            fixed = C.memory_parts(n, h, V, dtype, 64, 64, s, deferred=explicit.deferred)
             slower = explicit.fits and explicit.model.total_ms > explicit.model.recompute_ms
             assert sum(b for _, b in fixed) > budget or slower, pln.reason
             continue
@@ -91,7 +92,7 @@ def test_headline_choices():
     assert m.total_ms / m.floor_ms <= 1.10
     mem = dict(m.memory)
     assert mem["dw32"] == 0 and mem["dx32"] == 8192 * 4096 * 4 and "scratch" not in mem
-    assert mem["du_ring"] == 8192 * P.du_row_stride(V) * 2 == V * 4096 * 4  # the bytes dW32 would take
+    assert mem["du_ring"] == 8192 * C.du_row_stride(V) * 2 == V * 4096 * 4  # the bytes dW32 would take
     assert m.memory_bytes <= 4 * GIB
     assert dict(torch_ep.model.memory)["scratch"] > 0
     acc = P.plan(8192, 4096, V, torch.bfloat16, CFG, "auto", 4 * GIB, setting=setting("triton"), defer=False)
@@ -113,8 +114,8 @@ def test_ring_cuts_accumulator_traffic_at_64k():
     rows = max(b - a for a, b, _ in pln.chunks)
     assert pln.ring_rows >= 2 * rows
     chunk_rows = ((rows, len(pln.chunks)),)
-    grouped = P.model(65536, 4096, V, torch.bfloat16, chunk_rows, pln.ring_rows, s)
-    single = P.model(65536, 4096, V, torch.bfloat16, chunk_rows, rows, s)
+    grouped = C.model(65536, 4096, V, torch.bfloat16, chunk_rows, pln.ring_rows, s)
+    single = C.model(65536, 4096, V, torch.bfloat16, chunk_rows, rows, s)
     assert dict(grouped.terms)["gemm3"] < dict(single.terms)["gemm3"]
 
 
@@ -145,14 +146,14 @@ def test_h8192_needs_more_than_the_default_cap():
 def test_fp32_ring_is_the_workspace():
     """fp32 inputs: no 16-bit copy; a ring of chunks is the fp32 workspace itself."""
     s = setting("torch", facts=ARCH_FACTS["cpu"], core="torch")
-    mem = dict(P.memory_parts(4096, 1024, 32000, torch.float32, 512, 2048, s))
+    mem = dict(C.memory_parts(4096, 1024, 32000, torch.float32, 512, 2048, s))
     assert mem["workspace"] == 2048 * 32000 * 4 and mem["du_ring"] == 0 and mem["dw32"] == 0
 
 
 def test_upcast_path_counts_its_copies():
     """Where 16-bit GEMMs upcast (CPU, torch < 2.8), the fp32 copies of W and of the du operand count."""
-    up = dict(P.memory_parts(1024, 512, 5000, torch.bfloat16, 100, 300, setting("torch", gemm="upcast")))
-    fast = dict(P.memory_parts(1024, 512, 5000, torch.bfloat16, 100, 300, setting("torch", gemm="fast")))
+    up = dict(C.memory_parts(1024, 512, 5000, torch.bfloat16, 100, 300, setting("torch", gemm="upcast")))
+    fast = dict(C.memory_parts(1024, 512, 5000, torch.bfloat16, 100, 300, setting("torch", gemm="fast")))
     assert up["gemm_upcast"] == 5000 * 512 * 4 + 300 * (5000 + 512) * 4 and "gemm_upcast" not in fast
 
 
@@ -197,12 +198,12 @@ def test_groups_follow_the_run_rule():
     for _ in range(2000):
         chunks = [rng.choice([0, 1, 2, 3, 5, 7]) for _ in range(rng.randint(0, 12))]
         ring = rng.randint(1, 20)
-        got = [k for k, times in P._groups(P._runs(chunks), ring) for _ in range(times)]
+        got = [k for k, times in C._groups(C._runs(chunks), ring) for _ in range(times)]
         assert got == brute(chunks, ring)
 
 
 def test_du_rows_are_16_byte_aligned():
-    assert P.du_row_stride(151936) == 151936 and P.du_row_stride(32003) == 32008 and P.du_row_stride(1) == 8
+    assert C.du_row_stride(151936) == 151936 and C.du_row_stride(32003) == 32008 and C.du_row_stride(1) == 8
 
 
 def test_default_budget_follows_free_memory(monkeypatch):
@@ -305,7 +306,7 @@ def test_ring_low_precision_and_unaligned_v(monkeypatch, dtype):
     for a, b in zip(got[1], one[1]):
         torch.testing.assert_close(a.float(), b.float(), **tol)
     if dtype == torch.bfloat16:
-        assert strides and all(s == P.du_row_stride(507) and s % 8 == 0 for s, _ in strides)
+        assert strides and all(s == C.du_row_stride(507) and s % 8 == 0 for s, _ in strides)
 
 
 @pytest.mark.parametrize("epilogue", ["triton", "cuda"])
@@ -477,7 +478,7 @@ def test_lean_epilogue_run_is_bitwise(monkeypatch, epilogue, dtype, bias, v):
         g = RUN.run_one_pass(x, w, t, b, head, pln, 0.9, None, epilogue, None, True, True, bias, False)
         outs.append((g.loss, g.dx, g.dw, g.db))
         low = dtype != torch.float32
-        assert spy.calls and all(c == (not (low and not bias), P.ws_row_stride(v), 0) for c in spy.calls)
+        assert spy.calls and all(c == (not (low and not bias), C.ws_row_stride(v), 0) for c in spy.calls)
     for a, e in zip(*outs):
         assert (a is None) == (e is None) and (a is None or torch.equal(a, e))
     assert outs[1][3] is not None if bias else outs[1][3] is None
@@ -487,16 +488,16 @@ def test_lean_epilogue_lowers_modeled_bytes():
     """stores_du32=False (the kernel epilogues now): 10 bytes per workspace element for 16-bit inputs
     without a bias gradient instead of 14, so a lower modeled epilogue and total; fp32 inputs and a bias
     gradient still pay for the fp32 du their GEMMs / column sum read."""
-    assert not P.EPILOGUES["triton"].stores_du32 and not P.EPILOGUES["cuda"].stores_du32
+    assert not C.EPILOGUES["triton"].stores_du32 and not C.EPILOGUES["cuda"].stores_du32
     for ep in ("triton", "cuda"):
         lean, full = setting(ep), setting(ep, du32=True)
-        assert P.epilogue_bytes_per_element(lean, 4, True, False) == 10
-        assert P.epilogue_bytes_per_element(full, 4, True, False) == 14
-        assert P.epilogue_bytes_per_element(setting(ep, db=True, bias=True), 4, True, False) == 14
-        assert P.epilogue_bytes_per_element(lean, 4, False, False) == 12  # fp32: du over U, no 16-bit copy
+        assert C.epilogue_bytes_per_element(lean, 4, True, False) == 10
+        assert C.epilogue_bytes_per_element(full, 4, True, False) == 14
+        assert C.epilogue_bytes_per_element(setting(ep, db=True, bias=True), 4, True, False) == 14
+        assert C.epilogue_bytes_per_element(lean, 4, False, False) == 12  # fp32: du over U, no 16-bit copy
         chunk_rows = ((1171, 7),)
-        m_lean = P.model(8192, 4096, V, torch.bfloat16, chunk_rows, 4 * 1171, lean)
-        m_full = P.model(8192, 4096, V, torch.bfloat16, chunk_rows, 4 * 1171, full)
+        m_lean = C.model(8192, 4096, V, torch.bfloat16, chunk_rows, 4 * 1171, lean)
+        m_full = C.model(8192, 4096, V, torch.bfloat16, chunk_rows, 4 * 1171, full)
         e_lean, e_full = dict(m_lean.terms)["epilogue"], dict(m_full.terms)["epilogue"]
         assert e_lean < e_full and m_lean.total_ms < m_full.total_ms
         assert e_full - e_lean == pytest.approx(7 * 1171 * V * 4 / (H100.hbm * 1e9), rel=1e-9)
@@ -505,7 +506,7 @@ def test_lean_epilogue_lowers_modeled_bytes():
 
 
 def test_workspace_rows_padded_to_16_elements():
-    assert P.ws_row_stride(151936) == 151936 and P.ws_row_stride(32003) == 32016 and P.ws_row_stride(1) == 16
+    assert C.ws_row_stride(151936) == 151936 and C.ws_row_stride(32003) == 32016 and C.ws_row_stride(1) == 16
     s = setting("triton")
-    mem = dict(P.memory_parts(1024, 512, 1003, torch.bfloat16, 100, 300, s))
+    mem = dict(C.memory_parts(1024, 512, 1003, torch.bfloat16, 100, 300, s))
     assert mem["workspace"] == 100 * 1008 * 4
