@@ -173,23 +173,26 @@ def _token_plan(n: int, h: int, v: int, x_dtype: torch.dtype, s: Setting, budget
                 deferred: bool = False):  # fmt: skip
     """``(rows, ring_rows, Model)`` of least modeled time under ``budget`` for freely chunked tokens (ties
     within :data:`_TIE`: fewest bytes), or None when no chunking fits."""
-    a, b, c = _memory_line(n, h, v, x_dtype, s, k_sel) if not deferred else (0, 0, 0)
+    a, b, c = (0, 0, 0) if deferred else _memory_line(n, h, v, x_dtype, s, k_sel)
     found = []
     for count in _counts(n):
         rows = -(-n // count)
         count = -(-n // rows)
-        room = budget - a - b * rows
-        if deferred:  # not linear in the rows (the backward's g·x counts beyond the forward's buffers)
+        if deferred:  # the ring is every token; memory is not linear in the rows (the backward's g·x counts
+            # beyond the forward's buffers)
             if not _fits(n, h, v, x_dtype, rows, n, s, k_sel, budget, True):
                 continue
-        elif room < c * rows:
-            continue
-        g = 1
-        if s.dw and count > 1 and c > 0:  # the largest ring that fits, then the smallest with as few GEMM 3 calls
-            g = count if math.isinf(room) else min(count, int(room // (c * rows)))
-            g = -(-count // -(-count // g))
+            ring = n
+        else:
+            room = budget - a - b * rows
+            if room < c * rows:
+                continue
+            g = 1
+            if s.dw and count > 1 and c > 0:  # the largest ring that fits, then the smallest with as few GEMM 3 calls
+                g = count if math.isinf(room) else min(count, int(room // (c * rows)))
+                g = -(-count // -(-count // g))
+            ring = g * rows
         chunk_rows = ((rows, n // rows), (n % rows, 1))
-        ring = n if deferred else g * rows
         found.append((rows, ring, model(n, h, v, x_dtype, chunk_rows, ring, s, k_sel, deferred)))
     if not found:
         return None
@@ -275,21 +278,25 @@ def plan(
         if found is None:
             ring = n if deferred else 1
             m = model(n, h, v, x_dtype, ((1, n),), ring, s, k_sel, deferred) if n else None
-            chunks = tuple((a, a + 1, None) for a in range(n)) or ((0, 0, None),)
-            return Plan("one_pass", chunks, "over the budget: one row per chunk", ring, m, False, deferred)
+            return Plan("one_pass", _even_chunks(n, 1), "over the budget: one row per chunk", ring, m, False, deferred)
     rows, ring, m = found
     if schedule == "auto" and m.total_ms > m.recompute_ms:
         return Plan("recompute", (), f"modeled one-pass {m.total_ms:.3g} ms > recompute {m.recompute_ms:.3g} ms")
-    chunks = tuple((a, min(n, a + rows), None) for a in range(0, n, rows))
+    chunks = _even_chunks(n, rows)
     how = "GEMM 3 once in the backward" if deferred else f"GEMM 3 every {ring // rows}"
     return Plan("one_pass", chunks, f"{len(chunks)} chunk(s) of <= {rows} rows, {how}", ring, m, deferred=deferred)
+
+
+def _even_chunks(n: int, rows: int) -> tuple[tuple[int, int, None], ...]:
+    """Token chunks of ``rows`` rows (the last one shorter); one empty chunk when there is no token."""
+    return tuple((a, min(n, a + rows), None) for a in range(0, n, rows)) or ((0, 0, None),)
 
 
 def smallest(pln: Plan, n: int) -> Plan:
     """``pln`` (a deferred plan) with chunks of 64 rows: the last try after running out of memory, for runs
     whose output is the du of every token, which only the one-pass loop forms."""
-    chunks = tuple((a, min(n, a + _MIN_ROWS), None) for a in range(0, n, _MIN_ROWS)) or ((0, 0, None),)
-    return pln._replace(chunks=chunks, reason=f"out of memory: chunks of {_MIN_ROWS} rows", model=None, fits=False)
+    why = f"out of memory: chunks of {_MIN_ROWS} rows"
+    return pln._replace(chunks=_even_chunks(n, _MIN_ROWS), reason=why, model=None, fits=False)
 
 
 def _sequence_plan(n, h, v, x_dtype, s, budget, schedule, seq_len, cu_host, low) -> Plan:
